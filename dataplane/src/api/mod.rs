@@ -1,0 +1,257 @@
+//! The HTTP API: routes, the JSON error shape, extractors that turn bad input
+//! into those errors, CORS, body limits and request metrics.
+
+mod health;
+mod metrics;
+mod presence;
+
+use crate::AppState;
+use crate::auth::{AuthError, Caller};
+use crate::config::CorsSettings;
+use crate::model::ValidationError;
+use crate::store::StoreError;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Request};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header, request::Parts};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use std::time::Instant;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+/// Largest request body accepted; larger ones get 413.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// An error answer: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with an explicit status and stable code.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The JSON body, also used for per-item batch results.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({"error": {"code": self.code, "message": self.message}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(self.body())).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"presence\""),
+            );
+        }
+        response
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(err: ValidationError) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, err.code(), err.to_string())
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(err: AuthError) -> Self {
+        ApiError::new(StatusCode::UNAUTHORIZED, err.code(), err.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Corrupt { .. } => {
+                tracing::error!(error = %err, "unreadable stored presence");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "corrupt_record",
+                    "the stored presence for this user can't be read",
+                )
+            }
+            StoreError::Timeout(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_timeout",
+                format!("{err}; the write may or may not have been applied, retrying is safe"),
+            ),
+            StoreError::NotReady(_) | StoreError::Unavailable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                err.to_string(),
+            ),
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = match parts.headers.get(header::AUTHORIZATION) {
+            None => None,
+            Some(value) => Some(value.to_str().map_err(|_| AuthError::MalformedHeader)?),
+        };
+        Ok(state.verifier.verify_header(header)?)
+    }
+}
+
+/// A JSON body parsed by us, so every failure (size, syntax, shape) gets our
+/// error codes, and a missing `Content-Type` is tolerated.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = bytes::Bytes::from_request(req, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "payload_too_large",
+                        format!("request body exceeds {MAX_BODY_BYTES} bytes"),
+                    )
+                } else {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_body",
+                        rejection.body_text(),
+                    )
+                }
+            })?;
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("request body is not valid JSON for this endpoint: {e}"),
+            )
+        })
+    }
+}
+
+/// A `{userID}` path segment, percent-decoded.
+pub struct UserIdPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for UserIdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|p| UserIdPath(p.0))
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_user_id",
+                    format!("userID in the path is not valid UTF-8: {}", e.body_text()),
+                )
+            })
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not support that method",
+    )
+}
+
+async fn track_metrics(
+    state: axum::extract::State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let method = req.method().clone();
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    let m = &state.metrics;
+    m.http_requests
+        .with_label_values(&[route.as_str(), method.as_str(), status.as_str()])
+        .inc();
+    m.http_duration
+        .with_label_values(&[route.as_str(), status.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+fn cors_layer(cors: &CorsSettings) -> CorsLayer {
+    let origin = match &cors.allowed_origins {
+        None => AllowOrigin::any(),
+        Some(list) => AllowOrigin::list(
+            list.iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect::<Vec<_>>(),
+        ),
+    };
+    CorsLayer::new()
+        .allow_origin(origin)
+        .allow_methods(
+            cors.allowed_methods
+                .iter()
+                .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+                .collect::<Vec<_>>(),
+        )
+        .allow_headers(
+            cors.allowed_headers
+                .iter()
+                .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
+                .collect::<Vec<_>>(),
+        )
+        .allow_credentials(cors.allow_credentials)
+        .max_age(cors.max_age)
+}
+
+/// Every route of the service.
+pub fn router(state: AppState) -> Router {
+    let cors = state.settings.cors.as_ref().map(cors_layer);
+    let api = Router::new()
+        .route("/health", get(health::health))
+        .route("/health/liveness", get(health::liveness))
+        .route("/health/readiness", get(health::readiness))
+        .route("/metrics", get(metrics::prometheus))
+        .route("/api/v2/cache/metrics", get(metrics::cache))
+        .route("/api/v2/presence", get(presence::get_many))
+        .route(
+            "/api/v2/presence/batch",
+            post(presence::set_batch).get(presence::get_user_named_batch),
+        )
+        .route(
+            "/api/v2/presence/{user_id}",
+            get(presence::get_one).post(presence::set_one),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), track_metrics))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state);
+    match cors {
+        Some(layer) => api.layer(layer),
+        None => api,
+    }
+}

@@ -1,0 +1,247 @@
+//! `/api/v2/presence` handlers.
+
+use super::{ApiError, JsonBody, UserIdPath};
+use crate::AppState;
+use crate::auth::Caller;
+use crate::model::{
+    BatchRequest, Presence, SetPresenceRequest, ValidUpdate, validate_update, validate_user_id,
+};
+use crate::store::StoreError;
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+/// Most users one multi-get may ask for.
+pub const MAX_MULTI_GET: usize = 100;
+/// Most items one batch set may carry.
+pub const MAX_BATCH: usize = 1000;
+
+fn not_found(user_id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "presence_not_found",
+        format!("no presence is stored for user {user_id:?}"),
+    )
+}
+
+fn forbidden(user_id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!(
+            "this token may only set its own presence, not {user_id:?}; setting others' needs scope presence:write"
+        ),
+    )
+}
+
+async fn lookup(state: &AppState, user_id: &str) -> Result<Json<Arc<Presence>>, ApiError> {
+    validate_user_id(user_id)?;
+    match state.service.get(user_id).await? {
+        Some(presence) => Ok(Json(presence)),
+        None => Err(not_found(user_id)),
+    }
+}
+
+/// `GET /api/v2/presence/{userID}`.
+pub async fn get_one(
+    State(state): State<AppState>,
+    _caller: Caller,
+    UserIdPath(user_id): UserIdPath,
+) -> Result<Json<Arc<Presence>>, ApiError> {
+    lookup(&state, &user_id).await
+}
+
+/// `GET /api/v2/presence/batch`: the route is shared with batch set, so a
+/// user whose ID is literally `batch` is still readable.
+pub async fn get_user_named_batch(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> Result<Json<Arc<Presence>>, ApiError> {
+    lookup(&state, "batch").await
+}
+
+/// `POST /api/v2/presence/{userID}`: a caller sets its own presence, or
+/// anyone's with scope `presence:write`.
+pub async fn set_one(
+    State(state): State<AppState>,
+    caller: Caller,
+    UserIdPath(user_id): UserIdPath,
+    JsonBody(request): JsonBody<SetPresenceRequest>,
+) -> Result<Json<Arc<Presence>>, ApiError> {
+    validate_user_id(&user_id)?;
+    if !caller.may_write(&user_id) {
+        return Err(forbidden(&user_id));
+    }
+    let update = validate_update(&user_id, request)?;
+    Ok(Json(state.service.set(update).await?))
+}
+
+/// Query of the multi-get.
+#[derive(Debug, Deserialize)]
+pub struct MultiGetQuery {
+    users: Option<String>,
+}
+
+/// `GET /api/v2/presence?users=a,b,c`: the found presences and the IDs with none.
+pub async fn get_many(
+    State(state): State<AppState>,
+    _caller: Caller,
+    query: Result<Query<MultiGetQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
+    let raw = query.users.unwrap_or_default();
+    let mut seen = HashSet::new();
+    let ids: Vec<String> = raw
+        .split(',')
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+        .filter(|id| seen.insert(*id))
+        .map(str::to_owned)
+        .collect();
+    if ids.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "missing_users",
+            "pass the users to look up as ?users=a,b,c",
+        ));
+    }
+    if ids.len() > MAX_MULTI_GET {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "too_many_users",
+            format!(
+                "at most {MAX_MULTI_GET} users per request; got {}",
+                ids.len()
+            ),
+        ));
+    }
+    for id in &ids {
+        validate_user_id(id)?;
+    }
+    let results = state.service.get_many(&ids).await;
+    let mut presences = Vec::with_capacity(ids.len());
+    let mut missing = Vec::new();
+    for (id, result) in ids.into_iter().zip(results) {
+        match result? {
+            Some(presence) => presences.push(presence),
+            None => missing.push(id),
+        }
+    }
+    Ok(Json(json!({"presences": presences, "notFound": missing})))
+}
+
+/// `POST /api/v2/presence/batch`: needs scope `presence:write`; every item
+/// gets its own result, and valid items are written concurrently.
+pub async fn set_batch(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(request): JsonBody<BatchRequest>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    if !caller.can_write_any {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "batch set needs a token with scope presence:write",
+        ));
+    }
+    let items = request.presences;
+    if items.len() > MAX_BATCH {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            format!(
+                "at most {MAX_BATCH} presences per batch; got {}",
+                items.len()
+            ),
+        ));
+    }
+    // Last item wins for a user named twice; earlier ones are not written.
+    let mut last_index: HashMap<&str, usize> = HashMap::new();
+    for (i, item) in items.iter().enumerate() {
+        last_index.insert(item.user_id.as_deref().unwrap_or_default(), i);
+    }
+    let mut outcomes: Vec<Option<Result<Arc<Presence>, ApiError>>> =
+        Vec::with_capacity(items.len());
+    let mut to_write: Vec<(usize, ValidUpdate)> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let user_id = item.user_id.as_deref().unwrap_or_default();
+        if last_index.get(user_id) != Some(&i) {
+            outcomes.push(Some(Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "superseded",
+                "a later item in this batch sets the same user; only the last one is written",
+            ))));
+            continue;
+        }
+        match validate_update(user_id, item.update.clone()) {
+            Ok(update) => {
+                to_write.push((i, update));
+                outcomes.push(None);
+            }
+            Err(err) => outcomes.push(Some(Err(err.into()))),
+        }
+    }
+    let (indexes, updates): (Vec<usize>, Vec<ValidUpdate>) = to_write.into_iter().unzip();
+    let written = state.service.set_many(updates).await;
+    let mut first_store_error: Option<ApiError> = None;
+    let mut store_failures = 0;
+    for (i, result) in indexes.into_iter().zip(written) {
+        let outcome = result.map_err(|e: StoreError| {
+            store_failures += 1;
+            ApiError::from(e)
+        });
+        if let Err(err) = &outcome {
+            first_store_error.get_or_insert_with(|| err.clone());
+        }
+        outcomes[i] = Some(outcome);
+    }
+    // Nothing could be written at all: say so with the status code too.
+    if store_failures == outcomes.len()
+        && let Some(err) = first_store_error
+    {
+        return Err(err);
+    }
+    let mut succeeded = 0;
+    let results: Vec<Value> = items
+        .iter()
+        .zip(outcomes)
+        .map(
+            |(item, outcome)| match outcome.unwrap_or_else(|| Err(missing_outcome())) {
+                Ok(presence) => {
+                    succeeded += 1;
+                    json!({"userID": item_user_id(item), "ok": true, "presence": presence})
+                }
+                Err(err) => {
+                    let mut result = err.body();
+                    result["userID"] = json!(item_user_id(item));
+                    result["ok"] = json!(false);
+                    result
+                }
+            },
+        )
+        .collect();
+    let failed = results.len() - succeeded;
+    Ok((
+        StatusCode::OK,
+        Json(json!({"results": results, "succeeded": succeeded, "failed": failed})),
+    ))
+}
+
+fn item_user_id(item: &crate::model::BatchItem) -> &str {
+    item.user_id.as_deref().unwrap_or_default()
+}
+
+/// Every written item gets its outcome from `set_many`; this is unreachable
+/// but answered honestly rather than with a panic.
+fn missing_outcome() -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+        "item was not processed",
+    )
+}

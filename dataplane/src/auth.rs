@@ -1,0 +1,266 @@
+//! JWT verification: who is calling and what they may do.
+//!
+//! Tokens are HS256 only (the algorithm is pinned so `alg: none` and key
+//! confusion cannot be used), must carry `exp` and `sub`, and may be checked
+//! for `iss`/`aud`. The `sub` claim is the caller's user ID.
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The scope that lets a service set anyone's presence and use batch set.
+pub const WRITE_ANY_SCOPE: &str = "presence:write";
+
+/// Scopes as OAuth writes them (one space-separated string) or as a list.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Scope {
+    Spaced(String),
+    List(Vec<String>),
+}
+
+impl Scope {
+    fn contains(&self, wanted: &str) -> bool {
+        match self {
+            Scope::Spaced(s) => s.split_whitespace().any(|s| s == wanted),
+            Scope::List(list) => list.iter().any(|s| s == wanted),
+        }
+    }
+}
+
+/// The claims this service reads.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Claims {
+    pub sub: String,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub user_id: String,
+    pub can_write_any: bool,
+}
+
+impl Caller {
+    /// A caller may set its own presence; `presence:write` may set anyone's.
+    pub fn may_write(&self, user_id: &str) -> bool {
+        self.can_write_any || self.user_id == user_id
+    }
+}
+
+/// Why a request was not authenticated; each has a stable API code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing bearer token: send 'Authorization: Bearer <jwt>'")]
+    MissingToken,
+    #[error("the Authorization header must be 'Bearer <jwt>'")]
+    MalformedHeader,
+    #[error("token has expired")]
+    Expired,
+    #[error("token is invalid: {0}")]
+    Invalid(String),
+}
+
+impl AuthError {
+    /// Stable code for the JSON error body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::MissingToken => "missing_token",
+            AuthError::MalformedHeader => "invalid_token",
+            AuthError::Expired => "token_expired",
+            AuthError::Invalid(_) => "invalid_token",
+        }
+    }
+}
+
+/// Verifies tokens; built once from the validated settings.
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier").finish_non_exhaustive()
+    }
+}
+
+impl Verifier {
+    /// `issuer`/`audience`, when given, must match the token's claims.
+    pub fn new(secret: &str, issuer: Option<&str>, audience: Option<&str>) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.algorithms = vec![Algorithm::HS256];
+        validation.leeway = 30;
+        let mut required = vec!["exp", "sub"];
+        if let Some(iss) = issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        match audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
+        }
+        validation.set_required_spec_claims(&required);
+        Verifier {
+            key: DecodingKey::from_secret(secret.as_bytes()),
+            validation,
+        }
+    }
+
+    /// Authenticates the value of an `Authorization` header.
+    pub fn verify_header(&self, header: Option<&str>) -> Result<Caller, AuthError> {
+        let header = header.ok_or(AuthError::MissingToken)?;
+        let (scheme, token) = header
+            .trim()
+            .split_once(' ')
+            .ok_or(AuthError::MalformedHeader)?;
+        if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+            return Err(AuthError::MalformedHeader);
+        }
+        self.verify(token.trim())
+    }
+
+    /// Authenticates a bare token.
+    pub fn verify(&self, token: &str) -> Result<Caller, AuthError> {
+        use jsonwebtoken::errors::ErrorKind;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|err| {
+                match err.kind() {
+                    ErrorKind::ExpiredSignature => AuthError::Expired,
+                    ErrorKind::InvalidSignature => AuthError::Invalid("bad signature".into()),
+                    ErrorKind::InvalidAlgorithm => {
+                        AuthError::Invalid("only HS256 tokens are accepted".into())
+                    }
+                    ErrorKind::MissingRequiredClaim(claim) => {
+                        AuthError::Invalid(format!("missing required claim '{claim}'"))
+                    }
+                    ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer".into()),
+                    ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience".into()),
+                    ErrorKind::ImmatureSignature => {
+                        AuthError::Invalid("token not yet valid".into())
+                    }
+                    _ => AuthError::Invalid("malformed token".into()),
+                }
+            })?;
+        let claims = data.claims;
+        if claims.sub.is_empty() {
+            return Err(AuthError::Invalid("empty 'sub' claim".into()));
+        }
+        let can_write_any = claims
+            .scope
+            .as_ref()
+            .is_some_and(|s| s.contains(WRITE_ANY_SCOPE));
+        Ok(Caller {
+            user_id: claims.sub,
+            can_write_any,
+        })
+    }
+}
+
+/// Signs a token, for `presence-service token` and tests.
+pub fn mint(
+    secret: &str,
+    sub: &str,
+    scope: &str,
+    ttl_secs: u64,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let claims = Claims {
+        sub: sub.to_owned(),
+        exp: now + ttl_secs,
+        scope: (!scope.is_empty()).then(|| Scope::Spaced(scope.to_owned())),
+        iss: None,
+        aud: None,
+    };
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123";
+
+    #[test]
+    fn valid_token_identifies_caller() {
+        let v = Verifier::new(SECRET, None, None);
+        let token = mint(SECRET, "ann", "", 60).unwrap();
+        let caller = v.verify_header(Some(&format!("Bearer {token}"))).unwrap();
+        assert_eq!(caller.user_id, "ann");
+        assert!(!caller.can_write_any);
+        assert!(caller.may_write("ann"));
+        assert!(!caller.may_write("bob"));
+    }
+
+    #[test]
+    fn write_scope_in_either_form() {
+        let v = Verifier::new(SECRET, None, None);
+        let token = mint(SECRET, "svc", "presence:read presence:write", 60).unwrap();
+        assert!(v.verify(&token).unwrap().can_write_any);
+        let claims =
+            serde_json::json!({"sub": "svc", "exp": u64::MAX / 2, "scope": ["presence:write"]});
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        assert!(v.verify(&token).unwrap().can_write_any);
+        let token = mint(SECRET, "svc", "presence:writes", 60).unwrap();
+        assert!(!v.verify(&token).unwrap().can_write_any);
+    }
+
+    #[test]
+    fn header_forms() {
+        let v = Verifier::new(SECRET, None, None);
+        assert_eq!(v.verify_header(None), Err(AuthError::MissingToken));
+        assert_eq!(
+            v.verify_header(Some("Basic abc")),
+            Err(AuthError::MalformedHeader)
+        );
+        assert_eq!(
+            v.verify_header(Some("Bearer")),
+            Err(AuthError::MalformedHeader)
+        );
+        let token = mint(SECRET, "ann", "", 60).unwrap();
+        assert!(v.verify_header(Some(&format!("bearer {token}"))).is_ok());
+    }
+
+    #[test]
+    fn issuer_and_audience_are_enforced_when_configured() {
+        let v = Verifier::new(SECRET, Some("idp"), Some("presence"));
+        let plain = mint(SECRET, "ann", "", 60).unwrap();
+        assert_eq!(v.verify(&plain).unwrap_err().code(), "invalid_token");
+        let claims = Claims {
+            sub: "ann".into(),
+            exp: u64::MAX / 2,
+            scope: None,
+            iss: Some("idp".into()),
+            aud: Some("presence".into()),
+        };
+        let good = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        assert!(v.verify(&good).is_ok());
+    }
+}

@@ -1,0 +1,527 @@
+//! Command line and environment configuration.
+//!
+//! Every setting of the Go service keeps its environment variable name, and
+//! each is also a flag. `Args` is what clap parses; `Settings` is the
+//! validated form the rest of the service uses, so nothing downstream has to
+//! re-check a value.
+
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default NATS server: this node's regional server on the same host.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// `presence-service`: the presence API of a PresenceCluster region.
+#[derive(Debug, Parser)]
+#[command(
+    name = "presence-service",
+    version,
+    about = "HTTP/JSON presence API backed by a NATS JetStream KV bucket",
+    long_about = "HTTP/JSON presence API backed by a NATS JetStream KV bucket.\n\n\
+        Every option can also be set through the environment variable shown \
+        beside it. With no subcommand the service runs."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Subcommands besides serving.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the presence API (the default).
+    Serve,
+    /// Print a signed JWT for trying the API locally (uses JWT_SECRET).
+    Token(TokenArgs),
+}
+
+/// Options of `presence-service token`.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The caller's user ID (the `sub` claim).
+    #[arg(long, default_value = "dev")]
+    pub sub: String,
+    /// Space-separated scopes, e.g. `presence:write` to set anyone's presence.
+    #[arg(long, default_value = "")]
+    pub scope: String,
+    /// Lifetime of the token in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    pub ttl_secs: u64,
+}
+
+/// Where this node sits in the topology.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NodeType {
+    /// Next to the hub NATS server; creates the KV bucket when it is missing.
+    Center,
+    /// Next to a regional leaf NATS server; waits for the hub's bucket.
+    Leaf,
+}
+
+impl NodeType {
+    /// The name used in logs, `/health` and the `NODE_TYPE` variable.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeType::Center => "center",
+            NodeType::Leaf => "leaf",
+        }
+    }
+}
+
+/// Which store backs the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// NATS JetStream KV (production).
+    Nats,
+    /// A single-process map, for trying the API without NATS; data is lost on exit.
+    Memory,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Raw options as parsed from flags and environment.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Node type: `center` (next to the hub) or `leaf` (next to a regional leaf server).
+    #[arg(long, env = "NODE_TYPE", value_enum, default_value = "center")]
+    pub node_type: NodeType,
+    /// Unique node identifier, recorded as `nodeID` on every write this node accepts.
+    #[arg(long, env = "NODE_ID", default_value = "node-1")]
+    pub node_id: String,
+    /// HTTP port of the API.
+    #[arg(long, env = "SERVICE_PORT", default_value_t = 8080)]
+    pub service_port: u16,
+    /// Address the API binds to.
+    #[arg(long, env = "SERVICE_HOST", default_value = "0.0.0.0")]
+    pub service_host: IpAddr,
+    /// HS256 secret that signs API tokens (required).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// When set, tokens must carry this `iss`.
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// When set, tokens must carry this `aud`.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Cache budget in bytes (estimated memory of cached presences).
+    #[arg(long, env = "CACHE_MAX_COST", default_value_t = 64 * 1024 * 1024)]
+    pub cache_max_cost: u64,
+    /// Expected number of distinct users; pre-sizes the cache (1/10 of it, as
+    /// Ristretto's guidance of 10 counters per item implies).
+    #[arg(long, env = "CACHE_NUM_COUNTERS", default_value_t = 100_000)]
+    pub cache_num_counters: u64,
+    /// Log level: trace, debug, info, warn or error.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Log format: text or json.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Enable CORS handling.
+    #[arg(long, env = "CORS_ENABLED", default_value = "true", action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub cors_enabled: bool,
+    /// Comma-separated allowed origins, or `*` (never together with credentials).
+    #[arg(long, env = "CORS_ALLOWED_ORIGINS", default_value = "*")]
+    pub cors_allowed_origins: String,
+    /// Comma-separated allowed methods.
+    #[arg(
+        long,
+        env = "CORS_ALLOWED_METHODS",
+        default_value = "GET,POST,PUT,DELETE,OPTIONS"
+    )]
+    pub cors_allowed_methods: String,
+    /// Comma-separated allowed request headers.
+    #[arg(
+        long,
+        env = "CORS_ALLOWED_HEADERS",
+        default_value = "Authorization,Content-Type"
+    )]
+    pub cors_allowed_headers: String,
+    /// Allow credentials (cookies, authorization headers) in CORS requests.
+    #[arg(long, env = "CORS_ALLOW_CREDENTIALS", default_value = "false", action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub cors_allow_credentials: bool,
+    /// Preflight cache duration in seconds.
+    #[arg(long, env = "CORS_MAX_AGE", default_value_t = 600)]
+    pub cors_max_age: u64,
+    /// This node's regional NATS server (default nats://127.0.0.1:4222).
+    #[arg(long, env = "NATS_URL")]
+    pub nats_url: Option<String>,
+    /// The Go service's name for the NATS URL; used when NATS_URL is unset.
+    #[arg(long, env = "NATS_CENTER_URL")]
+    pub nats_center_url: Option<String>,
+    /// JetStream domain of the hub; leaf nodes set `hub`.
+    #[arg(long, env = "NATS_JS_DOMAIN")]
+    pub nats_js_domain: Option<String>,
+    /// Optional NATS credentials file.
+    #[arg(long, env = "NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// KV bucket holding presences.
+    #[arg(long, env = "KV_BUCKET", default_value = "PRESENCE")]
+    pub kv_bucket: String,
+    /// Replicas of the bucket when the center creates it (1, 3 or 5).
+    #[arg(long, env = "KV_REPLICAS", default_value_t = 1)]
+    pub kv_replicas: usize,
+    /// Store backend: `nats`, or `memory` to try the API without NATS.
+    #[arg(long, env = "STORE", value_enum, default_value = "nats")]
+    pub store: StoreKind,
+    /// Longest a write waits for JetStream's acknowledgement before answering 503.
+    #[arg(long, env = "WRITE_TIMEOUT_MS", default_value_t = 3_000)]
+    pub write_timeout_ms: u64,
+    /// Longest a cache-miss read waits for the KV bucket before answering 503.
+    #[arg(long, env = "READ_TIMEOUT_MS", default_value_t = 2_000)]
+    pub read_timeout_ms: u64,
+    /// Longest a graceful stop waits for in-flight requests.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 25)]
+    pub shutdown_timeout_secs: u64,
+}
+
+/// A configuration value that can't work; the message names the variable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("JWT_SECRET is required: set it to the HS256 secret that signs API tokens")]
+    MissingJwtSecret,
+    #[error("JWT_SECRET must be at least 16 bytes long (got {0})")]
+    ShortJwtSecret(usize),
+    #[error("{name} is invalid: {reason}")]
+    Invalid { name: &'static str, reason: String },
+}
+
+fn invalid(name: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        name,
+        reason: reason.into(),
+    }
+}
+
+/// CORS policy after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorsSettings {
+    /// `None` means any origin (`*`).
+    pub allowed_origins: Option<Vec<String>>,
+    pub allowed_methods: Vec<String>,
+    pub allowed_headers: Vec<String>,
+    pub allow_credentials: bool,
+    pub max_age: Duration,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node_type: NodeType,
+    pub node_id: String,
+    pub listen: SocketAddr,
+    pub jwt_secret: String,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
+    pub cache_max_cost: u64,
+    pub cache_initial_capacity: usize,
+    pub log_level: tracing::Level,
+    pub log_format: LogFormat,
+    pub cors: Option<CorsSettings>,
+    pub nats_url: String,
+    pub nats_js_domain: Option<String>,
+    pub nats_creds: Option<PathBuf>,
+    pub kv_bucket: String,
+    pub kv_replicas: usize,
+    pub store: StoreKind,
+    pub write_timeout: Duration,
+    pub read_timeout: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+fn split_list(raw: &str) -> Vec<String> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn is_nats_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl ServeArgs {
+    /// Checks every value once, at start, so a bad deployment fails loudly
+    /// before it accepts traffic.
+    pub fn validate(self) -> Result<Settings, ConfigError> {
+        let cors = if self.cors_enabled {
+            Some(cors_settings(&self)?)
+        } else {
+            None
+        };
+        let jwt_secret = match self.jwt_secret {
+            None => return Err(ConfigError::MissingJwtSecret),
+            Some(s) if s.trim().is_empty() => return Err(ConfigError::MissingJwtSecret),
+            Some(s) if s.len() < 16 => return Err(ConfigError::ShortJwtSecret(s.len())),
+            Some(s) => s,
+        };
+        if self.node_id.trim().is_empty() || self.node_id.len() > 128 {
+            return Err(invalid("NODE_ID", "must be 1 to 128 characters"));
+        }
+        let log_level = self
+            .log_level
+            .trim()
+            .parse::<tracing::Level>()
+            .map_err(|_| {
+                invalid(
+                    "LOG_LEVEL",
+                    format!(
+                        "{:?} is not one of trace, debug, info, warn, error",
+                        self.log_level
+                    ),
+                )
+            })?;
+        if self.cache_max_cost < 1024 {
+            return Err(invalid("CACHE_MAX_COST", "must be at least 1024 bytes"));
+        }
+        let cache_initial_capacity = usize::try_from(self.cache_num_counters / 10)
+            .unwrap_or(usize::MAX)
+            .min(10_000_000);
+        let nats_url = self
+            .nats_url
+            .or(self.nats_center_url)
+            .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned());
+        if nats_url.trim().is_empty() {
+            return Err(invalid("NATS_URL", "must not be empty"));
+        }
+        let nats_js_domain = self.nats_js_domain.filter(|d| !d.trim().is_empty());
+        if let Some(domain) = &nats_js_domain
+            && !is_nats_name(domain)
+        {
+            return Err(invalid(
+                "NATS_JS_DOMAIN",
+                format!("{domain:?} may contain only letters, digits, '-' and '_'"),
+            ));
+        }
+        if let Some(path) = &self.nats_creds
+            && !path.is_file()
+        {
+            return Err(invalid(
+                "NATS_CREDS",
+                format!("{} is not a readable file", path.display()),
+            ));
+        }
+        if !is_nats_name(&self.kv_bucket) {
+            return Err(invalid(
+                "KV_BUCKET",
+                format!(
+                    "{:?} may contain only letters, digits, '-' and '_'",
+                    self.kv_bucket
+                ),
+            ));
+        }
+        if ![1, 3, 5].contains(&self.kv_replicas) {
+            return Err(invalid("KV_REPLICAS", "must be 1, 3 or 5"));
+        }
+        for (name, value) in [
+            ("WRITE_TIMEOUT_MS", self.write_timeout_ms),
+            ("READ_TIMEOUT_MS", self.read_timeout_ms),
+        ] {
+            if !(50..=60_000).contains(&value) {
+                return Err(invalid(name, "must be between 50 and 60000"));
+            }
+        }
+        Ok(Settings {
+            node_type: self.node_type,
+            node_id: self.node_id,
+            listen: SocketAddr::new(self.service_host, self.service_port),
+            jwt_secret,
+            jwt_issuer: self.jwt_issuer.filter(|s| !s.is_empty()),
+            jwt_audience: self.jwt_audience.filter(|s| !s.is_empty()),
+            cache_max_cost: self.cache_max_cost,
+            cache_initial_capacity,
+            log_level,
+            log_format: self.log_format,
+            cors,
+            nats_url,
+            nats_js_domain,
+            nats_creds: self.nats_creds,
+            kv_bucket: self.kv_bucket,
+            kv_replicas: self.kv_replicas,
+            store: self.store,
+            write_timeout: Duration::from_millis(self.write_timeout_ms),
+            read_timeout: Duration::from_millis(self.read_timeout_ms),
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+        })
+    }
+}
+
+fn cors_settings(args: &ServeArgs) -> Result<CorsSettings, ConfigError> {
+    let origins = split_list(&args.cors_allowed_origins);
+    let any_origin = origins.iter().any(|o| o == "*");
+    if any_origin && args.cors_allow_credentials {
+        return Err(invalid(
+            "CORS_ALLOWED_ORIGINS",
+            "'*' cannot be combined with CORS_ALLOW_CREDENTIALS=true; list explicit origins",
+        ));
+    }
+    if origins.is_empty() {
+        return Err(invalid(
+            "CORS_ALLOWED_ORIGINS",
+            "must list origins or be '*' (or set CORS_ENABLED=false)",
+        ));
+    }
+    for origin in &origins {
+        if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
+            return Err(invalid(
+                "CORS_ALLOWED_ORIGINS",
+                format!("{origin:?} is not an origin like https://app.example.com"),
+            ));
+        }
+    }
+    let methods = split_list(&args.cors_allowed_methods);
+    for method in &methods {
+        if http_method_is_invalid(method) {
+            return Err(invalid(
+                "CORS_ALLOWED_METHODS",
+                format!("{method:?} is not an HTTP method"),
+            ));
+        }
+    }
+    let headers = split_list(&args.cors_allowed_headers);
+    for header in &headers {
+        if axum::http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+            return Err(invalid(
+                "CORS_ALLOWED_HEADERS",
+                format!("{header:?} is not a header name"),
+            ));
+        }
+    }
+    Ok(CorsSettings {
+        allowed_origins: (!any_origin).then_some(origins),
+        allowed_methods: methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+        allowed_headers: headers,
+        allow_credentials: args.cors_allow_credentials,
+        max_age: Duration::from_secs(args.cors_max_age),
+    })
+}
+
+fn http_method_is_invalid(method: &str) -> bool {
+    method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> ServeArgs {
+        let mut argv = vec!["presence-service"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).expect("parses").serve
+    }
+
+    const SECRET: &str = "--jwt-secret=0123456789abcdef";
+
+    #[test]
+    fn defaults_match_the_go_service() {
+        let s = parse(&[SECRET]).validate().unwrap();
+        assert_eq!(s.node_type, NodeType::Center);
+        assert_eq!(s.node_id, "node-1");
+        assert_eq!(s.listen.port(), 8080);
+        assert_eq!(s.kv_bucket, "PRESENCE");
+        assert_eq!(s.nats_url, DEFAULT_NATS_URL);
+        let cors = s.cors.unwrap();
+        assert_eq!(cors.allowed_origins, None);
+        assert_eq!(
+            cors.allowed_methods,
+            ["GET", "POST", "PUT", "DELETE", "OPTIONS"]
+        );
+        assert_eq!(cors.allowed_headers, ["Authorization", "Content-Type"]);
+        assert!(!cors.allow_credentials);
+        assert_eq!(cors.max_age, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn missing_secret_is_an_error() {
+        assert_eq!(
+            parse(&[]).validate().unwrap_err(),
+            ConfigError::MissingJwtSecret
+        );
+        assert_eq!(
+            parse(&["--jwt-secret=short"]).validate().unwrap_err(),
+            ConfigError::ShortJwtSecret(5)
+        );
+    }
+
+    #[test]
+    fn wildcard_origin_with_credentials_is_refused() {
+        let err = parse(&[SECRET, "--cors-allow-credentials=true"])
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("CORS_ALLOWED_ORIGINS"), "{err}");
+        let ok = parse(&[
+            SECRET,
+            "--cors-allow-credentials=true",
+            "--cors-allowed-origins=https://a.example, https://b.example",
+        ])
+        .validate()
+        .unwrap();
+        assert_eq!(
+            ok.cors.unwrap().allowed_origins.unwrap(),
+            ["https://a.example", "https://b.example"]
+        );
+    }
+
+    #[test]
+    fn cors_can_be_disabled() {
+        let s = parse(&[SECRET, "--cors-enabled=false"]).validate().unwrap();
+        assert!(s.cors.is_none());
+    }
+
+    #[test]
+    fn go_center_url_is_honoured_when_nats_url_is_unset() {
+        let s = parse(&[SECRET, "--nats-center-url=nats://hub:4222"])
+            .validate()
+            .unwrap();
+        assert_eq!(s.nats_url, "nats://hub:4222");
+        let s = parse(&[
+            SECRET,
+            "--nats-center-url=nats://hub:4222",
+            "--nats-url=nats://leaf:4222",
+        ])
+        .validate()
+        .unwrap();
+        assert_eq!(s.nats_url, "nats://leaf:4222");
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        for (args, name) in [
+            (vec![SECRET, "--log-level=loud"], "LOG_LEVEL"),
+            (vec![SECRET, "--kv-bucket=a.b"], "KV_BUCKET"),
+            (vec![SECRET, "--kv-replicas=2"], "KV_REPLICAS"),
+            (vec![SECRET, "--nats-js-domain=h.ub"], "NATS_JS_DOMAIN"),
+            (
+                vec![SECRET, "--nats-creds=/nonexistent/x.creds"],
+                "NATS_CREDS",
+            ),
+            (
+                vec![SECRET, "--cors-allowed-origins=example.com"],
+                "CORS_ALLOWED_ORIGINS",
+            ),
+            (
+                vec![SECRET, "--cors-allowed-methods=GET,P0ST"],
+                "CORS_ALLOWED_METHODS",
+            ),
+            (vec![SECRET, "--write-timeout-ms=0"], "WRITE_TIMEOUT_MS"),
+        ] {
+            let err = parse(&args).validate().unwrap_err().to_string();
+            assert!(err.starts_with(name), "{args:?}: {err}");
+        }
+    }
+}

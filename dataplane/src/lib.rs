@@ -1,0 +1,150 @@
+//! PresenceCluster data plane: the presence API of one region.
+//!
+//! `main.rs` only parses configuration and calls [`run`]; everything else is
+//! here so integration tests and benchmarks can build the same service.
+
+pub mod api;
+pub mod auth;
+pub mod cache;
+pub mod config;
+pub mod metrics;
+pub mod model;
+pub mod service;
+pub mod store;
+pub mod sync;
+
+use crate::auth::Verifier;
+use crate::cache::PresenceCache;
+use crate::config::{Settings, StoreKind};
+use crate::metrics::Metrics;
+use crate::service::PresenceService;
+use crate::store::PresenceStore;
+use crate::store::memory::MemoryStore;
+use crate::store::nats::NatsStore;
+use crate::sync::SyncStatus;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Why the service could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP server failed: {0}")]
+    Serve(std::io::Error),
+    #[error("cannot set up metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub service: PresenceService,
+    pub verifier: Arc<Verifier>,
+    pub metrics: Metrics,
+    pub sync: Arc<SyncStatus>,
+    pub started: Instant,
+}
+
+/// Builds the state and starts the background work (bucket opening, watch).
+pub async fn build(settings: Settings) -> Result<AppState, Error> {
+    let metrics = Metrics::new()?;
+    let store: Arc<dyn PresenceStore> = match settings.store {
+        StoreKind::Memory => Arc::new(MemoryStore::new()),
+        StoreKind::Nats => {
+            let nats = Arc::new(NatsStore::connect(&settings, metrics.clone()).await?);
+            let opener = nats.clone();
+            tokio::spawn(async move { opener.open_bucket_until_ready().await });
+            nats
+        }
+    };
+    let cache = PresenceCache::new(
+        settings.cache_max_cost,
+        settings.cache_initial_capacity,
+        metrics.cache.clone(),
+    );
+    let sync = Arc::new(SyncStatus::default());
+    tokio::spawn(sync::run(
+        store.clone(),
+        cache.clone(),
+        sync.clone(),
+        metrics.clone(),
+    ));
+    let verifier = Verifier::new(
+        &settings.jwt_secret,
+        settings.jwt_issuer.as_deref(),
+        settings.jwt_audience.as_deref(),
+    );
+    Ok(AppState {
+        service: PresenceService::new(store, cache, sync.clone(), &settings.node_id),
+        settings: Arc::new(settings),
+        verifier: Arc::new(verifier),
+        metrics,
+        sync,
+        started: Instant::now(),
+    })
+}
+
+/// Serves until SIGTERM or Ctrl-C, then stops accepting, lets in-flight
+/// requests finish (bounded by `SHUTDOWN_TIMEOUT_SECS`) and returns.
+pub async fn run(settings: Settings) -> Result<(), Error> {
+    let addr = settings.listen;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })?;
+    let grace = settings.shutdown_timeout;
+    let state = build(settings).await?;
+    tracing::info!(
+        %addr,
+        node_id = %state.settings.node_id,
+        node_type = state.settings.node_type.as_str(),
+        store = state.service.store().kind(),
+        "presence-service listening"
+    );
+    let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown requested; finishing in-flight requests");
+        let _ = stopping_tx.send(true);
+    });
+    let mut stopping = stopping_rx;
+    let forced = async move {
+        let _ = stopping.wait_for(|s| *s).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        result = server => result.map_err(Error::Serve)?,
+        () = forced => tracing::warn!(?grace, "in-flight requests did not finish in time; exiting"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

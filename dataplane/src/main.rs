@@ -1,0 +1,58 @@
+//! `presence-service`: parse configuration, set up logging, serve.
+
+use clap::Parser;
+use presence_dataplane::config::{Cli, Command, LogFormat, Settings};
+use std::process::ExitCode;
+
+fn init_logging(settings: &Settings) {
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(settings.log_level)
+        .with_writer(std::io::stderr);
+    match settings.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Token(args)) = &cli.command {
+        let Some(secret) = cli.serve.jwt_secret.as_deref().filter(|s| !s.is_empty()) else {
+            eprintln!("presence-service: JWT_SECRET is required to sign a token");
+            return ExitCode::from(2);
+        };
+        return match presence_dataplane::auth::mint(secret, &args.sub, &args.scope, args.ttl_secs) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("presence-service: cannot sign token: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let settings = match cli.serve.validate() {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("presence-service: configuration error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&settings);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("presence-service: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(presence_dataplane::run(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %err, "presence-service failed");
+            eprintln!("presence-service: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

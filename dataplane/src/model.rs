@@ -1,0 +1,403 @@
+//! The presence data model, its validation rules, and the reversible mapping
+//! from user IDs to NATS KV keys.
+//!
+//! Everything here is pure so the rules that clients depend on (what a valid
+//! user ID is, how it is stored) are pinned by unit and property tests.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+use time::OffsetDateTime;
+
+/// Longest user ID accepted, in bytes; matches DESIGN §2.
+pub const MAX_USER_ID_BYTES: usize = 256;
+/// Longest status message accepted, in characters (not bytes), so non-ASCII
+/// users get the same allowance as ASCII ones.
+pub const MAX_MESSAGE_CHARS: usize = 256;
+
+/// The four presence states of the Go service; the wire form is lowercase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Online,
+    Away,
+    Busy,
+    Offline,
+}
+
+impl Status {
+    /// Every status, in the order the API documents them.
+    pub const ALL: [Status; 4] = [Status::Online, Status::Away, Status::Busy, Status::Offline];
+
+    /// The wire name, used in error messages and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Online => "online",
+            Status::Away => "away",
+            Status::Busy => "busy",
+            Status::Offline => "offline",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Status {
+    type Err = ValidationError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Status::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| ValidationError::InvalidStatus(s.to_owned()))
+    }
+}
+
+/// One user's presence as the API returns it and the KV bucket stores it.
+///
+/// `revision` is the KV revision of the stored value; it is not part of the
+/// stored bytes (the bucket assigns it) and is omitted while still unknown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    #[serde(rename = "userID")]
+    pub user_id: String,
+    pub status: Status,
+    #[serde(default)]
+    pub message: String,
+    #[serde(rename = "lastSeen", with = "time::serde::rfc3339")]
+    pub last_seen: OffsetDateTime,
+    #[serde(rename = "updatedAt", with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    #[serde(rename = "nodeID", default)]
+    pub node_id: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revision: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
+}
+
+impl Presence {
+    /// A new presence accepted by `node_id` at `now`; `lastSeen` is the time
+    /// of this update because every update is a sign of life from the user.
+    pub fn accepted(update: ValidUpdate, node_id: &str, now: OffsetDateTime) -> Self {
+        let now = truncate_to_millis(now);
+        Presence {
+            user_id: update.user_id,
+            status: update.status,
+            message: update.message,
+            last_seen: now,
+            updated_at: now,
+            node_id: node_id.to_owned(),
+            revision: 0,
+        }
+    }
+}
+
+/// Millisecond precision keeps timestamps readable and identical across
+/// languages' RFC 3339 parsers.
+fn truncate_to_millis(t: OffsetDateTime) -> OffsetDateTime {
+    let millis = t.nanosecond() / 1_000_000;
+    t.replace_nanosecond(millis * 1_000_000).unwrap_or(t)
+}
+
+/// Body of `POST /api/v2/presence/{userID}`. Fields are loosely typed so a bad
+/// value gets our own error code rather than a serde message.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SetPresenceRequest {
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// One item of `POST /api/v2/presence/batch`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct BatchItem {
+    #[serde(rename = "userID", default)]
+    pub user_id: Option<String>,
+    #[serde(flatten)]
+    pub update: SetPresenceRequest,
+}
+
+/// Body of `POST /api/v2/presence/batch`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BatchRequest {
+    pub presences: Vec<BatchItem>,
+}
+
+/// An update that passed validation, ready to be stamped and stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidUpdate {
+    pub user_id: String,
+    pub status: Status,
+    pub message: String,
+}
+
+/// Why client input was refused; each variant has a stable API code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    #[error("userID must not be empty")]
+    EmptyUserId,
+    #[error("userID is {0} bytes long; the limit is {MAX_USER_ID_BYTES} bytes")]
+    UserIdTooLong(usize),
+    #[error("userID must not contain control characters")]
+    UserIdControlChar,
+    #[error("status is required; use one of online, away, busy, offline")]
+    MissingStatus,
+    #[error("status {0:?} is not valid; use one of online, away, busy, offline")]
+    InvalidStatus(String),
+    #[error("message is {0} characters long; the limit is {MAX_MESSAGE_CHARS}")]
+    MessageTooLong(usize),
+}
+
+impl ValidationError {
+    /// The stable machine-readable code clients branch on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ValidationError::EmptyUserId
+            | ValidationError::UserIdTooLong(_)
+            | ValidationError::UserIdControlChar => "invalid_user_id",
+            ValidationError::MissingStatus | ValidationError::InvalidStatus(_) => "invalid_status",
+            ValidationError::MessageTooLong(_) => "message_too_long",
+        }
+    }
+}
+
+/// Checks a user ID against DESIGN §2: any UTF-8 (it is already a `str`),
+/// non-empty, at most 256 bytes, no control characters.
+pub fn validate_user_id(user_id: &str) -> Result<(), ValidationError> {
+    if user_id.is_empty() {
+        return Err(ValidationError::EmptyUserId);
+    }
+    if user_id.len() > MAX_USER_ID_BYTES {
+        return Err(ValidationError::UserIdTooLong(user_id.len()));
+    }
+    if user_id.chars().any(char::is_control) {
+        return Err(ValidationError::UserIdControlChar);
+    }
+    Ok(())
+}
+
+/// Validates a set request for `user_id`, producing the update to store.
+pub fn validate_update(
+    user_id: &str,
+    request: SetPresenceRequest,
+) -> Result<ValidUpdate, ValidationError> {
+    validate_user_id(user_id)?;
+    let status = match request.status {
+        None => return Err(ValidationError::MissingStatus),
+        Some(raw) => raw.parse::<Status>()?,
+    };
+    let message = request.message.unwrap_or_default();
+    let chars = message.chars().count();
+    if chars > MAX_MESSAGE_CHARS {
+        return Err(ValidationError::MessageTooLong(chars));
+    }
+    Ok(ValidUpdate {
+        user_id: user_id.to_owned(),
+        status,
+        message,
+    })
+}
+
+/// The escape byte of the key encoding; `=` is a legal KV key character that
+/// never appears verbatim in an encoded key.
+const ESCAPE: u8 = b'=';
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+fn is_verbatim(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_'
+}
+
+/// Encodes a user ID as a NATS KV key.
+///
+/// KV keys allow only `[-/_=.A-Za-z0-9]`, and `.` separates subject tokens,
+/// so letters, digits, `-` and `_` stay as they are and every other byte
+/// becomes `=XX` (uppercase hex). The result is never empty for a valid user
+/// ID, never contains `.`, and `decode_key` inverts it exactly.
+pub fn encode_key(user_id: &str) -> String {
+    let mut key = String::with_capacity(user_id.len());
+    for &byte in user_id.as_bytes() {
+        if is_verbatim(byte) {
+            key.push(char::from(byte));
+        } else {
+            key.push(char::from(ESCAPE));
+            key.push(char::from(HEX[usize::from(byte >> 4)]));
+            key.push(char::from(HEX[usize::from(byte & 0x0f)]));
+        }
+    }
+    key
+}
+
+/// A KV key that `encode_key` could not have produced.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("KV key {0:?} is not an encoded user ID")]
+pub struct KeyDecodeError(pub String);
+
+/// Inverts `encode_key`. Only canonical encodings are accepted, so two
+/// different keys never decode to the same user ID.
+pub fn decode_key(key: &str) -> Result<String, KeyDecodeError> {
+    let err = || KeyDecodeError(key.to_owned());
+    let bytes = key.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let byte = bytes[i];
+        if is_verbatim(byte) {
+            out.push(byte);
+            i += 1;
+        } else if byte == ESCAPE {
+            let hi = bytes
+                .get(i + 1)
+                .and_then(|b| hex_value(*b))
+                .ok_or_else(err)?;
+            let lo = bytes
+                .get(i + 2)
+                .and_then(|b| hex_value(*b))
+                .ok_or_else(err)?;
+            let decoded = (hi << 4) | lo;
+            if is_verbatim(decoded) {
+                return Err(err());
+            }
+            out.push(decoded);
+            i += 3;
+        } else {
+            return Err(err());
+        }
+    }
+    String::from_utf8(out).map_err(|_| err())
+}
+
+fn hex_value(byte: u8) -> Option<u8> {
+    match byte {
+        b'0'..=b'9' => Some(byte - b'0'),
+        b'A'..=b'F' => Some(byte - b'A' + 10),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn is_valid_nats_key(key: &str) -> bool {
+        !key.is_empty()
+            && !key.starts_with('.')
+            && !key.ends_with('.')
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b))
+    }
+
+    #[test]
+    fn plain_ids_are_stored_verbatim() {
+        assert_eq!(encode_key("user123"), "user123");
+        assert_eq!(encode_key("a-b_C"), "a-b_C");
+    }
+
+    #[test]
+    fn special_characters_are_escaped() {
+        assert_eq!(encode_key("a.b"), "a=2Eb");
+        assert_eq!(encode_key("ann+x@example.com"), "ann=2Bx=40example=2Ecom");
+        assert_eq!(encode_key("urn:x"), "urn=3Ax");
+        assert_eq!(encode_key("é"), "=C3=A9");
+        assert_eq!(encode_key("="), "=3D");
+    }
+
+    #[test]
+    fn non_canonical_keys_are_rejected() {
+        for key in ["=", "=4", "=zz", "=2e", "=41", "a.b", "a b", "=FF"] {
+            assert!(decode_key(key).is_err(), "{key:?} must not decode");
+        }
+    }
+
+    #[test]
+    fn user_id_rules() {
+        assert!(validate_user_id("ann@example.com").is_ok());
+        assert!(validate_user_id("héllo wörld+1:2/3").is_ok());
+        assert_eq!(validate_user_id(""), Err(ValidationError::EmptyUserId));
+        assert_eq!(
+            validate_user_id("a\nb"),
+            Err(ValidationError::UserIdControlChar)
+        );
+        assert!(validate_user_id(&"x".repeat(256)).is_ok());
+        assert_eq!(
+            validate_user_id(&"x".repeat(257)),
+            Err(ValidationError::UserIdTooLong(257))
+        );
+    }
+
+    #[test]
+    fn update_rules() {
+        let req = |status: Option<&str>, message: Option<String>| SetPresenceRequest {
+            status: status.map(str::to_owned),
+            message,
+        };
+        let ok = validate_update("u", req(Some("busy"), Some("focus".into()))).unwrap();
+        assert_eq!(ok.status, Status::Busy);
+        assert_eq!(
+            validate_update("u", req(None, None)).unwrap_err().code(),
+            "invalid_status"
+        );
+        assert_eq!(
+            validate_update("u", req(Some("ONLINE"), None))
+                .unwrap_err()
+                .code(),
+            "invalid_status"
+        );
+        assert!(validate_update("u", req(Some("away"), Some("é".repeat(256)))).is_ok());
+        assert_eq!(
+            validate_update("u", req(Some("away"), Some("é".repeat(257))))
+                .unwrap_err()
+                .code(),
+            "message_too_long"
+        );
+    }
+
+    #[test]
+    fn stored_form_omits_unknown_revision_and_round_trips() {
+        let update = ValidUpdate {
+            user_id: "u@x".into(),
+            status: Status::Online,
+            message: "hi".into(),
+        };
+        let mut presence = Presence::accepted(update, "node-1", OffsetDateTime::UNIX_EPOCH);
+        let stored = serde_json::to_value(&presence).unwrap();
+        assert!(stored.get("revision").is_none());
+        assert_eq!(stored["userID"], "u@x");
+        assert_eq!(stored["lastSeen"], "1970-01-01T00:00:00Z");
+        presence.revision = 7;
+        let json = serde_json::to_string(&presence).unwrap();
+        let back: Presence = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, presence);
+    }
+
+    proptest! {
+        #[test]
+        fn key_encoding_round_trips(user_id in "\\PC{1,64}") {
+            let key = encode_key(&user_id);
+            prop_assert!(is_valid_nats_key(&key), "{key:?} is not a valid KV key");
+            prop_assert!(!key.contains('.'));
+            prop_assert_eq!(decode_key(&key).unwrap(), user_id);
+        }
+
+        #[test]
+        fn key_encoding_round_trips_any_string(user_id in any::<String>()) {
+            prop_assert_eq!(decode_key(&encode_key(&user_id)).unwrap(), user_id);
+        }
+
+        #[test]
+        fn decoding_accepts_only_canonical_keys(key in "[-_=A-Fa-z0-9.]{1,24}") {
+            if let Ok(user_id) = decode_key(&key) {
+                prop_assert_eq!(encode_key(&user_id), key);
+            }
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! The production store: a NATS JetStream KV bucket at the hub.
+//!
+//! A node talks to its regional NATS server. When a JetStream domain is
+//! configured (every leaf), the hub's JetStream API is addressed through
+//! `$JS.<domain>.API`, because a leaf's plain `$JS.API` does not cross the
+//! leafnode connection. The center creates the bucket when it is missing;
+//! leaves only wait for it.
+
+use super::{
+    Change, ChangeStream, Connectivity, PresenceStore, StoreError, WatchStart, decode_value,
+    encode_value,
+};
+use crate::config::{NodeType, Settings};
+use crate::metrics::Metrics;
+use crate::model::{decode_key, encode_key};
+use async_nats::connection::State;
+use async_nats::jetstream::{self, ErrorCode, context::GetStreamErrorKind, kv};
+use futures::StreamExt;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// How long the bucket keeps the delete markers of expired keys, so a watcher
+/// that was away for less than this still learns of the expiry.
+const MARKER_TTL: Duration = Duration::from_secs(3600);
+
+/// Connection, JetStream context and (once open) the bucket.
+pub struct NatsStore {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    bucket: String,
+    create_bucket: bool,
+    replicas: usize,
+    write_timeout: Duration,
+    read_timeout: Duration,
+    kv: OnceLock<kv::Store>,
+    metrics: Metrics,
+}
+
+fn unavailable(err: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(err.to_string())
+}
+
+impl NatsStore {
+    /// Starts connecting to NATS; returns at once and keeps retrying in the
+    /// background, so the HTTP server (liveness) comes up even while NATS is
+    /// down. Call [`NatsStore::open_bucket_until_ready`] next.
+    pub async fn connect(settings: &Settings, metrics: Metrics) -> Result<Self, StoreError> {
+        let mut options = match &settings.nats_creds {
+            Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(|e| {
+                    StoreError::Unavailable(format!(
+                        "cannot read NATS credentials {}: {e}",
+                        path.display()
+                    ))
+                })?,
+            None => async_nats::ConnectOptions::new(),
+        };
+        options = options
+            .name(format!("presence-service/{}", settings.node_id))
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(2))
+            .ping_interval(Duration::from_secs(10))
+            .reconnect_delay_callback(|attempts| {
+                let exp = u32::try_from(attempts.min(5)).unwrap_or(5);
+                Duration::from_millis(100 * 2u64.pow(exp)).min(Duration::from_secs(2))
+            })
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("NATS connected"),
+                    async_nats::Event::Disconnected => tracing::warn!("NATS disconnected"),
+                    other => tracing::info!(event = %other, "NATS event"),
+                }
+            });
+        let client = options
+            .connect(settings.nats_url.as_str())
+            .await
+            .map_err(unavailable)?;
+        let mut js = match &settings.nats_js_domain {
+            Some(domain) => jetstream::with_domain(client.clone(), domain),
+            None => jetstream::new(client.clone()),
+        };
+        js.set_timeout(settings.write_timeout);
+        Ok(NatsStore {
+            client,
+            js,
+            bucket: settings.kv_bucket.clone(),
+            create_bucket: settings.node_type == NodeType::Center,
+            replicas: settings.kv_replicas,
+            write_timeout: settings.write_timeout,
+            read_timeout: settings.read_timeout,
+            kv: OnceLock::new(),
+            metrics,
+        })
+    }
+
+    fn stream_name(&self) -> String {
+        format!("KV_{}", self.bucket)
+    }
+
+    fn kv(&self) -> Result<&kv::Store, StoreError> {
+        self.kv.get().ok_or_else(|| {
+            StoreError::NotReady(format!("KV bucket {} is not open yet", self.bucket))
+        })
+    }
+
+    /// One attempt to open (center: or create) the bucket.
+    async fn open_bucket(&self) -> Result<kv::Store, StoreError> {
+        match self.js.get_stream(self.stream_name()).await {
+            Ok(_) => self
+                .js
+                .get_key_value(&self.bucket)
+                .await
+                .map_err(unavailable),
+            Err(err) => {
+                let missing = matches!(err.kind(), GetStreamErrorKind::JetStream(e)
+                    if e.error_code() == ErrorCode::STREAM_NOT_FOUND);
+                if !missing {
+                    return Err(unavailable(err));
+                }
+                if !self.create_bucket {
+                    return Err(StoreError::NotReady(format!(
+                        "KV bucket {} does not exist at the hub yet; the center creates it",
+                        self.bucket
+                    )));
+                }
+                let config = kv::Config {
+                    bucket: self.bucket.clone(),
+                    description: "PresenceCluster presences (one key per user)".into(),
+                    history: 1,
+                    storage: jetstream::stream::StorageType::File,
+                    num_replicas: self.replicas,
+                    limit_markers: Some(MARKER_TTL),
+                    ..Default::default()
+                };
+                match self.js.create_key_value(config).await {
+                    Ok(store) => {
+                        tracing::info!(bucket = %self.bucket, replicas = self.replicas, "created KV bucket");
+                        Ok(store)
+                    }
+                    // Another center won the race: open what it created.
+                    Err(create_err) => self
+                        .js
+                        .get_key_value(&self.bucket)
+                        .await
+                        .map_err(|_| unavailable(create_err)),
+                }
+            }
+        }
+    }
+
+    /// Retries opening the bucket until it succeeds, with capped backoff.
+    pub async fn open_bucket_until_ready(&self) {
+        let mut attempt: u32 = 0;
+        loop {
+            match self.open_bucket().await {
+                Ok(store) => {
+                    let _ = self.kv.set(store);
+                    tracing::info!(bucket = %self.bucket, "KV bucket open");
+                    return;
+                }
+                Err(err) => {
+                    if attempt % 10 == 0 {
+                        tracing::warn!(bucket = %self.bucket, error = %err, attempt, "KV bucket not available yet; retrying");
+                    }
+                }
+            }
+            attempt = attempt.saturating_add(1);
+            let delay = Duration::from_millis(100 * 2u64.pow(attempt.min(4)));
+            tokio::time::sleep(delay.min(Duration::from_secs(2))).await;
+        }
+    }
+
+    async fn timed<T, E: std::fmt::Display>(
+        &self,
+        op: &'static str,
+        limit: Duration,
+        fut: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let result = match tokio::time::timeout(limit, fut).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => Err(unavailable(err)),
+            Err(_) => Err(StoreError::Timeout(limit)),
+        };
+        self.metrics.observe_kv(op, result.is_ok(), started);
+        result
+    }
+}
+
+fn to_change(entry: kv::Entry) -> Option<Change> {
+    let user_id = match decode_key(&entry.key) {
+        Ok(user_id) => user_id,
+        Err(err) => {
+            tracing::warn!(error = %err, "ignoring KV key that is not an encoded user ID");
+            return None;
+        }
+    };
+    let presence = match entry.operation {
+        kv::Operation::Put => match decode_value(&entry.key, &entry.value, entry.revision) {
+            Ok(presence) => Some(presence),
+            Err(err) => {
+                tracing::warn!(error = %err, "ignoring unreadable KV value");
+                return None;
+            }
+        },
+        kv::Operation::Delete | kv::Operation::Purge => None,
+    };
+    Some(Change {
+        user_id,
+        revision: entry.revision,
+        presence,
+        stored_at: entry.created,
+    })
+}
+
+#[async_trait::async_trait]
+impl PresenceStore for NatsStore {
+    async fn get(&self, user_id: &str) -> Result<Option<crate::model::Presence>, StoreError> {
+        let kv = self.kv()?;
+        let key = encode_key(user_id);
+        let entry = self
+            .timed("get", self.read_timeout, kv.entry(key.as_str()))
+            .await?;
+        match entry {
+            Some(e) if e.operation == kv::Operation::Put => {
+                decode_value(&key, &e.value, e.revision).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn put(&self, presence: &crate::model::Presence) -> Result<u64, StoreError> {
+        let kv = self.kv()?;
+        let value = encode_value(presence)?;
+        let key = encode_key(&presence.user_id);
+        self.timed("put", self.write_timeout, kv.put(key, value.into()))
+            .await
+    }
+
+    async fn watch(&self, start: WatchStart) -> Result<ChangeStream, StoreError> {
+        let kv = self.kv()?;
+        let watch = match start {
+            WatchStart::LatestPerKey => {
+                self.timed("watch", self.read_timeout, kv.watch_with_history(">"))
+                    .await?
+            }
+            WatchStart::After(revision) => {
+                self.timed(
+                    "watch",
+                    self.read_timeout,
+                    kv.watch_all_from_revision(revision + 1),
+                )
+                .await?
+            }
+        };
+        Ok(watch
+            .filter_map(|item| {
+                std::future::ready(match item {
+                    Ok(entry) => to_change(entry).map(Ok),
+                    Err(err) => Some(Err(unavailable(err))),
+                })
+            })
+            .boxed())
+    }
+
+    async fn probe(&self) -> Result<u64, StoreError> {
+        self.kv()?;
+        let stream = self
+            .timed(
+                "probe",
+                self.read_timeout,
+                self.js.get_stream(self.stream_name()),
+            )
+            .await?;
+        Ok(stream.cached_info().state.last_sequence)
+    }
+
+    fn connectivity(&self) -> Connectivity {
+        Connectivity {
+            connected: self.client.connection_state() == State::Connected,
+            bucket_open: self.kv.get().is_some(),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+}
