@@ -56,7 +56,7 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
             json!({"reachable": false, "bucket": state.settings.kv_bucket, "error": err.to_string()})
         }
     };
-    let cache = state.service.cache();
+    let cache = state.service.cache().stats().await;
     let body = json!({
         "status": status,
         "nodeID": state.settings.node_id,
@@ -71,7 +71,7 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
         },
         "kv": kv,
         "watch": state.sync.snapshot(),
-        "cache": {"entries": cache.entry_count(), "maxCost": state.settings.cache_max_cost},
+        "cache": {"entries": cache.entries, "weightedSize": cache.weighted_size, "maxCost": cache.max_cost},
     });
     let code = if problem.is_none() {
         StatusCode::OK

@@ -1,0 +1,268 @@
+//! Faults on real NATS: the hub killed and restarted (file store), a leaf's
+//! NATS server restarted. No acknowledged write may be lost, reads keep
+//! working where they can, writes fail fast, and everything recovers alone.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+
+/// Writes a fresh user per request through `targets` in turn until `stop`,
+/// recording every acknowledged write (user -> message).
+async fn write_stream(
+    targets: Vec<String>,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<BTreeMap<String, String>>>,
+) -> (u64, u64) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(8))
+        .build()
+        .unwrap();
+    let (mut ok, mut failed) = (0, 0);
+    let mut i = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let base = &targets[(i as usize) % targets.len()];
+        let user = format!("stream-{i}");
+        let message = format!("msg-{i}");
+        let response = client
+            .post(format!("{base}/api/v2/presence/{user}"))
+            .header("Authorization", bearer("svc", "presence:write"))
+            .json(&serde_json::json!({"status": "online", "message": message}))
+            .send()
+            .await;
+        match response {
+            Ok(r) if r.status() == 200 => {
+                ok += 1;
+                acked.lock().await.insert(user, message);
+            }
+            Ok(r) => {
+                assert_eq!(
+                    r.status(),
+                    503,
+                    "a failed write is a 503, never anything else"
+                );
+                failed += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("a write hung or the connection broke: {e}"),
+        }
+        i += 1;
+    }
+    (ok, failed)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hub_killed_and_restarted_loses_no_acknowledged_write() {
+    let mut c = Cluster::start().await;
+    let client = http();
+    for svc in c.services() {
+        let user = format!("before-{}", svc.node_id);
+        assert_eq!(
+            set(&client, svc, &user, "busy", "before").await.status(),
+            200
+        );
+    }
+    // Warm eu's cache with every user so it can serve them during the outage.
+    for svc in c.services() {
+        let user = format!("before-{}", svc.node_id);
+        wait_until("eu to see the early writes", READY_TIMEOUT, || async {
+            get(&client, &c.eu, &user).await.0 == 200
+        })
+        .await;
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(BTreeMap::new()));
+    let writer = tokio::spawn(write_stream(
+        vec![c.eu.base.clone(), c.center.base.clone(), c.us.base.clone()],
+        stop.clone(),
+        acked.clone(),
+    ));
+    wait_until("some streamed writes", READY_TIMEOUT, || async {
+        acked.lock().await.len() >= 30
+    })
+    .await;
+
+    c.hub.kill();
+
+    // The leaf keeps serving cached reads and stays ready.
+    let (status, body) = get(&client, &c.eu, "before-center-1").await;
+    assert_eq!((status, body["message"].as_str()), (200, Some("before")));
+    let ready = client
+        .get(c.eu.url("/health/readiness"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        ready.status(),
+        200,
+        "a leaf cut off from the hub still serves reads"
+    );
+    // Writes at the leaf fail fast with a JSON 503, never hang.
+    let bounded = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let response = bounded
+        .post(c.eu.presence_url("during-outage"))
+        .header("Authorization", bearer("svc", "presence:write"))
+        .json(&serde_json::json!({"status": "online"}))
+        .send()
+        .await
+        .expect("a write during the outage answers within 5 s");
+    assert_eq!(response.status(), 503);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        ["store_unavailable", "store_timeout"]
+            .contains(&body["error"]["code"].as_str().unwrap_or("")),
+        "{body}"
+    );
+    eprintln!(
+        "write during outage answered 503 in {:?}",
+        started.elapsed()
+    );
+    // The center's regional NATS is the hub: it is not ready.
+    wait_until("center to report not ready", READY_TIMEOUT, || async {
+        matches!(client.get(c.center.url("/health/readiness")).send().await, Ok(r) if r.status() == 503)
+    })
+    .await;
+    let health: Value = client
+        .get(c.eu.url("/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["kv"]["reachable"], false, "{health}");
+
+    c.hub.restart().await;
+    c.eu_nats.wait_for_hub_link().await;
+    c.us_nats.wait_for_hub_link().await;
+    c.center.wait_ready().await;
+    let after_restart = acked.lock().await.len();
+    wait_until(
+        "writes to succeed again through every node",
+        Duration::from_secs(30),
+        || async { acked.lock().await.len() >= after_restart + 30 },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = writer.await.unwrap();
+    eprintln!("stream: {ok} acknowledged, {failed} refused with 503");
+
+    // Every acknowledged write is in the bucket: a brand-new node, whose
+    // cache starts empty, serves each one, and so does every old node.
+    let fresh = Service::start(
+        c.dir.path(),
+        ServiceSpec {
+            node_id: "fresh",
+            node_type: "center",
+            nats_url: c.hub.url(),
+            extra_env: vec![],
+        },
+    )
+    .await;
+    let acked = acked.lock().await.clone();
+    assert!(acked.len() >= 60);
+    let ids: Vec<&String> = acked.keys().collect();
+    for svc in [&fresh, &c.center, &c.eu, &c.us] {
+        for chunk in ids.chunks(100) {
+            let users: Vec<String> = chunk.iter().map(|u| u.to_string()).collect();
+            let url = format!("{}?users={}", svc.url("/api/v2/presence"), users.join(","));
+            wait_until(
+                &format!("{} to serve every acknowledged write", svc.node_id),
+                READY_TIMEOUT,
+                || async {
+                    let body: Value = client
+                        .get(&url)
+                        .header("Authorization", bearer("r", ""))
+                        .send()
+                        .await
+                        .unwrap()
+                        .json()
+                        .await
+                        .unwrap_or_default();
+                    body["notFound"].as_array().is_some_and(|m| m.is_empty())
+                        && body["presences"].as_array().is_some_and(|ps| {
+                            ps.iter().all(|p| {
+                                acked
+                                    .get(p["userID"].as_str().unwrap_or(""))
+                                    .map(String::as_str)
+                                    == p["message"].as_str()
+                            })
+                        })
+                },
+            )
+            .await;
+        }
+    }
+    // The watches resumed: a new write at one leaf reaches the other.
+    set(&client, &c.us, "after", "online", "after restart").await;
+    wait_until(
+        "eu to see a write made at us after the restart",
+        READY_TIMEOUT,
+        || async { get(&client, &c.eu, "after").await.1["message"] == "after restart" },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leaf_that_was_cut_off_catches_up_on_what_it_missed() {
+    let mut c = Cluster::start().await;
+    let client = http();
+    set(&client, &c.eu, "seen", "online", "v1").await;
+    wait_until("us to see v1", READY_TIMEOUT, || async {
+        get(&client, &c.us, "seen").await.1["message"] == "v1"
+    })
+    .await;
+
+    c.us_nats.kill();
+    for i in 0..25 {
+        assert_eq!(
+            set(&client, &c.eu, &format!("missed-{i}"), "away", "while away")
+                .await
+                .status(),
+            200
+        );
+    }
+    assert_eq!(
+        set(&client, &c.eu, "seen", "busy", "v2").await.status(),
+        200
+    );
+    // Without its NATS server the us node is not ready, but it stays alive.
+    wait_until("us to report not ready", READY_TIMEOUT, || async {
+        matches!(client.get(c.us.url("/health/readiness")).send().await, Ok(r) if r.status() == 503)
+    })
+    .await;
+    assert_eq!(
+        client
+            .get(c.us.url("/health/liveness"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    c.us_nats.restart().await;
+    c.us.wait_ready().await;
+    // The cached v1 is replaced by v2 through the resumed watch, not by a miss.
+    wait_until("us to catch up on seen=v2", READY_TIMEOUT, || async {
+        get(&client, &c.us, "seen").await.1["message"] == "v2"
+    })
+    .await;
+    for i in 0..25 {
+        let (status, body) = get(&client, &c.us, &format!("missed-{i}")).await;
+        assert_eq!(
+            (status, body["message"].as_str()),
+            (200, Some("while away"))
+        );
+    }
+}
