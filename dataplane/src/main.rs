@@ -2,11 +2,13 @@
 
 use clap::Parser;
 use presence_dataplane::config::{Cli, Command, LogFormat, Settings};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn init_logging(settings: &Settings) {
     let builder = tracing_subscriber::fmt()
         .with_max_level(settings.log_level)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match settings.log_format {
         LogFormat::Json => builder.json().init(),

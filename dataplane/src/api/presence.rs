@@ -10,8 +10,8 @@ use crate::store::StoreError;
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -86,12 +86,48 @@ pub struct MultiGetQuery {
     users: Option<String>,
 }
 
+/// Answer of the multi-get: found presences in request order, then the IDs
+/// that have none.
+#[derive(Debug, Serialize)]
+pub struct MultiGetResponse {
+    presences: Vec<Arc<Presence>>,
+    #[serde(rename = "notFound")]
+    not_found: Vec<String>,
+}
+
+/// One item of the batch answer.
+#[derive(Debug, Serialize)]
+pub struct BatchItemResult<'a> {
+    #[serde(rename = "userID")]
+    user_id: &'a str,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    presence: Option<Arc<Presence>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<ErrorBody>,
+}
+
+/// The `error` object of a failed batch item.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    code: &'static str,
+    message: String,
+}
+
+/// Answer of the batch set.
+#[derive(Debug, Serialize)]
+pub struct BatchResponse<'a> {
+    results: Vec<BatchItemResult<'a>>,
+    succeeded: usize,
+    failed: usize,
+}
+
 /// `GET /api/v2/presence?users=a,b,c`: the found presences and the IDs with none.
 pub async fn get_many(
     State(state): State<AppState>,
     _caller: Caller,
     query: Result<Query<MultiGetQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<MultiGetResponse>, ApiError> {
     let Query(query) = query
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
     let raw = query.users.unwrap_or_default();
@@ -132,7 +168,10 @@ pub async fn get_many(
             None => missing.push(id),
         }
     }
-    Ok(Json(json!({"presences": presences, "notFound": missing})))
+    Ok(Json(MultiGetResponse {
+        presences,
+        not_found: missing,
+    }))
 }
 
 /// `POST /api/v2/presence/batch`: needs scope `presence:write`; every item
@@ -141,7 +180,7 @@ pub async fn set_batch(
     State(state): State<AppState>,
     caller: Caller,
     JsonBody(request): JsonBody<BatchRequest>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<Response, ApiError> {
     if !caller.can_write_any {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -206,30 +245,37 @@ pub async fn set_batch(
     {
         return Err(err);
     }
-    let mut succeeded = 0;
-    let results: Vec<Value> = items
+    let results: Vec<BatchItemResult<'_>> = items
         .iter()
         .zip(outcomes)
-        .map(
-            |(item, outcome)| match outcome.unwrap_or_else(|| Err(missing_outcome())) {
-                Ok(presence) => {
-                    succeeded += 1;
-                    json!({"userID": item_user_id(item), "ok": true, "presence": presence})
-                }
-                Err(err) => {
-                    let mut result = err.body();
-                    result["userID"] = json!(item_user_id(item));
-                    result["ok"] = json!(false);
-                    result
-                }
-            },
-        )
+        .map(|(item, outcome)| {
+            let user_id = item_user_id(item);
+            match outcome.unwrap_or_else(|| Err(missing_outcome())) {
+                Ok(presence) => BatchItemResult {
+                    user_id,
+                    ok: true,
+                    presence: Some(presence),
+                    error: None,
+                },
+                Err(err) => BatchItemResult {
+                    user_id,
+                    ok: false,
+                    presence: None,
+                    error: Some(ErrorBody {
+                        code: err.code,
+                        message: err.message,
+                    }),
+                },
+            }
+        })
         .collect();
-    let failed = results.len() - succeeded;
-    Ok((
-        StatusCode::OK,
-        Json(json!({"results": results, "succeeded": succeeded, "failed": failed})),
-    ))
+    let succeeded = results.iter().filter(|r| r.ok).count();
+    let body = BatchResponse {
+        failed: results.len() - succeeded,
+        succeeded,
+        results,
+    };
+    Ok(Json(body).into_response())
 }
 
 fn item_user_id(item: &crate::model::BatchItem) -> &str {

