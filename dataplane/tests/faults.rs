@@ -266,3 +266,48 @@ async fn a_leaf_that_was_cut_off_catches_up_on_what_it_missed() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_finishes_in_flight_requests_before_exiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut hub = Nats::hub(dir.path()).await;
+    let mut center = Service::start(
+        dir.path(),
+        ServiceSpec {
+            node_id: "center-1",
+            node_type: "center",
+            nats_url: hub.url(),
+            extra_env: vec![("WRITE_TIMEOUT_MS", "3000".into())],
+        },
+    )
+    .await;
+    // With the hub gone a write waits out its whole write timeout, so it is
+    // certainly in flight when SIGTERM arrives.
+    hub.kill();
+    let url = center.presence_url("slow");
+    let in_flight = tokio::spawn(async move {
+        http()
+            .post(url)
+            .header("Authorization", bearer("svc", "presence:write"))
+            .json(&serde_json::json!({"status": "online"}))
+            .send()
+            .await
+    });
+    // Give the request time to be accepted (a readiness signal for "the
+    // server has read this request" does not exist from outside).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let status = center.terminate();
+        (status, center)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.0.code(), Some(0), "exit status {:?}", status.0);
+    let response = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request got its answer");
+    assert_eq!(response.status(), 503);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "store_timeout");
+}

@@ -263,3 +263,137 @@ pub fn router(state: AppState) -> Router {
         None => api,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! In-process property test of the whole router: no input a client can
+    //! send yields a 5xx or a panic, and every refusal is our JSON error.
+
+    use super::*;
+    use crate::config::Cli;
+    use axum::body::Body;
+    use clap::Parser;
+    use proptest::prelude::*;
+    use std::sync::LazyLock;
+    use tower::ServiceExt;
+
+    const SECRET: &str = "router-property-test-secret";
+
+    static FIXTURE: LazyLock<(tokio::runtime::Runtime, Router)> = LazyLock::new(|| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let settings =
+            Cli::try_parse_from(["presence-service", "--store=memory", "--jwt-secret", SECRET])
+                .expect("args")
+                .serve
+                .validate()
+                .expect("settings");
+        let router =
+            runtime.block_on(async { router(crate::build(settings).await.expect("state")) });
+        (runtime, router)
+    });
+
+    fn method() -> impl Strategy<Value = Method> {
+        prop_oneof![
+            Just(Method::GET),
+            Just(Method::POST),
+            Just(Method::PUT),
+            Just(Method::DELETE),
+            Just(Method::OPTIONS),
+            Just(Method::HEAD),
+            Just(Method::PATCH),
+        ]
+    }
+
+    fn path() -> impl Strategy<Value = String> {
+        let segment = prop::collection::vec(any::<u8>(), 0..300).prop_map(|bytes| {
+            bytes
+                .iter()
+                .map(|b| format!("%{b:02X}"))
+                .collect::<String>()
+        });
+        prop_oneof![
+            segment
+                .clone()
+                .prop_map(|s| format!("/api/v2/presence/{s}")),
+            "[a-zA-Z0-9@._~:+-]{0,40}".prop_map(|s| format!("/api/v2/presence/{s}")),
+            "[a-zA-Z0-9,%=&]{0,200}".prop_map(|q| format!("/api/v2/presence?{q}")),
+            segment.prop_map(|s| format!("/api/v2/presence?users={s}")),
+            Just("/api/v2/presence/batch".to_owned()),
+            Just("/api/v2/cache/metrics".to_owned()),
+            Just("/health".to_owned()),
+            "/[a-z/]{0,30}".prop_map(|s| s.to_owned()),
+        ]
+    }
+
+    fn authorization() -> impl Strategy<Value = Option<String>> {
+        let write = crate::auth::mint(SECRET, "svc", "presence:write", 600).expect("mint");
+        let own = crate::auth::mint(SECRET, "ann", "", 600).expect("mint");
+        prop_oneof![
+            Just(None),
+            Just(Some(format!("Bearer {write}"))),
+            Just(Some(format!("Bearer {own}"))),
+            "[ -~]{0,80}".prop_map(Some),
+        ]
+    }
+
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        let status = prop_oneof![
+            Just("online".to_owned()),
+            Just("busy".to_owned()),
+            "[a-z]{0,8}".prop_map(|s| s.to_owned()),
+        ];
+        let json_item = (status.clone(), "\\PC{0,300}", "\\PC{0,20}")
+            .prop_map(|(s, m, u)| serde_json::json!({"userID": u, "status": s, "message": m}));
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..200),
+            (status, "\\PC{0,300}").prop_map(|(s, m)| {
+                serde_json::to_vec(&serde_json::json!({"status": s, "message": m}))
+                    .unwrap_or_default()
+            }),
+            prop::collection::vec(json_item, 0..20).prop_map(|items| {
+                serde_json::to_vec(&serde_json::json!({"presences": items})).unwrap_or_default()
+            }),
+            Just(b"{\"status\": null, \"message\": 7}".to_vec()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+        #[test]
+        fn no_client_input_causes_a_server_error(
+            method in method(),
+            path in path(),
+            auth in authorization(),
+            body in body(),
+        ) {
+            let (runtime, router) = &*FIXTURE;
+            let is_head = method == Method::HEAD;
+            let mut request = axum::http::Request::builder().method(method).uri(path.as_str());
+            if let Some(auth) = auth {
+                request = request.header(header::AUTHORIZATION, auth);
+            }
+            let Ok(request) = request.body(Body::from(body)) else {
+                // The HTTP layer itself would reject this before our code runs.
+                return Ok(());
+            };
+            let response = runtime
+                .block_on(router.clone().oneshot(request))
+                .expect("router is infallible");
+            let status = response.status();
+            prop_assert!(!status.is_server_error(), "{status} for {path}");
+            // HEAD answers carry no body by definition.
+            if status.is_client_error() && !is_head {
+                let bytes = runtime
+                    .block_on(axum::body::to_bytes(response.into_body(), usize::MAX))
+                    .expect("body");
+                let json: serde_json::Value = serde_json::from_slice(&bytes)
+                    .map_err(|e| TestCaseError::fail(format!("{status} body is not JSON: {e}")))?;
+                prop_assert!(json["error"]["code"].is_string(), "{json}");
+            }
+        }
+    }
+}

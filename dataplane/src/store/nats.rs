@@ -80,7 +80,10 @@ impl NatsStore {
             Some(domain) => jetstream::with_domain(client.clone(), domain),
             None => jetstream::new(client.clone()),
         };
-        js.set_timeout(settings.write_timeout);
+        // Our own per-operation timeouts must fire first: they report an
+        // unknown outcome as `Timeout`, which async-nats' errors don't tell
+        // apart from a refusal.
+        js.set_timeout(settings.write_timeout.max(settings.read_timeout) + Duration::from_secs(1));
         Ok(NatsStore {
             client,
             js,
