@@ -177,7 +177,7 @@ impl Nats {
         let hub_leaf = hub.leaf_port.expect("hub has a leafnode port");
         let mut conf = format!(
             "server_name: {name}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\n\
-             leafnodes {{ reconnect: 1, remotes = [ {{ url: \"nats-leaf://127.0.0.1:{hub_leaf}\" }} ] }}\n"
+             leafnodes {{ reconnect: \"1s\", remotes = [ {{ url: \"nats-leaf://127.0.0.1:{hub_leaf}\" }} ] }}\n"
         );
         if let Some(domain) = js_domain {
             conf.push_str(&format!(

@@ -1,0 +1,488 @@
+//! The `PresenceCluster` custom resource.
+//!
+//! The schema has no defaults at all: every default is applied in code (see
+//! the accessors below), so what a user applies is exactly what the API
+//! server stores and GitOps tools show no drift. CEL rules say what the
+//! schema alone cannot: unique leaf names, no leaf named like the center,
+//! replica limits, and fields that cannot change after creation.
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, SecretKeySelector};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every PresenceCluster resource and annotation.
+pub const GROUP: &str = "presencecluster.io";
+/// Region name of the center when the spec names none.
+pub const DEFAULT_CENTER_NAME: &str = "center";
+/// JetStream domain of the hub when the spec names none.
+pub const DEFAULT_JS_DOMAIN: &str = "hub";
+/// KV bucket name when the spec names none.
+pub const DEFAULT_BUCKET: &str = "PRESENCE";
+/// NATS image used when the spec names none.
+pub const DEFAULT_NATS_IMAGE: &str = "nats:2.15.1-alpine";
+/// Data-plane image used when the spec names none.
+pub const DEFAULT_DATAPLANE_IMAGE: &str = "ghcr.io/presencecluster/presence-service:0.1.0";
+/// Hub JetStream volume size when the spec names none.
+pub const DEFAULT_STORAGE_SIZE: &str = "10Gi";
+/// Longest PresenceCluster name: every child name must fit Kubernetes' 63-character limits.
+pub const MAX_CLUSTER_NAME: usize = 24;
+/// Longest region name, for the same reason.
+pub const MAX_REGION_NAME: usize = 16;
+
+/// A presence service deployment: one center region (the NATS hub holding
+/// the presence KV bucket) and any number of regional leaves, each with its
+/// own leaf NATS server and presence-service replicas.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "presencecluster.io",
+    version = "v1alpha1",
+    kind = "PresenceCluster",
+    namespaced,
+    status = "PresenceClusterStatus",
+    shortname = "pcl",
+    category = "presence",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Regions", type_ = "string", json_path = ".status.regions[*].name"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("self.metadata.name.size() <= 24").message(
+        "metadata.name must be at most 24 characters so that every child object's name fits Kubernetes limits"
+    ),
+    doc = "A multi-region presence service: a NATS JetStream hub with the presence KV bucket, regional leaf NATS servers, and presence-service deployments in every region."
+)]
+#[x_kube(
+    validation = Rule::new("!has(self.leaves) || self.leaves.all(l, l.name != (has(self.center.name) ? self.center.name : 'center'))")
+        .message("a leaf cannot have the center's name"),
+    validation = Rule::new("!has(self.kv) || !has(self.kv.replicas) || self.kv.replicas <= (has(self.center.replicas) ? self.center.replicas : 1)")
+        .message("kv.replicas cannot exceed center.replicas: each bucket replica needs its own hub NATS server"),
+    validation = Rule::new("(has(self.kv) && has(self.kv.bucket) ? self.kv.bucket : 'PRESENCE') == (has(oldSelf.kv) && has(oldSelf.kv.bucket) ? oldSelf.kv.bucket : 'PRESENCE')")
+        .message("kv.bucket is immutable: renaming it would orphan every stored presence"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PresenceClusterSpec {
+    /// The center region: the NATS hub (JetStream domain, KV bucket storage)
+    /// and the presence-service replicas next to it.
+    pub center: CenterSpec,
+    /// Regional leaves, each a leaf NATS server connected to the hub plus
+    /// presence-service replicas. Names must be unique; removing a leaf
+    /// deletes its region's objects.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(
+        merge_strategy = ListMerge::Map(vec!["name".into()]),
+        validation = Rule::new("self.all(l, self.exists_one(m, m.name == l.name))").message("leaf names must be unique"),
+    )]
+    pub leaves: Vec<LeafSpec>,
+    /// Settings shared by every region's presence-service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataplane: Option<DataplaneSpec>,
+    /// How API tokens are verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+    /// The presence KV bucket at the hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv: Option<KvSpec>,
+    /// Container images; pinned defaults are used for any left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<ImagesSpec>,
+}
+
+/// The hub region.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(
+    validation = Rule::new("(has(self.jetstream) && has(self.jetstream.domain) ? self.jetstream.domain : 'hub') == (has(oldSelf.jetstream) && has(oldSelf.jetstream.domain) ? oldSelf.jetstream.domain : 'hub')")
+        .message("center.jetstream.domain is immutable: every leaf's clients address the hub through it"),
+    validation = Rule::new("(has(self.jetstream) && has(self.jetstream.storageClassName) ? self.jetstream.storageClassName : '') == (has(oldSelf.jetstream) && has(oldSelf.jetstream.storageClassName) ? oldSelf.jetstream.storageClassName : '')")
+        .message("center.jetstream.storageClassName is immutable: a StatefulSet's volume claims cannot change"),
+    validation = Rule::new("(has(self.jetstream) && has(self.jetstream.storageSize) ? string(self.jetstream.storageSize) : '') == (has(oldSelf.jetstream) && has(oldSelf.jetstream.storageSize) ? string(oldSelf.jetstream.storageSize) : '')")
+        .message("center.jetstream.storageSize is immutable: a StatefulSet's volume claims cannot change"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct CenterSpec {
+    /// Region name of the center (default `center`). Lowercase letters,
+    /// digits and `-`, at most 16 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 16),
+        regex(pattern = r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: Option<String>,
+    /// Hub NATS servers: 1, or 3 or 5 for a replicated (Raft) JetStream cluster (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == 1 || self == 3 || self == 5").message("center.replicas must be 1, 3 or 5"))]
+    pub replicas: Option<i32>,
+    /// JetStream settings of the hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jetstream: Option<JetStreamSpec>,
+    /// CPU and memory of each hub NATS server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Overrides of the shared data-plane settings for the center region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataplane: Option<DataplaneOverrides>,
+}
+
+/// JetStream settings of the hub (immutable once created).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct JetStreamSpec {
+    /// JetStream domain of the hub (default `hub`); clients on leaves reach
+    /// the bucket through `$JS.<domain>.API`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32), regex(pattern = r"^[A-Za-z0-9_-]+$"))]
+    pub domain: Option<String>,
+    /// Size of each hub server's JetStream volume (default 10Gi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_size: Option<Quantity>,
+    /// Storage class of the JetStream volumes (default: the cluster's default class).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+/// A regional leaf.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LeafSpec {
+    /// Region name, unique in this PresenceCluster. Lowercase letters,
+    /// digits and `-`, at most 16 characters.
+    #[schemars(
+        length(min = 1, max = 16),
+        regex(pattern = r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// The leaf NATS server of this region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats: Option<LeafNatsSpec>,
+    /// Overrides of the shared data-plane settings for this region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataplane: Option<DataplaneOverrides>,
+}
+
+/// A leaf's NATS server.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct LeafNatsSpec {
+    /// CPU and memory of the leaf NATS server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// A Secret key holding NATS credentials (a `.creds` file) that the
+    /// leafnode connection presents to the hub.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretKeySelector>,
+}
+
+/// Per-region overrides of the data plane.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DataplaneOverrides {
+    /// presence-service replicas in this region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub replicas: Option<i32>,
+    /// Cache budget in bytes (CACHE_MAX_COST) in this region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1024))]
+    pub cache_max_cost: Option<i64>,
+    /// CPU and memory of each presence-service pod in this region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// Data-plane settings shared by every region.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DataplaneSpec {
+    /// presence-service replicas per region (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub replicas: Option<i32>,
+    /// Cache budget in bytes per pod (CACHE_MAX_COST, default 64 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1024))]
+    pub cache_max_cost: Option<i64>,
+    /// CPU and memory of each presence-service pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Log level of presence-service (default info).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<LogLevel>,
+    /// CORS policy of the presence API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors: Option<CorsSpec>,
+}
+
+/// presence-service log levels.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// CORS policy, as the presence service's CORS_* variables.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("!(has(self.allowCredentials) && self.allowCredentials) || (has(self.allowedOrigins) && !self.allowedOrigins.exists(o, o == '*'))")
+    .message("cors.allowCredentials needs explicit cors.allowedOrigins; '*' cannot be combined with credentials"))]
+#[serde(rename_all = "camelCase")]
+pub struct CorsSpec {
+    /// Answer CORS preflights and add CORS headers (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Allowed origins such as `https://app.example.com`, or `*` (default `*`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_origins: Option<Vec<String>>,
+    /// Allowed methods (default GET, POST, PUT, DELETE, OPTIONS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_methods: Option<Vec<String>>,
+    /// Allowed request headers (default Authorization, Content-Type).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_headers: Option<Vec<String>>,
+    /// Allow credentials (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_credentials: Option<bool>,
+    /// Preflight cache duration in seconds (default 600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub max_age_seconds: Option<i32>,
+}
+
+/// Token verification.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// An existing Secret key holding the HS256 JWT secret. When left out,
+    /// the operator generates a Secret `<name>-jwt` once and never rotates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_secret_ref: Option<SecretKeySelector>,
+    /// When set, tokens must carry this `iss`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// When set, tokens must carry this `aud`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+}
+
+/// The presence KV bucket.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct KvSpec {
+    /// Bucket name (default PRESENCE). Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_-]+$"))]
+    pub bucket: Option<String>,
+    /// Replicas of the bucket: 1, 3 or 5, at most center.replicas (default: center.replicas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self == 1 || self == 3 || self == 5").message("kv.replicas must be 1, 3 or 5"))]
+    pub replicas: Option<i32>,
+    /// What happens to the bucket when the PresenceCluster is deleted:
+    /// `Retain` (default) keeps every stored presence, `Delete` removes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_policy: Option<DeletionPolicy>,
+}
+
+/// Fate of the KV bucket on deletion.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeletionPolicy {
+    #[default]
+    Retain,
+    Delete,
+}
+
+/// Container images.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ImagesSpec {
+    /// NATS server image (default nats:2.15.1-alpine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats: Option<String>,
+    /// presence-service image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataplane: Option<String>,
+    /// Pull policy for both images (default IfNotPresent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_policy: Option<PullPolicy>,
+}
+
+/// Kubernetes image pull policies.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+/// Observed state, written by the operator.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PresenceClusterStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing` and `Degraded`, with CamelCase reasons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// One entry per region, center first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<RegionStatus>,
+}
+
+/// Observed state of one region.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RegionStatus {
+    /// Region name.
+    pub name: String,
+    /// `center` or `leaf`.
+    pub role: String,
+    /// Ready NATS servers of the region.
+    pub nats_ready_replicas: i32,
+    /// Ready presence-service pods of the region.
+    pub dataplane_ready_replicas: i32,
+    /// For a leaf: whether its leafnode connection to the hub is up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leafnode_connected: Option<bool>,
+}
+
+/// The role of a region in the topology.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Center,
+    Leaf,
+}
+
+impl Role {
+    /// Wire name (`center` / `leaf`), also NODE_TYPE of its data plane.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Center => "center",
+            Role::Leaf => "leaf",
+        }
+    }
+}
+
+/// One region with every default applied: what the renderer works from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Region<'a> {
+    pub name: &'a str,
+    pub role: Role,
+    pub dataplane_replicas: i32,
+    pub cache_max_cost: i64,
+    pub dataplane_resources: Option<&'a ResourceRequirements>,
+    pub nats_resources: Option<&'a ResourceRequirements>,
+    pub leaf_credentials: Option<&'a SecretKeySelector>,
+}
+
+impl PresenceClusterSpec {
+    /// Center region name.
+    pub fn center_name(&self) -> &str {
+        self.center.name.as_deref().unwrap_or(DEFAULT_CENTER_NAME)
+    }
+
+    /// Hub NATS servers.
+    pub fn center_replicas(&self) -> i32 {
+        self.center.replicas.unwrap_or(1)
+    }
+
+    /// JetStream domain of the hub.
+    pub fn js_domain(&self) -> &str {
+        self.center
+            .jetstream
+            .as_ref()
+            .and_then(|j| j.domain.as_deref())
+            .unwrap_or(DEFAULT_JS_DOMAIN)
+    }
+
+    /// Bucket name.
+    pub fn bucket(&self) -> &str {
+        self.kv
+            .as_ref()
+            .and_then(|k| k.bucket.as_deref())
+            .unwrap_or(DEFAULT_BUCKET)
+    }
+
+    /// Bucket replicas: as many as hub servers unless set.
+    pub fn kv_replicas(&self) -> i32 {
+        self.kv
+            .as_ref()
+            .and_then(|k| k.replicas)
+            .unwrap_or_else(|| self.center_replicas())
+    }
+
+    /// What deletion does to the bucket.
+    pub fn deletion_policy(&self) -> DeletionPolicy {
+        self.kv
+            .as_ref()
+            .and_then(|k| k.deletion_policy)
+            .unwrap_or_default()
+    }
+
+    /// NATS image.
+    pub fn nats_image(&self) -> &str {
+        self.images
+            .as_ref()
+            .and_then(|i| i.nats.as_deref())
+            .unwrap_or(DEFAULT_NATS_IMAGE)
+    }
+
+    /// presence-service image.
+    pub fn dataplane_image(&self) -> &str {
+        self.images
+            .as_ref()
+            .and_then(|i| i.dataplane.as_deref())
+            .unwrap_or(DEFAULT_DATAPLANE_IMAGE)
+    }
+
+    fn region<'s>(
+        &'s self,
+        name: &'s str,
+        role: Role,
+        overrides: Option<&'s DataplaneOverrides>,
+    ) -> Region<'s> {
+        let shared = self.dataplane.as_ref();
+        Region {
+            name,
+            role,
+            dataplane_replicas: overrides
+                .and_then(|o| o.replicas)
+                .or(shared.and_then(|s| s.replicas))
+                .unwrap_or(2),
+            cache_max_cost: overrides
+                .and_then(|o| o.cache_max_cost)
+                .or(shared.and_then(|s| s.cache_max_cost))
+                .unwrap_or(64 * 1024 * 1024),
+            dataplane_resources: overrides
+                .and_then(|o| o.resources.as_ref())
+                .or(shared.and_then(|s| s.resources.as_ref())),
+            nats_resources: None,
+            leaf_credentials: None,
+        }
+    }
+
+    /// Every region in a fixed order: center first, then leaves as listed.
+    pub fn regions(&self) -> Vec<Region<'_>> {
+        let mut regions = Vec::with_capacity(1 + self.leaves.len());
+        let mut center = self.region(
+            self.center_name(),
+            Role::Center,
+            self.center.dataplane.as_ref(),
+        );
+        center.nats_resources = self.center.resources.as_ref();
+        regions.push(center);
+        for leaf in &self.leaves {
+            let mut r = self.region(&leaf.name, Role::Leaf, leaf.dataplane.as_ref());
+            let nats = leaf.nats.as_ref();
+            r.nats_resources = nats.and_then(|n| n.resources.as_ref());
+            r.leaf_credentials = nats.and_then(|n| n.credentials_secret_ref.as_ref());
+            regions.push(r);
+        }
+        regions
+    }
+}

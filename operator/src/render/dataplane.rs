@@ -1,0 +1,251 @@
+//! presence-service's environment and the Deployment + Service that run it.
+//!
+//! `env` is the one place that turns a region into presence-service
+//! settings; Kubernetes and `presence-operator dev` both use it.
+
+use super::{Context, meta, pod_meta, region_selector, secrets};
+use crate::crd::{LogLevel, PresenceClusterSpec, Region};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use std::collections::BTreeMap;
+
+/// HTTP port of presence-service in Kubernetes.
+pub const HTTP_PORT: u16 = 8080;
+
+/// Where an environment value comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EnvValue {
+    Literal(String),
+    /// The pod's name (a unique node ID per replica).
+    PodName,
+    Secret(SecretKeySelector),
+}
+
+/// What differs between a Kubernetes pod and a local process.
+#[derive(Debug, Clone)]
+pub struct EnvParams {
+    pub nats_url: String,
+    pub service_port: u16,
+    pub node_id: EnvValue,
+    pub jwt_secret: EnvValue,
+    pub log_format: &'static str,
+}
+
+fn literal(value: impl Into<String>) -> EnvValue {
+    EnvValue::Literal(value.into())
+}
+
+/// presence-service's environment for `region`, in a fixed order.
+pub fn env(
+    spec: &PresenceClusterSpec,
+    region: &Region<'_>,
+    p: &EnvParams,
+) -> Vec<(&'static str, EnvValue)> {
+    let mut env = vec![
+        ("NODE_TYPE", literal(region.role.as_str())),
+        ("NODE_ID", p.node_id.clone()),
+        ("SERVICE_HOST", literal("0.0.0.0")),
+        ("SERVICE_PORT", literal(p.service_port.to_string())),
+        ("NATS_URL", literal(p.nats_url.clone())),
+        ("NATS_JS_DOMAIN", literal(spec.js_domain())),
+        ("KV_BUCKET", literal(spec.bucket())),
+        ("KV_REPLICAS", literal(spec.kv_replicas().to_string())),
+        ("JWT_SECRET", p.jwt_secret.clone()),
+        ("CACHE_MAX_COST", literal(region.cache_max_cost.to_string())),
+    ];
+    if let Some(auth) = &spec.auth {
+        if let Some(iss) = &auth.issuer {
+            env.push(("JWT_ISSUER", literal(iss.clone())));
+        }
+        if let Some(aud) = &auth.audience {
+            env.push(("JWT_AUDIENCE", literal(aud.clone())));
+        }
+    }
+    let shared = spec.dataplane.as_ref();
+    let level = match shared.and_then(|d| d.log_level).unwrap_or(LogLevel::Info) {
+        LogLevel::Trace => "trace",
+        LogLevel::Debug => "debug",
+        LogLevel::Info => "info",
+        LogLevel::Warn => "warn",
+        LogLevel::Error => "error",
+    };
+    env.push(("LOG_LEVEL", literal(level)));
+    env.push(("LOG_FORMAT", literal(p.log_format)));
+    if let Some(cors) = shared.and_then(|d| d.cors.as_ref()) {
+        let list = |v: &Option<Vec<String>>| v.as_ref().map(|v| v.join(","));
+        if let Some(enabled) = cors.enabled {
+            env.push(("CORS_ENABLED", literal(enabled.to_string())));
+        }
+        if let Some(origins) = list(&cors.allowed_origins) {
+            env.push(("CORS_ALLOWED_ORIGINS", literal(origins)));
+        }
+        if let Some(methods) = list(&cors.allowed_methods) {
+            env.push(("CORS_ALLOWED_METHODS", literal(methods)));
+        }
+        if let Some(headers) = list(&cors.allowed_headers) {
+            env.push(("CORS_ALLOWED_HEADERS", literal(headers)));
+        }
+        if let Some(credentials) = cors.allow_credentials {
+            env.push(("CORS_ALLOW_CREDENTIALS", literal(credentials.to_string())));
+        }
+        if let Some(max_age) = cors.max_age_seconds {
+            env.push(("CORS_MAX_AGE", literal(max_age.to_string())));
+        }
+    }
+    env
+}
+
+fn env_var(name: &str, value: EnvValue) -> EnvVar {
+    let value_from = |source| EnvVar {
+        name: name.into(),
+        value_from: Some(source),
+        ..Default::default()
+    };
+    match value {
+        EnvValue::Literal(v) => EnvVar {
+            name: name.into(),
+            value: Some(v),
+            ..Default::default()
+        },
+        EnvValue::PodName => value_from(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "metadata.name".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        EnvValue::Secret(selector) => value_from(EnvVarSource {
+            secret_key_ref: Some(selector),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Deployment and Service of a region's presence-service.
+pub fn objects(
+    ctx: &Context,
+    spec: &PresenceClusterSpec,
+    region: &Region<'_>,
+) -> (Deployment, Service) {
+    let component = "dataplane";
+    let name = ctx.names.dataplane(region.name);
+    let params = EnvParams {
+        nats_url: format!(
+            "nats://{}:{}",
+            super::nats::client_host(ctx, region.name),
+            super::nats::CLIENT_PORT
+        ),
+        service_port: HTTP_PORT,
+        node_id: EnvValue::PodName,
+        jwt_secret: EnvValue::Secret(secrets::jwt_secret_source(ctx, spec)),
+        log_format: "json",
+    };
+    let env: Vec<EnvVar> = env(spec, region, &params)
+        .into_iter()
+        .map(|(name, value)| env_var(name, value))
+        .collect();
+    let probe = |path: &str, period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(3),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    };
+    let container = Container {
+        name: "presence-service".into(),
+        image: Some(spec.dataplane_image().to_owned()),
+        image_pull_policy: super::pull_policy(spec),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: i32::from(HTTP_PORT),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        resources: region.dataplane_resources.cloned(),
+        readiness_probe: Some(probe("/health/readiness", 5, 2)),
+        liveness_probe: Some(probe("/health/liveness", 10, 3)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let selector = region_selector(ctx, component, region.name);
+    let deployment = Deployment {
+        metadata: meta(ctx, &name, component, Some(region.name)),
+        spec: DeploymentSpec {
+            replicas: Some(region.dataplane_replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector.clone()),
+                ..Default::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_surge: Some(IntOrString::Int(1)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(pod_meta(ctx, component, region.name, BTreeMap::new())),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    termination_grace_period_seconds: Some(30),
+                    enable_service_links: Some(false),
+                    automount_service_account_token: Some(false),
+                    affinity: Some(super::spread_affinity(ctx, component, region.name)),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let service = Service {
+        metadata: meta(ctx, &name, component, Some(region.name)),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(selector),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                app_protocol: Some("http".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    (deployment, service)
+}

