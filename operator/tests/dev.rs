@@ -1,0 +1,407 @@
+//! End-to-end: `presence-operator dev` runs example manifests as real
+//! nats-server and presence-service processes; we use them over HTTP, kill
+//! processes, and stop the whole thing with Ctrl-C.
+
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A base port such that base+offset is free for every offset.
+fn free_base(offsets: &[u16]) -> u16 {
+    let mut seed =
+        u64::from(std::process::id()) * 7919 + Instant::now().elapsed().as_nanos() as u64;
+    for _ in 0..200 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let base = 20_000 + (seed >> 33) as u16 % 30_000;
+        if offsets
+            .iter()
+            .all(|o| TcpListener::bind(("127.0.0.1", base + o)).is_ok())
+        {
+            return base;
+        }
+    }
+    panic!("no free port range");
+}
+
+struct Dev {
+    child: Option<Child>,
+    output: Arc<Mutex<String>>,
+    data_dir: tempfile::TempDir,
+    apis: Vec<String>,
+    token: String,
+}
+
+impl Dev {
+    fn start(manifest: &str) -> Dev {
+        let presence_service =
+            Path::new(env!("CARGO_BIN_EXE_presence-operator")).with_file_name("presence-service");
+        assert!(
+            presence_service.is_file(),
+            "{} is missing: build the workspace first (`make test` does)",
+            presence_service.display()
+        );
+        let data_dir = tempfile::tempdir().unwrap();
+        let base = free_base(&[0, 1, 2]);
+        let nats_offsets: Vec<u16> = [
+            0u16, 1, 2, 11, 12, 100, 101, 102, 111, 112, 200, 201, 202, 300, 301, 302,
+        ]
+        .to_vec();
+        let nats_base = free_base(&nats_offsets);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_presence-operator"))
+            .args(["dev", "-f"])
+            .arg(repo().join("examples").join(manifest))
+            .args([
+                "--base-port",
+                &base.to_string(),
+                "--nats-base-port",
+                &nats_base.to_string(),
+            ])
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .arg("--presence-service")
+            .arg(&presence_service)
+            .current_dir(repo())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start presence-operator dev");
+        let output = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut o = output.lock().unwrap();
+                    o.push_str(&line);
+                    o.push('\n');
+                }
+            });
+        }
+        let mut dev = Dev {
+            child: Some(child),
+            output,
+            data_dir,
+            apis: (0..3)
+                .map(|i| format!("http://127.0.0.1:{}", base + i))
+                .collect(),
+            token: String::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let text = dev.output.lock().unwrap().clone();
+            if text.lines().any(|l| l == "ready") {
+                dev.token = text
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix("export TOKEN="))
+                    .expect("token printed")
+                    .to_owned();
+                return dev;
+            }
+            if let Ok(Some(status)) = dev.child.as_mut().unwrap().try_wait() {
+                panic!("presence-operator dev exited with {status}:\n{text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dev did not become ready:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn pid(&self, process: &str) -> Option<u32> {
+        std::fs::read_to_string(
+            self.data_dir
+                .path()
+                .join("pids")
+                .join(format!("{process}.pid")),
+        )
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+    }
+
+    fn all_pids(&self) -> Vec<u32> {
+        std::fs::read_dir(self.data_dir.path().join("pids"))
+            .unwrap()
+            .filter_map(|e| {
+                std::fs::read_to_string(e.ok()?.path())
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+
+    /// SIGINT, as Ctrl-C sends; returns the exit code.
+    fn interrupt(&mut self) -> Option<i32> {
+        let mut child = self.child.take().unwrap();
+        let _ = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "dev ignored Ctrl-C");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for pid in self.all_pids() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- presence-operator dev output ----\n{}",
+                self.output.lock().unwrap()
+            );
+        }
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    Command::new("kill")
+        .args(["-0", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(8))
+        .build()
+        .unwrap()
+}
+
+async fn set(client: &reqwest::Client, dev: &Dev, api: usize, user: &str, message: &str) -> u16 {
+    client
+        .post(format!("{}/api/v2/presence/{user}", dev.apis[api]))
+        .bearer_auth(&dev.token)
+        .json(&json!({"status": "online", "message": message}))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+async fn message(client: &reqwest::Client, dev: &Dev, api: usize, user: &str) -> Option<String> {
+    let response = client
+        .get(format!("{}/api/v2/presence/{user}", dev.apis[api]))
+        .bearer_auth(&dev.token)
+        .send()
+        .await
+        .ok()?;
+    let body: Value = response.json().await.ok()?;
+    body["message"].as_str().map(str::to_owned)
+}
+
+async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+const CENTER: usize = 0;
+const EU: usize = 1;
+const US: usize = 2;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_regions_from_one_manifest_survive_a_leaf_crash_and_stop_cleanly() {
+    let mut dev = Dev::start("dev.yaml");
+    let c = client();
+    assert_eq!(set(&c, &dev, EU, "ann", "from eu").await, 200);
+    for region in [US, CENTER] {
+        wait_until(
+            "the eu write in another region",
+            Duration::from_secs(10),
+            || async { message(&c, &dev, region, "ann").await.as_deref() == Some("from eu") },
+        )
+        .await;
+    }
+
+    let old = dev.pid("nats-eu").expect("eu nats pid");
+    let _ = Command::new("kill")
+        .args(["-KILL", &old.to_string()])
+        .status();
+    wait_until(
+        "the eu nats-server to be restarted",
+        Duration::from_secs(20),
+        || async {
+            dev.pid("nats-eu")
+                .is_some_and(|new| new != old && alive(new))
+        },
+    )
+    .await;
+    wait_until(
+        "eu to take writes again",
+        Duration::from_secs(20),
+        || async { set(&c, &dev, EU, "ann", "eu is back").await == 200 },
+    )
+    .await;
+    wait_until(
+        "us to see the write made after the restart",
+        Duration::from_secs(10),
+        || async { message(&c, &dev, US, "ann").await.as_deref() == Some("eu is back") },
+    )
+    .await;
+
+    let pids = dev.all_pids();
+    assert_eq!(pids.len(), 6, "3 nats-server + 3 presence-service");
+    assert_eq!(dev.interrupt(), Some(0));
+    for pid in pids {
+        assert!(!alive(pid), "process {pid} survived Ctrl-C");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_one_of_three_hub_servers_loses_no_acknowledged_write() {
+    let mut dev = Dev::start("dev-ha.yaml");
+    let c = client();
+    let acked: Arc<Mutex<BTreeMap<String, (usize, Instant)>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (c, acked, stop) = (c.clone(), acked.clone(), stop.clone());
+        let (apis, token) = (dev.apis.clone(), dev.token.clone());
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let region = i % 3;
+                let user = format!("ha-{i}");
+                let sent = Instant::now();
+                let status = c
+                    .post(format!("{}/api/v2/presence/{user}", apis[region]))
+                    .bearer_auth(&token)
+                    .json(&json!({"status": "online", "message": format!("m{i}")}))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0);
+                if status == 200 {
+                    acked.lock().unwrap().insert(user, (i, sent));
+                } else {
+                    assert!(status == 503, "a failed write must be a 503, got {status}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                i += 1;
+            }
+        })
+    };
+    wait_until("writes to flow", Duration::from_secs(20), || async {
+        acked.lock().unwrap().len() >= 30
+    })
+    .await;
+
+    let victim = dev.pid("nats-center-0").expect("hub server pid");
+    let killed_at = Instant::now();
+    let _ = Command::new("kill")
+        .args(["-KILL", &victim.to_string()])
+        .status();
+    // Writes keep (or start again) succeeding within 5 s of the kill.
+    wait_until(
+        "a write accepted after the kill",
+        Duration::from_secs(5),
+        || async {
+            acked
+                .lock()
+                .unwrap()
+                .values()
+                .any(|(_, sent)| *sent > killed_at)
+        },
+    )
+    .await;
+    wait_until(
+        "more writes after the kill",
+        Duration::from_secs(20),
+        || async {
+            acked
+                .lock()
+                .unwrap()
+                .values()
+                .filter(|(_, sent)| *sent > killed_at)
+                .count()
+                >= 30
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.expect("writer saw only 200s and 503s");
+
+    let acked = acked.lock().unwrap().clone();
+    let users: Vec<&String> = acked.keys().collect();
+    for region in [CENTER, EU, US] {
+        for chunk in users.chunks(100) {
+            let ids: Vec<String> = chunk.iter().map(|s| s.to_string()).collect();
+            wait_until(
+                "every acknowledged write in every region",
+                Duration::from_secs(20),
+                || async {
+                    let Ok(response) = c
+                        .get(format!(
+                            "{}/api/v2/presence?users={}",
+                            dev.apis[region],
+                            ids.join(",")
+                        ))
+                        .bearer_auth(&dev.token)
+                        .send()
+                        .await
+                    else {
+                        return false;
+                    };
+                    let body: Value = response.json().await.unwrap_or_default();
+                    body["notFound"].as_array().is_some_and(|m| m.is_empty())
+                        && body["presences"].as_array().is_some_and(|ps| {
+                            ps.iter().all(|p| {
+                                let (i, _) = acked[p["userID"].as_str().unwrap_or_default()];
+                                p["message"] == format!("m{i}")
+                            })
+                        })
+                },
+            )
+            .await;
+        }
+    }
+    assert_eq!(dev.interrupt(), Some(0));
+}
