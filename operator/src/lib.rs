@@ -1,6 +1,15 @@
 //! PresenceCluster operator: the custom resource, the one renderer that
-//! turns it into NATS configs and Kubernetes objects, and the local runner.
+//! turns it into NATS configs and Kubernetes objects, the controller that
+//! applies them, and the local runner.
 
+pub mod controller;
 pub mod crd;
+#[cfg(test)]
+mod fixtures;
+pub mod kv;
+pub mod lease;
 pub mod local;
+pub mod manager;
+pub mod metrics;
+pub mod monitor;
 pub mod render;

@@ -13,7 +13,6 @@ use crate::render::{self, dataplane};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 /// Most hub servers (`center.replicas` is 1, 3 or 5).
@@ -255,28 +254,10 @@ pub fn plan(
     })
 }
 
-/// Status code of `GET path` on 127.0.0.1:port, or `None` if nothing answers.
-pub async fn http_status(port: u16, path: &str) -> Option<u16> {
-    let attempt = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()?;
-        let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut head = [0u8; 12];
-        stream.read_exact(&mut head).await.ok()?;
-        std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
-    };
-    tokio::time::timeout(Duration::from_secs(2), attempt)
-        .await
-        .ok()
-        .flatten()
-}
-
 async fn wait_ready(spec: &ProcessSpec, log: &Path, limit: Duration) -> Result<(), DevError> {
     let deadline = Instant::now() + limit;
     loop {
-        if http_status(spec.ready.port, &spec.ready.path).await == Some(200) {
+        if crate::monitor::status(spec.ready.port, &spec.ready.path).await == Some(200) {
             return Ok(());
         }
         if Instant::now() > deadline {

@@ -21,6 +21,34 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the controller (in a cluster, or against the current kubeconfig).
+    Run {
+        /// Watch only this namespace (default: all namespaces).
+        #[arg(long, env = "WATCH_NAMESPACE")]
+        namespace: Option<String>,
+        /// Address of /metrics and /health.
+        #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
+        metrics_addr: std::net::SocketAddr,
+        /// Disable Lease-based leader election (only for a single replica).
+        #[arg(long)]
+        no_leader_election: bool,
+        /// Namespace of the leader Lease (default: the pod's namespace).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "presence-system")]
+        lease_namespace: String,
+        /// Name of the leader Lease.
+        #[arg(long, default_value = "presence-operator-leader")]
+        lease_name: String,
+        /// Reach the hub's NATS at this URL instead of its in-cluster Service
+        /// (for running the operator outside the cluster).
+        #[arg(long)]
+        hub_nats_url: Option<String>,
+        /// With --hub-nats-url: the hub's monitoring endpoint host:port.
+        #[arg(long)]
+        hub_monitor: Option<String>,
+        /// Log format: text or json.
+        #[arg(long, env = "LOG_FORMAT", default_value = "json")]
+        log_format: String,
+    },
     /// Print the PresenceCluster CustomResourceDefinition as YAML.
     Crd,
     /// Print every object the operator would apply for a PresenceCluster manifest.
@@ -87,6 +115,49 @@ fn read_cluster(path: &PathBuf) -> anyhow::Result<PresenceCluster> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run {
+            namespace,
+            metrics_addr,
+            no_leader_election,
+            lease_namespace,
+            lease_name,
+            hub_nats_url,
+            hub_monitor,
+            log_format,
+        } => {
+            let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
+            if log_format == "json" {
+                builder.json().init();
+            } else {
+                builder.init();
+            }
+            let hub = match hub_nats_url {
+                None => presence_operator::controller::HubAccess::ClusterDns,
+                Some(nats_url) => {
+                    let monitor = hub_monitor.unwrap_or_else(|| "127.0.0.1:8222".into());
+                    let (host, port) = monitor
+                        .rsplit_once(':')
+                        .and_then(|(h, p)| Some((h.to_owned(), p.parse().ok()?)))
+                        .context("--hub-monitor must be host:port")?;
+                    presence_operator::controller::HubAccess::Fixed {
+                        nats_url,
+                        monitor_host: host,
+                        monitor_port: port,
+                    }
+                }
+            };
+            let opts = presence_operator::manager::RunOptions {
+                namespace,
+                listen: metrics_addr,
+                leader_election: !no_leader_election,
+                lease_namespace,
+                lease_name,
+                identity: presence_operator::manager::default_identity(),
+                hub,
+            };
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(presence_operator::manager::run(opts))?;
+        }
         Command::Crd => {
             print!("{}", serde_yaml::to_string(&PresenceCluster::crd())?);
         }

@@ -4,7 +4,7 @@
 //! settings; Kubernetes and `presence-operator dev` both use it.
 
 use super::{Context, meta, pod_meta, region_selector, secrets};
-use crate::crd::{LogLevel, PresenceClusterSpec, Region};
+use crate::crd::{LogLevel, PresenceClusterSpec, Region, Role};
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
@@ -57,10 +57,14 @@ pub fn env(
         ("NATS_URL", literal(p.nats_url.clone())),
         ("NATS_JS_DOMAIN", literal(spec.js_domain())),
         ("KV_BUCKET", literal(spec.bucket())),
-        ("KV_REPLICAS", literal(spec.kv_replicas().to_string())),
         ("JWT_SECRET", p.jwt_secret.clone()),
         ("CACHE_MAX_COST", literal(region.cache_max_cost.to_string())),
     ];
+    // Only the center creates the bucket; leaving this out of leaves keeps a
+    // hub resize from rolling every region.
+    if region.role == Role::Center {
+        env.push(("KV_REPLICAS", literal(spec.kv_replicas().to_string())));
+    }
     if let Some(auth) = &spec.auth {
         if let Some(iss) = &auth.issuer {
             env.push(("JWT_ISSUER", literal(iss.clone())));

