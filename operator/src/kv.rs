@@ -176,3 +176,85 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod real_nats {
+    //! Provisioning against a real nats-server hub.
+
+    use super::*;
+
+    #[tokio::test]
+    async fn create_then_unchanged_then_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = testkit::Nats::hub(dir.path()).await;
+        let js = connect(&hub.url(), "hub").await.unwrap();
+        let desired = DesiredBucket {
+            name: "PRESENCE".into(),
+            replicas: 1,
+        };
+        assert_eq!(
+            ensure_bucket(&js, &desired).await.unwrap(),
+            BucketOutcome::Created
+        );
+        assert_eq!(
+            ensure_bucket(&js, &desired).await.unwrap(),
+            BucketOutcome::Unchanged
+        );
+        // Stored presences survive re-provisioning.
+        let kv = js.get_key_value("PRESENCE").await.unwrap();
+        kv.put("ann", "x".into()).await.unwrap();
+        assert_eq!(
+            ensure_bucket(&js, &desired).await.unwrap(),
+            BucketOutcome::Unchanged
+        );
+        assert_eq!(kv.get("ann").await.unwrap().as_deref(), Some(&b"x"[..]));
+        // A single server can't hold 3 replicas: the refusal is reported.
+        let three = DesiredBucket {
+            replicas: 3,
+            ..desired.clone()
+        };
+        assert!(matches!(
+            ensure_bucket(&js, &three).await,
+            Err(KvError::JetStream(_))
+        ));
+        assert!(delete_bucket(&js, "PRESENCE").await.unwrap());
+        assert!(
+            !delete_bucket(&js, "PRESENCE").await.unwrap(),
+            "already gone"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bucket_without_markers_is_reported_not_recreated() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = testkit::Nats::hub(dir.path()).await;
+        let js = connect(&hub.url(), "hub").await.unwrap();
+        js.create_key_value(kv::Config {
+            bucket: "OLD".into(),
+            history: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let err = ensure_bucket(
+            &js,
+            &DesiredBucket {
+                name: "OLD".into(),
+                replicas: 1,
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, KvError::MarkersMissing(_)), "{err}");
+        assert!(
+            js.get_stream("KV_OLD").await.is_ok(),
+            "never deleted behind the user's back"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_hub_is_reported_with_its_address() {
+        let err = connect("nats://127.0.0.1:1", "hub").await.unwrap_err();
+        assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
+    }
+}

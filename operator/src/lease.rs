@@ -91,3 +91,71 @@ impl LeaderElector {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::FakeApi;
+    use serde_json::json;
+
+    const PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/ops/leases/leader";
+
+    fn elector(fake: &FakeApi, identity: &str) -> LeaderElector {
+        LeaderElector::new(Api::namespaced(fake.client(), "ops"), "leader", identity)
+    }
+
+    fn holder(fake: &FakeApi) -> String {
+        fake.get(PATH).unwrap()["spec"]["holderIdentity"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn one_leader_at_a_time_and_takeover_only_after_expiry() {
+        let fake = FakeApi::default();
+        let a = elector(&fake, "pod-a");
+        let b = elector(&fake, "pod-b");
+        assert!(
+            a.try_acquire_or_renew().await.unwrap(),
+            "first candidate creates the Lease"
+        );
+        assert!(
+            !b.try_acquire_or_renew().await.unwrap(),
+            "a fresh Lease is respected"
+        );
+        assert!(a.try_acquire_or_renew().await.unwrap(), "the holder renews");
+        assert_eq!(holder(&fake), "pod-a");
+
+        // pod-a stopped renewing long ago: pod-b takes over.
+        let mut lease = fake.get(PATH).unwrap();
+        lease["spec"]["renewTime"] =
+            json!((Timestamp::now() - SignedDuration::from_secs(60)).to_string());
+        fake.insert(PATH, lease);
+        assert!(b.try_acquire_or_renew().await.unwrap());
+        assert_eq!(holder(&fake), "pod-b");
+        assert_eq!(fake.get(PATH).unwrap()["spec"]["leaseTransitions"], 1);
+        assert!(
+            !a.try_acquire_or_renew().await.unwrap(),
+            "the old leader learns it lost"
+        );
+    }
+
+    #[tokio::test]
+    async fn updates_carry_the_observed_resource_version() {
+        // The API server refuses a replace whose resourceVersion is stale, so
+        // of two candidates racing for an expired Lease only one wins.
+        let fake = FakeApi::default();
+        let a = elector(&fake, "pod-a");
+        assert!(a.try_acquire_or_renew().await.unwrap());
+        let observed = fake.get(PATH).unwrap()["metadata"]["resourceVersion"].clone();
+        fake.clear_requests();
+        assert!(a.try_acquire_or_renew().await.unwrap());
+        let put = fake
+            .requests()
+            .into_iter()
+            .find(|r| r.method == "PUT")
+            .expect("renewal is a replace");
+        assert_eq!(put.body["metadata"]["resourceVersion"], observed);
+    }
+}

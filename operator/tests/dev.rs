@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,23 +16,29 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// A base port such that base+offset is free for every offset.
-fn free_base(offsets: &[u16]) -> u16 {
-    let mut seed =
-        u64::from(std::process::id()) * 7919 + Instant::now().elapsed().as_nanos() as u64;
-    for _ in 0..200 {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let base = 20_000 + (seed >> 33) as u16 % 30_000;
-        if offsets
-            .iter()
-            .all(|o| TcpListener::bind(("127.0.0.1", base + o)).is_ok())
-        {
-            return base;
+/// Each dev instance gets its own block of 400 ports: the API on
+/// block+0..2, NATS from block+10 (its offsets reach +312). Blocks differ
+/// between tests of this process (a counter) and between processes (the
+/// pid); every port is checked free before use.
+fn free_block() -> (u16, u16) {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nats_offsets = [
+        0u16, 1, 2, 11, 12, 100, 101, 102, 111, 112, 200, 201, 202, 300, 301, 302,
+    ];
+    for _ in 0..100 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let block = (std::process::id()
+            .wrapping_mul(37)
+            .wrapping_add(n.wrapping_mul(997)))
+            % 100;
+        let base = 20_000 + u16::try_from(block).unwrap_or(0) * 400;
+        let nats = base + 10;
+        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if (0..3).all(|o| free(base + o)) && nats_offsets.iter().all(|o| free(nats + o)) {
+            return (base, nats);
         }
     }
-    panic!("no free port range");
+    panic!("no free port block");
 }
 
 struct Dev {
@@ -52,12 +59,7 @@ impl Dev {
             presence_service.display()
         );
         let data_dir = tempfile::tempdir().unwrap();
-        let base = free_base(&[0, 1, 2]);
-        let nats_offsets: Vec<u16> = [
-            0u16, 1, 2, 11, 12, 100, 101, 102, 111, 112, 200, 201, 202, 300, 301, 302,
-        ]
-        .to_vec();
-        let nats_base = free_base(&nats_offsets);
+        let (base, nats_base) = free_block();
         let mut child = Command::new(env!("CARGO_BIN_EXE_presence-operator"))
             .args(["dev", "-f"])
             .arg(repo().join("examples").join(manifest))
