@@ -23,6 +23,7 @@ dev: tools ## run examples/dev.yaml (hub + eu + us) locally; prints URLs and a t
 test: tools ## run every test (unit, HTTP, real NATS, operator) and validate manifests
 	$(CARGO) test --workspace
 	scripts/validate-manifests.sh
+	scripts/test-argocd-health.sh
 
 build: ## release build of the binaries
 	$(CARGO) build --release --workspace
