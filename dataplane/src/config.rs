@@ -182,6 +182,12 @@ pub struct ServeArgs {
     /// Longest a cache-miss read waits for the KV bucket before answering 503.
     #[arg(long, env = "READ_TIMEOUT_MS", default_value_t = 2_000)]
     pub read_timeout_ms: u64,
+    /// Sustained writes per second allowed per user ID on this node (0 = no limit).
+    #[arg(long, env = "RATE_LIMIT_WRITES_PER_SECOND", default_value_t = 5.0)]
+    pub rate_limit_writes_per_second: f64,
+    /// Writes per user ID allowed at once after a quiet period.
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 20)]
+    pub rate_limit_burst: u32,
     /// Longest a graceful stop waits for in-flight requests.
     #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 25)]
     pub shutdown_timeout_secs: u64,
@@ -239,6 +245,8 @@ pub struct Settings {
     pub write_timeout: Duration,
     pub read_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// `None` when rate limiting is off.
+    pub write_limit: Option<crate::ratelimit::Limit>,
 }
 
 fn split_list(raw: &str) -> Vec<String> {
@@ -337,7 +345,22 @@ impl ServeArgs {
                 return Err(invalid(name, "must be between 50 and 60000"));
             }
         }
+        let rate = self.rate_limit_writes_per_second;
+        if !rate.is_finite() || rate < 0.0 {
+            return Err(invalid(
+                "RATE_LIMIT_WRITES_PER_SECOND",
+                "must be a number >= 0 (0 turns limiting off)",
+            ));
+        }
+        if rate > 0.0 && self.rate_limit_burst == 0 {
+            return Err(invalid("RATE_LIMIT_BURST", "must be at least 1"));
+        }
+        let write_limit = (rate > 0.0).then(|| crate::ratelimit::Limit {
+            rate,
+            burst: f64::from(self.rate_limit_burst),
+        });
         Ok(Settings {
+            write_limit,
             node_type: self.node_type,
             node_id: self.node_id,
             listen: SocketAddr::new(self.service_host, self.service_port),
@@ -520,6 +543,11 @@ mod tests {
                 "CORS_ALLOWED_METHODS",
             ),
             (vec![SECRET, "--write-timeout-ms=0"], "WRITE_TIMEOUT_MS"),
+            (
+                vec![SECRET, "--rate-limit-writes-per-second=-1"],
+                "RATE_LIMIT_WRITES_PER_SECOND",
+            ),
+            (vec![SECRET, "--rate-limit-burst=0"], "RATE_LIMIT_BURST"),
         ] {
             let err = parse(&args).validate().unwrap_err().to_string();
             assert!(err.starts_with(name), "{args:?}: {err}");

@@ -9,6 +9,7 @@ pub mod cache;
 pub mod config;
 pub mod metrics;
 pub mod model;
+pub mod ratelimit;
 pub mod service;
 pub mod store;
 pub mod sync;
@@ -49,6 +50,7 @@ pub struct AppState {
     pub verifier: Arc<Verifier>,
     pub metrics: Metrics,
     pub sync: Arc<SyncStatus>,
+    pub limiter: ratelimit::RateLimiter,
     pub started: Instant,
 }
 
@@ -83,6 +85,7 @@ pub async fn build(settings: Settings) -> Result<AppState, Error> {
     );
     Ok(AppState {
         service: PresenceService::new(store, cache, sync.clone(), &settings.node_id),
+        limiter: ratelimit::RateLimiter::new(settings.write_limit),
         settings: Arc::new(settings),
         verifier: Arc::new(verifier),
         metrics,

@@ -847,3 +847,52 @@ async fn sigterm_stops_cleanly_with_exit_0() {
     let status = s.svc.terminate();
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_beyond_the_per_user_limit_get_429_with_retry_after() {
+    let s = single_with(vec![
+        ("RATE_LIMIT_WRITES_PER_SECOND", "1".into()),
+        ("RATE_LIMIT_BURST", "3".into()),
+    ])
+    .await;
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..6 {
+        let response = set(&s.client, &s.svc, "flood", "online", "").await;
+        if response.status() == 429 {
+            retry_after = response.headers().get("retry-after").cloned();
+            let (_, code) = error_code(response).await;
+            assert_eq!(code, "rate_limited");
+            statuses.push(429);
+        } else {
+            statuses.push(response.status().as_u16());
+        }
+    }
+    assert_eq!(&statuses[..3], [200, 200, 200], "the burst is allowed");
+    assert!(statuses[3..].contains(&429), "{statuses:?}");
+    let seconds: u64 = retry_after
+        .expect("Retry-After")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&seconds), "{seconds}");
+    // Other users are not affected, and neither are reads.
+    assert_eq!(
+        set(&s.client, &s.svc, "calm", "online", "").await.status(),
+        200
+    );
+    assert_eq!(get(&s.client, &s.svc, "flood").await.0, 200);
+    // In a batch, the limited user's item fails alone.
+    let response = s
+        .client
+        .post(s.svc.url("/api/v2/presence/batch"))
+        .header("Authorization", bearer("svc", "presence:write"))
+        .json(&json!({"presences": [{"userID": "flood", "status": "busy"}, {"userID": "other", "status": "busy"}]}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["results"][0]["error"]["code"], "rate_limited");
+    assert_eq!(body["results"][1]["ok"], true);
+}

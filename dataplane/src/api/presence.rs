@@ -77,6 +77,10 @@ pub async fn set_one(
         return Err(forbidden(&user_id));
     }
     let update = validate_update(&user_id, request)?;
+    state
+        .limiter
+        .check(&user_id)
+        .map_err(|wait| ApiError::rate_limited(&user_id, wait))?;
     Ok(Json(state.service.set(update).await?))
 }
 
@@ -218,10 +222,13 @@ pub async fn set_batch(
             continue;
         }
         match validate_update(user_id, item.update.clone()) {
-            Ok(update) => {
-                to_write.push((i, update));
-                outcomes.push(None);
-            }
+            Ok(update) => match state.limiter.check(user_id) {
+                Ok(()) => {
+                    to_write.push((i, update));
+                    outcomes.push(None);
+                }
+                Err(wait) => outcomes.push(Some(Err(ApiError::rate_limited(user_id, wait)))),
+            },
             Err(err) => outcomes.push(Some(Err(err.into()))),
         }
     }
