@@ -80,10 +80,27 @@ impl AuthError {
     }
 }
 
+/// Clock skew allowed on `exp`, in seconds.
+const LEEWAY_SECS: u64 = 30;
+
+/// A token that already passed verification, with the expiry that still
+/// applies on every later use.
+#[derive(Clone)]
+struct Verified {
+    caller: Caller,
+    exp: u64,
+}
+
 /// Verifies tokens; built once from the validated settings.
+///
+/// Clients send the same token on every request, and checking the HS256
+/// signature and parsing the claims is the costliest part of a cached read,
+/// so verified tokens are remembered by their exact text (a different
+/// signature is a different key) until they expire.
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
+    verified: moka::sync::Cache<String, Verified>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -97,7 +114,7 @@ impl Verifier {
     pub fn new(secret: &str, issuer: Option<&str>, audience: Option<&str>) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.algorithms = vec![Algorithm::HS256];
-        validation.leeway = 30;
+        validation.leeway = LEEWAY_SECS;
         let mut required = vec!["exp", "sub"];
         if let Some(iss) = issuer {
             validation.set_issuer(&[iss]);
@@ -114,6 +131,10 @@ impl Verifier {
         Verifier {
             key: DecodingKey::from_secret(secret.as_bytes()),
             validation,
+            verified: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(std::time::Duration::from_secs(600))
+                .build(),
         }
     }
 
@@ -132,6 +153,25 @@ impl Verifier {
 
     /// Authenticates a bare token.
     pub fn verify(&self, token: &str) -> Result<Caller, AuthError> {
+        if let Some(hit) = self.verified.get(token) {
+            if now_secs() <= hit.exp.saturating_add(LEEWAY_SECS) {
+                return Ok(hit.caller);
+            }
+            self.verified.invalidate(token);
+            return Err(AuthError::Expired);
+        }
+        let (caller, exp) = self.verify_uncached(token)?;
+        self.verified.insert(
+            token.to_owned(),
+            Verified {
+                caller: caller.clone(),
+                exp,
+            },
+        );
+        Ok(caller)
+    }
+
+    fn verify_uncached(&self, token: &str) -> Result<(Caller, u64), AuthError> {
         use jsonwebtoken::errors::ErrorKind;
         let data =
             jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|err| {
@@ -160,11 +200,21 @@ impl Verifier {
             .scope
             .as_ref()
             .is_some_and(|s| s.contains(WRITE_ANY_SCOPE));
-        Ok(Caller {
-            user_id: claims.sub,
-            can_write_any,
-        })
+        Ok((
+            Caller {
+                user_id: claims.sub,
+                can_write_any,
+            },
+            claims.exp,
+        ))
     }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Signs a token, for `presence-service token` and tests.
@@ -174,13 +224,9 @@ pub fn mint(
     scope: &str,
     ttl_secs: u64,
 ) -> Result<String, jsonwebtoken::errors::Error> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
     let claims = Claims {
         sub: sub.to_owned(),
-        exp: now + ttl_secs,
+        exp: now_secs() + ttl_secs,
         scope: (!scope.is_empty()).then(|| Scope::Spaced(scope.to_owned())),
         iss: None,
         aud: None,
@@ -225,6 +271,38 @@ mod tests {
         assert!(v.verify(&token).unwrap().can_write_any);
         let token = mint(SECRET, "svc", "presence:writes", 60).unwrap();
         assert!(!v.verify(&token).unwrap().can_write_any);
+    }
+
+    #[test]
+    fn a_remembered_token_still_expires() {
+        let v = Verifier::new(SECRET, None, None);
+        let claims = Claims {
+            sub: "ann".into(),
+            exp: now_secs() + 1,
+            scope: None,
+            iss: None,
+            aud: None,
+        };
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        assert!(v.verify(&token).is_ok());
+        assert!(v.verify(&token).is_ok(), "second use comes from the cache");
+        // Pretend time passed beyond exp + leeway for the remembered entry.
+        v.verified.insert(
+            token.clone(),
+            Verified {
+                caller: v.verify(&token).unwrap(),
+                exp: now_secs() - LEEWAY_SECS - 1,
+            },
+        );
+        assert_eq!(v.verify(&token), Err(AuthError::Expired));
+        // A token with a forged signature never matches a remembered one.
+        let forged = format!("{}x", &token[..token.len() - 1]);
+        assert!(v.verify(&forged).is_err());
     }
 
     #[test]

