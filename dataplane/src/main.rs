@@ -2,6 +2,12 @@
 
 use clap::Parser;
 use presence_dataplane::config::{Cli, Command, LogFormat, Settings};
+/// Many small short-lived allocations per request (headers, JSON, cache
+/// entries): mimalloc spends far less time on them than glibc's malloc did
+/// in profiles (~12% of a write) and keeps less overhead per cached user.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
