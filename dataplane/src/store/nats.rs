@@ -61,9 +61,13 @@ impl NatsStore {
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(2))
             .ping_interval(Duration::from_secs(10))
-            .reconnect_delay_callback(|attempts| {
-                let exp = u32::try_from(attempts.min(5)).unwrap_or(5);
-                Duration::from_millis(100 * 2u64.pow(exp)).min(Duration::from_secs(2))
+            // First (re)connect at once, then 50 ms doubling to 2 s.
+            .reconnect_delay_callback(|attempts| match attempts {
+                0 | 1 => Duration::ZERO,
+                n => {
+                    let exp = u32::try_from(n - 2).unwrap_or(u32::MAX).min(6);
+                    Duration::from_millis(50 * 2u64.pow(exp)).min(Duration::from_secs(2))
+                }
             })
             .event_callback(|event| async move {
                 match event {
@@ -171,8 +175,10 @@ impl NatsStore {
                     }
                 }
             }
+            // 10 ms doubling to 2 s: quick while the connection is still
+            // being made at start, gentle while the hub is really away.
+            let delay = Duration::from_millis(10 * 2u64.pow(attempt.min(8)));
             attempt = attempt.saturating_add(1);
-            let delay = Duration::from_millis(100 * 2u64.pow(attempt.min(4)));
             tokio::time::sleep(delay.min(Duration::from_secs(2))).await;
         }
     }
