@@ -491,7 +491,13 @@ async fn run() -> anyhow::Result<()> {
             format!("{raw_rps:.0}"),
             format!("p99 {raw_p99:.2} ms"),
         );
+        worst_write_ratio = worst_write_ratio.min(ours.rps / raw_rps);
     }
+    report.target(
+        "write >= 0.7x raw KV puts",
+        format!("{worst_write_ratio:.2}x (lower of center, leaf)"),
+        worst_write_ratio >= 0.7,
+    );
     let mut write_center = 0.0;
     if let Some(row) = report
         .rows
@@ -516,12 +522,20 @@ async fn run() -> anyhow::Result<()> {
             .await?;
             times.push(elapsed.as_secs_f64() * 1000.0);
         }
+        let ms = median(&mut times);
         report.add(
             "bulk",
             format!("1000-item batch via {label}: median of 7"),
-            format!("{:.1} ms", median(&mut times)),
+            format!("{ms:.1} ms"),
             "",
         );
+        if label == "center" {
+            report.target(
+                "1000-item batch < 100 ms at the center",
+                format!("{ms:.1} ms"),
+                ms < 100.0,
+            );
+        }
     }
     let ids: Vec<String> = (0..100).map(|i| format!("b0-{i}")).collect();
     let multi_url = format!("{}/api/v2/presence?users={}", center.base, ids.join(","));
@@ -537,6 +551,11 @@ async fn run() -> anyhow::Result<()> {
         "multi-get, 100 cached users a request, c=64: presences/s",
         format!("{multi_presences:.0}"),
         format!("{:.0} req/s, p99 {:.2} ms", multi.rps, multi.p99_ms),
+    );
+    report.target(
+        "multi-get >= 1 000 000 presences/s",
+        format!("{multi_presences:.0}/s"),
+        multi_presences >= 1_000_000.0,
     );
 
     // 4. Propagation eu -> us, observed through us's HTTP API.
@@ -577,11 +596,12 @@ async fn run() -> anyhow::Result<()> {
         format!("{:.3} ms", percentile(&lags, 0.5)),
         "upper bound: includes one GET round trip",
     );
-    report.add(
-        "propagation",
-        "same: p99",
-        format!("{:.3} ms", percentile(&lags, 0.99)),
-        "",
+    let p99 = percentile(&lags, 0.99);
+    report.add("propagation", "same: p99", format!("{p99:.3} ms"), "");
+    report.target(
+        "propagation p99 < 10 ms",
+        format!("{p99:.3} ms"),
+        p99 < 10.0,
     );
 
     // 5. Memory per cached presence, in a fresh process and bucket.
@@ -622,6 +642,11 @@ async fn run() -> anyhow::Result<()> {
         format!("{per_user:.0} B"),
         "",
     );
+    report.target(
+        "<= 300 bytes per cached user",
+        format!("{per_user:.0} B"),
+        per_user <= 300.0,
+    );
     drop(mem);
 
     // 6. Cold start: process start to /health/readiness = 200.
@@ -655,13 +680,20 @@ async fn run() -> anyhow::Result<()> {
             }
             times.push(started.elapsed().as_secs_f64() * 1000.0);
         }
+        let ms = median(&mut times);
+        slowest_start = slowest_start.max(ms);
         report.add(
             "cold start",
             format!("{label}: process start to ready, median of 5"),
-            format!("{:.0} ms", median(&mut times)),
+            format!("{ms:.0} ms"),
             "",
         );
     }
+    report.target(
+        "ready in < 1 s",
+        format!("{slowest_start:.0} ms (slower of center, leaf)"),
+        slowest_start < 1000.0,
+    );
 
     // 7. What teams hand-roll instead: Redis on the same machine, same run.
     let (get, set, set_fsync) = redis(&mut report, 64)?;
