@@ -78,6 +78,22 @@ async fn http_ok(client: &reqwest::Client, url: &str) -> bool {
     matches!(client.get(url).send().await, Ok(r) if r.status() == 200)
 }
 
+/// The presence-service command every measurement starts: release binary,
+/// test secret, loopback, the hub's domain.
+fn service_command(node_type: &str, nats: &Nats, port: u16) -> Command {
+    let mut command = Command::new(bin_dir().join("presence-service"));
+    command
+        .env_clear()
+        .env("JWT_SECRET", SECRET)
+        .env("NODE_TYPE", node_type)
+        .env("SERVICE_HOST", "127.0.0.1")
+        .env("SERVICE_PORT", port.to_string())
+        .env("NATS_URL", nats.url())
+        .env("NATS_JS_DOMAIN", "hub")
+        .env("LOG_LEVEL", "warn");
+    command
+}
+
 async fn start_service(
     dir: &Path,
     name: &str,
@@ -86,22 +102,14 @@ async fn start_service(
     bucket: &str,
 ) -> anyhow::Result<Service> {
     let port = free_port();
-    let mut command = Command::new(bin_dir().join("presence-service"));
+    let mut command = service_command(node_type, nats, port);
     command
-        .env_clear()
-        .env("JWT_SECRET", SECRET)
-        .env("NODE_TYPE", node_type)
         .env("NODE_ID", name)
-        .env("SERVICE_HOST", "127.0.0.1")
-        .env("SERVICE_PORT", port.to_string())
-        .env("NATS_URL", nats.url())
-        .env("NATS_JS_DOMAIN", "hub")
         .env("KV_BUCKET", bucket)
         .env("CACHE_MAX_COST", (2u64 << 30).to_string())
         // Throughput is measured on a few hot users, far above any sane
         // per-user limit: the limiter is off here.
-        .env("RATE_LIMIT_WRITES_PER_SECOND", "0")
-        .env("LOG_LEVEL", "warn");
+        .env("RATE_LIMIT_WRITES_PER_SECOND", "0");
     let proc = Proc::spawn(name, command, dir.join(format!("{name}.log")));
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
@@ -655,16 +663,7 @@ async fn run() -> anyhow::Result<()> {
         let mut times = Vec::new();
         for run in 0..5 {
             let port = free_port();
-            let mut command = Command::new(bin_dir().join("presence-service"));
-            command
-                .env_clear()
-                .env("JWT_SECRET", SECRET)
-                .env("NODE_TYPE", node_type)
-                .env("SERVICE_HOST", "127.0.0.1")
-                .env("SERVICE_PORT", port.to_string())
-                .env("NATS_URL", nats.url())
-                .env("NATS_JS_DOMAIN", "hub")
-                .env("LOG_LEVEL", "warn");
+            let command = service_command(node_type, nats, port);
             let started = Instant::now();
             let _proc = Proc::spawn(
                 &format!("cold-{label}-{run}"),

@@ -134,24 +134,15 @@ pub fn plan(
         },
     };
 
-    let hub_leafnode_urls: Vec<String> = (0..replicas)
-        .map(|k| {
-            Ok(format!(
-                "nats-leaf://{}",
-                loopback(port(nb, LEAFNODE_OFFSET + k)?)
-            ))
-        })
-        .collect::<Result<_, DevError>>()?;
-    let routes: Vec<String> = (0..replicas)
-        .map(|k| {
-            Ok(format!(
-                "nats://{}",
-                loopback(port(nb, CLUSTER_OFFSET + k)?)
-            ))
-        })
-        .collect::<Result<_, DevError>>()?;
-    let mut region_nats_urls = Vec::new();
-    let mut hub_urls = Vec::new();
+    // One URL per hub server for the port at `offset` from the NATS base.
+    let every_hub_server = |scheme: &str, offset: u16| -> Result<Vec<String>, DevError> {
+        (0..replicas)
+            .map(|k| Ok(format!("{scheme}://{}", loopback(port(nb, offset + k)?))))
+            .collect()
+    };
+    let hub_leafnode_urls = every_hub_server("nats-leaf", LEAFNODE_OFFSET)?;
+    let routes = every_hub_server("nats", CLUSTER_OFFSET)?;
+    let mut region_nats_urls = vec![every_hub_server("nats", 0)?.join(",")];
     for k in 0..replicas {
         let server = format!("{}-{center}-{k}", ctx.name);
         let dir = opts.data_dir.join(&server);
@@ -181,9 +172,7 @@ pub fn plan(
             conf,
             port(nb, MONITOR_OFFSET + k)?,
         ));
-        hub_urls.push(format!("nats://{}", loopback(port(nb, k)?)));
     }
-    region_nats_urls.push(hub_urls.join(","));
     for (i, leaf) in spec.leaves.iter().enumerate() {
         let i = u16::try_from(i + 1).map_err(|_| DevError::TooManyLeaves)?;
         let server = format!("{}-{}-0", ctx.name, leaf.name);
