@@ -197,8 +197,26 @@ pub async fn reconcile(pc: Arc<PresenceCluster>, ctx: Arc<Context>) -> Result<Ac
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
-    if result.is_ok() {
-        ctx.failures().remove(&key(&pc));
+    match &result {
+        Ok(_) => {
+            ctx.failures().remove(&key(&pc));
+        }
+        // Say so in status too (best effort: the API may be what failed).
+        Err(err) if !deleting => {
+            let mut status = pc.status.clone().unwrap_or_default();
+            set_condition(
+                &mut status.conditions,
+                &pc,
+                "Degraded",
+                true,
+                err.reason(),
+                &err.to_string(),
+            );
+            if let Err(status_err) = write_status(&pc, &api, status).await {
+                tracing::warn!(error = %status_err, "cannot record the failure in status");
+            }
+        }
+        Err(_) => {}
     }
     result
 }
@@ -287,11 +305,25 @@ where
 
 /// What the secret check found.
 enum SecretState {
-    Ready,
+    /// Usable; carries a digest of the secret's value (never the value).
+    Ready(String),
     Problem {
         reason: &'static str,
         message: String,
     },
+}
+
+fn digest_of(secret: &Secret, key: &str) -> Option<String> {
+    let bytes = match secret.data.as_ref().and_then(|d| d.get(key)) {
+        Some(value) => value.0.clone(),
+        None => secret
+            .string_data
+            .as_ref()
+            .and_then(|d| d.get(key))?
+            .clone()
+            .into_bytes(),
+    };
+    Some(render::config_hash(&bytes))
 }
 
 async fn ensure_secret(
@@ -301,71 +333,67 @@ async fn ensure_secret(
     ns: &str,
 ) -> Result<SecretState, Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    match pc
+    if let Some(reference) = pc
         .spec
         .auth
         .as_ref()
         .and_then(|a| a.jwt_secret_ref.as_ref())
     {
-        Some(reference) => match api.get_opt(&reference.name).await? {
-            None => Ok(SecretState::Problem {
+        return Ok(match api.get_opt(&reference.name).await? {
+            None => SecretState::Problem {
                 reason: "SecretNotFound",
                 message: format!(
                     "Secret {ns}/{} named by spec.auth.jwtSecretRef does not exist; create it with the HS256 secret under key {:?}",
                     reference.name, reference.key
                 ),
-            }),
-            Some(secret) => {
-                let has_key = secret
-                    .data
-                    .as_ref()
-                    .is_some_and(|d| d.contains_key(&reference.key))
-                    || secret
-                        .string_data
-                        .as_ref()
-                        .is_some_and(|d| d.contains_key(&reference.key));
-                Ok(if has_key {
-                    SecretState::Ready
-                } else {
-                    SecretState::Problem {
-                        reason: "SecretKeyMissing",
-                        message: format!(
-                            "Secret {ns}/{} has no key {:?}",
-                            reference.name, reference.key
-                        ),
-                    }
-                })
-            }
-        },
-        None => {
-            let name = rctx.names.jwt_secret();
-            // Created once, never updated: rotating it would invalidate every token.
-            if api.get_opt(&name).await?.is_none() {
-                let value = secrets::random_secret().map_err(|e| Error::Random(e.to_string()))?;
-                let inputs = render::Inputs {
-                    generated_jwt_secret: Some(value),
-                };
-                if let Some(secret) = secrets::generated_jwt_secret(rctx, &pc.spec, &inputs) {
-                    match api.create(&PostParams::default(), &secret).await {
-                        Ok(_) => {
-                            publish(
-                                ctx,
-                                pc,
-                                EventType::Normal,
-                                "SecretGenerated",
-                                "CreateSecret",
-                                format!("generated JWT Secret {ns}/{name}"),
-                            )
-                            .await
-                        }
-                        Err(kube::Error::Api(e)) if e.code == 409 => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-            }
-            Ok(SecretState::Ready)
-        }
+            },
+            Some(secret) => match digest_of(&secret, &reference.key) {
+                Some(digest) => SecretState::Ready(digest),
+                None => SecretState::Problem {
+                    reason: "SecretKeyMissing",
+                    message: format!(
+                        "Secret {ns}/{} has no key {:?}",
+                        reference.name, reference.key
+                    ),
+                },
+            },
+        });
     }
+    let name = rctx.names.jwt_secret();
+    // Created once, never updated: rotating it would invalidate every token.
+    let secret = match api.get_opt(&name).await? {
+        Some(existing) => existing,
+        None => {
+            let value = secrets::random_secret().map_err(|e| Error::Random(e.to_string()))?;
+            let inputs = render::Inputs {
+                generated_jwt_secret: Some(value),
+                ..Default::default()
+            };
+            let Some(secret) = secrets::generated_jwt_secret(rctx, &pc.spec, &inputs) else {
+                return Ok(SecretState::Ready(String::new()));
+            };
+            match api.create(&PostParams::default(), &secret).await {
+                Ok(_) => {
+                    publish(
+                        ctx,
+                        pc,
+                        EventType::Normal,
+                        "SecretGenerated",
+                        "CreateSecret",
+                        format!("generated JWT Secret {ns}/{name}"),
+                    )
+                    .await;
+                    secret
+                }
+                // Created concurrently: use what won.
+                Err(kube::Error::Api(e)) if e.code == 409 => api.get(&name).await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    Ok(SecretState::Ready(
+        digest_of(&secret, secrets::JWT_KEY).unwrap_or_default(),
+    ))
 }
 
 /// Observed readiness of one region's workloads.
@@ -413,29 +441,36 @@ async fn apply(
         write_status(pc, api, status).await?;
         return Ok(Action::await_change());
     }
-    if let SecretState::Problem { reason, message } = ensure_secret(pc, ctx, &rctx, ns).await? {
-        set_condition(
-            &mut status.conditions,
-            pc,
-            "Degraded",
-            true,
-            reason,
-            &message,
-        );
-        set_condition(&mut status.conditions, pc, "Ready", false, reason, &message);
-        set_condition(
-            &mut status.conditions,
-            pc,
-            "Progressing",
-            false,
-            reason,
-            "waiting for the JWT Secret",
-        );
-        write_status(pc, api, status).await?;
-        return Ok(Action::requeue(Duration::from_secs(30)));
-    }
+    let digest = match ensure_secret(pc, ctx, &rctx, ns).await? {
+        SecretState::Ready(digest) => digest,
+        SecretState::Problem { reason, message } => {
+            set_condition(
+                &mut status.conditions,
+                pc,
+                "Degraded",
+                true,
+                reason,
+                &message,
+            );
+            set_condition(&mut status.conditions, pc, "Ready", false, reason, &message);
+            set_condition(
+                &mut status.conditions,
+                pc,
+                "Progressing",
+                false,
+                reason,
+                "waiting for the JWT Secret",
+            );
+            write_status(pc, api, status).await?;
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+    };
 
-    let children = render::render(pc, &rctx, &render::Inputs::default())?;
+    let inputs = render::Inputs {
+        jwt_secret_digest: Some(digest),
+        ..Default::default()
+    };
+    let children = render::render(pc, &rctx, &inputs)?;
     let mut keep = BTreeSet::new();
     let mut observed: BTreeMap<String, Observed> = BTreeMap::new();
     let region_of = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
@@ -890,10 +925,24 @@ mod tests {
             .collect()
     }
 
+    /// What the controller should have applied: the rendered objects, with
+    /// the digest of the JWT secret the fake holds.
     fn rendered(fake: &FakeApi) -> Vec<Child> {
         let pc = load(fake);
         let rctx = render::Context::new(&pc, NS).unwrap();
-        render::render(&pc, &rctx, &render::Inputs::default()).unwrap()
+        let secret: Secret = serde_json::from_value(
+            fake.get(&format!(
+                "/api/v1/namespaces/{NS}/secrets/{}",
+                rctx.names.jwt_secret()
+            ))
+            .expect("generated secret"),
+        )
+        .unwrap();
+        let inputs = render::Inputs {
+            jwt_secret_digest: digest_of(&secret, secrets::JWT_KEY),
+            ..Default::default()
+        };
+        render::render(&pc, &rctx, &inputs).unwrap()
     }
 
     #[tokio::test]
@@ -1223,6 +1272,64 @@ mod tests {
             .clone();
         let jwt = env.iter().find(|e| e["name"] == "JWT_SECRET").unwrap();
         assert_eq!(jwt["valueFrom"]["secretKeyRef"]["name"], "mine");
+
+        // Rotating the referenced secret rolls the presence-service pods
+        // (their config-hash changes) and nothing else.
+        let hashes = |fake: &FakeApi| -> BTreeMap<String, Value> {
+            applies(&fake.requests())
+                .into_iter()
+                .map(|r| {
+                    (
+                        r.path.clone(),
+                        r.body["spec"]["template"]["metadata"]["annotations"].clone(),
+                    )
+                })
+                .filter(|(_, a)| !a.is_null())
+                .collect()
+        };
+        fake.clear_requests();
+        reconcile(load(&fake), ctx.clone()).await.unwrap();
+        let before = hashes(&fake);
+        fake.insert("/api/v1/namespaces/ns/secrets/mine", json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mine", "namespace": NS}, "data": {"k": "cm90YXRlZA=="}}));
+        fake.clear_requests();
+        reconcile(load(&fake), ctx.clone()).await.unwrap();
+        let after = hashes(&fake);
+        let rolled: Vec<&str> = before
+            .iter()
+            .filter(|(path, hash)| after.get(*path) != Some(hash))
+            .map(|(path, _)| path.rsplit('/').next().unwrap_or_default())
+            .collect();
+        assert_eq!(rolled, ["p-center-presence"]);
+    }
+
+    #[tokio::test]
+    async fn an_api_error_shows_in_status_and_is_retried() {
+        let fake = FakeApi::default();
+        fake.insert(&pc_path("p"), cluster(json!({"center": {}})));
+        let ctx = context(&fake, unreachable());
+        fake.fail(
+            "PATCH",
+            "/apis/apps/v1/namespaces/ns/statefulsets/p-center-nats",
+            500,
+        );
+        let err = reconcile_stored(&fake, &ctx).await.unwrap_err();
+        assert_eq!(err.reason(), "KubernetesApiError");
+        let s = status(&fake);
+        assert_eq!(
+            condition(&s, "Degraded"),
+            ("True".into(), "KubernetesApiError".into())
+        );
+        let message = &s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Degraded")
+            .unwrap()
+            .message;
+        assert!(message.contains("injected failure"), "{message}");
+        assert_eq!(
+            error_policy(load(&fake), &err, ctx.clone()),
+            Action::requeue(Duration::from_secs(5))
+        );
     }
 
     fn deleting(policy: &str, since_secs: i64) -> Value {

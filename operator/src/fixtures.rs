@@ -27,6 +27,7 @@ pub struct Recorded {
 struct State {
     objects: BTreeMap<String, Value>,
     status_overlay: BTreeMap<String, Value>,
+    failures: BTreeMap<(String, String), u16>,
     log: Vec<Recorded>,
     version: u64,
 }
@@ -205,6 +206,13 @@ impl FakeApi {
         self.state().status_overlay.insert(path.to_owned(), status);
     }
 
+    /// Makes every `method` request to `path` fail with `code`.
+    pub fn fail(&self, method: &str, path: &str, code: u16) {
+        self.state()
+            .failures
+            .insert((method.to_owned(), path.to_owned()), code);
+    }
+
     /// Every request so far.
     pub fn requests(&self) -> Vec<Recorded> {
         self.state().log.clone()
@@ -263,6 +271,9 @@ impl FakeApi {
             return status_error(404, "NotFound", &format!("unknown path {path}"));
         };
         let mut state = self.state();
+        if let Some(code) = state.failures.get(&(method.to_string(), path.to_owned())) {
+            return status_error(*code, "InternalError", "injected failure");
+        }
         state.version += 1;
         let version = state.version.to_string();
         match (method.clone(), &target.name, &target.subresource) {

@@ -166,6 +166,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let ctx = render::Context::new(&cluster, &namespace)?;
             let inputs = render::Inputs {
                 generated_jwt_secret: Some(render::secrets::random_secret()?),
+                ..Default::default()
             };
             let objects = render::render(&cluster, &ctx, &inputs)?;
             print!("{}", render::to_yaml(&objects)?);

@@ -50,6 +50,7 @@ fn render_fixed(cluster: &PresenceCluster) -> Vec<Child> {
     let ctx = Context::new(&cluster, "default").expect("context");
     let inputs = Inputs {
         generated_jwt_secret: Some("golden-secret".into()),
+        jwt_secret_digest: Some("golden-digest".into()),
     };
     render::render(&cluster, &ctx, &inputs).expect("renders")
 }

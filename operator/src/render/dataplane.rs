@@ -138,6 +138,7 @@ pub fn objects(
     ctx: &Context,
     spec: &PresenceClusterSpec,
     region: &Region<'_>,
+    inputs: &super::Inputs,
 ) -> (Deployment, Service) {
     let component = "dataplane";
     let name = ctx.names.dataplane(region.name);
@@ -156,6 +157,20 @@ pub fn objects(
         .into_iter()
         .map(|(name, value)| env_var(name, value))
         .collect();
+    // The environment is in the pod spec already; what the hash adds is the
+    // JWT secret's content, which the pod spec only names.
+    let mut hashed = serde_json::to_vec(&env).unwrap_or_default();
+    hashed.extend(
+        inputs
+            .jwt_secret_digest
+            .as_deref()
+            .unwrap_or_default()
+            .bytes(),
+    );
+    let annotations = BTreeMap::from([(
+        format!("{}/config-hash", crate::crd::GROUP),
+        super::config_hash(&hashed),
+    )]);
     let probe = |path: &str, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
@@ -210,7 +225,7 @@ pub fn objects(
                 }),
             }),
             template: PodTemplateSpec {
-                metadata: Some(pod_meta(ctx, component, region.name, BTreeMap::new())),
+                metadata: Some(pod_meta(ctx, component, region.name, annotations)),
                 spec: Some(PodSpec {
                     containers: vec![container],
                     termination_grace_period_seconds: Some(30),

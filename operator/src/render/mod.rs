@@ -249,6 +249,9 @@ pub struct Inputs {
     /// Value for the generated JWT Secret (only used when the CR references
     /// none). The controller creates that Secret once and never updates it.
     pub generated_jwt_secret: Option<String>,
+    /// A digest of the JWT secret's current value (never the value itself),
+    /// so that rotating the Secret rolls the presence-service pods.
+    pub jwt_secret_digest: Option<String>,
 }
 
 /// Checks what the API server's CEL rules would refuse, for manifests that
@@ -319,7 +322,7 @@ pub fn render(
         out.push(Child::Service(headless));
         out.push(Child::Service(client));
         out.push(Child::StatefulSet(statefulset));
-        let (deployment, service) = dataplane::objects(ctx, spec, &region);
+        let (deployment, service) = dataplane::objects(ctx, spec, &region, inputs);
         out.push(Child::Deployment(deployment));
         out.push(Child::Service(service));
     }
