@@ -588,27 +588,11 @@ async fn health_metrics_and_unknown_routes() {
     assert_eq!(ready.status(), 200);
     let health_url = s.svc.url("/health");
     wait_until("the watch to apply the write", READY_TIMEOUT, || async {
-        let health: Value = s
-            .client
-            .get(&health_url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let health: Value = get_json(&s.client, &health_url, false).await;
         health["watch"]["appliedRevision"].as_u64().unwrap_or(0) >= 1
     })
     .await;
-    let health: Value = s
-        .client
-        .get(&health_url)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = get_json(&s.client, &health_url, false).await;
     assert_eq!(health["status"], "ok");
     assert_eq!(health["nats"]["connected"], true);
     assert_eq!(health["kv"]["reachable"], true);
@@ -623,16 +607,7 @@ async fn health_metrics_and_unknown_routes() {
         .await
         .unwrap();
     assert_eq!(response.status(), 401);
-    let stats: Value = s
-        .client
-        .get(s.svc.url("/api/v2/cache/metrics"))
-        .header("Authorization", bearer("r", ""))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = get_json(&s.client, &s.svc.url("/api/v2/cache/metrics"), true).await;
     for key in [
         "hits",
         "misses",

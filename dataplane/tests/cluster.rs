@@ -67,19 +67,12 @@ async fn batches_and_multi_gets_work_through_leaves() {
         .map(|i| format!("u{i}"))
         .chain(["ghost".into()])
         .collect();
-    let body: Value = client
-        .get(format!(
-            "{}?users={}",
-            c.eu.url("/api/v2/presence"),
-            ids.join(",")
-        ))
-        .header("Authorization", bearer("r", ""))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = get_json(
+        &client,
+        &format!("{}?users={}", c.eu.url("/api/v2/presence"), ids.join(",")),
+        true,
+    )
+    .await;
     assert_eq!(body["presences"].as_array().unwrap().len(), 50);
     assert_eq!(body["notFound"], json!(["ghost"]));
 }
@@ -102,37 +95,14 @@ async fn a_new_node_warms_its_cache_from_the_bucket() {
     )
     .await;
     wait_until("eu-2 to replay the bucket", READY_TIMEOUT, || async {
-        let health: Value = client
-            .get(late.url("/health"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let health: Value = get_json(&client, &late.url("/health"), false).await;
         health["cache"]["entries"].as_u64().unwrap_or(0) >= 20
     })
     .await;
-    let stats: Value = client
-        .get(late.url("/api/v2/cache/metrics"))
-        .header("Authorization", bearer("r", ""))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = get_json(&client, &late.url("/api/v2/cache/metrics"), true).await;
     let misses_before = stats["misses"].as_u64().unwrap();
     assert_eq!(get(&client, &late, "w7").await.1["message"], "warm");
-    let stats: Value = client
-        .get(late.url("/api/v2/cache/metrics"))
-        .header("Authorization", bearer("r", ""))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = get_json(&client, &late.url("/api/v2/cache/metrics"), true).await;
     assert_eq!(
         stats["misses"].as_u64().unwrap(),
         misses_before,

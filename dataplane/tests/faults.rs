@@ -132,14 +132,7 @@ async fn hub_killed_and_restarted_loses_no_acknowledged_write() {
         matches!(client.get(c.center.url("/health/readiness")).send().await, Ok(r) if r.status() == 503)
     })
     .await;
-    let health: Value = client
-        .get(c.eu.url("/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: Value = get_json(&client, &c.eu.url("/health"), false).await;
     assert_eq!(health["kv"]["reachable"], false, "{health}");
 
     c.hub.restart().await;
@@ -180,15 +173,7 @@ async fn hub_killed_and_restarted_loses_no_acknowledged_write() {
                 &format!("{} to serve every acknowledged write", svc.node_id),
                 READY_TIMEOUT,
                 || async {
-                    let body: Value = client
-                        .get(&url)
-                        .header("Authorization", bearer("r", ""))
-                        .send()
-                        .await
-                        .unwrap()
-                        .json()
-                        .await
-                        .unwrap_or_default();
+                    let body: Value = get_json(&client, &url, true).await;
                     body["notFound"].as_array().is_some_and(|m| m.is_empty())
                         && body["presences"].as_array().is_some_and(|ps| {
                             ps.iter().all(|p| {

@@ -196,3 +196,14 @@ pub async fn get(
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or_default())
 }
+
+/// GETs `url` (with a reader token when `authed`) and parses the JSON body;
+/// a body that isn't JSON is `Value::Null`.
+pub async fn get_json(client: &reqwest::Client, url: &str, authed: bool) -> serde_json::Value {
+    let mut request = client.get(url);
+    if authed {
+        request = request.header("Authorization", bearer("reader", ""));
+    }
+    let response = request.send().await.expect("request completes");
+    response.json().await.unwrap_or_default()
+}
