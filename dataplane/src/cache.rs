@@ -116,11 +116,6 @@ impl PresenceCache {
         }
     }
 
-    /// Entries currently held (approximate until moka runs its housekeeping).
-    pub fn entry_count(&self) -> u64 {
-        self.inner.entry_count()
-    }
-
     /// Counter snapshot, for the JSON metrics endpoint.
     pub async fn stats(&self) -> CacheStats {
         self.inner.run_pending_tasks().await;
