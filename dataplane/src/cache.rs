@@ -116,6 +116,12 @@ impl PresenceCache {
         }
     }
 
+    /// Forgets everything (the bucket was recreated: every revision we hold
+    /// belongs to data that no longer exists).
+    pub fn clear(&self) {
+        self.inner.invalidate_all();
+    }
+
     /// Counter snapshot, for the JSON metrics endpoint.
     pub async fn stats(&self) -> CacheStats {
         self.inner.run_pending_tasks().await;

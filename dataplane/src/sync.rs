@@ -5,7 +5,7 @@
 
 use crate::cache::PresenceCache;
 use crate::metrics::Metrics;
-use crate::store::{Change, PresenceStore, WatchStart};
+use crate::store::{Change, PresenceStore, StoreError, WatchStart};
 use futures::StreamExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -85,8 +85,41 @@ async fn apply(change: Change, cache: &PresenceCache, status: &SyncStatus, metri
         .set(i64::try_from(status.applied_revision()).unwrap_or(i64::MAX));
 }
 
+/// How often a running watch checks that the bucket it follows still
+/// exists as the same incarnation.
+const IDENTITY_CHECK: Duration = Duration::from_secs(2);
+
+/// What the periodic check found.
+enum Followed {
+    Same,
+    /// Deleted (the center recreates it) or recreated: start over.
+    Gone,
+}
+
+async fn check_bucket(
+    store: &dyn PresenceStore,
+    followed: Option<time::OffsetDateTime>,
+) -> Followed {
+    match store.identity().await {
+        Ok(id) if Some(id.created) != followed => Followed::Gone,
+        Ok(_) => Followed::Same,
+        Err(StoreError::NotReady(reason)) => {
+            tracing::warn!(%reason, "the KV bucket is gone; recreating it where this node may");
+            if let Err(err) = store.ensure_bucket().await {
+                tracing::warn!(error = %err, "cannot recreate the KV bucket yet");
+            }
+            Followed::Gone
+        }
+        // Hub unreachable: keep the watch; it resumes by itself.
+        Err(_) => Followed::Same,
+    }
+}
+
 /// Runs forever: waits for the store, watches, applies, and re-watches
-/// after any failure with a capped backoff.
+/// after any failure with a capped backoff. A bucket that was deleted and
+/// created again (an R1 hub that lost its disk, an operator's Delete) is
+/// noticed by its creation time: the cache is cleared and the new bucket
+/// replayed, because its revisions start at 1 again.
 pub async fn run(
     store: Arc<dyn PresenceStore>,
     cache: PresenceCache,
@@ -94,10 +127,39 @@ pub async fn run(
     metrics: Metrics,
 ) {
     let mut failures: u32 = 0;
+    let mut followed: Option<time::OffsetDateTime> = None;
     loop {
         if !store.connectivity().bucket_open {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
+        }
+        if followed.is_none() {
+            followed = store.opened_bucket();
+        }
+        match store.identity().await {
+            Ok(id) => {
+                let recreated = followed.is_some_and(|f| f != id.created)
+                    || id.last_revision < status.applied_revision();
+                if recreated {
+                    tracing::warn!(
+                        "the KV bucket was recreated; clearing the cache and replaying it"
+                    );
+                    cache.clear();
+                    status.applied_revision.store(0, Ordering::Release);
+                }
+                followed = Some(id.created);
+            }
+            Err(err) => {
+                if matches!(err, StoreError::NotReady(_)) {
+                    let _ = store.ensure_bucket().await;
+                }
+                if failures % 20 == 0 {
+                    tracing::warn!(error = %err, "cannot read the KV bucket's state; retrying");
+                }
+                failures = failures.saturating_add(1);
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(10)))).await;
+                continue;
+            }
         }
         let start = match status.applied_revision() {
             0 => WatchStart::LatestPerKey,
@@ -109,12 +171,22 @@ pub async fn run(
                 status.active.store(true, Ordering::Relaxed);
                 metrics.watch_active.set(1);
                 failures = 0;
-                while let Some(item) = changes.next().await {
-                    match item {
-                        Ok(change) => apply(change, &cache, &status, &metrics).await,
-                        Err(err) => {
-                            tracing::warn!(error = %err, "KV watch failed; resuming from the last applied revision");
-                            break;
+                let mut check = tokio::time::interval(IDENTITY_CHECK);
+                check.tick().await;
+                loop {
+                    tokio::select! {
+                        item = changes.next() => match item {
+                            Some(Ok(change)) => apply(change, &cache, &status, &metrics).await,
+                            Some(Err(err)) => {
+                                tracing::warn!(error = %err, "KV watch failed; resuming from the last applied revision");
+                                break;
+                            }
+                            None => break,
+                        },
+                        _ = check.tick() => {
+                            if let Followed::Gone = check_bucket(store.as_ref(), followed).await {
+                                break;
+                            }
                         }
                     }
                 }

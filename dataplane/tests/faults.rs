@@ -296,3 +296,67 @@ async fn sigterm_finishes_in_flight_requests_before_exiting() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "store_timeout");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hub_that_lost_its_disk_gets_a_new_bucket_and_no_node_serves_stale_data() {
+    let mut c = Cluster::start().await;
+    let client = http();
+    for i in 0..5 {
+        assert_eq!(
+            set(&client, &c.eu, &format!("old-{i}"), "busy", "before")
+                .await
+                .status(),
+            200
+        );
+    }
+    for svc in c.services() {
+        wait_until("every node to cache old-4", READY_TIMEOUT, || async {
+            get(&client, svc, "old-4").await.0 == 200
+        })
+        .await;
+    }
+
+    // An R1 hub restarted on an empty disk: the bucket and its data are gone.
+    c.hub.kill();
+    std::fs::remove_dir_all(c.dir.path().join("hub").join("js")).expect("wipe the hub's store");
+    c.hub.restart().await;
+    c.eu_nats.wait_for_hub_link().await;
+    c.us_nats.wait_for_hub_link().await;
+
+    // The center recreates the bucket by itself; writes work again.
+    wait_until(
+        "a write through the center",
+        Duration::from_secs(30),
+        || async {
+            set(&client, &c.center, "new", "online", "after")
+                .await
+                .status()
+                == 200
+        },
+    )
+    .await;
+    // Every node follows the new bucket: a fresh write shows everywhere, and
+    // nothing cached from the lost bucket is served any more.
+    for svc in c.services() {
+        wait_until(
+            &format!("{} on the new bucket", svc.node_id),
+            Duration::from_secs(30),
+            || async {
+                get(&client, svc, "new").await.0 == 200 && get(&client, svc, "old-4").await.0 == 404
+            },
+        )
+        .await;
+    }
+    // A user rewritten in the new bucket has a lower revision than the one
+    // cached before the loss; it must still win everywhere.
+    let response = set(&client, &c.us, "old-0", "online", "rewritten").await;
+    assert_eq!(response.status(), 200);
+    for svc in c.services() {
+        wait_until(
+            &format!("{} to see the rewrite", svc.node_id),
+            READY_TIMEOUT,
+            || async { get(&client, svc, "old-0").await.1["message"] == "rewritten" },
+        )
+        .await;
+    }
+}

@@ -41,7 +41,7 @@ pub async fn readiness(State(state): State<AppState>) -> (StatusCode, Json<Value
 pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let store = state.service.store();
     let connectivity = store.connectivity();
-    let probe = store.probe().await;
+    let probe = store.identity().await.map(|id| id.last_revision);
     let problem = readiness_problem(&state);
     let status = match (problem, &probe) {
         (Some(_), _) => "unavailable",

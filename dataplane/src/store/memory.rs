@@ -2,7 +2,9 @@
 //! and for unit tests. It keeps KV semantics: increasing revisions, and a
 //! watch that replays then follows.
 
-use super::{Change, ChangeStream, Connectivity, PresenceStore, StoreError, WatchStart};
+use super::{
+    BucketIdentity, Change, ChangeStream, Connectivity, PresenceStore, StoreError, WatchStart,
+};
 use crate::model::Presence;
 use futures::StreamExt;
 use std::collections::HashMap;
@@ -19,6 +21,7 @@ struct Inner {
 pub struct MemoryStore {
     inner: Mutex<Inner>,
     changes: broadcast::Sender<Change>,
+    created: OffsetDateTime,
 }
 
 impl Default for MemoryStore {
@@ -37,6 +40,7 @@ impl MemoryStore {
                 values: HashMap::new(),
             }),
             changes,
+            created: OffsetDateTime::now_utc(),
         }
     }
 
@@ -106,8 +110,19 @@ impl PresenceStore for MemoryStore {
             .boxed())
     }
 
-    async fn probe(&self) -> Result<u64, StoreError> {
-        Ok(self.lock().revision)
+    async fn identity(&self) -> Result<BucketIdentity, StoreError> {
+        Ok(BucketIdentity {
+            created: self.created,
+            last_revision: self.lock().revision,
+        })
+    }
+
+    async fn ensure_bucket(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn opened_bucket(&self) -> Option<OffsetDateTime> {
+        Some(self.created)
     }
 
     fn connectivity(&self) -> Connectivity {

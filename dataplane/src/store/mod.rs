@@ -50,6 +50,14 @@ pub enum WatchStart {
 /// A live sequence of changes in revision order.
 pub type ChangeStream = BoxStream<'static, Result<Change, StoreError>>;
 
+/// Which incarnation of the bucket exists: a bucket deleted and created
+/// again has a new creation time and starts its revisions at 1 again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketIdentity {
+    pub created: OffsetDateTime,
+    pub last_revision: u64,
+}
+
 /// Whether the node can serve reads, as `/health/readiness` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Connectivity {
@@ -68,8 +76,14 @@ pub trait PresenceStore: Send + Sync + 'static {
     async fn put(&self, presence: &Presence) -> Result<u64, StoreError>;
     /// Streams changes from `start` on.
     async fn watch(&self, start: WatchStart) -> Result<ChangeStream, StoreError>;
-    /// Asks the store itself (not a cache) for its latest revision.
-    async fn probe(&self) -> Result<u64, StoreError>;
+    /// Asks the store itself (not a cache) which bucket exists and its
+    /// latest revision; `NotReady` when the bucket is missing.
+    async fn identity(&self) -> Result<BucketIdentity, StoreError>;
+    /// Recreates the bucket if it is missing, where this node may (center).
+    async fn ensure_bucket(&self) -> Result<(), StoreError>;
+    /// Creation time of the bucket as it was when first opened: everything
+    /// cached since came from it (or from a later incarnation noticed by sync).
+    fn opened_bucket(&self) -> Option<OffsetDateTime>;
     /// Connection state, without I/O.
     fn connectivity(&self) -> Connectivity;
     /// Name for `/health` (`nats` or `memory`).

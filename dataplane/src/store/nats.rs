@@ -7,8 +7,8 @@
 //! leaves only wait for it.
 
 use super::{
-    Change, ChangeStream, Connectivity, PresenceStore, StoreError, WatchStart, decode_value,
-    encode_value,
+    BucketIdentity, Change, ChangeStream, Connectivity, PresenceStore, StoreError, WatchStart,
+    decode_value, encode_value,
 };
 use crate::config::{NodeType, Settings};
 use crate::metrics::Metrics;
@@ -33,6 +33,7 @@ pub struct NatsStore {
     write_timeout: Duration,
     read_timeout: Duration,
     kv: OnceLock<kv::Store>,
+    opened: OnceLock<time::OffsetDateTime>,
     metrics: Metrics,
 }
 
@@ -100,6 +101,7 @@ impl NatsStore {
             write_timeout: settings.write_timeout,
             read_timeout: settings.read_timeout,
             kv: OnceLock::new(),
+            opened: OnceLock::new(),
             metrics,
         })
     }
@@ -123,9 +125,7 @@ impl NatsStore {
                 .await
                 .map_err(unavailable),
             Err(err) => {
-                let missing = matches!(err.kind(), GetStreamErrorKind::JetStream(e)
-                    if e.error_code() == ErrorCode::STREAM_NOT_FOUND);
-                if !missing {
+                if !is_missing(&err) {
                     return Err(unavailable(err));
                 }
                 if !self.create_bucket {
@@ -165,6 +165,7 @@ impl NatsStore {
         loop {
             match self.open_bucket().await {
                 Ok(store) => {
+                    let _ = self.opened.set(store.stream.cached_info().created);
                     let _ = self.kv.set(store);
                     tracing::info!(bucket = %self.bucket, "KV bucket open");
                     return;
@@ -198,6 +199,11 @@ impl NatsStore {
         self.metrics.observe_kv(op, result.is_ok(), started);
         result
     }
+}
+
+fn is_missing(err: &jetstream::context::GetStreamError) -> bool {
+    matches!(err.kind(), GetStreamErrorKind::JetStream(e)
+        if e.error_code() == ErrorCode::STREAM_NOT_FOUND)
 }
 
 fn to_change(entry: kv::Entry) -> Option<Change> {
@@ -276,16 +282,38 @@ impl PresenceStore for NatsStore {
             .boxed())
     }
 
-    async fn probe(&self) -> Result<u64, StoreError> {
+    async fn identity(&self) -> Result<BucketIdentity, StoreError> {
         self.kv()?;
-        let stream = self
-            .timed(
-                "probe",
-                self.read_timeout,
-                self.js.get_stream(self.stream_name()),
-            )
-            .await?;
-        Ok(stream.cached_info().state.last_sequence)
+        let started = Instant::now();
+        let result =
+            tokio::time::timeout(self.read_timeout, self.js.get_stream(self.stream_name())).await;
+        self.metrics
+            .observe_kv("info", matches!(result, Ok(Ok(_))), started);
+        match result {
+            Ok(Ok(stream)) => {
+                let info = stream.cached_info();
+                Ok(BucketIdentity {
+                    created: info.created,
+                    last_revision: info.state.last_sequence,
+                })
+            }
+            Ok(Err(err)) if is_missing(&err) => Err(StoreError::NotReady(format!(
+                "KV bucket {} does not exist at the hub",
+                self.bucket
+            ))),
+            Ok(Err(err)) => Err(unavailable(err)),
+            Err(_) => Err(StoreError::Timeout(self.read_timeout)),
+        }
+    }
+
+    fn opened_bucket(&self) -> Option<time::OffsetDateTime> {
+        self.opened.get().copied()
+    }
+
+    async fn ensure_bucket(&self) -> Result<(), StoreError> {
+        // The `kv::Store` handle addresses the bucket by name, so it keeps
+        // working once the bucket exists again.
+        self.open_bucket().await.map(|_| ())
     }
 
     fn connectivity(&self) -> Connectivity {

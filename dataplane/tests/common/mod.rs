@@ -123,13 +123,15 @@ pub fn bearer(sub: &str, scope: &str) -> String {
 /// The whole topology of the issue: a hub, leaf `eu` (no JetStream of its
 /// own), leaf `us` (its own JetStream domain), and one service per region.
 pub struct Cluster {
-    pub dir: TempDir,
-    pub hub: Nats,
-    pub eu_nats: Nats,
-    pub us_nats: Nats,
+    // Fields drop in order: services, then NATS, then the directory holding
+    // their logs (printed by the processes' guards when a test fails).
     pub center: Service,
     pub eu: Service,
     pub us: Service,
+    pub hub: Nats,
+    pub eu_nats: Nats,
+    pub us_nats: Nats,
+    pub dir: TempDir,
 }
 
 impl Cluster {
