@@ -507,6 +507,16 @@ mod tests {
         }
     }
 
+    /// The rendered file of `plan` whose path ends with `suffix`.
+    fn conf<'a>(plan: &'a Plan, suffix: &str) -> &'a str {
+        &plan
+            .files
+            .iter()
+            .find(|(p, _)| p.ends_with(suffix))
+            .expect("rendered file")
+            .1
+    }
+
     const DEV: &str = "apiVersion: presencecluster.io/v1alpha1\nkind: PresenceCluster\nmetadata: {name: dev}\nspec:\n  center: {}\n  leaves: [{name: eu}, {name: us}]\n";
 
     #[test]
@@ -554,12 +564,7 @@ mod tests {
         assert_eq!(env["SERVICE_PORT"], "8081");
         assert_eq!(env["SERVICE_HOST"], "127.0.0.1");
         assert_eq!(env["JWT_SECRET"], "secret-secret-secret");
-        let leaf_conf = &plan
-            .files
-            .iter()
-            .find(|(p, _)| p.ends_with("dev-eu-0/nats.conf"))
-            .unwrap()
-            .1;
+        let leaf_conf = conf(&plan, "dev-eu-0/nats.conf");
         assert!(
             leaf_conf.contains("nats-leaf://127.0.0.1:14422"),
             "{leaf_conf}"
@@ -591,12 +596,7 @@ mod tests {
             center.nats,
             "nats://127.0.0.1:14222,nats://127.0.0.1:14223,nats://127.0.0.1:14224"
         );
-        let eu_conf = &plan
-            .files
-            .iter()
-            .find(|(p, _)| p.ends_with("dev-eu-0/nats.conf"))
-            .unwrap()
-            .1;
+        let eu_conf = conf(&plan, "dev-eu-0/nats.conf");
         assert!(
             eu_conf.contains("14422") && eu_conf.contains("14424"),
             "leaves know every hub server"

@@ -56,16 +56,12 @@ impl ApiError {
             )
         }
     }
-
-    /// The JSON body, also used for per-item batch results.
-    pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({"error": {"code": self.code, "message": self.message}})
-    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, Json(self.body())).into_response();
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        let mut response = (self.status, Json(body)).into_response();
         if let Some(wait) = self.retry_after
             && let Ok(value) = HeaderValue::from_str(&wait.as_secs().to_string())
         {
@@ -211,20 +207,18 @@ async fn track_metrics(
     next: Next,
 ) -> Response {
     let started = Instant::now();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_owned();
+    // `MatchedPath` is a shared string: cloning it allocates nothing.
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
     let method = req.method().clone();
     let response = next.run(req).await;
     let status = response.status().as_u16().to_string();
     let m = &state.metrics;
     m.http_requests
-        .with_label_values(&[route.as_str(), method.as_str(), status.as_str()])
+        .with_label_values(&[route, method.as_str(), status.as_str()])
         .inc();
     m.http_duration
-        .with_label_values(&[route.as_str(), status.as_str()])
+        .with_label_values(&[route, status.as_str()])
         .observe(started.elapsed().as_secs_f64());
     response
 }
