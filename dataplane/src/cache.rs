@@ -7,18 +7,21 @@
 //! lookups of unknown users don't all go to the hub.
 
 use crate::metrics::CacheCounters;
-use crate::model::Presence;
+use crate::record::UserRecord;
+use crate::store::Change;
 use moka::future::Cache;
 use moka::notification::RemovalCause;
 use moka::ops::compute::{CompResult, Op};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-/// What the cache knows about one user at one KV revision.
+/// What the cache knows about one user.
 #[derive(Debug, Clone)]
 pub struct Slot {
-    pub revision: u64,
-    /// `None`: the user has no presence (never set, or deleted/expired).
-    pub presence: Option<Arc<Presence>>,
+    pub record: Arc<UserRecord>,
+    /// Every key of the user is in `record`. A slot is incomplete while a
+    /// read from the store is filling it.
+    pub complete: bool,
 }
 
 /// Fixed per-entry overhead estimate (moka's node, the `Arc`, the `String`
@@ -26,12 +29,7 @@ pub struct Slot {
 const ENTRY_OVERHEAD: usize = 160;
 
 fn weight(key: &str, slot: &Slot) -> u32 {
-    let variable = key.len()
-        + slot
-            .presence
-            .as_ref()
-            .map_or(0, |p| p.user_id.len() + p.message.len() + p.node_id.len());
-    u32::try_from(ENTRY_OVERHEAD + variable).unwrap_or(u32::MAX)
+    u32::try_from(ENTRY_OVERHEAD + key.len() + slot.record.weight()).unwrap_or(u32::MAX)
 }
 
 /// Snapshot for `/api/v2/cache/metrics`.
@@ -55,6 +53,10 @@ pub struct PresenceCache {
     inner: Cache<String, Slot>,
     counters: CacheCounters,
     max_cost: u64,
+    /// Holds every user of the bucket: set when a full replay finished,
+    /// cleared by the first eviction. While set, a user the cache doesn't
+    /// know has no keys at all, so nobody needs to ask the store.
+    replica: Arc<AtomicBool>,
 }
 
 impl PresenceCache {
@@ -62,12 +64,15 @@ impl PresenceCache {
     /// the table for the expected number of users.
     pub fn new(max_cost: u64, initial_capacity: usize, counters: CacheCounters) -> Self {
         let evicted = counters.clone();
+        let replica = Arc::new(AtomicBool::new(false));
+        let lost = replica.clone();
         let inner = Cache::builder()
             .max_capacity(max_cost)
             .initial_capacity(initial_capacity)
             .weigher(|key: &String, slot: &Slot| weight(key, slot))
             .eviction_listener(move |key: Arc<String>, slot: Slot, cause| {
                 if cause == RemovalCause::Size {
+                    lost.store(false, Ordering::Release);
                     evicted.keys_evicted.inc();
                     evicted.cost_evicted.inc_by(u64::from(weight(&key, &slot)));
                 }
@@ -77,12 +82,13 @@ impl PresenceCache {
             inner,
             counters,
             max_cost,
+            replica,
         }
     }
 
-    /// Looks a user up, counting the hit or miss.
+    /// Looks a user up, counting the hit or miss (an incomplete slot is a miss).
     pub async fn get(&self, user_id: &str) -> Option<Slot> {
-        let found = self.inner.get(user_id).await;
+        let found = self.inner.get(user_id).await.filter(|slot| slot.complete);
         match found {
             Some(_) => self.counters.hits.inc(),
             None => self.counters.misses.inc(),
@@ -90,35 +96,126 @@ impl PresenceCache {
         found
     }
 
-    /// Records `presence` (or its absence) at `revision`, unless the cache
-    /// already holds the same or a newer revision for this user.
-    pub async fn apply(&self, user_id: &str, revision: u64, presence: Option<Arc<Presence>>) {
-        let slot = Slot { revision, presence };
-        let cost = u64::from(weight(user_id, &slot));
+    /// Whether the cache holds every user of the bucket (see `replica`).
+    pub fn is_replica(&self) -> bool {
+        self.replica.load(Ordering::Acquire)
+    }
+
+    /// A full replay of the bucket has been applied.
+    pub fn mark_replica(&self) {
+        self.replica.store(true, Ordering::Release);
+    }
+
+    fn count_put(&self, result: &CompResult<String, Slot>) {
+        match result {
+            CompResult::Inserted(entry) => {
+                self.counters.keys_added.inc();
+                let cost = weight(entry.key(), entry.value());
+                self.counters.cost_added.inc_by(u64::from(cost));
+            }
+            CompResult::ReplacedWith(entry) => {
+                let cost = weight(entry.key(), entry.value());
+                self.counters.cost_added.inc_by(u64::from(cost));
+            }
+            _ => {}
+        }
+    }
+
+    /// Applies one change to the user's record if it is newer than what the
+    /// record holds. A user not cached yet gets a slot only when the cache
+    /// is a replica (or `replaying`); otherwise the change would be all the
+    /// slot knows, and the next read loads the user from the store instead.
+    pub async fn apply(&self, change: &Change, replaying: bool) {
+        let create = replaying || self.is_replica();
         let result = self
             .inner
-            .entry_by_ref(user_id)
+            .entry_by_ref(change.user_id.as_str())
             .and_compute_with(|current| {
                 let op = match current {
-                    Some(entry) if entry.value().revision >= revision => Op::Nop,
-                    _ => Op::Put(slot),
+                    Some(entry) => {
+                        let slot = entry.into_value();
+                        let mut record = UserRecord::clone(&slot.record);
+                        if record.merge(change.update.clone(), change.revision) {
+                            Op::Put(Slot {
+                                record: Arc::new(record),
+                                complete: slot.complete,
+                            })
+                        } else {
+                            Op::Nop
+                        }
+                    }
+                    None if create => {
+                        let mut record = UserRecord::default();
+                        record.merge(change.update.clone(), change.revision);
+                        Op::Put(Slot {
+                            record: Arc::new(record),
+                            complete: true,
+                        })
+                    }
+                    None => Op::Nop,
                 };
                 std::future::ready(op)
             })
             .await;
-        match result {
-            CompResult::Inserted(_) => {
-                self.counters.keys_added.inc();
-                self.counters.cost_added.inc_by(cost);
+        self.count_put(&result);
+    }
+
+    /// Reserves an incomplete slot before reading the user from the store,
+    /// so that watch changes arriving during the read are kept.
+    pub async fn begin_load(&self, user_id: &str) {
+        let result = self
+            .inner
+            .entry_by_ref(user_id)
+            .and_compute_with(|current| {
+                std::future::ready(match current {
+                    Some(_) => Op::Nop,
+                    None => Op::Put(Slot {
+                        record: Arc::new(UserRecord::default()),
+                        complete: false,
+                    }),
+                })
+            })
+            .await;
+        self.count_put(&result);
+    }
+
+    /// Merges what the store returned into the slot reserved by
+    /// [`PresenceCache::begin_load`] and marks it complete. If the slot was
+    /// evicted meanwhile, the result is returned without being cached.
+    pub async fn finish_load(&self, user_id: &str, changes: Vec<Change>) -> Arc<UserRecord> {
+        let merged = |base: &UserRecord| {
+            let mut record = base.clone();
+            for change in &changes {
+                record.merge(change.update.clone(), change.revision);
             }
-            CompResult::ReplacedWith(_) => self.counters.cost_added.inc_by(cost),
-            _ => {}
+            Arc::new(record)
+        };
+        let result = self
+            .inner
+            .entry_by_ref(user_id)
+            .and_compute_with(|current| {
+                std::future::ready(match current {
+                    Some(entry) => Op::Put(Slot {
+                        record: merged(&entry.value().record),
+                        complete: true,
+                    }),
+                    None => Op::Nop,
+                })
+            })
+            .await;
+        self.count_put(&result);
+        match result {
+            CompResult::ReplacedWith(entry) | CompResult::Inserted(entry) => {
+                entry.into_value().record
+            }
+            _ => merged(&UserRecord::default()),
         }
     }
 
     /// Forgets everything (the bucket was recreated: every revision we hold
     /// belongs to data that no longer exists).
     pub fn clear(&self) {
+        self.replica.store(false, Ordering::Release);
         self.inner.invalidate_all();
     }
 
@@ -151,46 +248,88 @@ impl PresenceCache {
 mod tests {
     use super::*;
     use crate::metrics::Metrics;
-    use crate::model::{Status, ValidUpdate};
+    use crate::model::{Presence, Status, ValidUpdate};
+    use crate::record::Update;
     use time::OffsetDateTime;
 
-    fn presence(user: &str, message: &str) -> Arc<Presence> {
-        Arc::new(Presence::accepted(
-            ValidUpdate {
-                user_id: user.into(),
-                status: Status::Online,
-                message: message.into(),
-            },
-            "n",
-            OffsetDateTime::UNIX_EPOCH,
-        ))
+    fn change(user: &str, revision: u64, message: Option<&str>) -> Change {
+        let presence = message.map(|message| {
+            Arc::new(Presence::accepted(
+                ValidUpdate {
+                    user_id: user.into(),
+                    status: Status::Online,
+                    message: message.into(),
+                    expires_at: None,
+                },
+                "n",
+                OffsetDateTime::UNIX_EPOCH,
+            ))
+        });
+        Change {
+            user_id: user.into(),
+            update: Update::Manual(presence),
+            revision,
+            stored_at: OffsetDateTime::UNIX_EPOCH,
+            pending: 0,
+        }
     }
 
     fn cache(max_cost: u64) -> PresenceCache {
         PresenceCache::new(max_cost, 16, Metrics::new().unwrap().cache)
     }
 
+    fn message(slot: &Slot) -> Option<String> {
+        slot.record
+            .view("u", OffsetDateTime::UNIX_EPOCH)
+            .map(|v| v.message)
+    }
+
     #[tokio::test]
     async fn older_revisions_never_replace_newer_ones() {
         let c = cache(1 << 20);
-        c.apply("u", 5, Some(presence("u", "five"))).await;
-        c.apply("u", 3, Some(presence("u", "three"))).await;
-        c.apply("u", 4, None).await;
+        c.apply(&change("u", 5, Some("five")), true).await;
+        c.apply(&change("u", 3, Some("three")), true).await;
+        c.apply(&change("u", 4, None), true).await;
         let slot = c.get("u").await.unwrap();
-        assert_eq!(slot.revision, 5);
-        assert_eq!(slot.presence.unwrap().message, "five");
-        c.apply("u", 6, None).await;
+        assert_eq!(slot.record.revision(), 5);
+        assert_eq!(message(&slot).as_deref(), Some("five"));
+        c.apply(&change("u", 6, None), true).await;
         let slot = c.get("u").await.unwrap();
-        assert_eq!(slot.revision, 6);
-        assert!(slot.presence.is_none());
+        assert_eq!(slot.record.revision(), 6);
+        assert_eq!(message(&slot), None);
+    }
+
+    #[tokio::test]
+    async fn unknown_users_are_created_only_while_the_cache_is_a_replica() {
+        let c = cache(1 << 20);
+        c.apply(&change("u", 1, Some("x")), false).await;
+        assert!(c.get("u").await.is_none());
+        c.mark_replica();
+        c.apply(&change("u", 2, Some("y")), false).await;
+        assert_eq!(message(&c.get("u").await.unwrap()).as_deref(), Some("y"));
+        c.clear();
+        assert!(!c.is_replica());
+    }
+
+    #[tokio::test]
+    async fn a_load_keeps_changes_that_arrived_while_it_ran() {
+        let c = cache(1 << 20);
+        c.begin_load("u").await;
+        assert!(c.get("u").await.is_none(), "an incomplete slot is a miss");
+        // The watch delivers revision 7 while the store read (which saw
+        // revision 6) is still under way.
+        c.apply(&change("u", 7, Some("new")), false).await;
+        let record = c.finish_load("u", vec![change("u", 6, Some("old"))]).await;
+        assert_eq!(record.revision(), 7);
+        assert_eq!(message(&c.get("u").await.unwrap()).as_deref(), Some("new"));
     }
 
     #[tokio::test]
     async fn counts_hits_misses_and_additions() {
         let c = cache(1 << 20);
         assert!(c.get("a").await.is_none());
-        c.apply("a", 1, Some(presence("a", ""))).await;
-        c.apply("a", 2, Some(presence("a", ""))).await;
+        c.apply(&change("a", 1, Some("")), true).await;
+        c.apply(&change("a", 2, Some("")), true).await;
         assert!(c.get("a").await.is_some());
         let stats = c.stats().await;
         assert_eq!((stats.hits, stats.misses, stats.keys_added), (1, 1, 1));
@@ -200,15 +339,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn stays_within_its_cost_budget() {
+    async fn stays_within_its_cost_budget_and_stops_being_a_replica() {
         let c = cache(64 * 1024);
+        c.mark_replica();
         for i in 0..5_000u64 {
             let user = format!("user-{i}");
-            c.apply(&user, i + 1, Some(presence(&user, "m"))).await;
+            c.apply(&change(&user, i + 1, Some("m")), false).await;
         }
         let stats = c.stats().await;
         assert!(stats.weighted_size <= 64 * 1024, "{stats:?}");
         assert!(stats.keys_evicted > 0, "{stats:?}");
         assert!(stats.cost_evicted > 0, "{stats:?}");
+        assert!(!c.is_replica());
     }
 }

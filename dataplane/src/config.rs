@@ -191,6 +191,12 @@ pub struct ServeArgs {
     /// Longest a graceful stop waits for in-flight requests.
     #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 25)]
     pub shutdown_timeout_secs: u64,
+    /// Most change streams (SSE) this node keeps open at once; more get 503.
+    #[arg(long, env = "STREAM_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub stream_max_connections: usize,
+    /// Seconds between keep-alive comments on an idle change stream.
+    #[arg(long, env = "STREAM_KEEPALIVE_SECS", default_value_t = 15)]
+    pub stream_keepalive_secs: u64,
 }
 
 /// A configuration value that can't work; the message names the variable.
@@ -245,6 +251,8 @@ pub struct Settings {
     pub write_timeout: Duration,
     pub read_timeout: Duration,
     pub shutdown_timeout: Duration,
+    pub stream_max_connections: usize,
+    pub stream_keepalive: Duration,
     /// `None` when rate limiting is off.
     pub write_limit: Option<crate::ratelimit::Limit>,
 }
@@ -359,7 +367,18 @@ impl ServeArgs {
             rate,
             burst: f64::from(self.rate_limit_burst),
         });
+        if self.stream_max_connections == 0 {
+            return Err(invalid("STREAM_MAX_CONNECTIONS", "must be at least 1"));
+        }
+        if !(1..=300).contains(&self.stream_keepalive_secs) {
+            return Err(invalid(
+                "STREAM_KEEPALIVE_SECS",
+                "must be between 1 and 300",
+            ));
+        }
         Ok(Settings {
+            stream_max_connections: self.stream_max_connections,
+            stream_keepalive: Duration::from_secs(self.stream_keepalive_secs),
             write_limit,
             node_type: self.node_type,
             node_id: self.node_id,

@@ -7,11 +7,15 @@ pub mod api;
 pub mod auth;
 pub mod cache;
 pub mod config;
+pub mod keys;
 pub mod metrics;
 pub mod model;
 pub mod ratelimit;
+pub mod record;
 pub mod service;
+pub mod session;
 pub mod store;
+pub mod stream;
 pub mod sync;
 
 use crate::auth::Verifier;
@@ -55,6 +59,10 @@ pub struct App {
     pub metrics: Metrics,
     pub sync: Arc<SyncStatus>,
     pub limiter: ratelimit::RateLimiter,
+    pub streams: stream::StreamHub,
+    /// Flips to `true` when the node starts stopping, so change streams
+    /// end (their clients reconnect elsewhere) instead of holding it up.
+    pub stopping: tokio::sync::watch::Sender<bool>,
     pub started: Instant,
 }
 
@@ -76,11 +84,13 @@ pub async fn build(settings: Settings) -> Result<AppState, Error> {
         metrics.cache.clone(),
     );
     let sync = Arc::new(SyncStatus::default());
+    let streams = stream::StreamHub::new(settings.stream_max_connections);
     tokio::spawn(sync::run(
         store.clone(),
         cache.clone(),
         sync.clone(),
         metrics.clone(),
+        streams.feed(),
     ));
     let verifier = Verifier::new(
         &settings.jwt_secret,
@@ -90,6 +100,8 @@ pub async fn build(settings: Settings) -> Result<AppState, Error> {
     Ok(Arc::new(App {
         service: PresenceService::new(store, cache, sync.clone(), &settings.node_id),
         limiter: ratelimit::RateLimiter::new(settings.write_limit),
+        streams,
+        stopping: tokio::sync::watch::channel(false).0,
         settings: Arc::new(settings),
         verifier: Arc::new(verifier),
         metrics,
@@ -114,13 +126,13 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         store = state.service.store().kind(),
         "presence-service listening"
     );
-    let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
+    let stopping_tx = state.stopping.clone();
+    let mut stopping = state.stopping.subscribe();
     let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(async move {
         shutdown_signal().await;
         tracing::info!("shutdown requested; finishing in-flight requests");
         let _ = stopping_tx.send(true);
     });
-    let mut stopping = stopping_rx;
     let forced = async move {
         let _ = stopping.wait_for(|s| *s).await;
         tokio::time::sleep(grace).await;

@@ -40,6 +40,9 @@ pub struct Metrics {
     pub cache: CacheCounters,
     pub cache_entries: IntGauge,
     pub cache_weighted_size: IntGauge,
+    pub streams_open: IntGauge,
+    pub stream_events: IntCounter,
+    pub streams_lagged: IntCounter,
 }
 
 impl Metrics {
@@ -122,6 +125,18 @@ impl Metrics {
         ] {
             registry.register(Box::new(c.clone()))?;
         }
+        let streams_open = IntGauge::new("streams_open", "Change streams (SSE) open now")?;
+        let stream_events = counter(
+            "stream_events_total",
+            "Presence events sent on change streams",
+        )?;
+        let streams_lagged = counter(
+            "streams_lagged_total",
+            "Change streams ended because they fell behind the change feed",
+        )?;
+        registry.register(Box::new(streams_open.clone()))?;
+        registry.register(Box::new(stream_events.clone()))?;
+        registry.register(Box::new(streams_lagged.clone()))?;
         registry.register(Box::new(cache_entries.clone()))?;
         registry.register(Box::new(cache_weighted_size.clone()))?;
         Ok(Metrics {
@@ -136,6 +151,9 @@ impl Metrics {
             cache,
             cache_entries,
             cache_weighted_size,
+            streams_open,
+            stream_events,
+            streams_lagged,
         })
     }
 

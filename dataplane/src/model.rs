@@ -76,6 +76,15 @@ pub struct Presence {
     pub node_id: String,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub revision: u64,
+    /// When a manual status stops applying (it is stored with a matching
+    /// KV TTL, so it also disappears from the bucket by itself).
+    #[serde(
+        rename = "expiresAt",
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expires_at: Option<OffsetDateTime>,
 }
 
 fn is_zero(value: &u64) -> bool {
@@ -95,13 +104,19 @@ impl Presence {
             updated_at: now,
             node_id: node_id.to_owned(),
             revision: 0,
+            expires_at: update.expires_at,
         }
+    }
+
+    /// Whether this manual status still applies at `now`.
+    pub fn is_valid_at(&self, now: OffsetDateTime) -> bool {
+        self.expires_at.is_none_or(|at| at > now)
     }
 }
 
 /// Millisecond precision keeps timestamps readable and identical across
 /// languages' RFC 3339 parsers.
-fn truncate_to_millis(t: OffsetDateTime) -> OffsetDateTime {
+pub fn truncate_to_millis(t: OffsetDateTime) -> OffsetDateTime {
     let millis = t.nanosecond() / 1_000_000;
     t.replace_nanosecond(millis * 1_000_000).unwrap_or(t)
 }
@@ -114,6 +129,9 @@ pub struct SetPresenceRequest {
     pub status: Option<String>,
     #[serde(default)]
     pub message: Option<String>,
+    /// RFC 3339 time when this status ends by itself.
+    #[serde(rename = "expiresAt", default)]
+    pub expires_at: Option<String>,
 }
 
 /// One item of `POST /api/v2/presence/batch`.
@@ -137,6 +155,23 @@ pub struct ValidUpdate {
     pub user_id: String,
     pub status: Status,
     pub message: String,
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+/// Shortest and longest lifetime of a manual status with `expiresAt`.
+pub const MIN_MANUAL_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+/// See [`MIN_MANUAL_TTL`]; 30 days covers "busy until after the holidays".
+pub const MAX_MANUAL_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+impl ValidUpdate {
+    /// The KV TTL that makes the stored status vanish at `expiresAt`
+    /// (rounded up to whole seconds, the unit of `Nats-TTL`).
+    pub fn ttl(&self, now: OffsetDateTime) -> Option<std::time::Duration> {
+        self.expires_at.map(|at| {
+            let seconds = (at - now).as_seconds_f64().ceil().max(1.0);
+            std::time::Duration::from_secs_f64(seconds)
+        })
+    }
 }
 
 /// Why client input was refused; each variant has a stable API code.
@@ -154,6 +189,18 @@ pub enum ValidationError {
     InvalidStatus(String),
     #[error("message is {0} characters long; the limit is {MAX_MESSAGE_CHARS}")]
     MessageTooLong(usize),
+    #[error("expiresAt {0:?} is not an RFC 3339 time")]
+    ExpiresAtUnreadable(String),
+    #[error("expiresAt must be between 1 second and 30 days from now; got {0}")]
+    ExpiresAtOutOfRange(String),
+    #[error("sessionID must be 1 to {max} bytes without control characters", max = crate::session::MAX_SESSION_ID_BYTES)]
+    InvalidSessionId,
+    #[error("a session's status is online or away; got {0:?}")]
+    InvalidSessionStatus(String),
+    #[error("ttlSeconds must be between {min} and {max}; got {0}", min = crate::session::MIN_SESSION_TTL_SECS, max = crate::session::MAX_SESSION_TTL_SECS)]
+    InvalidTtl(i64),
+    #[error("device is {0} characters long; the limit is {max}", max = crate::session::MAX_DEVICE_CHARS)]
+    DeviceTooLong(usize),
 }
 
 impl ValidationError {
@@ -165,6 +212,13 @@ impl ValidationError {
             | ValidationError::UserIdControlChar => "invalid_user_id",
             ValidationError::MissingStatus | ValidationError::InvalidStatus(_) => "invalid_status",
             ValidationError::MessageTooLong(_) => "message_too_long",
+            ValidationError::ExpiresAtUnreadable(_) | ValidationError::ExpiresAtOutOfRange(_) => {
+                "invalid_expires_at"
+            }
+            ValidationError::InvalidSessionId => "invalid_session_id",
+            ValidationError::InvalidSessionStatus(_) => "invalid_status",
+            ValidationError::InvalidTtl(_) => "invalid_ttl",
+            ValidationError::DeviceTooLong(_) => "device_too_long",
         }
     }
 }
@@ -184,10 +238,12 @@ pub fn validate_user_id(user_id: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
-/// Validates a set request for `user_id`, producing the update to store.
+/// Validates a set request for `user_id` received at `now`, producing the
+/// update to store.
 pub fn validate_update(
     user_id: &str,
     request: SetPresenceRequest,
+    now: OffsetDateTime,
 ) -> Result<ValidUpdate, ValidationError> {
     validate_user_id(user_id)?;
     let status = match request.status {
@@ -199,11 +255,26 @@ pub fn validate_update(
     if chars > MAX_MESSAGE_CHARS {
         return Err(ValidationError::MessageTooLong(chars));
     }
+    let expires_at = match request.expires_at {
+        None => None,
+        Some(raw) => Some(parse_expiry(&raw, now)?),
+    };
     Ok(ValidUpdate {
         user_id: user_id.to_owned(),
         status,
         message,
+        expires_at,
     })
+}
+
+fn parse_expiry(raw: &str, now: OffsetDateTime) -> Result<OffsetDateTime, ValidationError> {
+    let at = OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339)
+        .map_err(|_| ValidationError::ExpiresAtUnreadable(raw.to_owned()))?;
+    let ahead = at - now;
+    if ahead < MIN_MANUAL_TTL || ahead > MAX_MANUAL_TTL {
+        return Err(ValidationError::ExpiresAtOutOfRange(raw.to_owned()));
+    }
+    Ok(truncate_to_millis(at.to_offset(time::UtcOffset::UTC)))
 }
 
 /// The escape byte of the key encoding; `=` is a legal KV key character that
@@ -339,7 +410,10 @@ mod tests {
         let req = |status: Option<&str>, message: Option<String>| SetPresenceRequest {
             status: status.map(str::to_owned),
             message,
+            expires_at: None,
         };
+        let now = OffsetDateTime::UNIX_EPOCH;
+        let validate_update = |user: &str, request| validate_update(user, request, now);
         let ok = validate_update("u", req(Some("busy"), Some("focus".into()))).unwrap();
         assert_eq!(ok.status, Status::Busy);
         assert_eq!(
@@ -367,6 +441,7 @@ mod tests {
             user_id: "u@x".into(),
             status: Status::Online,
             message: "hi".into(),
+            expires_at: None,
         };
         let mut presence = Presence::accepted(update, "node-1", OffsetDateTime::UNIX_EPOCH);
         let stored = serde_json::to_value(&presence).unwrap();
@@ -377,6 +452,27 @@ mod tests {
         let json = serde_json::to_string(&presence).unwrap();
         let back: Presence = serde_json::from_str(&json).unwrap();
         assert_eq!(back, presence);
+    }
+
+    #[test]
+    fn expiry_rules() {
+        let now = OffsetDateTime::UNIX_EPOCH;
+        let with_expiry = |raw: &str| SetPresenceRequest {
+            status: Some("busy".into()),
+            message: None,
+            expires_at: Some(raw.into()),
+        };
+        let ok = validate_update("u", with_expiry("1970-01-01T01:00:00.5+01:00"), now);
+        assert_eq!(ok.unwrap_err().code(), "invalid_expires_at");
+        let ok = validate_update("u", with_expiry("1970-01-01T00:00:10.5Z"), now).unwrap();
+        assert_eq!(ok.ttl(now), Some(std::time::Duration::from_secs(11)));
+        let presence = Presence::accepted(ok, "n", now);
+        assert!(presence.is_valid_at(now + time::Duration::seconds(10)));
+        assert!(!presence.is_valid_at(now + time::Duration::milliseconds(10_500)));
+        for bad in ["tomorrow", "1970-01-01T00:00:00Z", "1970-02-01T00:00:01Z"] {
+            let err = validate_update("u", with_expiry(bad), now).unwrap_err();
+            assert_eq!(err.code(), "invalid_expires_at", "{bad}");
+        }
     }
 
     proptest! {

@@ -7,19 +7,37 @@ use crate::cache::PresenceCache;
 use crate::metrics::Metrics;
 use crate::store::{Change, PresenceStore, StoreError, WatchStart};
 use futures::StreamExt;
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use time::OffsetDateTime;
+use tokio::sync::{Notify, broadcast};
+
+/// Every change the watch applied, in revision order, for the change
+/// streams: one KV watch per node, fanned out in process.
+pub type ChangeFeed = broadcast::Sender<Arc<Change>>;
+
+/// How far apart the revision/time checkpoints are.
+const CHECKPOINT_EVERY: time::Duration = time::Duration::seconds(10);
+/// How many checkpoints are kept (with one each 10 s: about 3 hours).
+const MAX_CHECKPOINTS: usize = 1000;
 
 /// What the watch has done so far; read by `/health` and the read path.
 #[derive(Debug, Default)]
 pub struct SyncStatus {
     applied_revision: AtomicU64,
     active: AtomicBool,
+    /// A full replay of the bucket is under way: the cache may hold part of
+    /// a user's keys, so reads go to the store.
+    replaying: AtomicBool,
     last_applied_unix_ms: AtomicI64,
     last_lag_micros: AtomicU64,
     restarts: AtomicU64,
+    applied: Notify,
+    /// (revision, time stored) samples, oldest first: tell how old a
+    /// revision is, so a stream resume knows whether it can be exact.
+    checkpoints: Mutex<VecDeque<(u64, OffsetDateTime)>>,
 }
 
 /// `/health`'s view of the watch.
@@ -42,6 +60,59 @@ impl SyncStatus {
         self.applied_revision.load(Ordering::Acquire)
     }
 
+    /// Whether a full replay is under way (reads must not trust the cache).
+    pub fn replaying(&self) -> bool {
+        self.replaying.load(Ordering::Acquire)
+    }
+
+    /// Waits until every change up to `revision` has been applied (and
+    /// sent to the change feed); `false` if that took longer than `limit`.
+    pub async fn wait_applied(&self, revision: u64, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.applied.notified();
+            if self.applied_revision() >= revision {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.applied_revision() >= revision;
+            }
+        }
+    }
+
+    /// An upper bound on the age of `revision`: the time of the newest
+    /// checkpoint at or before it. `None` when it is older than anything
+    /// this node has seen (or from another incarnation of the bucket).
+    pub fn stored_no_earlier_than(&self, revision: u64) -> Option<OffsetDateTime> {
+        let checkpoints = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+        checkpoints
+            .iter()
+            .rev()
+            .find(|(r, _)| *r <= revision)
+            .map(|(_, t)| *t)
+    }
+
+    fn checkpoint(&self, revision: u64, at: OffsetDateTime) {
+        let mut checkpoints = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let due = checkpoints
+            .back()
+            .is_none_or(|(_, last)| at - *last >= CHECKPOINT_EVERY);
+        if due {
+            checkpoints.push_back((revision, at));
+            if checkpoints.len() > MAX_CHECKPOINTS {
+                checkpoints.pop_front();
+            }
+        }
+    }
+
+    fn restart_from_scratch(&self) {
+        self.applied_revision.store(0, Ordering::Release);
+        self.checkpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     /// Current state, for `/health`.
     pub fn snapshot(&self) -> SyncSnapshot {
         let last_ms = self.last_applied_unix_ms.load(Ordering::Relaxed);
@@ -61,28 +132,52 @@ fn unix_millis(t: OffsetDateTime) -> i64 {
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
-async fn apply(change: Change, cache: &PresenceCache, status: &SyncStatus, metrics: &Metrics) {
-    let now = OffsetDateTime::now_utc();
-    let lag = (now - change.stored_at).max(time::Duration::ZERO);
-    cache
-        .apply(
-            &change.user_id,
-            change.revision,
-            change.presence.map(Arc::new),
-        )
-        .await;
-    status
-        .applied_revision
-        .fetch_max(change.revision, Ordering::AcqRel);
-    status
-        .last_applied_unix_ms
-        .store(unix_millis(now), Ordering::Relaxed);
-    let lag_micros = u64::try_from(lag.whole_microseconds()).unwrap_or(u64::MAX);
-    status.last_lag_micros.store(lag_micros, Ordering::Relaxed);
-    metrics.watch_lag.observe(lag.as_seconds_f64());
-    metrics
-        .watch_applied_revision
-        .set(i64::try_from(status.applied_revision()).unwrap_or(i64::MAX));
+/// Where applied changes go besides the status counters.
+struct Sinks<'a> {
+    cache: &'a PresenceCache,
+    status: &'a SyncStatus,
+    metrics: &'a Metrics,
+    feed: &'a ChangeFeed,
+}
+
+impl Sinks<'_> {
+    async fn apply(&self, change: Change) {
+        let now = OffsetDateTime::now_utc();
+        let lag = (now - change.stored_at).max(time::Duration::ZERO);
+        let replaying = self.status.replaying();
+        self.cache.apply(&change, replaying).await;
+        if replaying && change.pending == 0 {
+            self.finish_replay();
+        }
+        let revision = change.revision;
+        self.status.checkpoint(revision, change.stored_at);
+        // Feed first, then publish the revision: a stream that waited for
+        // revision r has every change up to r in its receiver.
+        let _ = self.feed.send(Arc::new(change));
+        let status = self.status;
+        status
+            .applied_revision
+            .fetch_max(revision, Ordering::AcqRel);
+        status.applied.notify_waiters();
+        status
+            .last_applied_unix_ms
+            .store(unix_millis(now), Ordering::Relaxed);
+        let lag_micros = u64::try_from(lag.whole_microseconds()).unwrap_or(u64::MAX);
+        status.last_lag_micros.store(lag_micros, Ordering::Relaxed);
+        self.metrics.watch_lag.observe(lag.as_seconds_f64());
+        self.metrics
+            .watch_applied_revision
+            .set(i64::try_from(status.applied_revision()).unwrap_or(i64::MAX));
+    }
+
+    fn finish_replay(&self) {
+        self.cache.mark_replica();
+        self.status.replaying.store(false, Ordering::Release);
+        tracing::info!(
+            revision = self.status.applied_revision(),
+            "replay of the KV bucket complete"
+        );
+    }
 }
 
 /// How often a running watch checks that the bucket it follows still
@@ -125,7 +220,14 @@ pub async fn run(
     cache: PresenceCache,
     status: Arc<SyncStatus>,
     metrics: Metrics,
+    feed: ChangeFeed,
 ) {
+    let sinks = Sinks {
+        cache: &cache,
+        status: &status,
+        metrics: &metrics,
+        feed: &feed,
+    };
     let mut failures: u32 = 0;
     let mut followed: Option<time::OffsetDateTime> = None;
     loop {
@@ -145,9 +247,16 @@ pub async fn run(
                         "the KV bucket was recreated; clearing the cache and replaying it"
                     );
                     cache.clear();
-                    status.applied_revision.store(0, Ordering::Release);
+                    status.restart_from_scratch();
                 }
                 followed = Some(id.created);
+                if status.applied_revision() == 0 {
+                    // A full replay starts; with nothing to replay it is done.
+                    status.replaying.store(true, Ordering::Release);
+                    if id.messages == 0 {
+                        sinks.finish_replay();
+                    }
+                }
             }
             Err(err) => {
                 if matches!(err, StoreError::NotReady(_)) {
@@ -176,7 +285,7 @@ pub async fn run(
                 loop {
                     tokio::select! {
                         item = changes.next() => match item {
-                            Some(Ok(change)) => apply(change, &cache, &status, &metrics).await,
+                            Some(Ok(change)) => sinks.apply(change).await,
                             Some(Err(err)) => {
                                 tracing::warn!(error = %err, "KV watch failed; resuming from the last applied revision");
                                 break;
@@ -186,6 +295,13 @@ pub async fn run(
                         _ = check.tick() => {
                             if let Followed::Gone = check_bucket(store.as_ref(), followed).await {
                                 break;
+                            }
+                            // Everything expired between counting and watching:
+                            // nothing will arrive to end the replay.
+                            if status.replaying()
+                                && store.identity().await.is_ok_and(|id| id.messages == 0)
+                            {
+                                sinks.finish_replay();
                             }
                         }
                     }

@@ -22,6 +22,10 @@ pub async fn prometheus(State(state): State<AppState>) -> Result<impl IntoRespon
         .metrics
         .cache_weighted_size
         .set(i64::try_from(stats.weighted_size).unwrap_or(i64::MAX));
+    state
+        .metrics
+        .streams_open
+        .set(i64::try_from(state.streams.open_streams()).unwrap_or(i64::MAX));
     let text = state.metrics.render().map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -4,6 +4,8 @@
 mod health;
 mod metrics;
 mod presence;
+mod sessions;
+mod stream;
 
 use crate::AppState;
 use crate::auth::{AuthError, Caller};
@@ -14,7 +16,7 @@ use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header, request::Parts};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use std::time::Instant;
@@ -130,42 +132,86 @@ impl FromRequestParts<AppState> for Caller {
 /// error codes, and a missing `Content-Type` is tolerated.
 pub struct JsonBody<T>(pub T);
 
+/// Like [`JsonBody`], but an empty body means `T::default()` (a heartbeat
+/// needs no body at all).
+pub struct JsonBodyOrEmpty<T>(pub T);
+
+async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<bytes::Bytes, ApiError> {
+    bytes::Bytes::from_request(req, state)
+        .await
+        .map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("request body exceeds {MAX_BODY_BYTES} bytes"),
+                )
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    rejection.body_text(),
+                )
+            }
+        })
+}
+
+fn parse_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "request body must be a JSON object",
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("request body is not valid JSON for this endpoint: {e}"),
+        )
+    })
+}
+
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = bytes::Bytes::from_request(req, state)
-            .await
-            .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "payload_too_large",
-                        format!("request body exceeds {MAX_BODY_BYTES} bytes"),
-                    )
-                } else {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_body",
-                        rejection.body_text(),
-                    )
-                }
-            })?;
-        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
-        if first != Some(&b'{') {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                "request body must be a JSON object",
-            ));
+        let bytes = read_body(req, state).await?;
+        parse_object(&bytes).map(JsonBody)
+    }
+}
+
+impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for JsonBodyOrEmpty<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = read_body(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(JsonBodyOrEmpty(T::default()));
         }
-        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                format!("request body is not valid JSON for this endpoint: {e}"),
-            )
-        })
+        parse_object(&bytes).map(JsonBodyOrEmpty)
+    }
+}
+
+/// `{userID}/sessions/{sessionID}` path segments, percent-decoded.
+pub struct SessionPath(pub String, pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for SessionPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map(|p| SessionPath(p.0.0, p.0.1))
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_path",
+                    format!("userID or sessionID is not valid UTF-8: {}", e.body_text()),
+                )
+            })
     }
 }
 
@@ -265,8 +311,16 @@ pub fn router(state: AppState) -> Router {
             post(presence::set_batch).get(presence::get_user_named_batch),
         )
         .route(
+            "/api/v2/presence/stream",
+            get(stream::open).post(presence::set_user_named_stream),
+        )
+        .route(
             "/api/v2/presence/{user_id}",
             get(presence::get_one).post(presence::set_one),
+        )
+        .route(
+            "/api/v2/presence/{user_id}/sessions/{session_id}",
+            put(sessions::heartbeat).delete(sessions::end),
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

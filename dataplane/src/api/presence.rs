@@ -4,8 +4,9 @@ use super::{ApiError, JsonBody, UserIdPath};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::model::{
-    BatchRequest, Presence, SetPresenceRequest, ValidUpdate, validate_update, validate_user_id,
+    BatchRequest, SetPresenceRequest, ValidUpdate, validate_update, validate_user_id,
 };
+use crate::record::PresenceView;
 use crate::store::StoreError;
 use axum::Json;
 use axum::extract::{Query, State};
@@ -13,7 +14,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use time::OffsetDateTime;
 
 /// Most users one multi-get may ask for.
 pub const MAX_MULTI_GET: usize = 100;
@@ -28,7 +29,9 @@ fn not_found(user_id: &str) -> ApiError {
     )
 }
 
-fn forbidden(user_id: &str) -> ApiError {
+/// A caller may write only its own presence (and sessions) unless its
+/// token has scope `presence:write`.
+pub(super) fn forbidden(user_id: &str) -> ApiError {
     ApiError::new(
         StatusCode::FORBIDDEN,
         "forbidden",
@@ -38,7 +41,7 @@ fn forbidden(user_id: &str) -> ApiError {
     )
 }
 
-async fn lookup(state: &AppState, user_id: &str) -> Result<Json<Arc<Presence>>, ApiError> {
+async fn lookup(state: &AppState, user_id: &str) -> Result<Json<PresenceView>, ApiError> {
     validate_user_id(user_id)?;
     match state.service.get(user_id).await? {
         Some(presence) => Ok(Json(presence)),
@@ -51,7 +54,7 @@ pub async fn get_one(
     State(state): State<AppState>,
     _caller: Caller,
     UserIdPath(user_id): UserIdPath,
-) -> Result<Json<Arc<Presence>>, ApiError> {
+) -> Result<Json<PresenceView>, ApiError> {
     lookup(&state, &user_id).await
 }
 
@@ -60,7 +63,7 @@ pub async fn get_one(
 pub async fn get_user_named_batch(
     State(state): State<AppState>,
     _caller: Caller,
-) -> Result<Json<Arc<Presence>>, ApiError> {
+) -> Result<Json<PresenceView>, ApiError> {
     lookup(&state, "batch").await
 }
 
@@ -71,12 +74,33 @@ pub async fn set_one(
     caller: Caller,
     UserIdPath(user_id): UserIdPath,
     JsonBody(request): JsonBody<SetPresenceRequest>,
-) -> Result<Json<Arc<Presence>>, ApiError> {
+) -> Result<Json<PresenceView>, ApiError> {
+    store_manual(&state, &caller, &user_id, request).await
+}
+
+/// `POST /api/v2/presence/stream`: the route is shared with the change
+/// stream (a `GET`), so a user whose ID is literally `stream` can still set
+/// its presence.
+pub async fn set_user_named_stream(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(request): JsonBody<SetPresenceRequest>,
+) -> Result<Json<PresenceView>, ApiError> {
+    store_manual(&state, &caller, "stream", request).await
+}
+
+async fn store_manual(
+    state: &AppState,
+    caller: &Caller,
+    user_id: &str,
+    request: SetPresenceRequest,
+) -> Result<Json<PresenceView>, ApiError> {
+    let user_id = user_id.to_owned();
     validate_user_id(&user_id)?;
     if !caller.may_write(&user_id) {
         return Err(forbidden(&user_id));
     }
-    let update = validate_update(&user_id, request)?;
+    let update = validate_update(&user_id, request, OffsetDateTime::now_utc())?;
     state
         .limiter
         .check(&user_id)
@@ -94,7 +118,7 @@ pub struct MultiGetQuery {
 /// that have none.
 #[derive(Debug, Serialize)]
 pub struct MultiGetResponse {
-    presences: Vec<Arc<Presence>>,
+    presences: Vec<PresenceView>,
     #[serde(rename = "notFound")]
     not_found: Vec<String>,
 }
@@ -106,7 +130,7 @@ pub struct BatchItemResult<'a> {
     user_id: &'a str,
     ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    presence: Option<Arc<Presence>>,
+    presence: Option<PresenceView>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<ErrorBody>,
 }
@@ -134,35 +158,7 @@ pub async fn get_many(
 ) -> Result<Json<MultiGetResponse>, ApiError> {
     let Query(query) = query
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
-    let raw = query.users.unwrap_or_default();
-    let mut seen = HashSet::new();
-    let ids: Vec<String> = raw
-        .split(',')
-        .map(str::trim)
-        .filter(|id| !id.is_empty())
-        .filter(|id| seen.insert(*id))
-        .map(str::to_owned)
-        .collect();
-    if ids.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "missing_users",
-            "pass the users to look up as ?users=a,b,c",
-        ));
-    }
-    if ids.len() > MAX_MULTI_GET {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "too_many_users",
-            format!(
-                "at most {MAX_MULTI_GET} users per request; got {}",
-                ids.len()
-            ),
-        ));
-    }
-    for id in &ids {
-        validate_user_id(id)?;
-    }
+    let ids = parse_user_list(query.users.as_deref(), MAX_MULTI_GET)?;
     let results = state.service.get_many(&ids).await;
     let mut presences = Vec::with_capacity(ids.len());
     let mut missing = Vec::new();
@@ -176,6 +172,37 @@ pub async fn get_many(
         presences,
         not_found: missing,
     }))
+}
+
+/// Reads `?users=a,b,c`: trimmed, deduplicated, validated, at most `max`.
+pub(super) fn parse_user_list(raw: Option<&str>, max: usize) -> Result<Vec<String>, ApiError> {
+    let mut seen = HashSet::new();
+    let ids: Vec<String> = raw
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+        .filter(|id| seen.insert(*id))
+        .map(str::to_owned)
+        .collect();
+    if ids.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "missing_users",
+            "pass the users as ?users=a,b,c",
+        ));
+    }
+    if ids.len() > max {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "too_many_users",
+            format!("at most {max} users per request; got {}", ids.len()),
+        ));
+    }
+    for id in &ids {
+        validate_user_id(id)?;
+    }
+    Ok(ids)
 }
 
 /// `POST /api/v2/presence/batch`: needs scope `presence:write`; every item
@@ -208,8 +235,8 @@ pub async fn set_batch(
     for (i, item) in items.iter().enumerate() {
         last_index.insert(item.user_id.as_deref().unwrap_or_default(), i);
     }
-    let mut outcomes: Vec<Option<Result<Arc<Presence>, ApiError>>> =
-        Vec::with_capacity(items.len());
+    let now = OffsetDateTime::now_utc();
+    let mut outcomes: Vec<Option<Result<PresenceView, ApiError>>> = Vec::with_capacity(items.len());
     let mut to_write: Vec<(usize, ValidUpdate)> = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let user_id = item.user_id.as_deref().unwrap_or_default();
@@ -221,7 +248,7 @@ pub async fn set_batch(
             ))));
             continue;
         }
-        match validate_update(user_id, item.update.clone()) {
+        match validate_update(user_id, item.update.clone(), now) {
             Ok(update) => match state.limiter.check(user_id) {
                 Ok(()) => {
                     to_write.push((i, update));

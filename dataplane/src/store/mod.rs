@@ -5,8 +5,12 @@
 pub mod memory;
 pub mod nats;
 
-use crate::model::{Presence, decode_key};
+use crate::keys::{Part, key_of, parse_key};
+use crate::model::Presence;
+use crate::record::Update;
+use crate::session::{Seen, Session};
 use futures::stream::BoxStream;
+use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 
@@ -27,15 +31,17 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
 }
 
-/// One change observed by a watch.
+/// One change observed by a watch, or one key read by [`PresenceStore::load`].
 #[derive(Debug, Clone)]
 pub struct Change {
     pub user_id: String,
+    /// The key's new value, or its removal (deleted, purged or expired).
+    pub update: Update,
     pub revision: u64,
-    /// `None` when the key was deleted, purged or expired.
-    pub presence: Option<Presence>,
     /// When the hub stored the change; the watch lag is measured from it.
     pub stored_at: OffsetDateTime,
+    /// How many changes of the initial replay are still to come (0 once live).
+    pub pending: u64,
 }
 
 /// Where a watch begins.
@@ -56,6 +62,8 @@ pub type ChangeStream = BoxStream<'static, Result<Change, StoreError>>;
 pub struct BucketIdentity {
     pub created: OffsetDateTime,
     pub last_revision: u64,
+    /// Messages (keys and removal markers) the bucket holds now.
+    pub messages: u64,
 }
 
 /// Whether the node can serve reads, as `/health/readiness` reports it.
@@ -70,10 +78,18 @@ pub struct Connectivity {
 /// The storage operations the API needs.
 #[async_trait::async_trait]
 pub trait PresenceStore: Send + Sync + 'static {
-    /// Reads one user's presence with its revision.
-    async fn get(&self, user_id: &str) -> Result<Option<Presence>, StoreError>;
-    /// Stores a presence and returns the revision once it is durable.
-    async fn put(&self, presence: &Presence) -> Result<u64, StoreError>;
+    /// Reads every key of one user (removal markers included), so the
+    /// caller can build a complete [`crate::record::UserRecord`].
+    async fn load(&self, user_id: &str) -> Result<Vec<Change>, StoreError>;
+    /// Stores `update` (a removal writes a delete marker) for `user_id`,
+    /// optionally with a TTL after which the bucket removes the key by
+    /// itself; returns the revision once it is durable.
+    async fn write(
+        &self,
+        user_id: &str,
+        update: &Update,
+        ttl: Option<Duration>,
+    ) -> Result<u64, StoreError>;
     /// Streams changes from `start` on.
     async fn watch(&self, start: WatchStart) -> Result<ChangeStream, StoreError>;
     /// Asks the store itself (not a cache) which bucket exists and its
@@ -90,31 +106,61 @@ pub trait PresenceStore: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
 }
 
-/// The stored bytes of a presence (JSON without the revision).
-pub fn encode_value(presence: &Presence) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(presence).map_err(|e| StoreError::Corrupt {
-        key: presence.user_id.clone(),
+/// The stored bytes of an update; `None` for a removal.
+pub fn encode_value(user_id: &str, update: &Update) -> Result<Option<Vec<u8>>, StoreError> {
+    let encoded = match update {
+        Update::Manual(value) => value.as_ref().map(|p| serde_json::to_vec(p.as_ref())),
+        Update::Seen(value) => value.as_ref().map(serde_json::to_vec),
+        Update::Session(_, value) => value.as_ref().map(|s| serde_json::to_vec(s.as_ref())),
+    };
+    encoded.transpose().map_err(|e| StoreError::Corrupt {
+        key: key_of(user_id, &update.part()),
         reason: e.to_string(),
     })
 }
 
-/// Reads stored bytes back, attaching the revision the store assigned.
-pub fn decode_value(key: &str, bytes: &[u8], revision: u64) -> Result<Presence, StoreError> {
-    let mut presence: Presence =
-        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
-            key: key.to_owned(),
-            reason: e.to_string(),
-        })?;
-    let user_id = decode_key(key).map_err(|e| StoreError::Corrupt {
+/// Reads a key and its stored bytes back into a change; `bytes` is `None`
+/// for a removal marker.
+pub fn decode_change(
+    key: &str,
+    bytes: Option<&[u8]>,
+    revision: u64,
+    stored_at: OffsetDateTime,
+    pending: u64,
+) -> Result<Change, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
         key: key.to_owned(),
-        reason: e.to_string(),
-    })?;
-    if presence.user_id != user_id {
-        return Err(StoreError::Corrupt {
-            key: key.to_owned(),
-            reason: format!("value names user {:?}", presence.user_id),
-        });
-    }
-    presence.revision = revision;
-    Ok(presence)
+        reason,
+    };
+    let (user_id, part) = parse_key(key).map_err(|e| corrupt(e.to_string()))?;
+    let update = match bytes {
+        None => Update::removal(part),
+        Some(bytes) => match part {
+            Part::Manual => {
+                let mut presence: Presence =
+                    serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+                if presence.user_id != user_id {
+                    return Err(corrupt(format!("value names user {:?}", presence.user_id)));
+                }
+                presence.revision = revision;
+                Update::Manual(Some(Arc::new(presence)))
+            }
+            Part::Seen => Update::Seen(Some(
+                serde_json::from_slice::<Seen>(bytes).map_err(|e| corrupt(e.to_string()))?,
+            )),
+            Part::Session(id) => Update::Session(
+                id,
+                Some(Arc::new(
+                    serde_json::from_slice::<Session>(bytes).map_err(|e| corrupt(e.to_string()))?,
+                )),
+            ),
+        },
+    };
+    Ok(Change {
+        user_id,
+        update,
+        revision,
+        stored_at,
+        pending,
+    })
 }

@@ -8,14 +8,16 @@
 
 use super::{
     BucketIdentity, Change, ChangeStream, Connectivity, PresenceStore, StoreError, WatchStart,
-    decode_value, encode_value,
+    decode_change, encode_value,
 };
 use crate::config::{NodeType, Settings};
+use crate::keys::{Part, key_of, others_filter};
 use crate::metrics::Metrics;
-use crate::model::{decode_key, encode_key};
+use crate::record::Update;
 use async_nats::connection::State;
+use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, ErrorCode, context::GetStreamErrorKind, kv};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -35,7 +37,13 @@ pub struct NatsStore {
     kv: OnceLock<kv::Store>,
     opened: OnceLock<time::OffsetDateTime>,
     metrics: Metrics,
+    /// Subject prefix of writes: `$KV.<bucket>.` through the hub's domain
+    /// API when there is one, so TTL'd publishes reach the hub from a leaf.
+    put_prefix: String,
 }
+
+/// Concurrent key reads of one user's load.
+const LOAD_CONCURRENCY: usize = 16;
 
 fn unavailable(err: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(err.to_string())
@@ -103,6 +111,10 @@ impl NatsStore {
             kv: OnceLock::new(),
             opened: OnceLock::new(),
             metrics,
+            put_prefix: match &settings.nats_js_domain {
+                Some(domain) => format!("$JS.{domain}.API.$KV.{}.", settings.kv_bucket),
+                None => format!("$KV.{}.", settings.kv_bucket),
+            },
         })
     }
 
@@ -206,54 +218,93 @@ fn is_missing(err: &jetstream::context::GetStreamError) -> bool {
         if e.error_code() == ErrorCode::STREAM_NOT_FOUND)
 }
 
-fn to_change(entry: kv::Entry) -> Option<Change> {
-    let user_id = match decode_key(&entry.key) {
-        Ok(user_id) => user_id,
-        Err(err) => {
-            tracing::warn!(error = %err, "ignoring KV key that is not an encoded user ID");
-            return None;
-        }
-    };
-    let presence = match entry.operation {
-        kv::Operation::Put => match decode_value(&entry.key, &entry.value, entry.revision) {
-            Ok(presence) => Some(presence),
-            Err(err) => {
-                tracing::warn!(error = %err, "ignoring unreadable KV value");
-                return None;
-            }
-        },
+fn entry_to_change(entry: &kv::Entry) -> Result<Change, StoreError> {
+    let bytes = match entry.operation {
+        kv::Operation::Put => Some(entry.value.as_ref()),
         kv::Operation::Delete | kv::Operation::Purge => None,
     };
-    Some(Change {
-        user_id,
-        revision: entry.revision,
-        presence,
-        stored_at: entry.created,
-    })
+    decode_change(
+        &entry.key,
+        bytes,
+        entry.revision,
+        entry.created,
+        entry.delta,
+    )
+}
+
+fn to_change(entry: kv::Entry) -> Option<Change> {
+    match entry_to_change(&entry) {
+        Ok(change) => Some(change),
+        Err(err) => {
+            tracing::warn!(error = %err, "ignoring a KV entry this service did not write");
+            None
+        }
+    }
+}
+
+impl NatsStore {
+    /// The keys under `<user>.>` (seen, sessions), removal markers included.
+    async fn other_keys(&self, kv: &kv::Store, user_id: &str) -> Result<Vec<String>, StoreError> {
+        let filter = format!("{}{}", kv.prefix, others_filter(user_id));
+        let subjects = async {
+            let info = kv.stream.info_with_subjects(&filter).await?;
+            info.map_ok(|(subject, _count)| subject)
+                .try_collect::<Vec<String>>()
+                .await
+        };
+        let subjects = self.timed("list", self.read_timeout, subjects).await?;
+        Ok(subjects
+            .into_iter()
+            .filter_map(|s| s.strip_prefix(kv.prefix.as_str()).map(str::to_owned))
+            .collect())
+    }
+
+    async fn read_key(&self, kv: &kv::Store, key: String) -> Result<Option<Change>, StoreError> {
+        let entry = self.timed("get", self.read_timeout, kv.entry(key)).await?;
+        entry.as_ref().map(entry_to_change).transpose()
+    }
 }
 
 #[async_trait::async_trait]
 impl PresenceStore for NatsStore {
-    async fn get(&self, user_id: &str) -> Result<Option<crate::model::Presence>, StoreError> {
+    async fn load(&self, user_id: &str) -> Result<Vec<Change>, StoreError> {
         let kv = self.kv()?;
-        let key = encode_key(user_id);
-        let entry = self
-            .timed("get", self.read_timeout, kv.entry(key.as_str()))
+        let manual = self.read_key(kv, key_of(user_id, &Part::Manual));
+        let (manual, others) = futures::future::join(manual, self.other_keys(kv, user_id)).await;
+        let mut changes: Vec<Change> = manual?.into_iter().collect();
+        let others: Vec<Option<Change>> = futures::stream::iter(others?)
+            .map(|key| self.read_key(kv, key))
+            .buffer_unordered(LOAD_CONCURRENCY)
+            .try_collect()
             .await?;
-        match entry {
-            Some(e) if e.operation == kv::Operation::Put => {
-                decode_value(&key, &e.value, e.revision).map(Some)
-            }
-            _ => Ok(None),
-        }
+        changes.extend(others.into_iter().flatten());
+        Ok(changes)
     }
 
-    async fn put(&self, presence: &crate::model::Presence) -> Result<u64, StoreError> {
-        let kv = self.kv()?;
-        let value = encode_value(presence)?;
-        let key = encode_key(&presence.user_id);
-        self.timed("put", self.write_timeout, kv.put(key, value.into()))
-            .await
+    async fn write(
+        &self,
+        user_id: &str,
+        update: &Update,
+        ttl: Option<Duration>,
+    ) -> Result<u64, StoreError> {
+        self.kv()?;
+        let value = encode_value(user_id, update)?;
+        let subject = format!("{}{}", self.put_prefix, key_of(user_id, &update.part()));
+        let mut message = PublishMessage::build();
+        message = match value {
+            Some(bytes) => message.payload(bytes.into()),
+            None => message.header("KV-Operation", "DEL"),
+        };
+        if let Some(ttl) = ttl {
+            message = message.ttl(ttl);
+        }
+        let publish = async {
+            let ack = self.js.send_publish(subject, message).await?;
+            ack.await
+                .map(|ack| ack.sequence)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        };
+        self.timed("put", self.write_timeout, publish).await
     }
 
     async fn watch(&self, start: WatchStart) -> Result<ChangeStream, StoreError> {
@@ -295,6 +346,7 @@ impl PresenceStore for NatsStore {
                 Ok(BucketIdentity {
                     created: info.created,
                     last_revision: info.state.last_sequence,
+                    messages: info.state.messages,
                 })
             }
             Ok(Err(err)) if is_missing(&err) => Err(StoreError::NotReady(format!(

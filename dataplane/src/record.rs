@@ -1,0 +1,492 @@
+//! Everything known about one user (manual status, last sign of life,
+//! sessions) and the fold that turns it into the effective presence.
+//!
+//! Each of the user's keys keeps its own KV revision, and a change only
+//! replaces what it is newer than, removals included (as tombstones). That
+//! makes [`UserRecord::merge`] order-independent: a watch event and a store
+//! read racing each other give the same record whichever lands first.
+
+use crate::keys::Part;
+use crate::model::{Presence, Status};
+use crate::session::{Seen, Session};
+use serde::Serialize;
+use std::sync::Arc;
+use time::OffsetDateTime;
+
+/// How many removed sessions a record remembers (by revision) so that a
+/// late copy of them can't come back; older tombstones are dropped.
+const MAX_TOMBSTONES: usize = 16;
+
+/// A new value of one of a user's keys, or its removal (`None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Update {
+    Manual(Option<Arc<Presence>>),
+    Seen(Option<Seen>),
+    Session(String, Option<Arc<Session>>),
+}
+
+impl Update {
+    /// The key this update is for.
+    pub fn part(&self) -> Part {
+        match self {
+            Update::Manual(_) => Part::Manual,
+            Update::Seen(_) => Part::Seen,
+            Update::Session(id, _) => Part::Session(id.clone()),
+        }
+    }
+
+    /// The same key, removed.
+    pub fn removal(part: Part) -> Update {
+        match part {
+            Part::Manual => Update::Manual(None),
+            Part::Seen => Update::Seen(None),
+            Part::Session(id) => Update::Session(id, None),
+        }
+    }
+}
+
+/// One key's latest known state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Component<T> {
+    revision: u64,
+    /// `None`: removed (deleted, or expired by its TTL).
+    value: Option<T>,
+}
+
+fn newer<T>(current: &Option<Component<T>>, revision: u64) -> bool {
+    current.as_ref().is_none_or(|c| revision > c.revision)
+}
+
+/// A user's keys, each at its own revision.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserRecord {
+    manual: Option<Component<Arc<Presence>>>,
+    seen: Option<Component<Seen>>,
+    /// Sorted by session ID.
+    sessions: Vec<(String, Component<Arc<Session>>)>,
+}
+
+/// One live session as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SessionView {
+    pub id: String,
+    pub device: String,
+    pub status: Status,
+    #[serde(rename = "lastSeen", with = "time::serde::rfc3339")]
+    pub last_seen: OffsetDateTime,
+    #[serde(rename = "expiresAt", with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+}
+
+/// The effective presence: the Go service's fields plus `sessions` and the
+/// manual status' `expiresAt`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PresenceView {
+    #[serde(rename = "userID")]
+    pub user_id: String,
+    pub status: Status,
+    pub message: String,
+    /// `null` only for a user the bucket knows nothing about (streams).
+    #[serde(rename = "lastSeen", with = "time::serde::rfc3339::option")]
+    pub last_seen: Option<OffsetDateTime>,
+    #[serde(rename = "updatedAt", with = "time::serde::rfc3339::option")]
+    pub updated_at: Option<OffsetDateTime>,
+    #[serde(rename = "nodeID")]
+    pub node_id: String,
+    pub revision: u64,
+    #[serde(
+        rename = "expiresAt",
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expires_at: Option<OffsetDateTime>,
+    pub sessions: Vec<SessionView>,
+}
+
+impl PresenceView {
+    /// The view of a user with no keys at all.
+    pub fn unknown(user_id: &str) -> Self {
+        PresenceView {
+            user_id: user_id.to_owned(),
+            status: Status::Offline,
+            message: String::new(),
+            last_seen: None,
+            updated_at: None,
+            node_id: String::new(),
+            revision: 0,
+            expires_at: None,
+            sessions: Vec::new(),
+        }
+    }
+
+    /// Whether a subscriber would see a difference: everything but the
+    /// timestamps that every heartbeat moves.
+    pub fn same_state(&self, other: &PresenceView) -> bool {
+        self.status == other.status
+            && self.message == other.message
+            && self.expires_at == other.expires_at
+            && self.sessions.len() == other.sessions.len()
+            && self
+                .sessions
+                .iter()
+                .zip(&other.sessions)
+                .all(|(a, b)| a.id == b.id && a.device == b.device && a.status == b.status)
+    }
+}
+
+impl UserRecord {
+    /// Applies `update`, stored at `revision`, if it is newer
+    /// than what the record holds for that key. Returns whether it was.
+    pub fn merge(&mut self, update: Update, revision: u64) -> bool {
+        match update {
+            Update::Manual(value) => {
+                if !newer(&self.manual, revision) {
+                    return false;
+                }
+                self.manual = Some(Component { revision, value });
+            }
+            Update::Seen(value) => {
+                if !newer(&self.seen, revision) {
+                    return false;
+                }
+                self.seen = Some(Component { revision, value });
+            }
+            Update::Session(id, value) => {
+                let component = Component { revision, value };
+                match self.sessions.binary_search_by(|(s, _)| s.as_str().cmp(&id)) {
+                    Ok(i) => {
+                        if self.sessions[i].1.revision >= revision {
+                            return false;
+                        }
+                        self.sessions[i].1 = component;
+                    }
+                    Err(i) => self.sessions.insert(i, (id, component)),
+                }
+                self.forget_old_tombstones();
+            }
+        }
+        true
+    }
+
+    fn forget_old_tombstones(&mut self) {
+        let tombstones = self
+            .sessions
+            .iter()
+            .filter(|(_, c)| c.value.is_none())
+            .count();
+        if tombstones <= MAX_TOMBSTONES {
+            return;
+        }
+        let mut revisions: Vec<u64> = self
+            .sessions
+            .iter()
+            .filter(|(_, c)| c.value.is_none())
+            .map(|(_, c)| c.revision)
+            .collect();
+        revisions.sort_unstable();
+        let cutoff = revisions[tombstones - MAX_TOMBSTONES];
+        self.sessions
+            .retain(|(_, c)| c.value.is_some() || c.revision >= cutoff);
+    }
+
+    /// The highest revision of any of the user's keys, removals included:
+    /// the user changed after revision `r` exactly when this exceeds `r`.
+    pub fn revision(&self) -> u64 {
+        let manual = self.manual.as_ref().map_or(0, |c| c.revision);
+        let seen = self.seen.as_ref().map_or(0, |c| c.revision);
+        let sessions = self.sessions.iter().map(|(_, c)| c.revision);
+        sessions.fold(manual.max(seen), u64::max)
+    }
+
+    /// Sessions whose lease still runs at `now`.
+    pub fn live_sessions(&self, now: OffsetDateTime) -> impl Iterator<Item = (&str, &Session)> {
+        self.sessions.iter().filter_map(move |(id, c)| {
+            c.value
+                .as_deref()
+                .filter(|s| s.is_live_at(now))
+                .map(|s| (id.as_str(), s))
+        })
+    }
+
+    /// Whether session `id` is live at `now`.
+    pub fn has_live_session(&self, id: &str, now: OffsetDateTime) -> bool {
+        self.live_sessions(now).any(|(s, _)| s == id)
+    }
+
+    /// The effective presence at `now`, or `None` when no key of the user
+    /// holds a value (never seen, or everything removed):
+    ///
+    /// 1. a manual status (`POST`) wins while it has not expired;
+    /// 2. else the best live session: online over away;
+    /// 3. else offline.
+    ///
+    /// `lastSeen` is the latest sign of life of any kind, expired ones included.
+    pub fn view(&self, user_id: &str, now: OffsetDateTime) -> Option<PresenceView> {
+        let manual = self.manual.as_ref().and_then(|c| c.value.as_deref());
+        let seen = self.seen.as_ref().and_then(|c| c.value);
+        let any_session = self.sessions.iter().any(|(_, c)| c.value.is_some());
+        if manual.is_none() && seen.is_none() && !any_session {
+            return None;
+        }
+        let active_manual = manual.filter(|m| m.is_valid_at(now));
+        let sessions: Vec<SessionView> = self
+            .live_sessions(now)
+            .map(|(id, s)| SessionView {
+                id: id.to_owned(),
+                device: s.device.clone(),
+                status: s.status,
+                last_seen: s.last_seen,
+                expires_at: s.expires_at(),
+            })
+            .collect();
+        let best_session = if sessions.iter().any(|s| s.status == Status::Online) {
+            Some(Status::Online)
+        } else if sessions.is_empty() {
+            None
+        } else {
+            Some(Status::Away)
+        };
+        let status = active_manual
+            .map(|m| m.status)
+            .or(best_session)
+            .unwrap_or(Status::Offline);
+        let last_seen = [
+            manual.map(|m| m.last_seen),
+            seen.map(|s| s.last_seen),
+            self.sessions
+                .iter()
+                .filter_map(|(_, c)| c.value.as_ref().map(|s| s.last_seen))
+                .max(),
+        ]
+        .into_iter()
+        .flatten()
+        .max();
+        // Times written by the nodes that took the updates, so every node
+        // shows the same value; an expiry itself changes nothing here.
+        let updated_at = [
+            manual.map(|m| m.updated_at),
+            seen.map(|s| s.last_seen),
+            self.sessions
+                .iter()
+                .filter_map(|(_, c)| c.value.as_ref().map(|s| s.last_seen))
+                .max(),
+        ]
+        .into_iter()
+        .flatten()
+        .max();
+        let node_id = self.latest_node().unwrap_or_default().to_owned();
+        Some(PresenceView {
+            user_id: user_id.to_owned(),
+            status,
+            message: active_manual.map(|m| m.message.clone()).unwrap_or_default(),
+            last_seen,
+            updated_at,
+            node_id,
+            revision: self.revision(),
+            expires_at: active_manual.and_then(|m| m.expires_at),
+            sessions,
+        })
+    }
+
+    /// The node that accepted the newest value the record holds.
+    fn latest_node(&self) -> Option<&str> {
+        let manual = self
+            .manual
+            .as_ref()
+            .and_then(|c| c.value.as_ref().map(|m| (c.revision, m.node_id.as_str())));
+        let sessions = self
+            .sessions
+            .iter()
+            .filter_map(|(_, c)| c.value.as_ref().map(|s| (c.revision, s.node_id.as_str())));
+        manual
+            .into_iter()
+            .chain(sessions)
+            .max_by_key(|(revision, _)| *revision)
+            .map(|(_, node)| node)
+    }
+
+    /// Rough heap size, for the cache's cost accounting.
+    pub fn weight(&self) -> usize {
+        let manual = self
+            .manual
+            .as_ref()
+            .and_then(|c| c.value.as_ref())
+            .map_or(0, |m| {
+                120 + m.user_id.len() + m.message.len() + m.node_id.len()
+            });
+        let sessions: usize = self
+            .sessions
+            .iter()
+            .map(|(id, c)| {
+                64 + id.len()
+                    + c.value
+                        .as_ref()
+                        .map_or(0, |s| 96 + s.device.len() + s.node_id.len())
+            })
+            .sum();
+        manual + sessions + if self.seen.is_some() { 40 } else { 0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ValidUpdate;
+    use proptest::prelude::*;
+    use time::Duration;
+
+    const T0: OffsetDateTime = OffsetDateTime::UNIX_EPOCH;
+
+    fn manual(status: Status, expires_in: Option<i64>) -> Update {
+        let update = ValidUpdate {
+            user_id: "u".into(),
+            status,
+            message: "m".into(),
+            expires_at: expires_in.map(|s| T0 + Duration::seconds(s)),
+        };
+        Update::Manual(Some(Arc::new(Presence::accepted(update, "n1", T0))))
+    }
+
+    fn session(id: &str, status: Status, at: i64, ttl: i64) -> Update {
+        Update::Session(
+            id.into(),
+            Some(Arc::new(Session {
+                device: format!("dev-{id}"),
+                status,
+                last_seen: T0 + Duration::seconds(at),
+                ttl_seconds: ttl,
+                node_id: "n2".into(),
+            })),
+        )
+    }
+
+    fn seen(at: i64) -> Update {
+        Update::Seen(Some(Seen {
+            last_seen: T0 + Duration::seconds(at),
+        }))
+    }
+
+    #[test]
+    fn nothing_known_is_no_view() {
+        let mut r = UserRecord::default();
+        assert!(r.view("u", T0).is_none());
+        r.merge(Update::Session("s".into(), None), 3);
+        assert!(r.view("u", T0).is_none());
+        assert_eq!(r.revision(), 3);
+    }
+
+    #[test]
+    fn sessions_fold_online_over_away_and_expire_by_clock() {
+        let mut r = UserRecord::default();
+        r.merge(session("phone", Status::Away, 0, 30), 1);
+        r.merge(session("laptop", Status::Online, 5, 10), 2);
+        r.merge(seen(5), 3);
+        let v = r.view("u", T0 + Duration::seconds(6)).unwrap();
+        assert_eq!(v.status, Status::Online);
+        assert_eq!(v.sessions.len(), 2);
+        assert_eq!(v.sessions[0].id, "laptop");
+        assert_eq!(v.revision, 3);
+        // The laptop's lease ends at 15 s: the phone's away remains.
+        let v = r.view("u", T0 + Duration::seconds(15)).unwrap();
+        assert_eq!(v.status, Status::Away);
+        assert_eq!(v.sessions.len(), 1);
+        // Both expired (and removed by the bucket): offline, lastSeen kept.
+        r.merge(Update::Session("phone".into(), None), 4);
+        r.merge(Update::Session("laptop".into(), None), 5);
+        let v = r.view("u", T0 + Duration::seconds(60)).unwrap();
+        assert_eq!(v.status, Status::Offline);
+        assert!(v.sessions.is_empty());
+        assert_eq!(v.last_seen, Some(T0 + Duration::seconds(5)));
+    }
+
+    #[test]
+    fn manual_status_wins_until_it_expires() {
+        let mut r = UserRecord::default();
+        r.merge(session("phone", Status::Online, 0, 300), 1);
+        r.merge(manual(Status::Busy, Some(10)), 2);
+        let v = r.view("u", T0 + Duration::seconds(9)).unwrap();
+        assert_eq!((v.status, v.message.as_str()), (Status::Busy, "m"));
+        assert_eq!(v.expires_at, Some(T0 + Duration::seconds(10)));
+        let v = r.view("u", T0 + Duration::seconds(10)).unwrap();
+        assert_eq!((v.status, v.message.as_str()), (Status::Online, ""));
+        assert_eq!(v.expires_at, None);
+        assert_eq!(v.node_id, "n1");
+    }
+
+    #[test]
+    fn older_revisions_and_removals_never_win() {
+        let mut r = UserRecord::default();
+        assert!(r.merge(Update::Session("s".into(), None), 5));
+        assert!(!r.merge(session("s", Status::Online, 0, 30), 4));
+        assert!(r.view("u", T0).is_none());
+        assert!(r.merge(manual(Status::Away, None), 7));
+        assert!(!r.merge(Update::Manual(None), 6));
+        assert_eq!(r.view("u", T0).unwrap().status, Status::Away);
+    }
+
+    #[test]
+    fn tombstones_are_bounded() {
+        let mut r = UserRecord::default();
+        for i in 0..100u64 {
+            r.merge(Update::Session(format!("s{i}"), None), i + 1);
+        }
+        assert_eq!(r.sessions.len(), MAX_TOMBSTONES);
+        assert_eq!(r.revision(), 100);
+    }
+
+    #[test]
+    fn same_state_ignores_heartbeat_times() {
+        let mut r = UserRecord::default();
+        r.merge(session("s", Status::Online, 0, 30), 1);
+        let before = r.view("u", T0).unwrap();
+        r.merge(session("s", Status::Online, 10, 30), 2);
+        let after = r.view("u", T0 + Duration::seconds(10)).unwrap();
+        assert!(before.same_state(&after));
+        r.merge(session("s", Status::Away, 11, 30), 3);
+        assert!(!after.same_state(&r.view("u", T0 + Duration::seconds(11)).unwrap()));
+    }
+
+    fn any_update() -> impl Strategy<Value = Update> {
+        let status = prop_oneof![Just(Status::Online), Just(Status::Away), Just(Status::Busy)];
+        prop_oneof![
+            (status.clone(), proptest::option::of(1..100i64)).prop_map(|(s, e)| manual(s, e)),
+            Just(Update::Manual(None)),
+            (0..100i64).prop_map(seen),
+            ("[ab]", status, 0..100i64, 5..50i64).prop_map(|(id, s, at, ttl)| {
+                let s = if s == Status::Busy { Status::Online } else { s };
+                session(&id, s, at, ttl)
+            }),
+            "[ab]".prop_map(|id| Update::Session(id, None)),
+        ]
+    }
+
+    proptest! {
+        /// Any delivery order of the same changes gives the same record.
+        #[test]
+        fn merge_is_order_independent(
+            updates in prop::collection::vec(any_update(), 1..12),
+            seed in any::<u64>(),
+            now in 0..150i64,
+        ) {
+            let changes: Vec<(Update, u64)> =
+                updates.into_iter().zip(1u64..).collect();
+            let mut in_order = UserRecord::default();
+            for (u, rev) in &changes {
+                in_order.merge(u.clone(), *rev);
+            }
+            let mut shuffled = changes.clone();
+            let len = shuffled.len();
+            for i in 0..len {
+                let j = usize::try_from(seed.rotate_left(u32::try_from(i).unwrap()) % len as u64).unwrap();
+                shuffled.swap(i, j);
+            }
+            let mut other = UserRecord::default();
+            for (u, rev) in shuffled {
+                other.merge(u, rev);
+            }
+            let at = T0 + Duration::seconds(now);
+            prop_assert_eq!(in_order.view("u", at), other.view("u", at));
+            prop_assert_eq!(in_order.revision(), other.revision());
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! Heartbeat sessions: one lease per device, kept alive by its client and
+//! expired by the KV bucket itself (per-key TTL) when the client goes quiet,
+//! so a crashed client stops looking online without any sweeper process.
+
+use crate::model::{Status, ValidationError, truncate_to_millis, validate_user_id};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// Longest session ID accepted, in bytes.
+pub const MAX_SESSION_ID_BYTES: usize = 128;
+/// Longest device label accepted, in characters.
+pub const MAX_DEVICE_CHARS: usize = 128;
+/// Shortest session lease: shorter ones would turn heartbeats into a write flood.
+pub const MIN_SESSION_TTL_SECS: i64 = 5;
+/// Longest session lease: longer ones would keep a dead client online too long.
+pub const MAX_SESSION_TTL_SECS: i64 = 300;
+/// Lease used when a heartbeat names none.
+pub const DEFAULT_SESSION_TTL_SECS: i64 = 30;
+/// Most live sessions one user may hold; more is a leak or abuse.
+pub const MAX_SESSIONS_PER_USER: usize = 32;
+
+/// One live session as stored under `<user>.s.<session>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    #[serde(default)]
+    pub device: String,
+    pub status: Status,
+    /// Time of the last heartbeat.
+    #[serde(rename = "lastSeen", with = "time::serde::rfc3339")]
+    pub last_seen: OffsetDateTime,
+    #[serde(rename = "ttlSeconds")]
+    pub ttl_seconds: i64,
+    #[serde(rename = "nodeID", default)]
+    pub node_id: String,
+}
+
+impl Session {
+    /// When the lease ends unless refreshed.
+    pub fn expires_at(&self) -> OffsetDateTime {
+        self.last_seen + time::Duration::seconds(self.ttl_seconds)
+    }
+
+    /// Whether the lease is still running at `now`. The bucket deletes the
+    /// key at about this time; reads don't wait for that.
+    pub fn is_live_at(&self, now: OffsetDateTime) -> bool {
+        self.expires_at() > now
+    }
+}
+
+/// The durable last sign of life, `<user>.seen`: it outlives every session
+/// so `lastSeen` stays right after all of them expired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seen {
+    #[serde(rename = "lastSeen", with = "time::serde::rfc3339")]
+    pub last_seen: OffsetDateTime,
+}
+
+/// Body of `PUT /api/v2/presence/{userID}/sessions/{sessionID}`; loosely
+/// typed so bad values get our own error codes.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct HeartbeatRequest {
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub device: Option<String>,
+    #[serde(rename = "ttlSeconds", default)]
+    pub ttl_seconds: Option<serde_json::Value>,
+}
+
+/// A heartbeat that passed validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidHeartbeat {
+    pub user_id: String,
+    pub session_id: String,
+    pub status: Status,
+    pub device: String,
+    pub ttl_seconds: i64,
+}
+
+impl ValidHeartbeat {
+    /// The stored session, stamped by `node_id` at `now`.
+    pub fn session(&self, node_id: &str, now: OffsetDateTime) -> Session {
+        Session {
+            device: self.device.clone(),
+            status: self.status,
+            last_seen: truncate_to_millis(now),
+            ttl_seconds: self.ttl_seconds,
+            node_id: node_id.to_owned(),
+        }
+    }
+
+    /// The KV TTL of the session key.
+    pub fn ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.ttl_seconds.unsigned_abs())
+    }
+}
+
+/// Checks a session ID: same rules as a user ID, shorter.
+pub fn validate_session_id(session_id: &str) -> Result<(), ValidationError> {
+    if session_id.is_empty()
+        || session_id.len() > MAX_SESSION_ID_BYTES
+        || session_id.chars().any(char::is_control)
+    {
+        return Err(ValidationError::InvalidSessionId);
+    }
+    Ok(())
+}
+
+/// Validates a heartbeat for `user_id`'s session `session_id`.
+pub fn validate_heartbeat(
+    user_id: &str,
+    session_id: &str,
+    request: HeartbeatRequest,
+) -> Result<ValidHeartbeat, ValidationError> {
+    validate_user_id(user_id)?;
+    validate_session_id(session_id)?;
+    let status = match request.status.as_deref() {
+        None | Some("online") => Status::Online,
+        Some("away") => Status::Away,
+        Some(other) => return Err(ValidationError::InvalidSessionStatus(other.to_owned())),
+    };
+    let device = request.device.unwrap_or_default();
+    let chars = device.chars().count();
+    if chars > MAX_DEVICE_CHARS {
+        return Err(ValidationError::DeviceTooLong(chars));
+    }
+    let ttl_seconds = match request.ttl_seconds {
+        None | Some(serde_json::Value::Null) => DEFAULT_SESSION_TTL_SECS,
+        Some(value) => match value.as_i64() {
+            Some(n) if (MIN_SESSION_TTL_SECS..=MAX_SESSION_TTL_SECS).contains(&n) => n,
+            Some(n) => return Err(ValidationError::InvalidTtl(n)),
+            None => return Err(ValidationError::InvalidTtl(i64::MIN)),
+        },
+    };
+    Ok(ValidHeartbeat {
+        user_id: user_id.to_owned(),
+        session_id: session_id.to_owned(),
+        status,
+        device,
+        ttl_seconds,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(status: Option<&str>, ttl: Option<serde_json::Value>) -> HeartbeatRequest {
+        HeartbeatRequest {
+            status: status.map(str::to_owned),
+            device: Some("phone".into()),
+            ttl_seconds: ttl,
+        }
+    }
+
+    #[test]
+    fn heartbeat_rules() {
+        let ok = validate_heartbeat("u", "s1", request(None, None)).unwrap();
+        assert_eq!((ok.status, ok.ttl_seconds), (Status::Online, 30));
+        let ok = validate_heartbeat("u", "s1", request(Some("away"), Some(300.into()))).unwrap();
+        assert_eq!((ok.status, ok.ttl_seconds), (Status::Away, 300));
+        let code = |r| validate_heartbeat("u", "s1", r).unwrap_err().code();
+        assert_eq!(code(request(Some("busy"), None)), "invalid_status");
+        assert_eq!(code(request(None, Some(4.into()))), "invalid_ttl");
+        assert_eq!(code(request(None, Some(301.into()))), "invalid_ttl");
+        assert_eq!(code(request(None, Some("10".into()))), "invalid_ttl");
+        assert_eq!(code(request(None, Some(2.5.into()))), "invalid_ttl");
+        let long_device = HeartbeatRequest {
+            device: Some("d".repeat(129)),
+            ..HeartbeatRequest::default()
+        };
+        assert_eq!(code(long_device), "device_too_long");
+        let err = validate_heartbeat("u", "", request(None, None)).unwrap_err();
+        assert_eq!(err.code(), "invalid_session_id");
+        let err = validate_heartbeat("u", &"s".repeat(129), request(None, None)).unwrap_err();
+        assert_eq!(err.code(), "invalid_session_id");
+    }
+
+    #[test]
+    fn lease_ends_ttl_after_the_last_heartbeat() {
+        let hb = validate_heartbeat("u", "s", request(None, Some(10.into()))).unwrap();
+        let now = OffsetDateTime::UNIX_EPOCH;
+        let session = hb.session("n", now);
+        assert!(session.is_live_at(now + time::Duration::seconds(9)));
+        assert!(!session.is_live_at(now + time::Duration::seconds(10)));
+        assert_eq!(hb.ttl(), std::time::Duration::from_secs(10));
+    }
+}

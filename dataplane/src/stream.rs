@@ -1,0 +1,355 @@
+//! Change streams: what one subscriber to a set of users is told, and when.
+//!
+//! Every stream of a node reads the node's single KV watch through the
+//! in-process [`ChangeFeed`]; none opens a NATS consumer. A stream keeps
+//! its own copy of its users' records, so it computes each user's effective
+//! presence after every change without touching the shared cache, and tells
+//! the subscriber only when that presence changed in a way a client shows
+//! (heartbeats that only move `lastSeen` are not events).
+//!
+//! Event IDs are KV revisions, increasing along a stream. A client that
+//! reconnects with `Last-Event-ID: r` gets, for every user changed after
+//! `r`, one event with the user's current presence, in revision order; so
+//! nothing is missed and nothing it already had is sent again. Resuming is
+//! exact while `r` is younger than the bucket keeps removal markers (see
+//! [`RESUME_HORIZON`]); an older `r` gets a full snapshot instead.
+
+use crate::record::{PresenceView, UserRecord};
+use crate::store::Change;
+use crate::sync::ChangeFeed;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use time::OffsetDateTime;
+use tokio::sync::broadcast;
+
+/// Most users one stream may follow.
+pub const MAX_STREAM_USERS: usize = 1000;
+/// How many changes the feed buffers for a slow stream before that stream
+/// is told it lagged (and ends, to resume with `Last-Event-ID`).
+pub const FEED_CAPACITY: usize = 16 * 1024;
+/// How old a `Last-Event-ID` may be for an exact resume: the bucket keeps
+/// the markers of removed keys for an hour, and this leaves a margin.
+pub const RESUME_HORIZON: time::Duration = time::Duration::minutes(50);
+
+/// The node's open streams and the feed they read.
+#[derive(Clone)]
+pub struct StreamHub {
+    feed: ChangeFeed,
+    open: Arc<AtomicUsize>,
+    max_open: usize,
+}
+
+/// One open stream's place under the cap; released on drop.
+#[derive(Debug)]
+pub struct StreamPermit(Arc<AtomicUsize>);
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl StreamHub {
+    /// A hub allowing `max_open` streams at once.
+    pub fn new(max_open: usize) -> Self {
+        let (feed, _) = broadcast::channel(FEED_CAPACITY);
+        StreamHub {
+            feed,
+            open: Arc::new(AtomicUsize::new(0)),
+            max_open,
+        }
+    }
+
+    /// Where the watch sends what it applied.
+    pub fn feed(&self) -> ChangeFeed {
+        self.feed.clone()
+    }
+
+    /// Streams open now, for metrics.
+    pub fn open_streams(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// The cap, for error messages.
+    pub fn max_open(&self) -> usize {
+        self.max_open
+    }
+
+    /// A place for one more stream, or `None` at the cap.
+    pub fn open(&self) -> Option<StreamPermit> {
+        let taken = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_open).then_some(n + 1)
+            })
+            .is_ok();
+        taken.then(|| StreamPermit(self.open.clone()))
+    }
+
+    /// Starts receiving changes; subscribe before reading the snapshot.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
+        self.feed.subscribe()
+    }
+}
+
+/// Something to tell the subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// A user's effective presence; `id` is the revision it reflects
+    /// (none inside a full snapshot, whose end carries the ID).
+    Presence { id: Option<u64>, view: PresenceView },
+    /// The snapshot (or the catch-up after a resume) is complete: from
+    /// here on every event is a live change. `id` covers everything sent.
+    SnapshotEnd { id: u64, users: usize },
+}
+
+struct Followed {
+    record: UserRecord,
+    /// What the subscriber was last told (or would have been: the
+    /// snapshot's state).
+    shown: PresenceView,
+}
+
+/// One stream's users and what it told about them.
+pub struct Subscription {
+    users: HashMap<String, Followed>,
+    order: Vec<String>,
+}
+
+fn view_of(user_id: &str, record: &UserRecord, now: OffsetDateTime) -> PresenceView {
+    record
+        .view(user_id, now)
+        .unwrap_or_else(|| PresenceView::unknown(user_id))
+}
+
+impl Subscription {
+    /// Follows `user_ids`, starting from their `records` (same order).
+    pub fn new(user_ids: Vec<String>, records: Vec<UserRecord>, now: OffsetDateTime) -> Self {
+        let users = user_ids
+            .iter()
+            .zip(records)
+            .map(|(id, record)| {
+                let shown = view_of(id, &record, now);
+                (id.clone(), Followed { record, shown })
+            })
+            .collect();
+        Subscription {
+            users,
+            order: user_ids,
+        }
+    }
+
+    /// Folds a change in without telling anyone: it is part of the snapshot.
+    pub fn absorb(&mut self, change: &Change, now: OffsetDateTime) {
+        if let Some(user) = self.users.get_mut(&change.user_id)
+            && user.record.merge(change.update.clone(), change.revision)
+        {
+            user.shown = view_of(&change.user_id, &user.record, now);
+        }
+    }
+
+    /// Folds a live change in; an event when the user's presence changed.
+    pub fn apply(&mut self, change: &Change, now: OffsetDateTime) -> Option<StreamEvent> {
+        let user = self.users.get_mut(&change.user_id)?;
+        if !user.record.merge(change.update.clone(), change.revision) {
+            return None;
+        }
+        let view = view_of(&change.user_id, &user.record, now);
+        if view.same_state(&user.shown) {
+            return None;
+        }
+        user.shown = view.clone();
+        Some(StreamEvent::Presence {
+            id: Some(change.revision),
+            view,
+        })
+    }
+
+    /// What a new subscriber gets first, covering everything up to
+    /// `through` (a revision the node has applied). With `resume_after`,
+    /// only the users changed since then, in revision order; otherwise
+    /// every user, in the order asked for.
+    pub fn opening(&self, through: u64, resume_after: Option<u64>) -> Vec<StreamEvent> {
+        let mut events: Vec<StreamEvent> = match resume_after {
+            Some(after) => {
+                let mut changed: Vec<(u64, &PresenceView)> = self
+                    .order
+                    .iter()
+                    .filter_map(|id| self.users.get(id))
+                    .map(|u| (u.record.revision(), &u.shown))
+                    .filter(|(revision, _)| *revision > after)
+                    .collect();
+                changed.sort_by_key(|(revision, _)| *revision);
+                changed
+                    .into_iter()
+                    .map(|(revision, view)| StreamEvent::Presence {
+                        id: Some(revision),
+                        view: view.clone(),
+                    })
+                    .collect()
+            }
+            None => self
+                .order
+                .iter()
+                .filter_map(|id| self.users.get(id))
+                .map(|u| StreamEvent::Presence {
+                    id: None,
+                    view: u.shown.clone(),
+                })
+                .collect(),
+        };
+        events.push(StreamEvent::SnapshotEnd {
+            id: through,
+            users: self.order.len(),
+        });
+        events
+    }
+}
+
+/// Whether a stream can resume exactly after `last_event_id`: it must not
+/// be ahead of what the node applied (an ID from a recreated bucket is),
+/// and be recent enough that removal markers after it still exist.
+pub fn can_resume_exactly(
+    last_event_id: u64,
+    applied: u64,
+    stored_no_earlier_than: Option<OffsetDateTime>,
+    now: OffsetDateTime,
+) -> bool {
+    last_event_id <= applied && stored_no_earlier_than.is_some_and(|t| now - t < RESUME_HORIZON)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Status;
+    use crate::record::Update;
+    use crate::session::Session;
+    use time::Duration;
+
+    const T0: OffsetDateTime = OffsetDateTime::UNIX_EPOCH;
+
+    fn session(user: &str, id: &str, status: Option<Status>, at: i64, revision: u64) -> Change {
+        let value = status.map(|status| {
+            Arc::new(Session {
+                device: "d".into(),
+                status,
+                last_seen: T0 + Duration::seconds(at),
+                ttl_seconds: 30,
+                node_id: "n".into(),
+            })
+        });
+        Change {
+            user_id: user.into(),
+            update: Update::Session(id.into(), value),
+            revision,
+            stored_at: T0,
+            pending: 0,
+        }
+    }
+
+    fn status_of(event: &StreamEvent) -> (Option<u64>, Status) {
+        match event {
+            StreamEvent::Presence { id, view } => (*id, view.status),
+            StreamEvent::SnapshotEnd { id, .. } => (Some(*id), Status::Offline),
+        }
+    }
+
+    #[test]
+    fn tells_only_changes_a_client_would_show() {
+        let now = T0 + Duration::seconds(1);
+        let mut sub = Subscription::new(
+            vec!["a".into(), "b".into()],
+            vec![UserRecord::default(), UserRecord::default()],
+            now,
+        );
+        let event = sub.apply(&session("a", "s", Some(Status::Online), 0, 5), now);
+        assert_eq!(
+            event.as_ref().map(status_of),
+            Some((Some(5), Status::Online))
+        );
+        // A heartbeat moves lastSeen only.
+        assert!(
+            sub.apply(&session("a", "s", Some(Status::Online), 1, 6), now)
+                .is_none()
+        );
+        // A replayed old revision changes nothing.
+        assert!(
+            sub.apply(&session("a", "s", Some(Status::Away), 0, 4), now)
+                .is_none()
+        );
+        // Users not followed are ignored.
+        assert!(
+            sub.apply(&session("c", "s", Some(Status::Online), 0, 7), now)
+                .is_none()
+        );
+        let event = sub.apply(&session("a", "s", None, 0, 8), now);
+        assert_eq!(
+            event.as_ref().map(status_of),
+            Some((Some(8), Status::Offline))
+        );
+    }
+
+    #[test]
+    fn opening_is_a_snapshot_or_the_changes_since_the_last_event() {
+        let now = T0 + Duration::seconds(1);
+        let mut sub = Subscription::new(
+            vec!["a".into(), "b".into(), "c".into()],
+            vec![UserRecord::default(); 3],
+            now,
+        );
+        sub.absorb(&session("b", "s", Some(Status::Away), 0, 9), now);
+        sub.absorb(&session("a", "s", Some(Status::Online), 0, 12), now);
+        sub.absorb(&session("c", "s", Some(Status::Online), 0, 3), now);
+        let full: Vec<_> = sub.opening(12, None).iter().map(status_of).collect();
+        assert_eq!(
+            full,
+            [
+                (None, Status::Online),
+                (None, Status::Away),
+                (None, Status::Online),
+                (Some(12), Status::Offline)
+            ]
+        );
+        let resumed: Vec<_> = sub.opening(12, Some(5)).iter().map(status_of).collect();
+        assert_eq!(
+            resumed,
+            [
+                (Some(9), Status::Away),
+                (Some(12), Status::Online),
+                (Some(12), Status::Offline)
+            ]
+        );
+    }
+
+    #[test]
+    fn resume_needs_a_known_recent_revision() {
+        let now = T0 + Duration::hours(2);
+        let recent = Some(now - Duration::minutes(5));
+        assert!(can_resume_exactly(10, 20, recent, now));
+        assert!(
+            !can_resume_exactly(30, 20, recent, now),
+            "ahead of this node"
+        );
+        assert!(
+            !can_resume_exactly(10, 20, None, now),
+            "older than any checkpoint"
+        );
+        assert!(!can_resume_exactly(
+            10,
+            20,
+            Some(now - Duration::hours(1)),
+            now
+        ));
+    }
+
+    #[test]
+    fn the_cap_is_enforced_and_released() {
+        let hub = StreamHub::new(2);
+        let a = hub.open().unwrap();
+        let _b = hub.open().unwrap();
+        assert!(hub.open().is_none());
+        drop(a);
+        assert!(hub.open().is_some());
+    }
+}
