@@ -6,6 +6,9 @@
 
 pub use testkit::*;
 
+mod sse;
+pub use sse::*;
+
 use std::path::Path;
 use std::process::Command;
 use tempfile::TempDir;
@@ -86,6 +89,11 @@ impl Service {
 
     pub fn presence_url(&self, user_id: &str) -> String {
         self.url(&format!("/api/v2/presence/{}", encode_path(user_id)))
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        self.proc = None;
     }
 
     /// Sends SIGTERM and returns the exit status.
