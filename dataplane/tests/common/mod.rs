@@ -7,6 +7,7 @@
 pub use testkit::*;
 
 mod sse;
+#[allow(unused_imports)]
 pub use sse::*;
 
 use std::path::Path;
