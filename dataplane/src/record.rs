@@ -223,7 +223,7 @@ impl UserRecord {
     /// `lastSeen` is the latest sign of life of any kind, expired ones included.
     pub fn view(&self, user_id: &str, now: OffsetDateTime) -> Option<PresenceView> {
         let manual = self.manual.as_ref().and_then(|c| c.value.as_deref());
-        let seen = self.seen.as_ref().and_then(|c| c.value);
+        let seen = self.seen.as_ref().and_then(|c| c.value.as_ref());
         let any_session = self.sessions.iter().any(|(_, c)| c.value.is_some());
         if manual.is_none() && seen.is_none() && !any_session {
             return None;
@@ -294,12 +294,17 @@ impl UserRecord {
             .manual
             .as_ref()
             .and_then(|c| c.value.as_ref().map(|m| (c.revision, m.node_id.as_str())));
+        let seen = self
+            .seen
+            .as_ref()
+            .and_then(|c| c.value.as_ref().map(|s| (c.revision, s.node_id.as_str())));
         let sessions = self
             .sessions
             .iter()
             .filter_map(|(_, c)| c.value.as_ref().map(|s| (c.revision, s.node_id.as_str())));
         manual
             .into_iter()
+            .chain(seen)
             .chain(sessions)
             .max_by_key(|(revision, _)| *revision)
             .map(|(_, node)| node)
@@ -363,6 +368,7 @@ mod tests {
     fn seen(at: i64) -> Update {
         Update::Seen(Some(Seen {
             last_seen: T0 + Duration::seconds(at),
+            node_id: "n".into(),
         }))
     }
 

@@ -142,7 +142,10 @@ impl PresenceService {
         ttl: Option<Duration>,
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
-        let seen = Update::Seen(Some(Seen { last_seen: now }));
+        let seen = Update::Seen(Some(Seen {
+            last_seen: now,
+            node_id: self.node_id.to_string(),
+        }));
         let (first, second) = futures::future::join(
             self.write(user_id, update, ttl),
             self.write(user_id, seen, None),

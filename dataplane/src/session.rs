@@ -49,10 +49,13 @@ impl Session {
 
 /// The durable last sign of life, `<user>.seen`: it outlives every session
 /// so `lastSeen` stays right after all of them expired.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Seen {
     #[serde(rename = "lastSeen", with = "time::serde::rfc3339")]
     pub last_seen: OffsetDateTime,
+    /// The node that took that sign of life.
+    #[serde(rename = "nodeID", default)]
+    pub node_id: String,
 }
 
 /// Body of `PUT /api/v2/presence/{userID}/sessions/{sessionID}`; loosely

@@ -482,6 +482,17 @@ fn print_summary(cluster: &PresenceCluster, plan: &Plan, token: &str, data_dir: 
             "    curl -s -H \"Authorization: Bearer $TOKEN\" {}/api/v2/presence/dev",
             first.api
         );
+        println!(
+            "\n  Watch a session expire live: a stream in one terminal, a heartbeat in another\n  (stop heartbeating and the stream shows \"dev\" offline about 5 s later; or run `make demo`):"
+        );
+        println!(
+            "    curl -sN -H \"Authorization: Bearer $TOKEN\" '{}/api/v2/presence/stream?users=dev'",
+            last.api
+        );
+        println!(
+            "    curl -s -X PUT -H \"Authorization: Bearer $TOKEN\" -d '{{\"status\":\"online\",\"device\":\"laptop\",\"ttlSeconds\":5}}' {}/api/v2/presence/dev/sessions/laptop",
+            first.api
+        );
     }
     println!(
         "\n  Logs: {}   Ctrl-C stops everything; crashed processes are restarted.\nready",

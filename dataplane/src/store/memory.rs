@@ -195,6 +195,7 @@ mod tests {
     fn seen() -> Update {
         Update::Seen(Some(Seen {
             last_seen: OffsetDateTime::now_utc(),
+            node_id: "n".into(),
         }))
     }
 
