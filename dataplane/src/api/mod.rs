@@ -390,7 +390,14 @@ mod tests {
                 .prop_map(|s| format!("/api/v2/presence/{s}")),
             "[a-zA-Z0-9@._~:+-]{0,40}".prop_map(|s| format!("/api/v2/presence/{s}")),
             "[a-zA-Z0-9,%=&]{0,200}".prop_map(|q| format!("/api/v2/presence?{q}")),
-            segment.prop_map(|s| format!("/api/v2/presence?users={s}")),
+            segment
+                .clone()
+                .prop_map(|s| format!("/api/v2/presence?users={s}")),
+            (segment.clone(), segment.clone())
+                .prop_map(|(u, s)| format!("/api/v2/presence/{u}/sessions/{s}")),
+            "[a-z0-9]{1,8}".prop_map(|s| format!("/api/v2/presence/ann/sessions/{s}")),
+            segment.prop_map(|s| format!("/api/v2/presence/stream?users={s}")),
+            "[a-zA-Z0-9,%=&]{0,100}".prop_map(|q| format!("/api/v2/presence/stream?{q}")),
             Just("/api/v2/presence/batch".to_owned()),
             Just("/api/v2/cache/metrics".to_owned()),
             Just("/health".to_owned()),
@@ -427,6 +434,21 @@ mod tests {
                 serde_json::to_vec(&serde_json::json!({"presences": items})).unwrap_or_default()
             }),
             Just(b"{\"status\": null, \"message\": 7}".to_vec()),
+            (
+                prop_oneof![Just("online"), Just("away"), Just("busy")],
+                any::<i64>(),
+                "\\PC{0,140}"
+            )
+                .prop_map(|(s, ttl, device)| {
+                    serde_json::to_vec(
+                        &serde_json::json!({"status": s, "ttlSeconds": ttl, "device": device}),
+                    )
+                    .unwrap_or_default()
+                }),
+            "\\PC{0,40}".prop_map(|raw| {
+                serde_json::to_vec(&serde_json::json!({"status": "busy", "expiresAt": raw}))
+                    .unwrap_or_default()
+            }),
         ]
     }
 
