@@ -235,3 +235,51 @@ impl PresenceService {
         Ok(self.view_after_write(user_id).await?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::model::Status;
+    use crate::session::{HeartbeatRequest, validate_heartbeat};
+    use crate::store::memory::MemoryStore;
+
+    fn service() -> PresenceService {
+        let cache = PresenceCache::new(1 << 20, 16, Metrics::new().unwrap().cache);
+        let store = Arc::new(MemoryStore::new());
+        PresenceService::new(store, cache, Arc::new(SyncStatus::default()), "n1")
+    }
+
+    fn beat(session: &str, status: &str) -> ValidHeartbeat {
+        let request = HeartbeatRequest {
+            status: Some(status.into()),
+            device: None,
+            ttl_seconds: Some(60.into()),
+        };
+        validate_heartbeat("u", session, request).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_user_holds_a_bounded_number_of_sessions() {
+        let service = service();
+        for i in 0..MAX_SESSIONS_PER_USER {
+            service
+                .heartbeat(beat(&format!("s{i}"), "away"))
+                .await
+                .unwrap();
+        }
+        let refused = service.heartbeat(beat("one-too-many", "online")).await;
+        assert!(matches!(refused, Err(SessionError::TooManySessions(_))));
+        // Refreshing a live session is always allowed.
+        let view = service.heartbeat(beat("s0", "online")).await.unwrap();
+        assert_eq!(view.status, Status::Online);
+        let view = service.end_session("u", "s0").await.unwrap();
+        assert_eq!(
+            (view.status, view.sessions.len()),
+            (Status::Away, MAX_SESSIONS_PER_USER - 1)
+        );
+        let again = service.end_session("u", "s0").await;
+        assert!(matches!(again, Err(SessionError::NotFound { .. })));
+        service.heartbeat(beat("one-more", "online")).await.unwrap();
+    }
+}
