@@ -53,14 +53,38 @@ struct Component<T> {
     value: Option<T>,
 }
 
-fn newer<T>(current: &Option<Component<T>>, revision: u64) -> bool {
-    current.as_ref().is_none_or(|c| revision > c.revision)
+fn newer<T>(current: Option<&Component<T>>, revision: u64) -> bool {
+    current.is_none_or(|c| revision > c.revision)
+}
+
+/// Drops the oldest removed sessions beyond [`MAX_TOMBSTONES`].
+fn forget_old_tombstones(sessions: &mut Vec<(String, Component<Arc<Session>>)>) {
+    let tombstones = sessions.iter().filter(|(_, c)| c.value.is_none()).count();
+    if tombstones <= MAX_TOMBSTONES {
+        return;
+    }
+    let mut revisions: Vec<u64> = sessions
+        .iter()
+        .filter(|(_, c)| c.value.is_none())
+        .map(|(_, c)| c.revision)
+        .collect();
+    revisions.sort_unstable();
+    let cutoff = revisions[tombstones - MAX_TOMBSTONES];
+    sessions.retain(|(_, c)| c.value.is_some() || c.revision >= cutoff);
 }
 
 /// A user's keys, each at its own revision.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UserRecord {
     manual: Option<Component<Arc<Presence>>>,
+    /// Boxed because users of the Go-style API have neither, and the cache
+    /// holds one record per user: it keeps such a record at 24 bytes.
+    extras: Option<Box<Extras>>,
+}
+
+/// The keys a heartbeating user has besides the manual one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Extras {
     seen: Option<Component<Seen>>,
     /// Sorted by session ID.
     sessions: Vec<(String, Component<Arc<Session>>)>,
@@ -135,72 +159,64 @@ impl PresenceView {
 }
 
 impl UserRecord {
+    fn seen(&self) -> Option<&Component<Seen>> {
+        self.extras.as_ref().and_then(|e| e.seen.as_ref())
+    }
+
+    fn sessions(&self) -> &[(String, Component<Arc<Session>>)] {
+        self.extras.as_ref().map_or(&[], |e| e.sessions.as_slice())
+    }
+
+    fn extras_mut(&mut self) -> &mut Extras {
+        self.extras.get_or_insert_with(Box::default)
+    }
+
     /// Applies `update`, stored at `revision`, if it is newer
     /// than what the record holds for that key. Returns whether it was.
     pub fn merge(&mut self, update: Update, revision: u64) -> bool {
         match update {
             Update::Manual(value) => {
-                if !newer(&self.manual, revision) {
+                if !newer(self.manual.as_ref(), revision) {
                     return false;
                 }
                 self.manual = Some(Component { revision, value });
             }
             Update::Seen(value) => {
-                if !newer(&self.seen, revision) {
+                if !newer(self.seen(), revision) {
                     return false;
                 }
-                self.seen = Some(Component { revision, value });
+                self.extras_mut().seen = Some(Component { revision, value });
             }
             Update::Session(id, value) => {
                 let component = Component { revision, value };
-                match self.sessions.binary_search_by(|(s, _)| s.as_str().cmp(&id)) {
+                let sessions = &mut self.extras_mut().sessions;
+                match sessions.binary_search_by(|(s, _)| s.as_str().cmp(&id)) {
                     Ok(i) => {
-                        if self.sessions[i].1.revision >= revision {
+                        if sessions[i].1.revision >= revision {
                             return false;
                         }
-                        self.sessions[i].1 = component;
+                        sessions[i].1 = component;
                     }
-                    Err(i) => self.sessions.insert(i, (id, component)),
+                    Err(i) => sessions.insert(i, (id, component)),
                 }
-                self.forget_old_tombstones();
+                forget_old_tombstones(sessions);
             }
         }
         true
-    }
-
-    fn forget_old_tombstones(&mut self) {
-        let tombstones = self
-            .sessions
-            .iter()
-            .filter(|(_, c)| c.value.is_none())
-            .count();
-        if tombstones <= MAX_TOMBSTONES {
-            return;
-        }
-        let mut revisions: Vec<u64> = self
-            .sessions
-            .iter()
-            .filter(|(_, c)| c.value.is_none())
-            .map(|(_, c)| c.revision)
-            .collect();
-        revisions.sort_unstable();
-        let cutoff = revisions[tombstones - MAX_TOMBSTONES];
-        self.sessions
-            .retain(|(_, c)| c.value.is_some() || c.revision >= cutoff);
     }
 
     /// The highest revision of any of the user's keys, removals included:
     /// the user changed after revision `r` exactly when this exceeds `r`.
     pub fn revision(&self) -> u64 {
         let manual = self.manual.as_ref().map_or(0, |c| c.revision);
-        let seen = self.seen.as_ref().map_or(0, |c| c.revision);
-        let sessions = self.sessions.iter().map(|(_, c)| c.revision);
+        let seen = self.seen().map_or(0, |c| c.revision);
+        let sessions = self.sessions().iter().map(|(_, c)| c.revision);
         sessions.fold(manual.max(seen), u64::max)
     }
 
     /// Sessions whose lease still runs at `now`.
     pub fn live_sessions(&self, now: OffsetDateTime) -> impl Iterator<Item = (&str, &Session)> {
-        self.sessions.iter().filter_map(move |(id, c)| {
+        self.sessions().iter().filter_map(move |(id, c)| {
             c.value
                 .as_deref()
                 .filter(|s| s.is_live_at(now))
@@ -223,8 +239,8 @@ impl UserRecord {
     /// `lastSeen` is the latest sign of life of any kind, expired ones included.
     pub fn view(&self, user_id: &str, now: OffsetDateTime) -> Option<PresenceView> {
         let manual = self.manual.as_ref().and_then(|c| c.value.as_deref());
-        let seen = self.seen.as_ref().and_then(|c| c.value.as_ref());
-        let any_session = self.sessions.iter().any(|(_, c)| c.value.is_some());
+        let seen = self.seen().and_then(|c| c.value.as_ref());
+        let any_session = self.sessions().iter().any(|(_, c)| c.value.is_some());
         if manual.is_none() && seen.is_none() && !any_session {
             return None;
         }
@@ -253,7 +269,7 @@ impl UserRecord {
         let last_seen = [
             manual.map(|m| m.last_seen),
             seen.map(|s| s.last_seen),
-            self.sessions
+            self.sessions()
                 .iter()
                 .filter_map(|(_, c)| c.value.as_ref().map(|s| s.last_seen))
                 .max(),
@@ -261,19 +277,9 @@ impl UserRecord {
         .into_iter()
         .flatten()
         .max();
-        // Times written by the nodes that took the updates, so every node
-        // shows the same value; an expiry itself changes nothing here.
-        let updated_at = [
-            manual.map(|m| m.updated_at),
-            seen.map(|s| s.last_seen),
-            self.sessions
-                .iter()
-                .filter_map(|(_, c)| c.value.as_ref().map(|s| s.last_seen))
-                .max(),
-        ]
-        .into_iter()
-        .flatten()
-        .max();
+        // Written by the nodes that took the updates, so every node shows
+        // the same value; an expiry itself changes neither time.
+        let updated_at = last_seen.max(manual.map(|m| m.updated_at));
         let node_id = self.latest_node().unwrap_or_default().to_owned();
         Some(PresenceView {
             user_id: user_id.to_owned(),
@@ -295,11 +301,10 @@ impl UserRecord {
             .as_ref()
             .and_then(|c| c.value.as_ref().map(|m| (c.revision, m.node_id.as_str())));
         let seen = self
-            .seen
-            .as_ref()
+            .seen()
             .and_then(|c| c.value.as_ref().map(|s| (c.revision, s.node_id.as_str())));
         let sessions = self
-            .sessions
+            .sessions()
             .iter()
             .filter_map(|(_, c)| c.value.as_ref().map(|s| (c.revision, s.node_id.as_str())));
         manual
@@ -320,7 +325,7 @@ impl UserRecord {
                 120 + m.user_id.len() + m.message.len() + m.node_id.len()
             });
         let sessions: usize = self
-            .sessions
+            .sessions()
             .iter()
             .map(|(id, c)| {
                 64 + id.len()
@@ -329,7 +334,7 @@ impl UserRecord {
                         .map_or(0, |s| 96 + s.device.len() + s.node_id.len())
             })
             .sum();
-        manual + sessions + if self.seen.is_some() { 40 } else { 0 }
+        manual + sessions + if self.extras.is_some() { 64 } else { 0 }
     }
 }
 
@@ -436,7 +441,7 @@ mod tests {
         for i in 0..100u64 {
             r.merge(Update::Session(format!("s{i}"), None), i + 1);
         }
-        assert_eq!(r.sessions.len(), MAX_TOMBSTONES);
+        assert_eq!(r.sessions().len(), MAX_TOMBSTONES);
         assert_eq!(r.revision(), 100);
     }
 

@@ -84,16 +84,7 @@ async fn a_new_node_warms_its_cache_from_the_bucket() {
     for i in 0..20 {
         set(&client, &c.center, &format!("w{i}"), "away", "warm").await;
     }
-    let late = Service::start(
-        c.dir.path(),
-        ServiceSpec {
-            node_id: "eu-2",
-            node_type: "leaf",
-            nats_url: c.eu_nats.url(),
-            extra_env: vec![],
-        },
-    )
-    .await;
+    let late = c.start_eu_node("eu-2").await;
     wait_until("eu-2 to replay the bucket", READY_TIMEOUT, || async {
         let health: Value = get_json(&client, &late.url("/health"), false).await;
         health["cache"]["entries"].as_u64().unwrap_or(0) >= 20

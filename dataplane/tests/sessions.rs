@@ -15,6 +15,21 @@ fn session_url(service: &Service, user: &str, session: &str) -> String {
     ))
 }
 
+/// A bodiless heartbeat for `user`'s session `s`, sent as `caller`.
+async fn bare_heartbeat(
+    client: &reqwest::Client,
+    service: &Service,
+    user: &str,
+    caller: &str,
+) -> reqwest::Response {
+    client
+        .put(session_url(service, user, "s"))
+        .header("Authorization", bearer(caller, ""))
+        .send()
+        .await
+        .expect("request completes")
+}
+
 /// A heartbeat sent by the user itself: (status code, body).
 async fn heartbeat(
     client: &reqwest::Client,
@@ -109,16 +124,7 @@ async fn a_session_expires_after_its_heartbeats_stop_even_when_its_node_is_gone(
         assert_eq!(view["lastSeen"], last_heartbeat, "at {}", service.node_id);
     }
     // A fresh node (empty cache, full replay) agrees.
-    let replacement = Service::start(
-        c.dir.path(),
-        ServiceSpec {
-            node_id: "eu-2",
-            node_type: "leaf",
-            nats_url: c.eu_nats.url(),
-            extra_env: vec![],
-        },
-    )
-    .await;
+    let replacement = c.start_eu_node("eu-2").await;
     let (_, view) = get(&client, &replacement, "ann").await;
     assert_eq!(
         (&view["status"], &view["lastSeen"]),
@@ -194,32 +200,17 @@ async fn session_requests_are_checked() {
         assert_eq!((status, &err["error"]["code"]), (400, &json!(code)));
     }
     // Someone else's session needs scope presence:write.
-    let response = client
-        .put(session_url(&c.center, "dan", "s"))
-        .header("Authorization", bearer("eve", ""))
-        .send()
-        .await
-        .unwrap();
+    let response = bare_heartbeat(&client, &c.center, "dan", "eve").await;
     assert_eq!(response.status(), 403);
     // No body at all is a default heartbeat: online for 30 s.
-    let response = client
-        .put(session_url(&c.center, "dan", "s"))
-        .header("Authorization", bearer("dan", ""))
-        .send()
-        .await
-        .unwrap();
+    let response = bare_heartbeat(&client, &c.center, "dan", "dan").await;
     assert_eq!(response.status(), 200);
     let view: Value = response.json().await.unwrap();
     assert_eq!(view["status"], "online");
     // A flood of heartbeats is throttled like any write.
     let mut limited = None;
     for _ in 0..40 {
-        let response = client
-            .put(session_url(&c.center, "dan", "s"))
-            .header("Authorization", bearer("dan", ""))
-            .send()
-            .await
-            .unwrap();
+        let response = bare_heartbeat(&client, &c.center, "dan", "dan").await;
         if response.status() == 429 {
             limited = Some(response);
             break;

@@ -170,6 +170,17 @@ impl Cluster {
         }
     }
 
+    /// Starts one more leaf node on `eu`'s NATS server, with an empty cache.
+    pub async fn start_eu_node(&self, node_id: &str) -> Service {
+        let spec = ServiceSpec {
+            node_id,
+            node_type: "leaf",
+            nats_url: self.eu_nats.url(),
+            extra_env: vec![],
+        };
+        Service::start(self.dir.path(), spec).await
+    }
+
     pub fn services(&self) -> [&Service; 3] {
         [&self.center, &self.eu, &self.us]
     }
