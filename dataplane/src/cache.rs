@@ -13,7 +13,7 @@ use moka::future::Cache;
 use moka::notification::RemovalCause;
 use moka::ops::compute::{CompResult, Op};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// What the cache knows about one user.
 #[derive(Debug, Clone)]
@@ -57,6 +57,9 @@ pub struct PresenceCache {
     /// cleared by the first eviction. While set, a user the cache doesn't
     /// know has no keys at all, so nobody needs to ask the store.
     replica: Arc<AtomicBool>,
+    /// Entries evicted for size since start; a replay that saw any can't
+    /// have left a replica.
+    evictions: Arc<AtomicU64>,
 }
 
 impl PresenceCache {
@@ -65,13 +68,15 @@ impl PresenceCache {
     pub fn new(max_cost: u64, initial_capacity: usize, counters: CacheCounters) -> Self {
         let evicted = counters.clone();
         let replica = Arc::new(AtomicBool::new(false));
-        let lost = replica.clone();
+        let evictions = Arc::new(AtomicU64::new(0));
+        let (lost, evicted_count) = (replica.clone(), evictions.clone());
         let inner = Cache::builder()
             .max_capacity(max_cost)
             .initial_capacity(initial_capacity)
             .weigher(|key: &String, slot: &Slot| weight(key, slot))
             .eviction_listener(move |key: Arc<String>, slot: Slot, cause| {
                 if cause == RemovalCause::Size {
+                    evicted_count.fetch_add(1, Ordering::AcqRel);
                     lost.store(false, Ordering::Release);
                     evicted.keys_evicted.inc();
                     evicted.cost_evicted.inc_by(u64::from(weight(&key, &slot)));
@@ -83,6 +88,7 @@ impl PresenceCache {
             counters,
             max_cost,
             replica,
+            evictions,
         }
     }
 
@@ -101,9 +107,25 @@ impl PresenceCache {
         self.replica.load(Ordering::Acquire)
     }
 
-    /// A full replay of the bucket has been applied.
-    pub fn mark_replica(&self) {
-        self.replica.store(true, Ordering::Release);
+    /// How many entries were evicted for size so far.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Acquire)
+    }
+
+    /// A full replay of the bucket, begun when [`PresenceCache::evictions`]
+    /// was `evictions_before`, has been applied: the cache holds every user
+    /// unless something was evicted meanwhile (pending evictions are
+    /// settled first). Returns whether the cache is now a replica.
+    pub async fn mark_replica(&self, evictions_before: u64) -> bool {
+        self.inner.run_pending_tasks().await;
+        let complete = self.evictions() == evictions_before;
+        self.replica.store(complete, Ordering::Release);
+        // An eviction racing the store above clears the flag again.
+        if self.evictions() != evictions_before {
+            self.replica.store(false, Ordering::Release);
+            return false;
+        }
+        complete
     }
 
     fn count_put(&self, result: &CompResult<String, Slot>) {
@@ -304,7 +326,7 @@ mod tests {
         let c = cache(1 << 20);
         c.apply(&change("u", 1, Some("x")), false).await;
         assert!(c.get("u").await.is_none());
-        c.mark_replica();
+        assert!(c.mark_replica(0).await);
         c.apply(&change("u", 2, Some("y")), false).await;
         assert_eq!(message(&c.get("u").await.unwrap()).as_deref(), Some("y"));
         c.clear();
@@ -341,7 +363,7 @@ mod tests {
     #[tokio::test]
     async fn stays_within_its_cost_budget_and_stops_being_a_replica() {
         let c = cache(64 * 1024);
-        c.mark_replica();
+        assert!(c.mark_replica(0).await);
         for i in 0..5_000u64 {
             let user = format!("user-{i}");
             c.apply(&change(&user, i + 1, Some("m")), false).await;
@@ -350,6 +372,9 @@ mod tests {
         assert!(stats.weighted_size <= 64 * 1024, "{stats:?}");
         assert!(stats.keys_evicted > 0, "{stats:?}");
         assert!(stats.cost_evicted > 0, "{stats:?}");
+        assert!(!c.is_replica());
+        // A replay that overflowed the cache does not make it a replica.
+        assert!(!c.mark_replica(0).await);
         assert!(!c.is_replica());
     }
 }

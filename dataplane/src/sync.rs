@@ -31,6 +31,8 @@ pub struct SyncStatus {
     /// A full replay of the bucket is under way: the cache may hold part of
     /// a user's keys, so reads go to the store.
     replaying: AtomicBool,
+    /// The cache's eviction count when the current replay started.
+    replay_evictions: AtomicU64,
     last_applied_unix_ms: AtomicI64,
     last_lag_micros: AtomicU64,
     restarts: AtomicU64,
@@ -147,7 +149,7 @@ impl Sinks<'_> {
         let replaying = self.status.replaying();
         self.cache.apply(&change, replaying).await;
         if replaying && change.pending == 0 {
-            self.finish_replay();
+            self.finish_replay().await;
         }
         let revision = change.revision;
         self.status.checkpoint(revision, change.stored_at);
@@ -170,11 +172,20 @@ impl Sinks<'_> {
             .set(i64::try_from(status.applied_revision()).unwrap_or(i64::MAX));
     }
 
-    fn finish_replay(&self) {
-        self.cache.mark_replica();
+    fn start_replay(&self) {
+        self.status
+            .replay_evictions
+            .store(self.cache.evictions(), Ordering::Release);
+        self.status.replaying.store(true, Ordering::Release);
+    }
+
+    async fn finish_replay(&self) {
+        let before = self.status.replay_evictions.load(Ordering::Acquire);
+        let replica = self.cache.mark_replica(before).await;
         self.status.replaying.store(false, Ordering::Release);
         tracing::info!(
             revision = self.status.applied_revision(),
+            cache_holds_every_user = replica,
             "replay of the KV bucket complete"
         );
     }
@@ -252,9 +263,9 @@ pub async fn run(
                 followed = Some(id.created);
                 if status.applied_revision() == 0 {
                     // A full replay starts; with nothing to replay it is done.
-                    status.replaying.store(true, Ordering::Release);
+                    sinks.start_replay();
                     if id.messages == 0 {
-                        sinks.finish_replay();
+                        sinks.finish_replay().await;
                     }
                 }
             }
@@ -301,7 +312,7 @@ pub async fn run(
                             if status.replaying()
                                 && store.identity().await.is_ok_and(|id| id.messages == 0)
                             {
-                                sinks.finish_replay();
+                                sinks.finish_replay().await;
                             }
                         }
                     }

@@ -351,3 +351,83 @@ async fn streams_are_capped_per_node_and_checked() {
     let response = client.get(&url).send().await.unwrap();
     assert_eq!(response.status(), 401);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_whose_cache_evicts_reads_whole_users_from_the_bucket() {
+    let c = Cluster::start().await;
+    let client = http();
+    for i in 0..40 {
+        set(&client, &c.center, &format!("filler-{i}"), "away", "x").await;
+    }
+    let laptop = json!({"status": "away", "device": "laptop", "ttlSeconds": 300});
+    let phone = json!({"status": "online", "device": "phone", "ttlSeconds": 300});
+    assert_eq!(
+        heartbeat(&client, &c.center, "zoe", "laptop", laptop)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        heartbeat(&client, &c.center, "zoe", "phone", phone).await.0,
+        200
+    );
+    assert_eq!(end_session(&client, &c.center, "zoe", "phone").await.0, 200);
+    // A leaf node (on the leaf with its own JetStream domain) whose cache
+    // holds a handful of users: it can't be a full replica, so reads load
+    // each user's keys from the hub's bucket.
+    let small = Service::start(
+        c.dir.path(),
+        ServiceSpec {
+            node_id: "us-small",
+            node_type: "leaf",
+            nats_url: c.us_nats.url(),
+            extra_env: vec![("CACHE_MAX_COST", "2048".into())],
+        },
+    )
+    .await;
+    let expected = get(&client, &c.center, "zoe").await.1;
+    assert_eq!(expected["sessions"].as_array().map(Vec::len), Some(1));
+    for _ in 0..2 {
+        for i in 0..40 {
+            let (code, view) = get(&client, &small, &format!("filler-{i}")).await;
+            assert_eq!((code, &view["message"]), (200, &json!("x")));
+        }
+        let (code, view) = get(&client, &small, "zoe").await;
+        assert_eq!(code, 200);
+        assert_eq!(view, expected);
+        assert_eq!(get(&client, &small, "nobody").await.0, 404);
+    }
+    let stats = get_json(&client, &small.url("/api/v2/cache/metrics"), true).await;
+    assert!(stats["keys_evicted"].as_u64() > Some(0), "{stats}");
+    // Changes still reach it.
+    let body = json!({"status": "online", "device": "tablet", "ttlSeconds": 300});
+    heartbeat(&client, &c.eu, "zoe", "tablet", body).await;
+    wait_for_status(&client, &small, "zoe", "online").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stopping_a_node_closes_its_streams_instead_of_waiting_for_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Nats::hub(dir.path()).await;
+    let mut center = Service::start(
+        dir.path(),
+        ServiceSpec {
+            node_id: "center-1",
+            node_type: "center",
+            nats_url: hub.url(),
+            extra_env: vec![],
+        },
+    )
+    .await;
+    let client = http();
+    let mut stream = EventStream::open(&client, &stream_url(&center, &["a"]), None).await;
+    stream.until_snapshot_end().await;
+    let status = tokio::task::spawn_blocking(move || center.terminate())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(stream.ended().await, "the stream is closed by the server");
+    let log = std::fs::read_to_string(dir.path().join("center-1.log")).unwrap_or_default();
+    assert!(log.contains("stopped"), "{log}");
+    assert!(!log.contains("did not finish in time"), "{log}");
+}

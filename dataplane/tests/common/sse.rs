@@ -67,6 +67,20 @@ impl EventStream {
         }
     }
 
+    /// Whether the server closes the stream (after any events still
+    /// buffered) within [`EVENT_TIMEOUT`].
+    pub async fn ended(&mut self) -> bool {
+        let drained = async {
+            loop {
+                match self.response.chunk().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => return,
+                }
+            }
+        };
+        tokio::time::timeout(EVENT_TIMEOUT, drained).await.is_ok()
+    }
+
     async fn next_inner(&mut self) -> SseEvent {
         loop {
             if let Some(event) = self.ready.pop_front() {
