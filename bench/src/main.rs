@@ -386,6 +386,114 @@ fn wrk_post_script(dir: &Path, auth: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+fn wrk_heartbeat_script(dir: &Path, auth: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join("heartbeat.lua");
+    std::fs::write(
+        &path,
+        format!(
+            "counter = 0\nrequest = function()\n  counter = counter + 1\n  local path = \"/api/v2/presence/h\" .. (counter % 1000) .. \"/sessions/bench\"\n  return wrk.format(\"PUT\", path, {{[\"Authorization\"] = \"Bearer {auth}\", [\"Content-Type\"] = \"application/json\"}}, '{{\"status\":\"online\",\"device\":\"bench\",\"ttlSeconds\":300}}')\nend\n"
+        ),
+    )?;
+    Ok(path)
+}
+
+/// Reads one SSE stream, sending `(message, arrival)` for every presence
+/// event whose message names a write of the fan-out test.
+async fn follow_stream(
+    response: reqwest::Response,
+    arrivals: tokio::sync::mpsc::UnboundedSender<(String, Instant)>,
+) {
+    let mut response = response;
+    let mut buffer = String::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                continue;
+            };
+            let value: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
+            if let Some(message) = value["message"].as_str().filter(|m| m.starts_with("fan-")) {
+                let _ = arrivals.send((message.to_owned(), Instant::now()));
+            }
+        }
+    }
+}
+
+/// Opens `streams` change streams at `reader`, each following `per_stream`
+/// of 50 users, then changes users at `writer` one at a time and measures
+/// from each write's acknowledgement to its arrival on every stream that
+/// follows the user. Returns (deliveries, p50 ms, p99 ms).
+async fn stream_fan_out(
+    http: &reqwest::Client,
+    writer: &str,
+    reader: &str,
+    token: &str,
+    streams: usize,
+    per_stream: usize,
+) -> anyhow::Result<(usize, f64, f64)> {
+    let users = 50;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut followers = vec![0usize; users];
+    let mut tasks = Vec::new();
+    for s in 0..streams {
+        let ids: Vec<String> = (0..per_stream)
+            .map(|k| {
+                let user = (s * 7 + k) % users;
+                followers[user] += 1;
+                format!("fan{user}")
+            })
+            .collect();
+        let response = http
+            .get(format!(
+                "{reader}/api/v2/presence/stream?users={}",
+                ids.join(",")
+            ))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .error_for_status()?;
+        tasks.push(tokio::spawn(follow_stream(response, tx.clone())));
+    }
+    // Let every stream finish its snapshot.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut acked = std::collections::HashMap::new();
+    let mut expected = 0;
+    for i in 0..200 {
+        let user = i % users;
+        let message = format!("fan-{i}");
+        http.post(format!("{writer}/api/v2/presence/fan{user}"))
+            .bearer_auth(token)
+            .json(&serde_json::json!({"status": "online", "message": message}))
+            .send()
+            .await?
+            .error_for_status()?;
+        acked.insert(message, Instant::now());
+        expected += followers[user];
+    }
+    let mut lags = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lags.len() < expected && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+            Ok(Some((message, at))) => {
+                if let Some(sent) = acked.get(&message) {
+                    lags.push(at.saturating_duration_since(*sent).as_secs_f64() * 1000.0);
+                }
+            }
+            Ok(None) => break,
+            Err(_) => {}
+        }
+    }
+    for task in tasks {
+        task.abort();
+    }
+    if lags.len() < expected {
+        bail!("only {} of {expected} stream events arrived", lags.len());
+    }
+    lags.sort_by(f64::total_cmp);
+    Ok((lags.len(), percentile(&lags, 0.5), percentile(&lags, 0.99)))
+}
+
 fn ratio(ours: f64, ceiling: f64) -> String {
     format!("{:.2}x of ceiling", ours / ceiling)
 }
@@ -506,7 +614,7 @@ async fn run() -> anyhow::Result<()> {
         format!("{worst_write_ratio:.2}x (lower of center, leaf)"),
         worst_write_ratio >= 0.7,
     );
-    let mut write_center = 0.0;
+    let mut write_center: f64 = 0.0;
     if let Some(row) = report
         .rows
         .iter()
@@ -514,6 +622,25 @@ async fn run() -> anyhow::Result<()> {
     {
         write_center = row.value.parse().unwrap_or(0.0);
     }
+    // A heartbeat writes two keys (the session with its TTL, and last-seen).
+    let heartbeat_script = wrk_heartbeat_script(root, &write_token)?;
+    let beats = wrk(
+        &mut report,
+        WRITE_CONCURRENCY,
+        &format!("{}/", center.base),
+        None,
+        Some(&heartbeat_script),
+    )?;
+    report.add(
+        "write",
+        format!("session heartbeat (PUT) via center, c={WRITE_CONCURRENCY}: req/s (p99)"),
+        format!("{:.0}", beats.rps),
+        format!(
+            "p99 {:.2} ms; {:.2}x of POST via center (two KV writes each)",
+            beats.p99_ms,
+            beats.rps / write_center.max(1.0)
+        ),
+    );
 
     // 3. Bulk: one 1000-item batch; multi-get of 100 cached users.
     for (label, service) in [("center", &center), ("leaf eu", &eu)] {
@@ -610,6 +737,28 @@ async fn run() -> anyhow::Result<()> {
         "propagation p99 < 10 ms",
         format!("{p99:.3} ms"),
         p99 < 10.0,
+    );
+    // 4b. The same path pushed: change streams at us, writes at eu.
+    let (streams, per_stream) = (200, 10);
+    let (deliveries, fan_p50, fan_p99) =
+        stream_fan_out(&http, &eu.base, &us.base, &write_token, streams, per_stream).await?;
+    report.add(
+        "propagation",
+        format!("SSE: write at eu to event at us, {streams} streams x {per_stream} users: p50"),
+        format!("{fan_p50:.3} ms"),
+        format!(
+            "{deliveries} events; the HTTP poll's p50 above: {:.3} ms",
+            percentile(&lags, 0.5)
+        ),
+    );
+    report.add(
+        "propagation",
+        "same: p99",
+        format!("{fan_p99:.3} ms"),
+        format!(
+            "{:.2}x of the HTTP poll's p99",
+            fan_p99 / p99.max(f64::MIN_POSITIVE)
+        ),
     );
 
     // 5. Memory per cached presence, in a fresh process and bucket.
