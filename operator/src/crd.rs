@@ -214,6 +214,42 @@ pub struct DataplaneSpec {
     /// CORS policy of the presence API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cors: Option<CorsSpec>,
+    /// Per-user write limits (presence sets and session heartbeats).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+    /// Limits of the change streams (Server-Sent Events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<StreamsSpec>,
+}
+
+/// A token bucket per user ID and pod; over it a write gets 429.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitSpec {
+    /// Sustained writes per second per user (RATE_LIMIT_WRITES_PER_SECOND,
+    /// default 5); 0 turns limiting off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub writes_per_second: Option<i32>,
+    /// Writes per user allowed at once after a quiet period (RATE_LIMIT_BURST, default 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub burst: Option<i32>,
+}
+
+/// How many change streams a pod serves, and how they are kept alive.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamsSpec {
+    /// Streams one pod keeps open at once (STREAM_MAX_CONNECTIONS, default 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_connections: Option<i32>,
+    /// Seconds between keep-alive comments (STREAM_KEEPALIVE_SECS, default 15);
+    /// keep it below your load balancer's idle timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 300))]
+    pub keep_alive_seconds: Option<i32>,
 }
 
 /// presence-service log levels.

@@ -104,6 +104,22 @@ pub fn env(
             env.push(("CORS_MAX_AGE", literal(max_age.to_string())));
         }
     }
+    if let Some(limit) = shared.and_then(|d| d.rate_limit.as_ref()) {
+        if let Some(rate) = limit.writes_per_second {
+            env.push(("RATE_LIMIT_WRITES_PER_SECOND", literal(rate.to_string())));
+        }
+        if let Some(burst) = limit.burst {
+            env.push(("RATE_LIMIT_BURST", literal(burst.to_string())));
+        }
+    }
+    if let Some(streams) = shared.and_then(|d| d.streams.as_ref()) {
+        if let Some(max) = streams.max_connections {
+            env.push(("STREAM_MAX_CONNECTIONS", literal(max.to_string())));
+        }
+        if let Some(seconds) = streams.keep_alive_seconds {
+            env.push(("STREAM_KEEPALIVE_SECS", literal(seconds.to_string())));
+        }
+    }
     env
 }
 
