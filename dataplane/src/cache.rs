@@ -24,6 +24,20 @@ pub struct Slot {
     pub complete: bool,
 }
 
+/// What [`PresenceCache::apply`] did with a change.
+#[derive(Debug)]
+pub enum Applied {
+    /// The user's complete record changed from `before` to `after`.
+    Changed {
+        before: Arc<UserRecord>,
+        after: Arc<UserRecord>,
+    },
+    /// The record already held this or a newer revision of the key.
+    Stale,
+    /// The user is not (completely) cached, so what changed is not known here.
+    Unknown,
+}
+
 /// Fixed per-entry overhead estimate (moka's node, the `Arc`, the `String`
 /// headers, timestamps) added to the variable-length bytes.
 const ENTRY_OVERHEAD: usize = 160;
@@ -147,39 +161,48 @@ impl PresenceCache {
     /// record holds. A user not cached yet gets a slot only when the cache
     /// is a replica (or `replaying`); otherwise the change would be all the
     /// slot knows, and the next read loads the user from the store instead.
-    pub async fn apply(&self, change: &Change, replaying: bool) {
+    pub async fn apply(&self, change: &Change, replaying: bool) -> Applied {
         let create = replaying || self.is_replica();
+        let mut outcome = Applied::Unknown;
         let result = self
             .inner
             .entry_by_ref(change.user_id.as_str())
             .and_compute_with(|current| {
-                let op = match current {
+                let (base, complete) = match current {
                     Some(entry) => {
                         let slot = entry.into_value();
-                        let mut record = UserRecord::clone(&slot.record);
-                        if record.merge(change.update.clone(), change.revision) {
-                            Op::Put(Slot {
-                                record: Arc::new(record),
-                                complete: slot.complete,
-                            })
-                        } else {
-                            Op::Nop
-                        }
+                        (Some(slot.record), slot.complete)
                     }
-                    None if create => {
-                        let mut record = UserRecord::default();
-                        record.merge(change.update.clone(), change.revision);
+                    None if create => (None, true),
+                    None => (None, false),
+                };
+                let op = if base.is_none() && !create {
+                    Op::Nop
+                } else {
+                    let mut record = base.as_deref().cloned().unwrap_or_default();
+                    if record.merge(change.update.clone(), change.revision) {
+                        let after = Arc::new(record);
+                        outcome = match (complete, base) {
+                            (true, before) => Applied::Changed {
+                                before: before.unwrap_or_default(),
+                                after: after.clone(),
+                            },
+                            (false, _) => Applied::Unknown,
+                        };
                         Op::Put(Slot {
-                            record: Arc::new(record),
-                            complete: true,
+                            record: after,
+                            complete,
                         })
+                    } else {
+                        outcome = Applied::Stale;
+                        Op::Nop
                     }
-                    None => Op::Nop,
                 };
                 std::future::ready(op)
             })
             .await;
         self.count_put(&result);
+        outcome
     }
 
     /// Reserves an incomplete slot before reading the user from the store,

@@ -91,6 +91,7 @@ pub async fn build(settings: Settings) -> Result<AppState, Error> {
         sync.clone(),
         metrics.clone(),
         streams.feed(),
+        streams.log(),
     ));
     let verifier = Verifier::new(
         &settings.jwt_secret,
@@ -98,7 +99,7 @@ pub async fn build(settings: Settings) -> Result<AppState, Error> {
         settings.jwt_audience.as_deref(),
     );
     Ok(Arc::new(App {
-        service: PresenceService::new(store, cache, sync.clone(), &settings.node_id),
+        service: PresenceService::new(store, cache, sync.clone(), &settings.node_id, streams.log()),
         limiter: ratelimit::RateLimiter::new(settings.write_limit),
         streams,
         stopping: tokio::sync::watch::channel(false).0,

@@ -294,6 +294,13 @@ impl UserRecord {
         })
     }
 
+    /// [`UserRecord::view`], with a user the bucket knows nothing about
+    /// shown as offline (what change streams send).
+    pub fn view_or_unknown(&self, user_id: &str, now: OffsetDateTime) -> PresenceView {
+        self.view(user_id, now)
+            .unwrap_or_else(|| PresenceView::unknown(user_id))
+    }
+
     /// The node that accepted the newest value the record holds.
     fn latest_node(&self) -> Option<&str> {
         let manual = self

@@ -1,11 +1,12 @@
 //! The read and write paths shared by every handler: cache first, store on a
 //! miss; writes acknowledged by the store before they are answered.
 
-use crate::cache::PresenceCache;
+use crate::cache::{Applied, PresenceCache};
 use crate::model::{Presence, ValidUpdate};
 use crate::record::{PresenceView, Update, UserRecord};
 use crate::session::{MAX_SESSIONS_PER_USER, Seen, ValidHeartbeat};
 use crate::store::{Change, PresenceStore, StoreError};
+use crate::stream::{EventLog, visible_change};
 use crate::sync::SyncStatus;
 use futures::StreamExt;
 use std::sync::Arc;
@@ -40,21 +41,24 @@ pub struct PresenceService {
     cache: PresenceCache,
     sync: Arc<SyncStatus>,
     node_id: Arc<str>,
+    log: Arc<EventLog>,
 }
 
 impl PresenceService {
-    /// Wires the cache, the store and the watch status together.
+    /// Wires the cache, the store, the watch status and the event log together.
     pub fn new(
         store: Arc<dyn PresenceStore>,
         cache: PresenceCache,
         sync: Arc<SyncStatus>,
         node_id: &str,
+        log: Arc<EventLog>,
     ) -> Self {
         PresenceService {
             store,
             cache,
             sync,
             node_id: node_id.into(),
+            log,
         }
     }
 
@@ -129,7 +133,11 @@ impl PresenceService {
             stored_at: OffsetDateTime::now_utc(),
             pending: 0,
         };
-        self.cache.apply(&change, false).await;
+        if let Applied::Changed { before, after } = self.cache.apply(&change, false).await
+            && let Some(view) = visible_change(user_id, &before, &after, change.stored_at)
+        {
+            self.log.note_local(revision, view);
+        }
         Ok(())
     }
 
@@ -247,7 +255,8 @@ mod tests {
     fn service() -> PresenceService {
         let cache = PresenceCache::new(1 << 20, 16, Metrics::new().unwrap().cache);
         let store = Arc::new(MemoryStore::new());
-        PresenceService::new(store, cache, Arc::new(SyncStatus::default()), "n1")
+        let log = Arc::new(EventLog::default());
+        PresenceService::new(store, cache, Arc::new(SyncStatus::default()), "n1", log)
     }
 
     fn beat(session: &str, status: &str) -> ValidHeartbeat {

@@ -3,9 +3,10 @@
 //! outage) it is re-established from the last revision it applied, so no
 //! change is skipped and none is applied twice out of order.
 
-use crate::cache::PresenceCache;
+use crate::cache::{Applied, PresenceCache};
 use crate::metrics::Metrics;
 use crate::store::{Change, PresenceStore, StoreError, WatchStart};
+use crate::stream::{EventLog, visible_change};
 use futures::StreamExt;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -140,6 +141,7 @@ struct Sinks<'a> {
     status: &'a SyncStatus,
     metrics: &'a Metrics,
     feed: &'a ChangeFeed,
+    log: &'a EventLog,
 }
 
 impl Sinks<'_> {
@@ -147,9 +149,13 @@ impl Sinks<'_> {
         let now = OffsetDateTime::now_utc();
         let lag = (now - change.stored_at).max(time::Duration::ZERO);
         let replaying = self.status.replaying();
-        self.cache.apply(&change, replaying).await;
-        if replaying && change.pending == 0 {
-            self.finish_replay().await;
+        let applied = self.cache.apply(&change, replaying).await;
+        if replaying {
+            if change.pending == 0 {
+                self.finish_replay(change.revision).await;
+            }
+        } else {
+            self.log_event(&change, applied, now);
         }
         let revision = change.revision;
         self.status.checkpoint(revision, change.stored_at);
@@ -172,16 +178,33 @@ impl Sinks<'_> {
             .set(i64::try_from(status.applied_revision()).unwrap_or(i64::MAX));
     }
 
+    /// Records a change subscribers would see in the event log, for
+    /// exact stream resumes.
+    fn log_event(&self, change: &Change, applied: Applied, now: OffsetDateTime) {
+        match applied {
+            Applied::Changed { before, after } => {
+                if let Some(view) = visible_change(&change.user_id, &before, &after, now) {
+                    self.log.push(change.revision, view);
+                }
+            }
+            Applied::Stale => self.log.echo(change.revision),
+            Applied::Unknown => self.log.gap(change.revision),
+        }
+    }
+
     fn start_replay(&self) {
+        self.log.reset();
         self.status
             .replay_evictions
             .store(self.cache.evictions(), Ordering::Release);
         self.status.replaying.store(true, Ordering::Release);
     }
 
-    async fn finish_replay(&self) {
+    /// The replay ended with the change at `revision`.
+    async fn finish_replay(&self, revision: u64) {
         let before = self.status.replay_evictions.load(Ordering::Acquire);
         let replica = self.cache.mark_replica(before).await;
+        self.log.start_after(revision);
         self.status.replaying.store(false, Ordering::Release);
         tracing::info!(
             revision = self.status.applied_revision(),
@@ -232,12 +255,14 @@ pub async fn run(
     status: Arc<SyncStatus>,
     metrics: Metrics,
     feed: ChangeFeed,
+    log: Arc<EventLog>,
 ) {
     let sinks = Sinks {
         cache: &cache,
         status: &status,
         metrics: &metrics,
         feed: &feed,
+        log: &log,
     };
     let mut failures: u32 = 0;
     let mut followed: Option<time::OffsetDateTime> = None;
@@ -265,7 +290,7 @@ pub async fn run(
                     // A full replay starts; with nothing to replay it is done.
                     sinks.start_replay();
                     if id.messages == 0 {
-                        sinks.finish_replay().await;
+                        sinks.finish_replay(id.last_revision).await;
                     }
                 }
             }
@@ -312,7 +337,7 @@ pub async fn run(
                             if status.replaying()
                                 && store.identity().await.is_ok_and(|id| id.messages == 0)
                             {
-                                sinks.finish_replay().await;
+                                sinks.finish_replay(status.applied_revision()).await;
                             }
                         }
                     }

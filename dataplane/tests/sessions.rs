@@ -243,10 +243,18 @@ async fn a_stream_at_one_leaf_sees_another_leaf_and_resumes_exactly() {
     assert!(last_seen_id > snapshot_end);
     drop(stream);
 
-    // Missed while disconnected: b and c change, a does not.
+    // Missed while disconnected: b changes twice, c once, a not at all;
+    // a heartbeat that only moves c's lastSeen is no change to show.
     set(&client, &c.eu, "b", "away", "missed 1").await;
     let body = json!({"status": "online", "ttlSeconds": 60});
+    assert_eq!(
+        heartbeat(&client, &c.center, "c", "tab", body.clone())
+            .await
+            .0,
+        200
+    );
     assert_eq!(heartbeat(&client, &c.center, "c", "tab", body).await.0, 200);
+    set(&client, &c.us, "b", "busy", "missed 2").await;
 
     let mut resumed = EventStream::open(&client, &url, Some(last_seen_id)).await;
     let catch_up = resumed.until_snapshot_end().await;
@@ -259,17 +267,28 @@ async fn a_stream_at_one_leaf_sees_another_leaf_and_resumes_exactly() {
         [
             ("presence", &json!("b")),
             ("presence", &json!("c")),
+            ("presence", &json!("b")),
             ("snapshot-end", &Value::Null)
         ]
     );
     assert_eq!(catch_up[0].data["message"], "missed 1");
     assert_eq!(catch_up[1].data["status"], "online");
+    assert_eq!(catch_up[2].data["message"], "missed 2");
     let ids: Vec<u64> = catch_up.iter().filter_map(|e| e.id).collect();
-    assert!(ids.windows(2).all(|w| w[0] <= w[1]), "{ids:?}");
+    // Event IDs grow; the end of the catch-up covers the last of them.
+    assert!(ids[..3].windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    assert!(ids[3] >= ids[2], "{ids:?}");
     assert!(ids[0] > last_seen_id);
 
+    // Resuming from the middle of that catch-up sends the rest of it.
+    let mut middle = EventStream::open(&client, &url, catch_up[1].id).await;
+    let rest = middle.until_snapshot_end().await;
+    assert_eq!(rest.len(), 2, "{rest:?}");
+    assert_eq!(rest[0].data["message"], "missed 2");
+    drop(middle);
+
     // Resuming from the end of that catch-up sends nothing old.
-    let end = catch_up[2].id.expect("id");
+    let end = catch_up[3].id.expect("id");
     let mut again = EventStream::open(&client, &url, Some(end)).await;
     let nothing_new = again.until_snapshot_end().await;
     assert_eq!(nothing_new.len(), 1, "{nothing_new:?}");

@@ -140,9 +140,23 @@ pub async fn open(
             Err(_) => break,
         }
     }
-    let resume = resume_from
-        .filter(|&r| can_resume_exactly(r, through, state.sync.stored_no_earlier_than(r), now));
-    let opening = subscription.opening(through, resume);
+    let opening = match resume_from {
+        None => subscription.opening(through, None),
+        Some(after) => {
+            let log = state.streams.log();
+            match log.replay(after, through, &subscription.users()) {
+                // Every change missed, one event each.
+                Some(missed) => subscription.replayed(missed, through),
+                // Older than the log: each changed user's latest state, if
+                // the bucket still shows every change since; else everything.
+                None => {
+                    let recent = state.sync.stored_no_earlier_than(after);
+                    let resume = can_resume_exactly(after, through, recent, now).then_some(after);
+                    subscription.opening(through, resume)
+                }
+            }
+        }
+    };
     let (tx, rx) = mpsc::channel::<Event>(64);
     tokio::spawn(follow(
         state.clone(),
