@@ -154,12 +154,7 @@ async fn user_ids_with_any_characters_are_stored_and_kept_apart() {
     // A fresh node reads them from the bucket, not from the writer's cache.
     let other = Service::start(
         s._dir.path(),
-        ServiceSpec {
-            node_id: "center-2",
-            node_type: "center",
-            nats_url: s._hub.url(),
-            extra_env: vec![],
-        },
+        ServiceSpec::new("center-2", "center", s._hub.url()),
     )
     .await;
     for (i, id) in ids.iter().enumerate() {

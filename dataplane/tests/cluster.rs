@@ -106,15 +106,7 @@ async fn a_leaf_that_starts_before_the_bucket_exists_waits_for_it() {
     let dir = tempfile::tempdir().unwrap();
     let hub = Nats::hub(dir.path()).await;
     let eu_nats = Nats::leaf(dir.path(), "eu", &hub, None).await;
-    let eu = Service::spawn(
-        dir.path(),
-        ServiceSpec {
-            node_id: "eu-1",
-            node_type: "leaf",
-            nats_url: eu_nats.url(),
-            extra_env: vec![],
-        },
-    );
+    let eu = Service::spawn(dir.path(), ServiceSpec::new("eu-1", "leaf", eu_nats.url()));
     let client = http();
     // Live, but not ready: leaves never create the bucket.
     wait_until("eu-1 liveness", READY_TIMEOUT, || async {
@@ -133,12 +125,7 @@ async fn a_leaf_that_starts_before_the_bucket_exists_waits_for_it() {
     assert_eq!(body["error"]["code"], "store_unavailable");
     let _center = Service::start(
         dir.path(),
-        ServiceSpec {
-            node_id: "center-1",
-            node_type: "center",
-            nats_url: hub.url(),
-            extra_env: vec![],
-        },
+        ServiceSpec::new("center-1", "center", hub.url()),
     )
     .await;
     eu.wait_ready().await;

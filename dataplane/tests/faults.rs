@@ -154,12 +154,7 @@ async fn hub_killed_and_restarted_loses_no_acknowledged_write() {
     // cache starts empty, serves each one, and so does every old node.
     let fresh = Service::start(
         c.dir.path(),
-        ServiceSpec {
-            node_id: "fresh",
-            node_type: "center",
-            nats_url: c.hub.url(),
-            extra_env: vec![],
-        },
+        ServiceSpec::new("fresh", "center", c.hub.url()),
     )
     .await;
     let acked = acked.lock().await.clone();

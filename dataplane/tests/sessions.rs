@@ -430,12 +430,7 @@ async fn stopping_a_node_closes_its_streams_instead_of_waiting_for_them() {
     let hub = Nats::hub(dir.path()).await;
     let mut center = Service::start(
         dir.path(),
-        ServiceSpec {
-            node_id: "center-1",
-            node_type: "center",
-            nats_url: hub.url(),
-            extra_env: vec![],
-        },
+        ServiceSpec::new("center-1", "center", hub.url()),
     )
     .await;
     let client = http();

@@ -25,6 +25,18 @@ pub struct ServiceSpec<'a> {
     pub extra_env: Vec<(&'a str, String)>,
 }
 
+impl<'a> ServiceSpec<'a> {
+    /// A node with the common test settings and nothing extra.
+    pub fn new(node_id: &'a str, node_type: &'a str, nats_url: String) -> Self {
+        ServiceSpec {
+            node_id,
+            node_type,
+            nats_url,
+            extra_env: vec![],
+        }
+    }
+}
+
 /// A running `presence-service`.
 pub struct Service {
     pub node_id: String,
