@@ -294,10 +294,15 @@ impl UserRecord {
         })
     }
 
-    /// [`UserRecord::view`], with a user the bucket knows nothing about
-    /// shown as offline (what change streams send).
-    pub fn view_or_unknown(&self, user_id: &str, now: OffsetDateTime) -> PresenceView {
-        self.view(user_id, now)
+    /// The presence as the bucket holds it, for change streams: a session
+    /// counts until the bucket removes it (its TTL ran out), a manual
+    /// status until its expiry marker arrives, and a user with no keys is
+    /// offline. Every stream event is then a change of the bucket, the same
+    /// on every node, live or replayed from the event log. (`GET` instead
+    /// applies the clock, so it is exact even before the removal arrives.)
+    pub fn stored_view(&self, user_id: &str) -> PresenceView {
+        // At the epoch nothing has expired yet: only removals count.
+        self.view(user_id, OffsetDateTime::UNIX_EPOCH)
             .unwrap_or_else(|| PresenceView::unknown(user_id))
     }
 
@@ -440,6 +445,27 @@ mod tests {
         assert!(r.merge(manual(Status::Away, None), 7));
         assert!(!r.merge(Update::Manual(None), 6));
         assert_eq!(r.view("u", T0).unwrap().status, Status::Away);
+    }
+
+    #[test]
+    fn the_stored_view_changes_only_with_the_bucket() {
+        let mut r = UserRecord::default();
+        r.merge(session("s", Status::Online, 0, 5), 1);
+        r.merge(manual(Status::Busy, Some(10)), 2);
+        r.merge(seen(0), 3);
+        // Long past both expiries, the clock says offline...
+        assert_eq!(
+            r.view("u", T0 + Duration::hours(1)).unwrap().status,
+            Status::Offline
+        );
+        // ...but until the bucket removes them, streams still see them.
+        assert_eq!(r.stored_view("u").status, Status::Busy);
+        r.merge(Update::Manual(None), 4);
+        assert_eq!(r.stored_view("u").status, Status::Online);
+        r.merge(Update::Session("s".into(), None), 5);
+        let view = r.stored_view("u");
+        assert_eq!((view.status, view.last_seen), (Status::Offline, Some(T0)));
+        assert_eq!(UserRecord::default().stored_view("x").last_seen, None);
     }
 
     #[test]

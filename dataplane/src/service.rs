@@ -134,7 +134,7 @@ impl PresenceService {
             pending: 0,
         };
         if let Applied::Changed { before, after } = self.cache.apply(&change, false).await
-            && let Some(view) = visible_change(user_id, &before, &after, change.stored_at)
+            && let Some(view) = visible_change(user_id, &before, &after)
         {
             self.log.note_local(revision, view);
         }

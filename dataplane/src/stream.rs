@@ -224,10 +224,9 @@ pub fn visible_change(
     user_id: &str,
     before: &UserRecord,
     after: &UserRecord,
-    now: OffsetDateTime,
 ) -> Option<PresenceView> {
-    let view = after.view_or_unknown(user_id, now);
-    (!view.same_state(&before.view_or_unknown(user_id, now))).then_some(view)
+    let view = after.stored_view(user_id);
+    (!view.same_state(&before.stored_view(user_id))).then_some(view)
 }
 
 /// Something to tell the subscriber.
@@ -256,12 +255,12 @@ pub struct Subscription {
 
 impl Subscription {
     /// Follows `user_ids`, starting from their `records` (same order).
-    pub fn new(user_ids: Vec<String>, records: Vec<UserRecord>, now: OffsetDateTime) -> Self {
+    pub fn new(user_ids: Vec<String>, records: Vec<UserRecord>) -> Self {
         let users = user_ids
             .iter()
             .zip(records)
             .map(|(id, record)| {
-                let shown = record.view_or_unknown(id, now);
+                let shown = record.stored_view(id);
                 (id.clone(), Followed { record, shown })
             })
             .collect();
@@ -272,21 +271,21 @@ impl Subscription {
     }
 
     /// Folds a change in without telling anyone: it is part of the snapshot.
-    pub fn absorb(&mut self, change: &Change, now: OffsetDateTime) {
+    pub fn absorb(&mut self, change: &Change) {
         if let Some(user) = self.users.get_mut(&change.user_id)
             && user.record.merge(change.update.clone(), change.revision)
         {
-            user.shown = user.record.view_or_unknown(&change.user_id, now);
+            user.shown = user.record.stored_view(&change.user_id);
         }
     }
 
     /// Folds a live change in; an event when the user's presence changed.
-    pub fn apply(&mut self, change: &Change, now: OffsetDateTime) -> Option<StreamEvent> {
+    pub fn apply(&mut self, change: &Change) -> Option<StreamEvent> {
         let user = self.users.get_mut(&change.user_id)?;
         if !user.record.merge(change.update.clone(), change.revision) {
             return None;
         }
-        let view = user.record.view_or_unknown(&change.user_id, now);
+        let view = user.record.stored_view(&change.user_id);
         if view.same_state(&user.shown) {
             return None;
         }
@@ -414,33 +413,31 @@ mod tests {
 
     #[test]
     fn tells_only_changes_a_client_would_show() {
-        let now = T0 + Duration::seconds(1);
         let mut sub = Subscription::new(
             vec!["a".into(), "b".into()],
             vec![UserRecord::default(), UserRecord::default()],
-            now,
         );
-        let event = sub.apply(&session("a", "s", Some(Status::Online), 0, 5), now);
+        let event = sub.apply(&session("a", "s", Some(Status::Online), 0, 5));
         assert_eq!(
             event.as_ref().map(status_of),
             Some((Some(5), Status::Online))
         );
         // A heartbeat moves lastSeen only.
         assert!(
-            sub.apply(&session("a", "s", Some(Status::Online), 1, 6), now)
+            sub.apply(&session("a", "s", Some(Status::Online), 1, 6))
                 .is_none()
         );
         // A replayed old revision changes nothing.
         assert!(
-            sub.apply(&session("a", "s", Some(Status::Away), 0, 4), now)
+            sub.apply(&session("a", "s", Some(Status::Away), 0, 4))
                 .is_none()
         );
         // Users not followed are ignored.
         assert!(
-            sub.apply(&session("c", "s", Some(Status::Online), 0, 7), now)
+            sub.apply(&session("c", "s", Some(Status::Online), 0, 7))
                 .is_none()
         );
-        let event = sub.apply(&session("a", "s", None, 0, 8), now);
+        let event = sub.apply(&session("a", "s", None, 0, 8));
         assert_eq!(
             event.as_ref().map(status_of),
             Some((Some(8), Status::Offline))
@@ -449,15 +446,13 @@ mod tests {
 
     #[test]
     fn opening_is_a_snapshot_or_the_changes_since_the_last_event() {
-        let now = T0 + Duration::seconds(1);
         let mut sub = Subscription::new(
             vec!["a".into(), "b".into(), "c".into()],
             vec![UserRecord::default(); 3],
-            now,
         );
-        sub.absorb(&session("b", "s", Some(Status::Away), 0, 9), now);
-        sub.absorb(&session("a", "s", Some(Status::Online), 0, 12), now);
-        sub.absorb(&session("c", "s", Some(Status::Online), 0, 3), now);
+        sub.absorb(&session("b", "s", Some(Status::Away), 0, 9));
+        sub.absorb(&session("a", "s", Some(Status::Online), 0, 12));
+        sub.absorb(&session("c", "s", Some(Status::Online), 0, 3));
         let full: Vec<_> = sub.opening(12, None).iter().map(status_of).collect();
         assert_eq!(
             full,

@@ -155,7 +155,7 @@ impl Sinks<'_> {
                 self.finish_replay(change.revision).await;
             }
         } else {
-            self.log_event(&change, applied, now);
+            self.log_event(&change, applied);
         }
         let revision = change.revision;
         self.status.checkpoint(revision, change.stored_at);
@@ -180,10 +180,10 @@ impl Sinks<'_> {
 
     /// Records a change subscribers would see in the event log, for
     /// exact stream resumes.
-    fn log_event(&self, change: &Change, applied: Applied, now: OffsetDateTime) {
+    fn log_event(&self, change: &Change, applied: Applied) {
         match applied {
             Applied::Changed { before, after } => {
-                if let Some(view) = visible_change(&change.user_id, &before, &after, now) {
+                if let Some(view) = visible_change(&change.user_id, &before, &after) {
                     self.log.push(change.revision, view);
                 }
             }

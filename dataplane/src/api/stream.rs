@@ -121,11 +121,11 @@ pub async fn open(
     }
     let now = OffsetDateTime::now_utc();
     let records = records.iter().map(|r| UserRecord::clone(r)).collect();
-    let mut subscription = Subscription::new(ids, records, now);
+    let mut subscription = Subscription::new(ids, records);
     let mut live = Vec::new();
     loop {
         match changes.try_recv() {
-            Ok(change) if change.revision <= through => subscription.absorb(&change, now),
+            Ok(change) if change.revision <= through => subscription.absorb(&change),
             Ok(change) => live.push(change),
             Err(broadcast::error::TryRecvError::Lagged(_)) => {
                 return Err(ApiError {
@@ -205,7 +205,7 @@ async fn follow(
         metrics.stream_events.inc();
     }
     for change in live {
-        if let Some(event) = subscription.apply(&change, OffsetDateTime::now_utc()) {
+        if let Some(event) = subscription.apply(&change) {
             if tx.send(to_sse(&event)).await.is_err() {
                 return;
             }
@@ -216,7 +216,7 @@ async fn follow(
         tokio::select! {
             received = changes.recv() => match received {
                 Ok(change) => {
-                    if let Some(event) = subscription.apply(&change, OffsetDateTime::now_utc()) {
+                    if let Some(event) = subscription.apply(&change) {
                         if tx.send(to_sse(&event)).await.is_err() {
                             return;
                         }
