@@ -375,23 +375,21 @@ fn redis(report: &mut Report, connections: u32) -> anyhow::Result<(f64, f64, f64
     Ok((get, set, set_fsync))
 }
 
-fn wrk_post_script(dir: &Path, auth: &str) -> anyhow::Result<PathBuf> {
-    let path = dir.join("post.lua");
+/// A wrk script sending `method` with a JSON `body` to `path_expr` (a Lua
+/// expression over `counter`, so requests spread over 1000 users).
+fn wrk_write_script(
+    dir: &Path,
+    name: &str,
+    method: &str,
+    path_expr: &str,
+    body: &str,
+    auth: &str,
+) -> anyhow::Result<PathBuf> {
+    let path = dir.join(format!("{name}.lua"));
     std::fs::write(
         &path,
         format!(
-            "counter = 0\nrequest = function()\n  counter = counter + 1\n  local path = \"/api/v2/presence/w\" .. (counter % 1000)\n  return wrk.format(\"POST\", path, {{[\"Authorization\"] = \"Bearer {auth}\", [\"Content-Type\"] = \"application/json\"}}, '{{\"status\":\"online\",\"message\":\"bench\"}}')\nend\n"
-        ),
-    )?;
-    Ok(path)
-}
-
-fn wrk_heartbeat_script(dir: &Path, auth: &str) -> anyhow::Result<PathBuf> {
-    let path = dir.join("heartbeat.lua");
-    std::fs::write(
-        &path,
-        format!(
-            "counter = 0\nrequest = function()\n  counter = counter + 1\n  local path = \"/api/v2/presence/h\" .. (counter % 1000) .. \"/sessions/bench\"\n  return wrk.format(\"PUT\", path, {{[\"Authorization\"] = \"Bearer {auth}\", [\"Content-Type\"] = \"application/json\"}}, '{{\"status\":\"online\",\"device\":\"bench\",\"ttlSeconds\":300}}')\nend\n"
+            "counter = 0\nrequest = function()\n  counter = counter + 1\n  local path = {path_expr}\n  return wrk.format(\"{method}\", path, {{[\"Authorization\"] = \"Bearer {auth}\", [\"Content-Type\"] = \"application/json\"}}, '{body}')\nend\n"
         ),
     )?;
     Ok(path)
@@ -584,7 +582,14 @@ async fn run() -> anyhow::Result<()> {
     );
 
     // 2. Writes vs. raw KV puts at the same concurrency.
-    let script = wrk_post_script(root, &write_token)?;
+    let script = wrk_write_script(
+        root,
+        "post",
+        "POST",
+        "\"/api/v2/presence/w\" .. (counter % 1000)",
+        r#"{"status":"online","message":"bench"}"#,
+        &write_token,
+    )?;
     let mut worst_write_ratio = f64::INFINITY;
     for (label, service, nats) in [("center", &center, &hub), ("leaf eu", &eu, &eu_nats)] {
         let ours = wrk(
@@ -623,7 +628,14 @@ async fn run() -> anyhow::Result<()> {
         write_center = row.value.parse().unwrap_or(0.0);
     }
     // A heartbeat writes two keys (the session with its TTL, and last-seen).
-    let heartbeat_script = wrk_heartbeat_script(root, &write_token)?;
+    let heartbeat_script = wrk_write_script(
+        root,
+        "heartbeat",
+        "PUT",
+        "\"/api/v2/presence/h\" .. (counter % 1000) .. \"/sessions/bench\"",
+        r#"{"status":"online","device":"bench","ttlSeconds":300}"#,
+        &write_token,
+    )?;
     let beats = wrk(
         &mut report,
         WRITE_CONCURRENCY,
