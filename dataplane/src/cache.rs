@@ -132,12 +132,12 @@ impl PresenceCache {
     /// settled first). Returns whether the cache is now a replica.
     pub async fn mark_replica(&self, evictions_before: u64) -> bool {
         self.inner.run_pending_tasks().await;
+        self.replica.store(true, Ordering::Release);
+        // Checked after the store, so an eviction racing it is not missed
+        // (the listener clears the flag too).
         let complete = self.evictions() == evictions_before;
-        self.replica.store(complete, Ordering::Release);
-        // An eviction racing the store above clears the flag again.
-        if self.evictions() != evictions_before {
+        if !complete {
             self.replica.store(false, Ordering::Release);
-            return false;
         }
         complete
     }

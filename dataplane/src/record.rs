@@ -229,6 +229,49 @@ impl UserRecord {
         self.live_sessions(now).any(|(s, _)| s == id)
     }
 
+    /// The manual status that applies at `now`, if any, and the effective
+    /// status: that manual status, else the best live session, else offline.
+    fn fold(&self, now: OffsetDateTime) -> (Option<&Presence>, Status) {
+        let manual = self
+            .manual
+            .as_ref()
+            .and_then(|c| c.value.as_deref())
+            .filter(|m| m.is_valid_at(now));
+        let mut best_session = None;
+        for (_, session) in self.live_sessions(now) {
+            best_session = Some(session.status);
+            if session.status == Status::Online {
+                break;
+            }
+        }
+        let status = manual
+            .map(|m| m.status)
+            .or(best_session)
+            .unwrap_or(Status::Offline);
+        (manual, status)
+    }
+
+    /// Whether the two records' [`UserRecord::stored_view`]s look the same
+    /// to a subscriber ([`PresenceView::same_state`]), without building
+    /// either view: the watch asks this of every change it applies.
+    pub fn same_stored_state(&self, other: &UserRecord) -> bool {
+        self.shown_parts() == other.shown_parts()
+            && self.shown_sessions().eq(other.shown_sessions())
+    }
+
+    /// Status, message and manual expiry of the stored view.
+    fn shown_parts(&self) -> (Status, &str, Option<OffsetDateTime>) {
+        let (manual, status) = self.fold(OffsetDateTime::UNIX_EPOCH);
+        let message = manual.map_or("", |m| m.message.as_str());
+        (status, message, manual.and_then(|m| m.expires_at))
+    }
+
+    /// The sessions of the stored view, as a subscriber tells them apart.
+    fn shown_sessions(&self) -> impl Iterator<Item = (&str, &str, Status)> {
+        self.live_sessions(OffsetDateTime::UNIX_EPOCH)
+            .map(|(id, s)| (id, s.device.as_str(), s.status))
+    }
+
     /// The effective presence at `now`, or `None` when no key of the user
     /// holds a value (never seen, or everything removed):
     ///
@@ -244,7 +287,7 @@ impl UserRecord {
         if manual.is_none() && seen.is_none() && !any_session {
             return None;
         }
-        let active_manual = manual.filter(|m| m.is_valid_at(now));
+        let (active_manual, status) = self.fold(now);
         let sessions: Vec<SessionView> = self
             .live_sessions(now)
             .map(|(id, s)| SessionView {
@@ -255,17 +298,6 @@ impl UserRecord {
                 expires_at: s.expires_at(),
             })
             .collect();
-        let best_session = if sessions.iter().any(|s| s.status == Status::Online) {
-            Some(Status::Online)
-        } else if sessions.is_empty() {
-            None
-        } else {
-            Some(Status::Away)
-        };
-        let status = active_manual
-            .map(|m| m.status)
-            .or(best_session)
-            .unwrap_or(Status::Offline);
         let last_seen = [
             manual.map(|m| m.last_seen),
             seen.map(|s| s.last_seen),
@@ -505,6 +537,24 @@ mod tests {
     }
 
     proptest! {
+        /// The allocation-free comparison agrees with comparing the views.
+        #[test]
+        fn same_stored_state_agrees_with_the_views(
+            first in prop::collection::vec(any_update(), 0..8),
+            second in prop::collection::vec(any_update(), 0..8),
+        ) {
+            let build = |updates: Vec<Update>| {
+                let mut record = UserRecord::default();
+                for (update, revision) in updates.into_iter().zip(1u64..) {
+                    record.merge(update, revision);
+                }
+                record
+            };
+            let (a, b) = (build(first), build(second));
+            let by_views = a.stored_view("u").same_state(&b.stored_view("u"));
+            prop_assert_eq!(a.same_stored_state(&b), by_views);
+        }
+
         /// Any delivery order of the same changes gives the same record.
         #[test]
         fn merge_is_order_independent(

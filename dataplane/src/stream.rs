@@ -225,8 +225,7 @@ pub fn visible_change(
     before: &UserRecord,
     after: &UserRecord,
 ) -> Option<PresenceView> {
-    let view = after.stored_view(user_id);
-    (!view.same_state(&before.stored_view(user_id))).then_some(view)
+    (!before.same_stored_state(after)).then(|| after.stored_view(user_id))
 }
 
 /// Something to tell the subscriber.

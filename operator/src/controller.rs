@@ -907,12 +907,16 @@ mod tests {
         serde_json::from_value(fake.get(&pc_path("p")).unwrap()["status"].clone()).unwrap()
     }
 
-    fn condition(status: &PresenceClusterStatus, type_: &str) -> (String, String) {
-        let c = status
+    fn find_condition<'a>(status: &'a PresenceClusterStatus, type_: &str) -> &'a Condition {
+        status
             .conditions
             .iter()
             .find(|c| c.type_ == type_)
-            .expect(type_);
+            .expect(type_)
+    }
+
+    fn condition(status: &PresenceClusterStatus, type_: &str) -> (String, String) {
+        let c = find_condition(status, type_);
         (c.status.clone(), c.reason.clone())
     }
 
@@ -1095,7 +1099,7 @@ mod tests {
             condition(&s, "Ready"),
             ("False".into(), "RegionsNotReady".into())
         );
-        let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        let ready = find_condition(&s, "Ready");
         assert!(
             ready
                 .message
@@ -1244,12 +1248,7 @@ mod tests {
             condition(&s, "Ready"),
             ("False".into(), "SecretNotFound".into())
         );
-        let message = &s
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Degraded")
-            .unwrap()
-            .message;
+        let message = &find_condition(&s, "Degraded").message;
         assert!(
             message.contains("ns/mine") && message.contains("\"k\""),
             "{message}"
@@ -1319,12 +1318,7 @@ mod tests {
             condition(&s, "Degraded"),
             ("True".into(), "KubernetesApiError".into())
         );
-        let message = &s
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Degraded")
-            .unwrap()
-            .message;
+        let message = &find_condition(&s, "Degraded").message;
         assert!(message.contains("injected failure"), "{message}");
         assert_eq!(
             error_policy(load(&fake), &err, ctx.clone()),
