@@ -7,6 +7,7 @@
 
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use presence_contract::{bucket, env};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -93,109 +94,109 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Node type: `center` (next to the hub) or `leaf` (next to a regional leaf server).
-    #[arg(long, env = "NODE_TYPE", value_enum, default_value = "center")]
+    #[arg(long, env = env::NODE_TYPE, value_enum, default_value = "center")]
     pub node_type: NodeType,
     /// Unique node identifier, recorded as `nodeID` on every write this node accepts.
-    #[arg(long, env = "NODE_ID", default_value = "node-1")]
+    #[arg(long, env = env::NODE_ID, default_value = "node-1")]
     pub node_id: String,
     /// HTTP port of the API.
-    #[arg(long, env = "SERVICE_PORT", default_value_t = 8080)]
+    #[arg(long, env = env::SERVICE_PORT, default_value_t = 8080)]
     pub service_port: u16,
     /// Address the API binds to.
-    #[arg(long, env = "SERVICE_HOST", default_value = "0.0.0.0")]
+    #[arg(long, env = env::SERVICE_HOST, default_value = "0.0.0.0")]
     pub service_host: IpAddr,
     /// HS256 secret that signs API tokens (required).
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    #[arg(long, env = env::JWT_SECRET, hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// When set, tokens must carry this `iss`.
-    #[arg(long, env = "JWT_ISSUER")]
+    #[arg(long, env = env::JWT_ISSUER)]
     pub jwt_issuer: Option<String>,
     /// When set, tokens must carry this `aud`.
-    #[arg(long, env = "JWT_AUDIENCE")]
+    #[arg(long, env = env::JWT_AUDIENCE)]
     pub jwt_audience: Option<String>,
     /// Cache budget in bytes (estimated memory of cached presences).
-    #[arg(long, env = "CACHE_MAX_COST", default_value_t = 64 * 1024 * 1024)]
+    #[arg(long, env = env::CACHE_MAX_COST, default_value_t = 64 * 1024 * 1024)]
     pub cache_max_cost: u64,
     /// Expected number of distinct users; pre-sizes the cache (1/10 of it, as
     /// Ristretto's guidance of 10 counters per item implies).
-    #[arg(long, env = "CACHE_NUM_COUNTERS", default_value_t = 100_000)]
+    #[arg(long, env = env::CACHE_NUM_COUNTERS, default_value_t = 100_000)]
     pub cache_num_counters: u64,
     /// Log level: trace, debug, info, warn or error.
-    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    #[arg(long, env = env::LOG_LEVEL, default_value = "info")]
     pub log_level: String,
     /// Log format: text or json.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(long, env = env::LOG_FORMAT, value_enum, default_value = "text")]
     pub log_format: LogFormat,
     /// Enable CORS handling.
-    #[arg(long, env = "CORS_ENABLED", default_value = "true", action = ArgAction::Set,
+    #[arg(long, env = env::CORS_ENABLED, default_value = "true", action = ArgAction::Set,
           value_parser = BoolishValueParser::new())]
     pub cors_enabled: bool,
     /// Comma-separated allowed origins, or `*` (never together with credentials).
-    #[arg(long, env = "CORS_ALLOWED_ORIGINS", default_value = "*")]
+    #[arg(long, env = env::CORS_ALLOWED_ORIGINS, default_value = "*")]
     pub cors_allowed_origins: String,
     /// Comma-separated allowed methods.
     #[arg(
         long,
-        env = "CORS_ALLOWED_METHODS",
+        env = env::CORS_ALLOWED_METHODS,
         default_value = "GET,POST,PUT,DELETE,OPTIONS"
     )]
     pub cors_allowed_methods: String,
     /// Comma-separated allowed request headers.
     #[arg(
         long,
-        env = "CORS_ALLOWED_HEADERS",
+        env = env::CORS_ALLOWED_HEADERS,
         default_value = "Authorization,Content-Type"
     )]
     pub cors_allowed_headers: String,
     /// Allow credentials (cookies, authorization headers) in CORS requests.
-    #[arg(long, env = "CORS_ALLOW_CREDENTIALS", default_value = "false", action = ArgAction::Set,
+    #[arg(long, env = env::CORS_ALLOW_CREDENTIALS, default_value = "false", action = ArgAction::Set,
           value_parser = BoolishValueParser::new())]
     pub cors_allow_credentials: bool,
     /// Preflight cache duration in seconds.
-    #[arg(long, env = "CORS_MAX_AGE", default_value_t = 600)]
+    #[arg(long, env = env::CORS_MAX_AGE, default_value_t = 600)]
     pub cors_max_age: u64,
     /// This node's regional NATS server (default nats://127.0.0.1:4222); a
     /// comma-separated list for a cluster of servers.
-    #[arg(long, env = "NATS_URL")]
+    #[arg(long, env = env::NATS_URL)]
     pub nats_url: Option<String>,
     /// The Go service's name for the NATS URL; used when NATS_URL is unset.
-    #[arg(long, env = "NATS_CENTER_URL")]
+    #[arg(long, env = env::NATS_CENTER_URL)]
     pub nats_center_url: Option<String>,
     /// JetStream domain of the hub; leaf nodes set `hub`.
-    #[arg(long, env = "NATS_JS_DOMAIN")]
+    #[arg(long, env = env::NATS_JS_DOMAIN)]
     pub nats_js_domain: Option<String>,
     /// Optional NATS credentials file.
-    #[arg(long, env = "NATS_CREDS")]
+    #[arg(long, env = env::NATS_CREDS)]
     pub nats_creds: Option<PathBuf>,
     /// KV bucket holding presences.
-    #[arg(long, env = "KV_BUCKET", default_value = "PRESENCE")]
+    #[arg(long, env = env::KV_BUCKET, default_value = bucket::DEFAULT_NAME)]
     pub kv_bucket: String,
     /// Replicas of the bucket when the center creates it (1, 3 or 5).
-    #[arg(long, env = "KV_REPLICAS", default_value_t = 1)]
+    #[arg(long, env = env::KV_REPLICAS, default_value_t = 1)]
     pub kv_replicas: usize,
     /// Store backend: `nats`, or `memory` to try the API without NATS.
-    #[arg(long, env = "STORE", value_enum, default_value = "nats")]
+    #[arg(long, env = env::STORE, value_enum, default_value = "nats")]
     pub store: StoreKind,
     /// Longest a write waits for JetStream's acknowledgement before answering 503.
-    #[arg(long, env = "WRITE_TIMEOUT_MS", default_value_t = 3_000)]
+    #[arg(long, env = env::WRITE_TIMEOUT_MS, default_value_t = 3_000)]
     pub write_timeout_ms: u64,
     /// Longest a cache-miss read waits for the KV bucket before answering 503.
-    #[arg(long, env = "READ_TIMEOUT_MS", default_value_t = 2_000)]
+    #[arg(long, env = env::READ_TIMEOUT_MS, default_value_t = 2_000)]
     pub read_timeout_ms: u64,
     /// Sustained writes per second allowed per user ID on this node (0 = no limit).
-    #[arg(long, env = "RATE_LIMIT_WRITES_PER_SECOND", default_value_t = 5.0)]
+    #[arg(long, env = env::RATE_LIMIT_WRITES_PER_SECOND, default_value_t = 5.0)]
     pub rate_limit_writes_per_second: f64,
     /// Writes per user ID allowed at once after a quiet period.
-    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 20)]
+    #[arg(long, env = env::RATE_LIMIT_BURST, default_value_t = 20)]
     pub rate_limit_burst: u32,
     /// Longest a graceful stop waits for in-flight requests.
-    #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 25)]
+    #[arg(long, env = env::SHUTDOWN_TIMEOUT_SECS, default_value_t = 25)]
     pub shutdown_timeout_secs: u64,
     /// Most change streams (SSE) this node keeps open at once; more get 503.
-    #[arg(long, env = "STREAM_MAX_CONNECTIONS", default_value_t = 10_000)]
+    #[arg(long, env = env::STREAM_MAX_CONNECTIONS, default_value_t = 10_000)]
     pub stream_max_connections: usize,
     /// Seconds between keep-alive comments on an idle change stream.
-    #[arg(long, env = "STREAM_KEEPALIVE_SECS", default_value_t = 15)]
+    #[arg(long, env = env::STREAM_KEEPALIVE_SECS, default_value_t = 15)]
     pub stream_keepalive_secs: u64,
 }
 
@@ -281,104 +282,24 @@ impl ServeArgs {
         } else {
             None
         };
-        let jwt_secret = match self.jwt_secret {
-            None => return Err(ConfigError::MissingJwtSecret),
-            Some(s) if s.trim().is_empty() => return Err(ConfigError::MissingJwtSecret),
-            Some(s) if s.len() < 16 => return Err(ConfigError::ShortJwtSecret(s.len())),
-            Some(s) => s,
-        };
+        let jwt_secret = jwt_secret(self.jwt_secret.as_deref())?;
         if self.node_id.trim().is_empty() || self.node_id.len() > 128 {
-            return Err(invalid("NODE_ID", "must be 1 to 128 characters"));
+            return Err(invalid(env::NODE_ID, "must be 1 to 128 characters"));
         }
-        let log_level = self
-            .log_level
-            .trim()
-            .parse::<tracing::Level>()
-            .map_err(|_| {
-                invalid(
-                    "LOG_LEVEL",
-                    format!(
-                        "{:?} is not one of trace, debug, info, warn, error",
-                        self.log_level
-                    ),
-                )
-            })?;
+        let log_level = parse_log_level(&self.log_level)?;
         if self.cache_max_cost < 1024 {
-            return Err(invalid("CACHE_MAX_COST", "must be at least 1024 bytes"));
+            return Err(invalid(env::CACHE_MAX_COST, "must be at least 1024 bytes"));
         }
         let cache_initial_capacity = usize::try_from(self.cache_num_counters / 10)
             .unwrap_or(usize::MAX)
             .min(10_000_000);
-        let nats_url = self
-            .nats_url
-            .or(self.nats_center_url)
-            .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned());
-        if nats_url.split(',').all(|u| u.trim().is_empty()) {
-            return Err(invalid("NATS_URL", "must not be empty"));
-        }
-        let nats_js_domain = self.nats_js_domain.filter(|d| !d.trim().is_empty());
-        if let Some(domain) = &nats_js_domain
-            && !is_nats_name(domain)
-        {
-            return Err(invalid(
-                "NATS_JS_DOMAIN",
-                format!("{domain:?} may contain only letters, digits, '-' and '_'"),
-            ));
-        }
-        if let Some(path) = &self.nats_creds
-            && !path.is_file()
-        {
-            return Err(invalid(
-                "NATS_CREDS",
-                format!("{} is not a readable file", path.display()),
-            ));
-        }
-        if !is_nats_name(&self.kv_bucket) {
-            return Err(invalid(
-                "KV_BUCKET",
-                format!(
-                    "{:?} may contain only letters, digits, '-' and '_'",
-                    self.kv_bucket
-                ),
-            ));
-        }
-        if ![1, 3, 5].contains(&self.kv_replicas) {
-            return Err(invalid("KV_REPLICAS", "must be 1, 3 or 5"));
-        }
-        for (name, value) in [
-            ("WRITE_TIMEOUT_MS", self.write_timeout_ms),
-            ("READ_TIMEOUT_MS", self.read_timeout_ms),
-        ] {
-            if !(50..=60_000).contains(&value) {
-                return Err(invalid(name, "must be between 50 and 60000"));
-            }
-        }
-        let rate = self.rate_limit_writes_per_second;
-        if !rate.is_finite() || rate < 0.0 {
-            return Err(invalid(
-                "RATE_LIMIT_WRITES_PER_SECOND",
-                "must be a number >= 0 (0 turns limiting off)",
-            ));
-        }
-        if rate > 0.0 && self.rate_limit_burst == 0 {
-            return Err(invalid("RATE_LIMIT_BURST", "must be at least 1"));
-        }
-        let write_limit = (rate > 0.0).then(|| crate::ratelimit::Limit {
-            rate,
-            burst: f64::from(self.rate_limit_burst),
-        });
-        if self.stream_max_connections == 0 {
-            return Err(invalid("STREAM_MAX_CONNECTIONS", "must be at least 1"));
-        }
-        if !(1..=300).contains(&self.stream_keepalive_secs) {
-            return Err(invalid(
-                "STREAM_KEEPALIVE_SECS",
-                "must be between 1 and 300",
-            ));
-        }
+        let nats = self.nats_settings()?;
+        let timeouts = self.timeouts()?;
+        let streams = self.stream_settings()?;
+        let write_limit = self.write_limit()?;
         Ok(Settings {
-            stream_max_connections: self.stream_max_connections,
-            stream_keepalive: Duration::from_secs(self.stream_keepalive_secs),
+            stream_max_connections: streams.0,
+            stream_keepalive: streams.1,
             write_limit,
             node_type: self.node_type,
             node_id: self.node_id,
@@ -391,17 +312,159 @@ impl ServeArgs {
             log_level,
             log_format: self.log_format,
             cors,
-            nats_url,
-            nats_js_domain,
+            nats_url: nats.url,
+            nats_js_domain: nats.js_domain,
             nats_creds: self.nats_creds,
             kv_bucket: self.kv_bucket,
             kv_replicas: self.kv_replicas,
             store: self.store,
-            write_timeout: Duration::from_millis(self.write_timeout_ms),
-            read_timeout: Duration::from_millis(self.read_timeout_ms),
+            write_timeout: timeouts.0,
+            read_timeout: timeouts.1,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
         })
     }
+
+    fn nats_settings(&self) -> Result<NatsTarget, ConfigError> {
+        let url = self
+            .nats_url
+            .clone()
+            .or_else(|| self.nats_center_url.clone())
+            .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned());
+        if url.split(',').all(|u| u.trim().is_empty()) {
+            return Err(invalid(env::NATS_URL, "must not be empty"));
+        }
+        let js_domain = self.nats_js_domain.clone().filter(|d| !d.trim().is_empty());
+        if let Some(domain) = &js_domain
+            && !is_nats_name(domain)
+        {
+            return Err(invalid(
+                env::NATS_JS_DOMAIN,
+                format!("{domain:?} may contain only letters, digits, '-' and '_'"),
+            ));
+        }
+        if let Some(path) = &self.nats_creds
+            && !path.is_file()
+        {
+            return Err(invalid(
+                env::NATS_CREDS,
+                format!("{} is not a readable file", path.display()),
+            ));
+        }
+        if !is_nats_name(&self.kv_bucket) {
+            return Err(invalid(
+                env::KV_BUCKET,
+                format!(
+                    "{:?} may contain only letters, digits, '-' and '_'",
+                    self.kv_bucket
+                ),
+            ));
+        }
+        if ![1, 3, 5].contains(&self.kv_replicas) {
+            return Err(invalid(env::KV_REPLICAS, "must be 1, 3 or 5"));
+        }
+        Ok(NatsTarget { url, js_domain })
+    }
+
+    /// (write, read) timeouts.
+    fn timeouts(&self) -> Result<(Duration, Duration), ConfigError> {
+        for (name, value) in [
+            (env::WRITE_TIMEOUT_MS, self.write_timeout_ms),
+            (env::READ_TIMEOUT_MS, self.read_timeout_ms),
+        ] {
+            if !(50..=60_000).contains(&value) {
+                return Err(invalid(name, "must be between 50 and 60000"));
+            }
+        }
+        Ok((
+            Duration::from_millis(self.write_timeout_ms),
+            Duration::from_millis(self.read_timeout_ms),
+        ))
+    }
+
+    /// (most streams, keep-alive interval).
+    fn stream_settings(&self) -> Result<(usize, Duration), ConfigError> {
+        if self.stream_max_connections == 0 {
+            return Err(invalid(env::STREAM_MAX_CONNECTIONS, "must be at least 1"));
+        }
+        if !(1..=300).contains(&self.stream_keepalive_secs) {
+            return Err(invalid(
+                env::STREAM_KEEPALIVE_SECS,
+                "must be between 1 and 300",
+            ));
+        }
+        Ok((
+            self.stream_max_connections,
+            Duration::from_secs(self.stream_keepalive_secs),
+        ))
+    }
+
+    fn write_limit(&self) -> Result<Option<crate::ratelimit::Limit>, ConfigError> {
+        let rate = self.rate_limit_writes_per_second;
+        if !rate.is_finite() || rate < 0.0 {
+            return Err(invalid(
+                env::RATE_LIMIT_WRITES_PER_SECOND,
+                "must be a number >= 0 (0 turns limiting off)",
+            ));
+        }
+        if rate > 0.0 && self.rate_limit_burst == 0 {
+            return Err(invalid(env::RATE_LIMIT_BURST, "must be at least 1"));
+        }
+        Ok((rate > 0.0).then(|| crate::ratelimit::Limit {
+            rate,
+            burst: f64::from(self.rate_limit_burst),
+        }))
+    }
+}
+
+/// Where the node's NATS is, after validation.
+struct NatsTarget {
+    url: String,
+    js_domain: Option<String>,
+}
+
+fn jwt_secret(raw: Option<&str>) -> Result<String, ConfigError> {
+    match raw {
+        None => Err(ConfigError::MissingJwtSecret),
+        Some(s) if s.trim().is_empty() => Err(ConfigError::MissingJwtSecret),
+        Some(s) if s.len() < 16 => Err(ConfigError::ShortJwtSecret(s.len())),
+        Some(s) => Ok(s.to_owned()),
+    }
+}
+
+fn parse_log_level(raw: &str) -> Result<tracing::Level, ConfigError> {
+    raw.trim().parse::<tracing::Level>().map_err(|_| {
+        invalid(
+            env::LOG_LEVEL,
+            format!("{raw:?} is not one of trace, debug, info, warn, error"),
+        )
+    })
+}
+
+/// Every environment variable `presence-service` reads, from its clap
+/// definition: the one list the operator's renderer and the docs are
+/// checked against.
+pub fn accepted_variables() -> Vec<String> {
+    use clap::CommandFactory;
+    Cli::command()
+        .get_arguments()
+        .filter_map(|arg| arg.get_env())
+        .map(|name| name.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// The names among `present` that look like this service's settings (they
+/// carry one of its prefixes) but aren't any of them: most likely typos,
+/// which would otherwise be silently ignored.
+pub fn unknown_variables<I: IntoIterator<Item = String>>(present: I) -> Vec<String> {
+    let known = accepted_variables();
+    let mut unknown: Vec<String> = present
+        .into_iter()
+        .filter(|name| env::OWNED_PREFIXES.iter().any(|p| name.starts_with(p)))
+        .filter(|name| !known.contains(name))
+        .filter(|name| name != presence_contract::tools::NATS_SERVER_BIN)
+        .collect();
+    unknown.sort();
+    unknown
 }
 
 fn cors_settings(args: &ServeArgs) -> Result<CorsSettings, ConfigError> {
@@ -409,20 +472,20 @@ fn cors_settings(args: &ServeArgs) -> Result<CorsSettings, ConfigError> {
     let any_origin = origins.iter().any(|o| o == "*");
     if any_origin && args.cors_allow_credentials {
         return Err(invalid(
-            "CORS_ALLOWED_ORIGINS",
+            env::CORS_ALLOWED_ORIGINS,
             "'*' cannot be combined with CORS_ALLOW_CREDENTIALS=true; list explicit origins",
         ));
     }
     if origins.is_empty() {
         return Err(invalid(
-            "CORS_ALLOWED_ORIGINS",
+            env::CORS_ALLOWED_ORIGINS,
             "must list origins or be '*' (or set CORS_ENABLED=false)",
         ));
     }
     for origin in &origins {
         if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
             return Err(invalid(
-                "CORS_ALLOWED_ORIGINS",
+                env::CORS_ALLOWED_ORIGINS,
                 format!("{origin:?} is not an origin like https://app.example.com"),
             ));
         }
@@ -431,7 +494,7 @@ fn cors_settings(args: &ServeArgs) -> Result<CorsSettings, ConfigError> {
     for method in &methods {
         if http_method_is_invalid(method) {
             return Err(invalid(
-                "CORS_ALLOWED_METHODS",
+                env::CORS_ALLOWED_METHODS,
                 format!("{method:?} is not an HTTP method"),
             ));
         }
@@ -440,7 +503,7 @@ fn cors_settings(args: &ServeArgs) -> Result<CorsSettings, ConfigError> {
     for header in &headers {
         if axum::http::HeaderName::from_bytes(header.as_bytes()).is_err() {
             return Err(invalid(
-                "CORS_ALLOWED_HEADERS",
+                env::CORS_ALLOWED_HEADERS,
                 format!("{header:?} is not a header name"),
             ));
         }
@@ -540,6 +603,31 @@ mod tests {
         .validate()
         .unwrap();
         assert_eq!(s.nats_url, "nats://leaf:4222");
+    }
+
+    #[test]
+    fn typos_in_our_variables_are_found() {
+        let present = [
+            "CORS_ALLOWED_ORIGIN",
+            "KV_BUCKET",
+            "PATH",
+            "NODE_OPTIONS",
+            "STREAM_MAX_CONN",
+        ]
+        .map(String::from);
+        assert_eq!(
+            unknown_variables(present),
+            ["CORS_ALLOWED_ORIGIN", "STREAM_MAX_CONN"]
+        );
+    }
+
+    #[test]
+    fn every_contract_variable_is_accepted() {
+        let accepted = accepted_variables();
+        for name in env::REQUIRED_IN_CLUSTER {
+            assert!(accepted.iter().any(|a| a == name), "{name}");
+        }
+        assert!(accepted.len() >= 30, "{accepted:?}");
     }
 
     #[test]

@@ -2,11 +2,33 @@
 //!
 //! `main.rs` only parses configuration and calls [`run`]; everything else is
 //! here so integration tests and benchmarks can build the same service.
+//!
+//! # Glossary
+//!
+//! - **Presence** ([`model::Presence`]): a user's manual status as the Go
+//!   service stored it under the key `<user>`: status, message, last seen,
+//!   the node that took the write, and an optional expiry.
+//! - **Update** ([`record::Update`]): the new value of one of a user's keys
+//!   (manual status, `seen`, or one session), or that key's removal.
+//! - **Change** ([`store::Change`]): an update as the bucket ordered it: the
+//!   user, the update, its KV revision and when the hub stored it. The
+//!   watch turns the bucket's entries into changes.
+//! - **UserRecord** ([`record::UserRecord`]): everything known about one
+//!   user (manual status, last sign of life, sessions), each part at its own
+//!   revision; what the cache holds. Changes merge into it in any order.
+//! - **PresenceView** ([`record::PresenceView`]): the effective presence a
+//!   client sees, folded from a record: a valid manual status wins, then the
+//!   best live session, else offline.
+//! - **The watch** ([`watch`]): one KV watch per node that applies every
+//!   change to the cache and fans it out to change streams ([`fanout`]),
+//!   recording visible changes in the [`event_log`] for resumes.
 
 pub mod api;
 pub mod auth;
 pub mod cache;
 pub mod config;
+pub mod event_log;
+pub mod fanout;
 pub mod keys;
 pub mod metrics;
 pub mod model;
@@ -15,8 +37,7 @@ pub mod record;
 pub mod service;
 pub mod session;
 pub mod store;
-pub mod stream;
-pub mod sync;
+pub mod watch;
 
 use crate::auth::Verifier;
 use crate::cache::PresenceCache;
@@ -26,24 +47,32 @@ use crate::service::PresenceService;
 use crate::store::PresenceStore;
 use crate::store::memory::MemoryStore;
 use crate::store::nats::NatsStore;
-use crate::sync::SyncStatus;
+use crate::watch::WatchStatus;
 use std::sync::Arc;
 use std::time::Instant;
 
 /// Why the service could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {error}")]
     Bind {
         addr: std::net::SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
     #[error("cannot set up metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
+    Metrics(prometheus::Error),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+}
+
+// The cause is part of the message, so it is not also a `source()`:
+// printing an error chain shows it once.
+impl From<prometheus::Error> for Error {
+    fn from(err: prometheus::Error) -> Self {
+        Error::Metrics(err)
+    }
 }
 
 /// Shared by every handler, behind one `Arc` so that the per-request clone
@@ -57,9 +86,9 @@ pub struct App {
     pub service: PresenceService,
     pub verifier: Arc<Verifier>,
     pub metrics: Metrics,
-    pub sync: Arc<SyncStatus>,
+    pub watch: Arc<WatchStatus>,
     pub limiter: ratelimit::RateLimiter,
-    pub streams: stream::StreamHub,
+    pub streams: fanout::StreamHub,
     /// Flips to `true` when the node starts stopping, so change streams
     /// end (their clients reconnect elsewhere) instead of holding it up.
     pub stopping: tokio::sync::watch::Sender<bool>,
@@ -83,12 +112,12 @@ pub async fn build(settings: Settings) -> Result<AppState, Error> {
         settings.cache_initial_capacity,
         metrics.cache.clone(),
     );
-    let sync = Arc::new(SyncStatus::default());
-    let streams = stream::StreamHub::new(settings.stream_max_connections);
-    tokio::spawn(sync::run(
+    let watch = Arc::new(WatchStatus::default());
+    let streams = fanout::StreamHub::new(settings.stream_max_connections);
+    tokio::spawn(watch::run(
         store.clone(),
         cache.clone(),
-        sync.clone(),
+        watch.clone(),
         metrics.clone(),
         streams.feed(),
         streams.log(),
@@ -99,14 +128,20 @@ pub async fn build(settings: Settings) -> Result<AppState, Error> {
         settings.jwt_audience.as_deref(),
     );
     Ok(Arc::new(App {
-        service: PresenceService::new(store, cache, sync.clone(), &settings.node_id, streams.log()),
+        service: PresenceService::new(
+            store,
+            cache,
+            watch.clone(),
+            &settings.node_id,
+            streams.log(),
+        ),
         limiter: ratelimit::RateLimiter::new(settings.write_limit),
         streams,
         stopping: tokio::sync::watch::channel(false).0,
         settings: Arc::new(settings),
         verifier: Arc::new(verifier),
         metrics,
-        sync,
+        watch,
         started: Instant::now(),
     }))
 }
@@ -117,7 +152,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let addr = settings.listen;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| Error::Bind { addr, source })?;
+        .map_err(|error| Error::Bind { addr, error })?;
     let grace = settings.shutdown_timeout;
     let state = build(settings).await?;
     tracing::info!(

@@ -48,6 +48,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&settings);
+    for name in presence_dataplane::config::unknown_variables(std::env::vars().map(|(k, _)| k)) {
+        tracing::warn!(variable = %name, "ignoring an unknown setting; is it misspelt? (see presence-service --help)");
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {

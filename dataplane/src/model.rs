@@ -1,5 +1,4 @@
-//! The presence data model, its validation rules, and the reversible mapping
-//! from user IDs to NATS KV keys.
+//! The presence data model and its validation rules.
 //!
 //! Everything here is pure so the rules that clients depend on (what a valid
 //! user ID is, how it is stored) are pinned by unit and property tests.
@@ -11,6 +10,14 @@ use time::OffsetDateTime;
 
 /// Longest user ID accepted, in bytes; matches DESIGN §2.
 pub const MAX_USER_ID_BYTES: usize = 256;
+/// Longest session ID accepted, in bytes.
+pub const MAX_SESSION_ID_BYTES: usize = 128;
+/// Longest device label accepted, in characters.
+pub const MAX_DEVICE_CHARS: usize = 128;
+/// Shortest session lease: shorter ones would turn heartbeats into a write flood.
+pub const MIN_SESSION_TTL_SECS: i64 = 5;
+/// Longest session lease: longer ones would keep a dead client online too long.
+pub const MAX_SESSION_TTL_SECS: i64 = 300;
 /// Longest status message accepted, in characters (not bytes), so non-ASCII
 /// users get the same allowance as ASCII ones.
 pub const MAX_MESSAGE_CHARS: usize = 256;
@@ -193,13 +200,13 @@ pub enum ValidationError {
     ExpiresAtUnreadable(String),
     #[error("expiresAt must be between 1 second and 30 days from now; got {0}")]
     ExpiresAtOutOfRange(String),
-    #[error("sessionID must be 1 to {max} bytes without control characters", max = crate::session::MAX_SESSION_ID_BYTES)]
+    #[error("sessionID must be 1 to {max} bytes without control characters", max = MAX_SESSION_ID_BYTES)]
     InvalidSessionId,
     #[error("a session's status is online or away; got {0:?}")]
     InvalidSessionStatus(String),
-    #[error("ttlSeconds must be between {min} and {max}; got {0}", min = crate::session::MIN_SESSION_TTL_SECS, max = crate::session::MAX_SESSION_TTL_SECS)]
+    #[error("ttlSeconds must be between {min} and {max}; got {0}", min = MIN_SESSION_TTL_SECS, max = MAX_SESSION_TTL_SECS)]
     InvalidTtl(i64),
-    #[error("device is {0} characters long; the limit is {max}", max = crate::session::MAX_DEVICE_CHARS)]
+    #[error("device is {0} characters long; the limit is {max}", max = MAX_DEVICE_CHARS)]
     DeviceTooLong(usize),
 }
 
@@ -277,117 +284,9 @@ fn parse_expiry(raw: &str, now: OffsetDateTime) -> Result<OffsetDateTime, Valida
     Ok(truncate_to_millis(at.to_offset(time::UtcOffset::UTC)))
 }
 
-/// The escape byte of the key encoding; `=` is a legal KV key character that
-/// never appears verbatim in an encoded key.
-const ESCAPE: u8 = b'=';
-const HEX: &[u8; 16] = b"0123456789ABCDEF";
-
-fn is_verbatim(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_'
-}
-
-/// Encodes a user ID as a NATS KV key.
-///
-/// KV keys allow only `[-/_=.A-Za-z0-9]`, and `.` separates subject tokens,
-/// so letters, digits, `-` and `_` stay as they are and every other byte
-/// becomes `=XX` (uppercase hex). The result is never empty for a valid user
-/// ID, never contains `.`, and `decode_key` inverts it exactly.
-pub fn encode_key(user_id: &str) -> String {
-    let mut key = String::with_capacity(user_id.len());
-    for &byte in user_id.as_bytes() {
-        if is_verbatim(byte) {
-            key.push(char::from(byte));
-        } else {
-            key.push(char::from(ESCAPE));
-            key.push(char::from(HEX[usize::from(byte >> 4)]));
-            key.push(char::from(HEX[usize::from(byte & 0x0f)]));
-        }
-    }
-    key
-}
-
-/// A KV key that `encode_key` could not have produced.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("KV key {0:?} is not an encoded user ID")]
-pub struct KeyDecodeError(pub String);
-
-/// Inverts `encode_key`. Only canonical encodings are accepted, so two
-/// different keys never decode to the same user ID.
-pub fn decode_key(key: &str) -> Result<String, KeyDecodeError> {
-    let err = || KeyDecodeError(key.to_owned());
-    let bytes = key.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let byte = bytes[i];
-        if is_verbatim(byte) {
-            out.push(byte);
-            i += 1;
-        } else if byte == ESCAPE {
-            let hi = bytes
-                .get(i + 1)
-                .and_then(|b| hex_value(*b))
-                .ok_or_else(err)?;
-            let lo = bytes
-                .get(i + 2)
-                .and_then(|b| hex_value(*b))
-                .ok_or_else(err)?;
-            let decoded = (hi << 4) | lo;
-            if is_verbatim(decoded) {
-                return Err(err());
-            }
-            out.push(decoded);
-            i += 3;
-        } else {
-            return Err(err());
-        }
-    }
-    String::from_utf8(out).map_err(|_| err())
-}
-
-fn hex_value(byte: u8) -> Option<u8> {
-    match byte {
-        b'0'..=b'9' => Some(byte - b'0'),
-        b'A'..=b'F' => Some(byte - b'A' + 10),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
-
-    fn is_valid_nats_key(key: &str) -> bool {
-        !key.is_empty()
-            && !key.starts_with('.')
-            && !key.ends_with('.')
-            && key
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b))
-    }
-
-    #[test]
-    fn plain_ids_are_stored_verbatim() {
-        assert_eq!(encode_key("user123"), "user123");
-        assert_eq!(encode_key("a-b_C"), "a-b_C");
-    }
-
-    #[test]
-    fn special_characters_are_escaped() {
-        assert_eq!(encode_key("a.b"), "a=2Eb");
-        assert_eq!(encode_key("ann+x@example.com"), "ann=2Bx=40example=2Ecom");
-        assert_eq!(encode_key("urn:x"), "urn=3Ax");
-        assert_eq!(encode_key("é"), "=C3=A9");
-        assert_eq!(encode_key("="), "=3D");
-    }
-
-    #[test]
-    fn non_canonical_keys_are_rejected() {
-        for key in ["=", "=4", "=zz", "=2e", "=41", "a.b", "a b", "=FF"] {
-            assert!(decode_key(key).is_err(), "{key:?} must not decode");
-        }
-    }
 
     #[test]
     fn user_id_rules() {
@@ -472,28 +371,6 @@ mod tests {
         for bad in ["tomorrow", "1970-01-01T00:00:00Z", "1970-02-01T00:00:01Z"] {
             let err = validate_update("u", with_expiry(bad), now).unwrap_err();
             assert_eq!(err.code(), "invalid_expires_at", "{bad}");
-        }
-    }
-
-    proptest! {
-        #[test]
-        fn key_encoding_round_trips(user_id in "\\PC{1,64}") {
-            let key = encode_key(&user_id);
-            prop_assert!(is_valid_nats_key(&key), "{key:?} is not a valid KV key");
-            prop_assert!(!key.contains('.'));
-            prop_assert_eq!(decode_key(&key).unwrap(), user_id);
-        }
-
-        #[test]
-        fn key_encoding_round_trips_any_string(user_id in any::<String>()) {
-            prop_assert_eq!(decode_key(&encode_key(&user_id)).unwrap(), user_id);
-        }
-
-        #[test]
-        fn decoding_accepts_only_canonical_keys(key in "[-_=A-Fa-z0-9.]{1,24}") {
-            if let Ok(user_id) = decode_key(&key) {
-                prop_assert_eq!(encode_key(&user_id), key);
-            }
         }
     }
 }

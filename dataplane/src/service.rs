@@ -2,12 +2,12 @@
 //! miss; writes acknowledged by the store before they are answered.
 
 use crate::cache::{Applied, PresenceCache};
+use crate::event_log::{EventLog, visible_change};
 use crate::model::{Presence, ValidUpdate};
 use crate::record::{PresenceView, Update, UserRecord};
 use crate::session::{MAX_SESSIONS_PER_USER, Seen, ValidHeartbeat};
 use crate::store::{Change, PresenceStore, StoreError};
-use crate::stream::{EventLog, visible_change};
-use crate::sync::SyncStatus;
+use crate::watch::WatchStatus;
 use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,11 +15,6 @@ use time::OffsetDateTime;
 
 /// How many KV operations one request keeps in flight at once.
 pub const PIPELINE_DEPTH: usize = 256;
-
-/// How long an ended session's delete marker stays in the bucket, so that
-/// watchers away for less than this still learn of it; then it vanishes
-/// and session IDs don't pile up forever.
-const ENDED_SESSION_MARKER_TTL: Duration = Duration::from_secs(3600);
 
 /// Why a session operation was refused.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -39,7 +34,7 @@ pub enum SessionError {
 pub struct PresenceService {
     store: Arc<dyn PresenceStore>,
     cache: PresenceCache,
-    sync: Arc<SyncStatus>,
+    watch: Arc<WatchStatus>,
     node_id: Arc<str>,
     log: Arc<EventLog>,
 }
@@ -49,14 +44,14 @@ impl PresenceService {
     pub fn new(
         store: Arc<dyn PresenceStore>,
         cache: PresenceCache,
-        sync: Arc<SyncStatus>,
+        watch: Arc<WatchStatus>,
         node_id: &str,
         log: Arc<EventLog>,
     ) -> Self {
         PresenceService {
             store,
             cache,
-            sync,
+            watch,
             node_id: node_id.into(),
             log,
         }
@@ -75,7 +70,7 @@ impl PresenceService {
     /// Everything known about a user: from the cache, else from the store
     /// (and then cached, including the fact that there is nothing).
     pub async fn record(&self, user_id: &str) -> Result<Arc<UserRecord>, StoreError> {
-        if !self.sync.replaying() {
+        if !self.watch.replaying() {
             if let Some(slot) = self.cache.get(user_id).await {
                 return Ok(slot.record);
             }
@@ -238,8 +233,13 @@ impl PresenceService {
         }
         let removal = Update::Session(session_id.to_owned(), None);
         let now = crate::model::truncate_to_millis(now);
-        self.write_with_seen(user_id, removal, Some(ENDED_SESSION_MARKER_TTL), now)
-            .await?;
+        self.write_with_seen(
+            user_id,
+            removal,
+            Some(presence_contract::bucket::ENDED_SESSION_MARKER_TTL),
+            now,
+        )
+        .await?;
         Ok(self.view_after_write(user_id).await?)
     }
 }
@@ -256,7 +256,7 @@ mod tests {
         let cache = PresenceCache::new(1 << 20, 16, Metrics::new().unwrap().cache);
         let store = Arc::new(MemoryStore::new());
         let log = Arc::new(EventLog::default());
-        PresenceService::new(store, cache, Arc::new(SyncStatus::default()), "n1", log)
+        PresenceService::new(store, cache, Arc::new(WatchStatus::default()), "n1", log)
     }
 
     fn beat(session: &str, status: &str) -> ValidHeartbeat {

@@ -2,18 +2,13 @@
 //! expired by the KV bucket itself (per-key TTL) when the client goes quiet,
 //! so a crashed client stops looking online without any sweeper process.
 
+pub use crate::model::{
+    MAX_DEVICE_CHARS, MAX_SESSION_ID_BYTES, MAX_SESSION_TTL_SECS, MIN_SESSION_TTL_SECS,
+};
 use crate::model::{Status, ValidationError, truncate_to_millis, validate_user_id};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-/// Longest session ID accepted, in bytes.
-pub const MAX_SESSION_ID_BYTES: usize = 128;
-/// Longest device label accepted, in characters.
-pub const MAX_DEVICE_CHARS: usize = 128;
-/// Shortest session lease: shorter ones would turn heartbeats into a write flood.
-pub const MIN_SESSION_TTL_SECS: i64 = 5;
-/// Longest session lease: longer ones would keep a dead client online too long.
-pub const MAX_SESSION_TTL_SECS: i64 = 300;
 /// Lease used when a heartbeat names none.
 pub const DEFAULT_SESSION_TTL_SECS: i64 = 30;
 /// Most live sessions one user may hold; more is a leak or abuse.

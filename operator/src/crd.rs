@@ -18,9 +18,9 @@ pub const GROUP: &str = "presencecluster.io";
 /// Region name of the center when the spec names none.
 pub const DEFAULT_CENTER_NAME: &str = "center";
 /// JetStream domain of the hub when the spec names none.
-pub const DEFAULT_JS_DOMAIN: &str = "hub";
+pub const DEFAULT_JS_DOMAIN: &str = presence_contract::bucket::DEFAULT_JS_DOMAIN;
 /// KV bucket name when the spec names none.
-pub const DEFAULT_BUCKET: &str = "PRESENCE";
+pub const DEFAULT_BUCKET: &str = presence_contract::bucket::DEFAULT_NAME;
 /// NATS image used when the spec names none.
 pub const DEFAULT_NATS_IMAGE: &str = "nats:2.15.1-alpine";
 /// Data-plane image used when the spec names none.

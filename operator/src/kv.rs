@@ -5,9 +5,6 @@
 use async_nats::jetstream::{self, ErrorCode, context::GetStreamErrorKind, kv, stream};
 use std::time::Duration;
 
-/// How long the bucket keeps delete markers of expired keys; the same value
-/// the data plane uses when it creates the bucket.
-pub const MARKER_TTL: Duration = Duration::from_secs(3600);
 /// Longest any one NATS request of the operator may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -59,15 +56,7 @@ pub fn needed_change(
 }
 
 fn bucket_config(desired: &DesiredBucket) -> kv::Config {
-    kv::Config {
-        bucket: desired.name.clone(),
-        description: "PresenceCluster presences (one key per user)".into(),
-        history: 1,
-        storage: stream::StorageType::File,
-        num_replicas: desired.replicas,
-        limit_markers: Some(MARKER_TTL),
-        ..Default::default()
-    }
+    presence_contract::bucket::config(&desired.name, desired.replicas)
 }
 
 /// A JetStream context at the hub.
@@ -92,7 +81,7 @@ pub async fn connect(url: &str, domain: &str) -> Result<jetstream::Context, KvEr
 }
 
 fn stream_name(bucket: &str) -> String {
-    format!("KV_{bucket}")
+    presence_contract::bucket::stream_name(bucket)
 }
 
 fn is_not_found(err: &jetstream::context::GetStreamError) -> bool {

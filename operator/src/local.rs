@@ -34,11 +34,8 @@ pub enum DevError {
     TooManyLeaves,
     #[error("port {0} is out of range; choose a lower --base-port or --nats-base-port")]
     PortRange(u32),
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
     #[error("{0} did not become ready in time; see its log in {1}")]
     NotReady(String, String),
     #[error("cannot mint a dev token: {0}")]
@@ -47,7 +44,7 @@ pub enum DevError {
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevError {
     let what = what.into();
-    move |source| DevError::Io { what, source }
+    move |error| DevError::Io { what, error }
 }
 
 /// Options of `presence-operator dev`.
@@ -109,7 +106,7 @@ pub fn plan(
     opts: &DevOptions,
     jwt_secret: &str,
 ) -> Result<Plan, DevError> {
-    let ctx = render::Context::new(cluster, "default")?;
+    let ctx = render::Scope::new(cluster, "default")?;
     let spec = &cluster.spec;
     render::check_spec(spec)?;
     if spec.leaves.len() > 89 {

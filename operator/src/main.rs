@@ -17,6 +17,20 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log level: trace, debug, info, warn or error (RUST_LOG is used when
+    /// LOG_LEVEL is unset and holds one of these).
+    #[arg(long, global = true, env = "LOG_LEVEL")]
+    log_level: Option<String>,
+    /// Log format: text or json (default json for `run`, text otherwise).
+    #[arg(long, global = true, env = "LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -45,9 +59,6 @@ enum Command {
         /// With --hub-nats-url: the hub's monitoring endpoint host:port.
         #[arg(long)]
         hub_monitor: Option<String>,
-        /// Log format: text or json.
-        #[arg(long, env = "LOG_FORMAT", default_value = "json")]
-        log_format: String,
     },
     /// Print the PresenceCluster CustomResourceDefinition as YAML.
     Crd,
@@ -86,14 +97,30 @@ enum Command {
 }
 
 fn default_nats_server() -> PathBuf {
-    if let Some(path) = std::env::var_os("NATS_SERVER_BIN") {
-        return PathBuf::from(path);
+    presence_contract::tools::nats_server_bin(std::path::Path::new("."))
+}
+
+/// The level from LOG_LEVEL (or --log-level), else from a plain RUST_LOG,
+/// else info.
+fn log_level(explicit: Option<&str>) -> anyhow::Result<tracing::Level> {
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let fallback = rust_log.as_deref().and_then(|v| v.trim().parse().ok());
+    match explicit {
+        Some(raw) => raw.trim().parse().map_err(|_| {
+            anyhow::anyhow!("LOG_LEVEL {raw:?} is not one of trace, debug, info, warn, error")
+        }),
+        None => Ok(fallback.unwrap_or(tracing::Level::INFO)),
     }
-    let local = PathBuf::from(".tools/venv/bin/nats-server");
-    if local.is_file() {
-        local
-    } else {
-        PathBuf::from("nats-server")
+}
+
+fn init_logging(level: tracing::Level, format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_target(false).init(),
     }
 }
 
@@ -114,6 +141,12 @@ fn read_cluster(path: &PathBuf) -> anyhow::Result<PresenceCluster> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let level = log_level(cli.log_level.as_deref())?;
+    let default_format = match cli.command {
+        Command::Run { .. } => LogFormat::Json,
+        _ => LogFormat::Text,
+    };
+    init_logging(level, cli.log_format.unwrap_or(default_format));
     match cli.command {
         Command::Run {
             namespace,
@@ -123,14 +156,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             lease_name,
             hub_nats_url,
             hub_monitor,
-            log_format,
         } => {
-            let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
-            if log_format == "json" {
-                builder.json().init();
-            } else {
-                builder.init();
-            }
             let hub = match hub_nats_url {
                 None => presence_operator::controller::HubAccess::ClusterDns,
                 Some(nats_url) => {
@@ -163,7 +189,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Render { file, namespace } => {
             let cluster = read_cluster(&file)?;
-            let ctx = render::Context::new(&cluster, &namespace)?;
+            let ctx = render::Scope::new(&cluster, &namespace)?;
             let inputs = render::Inputs {
                 generated_jwt_secret: Some(render::secrets::random_secret()?),
                 ..Default::default()
@@ -194,11 +220,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 nats_server: nats_server.unwrap_or_else(default_nats_server),
                 presence_service: presence_service.unwrap_or_else(default_presence_service),
             };
-            tracing_subscriber::fmt()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_target(false)
-                .init();
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(local::run(&cluster, &opts))?;
         }
@@ -206,27 +227,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The error and its causes on one line, skipping causes whose text the
-/// previous message already includes (kube's errors embed their sources).
-fn describe(err: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            if !out.is_empty() {
-                out.push_str(": ");
-            }
-            out.push_str(&text);
-        }
-    }
-    out
-}
-
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("presence-operator: {}", describe(&err));
+            // Our errors carry their cause in the message or in `source()`,
+            // never both, so the chain names each cause once.
+            eprintln!("presence-operator: {err:#}");
             ExitCode::from(2)
         }
     }

@@ -25,13 +25,27 @@ use std::time::Instant;
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("cannot reach the Kubernetes API: {0}")]
-    Client(#[from] kube::Error),
+    Client(kube::Error),
     #[error("cannot set up metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
+    Metrics(prometheus::Error),
     #[error("cannot listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
     #[error("lost the leader Lease; exiting so another replica takes over")]
     LostLeadership,
+}
+
+// Each cause is part of the message, so it is not also a `source()`:
+// printing an error chain shows it once.
+impl From<kube::Error> for RunError {
+    fn from(err: kube::Error) -> Self {
+        RunError::Client(err)
+    }
+}
+
+impl From<prometheus::Error> for RunError {
+    fn from(err: prometheus::Error) -> Self {
+        RunError::Metrics(err)
+    }
 }
 
 /// Options of `presence-operator run`.

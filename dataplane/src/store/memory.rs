@@ -5,8 +5,8 @@
 use super::{
     BucketIdentity, Change, ChangeStream, Connectivity, PresenceStore, StoreError, WatchStart,
 };
+use crate::keys::encode_key;
 use crate::keys::key_of;
-use crate::model::encode_key;
 use crate::record::Update;
 use futures::StreamExt;
 use std::collections::HashMap;

@@ -21,10 +21,6 @@ use futures::{StreamExt, TryStreamExt};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// How long the bucket keeps the delete markers of expired keys, so a watcher
-/// that was away for less than this still learns of the expiry.
-const MARKER_TTL: Duration = Duration::from_secs(3600);
-
 /// Connection, JetStream context and (once open) the bucket.
 pub struct NatsStore {
     client: async_nats::Client,
@@ -119,7 +115,7 @@ impl NatsStore {
     }
 
     fn stream_name(&self) -> String {
-        format!("KV_{}", self.bucket)
+        presence_contract::bucket::stream_name(&self.bucket)
     }
 
     fn kv(&self) -> Result<&kv::Store, StoreError> {
@@ -146,15 +142,7 @@ impl NatsStore {
                         self.bucket
                     )));
                 }
-                let config = kv::Config {
-                    bucket: self.bucket.clone(),
-                    description: "PresenceCluster presences (one key per user)".into(),
-                    history: 1,
-                    storage: jetstream::stream::StorageType::File,
-                    num_replicas: self.replicas,
-                    limit_markers: Some(MARKER_TTL),
-                    ..Default::default()
-                };
+                let config = presence_contract::bucket::config(&self.bucket, self.replicas);
                 match self.js.create_key_value(config).await {
                     Ok(store) => {
                         tracing::info!(bucket = %self.bucket, replicas = self.replicas, "created KV bucket");

@@ -3,7 +3,7 @@
 //! `env` is the one place that turns a region into presence-service
 //! settings; Kubernetes and `presence-operator dev` both use it.
 
-use super::{Context, meta, pod_meta, region_selector, secrets};
+use super::{Scope, meta, pod_meta, region_selector, secrets};
 use crate::crd::{LogLevel, PresenceClusterSpec, Region, Role};
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use presence_contract::env;
 use std::collections::BTreeMap;
 
 /// HTTP port of presence-service in Kubernetes.
@@ -50,27 +51,30 @@ pub fn env(
     p: &EnvParams,
 ) -> Vec<(&'static str, EnvValue)> {
     let mut env = vec![
-        ("NODE_TYPE", literal(region.role.as_str())),
-        ("NODE_ID", p.node_id.clone()),
-        ("SERVICE_HOST", literal("0.0.0.0")),
-        ("SERVICE_PORT", literal(p.service_port.to_string())),
-        ("NATS_URL", literal(p.nats_url.clone())),
-        ("NATS_JS_DOMAIN", literal(spec.js_domain())),
-        ("KV_BUCKET", literal(spec.bucket())),
-        ("JWT_SECRET", p.jwt_secret.clone()),
-        ("CACHE_MAX_COST", literal(region.cache_max_cost.to_string())),
+        (env::NODE_TYPE, literal(region.role.as_str())),
+        (env::NODE_ID, p.node_id.clone()),
+        (env::SERVICE_HOST, literal("0.0.0.0")),
+        (env::SERVICE_PORT, literal(p.service_port.to_string())),
+        (env::NATS_URL, literal(p.nats_url.clone())),
+        (env::NATS_JS_DOMAIN, literal(spec.js_domain())),
+        (env::KV_BUCKET, literal(spec.bucket())),
+        (env::JWT_SECRET, p.jwt_secret.clone()),
+        (
+            env::CACHE_MAX_COST,
+            literal(region.cache_max_cost.to_string()),
+        ),
     ];
     // Only the center creates the bucket; leaving this out of leaves keeps a
     // hub resize from rolling every region.
     if region.role == Role::Center {
-        env.push(("KV_REPLICAS", literal(spec.kv_replicas().to_string())));
+        env.push((env::KV_REPLICAS, literal(spec.kv_replicas().to_string())));
     }
     if let Some(auth) = &spec.auth {
         if let Some(iss) = &auth.issuer {
-            env.push(("JWT_ISSUER", literal(iss.clone())));
+            env.push((env::JWT_ISSUER, literal(iss.clone())));
         }
         if let Some(aud) = &auth.audience {
-            env.push(("JWT_AUDIENCE", literal(aud.clone())));
+            env.push((env::JWT_AUDIENCE, literal(aud.clone())));
         }
     }
     let shared = spec.dataplane.as_ref();
@@ -81,43 +85,46 @@ pub fn env(
         LogLevel::Warn => "warn",
         LogLevel::Error => "error",
     };
-    env.push(("LOG_LEVEL", literal(level)));
-    env.push(("LOG_FORMAT", literal(p.log_format)));
+    env.push((env::LOG_LEVEL, literal(level)));
+    env.push((env::LOG_FORMAT, literal(p.log_format)));
     if let Some(cors) = shared.and_then(|d| d.cors.as_ref()) {
         let list = |v: &Option<Vec<String>>| v.as_ref().map(|v| v.join(","));
         if let Some(enabled) = cors.enabled {
-            env.push(("CORS_ENABLED", literal(enabled.to_string())));
+            env.push((env::CORS_ENABLED, literal(enabled.to_string())));
         }
         if let Some(origins) = list(&cors.allowed_origins) {
-            env.push(("CORS_ALLOWED_ORIGINS", literal(origins)));
+            env.push((env::CORS_ALLOWED_ORIGINS, literal(origins)));
         }
         if let Some(methods) = list(&cors.allowed_methods) {
-            env.push(("CORS_ALLOWED_METHODS", literal(methods)));
+            env.push((env::CORS_ALLOWED_METHODS, literal(methods)));
         }
         if let Some(headers) = list(&cors.allowed_headers) {
-            env.push(("CORS_ALLOWED_HEADERS", literal(headers)));
+            env.push((env::CORS_ALLOWED_HEADERS, literal(headers)));
         }
         if let Some(credentials) = cors.allow_credentials {
-            env.push(("CORS_ALLOW_CREDENTIALS", literal(credentials.to_string())));
+            env.push((
+                env::CORS_ALLOW_CREDENTIALS,
+                literal(credentials.to_string()),
+            ));
         }
         if let Some(max_age) = cors.max_age_seconds {
-            env.push(("CORS_MAX_AGE", literal(max_age.to_string())));
+            env.push((env::CORS_MAX_AGE, literal(max_age.to_string())));
         }
     }
     if let Some(limit) = shared.and_then(|d| d.rate_limit.as_ref()) {
         if let Some(rate) = limit.writes_per_second {
-            env.push(("RATE_LIMIT_WRITES_PER_SECOND", literal(rate.to_string())));
+            env.push((env::RATE_LIMIT_WRITES_PER_SECOND, literal(rate.to_string())));
         }
         if let Some(burst) = limit.burst {
-            env.push(("RATE_LIMIT_BURST", literal(burst.to_string())));
+            env.push((env::RATE_LIMIT_BURST, literal(burst.to_string())));
         }
     }
     if let Some(streams) = shared.and_then(|d| d.streams.as_ref()) {
         if let Some(max) = streams.max_connections {
-            env.push(("STREAM_MAX_CONNECTIONS", literal(max.to_string())));
+            env.push((env::STREAM_MAX_CONNECTIONS, literal(max.to_string())));
         }
         if let Some(seconds) = streams.keep_alive_seconds {
-            env.push(("STREAM_KEEPALIVE_SECS", literal(seconds.to_string())));
+            env.push((env::STREAM_KEEPALIVE_SECS, literal(seconds.to_string())));
         }
     }
     env
@@ -151,7 +158,7 @@ fn env_var(name: &str, value: EnvValue) -> EnvVar {
 
 /// Deployment and Service of a region's presence-service.
 pub fn objects(
-    ctx: &Context,
+    ctx: &Scope,
     spec: &PresenceClusterSpec,
     region: &Region<'_>,
     inputs: &super::Inputs,

@@ -65,14 +65,14 @@ impl Names {
 
 /// What every child shares: the owner, where it lives, how it is named.
 #[derive(Debug, Clone)]
-pub struct Context {
+pub struct Scope {
     pub name: String,
     pub namespace: String,
     pub owner: OwnerReference,
     pub names: Names,
 }
 
-impl Context {
+impl Scope {
     /// Builds the context of `cluster`; `default_namespace` applies when the
     /// object has none (e.g. a manifest rendered offline).
     pub fn new(cluster: &PresenceCluster, default_namespace: &str) -> Result<Self, RenderError> {
@@ -96,7 +96,7 @@ impl Context {
             controller: Some(true),
             block_owner_deletion: Some(true),
         };
-        Ok(Context {
+        Ok(Scope {
             names: Names::new(&name),
             name,
             namespace,
@@ -107,7 +107,7 @@ impl Context {
 
 /// The labels of every child: the standard `app.kubernetes.io` set plus the
 /// region. Never copied from the CR's own labels.
-pub fn labels(ctx: &Context, component: &str, region: Option<&str>) -> BTreeMap<String, String> {
+pub fn labels(ctx: &Scope, component: &str, region: Option<&str>) -> BTreeMap<String, String> {
     let mut l = BTreeMap::new();
     let app = if component == "dataplane" {
         "presence-service"
@@ -126,7 +126,7 @@ pub fn labels(ctx: &Context, component: &str, region: Option<&str>) -> BTreeMap<
 }
 
 /// Selector of a region's pods of one component (a stable subset of labels).
-pub fn region_selector(ctx: &Context, component: &str, region: &str) -> BTreeMap<String, String> {
+pub fn region_selector(ctx: &Scope, component: &str, region: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/instance".to_owned(), ctx.name.clone()),
         (
@@ -138,7 +138,7 @@ pub fn region_selector(ctx: &Context, component: &str, region: &str) -> BTreeMap
 }
 
 /// Metadata of a child object.
-pub fn meta(ctx: &Context, name: &str, component: &str, region: Option<&str>) -> ObjectMeta {
+pub fn meta(ctx: &Scope, name: &str, component: &str, region: Option<&str>) -> ObjectMeta {
     ObjectMeta {
         name: Some(name.into()),
         namespace: Some(ctx.namespace.clone()),
@@ -149,7 +149,7 @@ pub fn meta(ctx: &Context, name: &str, component: &str, region: Option<&str>) ->
 }
 
 fn pod_meta(
-    ctx: &Context,
+    ctx: &Scope,
     component: &str,
     region: &str,
     annotations: BTreeMap<String, String>,
@@ -185,7 +185,7 @@ fn pull_policy(spec: &PresenceClusterSpec) -> Option<String> {
 }
 
 /// Prefer spreading a region's replicas across nodes.
-fn spread_affinity(ctx: &Context, component: &str, region: &str) -> Affinity {
+fn spread_affinity(ctx: &Scope, component: &str, region: &str) -> Affinity {
     Affinity {
         pod_anti_affinity: Some(PodAntiAffinity {
             preferred_during_scheduling_ignored_during_execution: Some(vec![
@@ -300,7 +300,7 @@ pub fn check_spec(spec: &PresenceClusterSpec) -> Result<(), RenderError> {
 /// Every object of `cluster`, in apply order (config and secrets first).
 pub fn render(
     cluster: &PresenceCluster,
-    ctx: &Context,
+    ctx: &Scope,
     inputs: &Inputs,
 ) -> Result<Vec<Child>, RenderError> {
     let spec = &cluster.spec;

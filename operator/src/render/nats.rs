@@ -4,7 +4,7 @@
 //! `presence-operator dev` both call it; they differ only in the addresses
 //! they pass (cluster DNS names and fixed ports, or loopback ports).
 
-use super::{Context, labels, meta, pod_meta, region_selector};
+use super::{Scope, labels, meta, pod_meta, region_selector};
 use crate::crd::{PresenceClusterSpec, Region, Role};
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
@@ -171,12 +171,12 @@ pub fn quantity_bytes(q: &str) -> Option<u64> {
 }
 
 /// Service DNS name of a region's NATS servers.
-pub fn client_host(ctx: &Context, region: &str) -> String {
+pub fn client_host(ctx: &Scope, region: &str) -> String {
     format!("{}.{}.svc", ctx.names.nats(region), ctx.namespace)
 }
 
 /// The Kubernetes parameters of a region's NATS servers.
-pub fn k8s_params(ctx: &Context, spec: &PresenceClusterSpec, region: &Region<'_>) -> NatsParams {
+pub fn k8s_params(ctx: &Scope, spec: &PresenceClusterSpec, region: &Region<'_>) -> NatsParams {
     let any = |port: u16| format!("0.0.0.0:{port}");
     let role = match region.role {
         Role::Center => {
@@ -256,7 +256,7 @@ fn service_port(name: &str, number: u16) -> ServicePort {
 
 /// ConfigMap, headless Service, client Service and StatefulSet of a region's NATS.
 pub fn objects(
-    ctx: &Context,
+    ctx: &Scope,
     spec: &PresenceClusterSpec,
     region: &Region<'_>,
 ) -> (ConfigMap, Service, Service, StatefulSet) {

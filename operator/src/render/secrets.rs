@@ -1,6 +1,6 @@
 //! The generated JWT Secret, and where the data plane finds its secret.
 
-use super::{Context, Inputs, meta};
+use super::{Inputs, Scope, meta};
 use crate::crd::PresenceClusterSpec;
 use k8s_openapi::api::core::v1::{Secret, SecretKeySelector};
 use std::collections::BTreeMap;
@@ -10,7 +10,7 @@ pub const JWT_KEY: &str = "jwt-secret";
 
 /// Where every presence-service reads `JWT_SECRET` from: the user's Secret
 /// when referenced, else the generated one.
-pub fn jwt_secret_source(ctx: &Context, spec: &PresenceClusterSpec) -> SecretKeySelector {
+pub fn jwt_secret_source(ctx: &Scope, spec: &PresenceClusterSpec) -> SecretKeySelector {
     match spec.auth.as_ref().and_then(|a| a.jwt_secret_ref.as_ref()) {
         Some(reference) => SecretKeySelector {
             name: reference.name.clone(),
@@ -28,7 +28,7 @@ pub fn jwt_secret_source(ctx: &Context, spec: &PresenceClusterSpec) -> SecretKey
 /// The Secret to create when the CR references none; `None` when it does
 /// (a referenced Secret is only ever read).
 pub fn generated_jwt_secret(
-    ctx: &Context,
+    ctx: &Scope,
     spec: &PresenceClusterSpec,
     inputs: &Inputs,
 ) -> Option<Secret> {

@@ -4,20 +4,16 @@
 //! change is skipped and none is applied twice out of order.
 
 use crate::cache::{Applied, PresenceCache};
+use crate::event_log::{EventLog, visible_change};
 use crate::metrics::Metrics;
-use crate::store::{Change, PresenceStore, StoreError, WatchStart};
-use crate::stream::{EventLog, visible_change};
+use crate::store::{Change, ChangeFeed, PresenceStore, StoreError, WatchStart};
 use futures::StreamExt;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use time::OffsetDateTime;
-use tokio::sync::{Notify, broadcast};
-
-/// Every change the watch applied, in revision order, for the change
-/// streams: one KV watch per node, fanned out in process.
-pub type ChangeFeed = broadcast::Sender<Arc<Change>>;
+use tokio::sync::Notify;
 
 /// How far apart the revision/time checkpoints are.
 const CHECKPOINT_EVERY: time::Duration = time::Duration::seconds(10);
@@ -26,7 +22,7 @@ const MAX_CHECKPOINTS: usize = 1000;
 
 /// What the watch has done so far; read by `/health` and the read path.
 #[derive(Debug, Default)]
-pub struct SyncStatus {
+pub struct WatchStatus {
     applied_revision: AtomicU64,
     active: AtomicBool,
     /// A full replay of the bucket is under way: the cache may hold part of
@@ -46,7 +42,7 @@ pub struct SyncStatus {
 /// `/health`'s view of the watch.
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct SyncSnapshot {
+pub struct WatchSnapshot {
     pub active: bool,
     pub applied_revision: u64,
     /// Hub-write-to-cache delay of the last applied change.
@@ -56,7 +52,7 @@ pub struct SyncSnapshot {
     pub restarts: u64,
 }
 
-impl SyncStatus {
+impl WatchStatus {
     /// Highest revision applied to the cache. Every change after it will
     /// still reach the cache, which is what makes negative cache entries safe.
     pub fn applied_revision(&self) -> u64 {
@@ -117,10 +113,10 @@ impl SyncStatus {
     }
 
     /// Current state, for `/health`.
-    pub fn snapshot(&self) -> SyncSnapshot {
+    pub fn snapshot(&self) -> WatchSnapshot {
         let last_ms = self.last_applied_unix_ms.load(Ordering::Relaxed);
         let now_ms = unix_millis(OffsetDateTime::now_utc());
-        SyncSnapshot {
+        WatchSnapshot {
             active: self.active.load(Ordering::Relaxed),
             applied_revision: self.applied_revision(),
             last_lag_ms: self.last_lag_micros.load(Ordering::Relaxed) as f64 / 1000.0,
@@ -138,7 +134,7 @@ fn unix_millis(t: OffsetDateTime) -> i64 {
 /// Where applied changes go besides the status counters.
 struct Sinks<'a> {
     cache: &'a PresenceCache,
-    status: &'a SyncStatus,
+    status: &'a WatchStatus,
     metrics: &'a Metrics,
     feed: &'a ChangeFeed,
     log: &'a EventLog,
@@ -252,7 +248,7 @@ async fn check_bucket(
 pub async fn run(
     store: Arc<dyn PresenceStore>,
     cache: PresenceCache,
-    status: Arc<SyncStatus>,
+    status: Arc<WatchStatus>,
     metrics: Metrics,
     feed: ChangeFeed,
     log: Arc<EventLog>,

@@ -1,0 +1,171 @@
+//! The node's recent presence events, so a change stream that resumes with
+//! `Last-Event-ID` gets every change it missed, in order.
+//!
+//! The watch records each visible change it applies; this node's own
+//! writes are recorded when their echo arrives, so the log is in watch
+//! (revision) order on every node.
+
+use crate::record::{PresenceView, UserRecord};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// How many presence changes the node remembers for exact resumes.
+pub const EVENT_LOG_CAPACITY: usize = 32 * 1024;
+
+/// The node's recent presence events (every visible change of every user,
+/// as the watch applied them), so a stream resuming after `Last-Event-ID`
+/// gets each change it missed, not only each user's latest state.
+#[derive(Default)]
+pub struct EventLog {
+    inner: std::sync::Mutex<LogInner>,
+}
+
+#[derive(Default)]
+struct LogInner {
+    events: std::collections::VecDeque<(u64, Arc<PresenceView>)>,
+    /// Visible changes this node wrote and applied itself, by revision,
+    /// until the watch brings them in order (it then finds them stale).
+    local: HashMap<u64, PresenceView>,
+    /// Every visible change after this revision is in `events`; `None`
+    /// while nothing is known (start, replay, recreated bucket).
+    complete_after: Option<u64>,
+}
+
+impl EventLog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LogInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// From now on every change is recorded: the log is complete after `revision`.
+    pub fn start_after(&self, revision: u64) {
+        let mut inner = self.lock();
+        inner.events.clear();
+        inner.local.clear();
+        inner.complete_after = Some(revision);
+    }
+
+    /// Forgets everything (the bucket was recreated, or a replay begins).
+    pub fn reset(&self) {
+        let mut inner = self.lock();
+        inner.events.clear();
+        inner.local.clear();
+        inner.complete_after = None;
+    }
+
+    /// A visible change of a user at `revision`.
+    pub fn push(&self, revision: u64, view: PresenceView) {
+        let mut inner = self.lock();
+        if inner.complete_after.is_none() {
+            return;
+        }
+        if inner.events.len() == EVENT_LOG_CAPACITY
+            && let Some((dropped, _)) = inner.events.pop_front()
+        {
+            inner.complete_after = inner.complete_after.map(|after| after.max(dropped));
+        }
+        inner.events.push_back((revision, Arc::new(view)));
+    }
+
+    /// A visible change this node wrote and already applied to its cache:
+    /// the watch will find it stale, and records it then, in order.
+    pub fn note_local(&self, revision: u64, view: PresenceView) {
+        let mut inner = self.lock();
+        if inner.local.len() >= MAX_LOCAL {
+            // Echoes that never came (a watch restart, a recreated
+            // bucket): give up exactness up to here rather than grow.
+            inner.local.clear();
+            drop(inner);
+            self.gap(revision);
+            return;
+        }
+        inner.local.insert(revision, view);
+    }
+
+    /// The watch found the change at `revision` already applied: if this
+    /// node wrote it, it is recorded now.
+    pub fn echo(&self, revision: u64) {
+        let view = self.lock().local.remove(&revision);
+        if let Some(view) = view {
+            self.push(revision, view);
+        }
+    }
+
+    /// A change at `revision` whose effect is unknown here (its user is
+    /// not cached): nothing up to it can be replayed exactly any more.
+    pub fn gap(&self, revision: u64) {
+        let mut inner = self.lock();
+        inner.complete_after = inner.complete_after.map(|after| after.max(revision));
+        while inner.events.front().is_some_and(|(r, _)| *r <= revision) {
+            inner.events.pop_front();
+        }
+    }
+
+    /// Every event of `users` after revision `after` up to `through`, in
+    /// order; `None` when the log can't vouch for that whole range.
+    pub fn replay(
+        &self,
+        after: u64,
+        through: u64,
+        users: &std::collections::HashSet<&str>,
+    ) -> Option<Vec<(u64, Arc<PresenceView>)>> {
+        let inner = self.lock();
+        if inner.complete_after.is_none_or(|complete| complete > after) || after > through {
+            return None;
+        }
+        Some(
+            inner
+                .events
+                .iter()
+                .filter(|(r, v)| *r > after && *r <= through && users.contains(v.user_id.as_str()))
+                .cloned()
+                .collect(),
+        )
+    }
+}
+
+/// Most local writes waiting for their watch echo.
+const MAX_LOCAL: usize = 4096;
+
+/// The presence a subscriber sees after a record went from `before` to
+/// `after`, if it differs in a way a client shows.
+pub fn visible_change(
+    user_id: &str,
+    before: &UserRecord,
+    after: &UserRecord,
+) -> Option<PresenceView> {
+    (!before.same_stored_state(after)).then(|| after.stored_view(user_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_event_log_replays_only_ranges_it_covers() {
+        let log = EventLog::default();
+        let users: std::collections::HashSet<&str> = ["a", "b"].into();
+        let ids = |events: Option<Vec<(u64, Arc<PresenceView>)>>| {
+            events.map(|e| e.iter().map(|(r, _)| *r).collect::<Vec<_>>())
+        };
+        log.push(1, PresenceView::unknown("a"));
+        assert_eq!(ids(log.replay(0, 10, &users)), None, "not started");
+        log.start_after(5);
+        log.push(6, PresenceView::unknown("a"));
+        log.push(7, PresenceView::unknown("c"));
+        log.note_local(8, PresenceView::unknown("b"));
+        log.echo(8);
+        log.echo(8);
+        log.push(9, PresenceView::unknown("b"));
+        assert_eq!(ids(log.replay(5, 9, &users)), Some(vec![6, 8, 9]));
+        assert_eq!(ids(log.replay(6, 9, &users)), Some(vec![8, 9]));
+        assert_eq!(ids(log.replay(5, 8, &users)), Some(vec![6, 8]));
+        assert_eq!(ids(log.replay(4, 9, &users)), None, "before the log");
+        assert_eq!(ids(log.replay(10, 9, &users)), None, "ahead of the node");
+        // A change this node could not see the effect of.
+        log.gap(8);
+        assert_eq!(ids(log.replay(6, 9, &users)), None);
+        assert_eq!(ids(log.replay(8, 9, &users)), Some(vec![9]));
+        log.reset();
+        assert_eq!(ids(log.replay(8, 9, &users)), None);
+    }
+}

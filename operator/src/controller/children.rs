@@ -1,0 +1,146 @@
+//! Step 3: apply every rendered child with server-side apply, prune the
+//! children of removed regions, and note what the workloads report.
+
+use super::events::{EventReason, publish};
+use super::{Context, Error};
+use crate::crd::{GROUP, PresenceCluster};
+use crate::render::{self, Child, MANAGER};
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Ready and wanted replicas of one region's workloads, as the API server
+/// answered the apply.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub nats_ready: i32,
+    pub nats_wanted: i32,
+    pub dataplane_ready: i32,
+    pub dataplane_wanted: i32,
+}
+
+/// Counts by region name.
+pub type RegionCounts = BTreeMap<String, Counts>;
+
+/// Applies `children` in order, then deletes labelled children that are no
+/// longer rendered.
+pub async fn apply_and_prune(
+    pc: &PresenceCluster,
+    ctx: &Context,
+    scope: &render::Scope,
+    children: &[Child],
+) -> Result<RegionCounts, Error> {
+    let counts = apply_all(&ctx.client, &scope.namespace, children).await?;
+    let keep: BTreeSet<String> = children.iter().map(Child::id).collect();
+    let pruned = prune_all(&ctx.client, scope, &keep).await?;
+    if !pruned.is_empty() {
+        let note = format!("deleted {}", pruned.join(", "));
+        publish(ctx, pc, EventReason::RegionRemoved, "Prune", note).await;
+    }
+    Ok(counts)
+}
+
+fn region_of(meta: &ObjectMeta) -> String {
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get(&format!("{GROUP}/region")).cloned())
+        .unwrap_or_default()
+}
+
+async fn apply_all(client: &Client, ns: &str, children: &[Child]) -> Result<RegionCounts, Error> {
+    let mut counts = RegionCounts::new();
+    for child in children {
+        match child {
+            Child::Secret(_) => {} // created once by the secret step, never applied
+            Child::ConfigMap(o) => {
+                apply_child(client, ns, o).await?;
+            }
+            Child::Service(o) => {
+                apply_child(client, ns, o).await?;
+            }
+            Child::StatefulSet(o) => {
+                let applied = apply_child(client, ns, o).await?;
+                let entry = counts.entry(region_of(&o.metadata)).or_default();
+                entry.nats_wanted = o.spec.replicas.unwrap_or(1);
+                entry.nats_ready = applied.status.and_then(|s| s.ready_replicas).unwrap_or(0);
+            }
+            Child::Deployment(o) => {
+                let applied = apply_child(client, ns, o).await?;
+                let entry = counts.entry(region_of(&o.metadata)).or_default();
+                entry.dataplane_wanted = o.spec.replicas.unwrap_or(1);
+                entry.dataplane_ready = applied.status.and_then(|s| s.ready_replicas).unwrap_or(0);
+            }
+        }
+    }
+    Ok(counts)
+}
+
+/// Server-side apply of one child with our field manager.
+async fn apply_child<K>(client: &Client, ns: &str, object: &K) -> Result<K, kube::Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let name = object.meta().name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+}
+
+async fn prune_all(
+    client: &Client,
+    scope: &render::Scope,
+    keep: &BTreeSet<String>,
+) -> Result<Vec<String>, Error> {
+    let selector = format!(
+        "app.kubernetes.io/instance={},app.kubernetes.io/managed-by={MANAGER}",
+        scope.name
+    );
+    let ns = scope.namespace.as_str();
+    let mut pruned = Vec::new();
+    pruned.extend(prune::<Deployment>(client, ns, &selector, keep).await?);
+    pruned.extend(prune::<StatefulSet>(client, ns, &selector, keep).await?);
+    pruned.extend(prune::<Service>(client, ns, &selector, keep).await?);
+    pruned.extend(prune::<ConfigMap>(client, ns, &selector, keep).await?);
+    Ok(pruned)
+}
+
+/// Deletes children of `kind` that carry our labels but are no longer rendered.
+async fn prune<K>(
+    client: &Client,
+    ns: &str,
+    selector: &str,
+    keep: &BTreeSet<String>,
+) -> Result<Vec<String>, kube::Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let mut deleted = Vec::new();
+    for object in api.list(&ListParams::default().labels(selector)).await? {
+        let name = object.name_any();
+        let id = format!("{}/{name}", K::kind(&K::DynamicType::default()));
+        if !keep.contains(&id) {
+            api.delete(&name, &DeleteParams::background()).await?;
+            deleted.push(id);
+        }
+    }
+    Ok(deleted)
+}

@@ -1,0 +1,69 @@
+//! Kubernetes Events the operator records on a PresenceCluster: what it
+//! did that a person may want to know about (`kubectl describe`).
+
+use super::Context;
+use super::conditions::Reason;
+use crate::crd::PresenceCluster;
+use kube::Resource;
+use kube::runtime::events::{Event, EventType};
+
+/// Why an Event was recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventReason {
+    /// The operator created the JWT Secret.
+    SecretGenerated,
+    /// Objects of removed regions were deleted.
+    RegionRemoved,
+    BucketCreated,
+    BucketUpdated,
+    /// Deletion kept the bucket (`deletionPolicy: Retain`).
+    BucketRetained,
+    BucketDeleted,
+    /// The hub stayed unreachable past the deletion grace period.
+    BucketDeletionAbandoned,
+    /// A reconcile failed (a Warning).
+    Failed(Reason),
+}
+
+impl EventReason {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventReason::SecretGenerated => "SecretGenerated",
+            EventReason::RegionRemoved => "RegionRemoved",
+            EventReason::BucketCreated => "BucketCreated",
+            EventReason::BucketUpdated => "BucketUpdated",
+            EventReason::BucketRetained => "BucketRetained",
+            EventReason::BucketDeleted => "BucketDeleted",
+            EventReason::BucketDeletionAbandoned => "BucketDeletionAbandoned",
+            EventReason::Failed(reason) => reason.as_str(),
+        }
+    }
+
+    fn event_type(self) -> EventType {
+        match self {
+            EventReason::Failed(_) | EventReason::BucketDeletionAbandoned => EventType::Warning,
+            _ => EventType::Normal,
+        }
+    }
+}
+
+/// Records an Event; a failure to record is logged, never fatal.
+pub async fn publish(
+    ctx: &Context,
+    pc: &PresenceCluster,
+    reason: EventReason,
+    action: &str,
+    note: String,
+) {
+    let event = Event {
+        type_: reason.event_type(),
+        reason: reason.as_str().into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(err) = ctx.recorder.publish(&event, &pc.object_ref(&())).await {
+        tracing::warn!(error = %err, "cannot publish event");
+    }
+}

@@ -1,0 +1,303 @@
+//! Reconciles PresenceClusters as a pipeline of named steps, one module
+//! each:
+//!
+//! 1. [`check`]: the spec is valid;
+//! 2. [`secrets`]: the JWT Secret exists (generated once, or referenced);
+//! 3. [`children`]: every rendered object is applied (server-side apply) and
+//!    objects of removed regions are pruned;
+//! 4. [`probe`]: the hub is asked (the bucket provisioned, leaf links read);
+//! 5. [`status`]: a pure function turns what was observed into conditions,
+//!    per-region status and the next requeue.
+//!
+//! A step that can't go on ends the pipeline with what it observed, and
+//! the status rules say what that means. Deletion is [`cleanup`]'s job.
+
+pub mod check;
+pub mod children;
+pub mod cleanup;
+pub mod conditions;
+pub mod events;
+pub mod probe;
+pub mod secrets;
+pub mod status;
+#[cfg(test)]
+mod tests;
+
+pub use cleanup::DELETION_GRACE;
+use conditions::{Reason, set_condition};
+use events::{EventReason, publish};
+use secrets::SecretState;
+use status::{Observed, Requeue};
+
+use crate::crd::{PresenceCluster, PresenceClusterStatus};
+use crate::metrics::Metrics;
+use crate::render::{self, MANAGER};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{self, Event as FinalizerEvent};
+use kube::{Client, Resource, ResourceExt};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Finalizer guarding the KV bucket, the only state outside Kubernetes.
+pub const FINALIZER: &str = "presencecluster.io/kv-bucket";
+/// `"true"` stops reconciling the object (deletion still proceeds).
+pub const PAUSED_ANNOTATION: &str = "presencecluster.io/paused";
+
+/// Why a reconcile failed; requeued with backoff and reported as an Event.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API error: {0}")]
+    Kube(kube::Error),
+    #[error("the PresenceCluster has no namespace")]
+    NoNamespace,
+    #[error(transparent)]
+    Render(#[from] render::RenderError),
+    #[error("cannot generate the JWT secret: {0}")]
+    Random(String),
+    #[error(
+        "cannot delete KV bucket {bucket}: {reason}; retrying until {deadline}, then the bucket is left in place"
+    )]
+    BucketDeletion {
+        bucket: String,
+        reason: String,
+        deadline: String,
+    },
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+// The cause is part of the message, so it is not also a `source()`:
+// printing an error chain shows it once.
+impl From<kube::Error> for Error {
+    fn from(err: kube::Error) -> Self {
+        Error::Kube(err)
+    }
+}
+
+impl Error {
+    /// The reason for Degraded, Events and metrics.
+    pub fn reason(&self) -> Reason {
+        match self {
+            Error::Kube(_) => Reason::KubernetesApiError,
+            Error::NoNamespace => Reason::InvalidObject,
+            Error::Render(_) => Reason::InvalidSpec,
+            Error::Random(_) => Reason::SecretGenerationFailed,
+            Error::BucketDeletion { .. } => Reason::BucketDeletionFailed,
+            Error::Finalizer(_) => Reason::FinalizerFailed,
+        }
+    }
+}
+
+/// How the operator reaches the hub's NATS (client and monitoring ports).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HubAccess {
+    /// Through the hub's client Service in the cluster (production).
+    ClusterDns,
+    /// A fixed address, for running the operator outside the cluster and tests.
+    Fixed {
+        nats_url: String,
+        monitor_host: String,
+        monitor_port: u16,
+    },
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub recorder: kube::runtime::events::Recorder,
+    pub metrics: Metrics,
+    pub hub: HubAccess,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context for `client`; events are reported as `reporter`.
+    pub fn new(client: Client, reporter: &str, metrics: Metrics, hub: HubAccess) -> Self {
+        let recorder = kube::runtime::events::Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: MANAGER.into(),
+                instance: Some(reporter.to_owned()),
+            },
+        );
+        Context {
+            client,
+            recorder,
+            metrics,
+            hub,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn key(pc: &PresenceCluster) -> String {
+    format!("{}/{}", pc.namespace().unwrap_or_default(), pc.name_any())
+}
+
+/// Whether the paused annotation is set.
+pub fn is_paused(pc: &PresenceCluster) -> bool {
+    pc.annotations()
+        .get(PAUSED_ANNOTATION)
+        .is_some_and(|v| v == "true")
+}
+
+/// Entry point for the controller runtime.
+pub async fn reconcile(pc: Arc<PresenceCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    ctx.metrics.reconciles.inc();
+    let ns = pc.namespace().ok_or(Error::NoNamespace)?;
+    let api: Api<PresenceCluster> = Api::namespaced(ctx.client.clone(), &ns);
+    let deleting = pc.meta().deletion_timestamp.is_some();
+    let result = if is_paused(&pc) && !deleting {
+        paused(&pc, &api).await
+    } else {
+        finalizer::finalizer(&api, FINALIZER, pc.clone(), |event| async {
+            match event {
+                FinalizerEvent::Apply(pc) => apply(&pc, &ctx, &api, &ns).await,
+                FinalizerEvent::Cleanup(pc) => cleanup::cleanup(&pc, &ctx, &api, &ns).await,
+            }
+        })
+        .await
+        .map_err(|e| match e {
+            finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+            other => Error::Finalizer(other.to_string()),
+        })
+    };
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    match &result {
+        Ok(_) => {
+            ctx.failures().remove(&key(&pc));
+        }
+        // Say so in status too (best effort: the API may be what failed).
+        Err(err) if !deleting => {
+            let mut status = pc.status.clone().unwrap_or_default();
+            let update = status::failed(err.reason(), &err.to_string());
+            set_condition(
+                &mut status.conditions,
+                pc.meta().generation,
+                &update,
+                Timestamp::now(),
+            );
+            if let Err(status_err) = write_status(&pc, &api, status).await {
+                tracing::warn!(error = %status_err, "cannot record the failure in status");
+            }
+        }
+        Err(_) => {}
+    }
+    result
+}
+
+/// Requeue with exponential backoff (5 s doubling to 5 min), and tell people.
+pub fn error_policy(pc: Arc<PresenceCluster>, err: &Error, ctx: Arc<Context>) -> Action {
+    let reason = err.reason();
+    ctx.metrics
+        .errors
+        .with_label_values(&[reason.as_str()])
+        .inc();
+    let attempts = {
+        let mut failures = ctx.failures();
+        let n = failures.entry(key(&pc)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay =
+        Duration::from_secs(5 * 2u64.pow(attempts.min(6) - 1)).min(Duration::from_secs(300));
+    tracing::warn!(presencecluster = %key(&pc), error = %err, ?delay, "reconcile failed");
+    let note = err.to_string();
+    tokio::spawn(async move {
+        publish(&ctx, &pc, EventReason::Failed(reason), "Reconcile", note).await;
+    });
+    Action::requeue(delay)
+}
+
+async fn paused(pc: &PresenceCluster, api: &Api<PresenceCluster>) -> Result<Action, Error> {
+    let mut status = pc.status.clone().unwrap_or_default();
+    let update = status::paused(PAUSED_ANNOTATION);
+    set_condition(
+        &mut status.conditions,
+        pc.meta().generation,
+        &update,
+        Timestamp::now(),
+    );
+    write_status(pc, api, status).await?;
+    Ok(Action::await_change())
+}
+
+/// The pipeline: observe step by step, then write what the status rules say.
+async fn apply(
+    pc: &PresenceCluster,
+    ctx: &Context,
+    api: &Api<PresenceCluster>,
+    ns: &str,
+) -> Result<Action, Error> {
+    let scope = render::Scope::new(pc, ns)?;
+    let observed = observe(pc, ctx, &scope).await?;
+    let computed = status::compute(&observed);
+    let mut status = pc.status.clone().unwrap_or_default();
+    let now = Timestamp::now();
+    for update in &computed.conditions {
+        set_condition(&mut status.conditions, pc.meta().generation, update, now);
+    }
+    if let Some(regions) = computed.regions {
+        status.regions = regions;
+    }
+    write_status(pc, api, status).await?;
+    Ok(match computed.requeue {
+        Requeue::OnChange => Action::await_change(),
+        Requeue::After(delay) => Action::requeue(delay),
+    })
+}
+
+/// Steps 1 to 4; each may end the pipeline with what it found.
+async fn observe(
+    pc: &PresenceCluster,
+    ctx: &Context,
+    scope: &render::Scope,
+) -> Result<Observed, Error> {
+    if let Err(problem) = check::spec(pc, scope) {
+        return Ok(Observed::InvalidSpec(problem));
+    }
+    let digest = match secrets::ensure_jwt_secret(pc, ctx, scope).await? {
+        SecretState::Ready(digest) => digest,
+        SecretState::Problem { reason, message } => {
+            return Ok(Observed::SecretProblem { reason, message });
+        }
+    };
+    let inputs = render::Inputs {
+        jwt_secret_digest: Some(digest),
+        ..Default::default()
+    };
+    let children = render::render(pc, scope, &inputs)?;
+    let counts = children::apply_and_prune(pc, ctx, scope, &children).await?;
+    let (bucket, regions) = probe::observe_hub(pc, ctx, scope, &counts).await;
+    Ok(Observed::Applied { regions, bucket })
+}
+
+/// Writes status with a merge patch, only when it changed.
+async fn write_status(
+    pc: &PresenceCluster,
+    api: &Api<PresenceCluster>,
+    mut status: PresenceClusterStatus,
+) -> Result<(), Error> {
+    status.observed_generation = pc.meta().generation;
+    if pc.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let patch = serde_json::json!({"status": status});
+    api.patch_status(
+        &pc.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}

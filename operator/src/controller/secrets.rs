@@ -1,0 +1,107 @@
+//! Step 2: the JWT Secret. A referenced Secret is only read; otherwise the
+//! operator generates one, once, and never rewrites it.
+
+use super::conditions::Reason;
+use super::events::{EventReason, publish};
+use super::{Context, Error};
+use crate::crd::PresenceCluster;
+use crate::render::{self, secrets};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, PostParams};
+
+/// What the secret step found.
+pub enum SecretState {
+    /// Usable; carries a digest of the secret's value (never the value).
+    Ready(String),
+    /// Not usable; nothing should be applied until someone fixes it.
+    Problem { reason: Reason, message: String },
+}
+
+/// A short digest of `key` in `secret`, so that rotating it rolls the pods
+/// that use it without the value ever leaving the Secret.
+pub fn digest_of(secret: &Secret, key: &str) -> Option<String> {
+    let bytes = match secret.data.as_ref().and_then(|d| d.get(key)) {
+        Some(value) => value.0.clone(),
+        None => secret
+            .string_data
+            .as_ref()
+            .and_then(|d| d.get(key))?
+            .clone()
+            .into_bytes(),
+    };
+    Some(render::config_hash(&bytes))
+}
+
+/// Reads the referenced JWT Secret, or creates the generated one.
+pub async fn ensure_jwt_secret(
+    pc: &PresenceCluster,
+    ctx: &Context,
+    scope: &render::Scope,
+) -> Result<SecretState, Error> {
+    let ns = scope.namespace.as_str();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let reference = pc
+        .spec
+        .auth
+        .as_ref()
+        .and_then(|a| a.jwt_secret_ref.as_ref());
+    let Some(reference) = reference else {
+        return generated(pc, ctx, scope, &api).await;
+    };
+    Ok(match api.get_opt(&reference.name).await? {
+        None => SecretState::Problem {
+            reason: Reason::SecretNotFound,
+            message: format!(
+                "Secret {ns}/{} named by spec.auth.jwtSecretRef does not exist; create it with the HS256 secret under key {:?}",
+                reference.name, reference.key
+            ),
+        },
+        Some(secret) => match digest_of(&secret, &reference.key) {
+            Some(digest) => SecretState::Ready(digest),
+            None => SecretState::Problem {
+                reason: Reason::SecretKeyMissing,
+                message: format!(
+                    "Secret {ns}/{} has no key {:?}",
+                    reference.name, reference.key
+                ),
+            },
+        },
+    })
+}
+
+/// The generated Secret: created once, never updated, because rotating it
+/// would invalidate every token.
+async fn generated(
+    pc: &PresenceCluster,
+    ctx: &Context,
+    scope: &render::Scope,
+    api: &Api<Secret>,
+) -> Result<SecretState, Error> {
+    let name = scope.names.jwt_secret();
+    let secret = match api.get_opt(&name).await? {
+        Some(existing) => existing,
+        None => {
+            let value = secrets::random_secret().map_err(|e| Error::Random(e.to_string()))?;
+            let inputs = render::Inputs {
+                generated_jwt_secret: Some(value),
+                ..Default::default()
+            };
+            let Some(secret) = secrets::generated_jwt_secret(scope, &pc.spec, &inputs) else {
+                return Ok(SecretState::Ready(String::new()));
+            };
+            match api.create(&PostParams::default(), &secret).await {
+                Ok(_) => {
+                    let note = format!("generated JWT Secret {}/{name}", scope.namespace);
+                    publish(ctx, pc, EventReason::SecretGenerated, "CreateSecret", note).await;
+                    secret
+                }
+                // Created concurrently: use what won.
+                Err(kube::Error::Api(e)) if e.code == 409 => api.get(&name).await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    Ok(SecretState::Ready(
+        digest_of(&secret, secrets::JWT_KEY).unwrap_or_default(),
+    ))
+}

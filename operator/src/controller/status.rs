@@ -1,0 +1,433 @@
+//! The status rules: what was observed in, conditions, per-region status
+//! and when to look again out. Pure, so every rule is unit tested without
+//! an API server or NATS.
+
+use super::conditions::{ConditionType, ConditionUpdate, Reason};
+use crate::crd::{RegionStatus, Role};
+use std::time::Duration;
+
+/// Requeue interval while something is still converging.
+pub const REQUEUE_PROGRESSING: Duration = Duration::from_secs(10);
+/// Requeue interval once everything is ready (drift check).
+pub const REQUEUE_READY: Duration = Duration::from_secs(300);
+/// Requeue interval while a referenced Secret is missing (it is also
+/// watched, so creating it takes effect sooner).
+pub const REQUEUE_SECRET: Duration = Duration::from_secs(30);
+
+/// What one region's workloads reported after they were applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionObservation {
+    pub name: String,
+    pub role: Role,
+    pub nats_ready: i32,
+    pub nats_wanted: i32,
+    pub dataplane_ready: i32,
+    pub dataplane_wanted: i32,
+    /// For a leaf: whether the hub lists its server as a leafnode; `None`
+    /// for the center, or when the hub couldn't be asked.
+    pub leafnode_connected: Option<bool>,
+}
+
+impl RegionObservation {
+    fn is_ready(&self) -> bool {
+        self.nats_ready >= self.nats_wanted && self.dataplane_ready >= self.dataplane_wanted
+    }
+
+    fn status(&self) -> RegionStatus {
+        RegionStatus {
+            name: self.name.clone(),
+            role: self.role.as_str().to_owned(),
+            nats_ready_replicas: self.nats_ready,
+            dataplane_ready_replicas: self.dataplane_ready,
+            leafnode_connected: self.leafnode_connected,
+        }
+    }
+}
+
+/// Everything a reconcile learned, in the order the pipeline learns it:
+/// each variant ends the pipeline at a different step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observed {
+    /// The spec check failed; nothing was applied.
+    InvalidSpec(String),
+    /// The JWT Secret can't be used; nothing was applied.
+    SecretProblem { reason: Reason, message: String },
+    /// Every child was applied; this is what they and the hub reported.
+    Applied {
+        /// Every region, center first.
+        regions: Vec<RegionObservation>,
+        /// `None` while the hub isn't ready (the bucket wasn't tried).
+        bucket: Option<Result<(), String>>,
+    },
+}
+
+/// When to reconcile again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requeue {
+    /// Only when something changes.
+    OnChange,
+    After(Duration),
+}
+
+/// The status a reconcile writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Computed {
+    /// Ready, Progressing and Degraded.
+    pub conditions: Vec<ConditionUpdate>,
+    /// Per-region status; `None` keeps what the status had.
+    pub regions: Option<Vec<RegionStatus>>,
+    pub requeue: Requeue,
+}
+
+fn triple(
+    ready: ConditionUpdate,
+    progressing: ConditionUpdate,
+    degraded: ConditionUpdate,
+) -> Vec<ConditionUpdate> {
+    vec![ready, progressing, degraded]
+}
+
+/// A problem that stops the pipeline before anything is applied:
+/// Degraded, not Ready, and not progressing until someone acts.
+fn blocked(
+    reason: Reason,
+    problem: &str,
+    ready_message: &str,
+    waiting: &str,
+) -> Vec<ConditionUpdate> {
+    triple(
+        ConditionUpdate::new(ConditionType::Ready, false, reason, ready_message),
+        ConditionUpdate::new(ConditionType::Progressing, false, reason, waiting),
+        ConditionUpdate::new(ConditionType::Degraded, true, reason, problem),
+    )
+}
+
+/// The status rules.
+pub fn compute(observed: &Observed) -> Computed {
+    match observed {
+        Observed::InvalidSpec(problem) => Computed {
+            conditions: blocked(
+                Reason::InvalidSpec,
+                problem,
+                "fix the spec; nothing is applied while it is invalid",
+                "waiting for a valid spec",
+            ),
+            regions: None,
+            requeue: Requeue::OnChange,
+        },
+        Observed::SecretProblem { reason, message } => Computed {
+            conditions: blocked(*reason, message, message, "waiting for the JWT Secret"),
+            regions: None,
+            requeue: Requeue::After(REQUEUE_SECRET),
+        },
+        Observed::Applied { regions, bucket } => applied(regions, bucket.as_ref()),
+    }
+}
+
+/// Ready's verdict: the first thing (in dependency order) that isn't ready.
+fn readiness(
+    regions: &[RegionObservation],
+    bucket: Option<&Result<(), String>>,
+) -> (bool, Reason, String) {
+    let center = regions.iter().find(|r| r.role == Role::Center);
+    let hub_ready = center.is_some_and(|h| h.nats_ready >= h.nats_wanted && h.nats_wanted > 0);
+    if !hub_ready {
+        let name = center.map_or("center", |c| c.name.as_str());
+        return (
+            false,
+            Reason::HubNotReady,
+            format!("waiting for the hub NATS servers of region {name} to become ready"),
+        );
+    }
+    if let Some(Err(err)) = bucket {
+        return (
+            false,
+            Reason::BucketUnavailable,
+            format!("the KV bucket can't be provisioned: {err}"),
+        );
+    }
+    let unready: Vec<String> = regions
+        .iter()
+        .filter(|r| !r.is_ready())
+        .map(|r| {
+            format!(
+                "{} (NATS {}/{}, presence-service {}/{})",
+                r.name, r.nats_ready, r.nats_wanted, r.dataplane_ready, r.dataplane_wanted
+            )
+        })
+        .collect();
+    if !unready.is_empty() {
+        return (
+            false,
+            Reason::RegionsNotReady,
+            format!("not ready yet: {}", unready.join(", ")),
+        );
+    }
+    let disconnected: Vec<&str> = regions
+        .iter()
+        .filter(|r| r.leafnode_connected == Some(false))
+        .map(|r| r.name.as_str())
+        .collect();
+    if !disconnected.is_empty() {
+        return (
+            false,
+            Reason::LeafnodeDisconnected,
+            format!(
+                "leaf NATS servers not connected to the hub: {}",
+                disconnected.join(", ")
+            ),
+        );
+    }
+    (
+        true,
+        Reason::AllRegionsReady,
+        format!("{} regions ready", regions.len()),
+    )
+}
+
+fn applied(regions: &[RegionObservation], bucket: Option<&Result<(), String>>) -> Computed {
+    let (ready, reason, message) = readiness(regions, bucket);
+    let progressing = if ready {
+        ConditionUpdate::new(
+            ConditionType::Progressing,
+            false,
+            Reason::ReconcileComplete,
+            "every object is applied and ready",
+        )
+    } else {
+        ConditionUpdate::new(ConditionType::Progressing, true, reason, message.clone())
+    };
+    let degraded = match bucket {
+        Some(Err(err)) => ConditionUpdate::new(
+            ConditionType::Degraded,
+            true,
+            Reason::BucketUnavailable,
+            err.clone(),
+        ),
+        _ => ConditionUpdate::new(
+            ConditionType::Degraded,
+            false,
+            Reason::AsExpected,
+            "no problems found",
+        ),
+    };
+    Computed {
+        conditions: triple(
+            ConditionUpdate::new(ConditionType::Ready, ready, reason, message),
+            progressing,
+            degraded,
+        ),
+        regions: Some(regions.iter().map(RegionObservation::status).collect()),
+        requeue: Requeue::After(if ready {
+            REQUEUE_READY
+        } else {
+            REQUEUE_PROGRESSING
+        }),
+    }
+}
+
+/// The condition a failed reconcile leaves: Degraded with the failure.
+pub fn failed(reason: Reason, message: &str) -> ConditionUpdate {
+    ConditionUpdate::new(ConditionType::Degraded, true, reason, message)
+}
+
+/// The condition of a paused object.
+pub fn paused(annotation: &str) -> ConditionUpdate {
+    ConditionUpdate::new(
+        ConditionType::Progressing,
+        false,
+        Reason::Paused,
+        format!(
+            "reconciling is paused by the annotation {annotation}=\"true\"; remove it to resume"
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(
+        name: &str,
+        role: Role,
+        nats: (i32, i32),
+        dataplane: (i32, i32),
+        leaf: Option<bool>,
+    ) -> RegionObservation {
+        RegionObservation {
+            name: name.into(),
+            role,
+            nats_ready: nats.0,
+            nats_wanted: nats.1,
+            dataplane_ready: dataplane.0,
+            dataplane_wanted: dataplane.1,
+            leafnode_connected: leaf,
+        }
+    }
+
+    fn all_ready() -> Vec<RegionObservation> {
+        vec![
+            region("center", Role::Center, (3, 3), (2, 2), None),
+            region("eu", Role::Leaf, (1, 1), (2, 2), Some(true)),
+        ]
+    }
+
+    /// (type, status, reason) of every condition.
+    fn summary(c: &Computed) -> Vec<(&'static str, bool, &'static str)> {
+        c.conditions
+            .iter()
+            .map(|u| (u.type_.as_str(), u.status, u.reason.as_str()))
+            .collect()
+    }
+
+    fn applied_with(
+        regions: Vec<RegionObservation>,
+        bucket: Option<Result<(), String>>,
+    ) -> Computed {
+        compute(&Observed::Applied { regions, bucket })
+    }
+
+    #[test]
+    fn everything_ready() {
+        let c = applied_with(all_ready(), Some(Ok(())));
+        assert_eq!(
+            summary(&c),
+            [
+                ("Ready", true, "AllRegionsReady"),
+                ("Progressing", false, "ReconcileComplete"),
+                ("Degraded", false, "AsExpected")
+            ]
+        );
+        assert_eq!(c.conditions[0].message, "2 regions ready");
+        assert_eq!(c.requeue, Requeue::After(REQUEUE_READY));
+        let regions = c.regions.unwrap();
+        assert_eq!(
+            (
+                regions[1].name.as_str(),
+                regions[1].role.as_str(),
+                regions[1].leafnode_connected
+            ),
+            ("eu", "leaf", Some(true))
+        );
+    }
+
+    #[test]
+    fn an_invalid_spec_blocks_everything() {
+        let c = compute(&Observed::InvalidSpec(
+            "leaf name \"x\" appears twice".into(),
+        ));
+        assert_eq!(
+            summary(&c),
+            [
+                ("Ready", false, "InvalidSpec"),
+                ("Progressing", false, "InvalidSpec"),
+                ("Degraded", true, "InvalidSpec")
+            ]
+        );
+        assert!(c.conditions[2].message.contains("appears twice"));
+        assert_eq!((c.regions, c.requeue), (None, Requeue::OnChange));
+    }
+
+    #[test]
+    fn a_secret_problem_blocks_and_retries() {
+        for reason in [Reason::SecretNotFound, Reason::SecretKeyMissing] {
+            let c = compute(&Observed::SecretProblem {
+                reason,
+                message: "Secret ns/x".into(),
+            });
+            let r = reason.as_str();
+            assert_eq!(
+                summary(&c),
+                [
+                    ("Ready", false, r),
+                    ("Progressing", false, r),
+                    ("Degraded", true, r)
+                ]
+            );
+            assert_eq!(c.conditions[1].message, "waiting for the JWT Secret");
+            assert_eq!(c.requeue, Requeue::After(REQUEUE_SECRET));
+        }
+    }
+
+    #[test]
+    fn the_hub_comes_first() {
+        let mut regions = all_ready();
+        regions[0].nats_ready = 2;
+        regions[1].dataplane_ready = 0;
+        let c = applied_with(regions.clone(), None);
+        assert_eq!(
+            summary(&c),
+            [
+                ("Ready", false, "HubNotReady"),
+                ("Progressing", true, "HubNotReady"),
+                ("Degraded", false, "AsExpected")
+            ]
+        );
+        assert!(c.conditions[0].message.contains("region center"));
+        assert_eq!(c.requeue, Requeue::After(REQUEUE_PROGRESSING));
+        // A hub with no servers wanted is not ready either.
+        regions[0].nats_ready = 0;
+        regions[0].nats_wanted = 0;
+        assert_eq!(
+            applied_with(regions, None).conditions[0].reason,
+            Reason::HubNotReady
+        );
+    }
+
+    #[test]
+    fn a_bucket_failure_degrades() {
+        let c = applied_with(all_ready(), Some(Err("JetStream refused".into())));
+        assert_eq!(
+            summary(&c),
+            [
+                ("Ready", false, "BucketUnavailable"),
+                ("Progressing", true, "BucketUnavailable"),
+                ("Degraded", true, "BucketUnavailable")
+            ]
+        );
+        assert_eq!(c.conditions[2].message, "JetStream refused");
+        assert!(c.conditions[0].message.ends_with("JetStream refused"));
+    }
+
+    #[test]
+    fn unready_regions_are_named_with_their_counts() {
+        let mut regions = all_ready();
+        regions[1].dataplane_ready = 1;
+        let c = applied_with(regions, Some(Ok(())));
+        assert_eq!(summary(&c)[0], ("Ready", false, "RegionsNotReady"));
+        assert_eq!(
+            c.conditions[0].message,
+            "not ready yet: eu (NATS 1/1, presence-service 1/2)"
+        );
+        assert_eq!(c.conditions[1].reason, Reason::RegionsNotReady);
+    }
+
+    #[test]
+    fn a_disconnected_leaf_is_not_ready_but_an_unknown_link_is() {
+        let mut regions = all_ready();
+        regions[1].leafnode_connected = Some(false);
+        let c = applied_with(regions.clone(), Some(Ok(())));
+        assert_eq!(summary(&c)[0], ("Ready", false, "LeafnodeDisconnected"));
+        assert_eq!(
+            c.conditions[0].message,
+            "leaf NATS servers not connected to the hub: eu"
+        );
+        regions[1].leafnode_connected = None;
+        assert!(applied_with(regions, Some(Ok(()))).conditions[0].status);
+    }
+
+    #[test]
+    fn failures_and_pauses() {
+        let f = failed(Reason::KubernetesApiError, "boom");
+        assert_eq!(
+            (f.type_, f.status, f.message.as_str()),
+            (ConditionType::Degraded, true, "boom")
+        );
+        let p = paused("presencecluster.io/paused");
+        assert_eq!(
+            (p.type_, p.status, p.reason),
+            (ConditionType::Progressing, false, Reason::Paused)
+        );
+        assert!(p.message.contains("presencecluster.io/paused=\"true\""));
+    }
+}

@@ -1,0 +1,612 @@
+//! Controller scenarios against the mocked API server; the hub's KV
+//! bucket and leafnode state come from real nats-server processes.
+
+use super::secrets::digest_of;
+use super::*;
+use crate::crd::PresenceClusterStatus;
+use crate::fixtures::{FakeApi, Recorded};
+use crate::kv::{self, DesiredBucket};
+use crate::render::{Child, secrets};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet};
+
+const NS: &str = "ns";
+
+fn pc_path(name: &str) -> String {
+    format!("/apis/presencecluster.io/v1alpha1/namespaces/{NS}/presenceclusters/{name}")
+}
+
+fn child_path(child: &Child) -> String {
+    let name = child.metadata().name.clone().unwrap_or_default();
+    match child {
+        Child::ConfigMap(_) => format!("/api/v1/namespaces/{NS}/configmaps/{name}"),
+        Child::Service(_) => format!("/api/v1/namespaces/{NS}/services/{name}"),
+        Child::Secret(_) => format!("/api/v1/namespaces/{NS}/secrets/{name}"),
+        Child::StatefulSet(_) => format!("/apis/apps/v1/namespaces/{NS}/statefulsets/{name}"),
+        Child::Deployment(_) => format!("/apis/apps/v1/namespaces/{NS}/deployments/{name}"),
+    }
+}
+
+fn cluster(spec: Value) -> Value {
+    json!({"apiVersion": "presencecluster.io/v1alpha1", "kind": "PresenceCluster",
+           "metadata": {"name": "p", "namespace": NS, "uid": "uid-p", "generation": 1},
+           "spec": spec})
+}
+
+fn unreachable() -> HubAccess {
+    HubAccess::Fixed {
+        nats_url: "nats://127.0.0.1:1".into(),
+        monitor_host: "127.0.0.1".into(),
+        monitor_port: 1,
+    }
+}
+
+fn real(hub: &testkit::Nats) -> HubAccess {
+    HubAccess::Fixed {
+        nats_url: hub.url(),
+        monitor_host: "127.0.0.1".into(),
+        monitor_port: hub.monitor_port,
+    }
+}
+
+fn context(fake: &FakeApi, hub: HubAccess) -> Arc<Context> {
+    Arc::new(Context::new(
+        fake.client(),
+        "test",
+        Metrics::new().unwrap(),
+        hub,
+    ))
+}
+
+fn load(fake: &FakeApi) -> Arc<PresenceCluster> {
+    Arc::new(
+        serde_json::from_value(fake.get(&pc_path("p")).expect("stored"))
+            .expect("a PresenceCluster"),
+    )
+}
+
+/// Reconciles the stored object once (first adding the finalizer if needed).
+async fn reconcile_stored(fake: &FakeApi, ctx: &Arc<Context>) -> Result<Action, Error> {
+    if !load(fake).finalizers().iter().any(|f| f == FINALIZER) {
+        reconcile(load(fake), ctx.clone()).await?;
+    }
+    reconcile(load(fake), ctx.clone()).await
+}
+
+fn status(fake: &FakeApi) -> PresenceClusterStatus {
+    serde_json::from_value(fake.get(&pc_path("p")).unwrap()["status"].clone()).unwrap()
+}
+
+fn find_condition<'a>(status: &'a PresenceClusterStatus, type_: &str) -> &'a Condition {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .expect(type_)
+}
+
+fn condition(status: &PresenceClusterStatus, type_: &str) -> (String, String) {
+    let c = find_condition(status, type_);
+    (c.status.clone(), c.reason.clone())
+}
+
+fn applies(requests: &[Recorded]) -> Vec<&Recorded> {
+    requests
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.content_type.starts_with("application/apply-patch"))
+        .collect()
+}
+
+/// What the controller should have applied: the rendered objects, with
+/// the digest of the JWT secret the fake holds.
+fn rendered(fake: &FakeApi) -> Vec<Child> {
+    let pc = load(fake);
+    let rctx = render::Scope::new(&pc, NS).unwrap();
+    let secret: Secret = serde_json::from_value(
+        fake.get(&format!(
+            "/api/v1/namespaces/{NS}/secrets/{}",
+            rctx.names.jwt_secret()
+        ))
+        .expect("generated secret"),
+    )
+    .unwrap();
+    let inputs = render::Inputs {
+        jwt_secret_digest: digest_of(&secret, secrets::JWT_KEY),
+        ..Default::default()
+    };
+    render::render(&pc, &rctx, &inputs).unwrap()
+}
+
+#[tokio::test]
+async fn a_fresh_cluster_gets_a_finalizer_then_every_object() {
+    let fake = FakeApi::default();
+    fake.insert(
+        &pc_path("p"),
+        cluster(json!({"center": {}, "leaves": [{"name": "eu"}, {"name": "us"}]})),
+    );
+    let ctx = context(&fake, unreachable());
+
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    let first = fake.requests_without_events();
+    assert_eq!(first.len(), 1, "{first:#?}");
+    assert_eq!(
+        (first[0].method.as_str(), first[0].path.as_str()),
+        ("PATCH", pc_path("p").as_str())
+    );
+    assert!(first[0].content_type.starts_with("application/json-patch"));
+    assert_eq!(
+        first[0].body[1],
+        json!({"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]})
+    );
+
+    fake.clear_requests();
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    let requests = fake.requests_without_events();
+    let calls: Vec<(String, String)> = requests
+        .iter()
+        .map(|r| (r.method.clone(), r.path.clone()))
+        .collect();
+    let secret = format!("/api/v1/namespaces/{NS}/secrets/p-jwt");
+    let mut expected = vec![
+        ("GET".to_owned(), secret.clone()),
+        (
+            "POST".to_owned(),
+            format!("/api/v1/namespaces/{NS}/secrets"),
+        ),
+    ];
+    let children: Vec<Child> = rendered(&fake)
+        .into_iter()
+        .filter(|c| !matches!(c, Child::Secret(_)))
+        .collect();
+    expected.extend(children.iter().map(|c| ("PATCH".to_owned(), child_path(c))));
+    for kind in [
+        "apis/apps/v1/namespaces/ns/deployments",
+        "apis/apps/v1/namespaces/ns/statefulsets",
+        "api/v1/namespaces/ns/services",
+        "api/v1/namespaces/ns/configmaps",
+    ] {
+        expected.push(("GET".to_owned(), format!("/{kind}")));
+    }
+    expected.push(("PATCH".to_owned(), format!("{}/status", pc_path("p"))));
+    assert_eq!(calls, expected);
+
+    // The generated secret: 64 hex characters, owned by the cluster.
+    let created = &requests[1].body;
+    let value = created["stringData"]["jwt-secret"].as_str().unwrap();
+    assert_eq!(value.len(), 64);
+    assert_eq!(created["metadata"]["ownerReferences"][0]["uid"], "uid-p");
+    // Every apply is server-side apply with our field manager, forced, and
+    // carries exactly the rendered object.
+    for (request, child) in applies(&requests).into_iter().zip(&children) {
+        let params: BTreeSet<&str> = request.query.split('&').filter(|p| !p.is_empty()).collect();
+        assert_eq!(
+            params,
+            BTreeSet::from(["fieldManager=presence-operator", "force=true"])
+        );
+        assert_eq!(
+            request.body,
+            serde_json::to_value(child).unwrap(),
+            "{}",
+            child.id()
+        );
+    }
+    let list = requests
+        .iter()
+        .find(|r| r.method == "GET" && r.path.ends_with("/deployments"))
+        .unwrap();
+    assert!(
+        list.query
+            .contains("labelSelector=app.kubernetes.io%2Finstance%3Dp"),
+        "{}",
+        list.query
+    );
+
+    let s = status(&fake);
+    assert_eq!(s.observed_generation, Some(1));
+    assert_eq!(
+        condition(&s, "Ready"),
+        ("False".into(), "HubNotReady".into())
+    );
+    assert_eq!(
+        condition(&s, "Progressing"),
+        ("True".into(), "HubNotReady".into())
+    );
+    assert_eq!(
+        condition(&s, "Degraded"),
+        ("False".into(), "AsExpected".into())
+    );
+    let names: Vec<&str> = s.regions.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["center", "eu", "us"]);
+
+    // A second reconcile finds the Secret and never writes it again.
+    fake.clear_requests();
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    let again = fake.requests_without_events();
+    assert!(
+        again
+            .iter()
+            .all(|r| !r.path.contains("/secrets") || r.method == "GET"),
+        "{again:#?}"
+    );
+    assert_eq!(
+        fake.get(&secret).unwrap()["stringData"]["jwt-secret"],
+        value
+    );
+    // Nothing changed, so status is not written again.
+    assert!(
+        !again.iter().any(|r| r.path.ends_with("/status")),
+        "{again:#?}"
+    );
+}
+
+#[tokio::test]
+async fn status_follows_readiness_and_the_bucket_is_provisioned_at_the_real_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = testkit::Nats::hub(dir.path()).await;
+    // A real leaf whose server name is what the StatefulSet's pod would have.
+    let _leaf = testkit::Nats::named_leaf(dir.path(), "eu", "p-eu-nats-0", &hub, None).await;
+    let fake = FakeApi::default();
+    fake.insert(
+        &pc_path("p"),
+        cluster(json!({"center": {}, "leaves": [{"name": "eu"}], "dataplane": {"replicas": 2}})),
+    );
+    let ctx = context(&fake, real(&hub));
+    let sts = |n: &str| format!("/apis/apps/v1/namespaces/{NS}/statefulsets/{n}");
+    let dep = |n: &str| format!("/apis/apps/v1/namespaces/{NS}/deployments/{n}");
+    fake.set_status(&sts("p-center-nats"), json!({"readyReplicas": 1}));
+    fake.set_status(&sts("p-eu-nats"), json!({"readyReplicas": 1}));
+    fake.set_status(&dep("p-center-presence"), json!({"readyReplicas": 2}));
+    fake.set_status(&dep("p-eu-presence"), json!({"readyReplicas": 1}));
+
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    let s = status(&fake);
+    assert_eq!(
+        condition(&s, "Ready"),
+        ("False".into(), "RegionsNotReady".into())
+    );
+    let ready = find_condition(&s, "Ready");
+    assert!(
+        ready
+            .message
+            .contains("eu (NATS 1/1, presence-service 1/2)"),
+        "{}",
+        ready.message
+    );
+    let eu = &s.regions[1];
+    assert_eq!(
+        (
+            eu.nats_ready_replicas,
+            eu.dataplane_ready_replicas,
+            eu.leafnode_connected
+        ),
+        (1, 1, Some(true))
+    );
+
+    // The bucket now exists at the hub, as the spec says.
+    let js = kv::connect(&hub.url(), "hub").await.unwrap();
+    let stream = js.get_stream("KV_PRESENCE").await.expect("bucket created");
+    assert_eq!(stream.cached_info().config.num_replicas, 1);
+    assert!(stream.cached_info().config.allow_message_ttl);
+
+    fake.set_status(&dep("p-eu-presence"), json!({"readyReplicas": 2}));
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    let s = status(&fake);
+    assert_eq!(
+        condition(&s, "Ready"),
+        ("True".into(), "AllRegionsReady".into())
+    );
+    assert_eq!(
+        condition(&s, "Progressing"),
+        ("False".into(), "ReconcileComplete".into())
+    );
+    assert_eq!(
+        condition(&s, "Degraded"),
+        ("False".into(), "AsExpected".into())
+    );
+}
+
+#[tokio::test]
+async fn a_spec_change_rolls_only_the_affected_workloads() {
+    let fake = FakeApi::default();
+    fake.insert(
+        &pc_path("p"),
+        cluster(json!({"center": {}, "leaves": [{"name": "eu"}, {"name": "us"}]})),
+    );
+    let ctx = context(&fake, unreachable());
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    let templates = |requests: &[Recorded]| -> BTreeMap<String, Value> {
+        applies(requests)
+            .into_iter()
+            .filter(|r| r.path.contains("/statefulsets/") || r.path.contains("/deployments/"))
+            .map(|r| (r.path.clone(), r.body["spec"]["template"].clone()))
+            .collect()
+    };
+    let before = templates(&fake.requests());
+
+    let mut changed = fake.get(&pc_path("p")).unwrap();
+    changed["metadata"]["generation"] = json!(2);
+    changed["spec"]["center"]["replicas"] = json!(3);
+    changed["spec"]["leaves"][0]["dataplane"] = json!({"cacheMaxCost": 1048576});
+    fake.insert(&pc_path("p"), changed);
+    fake.clear_requests();
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    let after = templates(&fake.requests());
+    let changed: Vec<&str> = before
+        .iter()
+        .filter(|(path, template)| after.get(*path) != Some(template))
+        .map(|(path, _)| path.rsplit('/').next().unwrap_or_default())
+        .collect();
+    // The hub's routes changed (center NATS), the center's bucket replicas
+    // (center presence-service) and eu's cache size; us is untouched.
+    assert_eq!(
+        changed,
+        ["p-center-presence", "p-eu-presence", "p-center-nats"]
+    );
+    assert_eq!(status(&fake).observed_generation, Some(2));
+}
+
+#[tokio::test]
+async fn removing_a_leaf_deletes_its_objects() {
+    let fake = FakeApi::default();
+    fake.insert(
+        &pc_path("p"),
+        cluster(json!({"center": {}, "leaves": [{"name": "eu"}, {"name": "us"}]})),
+    );
+    let ctx = context(&fake, unreachable());
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    let mut shrunk = fake.get(&pc_path("p")).unwrap();
+    shrunk["spec"]["leaves"] = json!([{"name": "eu"}]);
+    fake.insert(&pc_path("p"), shrunk);
+    fake.clear_requests();
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    let mut deleted: Vec<String> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "DELETE")
+        .map(|r| r.path)
+        .collect();
+    deleted.sort();
+    assert_eq!(
+        deleted,
+        [
+            "/api/v1/namespaces/ns/configmaps/p-us-nats-config",
+            "/api/v1/namespaces/ns/services/p-us-nats",
+            "/api/v1/namespaces/ns/services/p-us-nats-headless",
+            "/api/v1/namespaces/ns/services/p-us-presence",
+            "/apis/apps/v1/namespaces/ns/deployments/p-us-presence",
+            "/apis/apps/v1/namespaces/ns/statefulsets/p-us-nats",
+        ]
+    );
+    assert!(
+        fake.get("/apis/apps/v1/namespaces/ns/statefulsets/p-eu-nats")
+            .is_some()
+    );
+    assert!(
+        fake.get("/api/v1/namespaces/ns/secrets/p-jwt").is_some(),
+        "secrets are never pruned"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_referenced_secret_degrades_and_applies_nothing() {
+    let fake = FakeApi::default();
+    fake.insert(
+        &pc_path("p"),
+        cluster(json!({"center": {}, "auth": {"jwtSecretRef": {"name": "mine", "key": "k"}}})),
+    );
+    let ctx = context(&fake, unreachable());
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    let requests = fake.requests_without_events();
+    assert!(applies(&requests).is_empty(), "{requests:#?}");
+    assert!(
+        !requests
+            .iter()
+            .any(|r| r.method == "POST" && r.path.contains("/secrets")),
+        "a referenced Secret is never written"
+    );
+    let s = status(&fake);
+    assert_eq!(
+        condition(&s, "Degraded"),
+        ("True".into(), "SecretNotFound".into())
+    );
+    assert_eq!(
+        condition(&s, "Ready"),
+        ("False".into(), "SecretNotFound".into())
+    );
+    let message = &find_condition(&s, "Degraded").message;
+    assert!(
+        message.contains("ns/mine") && message.contains("\"k\""),
+        "{message}"
+    );
+
+    fake.insert("/api/v1/namespaces/ns/secrets/mine", json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mine", "namespace": NS}, "data": {"k": "c2VjcmV0"}}));
+    fake.clear_requests();
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    assert!(!applies(&fake.requests()).is_empty());
+    assert_eq!(
+        condition(&status(&fake), "Degraded"),
+        ("False".into(), "AsExpected".into())
+    );
+    let deployment = fake
+        .get("/apis/apps/v1/namespaces/ns/deployments/p-center-presence")
+        .unwrap();
+    let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let jwt = env.iter().find(|e| e["name"] == "JWT_SECRET").unwrap();
+    assert_eq!(jwt["valueFrom"]["secretKeyRef"]["name"], "mine");
+
+    // Rotating the referenced secret rolls the presence-service pods
+    // (their config-hash changes) and nothing else.
+    let hashes = |fake: &FakeApi| -> BTreeMap<String, Value> {
+        applies(&fake.requests())
+            .into_iter()
+            .map(|r| {
+                (
+                    r.path.clone(),
+                    r.body["spec"]["template"]["metadata"]["annotations"].clone(),
+                )
+            })
+            .filter(|(_, a)| !a.is_null())
+            .collect()
+    };
+    fake.clear_requests();
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    let before = hashes(&fake);
+    fake.insert("/api/v1/namespaces/ns/secrets/mine", json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mine", "namespace": NS}, "data": {"k": "cm90YXRlZA=="}}));
+    fake.clear_requests();
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    let after = hashes(&fake);
+    let rolled: Vec<&str> = before
+        .iter()
+        .filter(|(path, hash)| after.get(*path) != Some(hash))
+        .map(|(path, _)| path.rsplit('/').next().unwrap_or_default())
+        .collect();
+    assert_eq!(rolled, ["p-center-presence"]);
+}
+
+#[tokio::test]
+async fn an_api_error_shows_in_status_and_is_retried() {
+    let fake = FakeApi::default();
+    fake.insert(&pc_path("p"), cluster(json!({"center": {}})));
+    let ctx = context(&fake, unreachable());
+    fake.fail(
+        "PATCH",
+        "/apis/apps/v1/namespaces/ns/statefulsets/p-center-nats",
+        500,
+    );
+    let err = reconcile_stored(&fake, &ctx).await.unwrap_err();
+    assert_eq!(err.reason(), Reason::KubernetesApiError);
+    let s = status(&fake);
+    assert_eq!(
+        condition(&s, "Degraded"),
+        ("True".into(), "KubernetesApiError".into())
+    );
+    let message = &find_condition(&s, "Degraded").message;
+    assert!(message.contains("injected failure"), "{message}");
+    assert_eq!(
+        error_policy(load(&fake), &err, ctx.clone()),
+        Action::requeue(Duration::from_secs(5))
+    );
+}
+
+fn deleting(policy: &str, since_secs: i64) -> Value {
+    let when = Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(since_secs);
+    let mut pc = cluster(json!({"center": {}, "kv": {"deletionPolicy": policy}}));
+    pc["metadata"]["finalizers"] = json!([FINALIZER]);
+    pc["metadata"]["deletionTimestamp"] = json!(when.to_string());
+    pc
+}
+
+fn finalizer_removed(fake: &FakeApi) -> bool {
+    fake.get(&pc_path("p")).unwrap()["metadata"]["finalizers"]
+        .as_array()
+        .is_some_and(|f| f.is_empty())
+}
+
+#[tokio::test]
+async fn deletion_retains_or_deletes_the_bucket_and_never_hangs() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = testkit::Nats::hub(dir.path()).await;
+    let js = kv::connect(&hub.url(), "hub").await.unwrap();
+    let bucket = DesiredBucket {
+        name: "PRESENCE".into(),
+        replicas: 1,
+    };
+
+    // Retain (the default): the bucket and its data stay.
+    kv::ensure_bucket(&js, &bucket).await.unwrap();
+    let fake = FakeApi::default();
+    fake.insert(&pc_path("p"), deleting("Retain", 0));
+    reconcile(load(&fake), context(&fake, real(&hub)))
+        .await
+        .unwrap();
+    assert!(finalizer_removed(&fake));
+    assert!(
+        js.get_stream("KV_PRESENCE").await.is_ok(),
+        "Retain keeps the bucket"
+    );
+
+    // Delete: the bucket goes, then the finalizer.
+    let fake = FakeApi::default();
+    fake.insert(&pc_path("p"), deleting("Delete", 0));
+    reconcile(load(&fake), context(&fake, real(&hub)))
+        .await
+        .unwrap();
+    assert!(finalizer_removed(&fake));
+    assert!(
+        js.get_stream("KV_PRESENCE").await.is_err(),
+        "Delete removes the bucket"
+    );
+
+    // Delete with the hub unreachable: retried and reported...
+    let fake = FakeApi::default();
+    fake.insert(&pc_path("p"), deleting("Delete", 0));
+    let err = reconcile(load(&fake), context(&fake, unreachable()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), Reason::BucketDeletionFailed);
+    assert!(!finalizer_removed(&fake));
+    assert_eq!(
+        condition(&status(&fake), "Degraded"),
+        ("True".into(), "BucketDeletionFailed".into())
+    );
+    // ...but only for a bounded time.
+    let fake = FakeApi::default();
+    fake.insert(
+        &pc_path("p"),
+        deleting("Delete", DELETION_GRACE.as_secs() as i64 + 1),
+    );
+    reconcile(load(&fake), context(&fake, unreachable()))
+        .await
+        .unwrap();
+    assert!(finalizer_removed(&fake));
+}
+
+#[tokio::test]
+async fn a_paused_cluster_is_left_alone() {
+    let fake = FakeApi::default();
+    let mut pc = cluster(json!({"center": {}}));
+    pc["metadata"]["annotations"] = json!({PAUSED_ANNOTATION: "true"});
+    fake.insert(&pc_path("p"), pc);
+    let ctx = context(&fake, unreachable());
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    let requests = fake.requests_without_events();
+    let calls: Vec<(&str, &str)> = requests
+        .iter()
+        .map(|r| (r.method.as_str(), r.path.as_str()))
+        .collect();
+    let status_path = format!("{}/status", pc_path("p"));
+    assert_eq!(calls, [("PATCH", status_path.as_str())]);
+    assert_eq!(
+        condition(&status(&fake), "Progressing"),
+        ("False".into(), "Paused".into())
+    );
+}
+
+#[tokio::test]
+async fn errors_back_off_exponentially_and_are_reported_as_events() {
+    let fake = FakeApi::default();
+    fake.insert(&pc_path("p"), cluster(json!({"center": {}})));
+    let ctx = context(&fake, unreachable());
+    let pc = load(&fake);
+    let err = Error::Random("no entropy".into());
+    let delays: Vec<Action> = (0..8)
+        .map(|_| error_policy(pc.clone(), &err, ctx.clone()))
+        .collect();
+    assert_eq!(delays[0], Action::requeue(Duration::from_secs(5)));
+    assert_eq!(delays[1], Action::requeue(Duration::from_secs(10)));
+    assert_eq!(delays[7], Action::requeue(Duration::from_secs(160)));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let events: Vec<Recorded> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.contains("/events"))
+        .collect();
+    assert!(!events.is_empty());
+    assert_eq!(events[0].body["reason"], "SecretGenerationFailed");
+    assert_eq!(events[0].body["type"], "Warning");
+}
