@@ -45,115 +45,107 @@ pub struct Metrics {
     pub streams_lagged: IntCounter,
 }
 
-impl Metrics {
-    /// Creates and registers every metric.
-    pub fn new() -> Result<Self, prometheus::Error> {
-        let registry = Registry::new_custom(Some("presence".into()), None)?;
-        let http_requests = IntCounterVec::new(
-            Opts::new(
-                "http_requests_total",
-                "HTTP requests by route, method and status",
-            ),
-            &["route", "method", "status"],
-        )?;
-        let http_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "http_request_duration_seconds",
-                "HTTP request latency by route and status",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["route", "status"],
-        )?;
-        let kv_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "kv_operation_duration_seconds",
-                "NATS KV operation latency by operation and outcome",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["op", "outcome"],
-        )?;
-        let watch_lag = Histogram::with_opts(
-            HistogramOpts::new(
-                "watch_lag_seconds",
-                "Time from a KV write at the hub to its application to this node's cache",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-        )?;
-        let watch_applied_revision = IntGauge::new(
-            "watch_applied_revision",
-            "Last KV revision applied to the cache by the watch",
-        )?;
-        let watch_active = IntGauge::new(
-            "watch_active",
-            "1 while the KV watch is running, 0 while it is being re-established",
-        )?;
-        let watch_restarts = IntCounter::new(
-            "watch_restarts_total",
-            "Times the KV watch was re-established after an error",
-        )?;
-        let counter = |name: &str, help: &str| IntCounter::new(name, help);
-        let cache = CacheCounters {
-            hits: counter("cache_hits_total", "Reads answered from the cache")?,
-            misses: counter("cache_misses_total", "Reads that went to the KV bucket")?,
-            keys_added: counter("cache_keys_added_total", "Keys inserted into the cache")?,
-            keys_evicted: counter(
+/// Registers each metric as it is created, so a metric can't be declared
+/// and then forgotten.
+struct Registrar(Registry);
+
+impl Registrar {
+    fn add<M: prometheus::core::Collector + Clone + 'static>(
+        &self,
+        metric: Result<M, prometheus::Error>,
+    ) -> Result<M, prometheus::Error> {
+        let metric = metric?;
+        self.0.register(Box::new(metric.clone()))?;
+        Ok(metric)
+    }
+
+    fn counter(&self, name: &str, help: &str) -> Result<IntCounter, prometheus::Error> {
+        self.add(IntCounter::new(name, help))
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
+        self.add(IntGauge::new(name, help))
+    }
+
+    fn latency(&self, name: &str, help: &str) -> HistogramOpts {
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec())
+    }
+}
+
+impl CacheCounters {
+    fn new(r: &Registrar) -> Result<Self, prometheus::Error> {
+        Ok(CacheCounters {
+            hits: r.counter("cache_hits_total", "Reads answered from the cache")?,
+            misses: r.counter("cache_misses_total", "Reads that went to the KV bucket")?,
+            keys_added: r.counter("cache_keys_added_total", "Keys inserted into the cache")?,
+            keys_evicted: r.counter(
                 "cache_keys_evicted_total",
                 "Keys evicted to stay within CACHE_MAX_COST",
             )?,
-            cost_added: counter("cache_cost_added_total", "Estimated bytes inserted")?,
-            cost_evicted: counter("cache_cost_evicted_total", "Estimated bytes evicted")?,
-        };
-        let cache_entries = IntGauge::new("cache_entries", "Entries in the cache")?;
-        let cache_weighted_size = IntGauge::new(
-            "cache_weighted_size_bytes",
-            "Estimated bytes held by the cache",
-        )?;
-        registry.register(Box::new(http_requests.clone()))?;
-        registry.register(Box::new(http_duration.clone()))?;
-        registry.register(Box::new(kv_duration.clone()))?;
-        registry.register(Box::new(watch_lag.clone()))?;
-        registry.register(Box::new(watch_applied_revision.clone()))?;
-        registry.register(Box::new(watch_active.clone()))?;
-        registry.register(Box::new(watch_restarts.clone()))?;
-        for c in [
-            &cache.hits,
-            &cache.misses,
-            &cache.keys_added,
-            &cache.keys_evicted,
-            &cache.cost_added,
-            &cache.cost_evicted,
-        ] {
-            registry.register(Box::new(c.clone()))?;
-        }
-        let streams_open = IntGauge::new("streams_open", "Change streams (SSE) open now")?;
-        let stream_events = counter(
-            "stream_events_total",
-            "Presence events sent on change streams",
-        )?;
-        let streams_lagged = counter(
-            "streams_lagged_total",
-            "Change streams ended because they fell behind the change feed",
-        )?;
-        registry.register(Box::new(streams_open.clone()))?;
-        registry.register(Box::new(stream_events.clone()))?;
-        registry.register(Box::new(streams_lagged.clone()))?;
-        registry.register(Box::new(cache_entries.clone()))?;
-        registry.register(Box::new(cache_weighted_size.clone()))?;
+            cost_added: r.counter("cache_cost_added_total", "Estimated bytes inserted")?,
+            cost_evicted: r.counter("cache_cost_evicted_total", "Estimated bytes evicted")?,
+        })
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let r = Registrar(Registry::new_custom(Some("presence".into()), None)?);
         Ok(Metrics {
-            registry,
-            http_requests,
-            http_duration,
-            kv_duration,
-            watch_lag,
-            watch_applied_revision,
-            watch_active,
-            watch_restarts,
-            cache,
-            cache_entries,
-            cache_weighted_size,
-            streams_open,
-            stream_events,
-            streams_lagged,
+            http_requests: r.add(IntCounterVec::new(
+                Opts::new(
+                    "http_requests_total",
+                    "HTTP requests by route, method and status",
+                ),
+                &["route", "method", "status"],
+            ))?,
+            http_duration: r.add(HistogramVec::new(
+                r.latency(
+                    "http_request_duration_seconds",
+                    "HTTP request latency by route and status",
+                ),
+                &["route", "status"],
+            ))?,
+            kv_duration: r.add(HistogramVec::new(
+                r.latency(
+                    "kv_operation_duration_seconds",
+                    "NATS KV operation latency by operation and outcome",
+                ),
+                &["op", "outcome"],
+            ))?,
+            watch_lag: r.add(Histogram::with_opts(r.latency(
+                "watch_lag_seconds",
+                "Time from a KV write at the hub to its application to this node's cache",
+            )))?,
+            watch_applied_revision: r.gauge(
+                "watch_applied_revision",
+                "Last KV revision applied to the cache by the watch",
+            )?,
+            watch_active: r.gauge(
+                "watch_active",
+                "1 while the KV watch is running, 0 while it is being re-established",
+            )?,
+            watch_restarts: r.counter(
+                "watch_restarts_total",
+                "Times the KV watch was re-established after an error",
+            )?,
+            cache: CacheCounters::new(&r)?,
+            cache_entries: r.gauge("cache_entries", "Entries in the cache")?,
+            cache_weighted_size: r.gauge(
+                "cache_weighted_size_bytes",
+                "Estimated bytes held by the cache",
+            )?,
+            streams_open: r.gauge("streams_open", "Change streams (SSE) open now")?,
+            stream_events: r.counter(
+                "stream_events_total",
+                "Presence events sent on change streams",
+            )?,
+            streams_lagged: r.counter(
+                "streams_lagged_total",
+                "Change streams ended because they fell behind the change feed",
+            )?,
+            registry: r.0,
         })
     }
 

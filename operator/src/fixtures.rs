@@ -5,6 +5,7 @@
 //! what the controller uses (get, list by label, create, server-side apply,
 //! merge and JSON patches, replace with resourceVersion checks, delete), and
 //! records every request so tests assert method, path and body exactly.
+#![allow(clippy::too_many_lines)] // test scenarios and the mocked API server
 
 use http::{Method, Request, Response, StatusCode};
 use kube::Client;

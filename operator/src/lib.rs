@@ -2,6 +2,9 @@
 //! turns it into NATS configs and Kubernetes objects, the controller that
 //! applies them, and the local runner.
 
+// Functions stay under about 100 lines (clippy.toml); tests are exempt.
+#![warn(clippy::too_many_lines)]
+
 pub mod controller;
 pub mod crd;
 #[cfg(test)]

@@ -6,10 +6,11 @@
 //! starts and supervises the processes, restarting crashed ones with
 //! backoff, and stops them all on Ctrl-C or SIGTERM.
 
-use crate::crd::PresenceCluster;
+use crate::crd::{PresenceCluster, PresenceClusterSpec};
 use crate::render::dataplane::{EnvParams, EnvValue};
 use crate::render::nats::{ClusterParams, HubParams, LeafParams, NatsParams, NatsRole};
 use crate::render::{self, dataplane};
+use presence_contract::env;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -84,7 +85,7 @@ pub struct Endpoint {
 
 /// Everything `dev` will write and start, in start order (hub servers,
 /// leaves, then one presence-service per region).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Plan {
     pub files: Vec<(PathBuf, String)>,
     pub processes: Vec<ProcessSpec>,
@@ -106,21 +107,34 @@ pub fn plan(
     opts: &DevOptions,
     jwt_secret: &str,
 ) -> Result<Plan, DevError> {
-    let ctx = render::Scope::new(cluster, "default")?;
+    let scope = render::Scope::new(cluster, "default")?;
     let spec = &cluster.spec;
     render::check_spec(spec)?;
     if spec.leaves.len() > 89 {
         return Err(DevError::TooManyLeaves);
     }
-    let nb = opts.nats_base_port;
-    let replicas = u16::try_from(spec.center_replicas())
-        .unwrap_or(1)
-        .min(MAX_HUB_SERVERS);
-    let center = spec.center_name().to_owned();
-    let mut files = Vec::new();
-    let mut processes = Vec::new();
-    let mut endpoints = Vec::new();
-    let nats_process = |name: String, conf: PathBuf, monitor: u16| ProcessSpec {
+    let mut plan = Plan::default();
+    let hub = plan_hub(&scope, spec, opts, &mut plan)?;
+    let mut region_nats_urls = vec![hub.client_urls.join(",")];
+    region_nats_urls.extend(plan_leaves(
+        &scope,
+        spec,
+        opts,
+        &hub.leafnode_urls,
+        &mut plan,
+    )?);
+    plan_dataplanes(&scope, spec, opts, jwt_secret, region_nats_urls, &mut plan)?;
+    Ok(plan)
+}
+
+/// How the hub's servers are reached.
+struct HubUrls {
+    client_urls: Vec<String>,
+    leafnode_urls: Vec<String>,
+}
+
+fn nats_process(opts: &DevOptions, name: String, conf: PathBuf, monitor: u16) -> ProcessSpec {
+    ProcessSpec {
         name,
         program: opts.nats_server.clone(),
         args: vec!["--config".into(), conf.display().to_string()],
@@ -129,22 +143,33 @@ pub fn plan(
             port: monitor,
             path: "/healthz".into(),
         },
-    };
+    }
+}
 
+/// The hub's servers: one config and process each.
+fn plan_hub(
+    scope: &render::Scope,
+    spec: &PresenceClusterSpec,
+    opts: &DevOptions,
+    plan: &mut Plan,
+) -> Result<HubUrls, DevError> {
+    let nb = opts.nats_base_port;
+    let replicas = u16::try_from(spec.center_replicas())
+        .unwrap_or(1)
+        .min(MAX_HUB_SERVERS);
+    let center = spec.center_name().to_owned();
     // One URL per hub server for the port at `offset` from the NATS base.
     let every_hub_server = |scheme: &str, offset: u16| -> Result<Vec<String>, DevError> {
         (0..replicas)
             .map(|k| Ok(format!("{scheme}://{}", loopback(port(nb, offset + k)?))))
             .collect()
     };
-    let hub_leafnode_urls = every_hub_server("nats-leaf", LEAFNODE_OFFSET)?;
     let routes = every_hub_server("nats", CLUSTER_OFFSET)?;
-    let mut region_nats_urls = vec![every_hub_server("nats", 0)?.join(",")];
     for k in 0..replicas {
-        let server = format!("{}-{center}-{k}", ctx.name);
+        let server = format!("{}-{center}-{k}", scope.name);
         let dir = opts.data_dir.join(&server);
         let params = NatsParams {
-            cluster_name: ctx.name.clone(),
+            cluster_name: scope.name.clone(),
             region: center.clone(),
             server_name: server.clone(),
             client_listen: loopback(port(nb, k)?),
@@ -156,51 +181,88 @@ pub fn plan(
                 max_file_store: None,
                 leafnode_listen: loopback(port(nb, LEAFNODE_OFFSET + k)?),
                 cluster: (replicas > 1).then(|| ClusterParams {
-                    name: format!("{}-{center}", ctx.name),
+                    name: format!("{}-{center}", scope.name),
                     listen: loopback(port(nb, CLUSTER_OFFSET + k).unwrap_or(0)),
                     routes: routes.clone(),
                 }),
             }),
         };
         let conf = dir.join("nats.conf");
-        files.push((conf.clone(), render::nats::nats_conf(&params)));
-        processes.push(nats_process(
+        plan.files
+            .push((conf.clone(), render::nats::nats_conf(&params)));
+        let monitor = port(nb, MONITOR_OFFSET + k)?;
+        plan.processes.push(nats_process(
+            opts,
             format!("nats-{center}-{k}"),
             conf,
-            port(nb, MONITOR_OFFSET + k)?,
+            monitor,
         ));
     }
+    Ok(HubUrls {
+        client_urls: every_hub_server("nats", 0)?,
+        leafnode_urls: every_hub_server("nats-leaf", LEAFNODE_OFFSET)?,
+    })
+}
+
+/// One leaf server per leaf region; returns each leaf's client URL.
+fn plan_leaves(
+    scope: &render::Scope,
+    spec: &PresenceClusterSpec,
+    opts: &DevOptions,
+    hub_leafnode_urls: &[String],
+    plan: &mut Plan,
+) -> Result<Vec<String>, DevError> {
+    let nb = opts.nats_base_port;
+    let mut urls = Vec::new();
     for (i, leaf) in spec.leaves.iter().enumerate() {
         let i = u16::try_from(i + 1).map_err(|_| DevError::TooManyLeaves)?;
-        let server = format!("{}-{}-0", ctx.name, leaf.name);
+        let server = format!("{}-{}-0", scope.name, leaf.name);
         let dir = opts.data_dir.join(&server);
         let client = port(nb, LEAF_OFFSET + i)?;
         let monitor = port(nb, MONITOR_OFFSET + LEAF_OFFSET + i)?;
         let params = NatsParams {
-            cluster_name: ctx.name.clone(),
+            cluster_name: scope.name.clone(),
             region: leaf.name.clone(),
             server_name: server,
             client_listen: loopback(client),
             monitor_listen: loopback(monitor),
             pid_file: None,
             role: NatsRole::Leaf(LeafParams {
-                hub_urls: hub_leafnode_urls.clone(),
+                hub_urls: hub_leafnode_urls.to_vec(),
                 credentials: None,
             }),
         };
         let conf = dir.join("nats.conf");
-        files.push((conf.clone(), render::nats::nats_conf(&params)));
-        processes.push(nats_process(format!("nats-{}", leaf.name), conf, monitor));
-        region_nats_urls.push(format!("nats://{}", loopback(client)));
+        plan.files
+            .push((conf.clone(), render::nats::nats_conf(&params)));
+        plan.processes.push(nats_process(
+            opts,
+            format!("nats-{}", leaf.name),
+            conf,
+            monitor,
+        ));
+        urls.push(format!("nats://{}", loopback(client)));
     }
+    Ok(urls)
+}
+
+/// One presence-service per region, with the renderer's environment.
+fn plan_dataplanes(
+    scope: &render::Scope,
+    spec: &PresenceClusterSpec,
+    opts: &DevOptions,
+    jwt_secret: &str,
+    region_nats_urls: Vec<String>,
+    plan: &mut Plan,
+) -> Result<(), DevError> {
     for (i, (region, nats_url)) in spec.regions().iter().zip(region_nats_urls).enumerate() {
         let offset = u16::try_from(i).map_err(|_| DevError::TooManyLeaves)?;
         let api_port = port(opts.base_port, offset)?;
-        let node_id = format!("{}-{}-1", ctx.name, region.name);
+        let node_id = format!("{}-{}-1", scope.name, region.name);
         let params = EnvParams {
             nats_url: nats_url.clone(),
             service_port: api_port,
-            node_id: EnvValue::Literal(node_id),
+            node_id: EnvValue::Literal(node_id.clone()),
             jwt_secret: EnvValue::Literal(jwt_secret.to_owned()),
             log_format: "text",
         };
@@ -209,15 +271,15 @@ pub fn plan(
             .map(|(name, value)| {
                 let value = match (name, value) {
                     // Local processes listen on loopback only.
-                    ("SERVICE_HOST", _) => "127.0.0.1".to_owned(),
+                    (env::SERVICE_HOST, _) => "127.0.0.1".to_owned(),
                     (_, EnvValue::Literal(v)) => v,
-                    (_, EnvValue::PodName) => format!("{}-{}-1", ctx.name, region.name),
+                    (_, EnvValue::PodName) => node_id.clone(),
                     (_, EnvValue::Secret(_)) => jwt_secret.to_owned(),
                 };
                 (name.to_owned(), value)
             })
             .collect();
-        processes.push(ProcessSpec {
+        plan.processes.push(ProcessSpec {
             name: format!("presence-{}", region.name),
             program: opts.presence_service.clone(),
             args: Vec::new(),
@@ -227,17 +289,13 @@ pub fn plan(
                 path: "/health/readiness".into(),
             },
         });
-        endpoints.push(Endpoint {
+        plan.endpoints.push(Endpoint {
             region: region.name.to_owned(),
             api: format!("http://{}", loopback(api_port)),
             nats: nats_url,
         });
     }
-    Ok(Plan {
-        files,
-        processes,
-        endpoints,
-    })
+    Ok(())
 }
 
 async fn wait_ready(spec: &ProcessSpec, log: &Path, limit: Duration) -> Result<(), DevError> {
@@ -470,13 +528,15 @@ fn print_summary(cluster: &PresenceCluster, plan: &Plan, token: &str, data_dir: 
     }
     println!("\n  Token (user \"dev\", scope presence:write):\n    export TOKEN={token}\n");
     if let (Some(first), Some(last)) = (plan.endpoints.first(), plan.endpoints.last()) {
-        println!("  Write in one region, read in another:");
+        // Another user than the session example's: a manual status
+        // outranks sessions, so "dev" would never show the expiry.
+        println!("  Write in one region, read in another (the token may set anyone's presence):");
         println!(
-            "    curl -s -X POST -H \"Authorization: Bearer $TOKEN\" -d '{{\"status\":\"online\",\"message\":\"hi\"}}' {}/api/v2/presence/dev",
+            "    curl -s -X POST -H \"Authorization: Bearer $TOKEN\" -d '{{\"status\":\"online\",\"message\":\"hi\"}}' {}/api/v2/presence/ann",
             last.api
         );
         println!(
-            "    curl -s -H \"Authorization: Bearer $TOKEN\" {}/api/v2/presence/dev",
+            "    curl -s -H \"Authorization: Bearer $TOKEN\" {}/api/v2/presence/ann",
             first.api
         );
         println!(

@@ -2,6 +2,8 @@
 //! free loopback ports, in temp dirs, killed on drop (also when a test
 //! fails). Readiness is always awaited by polling, never by fixed sleeps.
 
+pub mod docs;
+
 use std::fs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -187,6 +187,20 @@ mod tests {
     }
 
     #[test]
+    fn every_reason_is_explained_in_the_operator_docs() {
+        let doc = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/operator.md"),
+        )
+        .expect("docs/operator.md");
+        for reason in Reason::ALL {
+            assert!(
+                doc.contains(&format!("`{reason}`")),
+                "docs/operator.md never explains {reason}"
+            );
+        }
+    }
+
+    #[test]
     fn transition_time_moves_only_when_the_status_does() {
         let t0 = Timestamp::from_second(1_000).unwrap();
         let t1 = Timestamp::from_second(2_000).unwrap();

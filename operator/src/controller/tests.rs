@@ -1,5 +1,6 @@
 //! Controller scenarios against the mocked API server; the hub's KV
 //! bucket and leafnode state come from real nats-server processes.
+#![allow(clippy::too_many_lines)] // test scenarios and the mocked API server
 
 use super::secrets::digest_of;
 use super::*;

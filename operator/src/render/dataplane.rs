@@ -163,7 +163,6 @@ pub fn objects(
     region: &Region<'_>,
     inputs: &super::Inputs,
 ) -> (Deployment, Service) {
-    let component = "dataplane";
     let name = ctx.names.dataplane(region.name);
     let params = EnvParams {
         nats_url: format!(
@@ -180,9 +179,45 @@ pub fn objects(
         .into_iter()
         .map(|(name, value)| env_var(name, value))
         .collect();
-    // The environment is in the pod spec already; what the hash adds is the
-    // JWT secret's content, which the pod spec only names.
-    let mut hashed = serde_json::to_vec(&env).unwrap_or_default();
+    let annotations = BTreeMap::from([(
+        format!("{}/config-hash", crate::crd::GROUP),
+        pod_config_hash(&env, inputs),
+    )]);
+    let container = container(spec, region, env);
+    let selector = region_selector(ctx, COMPONENT, region.name);
+    let deployment = Deployment {
+        metadata: meta(ctx, &name, COMPONENT, Some(region.name)),
+        spec: DeploymentSpec {
+            replicas: Some(region.dataplane_replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector.clone()),
+                ..Default::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_unavailable: Some(IntOrString::Int(0)),
+                    max_surge: Some(IntOrString::Int(1)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(pod_meta(ctx, COMPONENT, region.name, annotations)),
+                spec: Some(pod_spec(ctx, region, container)),
+            },
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    (deployment, service(ctx, region, &name, selector))
+}
+
+/// The `app.kubernetes.io/component` of presence-service objects.
+const COMPONENT: &str = "dataplane";
+
+/// The environment is in the pod spec already; what the hash adds is the
+/// JWT secret's content, which the pod spec only names.
+fn pod_config_hash(env: &[EnvVar], inputs: &super::Inputs) -> String {
+    let mut hashed = serde_json::to_vec(env).unwrap_or_default();
     hashed.extend(
         inputs
             .jwt_secret_digest
@@ -190,11 +225,11 @@ pub fn objects(
             .unwrap_or_default()
             .bytes(),
     );
-    let annotations = BTreeMap::from([(
-        format!("{}/config-hash", crate::crd::GROUP),
-        super::config_hash(&hashed),
-    )]);
-    let probe = |path: &str, period: i32, failures: i32| Probe {
+    super::config_hash(&hashed)
+}
+
+fn probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
             port: IntOrString::String("http".into()),
@@ -204,8 +239,11 @@ pub fn objects(
         timeout_seconds: Some(3),
         failure_threshold: Some(failures),
         ..Default::default()
-    };
-    let container = Container {
+    }
+}
+
+fn container(spec: &PresenceClusterSpec, region: &Region<'_>, env: Vec<EnvVar>) -> Container {
+    Container {
         name: "presence-service".into(),
         image: Some(spec.dataplane_image().to_owned()),
         image_pull_policy: super::pull_policy(spec),
@@ -230,50 +268,38 @@ pub fn objects(
             ..Default::default()
         }),
         ..Default::default()
-    };
-    let selector = region_selector(ctx, component, region.name);
-    let deployment = Deployment {
-        metadata: meta(ctx, &name, component, Some(region.name)),
-        spec: DeploymentSpec {
-            replicas: Some(region.dataplane_replicas),
-            selector: LabelSelector {
-                match_labels: Some(selector.clone()),
+    }
+}
+
+fn pod_spec(ctx: &Scope, region: &Region<'_>, container: Container) -> PodSpec {
+    PodSpec {
+        containers: vec![container],
+        termination_grace_period_seconds: Some(30),
+        enable_service_links: Some(false),
+        automount_service_account_token: Some(false),
+        affinity: Some(super::spread_affinity(ctx, COMPONENT, region.name)),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(65532),
+            run_as_group: Some(65532),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
                 ..Default::default()
-            },
-            strategy: Some(DeploymentStrategy {
-                type_: Some("RollingUpdate".into()),
-                rolling_update: Some(RollingUpdateDeployment {
-                    max_unavailable: Some(IntOrString::Int(0)),
-                    max_surge: Some(IntOrString::Int(1)),
-                }),
             }),
-            template: PodTemplateSpec {
-                metadata: Some(pod_meta(ctx, component, region.name, annotations)),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    termination_grace_period_seconds: Some(30),
-                    enable_service_links: Some(false),
-                    automount_service_account_token: Some(false),
-                    affinity: Some(super::spread_affinity(ctx, component, region.name)),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(65532),
-                        run_as_group: Some(65532),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-            },
             ..Default::default()
-        },
+        }),
         ..Default::default()
-    };
-    let service = Service {
-        metadata: meta(ctx, &name, component, Some(region.name)),
+    }
+}
+
+fn service(
+    ctx: &Scope,
+    region: &Region<'_>,
+    name: &str,
+    selector: BTreeMap<String, String>,
+) -> Service {
+    Service {
+        metadata: meta(ctx, name, COMPONENT, Some(region.name)),
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".into()),
             selector: Some(selector),
@@ -288,6 +314,5 @@ pub fn objects(
             ..Default::default()
         }),
         ..Default::default()
-    };
-    (deployment, service)
+    }
 }

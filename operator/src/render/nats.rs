@@ -260,25 +260,39 @@ pub fn objects(
     spec: &PresenceClusterSpec,
     region: &Region<'_>,
 ) -> (ConfigMap, Service, Service, StatefulSet) {
-    let component = "nats";
     let conf = nats_conf(&k8s_params(ctx, spec, region));
     let hash = super::config_hash(conf.as_bytes());
     let config_map = ConfigMap {
         metadata: meta(
             ctx,
             &ctx.names.nats_config(region.name),
-            component,
+            COMPONENT,
             Some(region.name),
         ),
         data: Some(BTreeMap::from([("nats.conf".to_owned(), conf)])),
         ..Default::default()
     };
-    let is_hub = region.role == Role::Center;
+    let ports = container_ports(region.role == Role::Center);
+    let (headless, client) = services(ctx, region, &ports);
+    let statefulset = statefulset(ctx, spec, region, ports, hash);
+    (config_map, headless, client, statefulset)
+}
+
+/// The `app.kubernetes.io/component` of NATS objects.
+const COMPONENT: &str = "nats";
+
+fn container_ports(is_hub: bool) -> Vec<ContainerPort> {
     let mut ports = vec![port("client", CLIENT_PORT), port("monitor", MONITOR_PORT)];
     if is_hub {
         ports.push(port("leafnodes", LEAFNODE_PORT));
         ports.push(port("cluster", CLUSTER_PORT));
     }
+    ports
+}
+
+/// The headless Service (stable pod names, every port) and the client
+/// Service (every port but routes).
+fn services(ctx: &Scope, region: &Region<'_>, ports: &[ContainerPort]) -> (Service, Service) {
     let service_ports: Vec<ServicePort> = ports
         .iter()
         .map(|p| {
@@ -288,12 +302,12 @@ pub fn objects(
             )
         })
         .collect();
-    let selector = region_selector(ctx, component, region.name);
+    let selector = region_selector(ctx, COMPONENT, region.name);
     let headless = Service {
         metadata: meta(
             ctx,
             &ctx.names.nats_headless(region.name),
-            component,
+            COMPONENT,
             Some(region.name),
         ),
         spec: Some(ServiceSpec {
@@ -309,12 +323,12 @@ pub fn objects(
         metadata: meta(
             ctx,
             &ctx.names.nats(region.name),
-            component,
+            COMPONENT,
             Some(region.name),
         ),
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".into()),
-            selector: Some(selector.clone()),
+            selector: Some(selector),
             ports: Some(
                 service_ports
                     .into_iter()
@@ -325,12 +339,11 @@ pub fn objects(
         }),
         ..Default::default()
     };
-    let healthz = if is_hub {
-        "/healthz?js-enabled-only=true"
-    } else {
-        "/healthz"
-    };
-    let probe = |path: &str, period: i32, failures: i32| Probe {
+    (headless, client)
+}
+
+fn probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
             port: IntOrString::String("monitor".into()),
@@ -340,7 +353,12 @@ pub fn objects(
         timeout_seconds: Some(5),
         failure_threshold: Some(failures),
         ..Default::default()
-    };
+    }
+}
+
+/// Mounts and volumes of the container: config, pid directory, the hub's
+/// data, and a leaf's credentials.
+fn mounts_and_volumes(ctx: &Scope, region: &Region<'_>) -> (Vec<VolumeMount>, Vec<Volume>) {
     let mut mounts = vec![
         VolumeMount {
             name: "config".into(),
@@ -369,31 +387,12 @@ pub fn objects(
             ..Default::default()
         },
     ];
-    let mut claims = None;
-    if is_hub {
+    if region.role == Role::Center {
         mounts.push(VolumeMount {
             name: "data".into(),
             mount_path: DATA_DIR.into(),
             ..Default::default()
         });
-        let jetstream = spec.center.jetstream.as_ref();
-        claims = Some(vec![PersistentVolumeClaim {
-            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-                name: Some("data".into()),
-                labels: Some(labels(ctx, component, Some(region.name))),
-                ..Default::default()
-            },
-            spec: Some(PersistentVolumeClaimSpec {
-                access_modes: Some(vec!["ReadWriteOnce".into()]),
-                storage_class_name: jetstream.and_then(|j| j.storage_class_name.clone()),
-                resources: Some(VolumeResourceRequirements {
-                    requests: Some(BTreeMap::from([("storage".to_owned(), storage_size(spec))])),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }]);
     }
     if let Some(creds) = region.leaf_credentials {
         mounts.push(VolumeMount {
@@ -416,7 +415,47 @@ pub fn objects(
             ..Default::default()
         });
     }
-    let container = Container {
+    (mounts, volumes)
+}
+
+/// The hub's JetStream volume, one per server.
+fn hub_volume_claims(
+    ctx: &Scope,
+    spec: &PresenceClusterSpec,
+    region: &Region<'_>,
+) -> Vec<PersistentVolumeClaim> {
+    let jetstream = spec.center.jetstream.as_ref();
+    vec![PersistentVolumeClaim {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some("data".into()),
+            labels: Some(labels(ctx, COMPONENT, Some(region.name))),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: jetstream.and_then(|j| j.storage_class_name.clone()),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".to_owned(), storage_size(spec))])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }]
+}
+
+fn container(
+    spec: &PresenceClusterSpec,
+    region: &Region<'_>,
+    ports: Vec<ContainerPort>,
+    mounts: Vec<VolumeMount>,
+) -> Container {
+    let healthz = if region.role == Role::Center {
+        "/healthz?js-enabled-only=true"
+    } else {
+        "/healthz"
+    };
+    Container {
         name: "nats".into(),
         image: Some(spec.nats_image().to_owned()),
         image_pull_policy: super::pull_policy(spec),
@@ -460,15 +499,26 @@ pub fn objects(
             ..Default::default()
         }),
         ..Default::default()
-    };
+    }
+}
+
+fn statefulset(
+    ctx: &Scope,
+    spec: &PresenceClusterSpec,
+    region: &Region<'_>,
+    ports: Vec<ContainerPort>,
+    config_hash: String,
+) -> StatefulSet {
+    let is_hub = region.role == Role::Center;
+    let (mounts, volumes) = mounts_and_volumes(ctx, region);
+    let container = container(spec, region, ports, mounts);
     let replicas = if is_hub { spec.center_replicas() } else { 1 };
-    let mut annotations = BTreeMap::new();
-    annotations.insert(format!("{}/config-hash", crate::crd::GROUP), hash);
-    let statefulset = StatefulSet {
+    let annotations = BTreeMap::from([(format!("{}/config-hash", crate::crd::GROUP), config_hash)]);
+    StatefulSet {
         metadata: meta(
             ctx,
             &ctx.names.nats(region.name),
-            component,
+            COMPONENT,
             Some(region.name),
         ),
         spec: StatefulSetSpec {
@@ -476,37 +526,40 @@ pub fn objects(
             service_name: Some(ctx.names.nats_headless(region.name)),
             pod_management_policy: Some("Parallel".into()),
             selector: LabelSelector {
-                match_labels: Some(selector),
+                match_labels: Some(region_selector(ctx, COMPONENT, region.name)),
                 ..Default::default()
             },
             template: PodTemplateSpec {
-                metadata: Some(pod_meta(ctx, component, region.name, annotations)),
+                metadata: Some(pod_meta(ctx, COMPONENT, region.name, annotations)),
                 spec: Some(PodSpec {
                     containers: vec![container],
                     volumes: Some(volumes),
                     termination_grace_period_seconds: Some(60),
                     enable_service_links: Some(false),
-                    affinity: is_hub.then(|| super::spread_affinity(ctx, component, region.name)),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(1000),
-                        run_as_group: Some(1000),
-                        fs_group: Some(1000),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
+                    affinity: is_hub.then(|| super::spread_affinity(ctx, COMPONENT, region.name)),
+                    security_context: Some(nats_pod_security()),
                     ..Default::default()
                 }),
             },
-            volume_claim_templates: claims,
+            volume_claim_templates: is_hub.then(|| hub_volume_claims(ctx, spec, region)),
             ..Default::default()
         },
         ..Default::default()
-    };
-    (config_map, headless, client, statefulset)
+    }
+}
+
+fn nats_pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(1000),
+        run_as_group: Some(1000),
+        fs_group: Some(1000),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]
