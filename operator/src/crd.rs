@@ -31,6 +31,13 @@ pub const DEFAULT_STORAGE_SIZE: &str = "10Gi";
 pub const MAX_CLUSTER_NAME: usize = 24;
 /// Longest region name, for the same reason.
 pub const MAX_REGION_NAME: usize = 16;
+/// Most leaves one PresenceCluster may have. Bounded so the API server can
+/// price the CEL rules that iterate the list (and `dev`'s port plan fits).
+pub const MAX_LEAVES: usize = 64;
+/// Most entries of a CORS list; bounded for the CEL rule on origins.
+pub const MAX_CORS_ENTRIES: usize = 32;
+/// Longest CORS entry (an origin, method or header name).
+pub const MAX_CORS_ENTRY: usize = 256;
 
 /// A presence service deployment: one center region (the NATS hub holding
 /// the presence KV bucket) and any number of regional leaves, each with its
@@ -49,7 +56,12 @@ pub const MAX_REGION_NAME: usize = 16;
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
-    printcolumn(name = "Regions", type_ = "string", json_path = ".status.regions[*].name"),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(name = "Regions", type_ = "string", json_path = ".status.regionsReady"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.metadata.name.size() <= 24").message(
         "metadata.name must be at most 24 characters so that every child object's name fits Kubernetes limits"
@@ -69,14 +81,12 @@ pub struct PresenceClusterSpec {
     /// The center region: the NATS hub (JetStream domain, KV bucket storage)
     /// and the presence-service replicas next to it.
     pub center: CenterSpec,
-    /// Regional leaves, each a leaf NATS server connected to the hub plus
-    /// presence-service replicas. Names must be unique; removing a leaf
-    /// deletes its region's objects.
+    /// Regional leaves (at most 64), each leaf NATS servers connected to the
+    /// hub plus presence-service replicas. A list keyed by name, so names are
+    /// unique; removing a leaf deletes its region's objects.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[x_kube(
-        merge_strategy = ListMerge::Map(vec!["name".into()]),
-        validation = Rule::new("self.all(l, self.exists_one(m, m.name == l.name))").message("leaf names must be unique"),
-    )]
+    #[schemars(length(max = 64))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub leaves: Vec<LeafSpec>,
     /// Settings shared by every region's presence-service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -99,8 +109,8 @@ pub struct PresenceClusterSpec {
         .message("center.jetstream.domain is immutable: every leaf's clients address the hub through it"),
     validation = Rule::new("(has(self.jetstream) && has(self.jetstream.storageClassName) ? self.jetstream.storageClassName : '') == (has(oldSelf.jetstream) && has(oldSelf.jetstream.storageClassName) ? oldSelf.jetstream.storageClassName : '')")
         .message("center.jetstream.storageClassName is immutable: a StatefulSet's volume claims cannot change"),
-    validation = Rule::new("(has(self.jetstream) && has(self.jetstream.storageSize) ? string(self.jetstream.storageSize) : '') == (has(oldSelf.jetstream) && has(oldSelf.jetstream.storageSize) ? string(oldSelf.jetstream.storageSize) : '')")
-        .message("center.jetstream.storageSize is immutable: a StatefulSet's volume claims cannot change"),
+    validation = Rule::new("(has(oldSelf.replicas) ? oldSelf.replicas : 1) == 1 ? (has(self.replicas) ? self.replicas : 1) == 1 : (has(self.replicas) ? self.replicas : 1) >= oldSelf.replicas")
+        .message("center.replicas: a standalone hub can't become clustered, and a clustered hub can't shrink, without risking its JetStream data; growing 3 to 5 is allowed. To change otherwise, create a new PresenceCluster and move clients to it (docs/operator.md, Scaling the hub)"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct CenterSpec {
@@ -127,7 +137,8 @@ pub struct CenterSpec {
     pub dataplane: Option<DataplaneOverrides>,
 }
 
-/// JetStream settings of the hub (immutable once created).
+/// JetStream settings of the hub (the domain and storage class are
+/// immutable once created; the size can only grow).
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct JetStreamSpec {
@@ -136,11 +147,13 @@ pub struct JetStreamSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 32), regex(pattern = r"^[A-Za-z0-9_-]+$"))]
     pub domain: Option<String>,
-    /// Size of each hub server's JetStream volume (default 10Gi).
+    /// Size of each hub server's JetStream volume (default 10Gi). It can
+    /// grow where the StorageClass allows volume expansion; it can't shrink.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_size: Option<Quantity>,
     /// Storage class of the JetStream volumes (default: the cluster's default class).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub storage_class_name: Option<String>,
 }
 
@@ -167,6 +180,13 @@ pub struct LeafSpec {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct LeafNatsSpec {
+    /// Leaf NATS servers of this region (default 1). More than one form a
+    /// clustered leaf (without JetStream: the bucket lives at the hub), so
+    /// draining one node doesn't cut the region off; each gets a
+    /// PodDisruptionBudget of `maxUnavailable: 1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 5))]
+    pub replicas: Option<i32>,
     /// CPU and memory of the leaf NATS server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
@@ -191,6 +211,53 @@ pub struct DataplaneOverrides {
     /// CPU and memory of each presence-service pod in this region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Autoscaling of this region's presence-service (replaces `replicas`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+}
+
+/// A HorizontalPodAutoscaler for presence-service. While it is set the
+/// operator leaves the Deployment's `replicas` to the autoscaler. CPU
+/// utilization is measured against the pods' CPU requests, so set
+/// `resources.requests.cpu` (or have a LimitRange default it).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("!has(self.minReplicas) || self.minReplicas <= self.maxReplicas")
+    .message("autoscaling.minReplicas cannot exceed autoscaling.maxReplicas"))]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    /// Fewest pods (default 2, so one can be disrupted while another serves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub min_replicas: Option<i32>,
+    /// Most pods.
+    #[schemars(range(min = 1, max = 100))]
+    pub max_replicas: i32,
+    /// Average CPU utilization to aim for, in percent of requests (default 70).
+    #[serde(
+        default,
+        rename = "targetCPUUtilizationPercentage",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_cpu_utilization_percentage: Option<i32>,
+}
+
+/// Autoscaling with every default applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Autoscaling {
+    pub min_replicas: i32,
+    pub max_replicas: i32,
+    pub target_cpu_utilization_percentage: i32,
+}
+
+impl AutoscalingSpec {
+    fn resolved(&self) -> Autoscaling {
+        Autoscaling {
+            min_replicas: self.min_replicas.unwrap_or(2).min(self.max_replicas),
+            max_replicas: self.max_replicas,
+            target_cpu_utilization_percentage: self.target_cpu_utilization_percentage.unwrap_or(70),
+        }
+    }
 }
 
 /// Data-plane settings shared by every region.
@@ -208,6 +275,9 @@ pub struct DataplaneSpec {
     /// CPU and memory of each presence-service pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Autoscaling of presence-service in every region (replaces `replicas`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
     /// Log level of presence-service (default info).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_level: Option<LogLevel>,
@@ -274,12 +344,15 @@ pub struct CorsSpec {
     pub enabled: Option<bool>,
     /// Allowed origins such as `https://app.example.com`, or `*` (default `*`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 256)))]
     pub allowed_origins: Option<Vec<String>>,
     /// Allowed methods (default GET, POST, PUT, DELETE, OPTIONS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 256)))]
     pub allowed_methods: Option<Vec<String>>,
     /// Allowed request headers (default Authorization, Content-Type).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 256)))]
     pub allowed_headers: Option<Vec<String>>,
     /// Allow credentials (default false).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -368,6 +441,9 @@ pub struct PresenceClusterStatus {
     /// One entry per region, center first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub regions: Vec<RegionStatus>,
+    /// Ready regions out of all, e.g. `2/3` (the Regions printer column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regions_ready: Option<String>,
 }
 
 /// Observed state of one region.
@@ -409,7 +485,11 @@ impl Role {
 pub struct Region<'a> {
     pub name: &'a str,
     pub role: Role,
+    /// NATS servers of the region.
+    pub nats_replicas: i32,
     pub dataplane_replicas: i32,
+    /// When set, a HorizontalPodAutoscaler owns the replicas instead.
+    pub autoscaling: Option<Autoscaling>,
     pub cache_max_cost: i64,
     pub dataplane_resources: Option<&'a ResourceRequirements>,
     pub nats_resources: Option<&'a ResourceRequirements>,
@@ -486,6 +566,11 @@ impl PresenceClusterSpec {
         Region {
             name,
             role,
+            nats_replicas: 1,
+            autoscaling: overrides
+                .and_then(|o| o.autoscaling.as_ref())
+                .or(shared.and_then(|s| s.autoscaling.as_ref()))
+                .map(AutoscalingSpec::resolved),
             dataplane_replicas: overrides
                 .and_then(|o| o.replicas)
                 .or(shared.and_then(|s| s.replicas))
@@ -511,11 +596,13 @@ impl PresenceClusterSpec {
             self.center.dataplane.as_ref(),
         );
         center.nats_resources = self.center.resources.as_ref();
+        center.nats_replicas = self.center_replicas();
         regions.push(center);
         for leaf in &self.leaves {
             let mut r = self.region(&leaf.name, Role::Leaf, leaf.dataplane.as_ref());
             let nats = leaf.nats.as_ref();
             r.nats_resources = nats.and_then(|n| n.resources.as_ref());
+            r.nats_replicas = nats.and_then(|n| n.replicas).unwrap_or(1);
             r.leaf_credentials = nats.and_then(|n| n.credentials_secret_ref.as_ref());
             regions.push(r);
         }

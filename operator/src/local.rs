@@ -25,6 +25,11 @@ const MONITOR_OFFSET: u16 = 100;
 const LEAFNODE_OFFSET: u16 = 200;
 const CLUSTER_OFFSET: u16 = 300;
 const LEAF_OFFSET: u16 = 10;
+/// Clustered leaves: server j > 0 of leaf i uses base+400+5i+j (client) and
+/// base+800+5i+j (monitor); every leaf server's route port is base+1200+5i+j.
+const LEAF_EXTRA_OFFSET: u16 = 400;
+const LEAF_EXTRA_MONITOR_OFFSET: u16 = 800;
+const LEAF_CLUSTER_OFFSET: u16 = 1200;
 
 /// Why `dev` could not run.
 #[derive(Debug, thiserror::Error)]
@@ -204,7 +209,26 @@ fn plan_hub(
     })
 }
 
-/// One leaf server per leaf region; returns each leaf's client URL.
+/// Ports of server `j` of leaf `i` (1-based): (client, monitor, cluster).
+/// Server 0 keeps the documented base+10+i and base+110+i.
+fn leaf_ports(nb: u16, i: u16, j: u16) -> Result<(u16, u16, u16), DevError> {
+    let cluster = port(nb, LEAF_CLUSTER_OFFSET + 5 * i + j)?;
+    if j == 0 {
+        return Ok((
+            port(nb, LEAF_OFFSET + i)?,
+            port(nb, MONITOR_OFFSET + LEAF_OFFSET + i)?,
+            cluster,
+        ));
+    }
+    Ok((
+        port(nb, LEAF_EXTRA_OFFSET + 5 * i + j)?,
+        port(nb, LEAF_EXTRA_MONITOR_OFFSET + 5 * i + j)?,
+        cluster,
+    ))
+}
+
+/// The leaf servers of every leaf region; returns each region's client
+/// URLs (comma-separated when the leaf is clustered).
 fn plan_leaves(
     scope: &render::Scope,
     spec: &PresenceClusterSpec,
@@ -214,34 +238,44 @@ fn plan_leaves(
 ) -> Result<Vec<String>, DevError> {
     let nb = opts.nats_base_port;
     let mut urls = Vec::new();
-    for (i, leaf) in spec.leaves.iter().enumerate() {
+    for (i, region) in spec.regions().iter().skip(1).enumerate() {
         let i = u16::try_from(i + 1).map_err(|_| DevError::TooManyLeaves)?;
-        let server = format!("{}-{}-0", scope.name, leaf.name);
-        let dir = opts.data_dir.join(&server);
-        let client = port(nb, LEAF_OFFSET + i)?;
-        let monitor = port(nb, MONITOR_OFFSET + LEAF_OFFSET + i)?;
-        let params = NatsParams {
-            cluster_name: scope.name.clone(),
-            region: leaf.name.clone(),
-            server_name: server,
-            client_listen: loopback(client),
-            monitor_listen: loopback(monitor),
-            pid_file: None,
-            role: NatsRole::Leaf(LeafParams {
-                hub_urls: hub_leafnode_urls.to_vec(),
-                credentials: None,
-            }),
-        };
-        let conf = dir.join("nats.conf");
-        plan.files
-            .push((conf.clone(), render::nats::nats_conf(&params)));
-        plan.processes.push(nats_process(
-            opts,
-            format!("nats-{}", leaf.name),
-            conf,
-            monitor,
-        ));
-        urls.push(format!("nats://{}", loopback(client)));
+        let servers = u16::try_from(region.nats_replicas.clamp(1, 5)).unwrap_or(1);
+        let routes = (0..servers)
+            .map(|j| Ok(format!("nats://{}", loopback(leaf_ports(nb, i, j)?.2))))
+            .collect::<Result<Vec<_>, DevError>>()?;
+        let mut clients = Vec::new();
+        for j in 0..servers {
+            let (client, monitor, cluster) = leaf_ports(nb, i, j)?;
+            let server = format!("{}-{}-{j}", scope.name, region.name);
+            let params = NatsParams {
+                cluster_name: scope.name.clone(),
+                region: region.name.to_owned(),
+                server_name: server.clone(),
+                client_listen: loopback(client),
+                monitor_listen: loopback(monitor),
+                pid_file: None,
+                role: NatsRole::Leaf(LeafParams {
+                    hub_urls: hub_leafnode_urls.to_vec(),
+                    credentials: None,
+                    cluster: (servers > 1).then(|| ClusterParams {
+                        name: format!("{}-{}", scope.name, region.name),
+                        listen: loopback(cluster),
+                        routes: routes.clone(),
+                    }),
+                }),
+            };
+            let conf = opts.data_dir.join(&server).join("nats.conf");
+            plan.files
+                .push((conf.clone(), render::nats::nats_conf(&params)));
+            let name = match j {
+                0 => format!("nats-{}", region.name),
+                _ => format!("nats-{}-{j}", region.name),
+            };
+            plan.processes.push(nats_process(opts, name, conf, monitor));
+            clients.push(format!("nats://{}", loopback(client)));
+        }
+        urls.push(clients.join(","));
     }
     Ok(urls)
 }

@@ -56,7 +56,8 @@ enum Command {
         /// (for running the operator outside the cluster).
         #[arg(long)]
         hub_nats_url: Option<String>,
-        /// With --hub-nats-url: the hub's monitoring endpoint host:port.
+        /// With --hub-nats-url: every hub server's monitoring endpoint,
+        /// comma-separated host:port.
         #[arg(long)]
         hub_monitor: Option<String>,
     },
@@ -160,16 +161,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let hub = match hub_nats_url {
                 None => presence_operator::controller::HubAccess::ClusterDns,
                 Some(nats_url) => {
-                    let monitor = hub_monitor.unwrap_or_else(|| "127.0.0.1:8222".into());
-                    let (host, port) = monitor
-                        .rsplit_once(':')
-                        .and_then(|(h, p)| Some((h.to_owned(), p.parse().ok()?)))
-                        .context("--hub-monitor must be host:port")?;
-                    presence_operator::controller::HubAccess::Fixed {
-                        nats_url,
-                        monitor_host: host,
-                        monitor_port: port,
-                    }
+                    let monitors = hub_monitor.unwrap_or_else(|| "127.0.0.1:8222".into());
+                    let monitors = monitors
+                        .split(',')
+                        .map(|m| {
+                            m.trim()
+                                .rsplit_once(':')
+                                .and_then(|(h, p)| Some((h.to_owned(), p.parse().ok()?)))
+                                .context("--hub-monitor must be host:port[,host:port...]")
+                        })
+                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    presence_operator::controller::HubAccess::Fixed { nats_url, monitors }
                 }
             };
             let opts = presence_operator::manager::RunOptions {

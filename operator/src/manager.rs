@@ -12,11 +12,12 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
-use kube::runtime::reflector::ObjectRef;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::{Controller, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -151,7 +152,6 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
     let clusters: Api<PresenceCluster> = api(&client, ns);
     let controller = Controller::new(clusters, watcher::Config::default().any_semantic());
-    let store = controller.store();
     let ctx = Arc::new(Context::new(
         client.clone(),
         &opts.identity,
@@ -163,30 +163,12 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         .owns(api::<Deployment>(&client, ns), owned.clone())
         .owns(api::<Service>(&client, ns), owned.clone())
         .owns(api::<ConfigMap>(&client, ns), owned.clone())
-        .owns(api::<Secret>(&client, ns), owned)
-        // A referenced JWT Secret is only read, but watched so that creating
-        // a missing one takes effect at once.
-        .watches(
-            api::<Secret>(&client, ns),
-            watcher::Config::default(),
-            move |secret: Secret| {
-                let secret_ns = secret.namespace();
-                let name = secret.name_any();
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|pc| pc.namespace() == secret_ns)
-                    .filter(|pc| {
-                        pc.spec
-                            .auth
-                            .as_ref()
-                            .and_then(|a| a.jwt_secret_ref.as_ref())
-                            .is_some_and(|r| r.name == name)
-                    })
-                    .map(|pc| ObjectRef::from_obj(&*pc))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .owns(api::<PodDisruptionBudget>(&client, ns), owned.clone())
+        .owns(api::<HorizontalPodAutoscaler>(&client, ns), owned)
+        // Secrets are not watched at all, so the operator needs neither list
+        // nor watch on Secrets: it reads the ones it uses by name on every
+        // reconcile, and a ready cluster is reconciled every minute, so a
+        // rotated or newly created Secret takes effect within a minute.
         .shutdown_on_signal()
         .run(controller::reconcile, controller::error_policy, ctx)
         .for_each(|result| async move {

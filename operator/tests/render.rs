@@ -256,7 +256,10 @@ proptest! {
         let cr = cluster(&name, center, replicas, leaves.clone());
         let ctx = Scope::new(&cr, "default").unwrap();
         let objects = render::render(&cr, &ctx, &Inputs::default()).unwrap();
-        prop_assert_eq!(objects.len(), 1 + 6 * (1 + leaves.len()));
+                // The JWT Secret; per region a ConfigMap, two NATS Services, the
+        // StatefulSet, the Deployment, its Service and its budget (2 pods
+        // by default); the hub's budget.
+        prop_assert_eq!(objects.len(), 1 + 7 * (1 + leaves.len()) + 1);
         prop_assert_eq!(&objects, &render::render(&cr, &ctx, &Inputs::default()).unwrap(), "deterministic");
         let mut ids = std::collections::BTreeSet::new();
         for object in &objects {
@@ -279,6 +282,19 @@ proptest! {
             prop_assert_eq!(&labels["app.kubernetes.io/part-of"], "presencecluster");
             prop_assert!(labels.contains_key("app.kubernetes.io/component"));
             prop_assert!(!labels.contains_key("team"), "CR labels are never copied");
+        }
+                // Every disruption budget selects the pods of one workload.
+        let pod_labels: Vec<_> = objects.iter().filter_map(|o| match o {
+            Child::StatefulSet(s) => s.spec.template.metadata.as_ref()?.labels.clone(),
+            Child::Deployment(d) => d.spec.template.metadata.as_ref()?.labels.clone(),
+            _ => None,
+        }).collect();
+        for object in &objects {
+            if let Child::PodDisruptionBudget(pdb) = object {
+                let selector = pdb.spec.as_ref().and_then(|s| s.selector.as_ref()).and_then(|s| s.match_labels.clone()).unwrap();
+                let matching = pod_labels.iter().filter(|labels| selector.iter().all(|(k, v)| labels.get(k) == Some(v))).count();
+                prop_assert_eq!(matching, 1, "{} selects {} workloads", object.id(), matching);
+            }
         }
         let hub = objects.iter().find_map(|o| match o {
             Child::ConfigMap(cm) if cm.metadata.name.as_deref() == Some(&ctx.names.nats_config(&center_name)) => cm.data.clone(),
@@ -326,6 +342,7 @@ fn loopback_layout_renders_through_the_same_function() {
         role: nats::NatsRole::Leaf(nats::LeafParams {
             hub_urls: vec!["nats-leaf://127.0.0.1:17422".into()],
             credentials: None,
+            cluster: None,
         }),
     };
     let conf = nats::nats_conf(&params);
@@ -398,8 +415,8 @@ mod cel {
                 "center's name",
             ),
             (
-                json!({"center": {}, "leaves": [{"name": "eu"}, {"name": "eu"}]}),
-                "unique",
+                json!({"center": {}, "dataplane": {"autoscaling": {"minReplicas": 5, "maxReplicas": 3}}}),
+                "minReplicas cannot exceed",
             ),
             (json!({"center": {"replicas": 2}}), "1, 3 or 5"),
             (
@@ -449,10 +466,6 @@ mod cel {
                 "storageClassName is immutable",
             ),
             (
-                json!({"center": {"jetstream": {"domain": "hub", "storageClassName": "fast", "storageSize": "20Gi"}}, "kv": {"bucket": "PRESENCE"}}),
-                "storageSize is immutable",
-            ),
-            (
                 json!({"center": {"jetstream": {"domain": "hub", "storageClassName": "fast", "storageSize": "10Gi"}}, "kv": {"bucket": "OTHER"}}),
                 "bucket is immutable",
             ),
@@ -468,9 +481,72 @@ mod cel {
             Some(json!({"center": {}})),
         )
         .unwrap();
-        // Other fields can change freely.
+        // Other fields can change freely, and storage can grow (the
+        // operator refuses a shrink: it compares with the live volumes).
         let mut scaled = base.clone();
         scaled["leaves"] = json!([{"name": "eu"}]);
+        scaled["center"]["jetstream"]["storageSize"] = json!("20Gi");
         check(scaled, Some(base)).unwrap();
+    }
+
+    #[test]
+    fn the_hub_only_changes_size_in_ways_jetstream_survives() {
+        let hub = |replicas: Option<i64>| match replicas {
+            Some(r) => json!({"center": {"replicas": r}}),
+            None => json!({"center": {}}),
+        };
+        for (old, new) in [
+            (None, Some(3)),
+            (Some(1), Some(3)),
+            (Some(3), Some(1)),
+            (Some(5), Some(3)),
+            (Some(3), None),
+        ] {
+            let err = check(hub(new), Some(hub(old))).expect_err(&format!("{old:?} -> {new:?}"));
+            assert!(
+                err.contains("standalone hub can't become clustered"),
+                "{err}"
+            );
+        }
+        for (old, new) in [
+            (None, Some(1)),
+            (Some(3), Some(3)),
+            (Some(3), Some(5)),
+            (Some(5), Some(5)),
+        ] {
+            check(hub(new), Some(hub(old))).unwrap_or_else(|e| panic!("{old:?} -> {new:?}: {e}"));
+        }
+    }
+
+    #[test]
+    fn leaf_names_are_unique_by_list_type_and_by_the_operator() {
+        // The API server enforces unique keys of a list-type map itself
+        // (kube's client-side engine doesn't); the operator's own check
+        // refuses duplicates in manifests that never met an API server.
+        let spec: PresenceClusterSpec = serde_json::from_value(
+            json!({"center": {}, "leaves": [{"name": "eu"}, {"name": "eu"}]}),
+        )
+        .unwrap();
+        let err = render::check_spec(&spec).unwrap_err();
+        assert!(err.to_string().contains("appears twice"), "{err}");
+    }
+}
+
+#[test]
+fn examples_have_no_unknown_fields() {
+    // The spec has no defaults, so a parsed example serializes back to
+    // exactly what was written; a field the CRD doesn't know (a typo the
+    // API server would silently prune) shows up as a difference.
+    for example in [
+        "minimal.yaml",
+        "multi-region.yaml",
+        "dev.yaml",
+        "dev-ha.yaml",
+    ] {
+        let text = std::fs::read_to_string(repo().join("examples").join(example)).unwrap();
+        let written: serde_json::Value = serde_yaml::from_str(&text).unwrap();
+        let parsed: PresenceCluster = serde_yaml::from_str(&text).unwrap();
+        let back = serde_json::to_value(&parsed).unwrap();
+        assert_eq!(back["spec"], written["spec"], "{example}");
     }
 }

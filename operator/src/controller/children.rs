@@ -6,7 +6,9 @@ use super::{Context, Error};
 use crate::crd::{GROUP, PresenceCluster};
 use crate::render::{self, Child, MANAGER};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, Resource, ResourceExt};
@@ -63,6 +65,12 @@ async fn apply_all(client: &Client, ns: &str, children: &[Child]) -> Result<Regi
             Child::Service(o) => {
                 apply_child(client, ns, o).await?;
             }
+            Child::PodDisruptionBudget(o) => {
+                apply_child(client, ns, o).await?;
+            }
+            Child::HorizontalPodAutoscaler(o) => {
+                apply_child(client, ns, o).await?;
+            }
             Child::StatefulSet(o) => {
                 let applied = apply_child(client, ns, o).await?;
                 let entry = counts.entry(region_of(&o.metadata)).or_default();
@@ -115,6 +123,8 @@ async fn prune_all(
     pruned.extend(prune::<StatefulSet>(client, ns, &selector, keep).await?);
     pruned.extend(prune::<Service>(client, ns, &selector, keep).await?);
     pruned.extend(prune::<ConfigMap>(client, ns, &selector, keep).await?);
+    pruned.extend(prune::<PodDisruptionBudget>(client, ns, &selector, keep).await?);
+    pruned.extend(prune::<HorizontalPodAutoscaler>(client, ns, &selector, keep).await?);
     Ok(pruned)
 }
 

@@ -30,7 +30,7 @@ pub async fn cleanup(
         return Ok(Action::await_change());
     }
     let scope = render::Scope::new(pc, ns)?;
-    let (nats_url, _, _) = hub_addresses(&ctx.hub, pc, &scope);
+    let (nats_url, _) = hub_addresses(&ctx.hub, pc, &scope);
     let result = match kv::connect(&nats_url, pc.spec.js_domain()).await {
         Ok(js) => kv::delete_bucket(&js, &bucket).await,
         Err(e) => Err(e),

@@ -119,13 +119,14 @@ impl std::fmt::Display for Reason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConditionUpdate {
     pub type_: ConditionType,
-    pub status: bool,
+    /// `None` is `Unknown`: the operator can't say (e.g. while paused).
+    pub status: Option<bool>,
     pub reason: Reason,
     pub message: String,
 }
 
 impl ConditionUpdate {
-    /// A condition of `type_`.
+    /// A True or False condition of `type_`.
     pub fn new(
         type_: ConditionType,
         status: bool,
@@ -134,7 +135,17 @@ impl ConditionUpdate {
     ) -> Self {
         ConditionUpdate {
             type_,
-            status,
+            status: Some(status),
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// An Unknown condition of `type_`.
+    pub fn unknown(type_: ConditionType, reason: Reason, message: impl Into<String>) -> Self {
+        ConditionUpdate {
+            type_,
+            status: None,
             reason,
             message: message.into(),
         }
@@ -150,7 +161,12 @@ pub fn set_condition(
     now: Timestamp,
 ) {
     let type_ = update.type_.as_str();
-    let status = if update.status { "True" } else { "False" }.to_owned();
+    let status = match update.status {
+        Some(true) => "True",
+        Some(false) => "False",
+        None => "Unknown",
+    }
+    .to_owned();
     let previous = conditions.iter().position(|c| c.type_ == type_);
     let last_transition_time = match previous {
         Some(i) if conditions[i].status == status => conditions[i].last_transition_time.clone(),

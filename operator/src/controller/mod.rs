@@ -96,11 +96,11 @@ impl Error {
 pub enum HubAccess {
     /// Through the hub's client Service in the cluster (production).
     ClusterDns,
-    /// A fixed address, for running the operator outside the cluster and tests.
+    /// Fixed addresses, for running the operator outside the cluster and
+    /// tests: the NATS URL and every hub server's monitoring endpoint.
     Fixed {
         nats_url: String,
-        monitor_host: String,
-        monitor_port: u16,
+        monitors: Vec<(String, u16)>,
     },
 }
 
@@ -219,16 +219,16 @@ pub fn error_policy(pc: Arc<PresenceCluster>, err: &Error, ctx: Arc<Context>) ->
     Action::requeue(delay)
 }
 
+/// A paused object: nothing is applied, so `observedGeneration` stays at
+/// the last generation that was, and Ready says it can't vouch for more.
 async fn paused(pc: &PresenceCluster, api: &Api<PresenceCluster>) -> Result<Action, Error> {
     let mut status = pc.status.clone().unwrap_or_default();
-    let update = status::paused(PAUSED_ANNOTATION);
-    set_condition(
-        &mut status.conditions,
-        pc.meta().generation,
-        &update,
-        Timestamp::now(),
-    );
-    write_status(pc, api, status).await?;
+    let applied = status.observed_generation;
+    let now = Timestamp::now();
+    for update in status::paused(PAUSED_ANNOTATION, applied) {
+        set_condition(&mut status.conditions, pc.meta().generation, &update, now);
+    }
+    write_status_as_of(pc, api, status, applied).await?;
     Ok(Action::await_change())
 }
 
@@ -249,6 +249,9 @@ async fn apply(
     }
     if let Some(regions) = computed.regions {
         status.regions = regions;
+    }
+    if let Some(ready) = computed.regions_ready {
+        status.regions_ready = Some(ready);
     }
     write_status(pc, api, status).await?;
     Ok(match computed.requeue {
@@ -282,13 +285,24 @@ async fn observe(
     Ok(Observed::Applied { regions, bucket })
 }
 
-/// Writes status with a merge patch, only when it changed.
+/// Writes status for the object's current generation.
 async fn write_status(
     pc: &PresenceCluster,
     api: &Api<PresenceCluster>,
-    mut status: PresenceClusterStatus,
+    status: PresenceClusterStatus,
 ) -> Result<(), Error> {
-    status.observed_generation = pc.meta().generation;
+    write_status_as_of(pc, api, status, pc.meta().generation).await
+}
+
+/// Writes status with a merge patch, only when it changed, saying which
+/// generation it describes.
+async fn write_status_as_of(
+    pc: &PresenceCluster,
+    api: &Api<PresenceCluster>,
+    mut status: PresenceClusterStatus,
+    generation: Option<i64>,
+) -> Result<(), Error> {
+    status.observed_generation = generation;
     if pc.status.as_ref() == Some(&status) {
         return Ok(());
     }

@@ -9,31 +9,62 @@ use crate::crd::{PresenceCluster, Role};
 use crate::kv::{self, BucketOutcome, DesiredBucket};
 use crate::{monitor, render};
 
-/// Addresses of the hub: NATS URL, monitoring host and port.
+/// How the operator reaches the hub: its NATS URL, and the monitoring
+/// endpoint of every hub server (host, port).
 pub fn hub_addresses(
     hub: &HubAccess,
     pc: &PresenceCluster,
     scope: &render::Scope,
-) -> (String, String, u16) {
+) -> (String, Vec<(String, u16)>) {
     match hub {
-        HubAccess::Fixed {
-            nats_url,
-            monitor_host,
-            monitor_port,
-        } => (nats_url.clone(), monitor_host.clone(), *monitor_port),
+        HubAccess::Fixed { nats_url, monitors } => (nats_url.clone(), monitors.clone()),
         HubAccess::ClusterDns => {
-            let host = format!(
-                "{}.{}.svc",
-                scope.names.nats(pc.spec.center_name()),
-                scope.namespace
-            );
+            let center = pc.spec.center_name();
+            let ns = &scope.namespace;
+            let service = format!("{}.{ns}.svc", scope.names.nats(center));
+            // Each server through its stable pod name in the headless
+            // Service: the client Service would answer from a random one.
+            let monitors = (0..pc.spec.center_replicas())
+                .map(|k| {
+                    let pod = format!("{}-{k}", scope.names.nats(center));
+                    let host = format!("{pod}.{}.{ns}.svc", scope.names.nats_headless(center));
+                    (host, render::nats::MONITOR_PORT)
+                })
+                .collect();
             (
-                format!("nats://{host}:{}", render::nats::CLIENT_PORT),
-                host,
-                render::nats::MONITOR_PORT,
+                format!("nats://{service}:{}", render::nats::CLIENT_PORT),
+                monitors,
             )
         }
     }
+}
+
+/// The leaf servers linked to the hub, from every hub server's `/leafz`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeafLinks {
+    /// Server names some hub server lists as a leafnode.
+    pub names: std::collections::BTreeSet<String>,
+    /// Whether every hub server answered (so a missing name is missing).
+    pub complete: bool,
+}
+
+/// Asks every hub server which leaf servers are connected to it; `None`
+/// when none answered.
+pub async fn leaf_links(monitors: &[(String, u16)]) -> Option<LeafLinks> {
+    let answers = futures::future::join_all(
+        monitors
+            .iter()
+            .map(|(host, port)| monitor::connected_leaf_servers(host, *port)),
+    )
+    .await;
+    let answered: Vec<Vec<String>> = answers.into_iter().flatten().collect();
+    if answered.is_empty() {
+        return None;
+    }
+    Some(LeafLinks {
+        complete: answered.len() == monitors.len(),
+        names: answered.into_iter().flatten().collect(),
+    })
 }
 
 /// Whether every hub server reported ready.
@@ -52,18 +83,18 @@ pub async fn observe_hub(
     counts: &RegionCounts,
 ) -> (Option<Result<(), String>>, Vec<RegionObservation>) {
     let ready = hub_ready(pc, counts);
-    let (nats_url, monitor_host, monitor_port) = hub_addresses(&ctx.hub, pc, scope);
+    let (nats_url, monitors) = hub_addresses(&ctx.hub, pc, scope);
     let bucket = if ready {
         Some(provision_bucket(pc, ctx, &nats_url).await)
     } else {
         None
     };
-    let leaf_servers = if ready && !pc.spec.leaves.is_empty() {
-        monitor::connected_leaf_servers(&monitor_host, monitor_port).await
+    let links = if ready && !pc.spec.leaves.is_empty() {
+        leaf_links(&monitors).await
     } else {
         None
     };
-    (bucket, regions(pc, scope, counts, leaf_servers.as_deref()))
+    (bucket, regions(pc, scope, counts, links.as_ref()))
 }
 
 async fn provision_bucket(
@@ -97,19 +128,27 @@ async fn provision_bucket(
 }
 
 /// Every region of the spec with what was observed of it. A leaf is linked
-/// when the hub lists one of its servers (pods `<nats-name>-N`).
+/// when some hub server lists each of its servers (named like their pods,
+/// `<nats-name>-N`).
 pub fn regions(
     pc: &PresenceCluster,
     scope: &render::Scope,
     counts: &RegionCounts,
-    leaf_servers: Option<&[String]>,
+    links: Option<&LeafLinks>,
 ) -> Vec<RegionObservation> {
     pc.spec
         .regions()
         .iter()
         .map(|region| {
             let c = counts.get(region.name).copied().unwrap_or_default();
-            let prefix = format!("{}-", scope.names.nats(region.name));
+            let linked = match (region.role, links) {
+                (Role::Leaf, Some(l)) => Some(linked_servers(
+                    l,
+                    &scope.names.nats(region.name),
+                    region.nats_replicas,
+                )),
+                _ => None,
+            };
             RegionObservation {
                 name: region.name.to_owned(),
                 role: region.role,
@@ -117,13 +156,21 @@ pub fn regions(
                 nats_wanted: c.nats_wanted,
                 dataplane_ready: c.dataplane_ready,
                 dataplane_wanted: c.dataplane_wanted,
-                leafnode_connected: match region.role {
-                    Role::Center => None,
-                    Role::Leaf => {
-                        leaf_servers.map(|names| names.iter().any(|n| n.starts_with(&prefix)))
-                    }
-                },
+                leafnode_connected: linked.zip(links).and_then(|(n, l)| {
+                    let all = n >= region.nats_replicas;
+                    // A missing link may be on a hub server that didn't answer.
+                    (all || l.complete).then_some(all)
+                }),
+                leaf_servers_linked: linked,
             }
         })
         .collect()
+}
+
+/// How many of servers `<statefulset>-0..replicas` are linked.
+fn linked_servers(links: &LeafLinks, statefulset: &str, replicas: i32) -> i32 {
+    let linked = (0..replicas)
+        .filter(|k| links.names.contains(&format!("{statefulset}-{k}")))
+        .count();
+    i32::try_from(linked).unwrap_or(i32::MAX)
 }

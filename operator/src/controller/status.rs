@@ -8,8 +8,9 @@ use std::time::Duration;
 
 /// Requeue interval while something is still converging.
 pub const REQUEUE_PROGRESSING: Duration = Duration::from_secs(10);
-/// Requeue interval once everything is ready (drift check).
-pub const REQUEUE_READY: Duration = Duration::from_secs(300);
+/// Requeue interval once everything is ready: the drift check, and how
+/// soon a rotated Secret is noticed (Secrets are read, never watched).
+pub const REQUEUE_READY: Duration = Duration::from_secs(60);
 /// Requeue interval while a referenced Secret is missing (it is also
 /// watched, so creating it takes effect sooner).
 pub const REQUEUE_SECRET: Duration = Duration::from_secs(30);
@@ -23,14 +24,22 @@ pub struct RegionObservation {
     pub nats_wanted: i32,
     pub dataplane_ready: i32,
     pub dataplane_wanted: i32,
-    /// For a leaf: whether the hub lists its server as a leafnode; `None`
-    /// for the center, or when the hub couldn't be asked.
+    /// For a leaf: whether the hub lists every one of its servers as a
+    /// leafnode; `None` for the center, or when not every hub server could
+    /// be asked and the missing links may be on the one that wasn't.
     pub leafnode_connected: Option<bool>,
+    /// For a leaf: how many of its servers some hub server lists.
+    pub leaf_servers_linked: Option<i32>,
 }
 
 impl RegionObservation {
     fn is_ready(&self) -> bool {
         self.nats_ready >= self.nats_wanted && self.dataplane_ready >= self.dataplane_wanted
+    }
+
+    /// Serving and linked (as far as is known).
+    fn is_healthy(&self) -> bool {
+        self.is_ready() && self.leafnode_connected != Some(false)
     }
 
     fn status(&self) -> RegionStatus {
@@ -76,6 +85,8 @@ pub struct Computed {
     pub conditions: Vec<ConditionUpdate>,
     /// Per-region status; `None` keeps what the status had.
     pub regions: Option<Vec<RegionStatus>>,
+    /// Ready regions out of all (`2/3`); `None` keeps what the status had.
+    pub regions_ready: Option<String>,
     pub requeue: Requeue,
 }
 
@@ -113,11 +124,13 @@ pub fn compute(observed: &Observed) -> Computed {
                 "waiting for a valid spec",
             ),
             regions: None,
+            regions_ready: None,
             requeue: Requeue::OnChange,
         },
         Observed::SecretProblem { reason, message } => Computed {
             conditions: blocked(*reason, message, message, "waiting for the JWT Secret"),
             regions: None,
+            regions_ready: None,
             requeue: Requeue::After(REQUEUE_SECRET),
         },
         Observed::Applied { regions, bucket } => applied(regions, bucket.as_ref()),
@@ -163,10 +176,15 @@ fn readiness(
             format!("not ready yet: {}", unready.join(", ")),
         );
     }
-    let disconnected: Vec<&str> = regions
+    let disconnected: Vec<String> = regions
         .iter()
         .filter(|r| r.leafnode_connected == Some(false))
-        .map(|r| r.name.as_str())
+        .map(|r| match r.leaf_servers_linked {
+            Some(linked) if r.nats_wanted > 1 => {
+                format!("{} ({linked}/{} servers linked)", r.name, r.nats_wanted)
+            }
+            _ => r.name.clone(),
+        })
         .collect();
     if !disconnected.is_empty() {
         return (
@@ -218,6 +236,11 @@ fn applied(regions: &[RegionObservation], bucket: Option<&Result<(), String>>) -
             degraded,
         ),
         regions: Some(regions.iter().map(RegionObservation::status).collect()),
+        regions_ready: Some(format!(
+            "{}/{}",
+            regions.iter().filter(|r| r.is_healthy()).count(),
+            regions.len()
+        )),
         requeue: Requeue::After(if ready {
             REQUEUE_READY
         } else {
@@ -231,16 +254,20 @@ pub fn failed(reason: Reason, message: &str) -> ConditionUpdate {
     ConditionUpdate::new(ConditionType::Degraded, true, reason, message)
 }
 
-/// The condition of a paused object.
-pub fn paused(annotation: &str) -> ConditionUpdate {
-    ConditionUpdate::new(
-        ConditionType::Progressing,
-        false,
-        Reason::Paused,
-        format!(
-            "reconciling is paused by the annotation {annotation}=\"true\"; remove it to resume"
-        ),
-    )
+/// The conditions of a paused object: nothing of this generation was
+/// applied, so Ready is Unknown (tools such as Argo CD must not report a
+/// generation that was never applied as healthy) and nothing progresses.
+pub fn paused(annotation: &str, applied: Option<i64>) -> Vec<ConditionUpdate> {
+    let applied = applied.map_or("no generation has been applied yet".to_owned(), |g| {
+        format!("the status describes generation {g}")
+    });
+    let message = format!(
+        "reconciling is paused by the annotation {annotation}=\"true\"; remove it to resume ({applied})"
+    );
+    vec![
+        ConditionUpdate::unknown(ConditionType::Ready, Reason::Paused, message.clone()),
+        ConditionUpdate::new(ConditionType::Progressing, false, Reason::Paused, message),
+    ]
 }
 
 #[cfg(test)]
@@ -262,6 +289,7 @@ mod tests {
             dataplane_ready: dataplane.0,
             dataplane_wanted: dataplane.1,
             leafnode_connected: leaf,
+            leaf_servers_linked: leaf.map(|l| if l { nats.1 } else { 0 }),
         }
     }
 
@@ -272,11 +300,17 @@ mod tests {
         ]
     }
 
-    /// (type, status, reason) of every condition.
+    /// (type, status, reason) of every condition; only True/False here.
     fn summary(c: &Computed) -> Vec<(&'static str, bool, &'static str)> {
         c.conditions
             .iter()
-            .map(|u| (u.type_.as_str(), u.status, u.reason.as_str()))
+            .map(|u| {
+                (
+                    u.type_.as_str(),
+                    u.status.expect("known"),
+                    u.reason.as_str(),
+                )
+            })
             .collect()
     }
 
@@ -412,8 +446,41 @@ mod tests {
             c.conditions[0].message,
             "leaf NATS servers not connected to the hub: eu"
         );
+        // A clustered leaf with one of two servers linked says so.
+        regions[1].nats_wanted = 2;
+        regions[1].nats_ready = 2;
+        regions[1].leaf_servers_linked = Some(1);
+        let c = applied_with(regions.clone(), Some(Ok(())));
+        assert_eq!(
+            c.conditions[0].message,
+            "leaf NATS servers not connected to the hub: eu (1/2 servers linked)"
+        );
+        assert_eq!(c.regions_ready.as_deref(), Some("1/2"));
         regions[1].leafnode_connected = None;
-        assert!(applied_with(regions, Some(Ok(()))).conditions[0].status);
+        let c = applied_with(regions, Some(Ok(())));
+        assert_eq!(c.conditions[0].status, Some(true));
+        assert_eq!(c.regions_ready.as_deref(), Some("2/2"));
+    }
+
+    #[test]
+    fn regions_ready_counts_only_serving_regions() {
+        let mut regions = all_ready();
+        assert_eq!(
+            applied_with(regions.clone(), Some(Ok(())))
+                .regions_ready
+                .as_deref(),
+            Some("2/2")
+        );
+        regions[0].dataplane_ready = 1;
+        assert_eq!(
+            applied_with(regions, Some(Ok(()))).regions_ready.as_deref(),
+            Some("1/2")
+        );
+        let blocked = compute(&Observed::InvalidSpec("x".into()));
+        assert_eq!(
+            blocked.regions_ready, None,
+            "a blocked reconcile keeps the last count"
+        );
     }
 
     #[test]
@@ -421,13 +488,20 @@ mod tests {
         let f = failed(Reason::KubernetesApiError, "boom");
         assert_eq!(
             (f.type_, f.status, f.message.as_str()),
-            (ConditionType::Degraded, true, "boom")
+            (ConditionType::Degraded, Some(true), "boom")
         );
-        let p = paused("presencecluster.io/paused");
+        let p = paused("presencecluster.io/paused", Some(3));
+        let kinds: Vec<_> = p.iter().map(|u| (u.type_, u.status, u.reason)).collect();
         assert_eq!(
-            (p.type_, p.status, p.reason),
-            (ConditionType::Progressing, false, Reason::Paused)
+            kinds,
+            [
+                (ConditionType::Ready, None, Reason::Paused),
+                (ConditionType::Progressing, Some(false), Reason::Paused)
+            ]
         );
-        assert!(p.message.contains("presencecluster.io/paused=\"true\""));
+        assert!(p[0].message.contains("presencecluster.io/paused=\"true\""));
+        assert!(p[0].message.contains("generation 3"), "{}", p[0].message);
+        let never = paused("a", None);
+        assert!(never[0].message.contains("no generation has been applied"));
     }
 }

@@ -27,6 +27,12 @@ fn child_path(child: &Child) -> String {
         Child::Secret(_) => format!("/api/v1/namespaces/{NS}/secrets/{name}"),
         Child::StatefulSet(_) => format!("/apis/apps/v1/namespaces/{NS}/statefulsets/{name}"),
         Child::Deployment(_) => format!("/apis/apps/v1/namespaces/{NS}/deployments/{name}"),
+        Child::PodDisruptionBudget(_) => {
+            format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/{name}")
+        }
+        Child::HorizontalPodAutoscaler(_) => {
+            format!("/apis/autoscaling/v2/namespaces/{NS}/horizontalpodautoscalers/{name}")
+        }
     }
 }
 
@@ -39,16 +45,14 @@ fn cluster(spec: Value) -> Value {
 fn unreachable() -> HubAccess {
     HubAccess::Fixed {
         nats_url: "nats://127.0.0.1:1".into(),
-        monitor_host: "127.0.0.1".into(),
-        monitor_port: 1,
+        monitors: vec![("127.0.0.1".into(), 1)],
     }
 }
 
 fn real(hub: &testkit::Nats) -> HubAccess {
     HubAccess::Fixed {
         nats_url: hub.url(),
-        monitor_host: "127.0.0.1".into(),
-        monitor_port: hub.monitor_port,
+        monitors: vec![("127.0.0.1".into(), hub.monitor_port)],
     }
 }
 
@@ -167,6 +171,8 @@ async fn a_fresh_cluster_gets_a_finalizer_then_every_object() {
         "apis/apps/v1/namespaces/ns/statefulsets",
         "api/v1/namespaces/ns/services",
         "api/v1/namespaces/ns/configmaps",
+        "apis/policy/v1/namespaces/ns/poddisruptionbudgets",
+        "apis/autoscaling/v2/namespaces/ns/horizontalpodautoscalers",
     ] {
         expected.push(("GET".to_owned(), format!("/{kind}")));
     }
@@ -378,6 +384,7 @@ async fn removing_a_leaf_deletes_its_objects() {
             "/api/v1/namespaces/ns/services/p-us-presence",
             "/apis/apps/v1/namespaces/ns/deployments/p-us-presence",
             "/apis/apps/v1/namespaces/ns/statefulsets/p-us-nats",
+            "/apis/policy/v1/namespaces/ns/poddisruptionbudgets/p-us-presence",
         ]
     );
     assert!(

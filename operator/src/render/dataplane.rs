@@ -188,7 +188,11 @@ pub fn objects(
     let deployment = Deployment {
         metadata: meta(ctx, &name, COMPONENT, Some(region.name)),
         spec: DeploymentSpec {
-            replicas: Some(region.dataplane_replicas),
+            // Under autoscaling the HorizontalPodAutoscaler owns replicas.
+            replicas: region
+                .autoscaling
+                .is_none()
+                .then_some(region.dataplane_replicas),
             selector: LabelSelector {
                 match_labels: Some(selector.clone()),
                 ..Default::default()

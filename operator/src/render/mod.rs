@@ -2,15 +2,18 @@
 //! always renders the same objects, byte for byte, so they can be golden
 //! tested, diffed in review, and applied idempotently.
 
+pub mod availability;
 pub mod dataplane;
 pub mod nats;
 pub mod secrets;
 
 use crate::crd::{GROUP, PresenceCluster, PresenceClusterSpec, PullPolicy};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{
     Affinity, ConfigMap, PodAffinityTerm, PodAntiAffinity, Secret, Service, WeightedPodAffinityTerm,
 };
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -216,6 +219,8 @@ pub enum Child {
     StatefulSet(StatefulSet),
     Deployment(Deployment),
     Secret(Secret),
+    PodDisruptionBudget(PodDisruptionBudget),
+    HorizontalPodAutoscaler(HorizontalPodAutoscaler),
 }
 
 impl Child {
@@ -227,6 +232,8 @@ impl Child {
             Child::StatefulSet(o) => ("StatefulSet", &o.metadata),
             Child::Deployment(o) => ("Deployment", &o.metadata),
             Child::Secret(o) => ("Secret", &o.metadata),
+            Child::PodDisruptionBudget(o) => ("PodDisruptionBudget", &o.metadata),
+            Child::HorizontalPodAutoscaler(o) => ("HorizontalPodAutoscaler", &o.metadata),
         };
         format!("{kind}/{}", meta.name.as_deref().unwrap_or_default())
     }
@@ -239,6 +246,8 @@ impl Child {
             Child::StatefulSet(o) => &o.metadata,
             Child::Deployment(o) => &o.metadata,
             Child::Secret(o) => &o.metadata,
+            Child::PodDisruptionBudget(o) => &o.metadata,
+            Child::HorizontalPodAutoscaler(o) => &o.metadata,
         }
     }
 }
@@ -272,6 +281,12 @@ pub fn check_spec(spec: &PresenceClusterSpec) -> Result<(), RenderError> {
             "center name {center:?} must be a lowercase DNS label of at most 16 characters"
         ));
     }
+    if spec.leaves.len() > crate::crd::MAX_LEAVES {
+        return invalid(format!(
+            "at most {} leaves are allowed",
+            crate::crd::MAX_LEAVES
+        ));
+    }
     let mut seen = std::collections::BTreeSet::new();
     for leaf in &spec.leaves {
         if !is_label(&leaf.name, crate::crd::MAX_REGION_NAME) {
@@ -289,6 +304,31 @@ pub fn check_spec(spec: &PresenceClusterSpec) -> Result<(), RenderError> {
     }
     if ![1, 3, 5].contains(&spec.center_replicas()) {
         return invalid("center.replicas must be 1, 3 or 5".into());
+    }
+    for region in spec.regions() {
+        if !(1..=5).contains(&region.nats_replicas) {
+            return invalid(format!(
+                "leaf {:?}: nats.replicas must be between 1 and 5",
+                region.name
+            ));
+        }
+    }
+    let autoscaling = std::iter::once(spec.dataplane.as_ref().and_then(|d| d.autoscaling.as_ref()))
+        .chain(
+            spec.leaves
+                .iter()
+                .map(|l| l.dataplane.as_ref().and_then(|d| d.autoscaling.as_ref())),
+        )
+        .chain(std::iter::once(
+            spec.center
+                .dataplane
+                .as_ref()
+                .and_then(|d| d.autoscaling.as_ref()),
+        ));
+    for a in autoscaling.flatten() {
+        if a.min_replicas.is_some_and(|min| min > a.max_replicas) {
+            return invalid("autoscaling.minReplicas cannot exceed autoscaling.maxReplicas".into());
+        }
     }
     let kv = spec.kv_replicas();
     if ![1, 3, 5].contains(&kv) || kv > spec.center_replicas() {
@@ -322,9 +362,14 @@ pub fn render(
         out.push(Child::Service(headless));
         out.push(Child::Service(client));
         out.push(Child::StatefulSet(statefulset));
+        out.extend(availability::nats_budget(ctx, &region).map(Child::PodDisruptionBudget));
         let (deployment, service) = dataplane::objects(ctx, spec, &region, inputs);
         out.push(Child::Deployment(deployment));
         out.push(Child::Service(service));
+        out.extend(availability::dataplane_budget(ctx, &region).map(Child::PodDisruptionBudget));
+        out.extend(
+            availability::dataplane_autoscaler(ctx, &region).map(Child::HorizontalPodAutoscaler),
+        );
     }
     Ok(out)
 }

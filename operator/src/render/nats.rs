@@ -57,6 +57,8 @@ pub struct LeafParams {
     pub hub_urls: Vec<String>,
     /// Path of a credentials file to present to the hub.
     pub credentials: Option<String>,
+    /// Routes between the region's leaf servers, when it has more than one.
+    pub cluster: Option<ClusterParams>,
 }
 
 /// What distinguishes one server's config from another's.
@@ -121,14 +123,7 @@ pub fn nats_conf(p: &NatsParams) -> String {
             let _ = writeln!(out, "  listen: {}", quoted(&hub.leafnode_listen));
             out.push_str("}\n");
             if let Some(cluster) = &hub.cluster {
-                out.push_str("\ncluster {\n");
-                let _ = writeln!(out, "  name: {}", quoted(&cluster.name));
-                let _ = writeln!(out, "  listen: {}", quoted(&cluster.listen));
-                out.push_str("  routes: [\n");
-                for route in &cluster.routes {
-                    let _ = writeln!(out, "    {}", quoted(route));
-                }
-                out.push_str("  ]\n}\n");
+                cluster_block(&mut out, cluster);
             }
         }
         NatsRole::Leaf(leaf) => {
@@ -139,9 +134,24 @@ pub fn nats_conf(p: &NatsParams) -> String {
                 let _ = writeln!(out, "      credentials: {}", quoted(creds));
             }
             out.push_str("    }\n  ]\n}\n");
+            if let Some(cluster) = &leaf.cluster {
+                cluster_block(&mut out, cluster);
+            }
         }
     }
     out
+}
+
+/// The `cluster {}` block: routes between the servers of one region.
+fn cluster_block(out: &mut String, cluster: &ClusterParams) {
+    out.push_str("\ncluster {\n");
+    let _ = writeln!(out, "  name: {}", quoted(&cluster.name));
+    let _ = writeln!(out, "  listen: {}", quoted(&cluster.listen));
+    out.push_str("  routes: [\n");
+    for route in &cluster.routes {
+        let _ = writeln!(out, "    {}", quoted(route));
+    }
+    out.push_str("  ]\n}\n");
 }
 
 /// Parses a Kubernetes quantity (`10Gi`, `500M`, `1073741824`) into bytes.
@@ -178,23 +188,23 @@ pub fn client_host(ctx: &Scope, region: &str) -> String {
 /// The Kubernetes parameters of a region's NATS servers.
 pub fn k8s_params(ctx: &Scope, spec: &PresenceClusterSpec, region: &Region<'_>) -> NatsParams {
     let any = |port: u16| format!("0.0.0.0:{port}");
+    let headless = ctx.names.nats_headless(region.name);
+    // Routes between the region's servers (pods of its StatefulSet).
+    let cluster = (region.nats_replicas > 1).then(|| ClusterParams {
+        name: format!("{}-{}", ctx.name, region.name),
+        listen: any(CLUSTER_PORT),
+        routes: (0..region.nats_replicas)
+            .map(|i| {
+                format!(
+                    "nats://{}-{i}.{headless}.{}.svc:{CLUSTER_PORT}",
+                    ctx.names.nats(region.name),
+                    ctx.namespace
+                )
+            })
+            .collect(),
+    });
     let role = match region.role {
         Role::Center => {
-            let replicas = spec.center_replicas();
-            let headless = ctx.names.nats_headless(region.name);
-            let cluster = (replicas > 1).then(|| ClusterParams {
-                name: format!("{}-{}", ctx.name, region.name),
-                listen: any(CLUSTER_PORT),
-                routes: (0..replicas)
-                    .map(|i| {
-                        format!(
-                            "nats://{}-{i}.{headless}.{}.svc:{CLUSTER_PORT}",
-                            ctx.names.nats(region.name),
-                            ctx.namespace
-                        )
-                    })
-                    .collect(),
-            });
             let size = storage_size(spec);
             NatsRole::Hub(HubParams {
                 domain: spec.js_domain().to_owned(),
@@ -213,6 +223,7 @@ pub fn k8s_params(ctx: &Scope, spec: &PresenceClusterSpec, region: &Region<'_>) 
             credentials: region
                 .leaf_credentials
                 .map(|_| format!("{CREDS_DIR}/leaf.creds")),
+            cluster,
         }),
     };
     NatsParams {
@@ -272,7 +283,7 @@ pub fn objects(
         data: Some(BTreeMap::from([("nats.conf".to_owned(), conf)])),
         ..Default::default()
     };
-    let ports = container_ports(region.role == Role::Center);
+    let ports = container_ports(region);
     let (headless, client) = services(ctx, region, &ports);
     let statefulset = statefulset(ctx, spec, region, ports, hash);
     (config_map, headless, client, statefulset)
@@ -281,10 +292,12 @@ pub fn objects(
 /// The `app.kubernetes.io/component` of NATS objects.
 const COMPONENT: &str = "nats";
 
-fn container_ports(is_hub: bool) -> Vec<ContainerPort> {
+fn container_ports(region: &Region<'_>) -> Vec<ContainerPort> {
     let mut ports = vec![port("client", CLIENT_PORT), port("monitor", MONITOR_PORT)];
-    if is_hub {
+    if region.role == Role::Center {
         ports.push(port("leafnodes", LEAFNODE_PORT));
+        ports.push(port("cluster", CLUSTER_PORT));
+    } else if region.nats_replicas > 1 {
         ports.push(port("cluster", CLUSTER_PORT));
     }
     ports
@@ -349,11 +362,34 @@ fn probe(path: &str, period: i32, failures: i32) -> Probe {
             port: IntOrString::String("monitor".into()),
             ..Default::default()
         }),
+        initial_delay_seconds: Some(10),
         period_seconds: Some(period),
         timeout_seconds: Some(5),
         failure_threshold: Some(failures),
         ..Default::default()
     }
+}
+
+/// Probes as the official NATS Helm chart renders them, for the reasons
+/// its original authors gave (nats-server's `/healthz` options):
+/// - startup `/healthz`, the full check: JetStream is current with the meta
+///   leader and every stream and consumer on this server has caught up. A
+///   restarted hub server only becomes Ready after that (readiness counts
+///   from the end of startup), so a rolling restart never moves to the next
+///   server while this one is still catching up. Up to 15 minutes.
+/// - readiness `/healthz?js-server-only=true`: the server accepts clients
+///   (on 2.11+ this skips JetStream state, so a hub that briefly loses its
+///   meta leader isn't pulled out of its Service).
+/// - liveness `/healthz?js-enabled-only=true`: only "JetStream is enabled",
+///   so a server that is catching up or has no meta leader is never killed.
+///
+/// Leaves have no JetStream; the same paths then check the server is up.
+fn probes() -> (Probe, Probe, Probe) {
+    (
+        probe("/healthz", 10, 90),
+        probe("/healthz?js-server-only=true", 10, 3),
+        probe("/healthz?js-enabled-only=true", 30, 3),
+    )
 }
 
 /// Mounts and volumes of the container: config, pid directory, the hub's
@@ -450,11 +486,7 @@ fn container(
     ports: Vec<ContainerPort>,
     mounts: Vec<VolumeMount>,
 ) -> Container {
-    let healthz = if region.role == Role::Center {
-        "/healthz?js-enabled-only=true"
-    } else {
-        "/healthz"
-    };
+    let (startup, readiness, liveness) = probes();
     Container {
         name: "nats".into(),
         image: Some(spec.nats_image().to_owned()),
@@ -474,9 +506,9 @@ fn container(
         ports: Some(ports),
         resources: region.nats_resources.cloned(),
         volume_mounts: Some(mounts),
-        startup_probe: Some(probe(healthz, 5, 60)),
-        readiness_probe: Some(probe(healthz, 10, 3)),
-        liveness_probe: Some(probe("/healthz", 30, 3)),
+        startup_probe: Some(startup),
+        readiness_probe: Some(readiness),
+        liveness_probe: Some(liveness),
         lifecycle: Some(k8s_openapi::api::core::v1::Lifecycle {
             pre_stop: Some(k8s_openapi::api::core::v1::LifecycleHandler {
                 exec: Some(ExecAction {
@@ -512,7 +544,7 @@ fn statefulset(
     let is_hub = region.role == Role::Center;
     let (mounts, volumes) = mounts_and_volumes(ctx, region);
     let container = container(spec, region, ports, mounts);
-    let replicas = if is_hub { spec.center_replicas() } else { 1 };
+    let replicas = region.nats_replicas;
     let annotations = BTreeMap::from([(format!("{}/config-hash", crate::crd::GROUP), config_hash)]);
     StatefulSet {
         metadata: meta(
@@ -536,7 +568,8 @@ fn statefulset(
                     volumes: Some(volumes),
                     termination_grace_period_seconds: Some(60),
                     enable_service_links: Some(false),
-                    affinity: is_hub.then(|| super::spread_affinity(ctx, COMPONENT, region.name)),
+                    affinity: (is_hub || replicas > 1)
+                        .then(|| super::spread_affinity(ctx, COMPONENT, region.name)),
                     security_context: Some(nats_pod_security()),
                     ..Default::default()
                 }),
