@@ -516,6 +516,15 @@ impl PresenceClusterSpec {
             .unwrap_or(DEFAULT_JS_DOMAIN)
     }
 
+    /// Size of each hub server's JetStream volume.
+    pub fn storage_size(&self) -> Quantity {
+        self.center
+            .jetstream
+            .as_ref()
+            .and_then(|j| j.storage_size.clone())
+            .unwrap_or_else(|| Quantity(DEFAULT_STORAGE_SIZE.into()))
+    }
+
     /// Bucket name.
     pub fn bucket(&self) -> &str {
         self.kv

@@ -50,6 +50,7 @@ fn rendered_env(cluster: &PresenceCluster) -> Vec<(String, Vec<String>)> {
     let inputs = Inputs {
         generated_jwt_secret: Some("s".repeat(32)),
         jwt_secret_digest: Some("d".into()),
+        hub_volume_size: None,
     };
     render::render(cluster, &scope, &inputs)
         .expect("renders")

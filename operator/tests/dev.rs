@@ -418,5 +418,25 @@ async fn killing_one_of_three_hub_servers_loses_no_acknowledged_write() {
             .await;
         }
     }
+
+    // The eu leaf runs two clustered servers: with one frozen (a node
+    // drained or cut off), eu still takes writes and the others see them.
+    let frozen = dev.pid("nats-eu").expect("eu leaf server 0");
+    let _ = Command::new("kill")
+        .args(["-STOP", &frozen.to_string()])
+        .status();
+    wait_until(
+        "eu to take a write with one leaf server frozen",
+        Duration::from_secs(45),
+        || async { set(&c, &dev, EU, "frozen", "via the other leaf server").await == 200 },
+    )
+    .await;
+    wait_until("us to see it", Duration::from_secs(10), || async {
+        message(&c, &dev, US, "frozen").await.as_deref() == Some("via the other leaf server")
+    })
+    .await;
+    let _ = Command::new("kill")
+        .args(["-CONT", &frozen.to_string()])
+        .status();
     assert_eq!(dev.interrupt(), Some(0));
 }

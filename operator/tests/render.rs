@@ -51,6 +51,7 @@ fn render_fixed(cluster: &PresenceCluster) -> Vec<Child> {
     let inputs = Inputs {
         generated_jwt_secret: Some("golden-secret".into()),
         jwt_secret_digest: Some("golden-digest".into()),
+        hub_volume_size: None,
     };
     render::render(&cluster, &ctx, &inputs).expect("renders")
 }

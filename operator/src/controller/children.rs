@@ -78,6 +78,9 @@ async fn apply_all(client: &Client, ns: &str, children: &[Child]) -> Result<Regi
                 entry.nats_ready = applied.status.and_then(|s| s.ready_replicas).unwrap_or(0);
             }
             Child::Deployment(o) => {
+                if o.spec.replicas.is_none() {
+                    hand_over_replicas(client, ns, o).await?;
+                }
                 let applied = apply_child(client, ns, o).await?;
                 let entry = counts.entry(region_of(&o.metadata)).or_default();
                 entry.dataplane_wanted = o.spec.replicas.unwrap_or(1);
@@ -86,6 +89,58 @@ async fn apply_all(client: &Client, ns: &str, children: &[Child]) -> Result<Regi
         }
     }
     Ok(counts)
+}
+
+/// Field manager that holds a Deployment's `replicas` for the moment
+/// between the operator letting go and the autoscaler taking over.
+pub const HANDOVER_MANAGER: &str = "presence-operator-replicas-handover";
+
+/// Whether `manager`'s server-side apply owns `spec.replicas` of `live`.
+fn applies_replicas(live: &Deployment, manager: &str) -> bool {
+    live.metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| {
+            m.manager.as_deref() == Some(manager) && m.operation.as_deref() == Some("Apply")
+        })
+        .filter_map(|m| m.fields_v1.as_ref())
+        .any(|f| {
+            f.0.get("f:spec")
+                .and_then(|s| s.get("f:replicas"))
+                .is_some()
+        })
+}
+
+/// Autoscaling was just turned on: the operator's next apply leaves
+/// `replicas` out, and a field no manager owns any more is reset to its
+/// default (1 pod) before the autoscaler acts. So first a separate field
+/// manager applies the current count; it keeps it until the autoscaler
+/// writes its own (the procedure in the Kubernetes docs, "Migrating
+/// Deployments and StatefulSets to horizontal autoscaling").
+async fn hand_over_replicas(client: &Client, ns: &str, rendered: &Deployment) -> Result<(), Error> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let name = rendered.metadata.name.clone().unwrap_or_default();
+    let Some(live) = api.get_opt(&name).await? else {
+        return Ok(());
+    };
+    if !applies_replicas(&live, MANAGER) {
+        return Ok(());
+    }
+    let replicas = live.spec.replicas.unwrap_or(1);
+    let patch = serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"replicas": replicas},
+    });
+    api.patch(
+        &name,
+        &PatchParams::apply(HANDOVER_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
 }
 
 /// Server-side apply of one child with our field manager.

@@ -63,11 +63,13 @@ pub enum Reason {
     BucketDeletionFailed,
     /// The finalizer couldn't be added or removed.
     FinalizerFailed,
+    /// A hub volume couldn't grow to the spec's storage size.
+    StorageExpansionFailed,
 }
 
 impl Reason {
     /// Every reason, for tests and docs checks.
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::AllRegionsReady,
         Reason::ReconcileComplete,
         Reason::AsExpected,
@@ -84,6 +86,7 @@ impl Reason {
         Reason::SecretGenerationFailed,
         Reason::BucketDeletionFailed,
         Reason::FinalizerFailed,
+        Reason::StorageExpansionFailed,
     ];
 
     /// The wire name.
@@ -105,6 +108,7 @@ impl Reason {
             Reason::SecretGenerationFailed => "SecretGenerationFailed",
             Reason::BucketDeletionFailed => "BucketDeletionFailed",
             Reason::FinalizerFailed => "FinalizerFailed",
+            Reason::StorageExpansionFailed => "StorageExpansionFailed",
         }
     }
 }

@@ -21,6 +21,8 @@ pub enum EventReason {
     BucketDeleted,
     /// The hub stayed unreachable past the deletion grace period.
     BucketDeletionAbandoned,
+    /// Hub volumes were asked to grow to a new storage size.
+    VolumesExpanded,
     /// A reconcile failed (a Warning).
     Failed(Reason),
 }
@@ -36,6 +38,7 @@ impl EventReason {
             EventReason::BucketRetained => "BucketRetained",
             EventReason::BucketDeleted => "BucketDeleted",
             EventReason::BucketDeletionAbandoned => "BucketDeletionAbandoned",
+            EventReason::VolumesExpanded => "VolumesExpanded",
             EventReason::Failed(reason) => reason.as_str(),
         }
     }

@@ -20,6 +20,7 @@ pub mod events;
 pub mod probe;
 pub mod secrets;
 pub mod status;
+pub mod storage;
 #[cfg(test)]
 mod tests;
 
@@ -275,14 +276,31 @@ async fn observe(
             return Ok(Observed::SecretProblem { reason, message });
         }
     };
+    let created_size = storage::live_template_size(pc, ctx, scope).await?;
+    let desired_size = pc.spec.storage_size();
+    if let Err(problem) = storage::check_growth(&desired_size, created_size.as_ref()) {
+        return Ok(Observed::InvalidSpec(problem));
+    }
     let inputs = render::Inputs {
         jwt_secret_digest: Some(digest),
+        hub_volume_size: created_size,
         ..Default::default()
     };
     let children = render::render(pc, scope, &inputs)?;
     let counts = children::apply_and_prune(pc, ctx, scope, &children).await?;
+    let storage = storage::expand_volumes(pc, ctx, scope, &desired_size).await;
+    if let Ok(resized) = &storage
+        && !resized.is_empty()
+    {
+        let note = format!("asked for {} on {}", desired_size.0, resized.join(", "));
+        publish(ctx, pc, EventReason::VolumesExpanded, "ExpandVolumes", note).await;
+    }
     let (bucket, regions) = probe::observe_hub(pc, ctx, scope, &counts).await;
-    Ok(Observed::Applied { regions, bucket })
+    Ok(Observed::Applied {
+        regions,
+        bucket,
+        storage: storage.map(|_| ()),
+    })
 }
 
 /// Writes status for the object's current generation.

@@ -67,6 +67,8 @@ pub enum Observed {
         regions: Vec<RegionObservation>,
         /// `None` while the hub isn't ready (the bucket wasn't tried).
         bucket: Option<Result<(), String>>,
+        /// Whether the hub's volumes could be brought to the spec's size.
+        storage: Result<(), String>,
     },
 }
 
@@ -133,7 +135,11 @@ pub fn compute(observed: &Observed) -> Computed {
             regions_ready: None,
             requeue: Requeue::After(REQUEUE_SECRET),
         },
-        Observed::Applied { regions, bucket } => applied(regions, bucket.as_ref()),
+        Observed::Applied {
+            regions,
+            bucket,
+            storage,
+        } => applied(regions, bucket.as_ref(), storage),
     }
 }
 
@@ -203,7 +209,11 @@ fn readiness(
     )
 }
 
-fn applied(regions: &[RegionObservation], bucket: Option<&Result<(), String>>) -> Computed {
+fn applied(
+    regions: &[RegionObservation],
+    bucket: Option<&Result<(), String>>,
+    storage: &Result<(), String>,
+) -> Computed {
     let (ready, reason, message) = readiness(regions, bucket);
     let progressing = if ready {
         ConditionUpdate::new(
@@ -215,11 +225,17 @@ fn applied(regions: &[RegionObservation], bucket: Option<&Result<(), String>>) -
     } else {
         ConditionUpdate::new(ConditionType::Progressing, true, reason, message.clone())
     };
-    let degraded = match bucket {
-        Some(Err(err)) => ConditionUpdate::new(
+    let degraded = match (bucket, storage) {
+        (Some(Err(err)), _) => ConditionUpdate::new(
             ConditionType::Degraded,
             true,
             Reason::BucketUnavailable,
+            err.clone(),
+        ),
+        (_, Err(err)) => ConditionUpdate::new(
+            ConditionType::Degraded,
+            true,
+            Reason::StorageExpansionFailed,
             err.clone(),
         ),
         _ => ConditionUpdate::new(
@@ -318,7 +334,28 @@ mod tests {
         regions: Vec<RegionObservation>,
         bucket: Option<Result<(), String>>,
     ) -> Computed {
-        compute(&Observed::Applied { regions, bucket })
+        compute(&Observed::Applied {
+            regions,
+            bucket,
+            storage: Ok(()),
+        })
+    }
+
+    #[test]
+    fn a_volume_that_cannot_grow_degrades_but_the_cluster_serves() {
+        let c = compute(&Observed::Applied {
+            regions: all_ready(),
+            bucket: Some(Ok(())),
+            storage: Err("cannot grow volume data-p-center-nats-0".into()),
+        });
+        assert_eq!(
+            summary(&c),
+            [
+                ("Ready", true, "AllRegionsReady"),
+                ("Progressing", false, "ReconcileComplete"),
+                ("Degraded", true, "StorageExpansionFailed")
+            ]
+        );
     }
 
     #[test]

@@ -160,6 +160,11 @@ async fn a_fresh_cluster_gets_a_finalizer_then_every_object() {
             "POST".to_owned(),
             format!("/api/v1/namespaces/{NS}/secrets"),
         ),
+        // The hub's volume template, before anything is applied.
+        (
+            "GET".to_owned(),
+            format!("/apis/apps/v1/namespaces/{NS}/statefulsets/p-center-nats"),
+        ),
     ];
     let children: Vec<Child> = rendered(&fake)
         .into_iter()
@@ -173,6 +178,8 @@ async fn a_fresh_cluster_gets_a_finalizer_then_every_object() {
         "api/v1/namespaces/ns/configmaps",
         "apis/policy/v1/namespaces/ns/poddisruptionbudgets",
         "apis/autoscaling/v2/namespaces/ns/horizontalpodautoscalers",
+        // The hub's volumes, to grow any below the spec's size.
+        "api/v1/namespaces/ns/persistentvolumeclaims",
     ] {
         expected.push(("GET".to_owned(), format!("/{kind}")));
     }
@@ -246,6 +253,7 @@ async fn a_fresh_cluster_gets_a_finalizer_then_every_object() {
         !again.iter().any(|r| r.path.ends_with("/status")),
         "{again:#?}"
     );
+    assert_rbac_allows(&fake.requests());
 }
 
 #[tokio::test]
@@ -395,6 +403,7 @@ async fn removing_a_leaf_deletes_its_objects() {
         fake.get("/api/v1/namespaces/ns/secrets/p-jwt").is_some(),
         "secrets are never pruned"
     );
+    assert_rbac_allows(&fake.requests());
 }
 
 #[tokio::test]
@@ -575,12 +584,21 @@ async fn deletion_retains_or_deletes_the_bucket_and_never_hangs() {
 }
 
 #[tokio::test]
-async fn a_paused_cluster_is_left_alone() {
+async fn a_paused_cluster_keeps_the_generation_it_last_applied() {
     let fake = FakeApi::default();
-    let mut pc = cluster(json!({"center": {}}));
-    pc["metadata"]["annotations"] = json!({PAUSED_ANNOTATION: "true"});
-    fake.insert(&pc_path("p"), pc);
+    fake.insert(&pc_path("p"), cluster(json!({"center": {}})));
     let ctx = context(&fake, unreachable());
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    assert_eq!(status(&fake).observed_generation, Some(1));
+
+    // A new generation arrives while paused: nothing is applied, and the
+    // status keeps saying it describes generation 1.
+    let mut pc = fake.get(&pc_path("p")).unwrap();
+    pc["metadata"]["annotations"] = json!({PAUSED_ANNOTATION: "true"});
+    pc["metadata"]["generation"] = json!(2);
+    pc["spec"]["leaves"] = json!([{"name": "eu"}]);
+    fake.insert(&pc_path("p"), pc);
+    fake.clear_requests();
     reconcile(load(&fake), ctx.clone()).await.unwrap();
     let requests = fake.requests_without_events();
     let calls: Vec<(&str, &str)> = requests
@@ -589,10 +607,309 @@ async fn a_paused_cluster_is_left_alone() {
         .collect();
     let status_path = format!("{}/status", pc_path("p"));
     assert_eq!(calls, [("PATCH", status_path.as_str())]);
+    let s = status(&fake);
     assert_eq!(
-        condition(&status(&fake), "Progressing"),
+        s.observed_generation,
+        Some(1),
+        "paused: generation 2 was never applied"
+    );
+    assert_eq!(condition(&s, "Ready"), ("Unknown".into(), "Paused".into()));
+    assert_eq!(
+        condition(&s, "Progressing"),
         ("False".into(), "Paused".into())
     );
+    assert!(find_condition(&s, "Ready").message.contains("generation 1"));
+    assert_rbac_allows(&fake.requests());
+
+    // Resumed: generation 2 is applied and reported.
+    let mut pc = fake.get(&pc_path("p")).unwrap();
+    pc["metadata"]["annotations"] = json!({});
+    fake.insert(&pc_path("p"), pc);
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    let s = status(&fake);
+    assert_eq!(s.observed_generation, Some(2));
+    assert_eq!(
+        condition(&s, "Ready"),
+        ("False".into(), "HubNotReady".into())
+    );
+    assert!(
+        fake.get("/apis/apps/v1/namespaces/ns/statefulsets/p-eu-nats")
+            .is_some()
+    );
+}
+
+#[tokio::test]
+async fn leaf_links_are_read_from_every_hub_server() {
+    // Two hub servers; the eu leaf is linked to the second one only, as it
+    // may be behind a client Service that answers from either.
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let hub_a = testkit::Nats::hub(dir_a.path()).await;
+    let hub_b = testkit::Nats::hub(dir_b.path()).await;
+    let _leaf = testkit::Nats::named_leaf(dir_b.path(), "eu", "p-eu-nats-0", &hub_b, None).await;
+    let fake = FakeApi::default();
+    fake.insert(
+        &pc_path("p"),
+        cluster(json!({"center": {}, "leaves": [{"name": "eu"}]})),
+    );
+    let sts = |n: &str| format!("/apis/apps/v1/namespaces/{NS}/statefulsets/{n}");
+    let dep = |n: &str| format!("/apis/apps/v1/namespaces/{NS}/deployments/{n}");
+    for (path, ready) in [
+        (sts("p-center-nats"), 1),
+        (sts("p-eu-nats"), 1),
+        (dep("p-center-presence"), 2),
+        (dep("p-eu-presence"), 2),
+    ] {
+        fake.set_status(&path, json!({"readyReplicas": ready}));
+    }
+    let monitor = |hub: &testkit::Nats| ("127.0.0.1".to_owned(), hub.monitor_port);
+    let with = |monitors: Vec<(String, u16)>| HubAccess::Fixed {
+        nats_url: hub_a.url(),
+        monitors,
+    };
+    let eu_link = |hub: HubAccess| {
+        let fake = &fake;
+        async move {
+            reconcile_stored(fake, &context(fake, hub)).await.unwrap();
+            let s = status(fake);
+            (s.regions[1].leafnode_connected, condition(&s, "Ready").1)
+        }
+    };
+    // Asking every server finds the link.
+    assert_eq!(
+        eu_link(with(vec![monitor(&hub_a), monitor(&hub_b)])).await,
+        (Some(true), "AllRegionsReady".into())
+    );
+    assert_eq!(status(&fake).regions_ready.as_deref(), Some("2/2"));
+    // Asking only the first would call a linked leaf disconnected.
+    assert_eq!(
+        eu_link(with(vec![monitor(&hub_a)])).await,
+        (Some(false), "LeafnodeDisconnected".into())
+    );
+    assert_eq!(status(&fake).regions_ready.as_deref(), Some("1/2"));
+    // A server that doesn't answer might hold the link: unknown, not false.
+    assert_eq!(
+        eu_link(with(vec![monitor(&hub_a), ("127.0.0.1".into(), 1)])).await,
+        (None, "AllRegionsReady".into())
+    );
+    assert_rbac_allows(&fake.requests());
+}
+
+#[tokio::test]
+async fn autoscaling_hands_replicas_over_to_the_autoscaler() {
+    let fake = FakeApi::default();
+    fake.insert(
+        &pc_path("p"),
+        cluster(json!({"center": {}, "dataplane": {"autoscaling": {"maxReplicas": 6}}})),
+    );
+    // The Deployment as the operator applied it before autoscaling: its
+    // field manager owns replicas, now 3.
+    let deployment = "/apis/apps/v1/namespaces/ns/deployments/p-center-presence";
+    fake.insert(
+        deployment,
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+               "metadata": {"name": "p-center-presence", "namespace": NS,
+                   "managedFields": [{"manager": "presence-operator", "operation": "Apply",
+                       "apiVersion": "apps/v1", "fieldsType": "FieldsV1",
+                       "fieldsV1": {"f:spec": {"f:replicas": {}, "f:template": {}}}}]},
+               "spec": {"replicas": 3, "selector": {}, "template": {}}}),
+    );
+    let ctx = context(&fake, unreachable());
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    let requests = fake.requests();
+    let to_deployment: Vec<&Recorded> = requests.iter().filter(|r| r.path == deployment).collect();
+    let steps: Vec<(&str, Option<&str>)> = to_deployment
+        .iter()
+        .map(|r| {
+            let manager = r
+                .query
+                .split('&')
+                .find_map(|p| p.strip_prefix("fieldManager="));
+            (r.method.as_str(), manager)
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("GET", None),
+            ("PATCH", Some(children::HANDOVER_MANAGER)),
+            ("PATCH", Some("presence-operator")),
+        ]
+    );
+    assert_eq!(to_deployment[1].body["spec"], json!({"replicas": 3}));
+    assert!(
+        to_deployment[2].body["spec"].get("replicas").is_none(),
+        "the HPA owns replicas"
+    );
+    let hpa = fake
+        .get("/apis/autoscaling/v2/namespaces/ns/horizontalpodautoscalers/p-center-presence")
+        .expect("HPA applied");
+    assert_eq!(
+        (
+            hpa["spec"]["minReplicas"].as_i64(),
+            hpa["spec"]["maxReplicas"].as_i64()
+        ),
+        (Some(2), Some(6))
+    );
+    assert_rbac_allows(&requests);
+
+    // Once the operator no longer owns replicas, no handover happens again.
+    fake.clear_requests();
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    let again: Vec<String> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == deployment)
+        .map(|r| r.query)
+        .collect();
+    assert!(
+        again
+            .iter()
+            .all(|q| !q.contains(children::HANDOVER_MANAGER)),
+        "{again:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_larger_storage_size_grows_each_volume_and_keeps_the_template() {
+    let fake = FakeApi::default();
+    let spec = |size: &str| json!({"center": {"jetstream": {"storageSize": size}}});
+    fake.insert(&pc_path("p"), cluster(spec("20Gi")));
+    // The hub as first created, with 10Gi volumes; one already grown.
+    let sts = "/apis/apps/v1/namespaces/ns/statefulsets/p-center-nats";
+    fake.insert(
+        sts,
+        json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+               "metadata": {"name": "p-center-nats", "namespace": NS},
+               "spec": {"selector": {}, "serviceName": "x", "template": {},
+                   "volumeClaimTemplates": [{"metadata": {"name": "data"},
+                       "spec": {"resources": {"requests": {"storage": "10Gi"}}}}]}}),
+    );
+    let labels = json!({"app.kubernetes.io/instance": "p", "app.kubernetes.io/component": "nats",
+                        "presencecluster.io/region": "center"});
+    for (name, size) in [
+        ("data-p-center-nats-0", "10Gi"),
+        ("data-p-center-nats-1", "20Gi"),
+    ] {
+        fake.insert(
+            &format!("/api/v1/namespaces/ns/persistentvolumeclaims/{name}"),
+            json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                   "metadata": {"name": name, "namespace": NS, "labels": labels},
+                   "spec": {"resources": {"requests": {"storage": size}}}}),
+        );
+    }
+    let ctx = context(&fake, unreachable());
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    let requests = fake.requests();
+    let applied_sts = applies(&requests)
+        .into_iter()
+        .find(|r| r.path == sts)
+        .expect("applied");
+    assert_eq!(
+        applied_sts.body["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
+        "10Gi",
+        "a StatefulSet's claim template never changes"
+    );
+    let grown: Vec<(&str, &Value)> = requests
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path.contains("/persistentvolumeclaims/"))
+        .map(|r| (r.path.rsplit('/').next().unwrap_or_default(), &r.body))
+        .collect();
+    assert_eq!(
+        grown,
+        [(
+            "data-p-center-nats-0",
+            &json!({"spec": {"resources": {"requests": {"storage": "20Gi"}}}})
+        )]
+    );
+    assert_eq!(
+        condition(&status(&fake), "Degraded"),
+        ("False".into(), "AsExpected".into())
+    );
+    assert_rbac_allows(&requests);
+
+    // A StorageClass that can't expand: Degraded says which volume.
+    fake.fail(
+        "PATCH",
+        "/api/v1/namespaces/ns/persistentvolumeclaims/data-p-center-nats-0",
+        403,
+    );
+    let mut pc = fake.get(&pc_path("p")).unwrap();
+    pc["spec"] = spec("30Gi");
+    fake.insert(&pc_path("p"), pc);
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    let s = status(&fake);
+    assert_eq!(
+        condition(&s, "Degraded"),
+        ("True".into(), "StorageExpansionFailed".into())
+    );
+    assert!(
+        find_condition(&s, "Degraded")
+            .message
+            .contains("data-p-center-nats-0")
+    );
+
+    // Below what the volumes were created with: refused, nothing applied.
+    let mut pc = fake.get(&pc_path("p")).unwrap();
+    pc["spec"] = spec("5Gi");
+    fake.insert(&pc_path("p"), pc);
+    fake.clear_requests();
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    assert!(applies(&fake.requests()).is_empty());
+    let s = status(&fake);
+    assert_eq!(
+        condition(&s, "Degraded"),
+        ("True".into(), "InvalidSpec".into())
+    );
+    assert!(
+        find_condition(&s, "Degraded")
+            .message
+            .contains("can't shrink from 10Gi to 5Gi")
+    );
+}
+
+/// Every request the controller made is allowed by the ClusterRole that
+/// `config/rbac` installs, so least privilege can't silently break it.
+fn assert_rbac_allows(requests: &[Recorded]) {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/rbac/cluster_role.yaml"),
+    )
+    .expect("cluster_role.yaml");
+    let role: Value = serde_yaml::from_str(&text).expect("yaml");
+    let rules = role["rules"].as_array().expect("rules").clone();
+    for request in requests {
+        let segments: Vec<&str> = request.path.trim_start_matches('/').split('/').collect();
+        let (group, rest) = match segments.first() {
+            Some(&"api") => ("", &segments[2..]),
+            _ => (segments.get(1).copied().unwrap_or_default(), &segments[3..]),
+        };
+        // namespaces/<ns>/<resource>[/<name>[/<subresource>]]
+        let resource = match rest.get(4) {
+            Some(sub) => format!("{}/{sub}", rest[2]),
+            None => rest[2].to_owned(),
+        };
+        let named = rest.len() > 3;
+        let verb = match (request.method.as_str(), named) {
+            ("GET", true) => "get",
+            ("GET", false) => "list",
+            ("POST", _) => "create",
+            ("PATCH", _) => "patch",
+            ("DELETE", _) => "delete",
+            (other, _) => panic!("unexpected method {other}"),
+        };
+        let allowed = rules.iter().any(|rule| {
+            let has = |key: &str, value: &str| {
+                rule[key]
+                    .as_array()
+                    .is_some_and(|v| v.iter().any(|x| x == value))
+            };
+            has("apiGroups", group) && has("resources", &resource) && has("verbs", verb)
+        });
+        assert!(
+            allowed,
+            "RBAC forbids {verb} {group}/{resource} ({} {})",
+            request.method, request.path
+        );
+    }
 }
 
 #[tokio::test]

@@ -261,6 +261,10 @@ pub struct Inputs {
     /// A digest of the JWT secret's current value (never the value itself),
     /// so that rotating the Secret rolls the presence-service pods.
     pub jwt_secret_digest: Option<String>,
+    /// The size the hub's volume claim template was created with: a
+    /// StatefulSet's template can't change, so it is kept (volumes are
+    /// grown one by one instead). `None` before the hub exists.
+    pub hub_volume_size: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
 }
 
 /// Checks what the API server's CEL rules would refuse, for manifests that
@@ -357,7 +361,7 @@ pub fn render(
         out.push(Child::Secret(secret));
     }
     for region in spec.regions() {
-        let (config_map, headless, client, statefulset) = nats::objects(ctx, spec, &region);
+        let (config_map, headless, client, statefulset) = nats::objects(ctx, spec, &region, inputs);
         out.push(Child::ConfigMap(config_map));
         out.push(Child::Service(headless));
         out.push(Child::Service(client));

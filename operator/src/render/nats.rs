@@ -205,7 +205,7 @@ pub fn k8s_params(ctx: &Scope, spec: &PresenceClusterSpec, region: &Region<'_>) 
     });
     let role = match region.role {
         Role::Center => {
-            let size = storage_size(spec);
+            let size = spec.storage_size();
             NatsRole::Hub(HubParams {
                 domain: spec.js_domain().to_owned(),
                 store_dir: format!("{DATA_DIR}/jetstream"),
@@ -237,14 +237,6 @@ pub fn k8s_params(ctx: &Scope, spec: &PresenceClusterSpec, region: &Region<'_>) 
     }
 }
 
-fn storage_size(spec: &PresenceClusterSpec) -> Quantity {
-    spec.center
-        .jetstream
-        .as_ref()
-        .and_then(|j| j.storage_size.clone())
-        .unwrap_or_else(|| Quantity(crate::crd::DEFAULT_STORAGE_SIZE.into()))
-}
-
 fn port(name: &str, number: u16) -> ContainerPort {
     ContainerPort {
         name: Some(name.into()),
@@ -270,6 +262,7 @@ pub fn objects(
     ctx: &Scope,
     spec: &PresenceClusterSpec,
     region: &Region<'_>,
+    inputs: &super::Inputs,
 ) -> (ConfigMap, Service, Service, StatefulSet) {
     let conf = nats_conf(&k8s_params(ctx, spec, region));
     let hash = super::config_hash(conf.as_bytes());
@@ -285,7 +278,11 @@ pub fn objects(
     };
     let ports = container_ports(region);
     let (headless, client) = services(ctx, region, &ports);
-    let statefulset = statefulset(ctx, spec, region, ports, hash);
+    let claim_size = inputs
+        .hub_volume_size
+        .clone()
+        .unwrap_or_else(|| spec.storage_size());
+    let statefulset = statefulset(ctx, spec, region, ports, hash, claim_size);
     (config_map, headless, client, statefulset)
 }
 
@@ -459,6 +456,7 @@ fn hub_volume_claims(
     ctx: &Scope,
     spec: &PresenceClusterSpec,
     region: &Region<'_>,
+    size: Quantity,
 ) -> Vec<PersistentVolumeClaim> {
     let jetstream = spec.center.jetstream.as_ref();
     vec![PersistentVolumeClaim {
@@ -471,7 +469,7 @@ fn hub_volume_claims(
             access_modes: Some(vec!["ReadWriteOnce".into()]),
             storage_class_name: jetstream.and_then(|j| j.storage_class_name.clone()),
             resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([("storage".to_owned(), storage_size(spec))])),
+                requests: Some(BTreeMap::from([("storage".to_owned(), size)])),
                 ..Default::default()
             }),
             ..Default::default()
@@ -540,6 +538,7 @@ fn statefulset(
     region: &Region<'_>,
     ports: Vec<ContainerPort>,
     config_hash: String,
+    claim_size: Quantity,
 ) -> StatefulSet {
     let is_hub = region.role == Role::Center;
     let (mounts, volumes) = mounts_and_volumes(ctx, region);
@@ -574,7 +573,8 @@ fn statefulset(
                     ..Default::default()
                 }),
             },
-            volume_claim_templates: is_hub.then(|| hub_volume_claims(ctx, spec, region)),
+            volume_claim_templates: is_hub
+                .then(|| hub_volume_claims(ctx, spec, region, claim_size)),
             ..Default::default()
         },
         ..Default::default()
