@@ -12,6 +12,12 @@ local function cond(type_, status, reason, message)
   return { type = type_, status = status, reason = reason, message = message }
 end
 
+local paused = { ["presencecluster.io/paused"] = "true" }
+local function paused_message(generation)
+  return 'reconciling is paused by the annotation presencecluster.io/paused="true"; '
+    .. "remove it to resume (the status describes generation " .. generation .. ")"
+end
+
 local cases = {
   { "no status yet", { metadata = { generation = 1 } }, "Progressing" },
   { "ready for the current generation",
@@ -30,8 +36,33 @@ local cases = {
       cond("Degraded", "False", "AsExpected", ""),
       cond("Ready", "False", "HubNotReady", "waiting for the hub") } } }, "Progressing" },
   { "paused",
-    { metadata = { generation = 1 }, status = { observedGeneration = 1, conditions = {
-      cond("Progressing", "False", "Paused", "paused") } } }, "Progressing" },
+    { metadata = { generation = 1, annotations = paused }, status = { observedGeneration = 1, conditions = {
+      cond("Degraded", "False", "AsExpected", "no problems found"),
+      cond("Progressing", "False", "Paused", paused_message(1)),
+      cond("Ready", "Unknown", "Paused", paused_message(1)) } } }, "Suspended" },
+  { "paused with a newer generation that was never applied",
+    { metadata = { generation = 5, annotations = paused }, status = { observedGeneration = 4, conditions = {
+      cond("Degraded", "False", "AsExpected", "no problems found"),
+      cond("Progressing", "False", "Paused", paused_message(4)),
+      cond("Ready", "Unknown", "Paused", paused_message(4)) } } }, "Suspended" },
+  { "paused by an older operator (Ready left as it was)",
+    { metadata = { generation = 2, annotations = paused }, status = { observedGeneration = 2, conditions = {
+      cond("Progressing", "False", "Paused", "paused"),
+      cond("Ready", "True", "AllRegionsReady", "3 regions ready") } } }, "Suspended" },
+  { "paused, then resumed and applied",
+    { metadata = { generation = 5, annotations = {} }, status = { observedGeneration = 5, conditions = {
+      cond("Degraded", "False", "AsExpected", "no problems found"),
+      cond("Progressing", "False", "ReconcileComplete", "every object is applied and ready"),
+      cond("Ready", "True", "AllRegionsReady", "3 regions ready") } } }, "Healthy" },
+  { "annotation removed, operator not there yet",
+    { metadata = { generation = 5 }, status = { observedGeneration = 4, conditions = {
+      cond("Progressing", "False", "Paused", paused_message(4)),
+      cond("Ready", "Unknown", "Paused", paused_message(4)) } } }, "Progressing" },
+  { "degraded stays degraded while paused",
+    { metadata = { generation = 3, annotations = paused }, status = { observedGeneration = 2, conditions = {
+      cond("Degraded", "True", "SecretNotFound", "Secret ns/mine does not exist"),
+      cond("Progressing", "False", "Paused", paused_message(2)),
+      cond("Ready", "Unknown", "Paused", paused_message(2)) } } }, "Degraded" },
 }
 
 local failures = 0
@@ -55,6 +86,8 @@ local function expect_message(case, needle)
   end
 end
 expect_message(4, "SecretNotFound")
-expect_message(6, "Paused")
+expect_message(6, "presencecluster.io/paused")
+expect_message(7, "generation 4")
+expect_message(10, "Resuming")
 print(string.format("%d passed, %d failed", #cases + checks - failures, failures))
 os.exit(failures == 0 and 0 or 1)

@@ -152,6 +152,11 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
     let clusters: Api<PresenceCluster> = api(&client, ns);
     let controller = Controller::new(clusters, watcher::Config::default().any_semantic());
+    metrics.init_error_reasons(
+        crate::controller::conditions::Reason::ALL
+            .iter()
+            .map(|r| r.as_str()),
+    );
     let ctx = Arc::new(Context::new(
         client.clone(),
         &opts.identity,

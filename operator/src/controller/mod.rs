@@ -112,6 +112,8 @@ pub struct Context {
     pub metrics: Metrics,
     pub hub: HubAccess,
     failures: Mutex<HashMap<String, u32>>,
+    /// Leaf regions whose link metric each PresenceCluster last published.
+    published_leaves: Mutex<HashMap<String, Vec<String>>>,
 }
 
 impl Context {
@@ -130,11 +132,57 @@ impl Context {
             metrics,
             hub,
             failures: Mutex::new(HashMap::new()),
+            published_leaves: Mutex::new(HashMap::new()),
         }
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
         self.failures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes the per-object metrics of `pc` from what the status rules
+    /// computed (readiness only, when `computed` has no region data).
+    fn publish_metrics(&self, pc: &PresenceCluster, computed: &status::Computed) {
+        let (name, namespace) = (pc.name_any(), pc.namespace().unwrap_or_default());
+        let ready = computed
+            .conditions
+            .iter()
+            .any(|c| c.type_ == conditions::ConditionType::Ready && c.status == Some(true));
+        let Some((regions, counts)) = computed.regions.as_ref().zip(computed.regions_ready) else {
+            self.metrics
+                .cluster_ready
+                .with_label_values(&[&name, &namespace])
+                .set(i64::from(ready));
+            return;
+        };
+        let leaves: Vec<(String, Option<bool>)> = regions
+            .iter()
+            .filter(|r| r.role == crate::crd::Role::Leaf.as_str())
+            .map(|r| (r.name.clone(), r.leafnode_connected))
+            .collect();
+        let mut published = self
+            .published_leaves
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let previous = published.insert(key(pc), leaves.iter().map(|(r, _)| r.clone()).collect());
+        self.metrics.publish_cluster(
+            [&name, &namespace],
+            ready,
+            counts,
+            &leaves,
+            previous.as_deref().unwrap_or_default(),
+        );
+    }
+
+    /// Drops the per-object metrics of a deleted PresenceCluster.
+    fn forget_metrics(&self, pc: &PresenceCluster) {
+        let (name, namespace) = (pc.name_any(), pc.namespace().unwrap_or_default());
+        let mut published = self
+            .published_leaves
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let leaves = published.remove(&key(pc)).unwrap_or_default();
+        self.metrics.forget_cluster([&name, &namespace], &leaves);
     }
 }
 
@@ -157,7 +205,7 @@ pub async fn reconcile(pc: Arc<PresenceCluster>, ctx: Arc<Context>) -> Result<Ac
     let api: Api<PresenceCluster> = Api::namespaced(ctx.client.clone(), &ns);
     let deleting = pc.meta().deletion_timestamp.is_some();
     let result = if is_paused(&pc) && !deleting {
-        paused(&pc, &api).await
+        paused(&pc, &ctx, &api).await
     } else {
         finalizer::finalizer(&api, FINALIZER, pc.clone(), |event| async {
             match event {
@@ -177,6 +225,9 @@ pub async fn reconcile(pc: Arc<PresenceCluster>, ctx: Arc<Context>) -> Result<Ac
     match &result {
         Ok(_) => {
             ctx.failures().remove(&key(&pc));
+            if deleting {
+                ctx.forget_metrics(&pc);
+            }
         }
         // Say so in status too (best effort: the API may be what failed).
         Err(err) if !deleting => {
@@ -222,9 +273,17 @@ pub fn error_policy(pc: Arc<PresenceCluster>, err: &Error, ctx: Arc<Context>) ->
 
 /// A paused object: nothing is applied, so `observedGeneration` stays at
 /// the last generation that was, and Ready says it can't vouch for more.
-async fn paused(pc: &PresenceCluster, api: &Api<PresenceCluster>) -> Result<Action, Error> {
+async fn paused(
+    pc: &PresenceCluster,
+    ctx: &Context,
+    api: &Api<PresenceCluster>,
+) -> Result<Action, Error> {
     let mut status = pc.status.clone().unwrap_or_default();
     let applied = status.observed_generation;
+    ctx.metrics
+        .cluster_ready
+        .with_label_values(&[&pc.name_any(), &pc.namespace().unwrap_or_default()])
+        .set(0);
     let now = Timestamp::now();
     for update in status::paused(PAUSED_ANNOTATION, applied) {
         set_condition(&mut status.conditions, pc.meta().generation, &update, now);
@@ -243,6 +302,7 @@ async fn apply(
     let scope = render::Scope::new(pc, ns)?;
     let observed = observe(pc, ctx, &scope).await?;
     let computed = status::compute(&observed);
+    ctx.publish_metrics(pc, &computed);
     let mut status = pc.status.clone().unwrap_or_default();
     let now = Timestamp::now();
     for update in &computed.conditions {
@@ -251,8 +311,8 @@ async fn apply(
     if let Some(regions) = computed.regions {
         status.regions = regions;
     }
-    if let Some(ready) = computed.regions_ready {
-        status.regions_ready = Some(ready);
+    if let Some((ready, all)) = computed.regions_ready {
+        status.regions_ready = Some(format!("{ready}/{all}"));
     }
     write_status(pc, api, status).await?;
     Ok(match computed.requeue {

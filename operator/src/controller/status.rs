@@ -87,8 +87,8 @@ pub struct Computed {
     pub conditions: Vec<ConditionUpdate>,
     /// Per-region status; `None` keeps what the status had.
     pub regions: Option<Vec<RegionStatus>>,
-    /// Ready regions out of all (`2/3`); `None` keeps what the status had.
-    pub regions_ready: Option<String>,
+    /// (ready, all) regions; `None` keeps what the status had.
+    pub regions_ready: Option<(usize, usize)>,
     pub requeue: Requeue,
 }
 
@@ -252,10 +252,9 @@ fn applied(
             degraded,
         ),
         regions: Some(regions.iter().map(RegionObservation::status).collect()),
-        regions_ready: Some(format!(
-            "{}/{}",
+        regions_ready: Some((
             regions.iter().filter(|r| r.is_healthy()).count(),
-            regions.len()
+            regions.len(),
         )),
         requeue: Requeue::After(if ready {
             REQUEUE_READY
@@ -492,26 +491,24 @@ mod tests {
             c.conditions[0].message,
             "leaf NATS servers not connected to the hub: eu (1/2 servers linked)"
         );
-        assert_eq!(c.regions_ready.as_deref(), Some("1/2"));
+        assert_eq!(c.regions_ready, Some((1, 2)));
         regions[1].leafnode_connected = None;
         let c = applied_with(regions, Some(Ok(())));
         assert_eq!(c.conditions[0].status, Some(true));
-        assert_eq!(c.regions_ready.as_deref(), Some("2/2"));
+        assert_eq!(c.regions_ready, Some((2, 2)));
     }
 
     #[test]
     fn regions_ready_counts_only_serving_regions() {
         let mut regions = all_ready();
         assert_eq!(
-            applied_with(regions.clone(), Some(Ok(())))
-                .regions_ready
-                .as_deref(),
-            Some("2/2")
+            applied_with(regions.clone(), Some(Ok(()))).regions_ready,
+            Some((2, 2))
         );
         regions[0].dataplane_ready = 1;
         assert_eq!(
-            applied_with(regions, Some(Ok(()))).regions_ready.as_deref(),
-            Some("1/2")
+            applied_with(regions, Some(Ok(()))).regions_ready,
+            Some((1, 2))
         );
         let blocked = compute(&Observed::InvalidSpec("x".into()));
         assert_eq!(

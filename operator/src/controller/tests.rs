@@ -305,6 +305,16 @@ async fn status_follows_readiness_and_the_bucket_is_provisioned_at_the_real_hub(
     assert_eq!(stream.cached_info().config.num_replicas, 1);
     assert!(stream.cached_info().config.allow_message_ttl);
 
+    let metrics = ctx.metrics.render().unwrap();
+    for line in [
+        r#"presence_operator_cluster_ready{name="p",namespace="ns"} 0"#,
+        r#"presence_operator_cluster_regions_ready{name="p",namespace="ns"} 1"#,
+        r#"presence_operator_cluster_regions{name="p",namespace="ns"} 2"#,
+        r#"presence_operator_leafnode_connected{name="p",namespace="ns",region="eu"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+
     fake.set_status(&dep("p-eu-presence"), json!({"readyReplicas": 2}));
     reconcile(load(&fake), ctx.clone()).await.unwrap();
     let s = status(&fake);
@@ -319,6 +329,11 @@ async fn status_follows_readiness_and_the_bucket_is_provisioned_at_the_real_hub(
     assert_eq!(
         condition(&s, "Degraded"),
         ("False".into(), "AsExpected".into())
+    );
+    let metrics = ctx.metrics.render().unwrap();
+    assert!(metrics.contains(r#"presence_operator_cluster_ready{name="p",namespace="ns"} 1"#));
+    assert!(
+        metrics.contains(r#"presence_operator_cluster_regions_ready{name="p",namespace="ns"} 2"#)
     );
 }
 
