@@ -458,7 +458,8 @@ pub struct RegionStatus {
     pub nats_ready_replicas: i32,
     /// Ready presence-service pods of the region.
     pub dataplane_ready_replicas: i32,
-    /// For a leaf: whether its leafnode connection to the hub is up.
+    /// For a leaf: whether every one of its NATS servers is linked to the
+    /// hub (absent while that can't be known).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leafnode_connected: Option<bool>,
 }
@@ -576,10 +577,14 @@ impl PresenceClusterSpec {
             name,
             role,
             nats_replicas: 1,
-            autoscaling: overrides
-                .and_then(|o| o.autoscaling.as_ref())
-                .or(shared.and_then(|s| s.autoscaling.as_ref()))
-                .map(AutoscalingSpec::resolved),
+            // The most specific setting wins: a region's own autoscaling,
+            // else its own fixed replicas, else the shared autoscaling.
+            autoscaling: match overrides {
+                Some(o) if o.autoscaling.is_some() => o.autoscaling.as_ref(),
+                Some(o) if o.replicas.is_some() => None,
+                _ => shared.and_then(|s| s.autoscaling.as_ref()),
+            }
+            .map(AutoscalingSpec::resolved),
             dataplane_replicas: overrides
                 .and_then(|o| o.replicas)
                 .or(shared.and_then(|s| s.replicas))

@@ -51,6 +51,7 @@ fn rendered_env(cluster: &PresenceCluster) -> Vec<(String, Vec<String>)> {
         generated_jwt_secret: Some("s".repeat(32)),
         jwt_secret_digest: Some("d".into()),
         hub_volume_size: None,
+        hub_volume_capacity: None,
     };
     render::render(cluster, &scope, &inputs)
         .expect("renders")

@@ -52,6 +52,7 @@ fn render_fixed(cluster: &PresenceCluster) -> Vec<Child> {
         generated_jwt_secret: Some("golden-secret".into()),
         jwt_secret_digest: Some("golden-digest".into()),
         hub_volume_size: None,
+        hub_volume_capacity: None,
     };
     render::render(&cluster, &ctx, &inputs).expect("renders")
 }
@@ -550,4 +551,72 @@ fn examples_have_no_unknown_fields() {
         let back = serde_json::to_value(&parsed).unwrap();
         assert_eq!(back["spec"], written["spec"], "{example}");
     }
+}
+
+#[test]
+fn a_regions_own_replicas_outrank_shared_autoscaling() {
+    let cr: PresenceCluster = serde_yaml::from_str(
+        "metadata: {name: p}\nspec:\n  center: {}\n  leaves: [{name: eu, dataplane: {replicas: 3}}, {name: us}]\n  dataplane: {autoscaling: {maxReplicas: 4}}\n",
+    )
+    .unwrap();
+    let objects = render_fixed(&cr);
+    let ids: Vec<String> = objects.iter().map(Child::id).collect();
+    for autoscaled in ["p-center-presence", "p-us-presence"] {
+        assert!(
+            ids.contains(&format!("HorizontalPodAutoscaler/{autoscaled}")),
+            "{ids:?}"
+        );
+    }
+    assert!(
+        !ids.contains(&"HorizontalPodAutoscaler/p-eu-presence".to_owned()),
+        "{ids:?}"
+    );
+    let replicas = |name: &str| {
+        objects.iter().find_map(|o| match o {
+            Child::Deployment(d) if d.metadata.name.as_deref() == Some(name) => {
+                Some(d.spec.replicas)
+            }
+            _ => None,
+        })
+    };
+    assert_eq!(replicas("p-eu-presence"), Some(Some(3)));
+    assert_eq!(
+        replicas("p-us-presence"),
+        Some(None),
+        "the autoscaler owns replicas"
+    );
+}
+
+#[test]
+fn jetstream_never_counts_on_more_disk_than_the_volumes_report() {
+    let cr = load("minimal.yaml");
+    let ctx = Scope::new(&cr, "default").unwrap();
+    let limit = |capacity: Option<&str>| {
+        let inputs = Inputs {
+            hub_volume_capacity: capacity
+                .map(|c| k8s_openapi::apimachinery::pkg::api::resource::Quantity(c.into())),
+            ..Default::default()
+        };
+        let objects = render::render(&cr, &ctx, &inputs).unwrap();
+        let conf = conf_of(&objects, "center");
+        conf.lines()
+            .find(|l| l.contains("max_file_store"))
+            .map(str::trim)
+            .map(str::to_owned)
+    };
+    let gib = 1024u64 * 1024 * 1024;
+    // minimal.yaml asks for the default 10Gi; JetStream gets 90% of it...
+    assert_eq!(
+        limit(None),
+        Some(format!("max_file_store: {}", 10 * gib / 10 * 9))
+    );
+    // ...or of a smaller volume still growing.
+    assert_eq!(
+        limit(Some("5Gi")),
+        Some(format!("max_file_store: {}", 5 * gib / 10 * 9))
+    );
+    assert_eq!(
+        limit(Some("20Gi")),
+        Some(format!("max_file_store: {}", 10 * gib / 10 * 9))
+    );
 }

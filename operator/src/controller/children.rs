@@ -83,7 +83,8 @@ async fn apply_all(client: &Client, ns: &str, children: &[Child]) -> Result<Regi
                 }
                 let applied = apply_child(client, ns, o).await?;
                 let entry = counts.entry(region_of(&o.metadata)).or_default();
-                entry.dataplane_wanted = o.spec.replicas.unwrap_or(1);
+                // Under autoscaling the live count is the autoscaler's.
+                entry.dataplane_wanted = applied.spec.replicas.or(o.spec.replicas).unwrap_or(1);
                 entry.dataplane_ready = applied.status.and_then(|s| s.ready_replicas).unwrap_or(0);
             }
         }

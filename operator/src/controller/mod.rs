@@ -232,6 +232,12 @@ pub async fn reconcile(pc: Arc<PresenceCluster>, ctx: Arc<Context>) -> Result<Ac
         // Say so in status too (best effort: the API may be what failed).
         Err(err) if !deleting => {
             let mut status = pc.status.clone().unwrap_or_default();
+            // A paused object's status keeps the generation last applied.
+            let generation = if is_paused(&pc) {
+                status.observed_generation
+            } else {
+                pc.meta().generation
+            };
             let update = status::failed(err.reason(), &err.to_string());
             set_condition(
                 &mut status.conditions,
@@ -239,7 +245,7 @@ pub async fn reconcile(pc: Arc<PresenceCluster>, ctx: Arc<Context>) -> Result<Ac
                 &update,
                 Timestamp::now(),
             );
-            if let Err(status_err) = write_status(&pc, &api, status).await {
+            if let Err(status_err) = write_status_as_of(&pc, &api, status, generation).await {
                 tracing::warn!(error = %status_err, "cannot record the failure in status");
             }
         }
@@ -336,22 +342,22 @@ async fn observe(
             return Ok(Observed::SecretProblem { reason, message });
         }
     };
-    let created_size = storage::live_template_size(pc, ctx, scope).await?;
+    let volumes = storage::inspect(pc, ctx, scope).await?;
     let desired_size = pc.spec.storage_size();
-    if let Err(problem) = storage::check_growth(&desired_size, created_size.as_ref()) {
+    if let Err(problem) = storage::check_growth(&desired_size, volumes.largest()) {
         return Ok(Observed::InvalidSpec(problem));
     }
     let inputs = render::Inputs {
         jwt_secret_digest: Some(digest),
-        hub_volume_size: created_size,
+        hub_volume_size: volumes.template.clone(),
+        hub_volume_capacity: volumes.smallest_capacity().cloned(),
         ..Default::default()
     };
     let children = render::render(pc, scope, &inputs)?;
     let counts = children::apply_and_prune(pc, ctx, scope, &children).await?;
-    let storage = storage::expand_volumes(pc, ctx, scope, &desired_size).await;
-    if let Ok(resized) = &storage
-        && !resized.is_empty()
-    {
+    let (resized, storage) =
+        storage::expand(ctx, scope, &volumes.to_grow(&desired_size), &desired_size).await;
+    if !resized.is_empty() {
         let note = format!("asked for {} on {}", desired_size.0, resized.join(", "));
         publish(ctx, pc, EventReason::VolumesExpanded, "ExpandVolumes", note).await;
     }
@@ -359,7 +365,7 @@ async fn observe(
     Ok(Observed::Applied {
         regions,
         bucket,
-        storage: storage.map(|_| ()),
+        storage,
     })
 }
 

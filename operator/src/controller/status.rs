@@ -11,8 +11,8 @@ pub const REQUEUE_PROGRESSING: Duration = Duration::from_secs(10);
 /// Requeue interval once everything is ready: the drift check, and how
 /// soon a rotated Secret is noticed (Secrets are read, never watched).
 pub const REQUEUE_READY: Duration = Duration::from_secs(60);
-/// Requeue interval while a referenced Secret is missing (it is also
-/// watched, so creating it takes effect sooner).
+/// Requeue interval while a referenced Secret is missing (Secrets are read,
+/// never watched, so this is how soon creating it takes effect).
 pub const REQUEUE_SECRET: Duration = Duration::from_secs(30);
 
 /// What one region's workloads reported after they were applied.

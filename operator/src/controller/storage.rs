@@ -12,104 +12,172 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 
-/// The storage request of the live hub StatefulSet's claim template, if
-/// the StatefulSet exists.
-pub async fn live_template_size(
+/// One hub volume as the API server reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claim {
+    pub name: String,
+    /// What the claim asks for.
+    pub requested: Option<Quantity>,
+    /// What the volume holds now (behind `requested` while it grows).
+    pub capacity: Option<Quantity>,
+}
+
+/// The hub's volumes before anything is applied.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HubVolumes {
+    /// The StatefulSet's claim template size (`None` before the hub exists).
+    pub template: Option<Quantity>,
+    pub claims: Vec<Claim>,
+}
+
+fn bytes(q: Option<&Quantity>) -> Option<u64> {
+    q.and_then(|q| quantity_bytes(&q.0))
+}
+
+impl HubVolumes {
+    /// The largest size any volume already has or asks for: the spec may
+    /// not go below it.
+    pub fn largest(&self) -> Option<&Quantity> {
+        self.template
+            .iter()
+            .chain(self.claims.iter().filter_map(|c| c.requested.as_ref()))
+            .max_by_key(|q| quantity_bytes(&q.0).unwrap_or(0))
+    }
+
+    /// The smallest capacity a volume reports: JetStream may not count on
+    /// more disk than that.
+    pub fn smallest_capacity(&self) -> Option<&Quantity> {
+        self.claims
+            .iter()
+            .filter_map(|c| c.capacity.as_ref())
+            .min_by_key(|q| quantity_bytes(&q.0).unwrap_or(u64::MAX))
+    }
+
+    /// The claims that ask for less than `desired`.
+    pub fn to_grow(&self, desired: &Quantity) -> Vec<&Claim> {
+        let Some(want) = quantity_bytes(&desired.0) else {
+            return Vec::new();
+        };
+        self.claims
+            .iter()
+            .filter(|c| bytes(c.requested.as_ref()).is_none_or(|have| have < want))
+            .collect()
+    }
+}
+
+/// Reads the hub StatefulSet's claim template and the hub's claims.
+pub async fn inspect(
     pc: &PresenceCluster,
     ctx: &Context,
     scope: &render::Scope,
-) -> Result<Option<Quantity>, Error> {
-    let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &scope.namespace);
-    let Some(live) = api
-        .get_opt(&scope.names.nats(pc.spec.center_name()))
-        .await?
-    else {
-        return Ok(None);
+) -> Result<HubVolumes, Error> {
+    let statefulsets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &scope.namespace);
+    let center = pc.spec.center_name();
+    let Some(live) = statefulsets.get_opt(&scope.names.nats(center)).await? else {
+        return Ok(HubVolumes::default());
     };
-    Ok(live
+    let template = live
         .spec
         .volume_claim_templates
         .into_iter()
         .flatten()
         .find(|c| c.metadata.name.as_deref() == Some("data"))
-        .and_then(|c| c.spec?.resources?.requests?.remove("storage")))
+        .and_then(|c| c.spec?.resources?.requests?.remove("storage"));
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &scope.namespace);
+    let selector = render::region_selector(scope, "nats", center)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let claims = claims
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .into_iter()
+        .map(|claim| Claim {
+            name: claim.name_any(),
+            requested: claim
+                .spec
+                .and_then(|s| s.resources)
+                .and_then(|r| r.requests)
+                .and_then(|mut r| r.remove("storage")),
+            capacity: claim
+                .status
+                .and_then(|s| s.capacity)
+                .and_then(|mut c| c.remove("storage")),
+        })
+        .collect();
+    Ok(HubVolumes { template, claims })
 }
 
-/// Refuses a size below what the volumes were created with. Pure.
-pub fn check_growth(desired: &Quantity, created: Option<&Quantity>) -> Result<(), String> {
-    let Some(created) = created else {
-        return Ok(());
-    };
-    match (quantity_bytes(&desired.0), quantity_bytes(&created.0)) {
-        (Some(want), Some(have)) if want < have => Err(format!(
-            "center.jetstream.storageSize can't shrink from {} to {}: volumes only grow; set it back to at least {}",
-            created.0, desired.0, created.0
-        )),
-        (None, _) => Err(format!(
+/// Refuses a size below what the volumes already have. Pure.
+pub fn check_growth(desired: &Quantity, largest: Option<&Quantity>) -> Result<(), String> {
+    let Some(want) = quantity_bytes(&desired.0) else {
+        return Err(format!(
             "center.jetstream.storageSize {:?} is not a size",
             desired.0
+        ));
+    };
+    match largest {
+        Some(have) if bytes(Some(have)).is_some_and(|have| want < have) => Err(format!(
+            "center.jetstream.storageSize can't shrink from {} to {}: volumes only grow; set it back to at least {}",
+            have.0, desired.0, have.0
         )),
         _ => Ok(()),
     }
 }
 
-/// Asks for `desired` on every hub volume that has less; returns the names
-/// of the claims it resized. A StorageClass without expansion refuses, and
-/// the error says so.
-pub async fn expand_volumes(
-    pc: &PresenceCluster,
+/// Asks for `desired` on each claim in `claims`, going on past failures;
+/// returns the claims resized, or every failure (a StorageClass without
+/// expansion refuses, and the error says so).
+pub async fn expand(
     ctx: &Context,
     scope: &render::Scope,
+    claims: &[&Claim],
     desired: &Quantity,
-) -> Result<Vec<String>, String> {
-    let Some(want) = quantity_bytes(&desired.0) else {
-        return Ok(Vec::new());
-    };
+) -> (Vec<String>, Result<(), String>) {
     let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &scope.namespace);
-    let selector = render::region_selector(scope, "nats", pc.spec.center_name())
-        .into_iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let claims = api
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .map_err(|e| format!("cannot list the hub's volumes: {e}"))?;
+    let patch = serde_json::json!({"spec": {"resources": {"requests": {"storage": desired.0}}}});
     let mut resized = Vec::new();
+    let mut failures = Vec::new();
     for claim in claims {
-        let requested = claim
-            .spec
-            .as_ref()
-            .and_then(|s| s.resources.as_ref())
-            .and_then(|r| r.requests.as_ref())
-            .and_then(|r| r.get("storage"))
-            .and_then(|q| quantity_bytes(&q.0));
-        if requested.is_some_and(|have| have >= want) {
-            continue;
-        }
-        let name = claim.name_any();
-        let patch =
-            serde_json::json!({"spec": {"resources": {"requests": {"storage": desired.0}}}});
-        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        match api
+            .patch(&claim.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-            .map_err(|e| {
-                format!(
-                    "cannot grow volume {name} to {}: {e} (its StorageClass must allow volume expansion)",
-                    desired.0
-                )
-            })?;
-        resized.push(name);
+        {
+            Ok(_) => resized.push(claim.name.clone()),
+            Err(e) => failures.push(format!("{}: {e}", claim.name)),
+        }
     }
-    Ok(resized)
+    let outcome = if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "cannot grow hub volumes to {} (their StorageClass must allow volume expansion): {}",
+            desired.0,
+            failures.join("; ")
+        ))
+    };
+    (resized, outcome)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn q(s: &str) -> Quantity {
+        Quantity(s.into())
+    }
+
+    fn claim(name: &str, requested: &str, capacity: &str) -> Claim {
+        Claim {
+            name: name.into(),
+            requested: Some(q(requested)),
+            capacity: Some(q(capacity)),
+        }
+    }
+
     #[test]
     fn volumes_grow_but_never_shrink() {
-        let q = |s: &str| Quantity(s.into());
         assert!(check_growth(&q("20Gi"), None).is_ok());
         assert!(check_growth(&q("20Gi"), Some(&q("10Gi"))).is_ok());
         assert!(check_growth(&q("10Gi"), Some(&q("10Gi"))).is_ok());
@@ -117,5 +185,24 @@ mod tests {
         let err = check_growth(&q("5Gi"), Some(&q("10Gi"))).unwrap_err();
         assert!(err.contains("can't shrink from 10Gi to 5Gi"), "{err}");
         assert!(check_growth(&q("lots"), Some(&q("10Gi"))).is_err());
+    }
+
+    #[test]
+    fn the_largest_request_and_the_smallest_capacity_count() {
+        let volumes = HubVolumes {
+            template: Some(q("10Gi")),
+            claims: vec![claim("a", "20Gi", "10Gi"), claim("b", "10Gi", "10Gi")],
+        };
+        // Grown once to 20Gi: 15Gi would shrink volume a.
+        assert_eq!(volumes.largest(), Some(&q("20Gi")));
+        assert!(check_growth(&q("15Gi"), volumes.largest()).is_err());
+        // a's expansion hasn't finished: JetStream may count on 10Gi only.
+        assert_eq!(volumes.smallest_capacity(), Some(&q("10Gi")));
+        let names: Vec<&str> = volumes
+            .to_grow(&q("20Gi"))
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(names, ["b"]);
     }
 }

@@ -265,6 +265,10 @@ pub struct Inputs {
     /// StatefulSet's template can't change, so it is kept (volumes are
     /// grown one by one instead). `None` before the hub exists.
     pub hub_volume_size: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    /// The smallest capacity a hub volume reports: JetStream's storage
+    /// limit never exceeds what the disks really hold (a volume whose
+    /// expansion hasn't finished or was refused). `None` when unknown.
+    pub hub_volume_capacity: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
 }
 
 /// Checks what the API server's CEL rules would refuse, for manifests that

@@ -186,7 +186,12 @@ pub fn client_host(ctx: &Scope, region: &str) -> String {
 }
 
 /// The Kubernetes parameters of a region's NATS servers.
-pub fn k8s_params(ctx: &Scope, spec: &PresenceClusterSpec, region: &Region<'_>) -> NatsParams {
+pub fn k8s_params(
+    ctx: &Scope,
+    spec: &PresenceClusterSpec,
+    region: &Region<'_>,
+    volume_capacity: Option<&Quantity>,
+) -> NatsParams {
     let any = |port: u16| format!("0.0.0.0:{port}");
     let headless = ctx.names.nats_headless(region.name);
     // Routes between the region's servers (pods of its StatefulSet).
@@ -205,12 +210,20 @@ pub fn k8s_params(ctx: &Scope, spec: &PresenceClusterSpec, region: &Region<'_>) 
     });
     let role = match region.role {
         Role::Center => {
+            // JetStream's limit follows the disk it really has: the spec's
+            // size until a grown volume actually reports the new capacity.
             let size = spec.storage_size();
+            let bytes = quantity_bytes(&size.0);
+            let capacity = volume_capacity.and_then(|c| quantity_bytes(&c.0));
+            let usable = match (bytes, capacity) {
+                (Some(want), Some(have)) => Some(want.min(have)),
+                (want, _) => want,
+            };
             NatsRole::Hub(HubParams {
                 domain: spec.js_domain().to_owned(),
                 store_dir: format!("{DATA_DIR}/jetstream"),
                 // Leave 10% of the volume for the filesystem and compaction.
-                max_file_store: quantity_bytes(&size.0).map(|b| b / 10 * 9),
+                max_file_store: usable.map(|b| b / 10 * 9),
                 leafnode_listen: any(LEAFNODE_PORT),
                 cluster,
             })
@@ -264,7 +277,12 @@ pub fn objects(
     region: &Region<'_>,
     inputs: &super::Inputs,
 ) -> (ConfigMap, Service, Service, StatefulSet) {
-    let conf = nats_conf(&k8s_params(ctx, spec, region));
+    let conf = nats_conf(&k8s_params(
+        ctx,
+        spec,
+        region,
+        inputs.hub_volume_capacity.as_ref(),
+    ));
     let hash = super::config_hash(conf.as_bytes());
     let config_map = ConfigMap {
         metadata: meta(
