@@ -12,6 +12,7 @@ mod fixtures;
 pub mod kv;
 pub mod lease;
 pub mod local;
+pub mod local_status;
 pub mod manager;
 pub mod metrics;
 pub mod monitor;

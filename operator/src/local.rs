@@ -46,6 +46,8 @@ pub enum DevError {
     NotReady(String, String),
     #[error("cannot mint a dev token: {0}")]
     Token(String),
+    #[error("cannot serve the local cluster's metrics: {0}")]
+    Metrics(String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevError {
@@ -56,6 +58,9 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevError {
 /// Options of `presence-operator dev`.
 #[derive(Debug, Clone)]
 pub struct DevOptions {
+    /// Where `/metrics` (the operator's per-object metrics of this local
+    /// cluster) is served; `None`: 127.0.0.1 on `base_port - 1`.
+    pub metrics_port: Option<u16>,
     pub base_port: u16,
     pub nats_base_port: u16,
     pub data_dir: PathBuf,
@@ -74,6 +79,8 @@ pub struct ReadyCheck {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessSpec {
     pub name: String,
+    /// The region the process serves.
+    pub region: String,
     pub program: PathBuf,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
@@ -138,9 +145,15 @@ struct HubUrls {
     leafnode_urls: Vec<String>,
 }
 
-fn nats_process(opts: &DevOptions, name: String, conf: PathBuf, monitor: u16) -> ProcessSpec {
+fn nats_process(
+    opts: &DevOptions,
+    (region, name): (&str, String),
+    conf: PathBuf,
+    monitor: u16,
+) -> ProcessSpec {
     ProcessSpec {
         name,
+        region: region.to_owned(),
         program: opts.nats_server.clone(),
         args: vec!["--config".into(), conf.display().to_string()],
         env: Vec::new(),
@@ -196,12 +209,9 @@ fn plan_hub(
         plan.files
             .push((conf.clone(), render::nats::nats_conf(&params)));
         let monitor = port(nb, MONITOR_OFFSET + k)?;
-        plan.processes.push(nats_process(
-            opts,
-            format!("nats-{center}-{k}"),
-            conf,
-            monitor,
-        ));
+        let name = format!("nats-{center}-{k}");
+        plan.processes
+            .push(nats_process(opts, (&center, name), conf, monitor));
     }
     Ok(HubUrls {
         client_urls: every_hub_server("nats", 0)?,
@@ -272,7 +282,8 @@ fn plan_leaves(
                 0 => format!("nats-{}", region.name),
                 _ => format!("nats-{}-{j}", region.name),
             };
-            plan.processes.push(nats_process(opts, name, conf, monitor));
+            plan.processes
+                .push(nats_process(opts, (region.name, name), conf, monitor));
             clients.push(format!("nats://{}", loopback(client)));
         }
         urls.push(clients.join(","));
@@ -315,6 +326,7 @@ fn plan_dataplanes(
             .collect();
         plan.processes.push(ProcessSpec {
             name: format!("presence-{}", region.name),
+            region: region.name.to_owned(),
             program: opts.presence_service.clone(),
             args: Vec::new(),
             env,
@@ -346,6 +358,32 @@ async fn wait_ready(spec: &ProcessSpec, log: &Path, limit: Duration) -> Result<(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Starts the local cluster's `/metrics` and the observer feeding it.
+async fn serve_local_metrics(
+    cluster: &PresenceCluster,
+    opts: &DevOptions,
+    plan: &Plan,
+) -> Result<std::net::SocketAddr, DevError> {
+    let port = opts
+        .metrics_port
+        .unwrap_or_else(|| opts.base_port.saturating_sub(1));
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let metrics = crate::metrics::Metrics::new().map_err(|e| DevError::Metrics(e.to_string()))?;
+    let name = cluster.metadata.name.as_deref().unwrap_or("dev");
+    let observer = crate::local_status::LocalObserver::new(
+        metrics.clone(),
+        name,
+        cluster.spec.center_name(),
+        plan,
+    );
+    observer.observe().await;
+    tokio::spawn(observer.run());
+    crate::manager::serve_http(addr, metrics)
+        .await
+        .map_err(|e| DevError::Metrics(e.to_string()))?;
+    Ok(addr)
 }
 
 fn pid_file(data_dir: &Path, name: &str) -> PathBuf {
@@ -540,7 +578,9 @@ pub async fn run(cluster: &PresenceCluster, opts: &DevOptions) -> Result<(), Dev
         return Err(err);
     }
     let token = mint_token(opts, &secret)?;
+    let metrics_addr = serve_local_metrics(cluster, opts, &plan).await?;
     print_summary(cluster, &plan, &token, &opts.data_dir);
+    println!("  Operator metrics of this cluster: http://{metrics_addr}/metrics");
     shutdown_signal().await;
     println!("stopping {} processes...", plan.processes.len());
     let _ = stop_tx.send(true);
@@ -601,6 +641,7 @@ mod tests {
 
     fn opts() -> DevOptions {
         DevOptions {
+            metrics_port: None,
             base_port: 8080,
             nats_base_port: 14222,
             data_dir: PathBuf::from("/tmp/dev"),

@@ -94,6 +94,10 @@ enum Command {
         /// presence-service binary (default: next to this binary, or PATH).
         #[arg(long)]
         presence_service: Option<PathBuf>,
+        /// Port of this local cluster's operator metrics on 127.0.0.1
+        /// (default: --base-port minus 1).
+        #[arg(long)]
+        metrics_port: Option<u16>,
     },
 }
 
@@ -206,6 +210,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             nats_server,
             presence_service,
+            metrics_port,
         } => {
             let cluster = read_cluster(&file)?;
             let name = cluster
@@ -214,6 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .clone()
                 .unwrap_or_else(|| "dev".into());
             let opts = local::DevOptions {
+                metrics_port,
                 base_port,
                 nats_base_port,
                 data_dir: std::path::absolute(

@@ -73,7 +73,8 @@ where
     }
 }
 
-async fn serve_http(listen: SocketAddr, metrics: Metrics) -> Result<(), RunError> {
+/// Serves `/metrics` and `/health` on `listen` in the background.
+pub async fn serve_http(listen: SocketAddr, metrics: Metrics) -> Result<(), RunError> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| RunError::Listen(listen, e))?;

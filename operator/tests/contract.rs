@@ -125,6 +125,7 @@ fn dev_processes_get_only_accepted_variables_and_a_valid_configuration() {
     let accepted = presence_dataplane::config::accepted_variables();
     for cluster in clusters() {
         let opts = DevOptions {
+            metrics_port: None,
             base_port: 18080,
             nats_base_port: 24222,
             data_dir: PathBuf::from("/tmp/contract-test"),
