@@ -23,6 +23,9 @@ pub const DEFAULT_JS_DOMAIN: &str = presence_contract::bucket::DEFAULT_JS_DOMAIN
 pub const DEFAULT_BUCKET: &str = presence_contract::bucket::DEFAULT_NAME;
 /// NATS image used when the spec names none.
 pub const DEFAULT_NATS_IMAGE: &str = "nats:2.15.1-alpine";
+/// prometheus-nats-exporter image used when the spec names none (the NATS
+/// Helm chart's default).
+pub const DEFAULT_NATS_EXPORTER_IMAGE: &str = "natsio/prometheus-nats-exporter:0.20.1";
 /// Data-plane image used when the spec names none.
 pub const DEFAULT_DATAPLANE_IMAGE: &str = "ghcr.io/presencecluster/presence-service:0.1.0";
 /// Hub JetStream volume size when the spec names none.
@@ -100,6 +103,10 @@ pub struct PresenceClusterSpec {
     /// Container images; pinned defaults are used for any left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub images: Option<ImagesSpec>,
+    /// Scraping by the Prometheus Operator (off by default, so clusters
+    /// without its CRDs are unaffected).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitoring: Option<MonitoringSpec>,
 }
 
 /// The hub region.
@@ -405,6 +412,29 @@ pub enum DeletionPolicy {
     Delete,
 }
 
+/// PodMonitors for every region's presence-service and NATS servers, and
+/// the NATS metrics sidecar they scrape.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitoringSpec {
+    /// Render the PodMonitors (needs the Prometheus Operator's CRDs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Run prometheus-nats-exporter next to every NATS server, with its own
+    /// PodMonitor (default true while monitoring is enabled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_exporter: Option<bool>,
+    /// Scrape interval such as `30s` (default 30s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8), regex(pattern = r"^[1-9][0-9]{0,4}(s|m)$"))]
+    pub interval: Option<String>,
+    /// Labels of the PodMonitors, so your Prometheus selects them (for
+    /// kube-prometheus-stack: `release: <its release name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 16))]
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
+}
+
 /// Container images.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -415,7 +445,11 @@ pub struct ImagesSpec {
     /// presence-service image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataplane: Option<String>,
-    /// Pull policy for both images (default IfNotPresent).
+    /// prometheus-nats-exporter image of the NATS metrics sidecar (default
+    /// natsio/prometheus-nats-exporter:0.20.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_exporter: Option<String>,
+    /// Pull policy for every image (default IfNotPresent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull_policy: Option<PullPolicy>,
 }
@@ -556,6 +590,25 @@ impl PresenceClusterSpec {
             .as_ref()
             .and_then(|i| i.nats.as_deref())
             .unwrap_or(DEFAULT_NATS_IMAGE)
+    }
+
+    /// prometheus-nats-exporter image.
+    pub fn nats_exporter_image(&self) -> &str {
+        self.images
+            .as_ref()
+            .and_then(|i| i.nats_exporter.as_deref())
+            .unwrap_or(DEFAULT_NATS_EXPORTER_IMAGE)
+    }
+
+    /// Whether PodMonitors are rendered.
+    pub fn monitoring_enabled(&self) -> bool {
+        self.monitoring.as_ref().and_then(|m| m.enabled) == Some(true)
+    }
+
+    /// Whether the NATS metrics sidecar runs (and is scraped).
+    pub fn nats_exporter_enabled(&self) -> bool {
+        self.monitoring_enabled()
+            && self.monitoring.as_ref().and_then(|m| m.nats_exporter) != Some(false)
     }
 
     /// presence-service image.

@@ -235,6 +235,7 @@ fn cluster(
             auth: None,
             kv: None,
             images: None,
+            monitoring: None,
         },
         status: None,
     }
@@ -619,4 +620,63 @@ fn jetstream_never_counts_on_more_disk_than_the_volumes_report() {
         limit(Some("20Gi")),
         Some(format!("max_file_store: {}", 10 * gib / 10 * 9))
     );
+}
+
+#[test]
+fn every_pod_monitor_scrapes_a_named_port_of_the_pods_it_selects() {
+    let objects = render_fixed(&load("multi-region.yaml"));
+    let pods: Vec<(std::collections::BTreeMap<String, String>, Vec<String>)> = objects
+        .iter()
+        .filter_map(|o| {
+            let template = match o {
+                Child::StatefulSet(s) => &s.spec.template,
+                Child::Deployment(d) => &d.spec.template,
+                _ => return None,
+            };
+            let labels = template.metadata.as_ref()?.labels.clone()?;
+            let ports = template
+                .spec
+                .as_ref()?
+                .containers
+                .iter()
+                .flat_map(|c| c.ports.iter().flatten())
+                .filter_map(|p| p.name.clone())
+                .collect();
+            Some((labels, ports))
+        })
+        .collect();
+    let monitors: Vec<&kube::api::DynamicObject> = objects
+        .iter()
+        .filter_map(|o| match o {
+            Child::PodMonitor(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    // Four regions, a presence-service and a NATS monitor each.
+    assert_eq!(monitors.len(), 8);
+    for monitor in monitors {
+        let name = monitor.metadata.name.as_deref().unwrap();
+        let spec = &monitor.data["spec"];
+        let selector: std::collections::BTreeMap<String, String> =
+            serde_json::from_value(spec["selector"]["matchLabels"].clone()).unwrap();
+        let port = spec["podMetricsEndpoints"][0]["port"].as_str().unwrap();
+        let selected: Vec<_> = pods
+            .iter()
+            .filter(|(labels, _)| selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            .collect();
+        assert_eq!(
+            selected.len(),
+            1,
+            "{name} selects {} workloads",
+            selected.len()
+        );
+        assert!(
+            selected[0].1.iter().any(|p| p == port),
+            "{name}: no port {port}"
+        );
+        assert_eq!(
+            monitor.metadata.labels.as_ref().unwrap()["release"],
+            "kube-prometheus-stack"
+        );
+    }
 }

@@ -4,12 +4,13 @@
 use super::events::{EventReason, publish};
 use super::{Context, Error};
 use crate::crd::{GROUP, PresenceCluster};
-use crate::render::{self, Child, MANAGER};
+use crate::render::{self, Child, MANAGER, monitoring};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::DynamicObject;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -70,6 +71,9 @@ async fn apply_all(client: &Client, ns: &str, children: &[Child]) -> Result<Regi
             }
             Child::HorizontalPodAutoscaler(o) => {
                 apply_child(client, ns, o).await?;
+            }
+            Child::PodMonitor(o) => {
+                apply_pod_monitor(client, ns, o).await?;
             }
             Child::StatefulSet(o) => {
                 let applied = apply_child(client, ns, o).await?;
@@ -181,7 +185,53 @@ async fn prune_all(
     pruned.extend(prune::<ConfigMap>(client, ns, &selector, keep).await?);
     pruned.extend(prune::<PodDisruptionBudget>(client, ns, &selector, keep).await?);
     pruned.extend(prune::<HorizontalPodAutoscaler>(client, ns, &selector, keep).await?);
+    pruned.extend(prune_pod_monitors(client, ns, &selector, keep).await?);
     Ok(pruned)
+}
+
+/// Server-side apply of a PodMonitor (a Prometheus Operator kind).
+async fn apply_pod_monitor(
+    client: &Client,
+    ns: &str,
+    object: &DynamicObject,
+) -> Result<(), kube::Error> {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), ns, &monitoring::pod_monitor_resource());
+    let name = object.metadata.name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Deletes our PodMonitors that are no longer rendered. A cluster without
+/// the Prometheus Operator's CRDs has none (the list answers 404).
+async fn prune_pod_monitors(
+    client: &Client,
+    ns: &str,
+    selector: &str,
+    keep: &BTreeSet<String>,
+) -> Result<Vec<String>, kube::Error> {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), ns, &monitoring::pod_monitor_resource());
+    let existing = match api.list(&ListParams::default().labels(selector)).await {
+        Ok(list) => list,
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut deleted = Vec::new();
+    for object in existing {
+        let name = object.name_any();
+        let id = format!("PodMonitor/{name}");
+        if !keep.contains(&id) {
+            api.delete(&name, &DeleteParams::background()).await?;
+            deleted.push(id);
+        }
+    }
+    Ok(deleted)
 }
 
 /// Deletes children of `kind` that carry our labels but are no longer rendered.

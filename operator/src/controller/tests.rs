@@ -33,6 +33,9 @@ fn child_path(child: &Child) -> String {
         Child::HorizontalPodAutoscaler(_) => {
             format!("/apis/autoscaling/v2/namespaces/{NS}/horizontalpodautoscalers/{name}")
         }
+        Child::PodMonitor(_) => {
+            format!("/apis/monitoring.coreos.com/v1/namespaces/{NS}/podmonitors/{name}")
+        }
     }
 }
 
@@ -179,6 +182,7 @@ async fn a_fresh_cluster_gets_a_finalizer_then_every_object() {
         "api/v1/namespaces/ns/configmaps",
         "apis/policy/v1/namespaces/ns/poddisruptionbudgets",
         "apis/autoscaling/v2/namespaces/ns/horizontalpodautoscalers",
+        "apis/monitoring.coreos.com/v1/namespaces/ns/podmonitors",
     ] {
         expected.push(("GET".to_owned(), format!("/{kind}")));
     }
@@ -878,6 +882,63 @@ async fn a_larger_storage_size_grows_each_volume_and_keeps_the_template() {
         find_condition(&s, "Degraded")
             .message
             .contains("can't shrink from 30Gi to 5Gi")
+    );
+}
+
+#[tokio::test]
+async fn monitoring_renders_pod_monitors_and_prunes_them_when_switched_off() {
+    let fake = FakeApi::default();
+    fake.insert(
+        &pc_path("p"),
+        cluster(json!({"center": {}, "leaves": [{"name": "eu"}],
+                       "monitoring": {"enabled": true, "labels": {"release": "kps"}}})),
+    );
+    let ctx = context(&fake, unreachable());
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    let monitors = "/apis/monitoring.coreos.com/v1/namespaces/ns/podmonitors";
+    let presence = fake
+        .get(&format!("{monitors}/p-eu-presence"))
+        .expect("PodMonitor applied");
+    assert_eq!(presence["kind"], "PodMonitor");
+    assert_eq!(presence["metadata"]["labels"]["release"], "kps");
+    assert_eq!(presence["spec"]["podMetricsEndpoints"][0]["port"], "http");
+    assert!(fake.get(&format!("{monitors}/p-center-nats")).is_some());
+    let sts = fake
+        .get("/apis/apps/v1/namespaces/ns/statefulsets/p-center-nats")
+        .unwrap();
+    let containers: Vec<&str> = sts["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(containers, ["nats", "prom-exporter"]);
+    assert_rbac_allows(&fake.requests());
+
+    // Switched off: the PodMonitors go, the sidecar too.
+    let mut pc = fake.get(&pc_path("p")).unwrap();
+    pc["spec"]["monitoring"] = json!({"enabled": false});
+    fake.insert(&pc_path("p"), pc);
+    fake.clear_requests();
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    let deleted: Vec<String> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "DELETE")
+        .map(|r| r.path)
+        .collect();
+    assert_eq!(deleted.len(), 4, "{deleted:?}");
+    assert!(
+        deleted.iter().all(|p| p.starts_with(monitors)),
+        "{deleted:?}"
+    );
+
+    // A cluster without the Prometheus Operator's CRDs answers 404: fine.
+    fake.fail("GET", monitors, 404);
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    assert_eq!(
+        condition(&status(&fake), "Degraded"),
+        ("False".into(), "AsExpected".into())
     );
 }
 

@@ -4,6 +4,7 @@
 
 pub mod availability;
 pub mod dataplane;
+pub mod monitoring;
 pub mod nats;
 pub mod secrets;
 
@@ -221,6 +222,8 @@ pub enum Child {
     Secret(Secret),
     PodDisruptionBudget(PodDisruptionBudget),
     HorizontalPodAutoscaler(HorizontalPodAutoscaler),
+    /// A Prometheus Operator PodMonitor (not a built-in kind).
+    PodMonitor(kube::api::DynamicObject),
 }
 
 impl Child {
@@ -234,6 +237,7 @@ impl Child {
             Child::Secret(o) => ("Secret", &o.metadata),
             Child::PodDisruptionBudget(o) => ("PodDisruptionBudget", &o.metadata),
             Child::HorizontalPodAutoscaler(o) => ("HorizontalPodAutoscaler", &o.metadata),
+            Child::PodMonitor(o) => ("PodMonitor", &o.metadata),
         };
         format!("{kind}/{}", meta.name.as_deref().unwrap_or_default())
     }
@@ -248,6 +252,7 @@ impl Child {
             Child::Secret(o) => &o.metadata,
             Child::PodDisruptionBudget(o) => &o.metadata,
             Child::HorizontalPodAutoscaler(o) => &o.metadata,
+            Child::PodMonitor(o) => &o.metadata,
         }
     }
 }
@@ -377,6 +382,11 @@ pub fn render(
         out.extend(availability::dataplane_budget(ctx, &region).map(Child::PodDisruptionBudget));
         out.extend(
             availability::dataplane_autoscaler(ctx, &region).map(Child::HorizontalPodAutoscaler),
+        );
+        out.extend(
+            monitoring::pod_monitors(ctx, spec, &region)
+                .into_iter()
+                .map(Child::PodMonitor),
         );
     }
     Ok(out)

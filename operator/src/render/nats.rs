@@ -563,6 +563,10 @@ fn statefulset(
     let container = container(spec, region, ports, mounts);
     let replicas = region.nats_replicas;
     let annotations = BTreeMap::from([(format!("{}/config-hash", crate::crd::GROUP), config_hash)]);
+    let mut containers = vec![container];
+    if spec.nats_exporter_enabled() {
+        containers.push(super::monitoring::exporter_sidecar(spec, region));
+    }
     StatefulSet {
         metadata: meta(
             ctx,
@@ -581,7 +585,7 @@ fn statefulset(
             template: PodTemplateSpec {
                 metadata: Some(pod_meta(ctx, COMPONENT, region.name, annotations)),
                 spec: Some(PodSpec {
-                    containers: vec![container],
+                    containers,
                     volumes: Some(volumes),
                     termination_grace_period_seconds: Some(60),
                     enable_service_links: Some(false),

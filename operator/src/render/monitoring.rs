@@ -1,0 +1,137 @@
+//! Scraping by the Prometheus Operator: a PodMonitor per region for its
+//! presence-service and (with the sidecar) its NATS servers, and the
+//! prometheus-nats-exporter sidecar itself, as the NATS Helm chart runs it.
+
+use super::{Scope, meta, region_selector};
+use crate::crd::{PresenceClusterSpec, Region, Role};
+use k8s_openapi::api::core::v1::{Capabilities, Container, ContainerPort, SecurityContext};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use serde_json::json;
+
+/// Port of the exporter's `/metrics`.
+pub const EXPORTER_PORT: u16 = 7777;
+/// Scrape interval when the spec names none.
+const DEFAULT_INTERVAL: &str = "30s";
+
+/// The PodMonitor kind of the Prometheus Operator.
+pub fn pod_monitor_resource() -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "monitoring.coreos.com",
+        "v1",
+        "PodMonitor",
+    ))
+}
+
+/// The exporter sidecar of a NATS server (chart arguments: connections,
+/// routes, subscriptions, server and leafnode stats, JetStream at the hub;
+/// metric names prefixed `nats_`).
+pub fn exporter_sidecar(spec: &PresenceClusterSpec, region: &Region<'_>) -> Container {
+    let mut args = vec![
+        format!("-port={EXPORTER_PORT}"),
+        "-connz".into(),
+        "-routez".into(),
+        "-subz".into(),
+        "-varz".into(),
+        "-prefix=nats".into(),
+        "-use_internal_server_id".into(),
+    ];
+    if region.role == Role::Center {
+        args.push("-jsz=all".into());
+    }
+    args.push("-leafz".into());
+    args.push(format!("http://localhost:{}/", super::nats::MONITOR_PORT));
+    Container {
+        name: "prom-exporter".into(),
+        image: Some(spec.nats_exporter_image().to_owned()),
+        image_pull_policy: super::pull_policy(spec),
+        args: Some(args),
+        ports: Some(vec![ContainerPort {
+            name: Some("prom-metrics".into()),
+            container_port: i32::from(EXPORTER_PORT),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Relabelings that give every series the `region` and `presencecluster`
+/// labels the dashboard and alerts group by.
+fn relabelings() -> serde_json::Value {
+    json!([
+        {"sourceLabels": ["__meta_kubernetes_pod_label_presencecluster_io_region"], "targetLabel": "region"},
+        {"sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"], "targetLabel": "presencecluster"},
+    ])
+}
+
+fn pod_monitor(
+    scope: &Scope,
+    spec: &PresenceClusterSpec,
+    (name, component, region): (&str, &str, &str),
+    port: &str,
+) -> DynamicObject {
+    let monitoring = spec.monitoring.as_ref();
+    let interval = monitoring
+        .and_then(|m| m.interval.as_deref())
+        .unwrap_or(DEFAULT_INTERVAL);
+    let mut metadata = meta(scope, name, component, Some(region));
+    if let Some(extra) = monitoring.and_then(|m| m.labels.as_ref()) {
+        let labels = metadata.labels.get_or_insert_with(Default::default);
+        for (k, v) in extra {
+            labels.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+    let mut object = DynamicObject::new(name, &pod_monitor_resource()).data(json!({
+        "spec": {
+            "selector": {"matchLabels": region_selector(scope, component, region)},
+            "podMetricsEndpoints": [{
+                "port": port,
+                "path": "/metrics",
+                "interval": interval,
+                "relabelings": relabelings(),
+            }],
+        }
+    }));
+    object.metadata = metadata;
+    object
+}
+
+/// The PodMonitors of a region: presence-service always, NATS with the
+/// sidecar. None unless monitoring is enabled.
+pub fn pod_monitors(
+    scope: &Scope,
+    spec: &PresenceClusterSpec,
+    region: &Region<'_>,
+) -> Vec<DynamicObject> {
+    if !spec.monitoring_enabled() {
+        return Vec::new();
+    }
+    let mut out = vec![pod_monitor(
+        scope,
+        spec,
+        (
+            &scope.names.dataplane(region.name),
+            "dataplane",
+            region.name,
+        ),
+        "http",
+    )];
+    if spec.nats_exporter_enabled() {
+        out.push(pod_monitor(
+            scope,
+            spec,
+            (&scope.names.nats(region.name), "nats", region.name),
+            "prom-metrics",
+        ));
+    }
+    out
+}
