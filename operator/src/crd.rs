@@ -7,6 +7,7 @@
 //! replica limits, and fields that cannot change after creation.
 
 use k8s_openapi::api::core::v1::{ResourceRequirements, SecretKeySelector};
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
@@ -107,6 +108,9 @@ pub struct PresenceClusterSpec {
     /// without its CRDs are unaffected).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub monitoring: Option<MonitoringSpec>,
+    /// NetworkPolicies fencing every region (on by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<NetworkPolicySpec>,
 }
 
 /// The hub region.
@@ -435,6 +439,28 @@ pub struct MonitoringSpec {
     pub labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
+/// Who may reach what. Each region's NATS servers take clients only from
+/// that region's presence-service and the operator, leafnode links only
+/// from the cluster's leaf servers, routes only from their own region's
+/// servers, and monitoring only from the operator and Prometheus.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Render the NetworkPolicies (default true; turn off where no
+    /// NetworkPolicy controller runs, where they would do nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Who may call the presence API (default: anyone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub api_from: Option<Vec<NetworkPolicyPeer>>,
+    /// Who may scrape the metrics ports (presence-service's, the NATS
+    /// monitor and exporter); the operator always may reach NATS monitoring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub metrics_from: Option<Vec<NetworkPolicyPeer>>,
+}
+
 /// Container images.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -598,6 +624,11 @@ impl PresenceClusterSpec {
             .as_ref()
             .and_then(|i| i.nats_exporter.as_deref())
             .unwrap_or(DEFAULT_NATS_EXPORTER_IMAGE)
+    }
+
+    /// Whether NetworkPolicies are rendered.
+    pub fn network_policies_enabled(&self) -> bool {
+        self.network_policy.as_ref().and_then(|n| n.enabled) != Some(false)
     }
 
     /// Whether PodMonitors are rendered.

@@ -15,6 +15,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client};
@@ -158,19 +159,17 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             .iter()
             .map(|r| r.as_str()),
     );
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        &opts.identity,
-        metrics,
-        opts.hub.clone(),
-    ));
+    let mut ctx = Context::new(client.clone(), &opts.identity, metrics, opts.hub.clone());
+    ctx.operator_namespace = opts.lease_namespace.clone();
+    let ctx = Arc::new(ctx);
     let controller = controller
         .owns(api::<StatefulSet>(&client, ns), owned.clone())
         .owns(api::<Deployment>(&client, ns), owned.clone())
         .owns(api::<Service>(&client, ns), owned.clone())
         .owns(api::<ConfigMap>(&client, ns), owned.clone())
         .owns(api::<PodDisruptionBudget>(&client, ns), owned.clone())
-        .owns(api::<HorizontalPodAutoscaler>(&client, ns), owned)
+        .owns(api::<HorizontalPodAutoscaler>(&client, ns), owned.clone())
+        .owns(api::<NetworkPolicy>(&client, ns), owned)
         // Secrets are not watched at all, so the operator needs neither list
         // nor watch on Secrets: it reads the ones it uses by name on every
         // reconcile, and a ready cluster is reconciled every minute, so a

@@ -52,6 +52,7 @@ fn rendered_env(cluster: &PresenceCluster) -> Vec<(String, Vec<String>)> {
         jwt_secret_digest: Some("d".into()),
         hub_volume_size: None,
         hub_volume_capacity: None,
+        operator_namespace: None,
     };
     render::render(cluster, &scope, &inputs)
         .expect("renders")

@@ -53,6 +53,7 @@ fn render_fixed(cluster: &PresenceCluster) -> Vec<Child> {
         jwt_secret_digest: Some("golden-digest".into()),
         hub_volume_size: None,
         hub_volume_capacity: None,
+        operator_namespace: None,
     };
     render::render(&cluster, &ctx, &inputs).expect("renders")
 }
@@ -236,6 +237,7 @@ fn cluster(
             kv: None,
             images: None,
             monitoring: None,
+            network_policy: None,
         },
         status: None,
     }
@@ -259,10 +261,10 @@ proptest! {
         let cr = cluster(&name, center, replicas, leaves.clone());
         let ctx = Scope::new(&cr, "default").unwrap();
         let objects = render::render(&cr, &ctx, &Inputs::default()).unwrap();
-                // The JWT Secret; per region a ConfigMap, two NATS Services, the
-        // StatefulSet, the Deployment, its Service and its budget (2 pods
-        // by default); the hub's budget.
-        prop_assert_eq!(objects.len(), 1 + 7 * (1 + leaves.len()) + 1);
+                        // The JWT Secret; per region a ConfigMap, two NATS Services, the
+        // StatefulSet, two NetworkPolicies, the Deployment, its Service and
+        // its budget (2 pods by default); the hub's budget.
+        prop_assert_eq!(objects.len(), 1 + 9 * (1 + leaves.len()) + 1);
         prop_assert_eq!(&objects, &render::render(&cr, &ctx, &Inputs::default()).unwrap(), "deterministic");
         let mut ids = std::collections::BTreeSet::new();
         for object in &objects {
@@ -678,5 +680,271 @@ fn every_pod_monitor_scrapes_a_named_port_of_the_pods_it_selects() {
             monitor.metadata.labels.as_ref().unwrap()["release"],
             "kube-prometheus-stack"
         );
+    }
+}
+
+mod network_policies {
+    //! The rendered NetworkPolicies, evaluated the way Kubernetes does
+    //! (ingress: a pod selected by a policy takes only what some rule of it
+    //! admits), for the flows a PresenceCluster needs and those it must not
+    //! allow.
+
+    use super::*;
+    use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+    use std::collections::BTreeMap;
+
+    type Labels = BTreeMap<String, String>;
+
+    /// A pod: its namespace and labels.
+    struct Pod {
+        namespace: String,
+        labels: Labels,
+    }
+
+    fn matches(selector: &LabelSelector, labels: &Labels) -> bool {
+        selector
+            .match_labels
+            .iter()
+            .flatten()
+            .all(|(k, v)| labels.get(k) == Some(v))
+    }
+
+    fn peer_admits(peer: &NetworkPolicyPeer, policy_ns: &str, src: &Pod) -> bool {
+        let ns_labels = Labels::from([(
+            "kubernetes.io/metadata.name".to_owned(),
+            src.namespace.clone(),
+        )]);
+        let ns_ok = match &peer.namespace_selector {
+            Some(s) => matches(s, &ns_labels),
+            None => src.namespace == policy_ns,
+        };
+        let pod_ok = peer
+            .pod_selector
+            .as_ref()
+            .is_none_or(|s| matches(s, &src.labels));
+        ns_ok && pod_ok
+    }
+
+    fn allowed(policies: &[NetworkPolicy], src: &Pod, dst: &Pod, port: &str) -> bool {
+        let selecting: Vec<&NetworkPolicy> = policies
+            .iter()
+            .filter(|p| p.metadata.namespace.as_deref() == Some(dst.namespace.as_str()))
+            .filter(|p| {
+                let spec = p.spec.as_ref().unwrap();
+                matches(spec.pod_selector.as_ref().unwrap(), &dst.labels)
+            })
+            .collect();
+        if selecting.is_empty() {
+            return true;
+        }
+        selecting.iter().any(|p| {
+            let ns = p.metadata.namespace.as_deref().unwrap();
+            p.spec
+                .as_ref()
+                .unwrap()
+                .ingress
+                .iter()
+                .flatten()
+                .any(|rule| {
+                    let port_ok = rule.ports.iter().flatten().any(|pp| {
+                        pp.port
+                            == Some(
+                                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(
+                                    port.into(),
+                                ),
+                            )
+                    });
+                    let from_ok = match &rule.from {
+                        None => true,
+                        Some(peers) => peers.iter().any(|peer| peer_admits(peer, ns, src)),
+                    };
+                    port_ok && from_ok
+                })
+        })
+    }
+
+    fn pod(ns: &str, labels: &[(&str, &str)]) -> Pod {
+        Pod {
+            namespace: ns.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    fn region_pod(component: &str, region: &str) -> Pod {
+        pod(
+            "presence-system",
+            &[
+                ("app.kubernetes.io/instance", "presence"),
+                ("app.kubernetes.io/component", component),
+                ("presencecluster.io/region", region),
+                ("app.kubernetes.io/managed-by", "presence-operator"),
+            ],
+        )
+    }
+
+    fn policies(cr: &PresenceCluster) -> Vec<NetworkPolicy> {
+        render_fixed(cr)
+            .into_iter()
+            .filter_map(|o| match o {
+                Child::NetworkPolicy(p) => Some(p),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_region_is_fenced() {
+        let p = policies(&load("multi-region.yaml"));
+        assert_eq!(
+            p.len(),
+            8,
+            "a NATS and a presence-service policy per region"
+        );
+        let (hub, eu_nats, us_nats) = (
+            region_pod("nats", "center"),
+            region_pod("nats", "eu"),
+            region_pod("nats", "us"),
+        );
+        let (eu_presence, us_presence) =
+            (region_pod("dataplane", "eu"), region_pod("dataplane", "us"));
+        let operator = pod(
+            "presence-system",
+            &[("app.kubernetes.io/name", "presence-operator")],
+        );
+        let stranger = pod("default", &[("app", "curl")]);
+        let prometheus = pod("monitoring", &[("app.kubernetes.io/name", "prometheus")]);
+        for (src, dst, port, want, what) in [
+            (
+                &eu_presence,
+                &eu_nats,
+                "client",
+                true,
+                "a region's presence-service to its NATS",
+            ),
+            (
+                &us_presence,
+                &eu_nats,
+                "client",
+                false,
+                "another region's presence-service",
+            ),
+            (&stranger, &eu_nats, "client", false, "any other pod"),
+            (&stranger, &hub, "client", false, "any other pod to the hub"),
+            (
+                &operator,
+                &hub,
+                "client",
+                true,
+                "the operator to the hub (bucket)",
+            ),
+            (&operator, &hub, "monitor", true, "the operator to /leafz"),
+            (
+                &stranger,
+                &hub,
+                "monitor",
+                false,
+                "monitoring from elsewhere",
+            ),
+            (
+                &eu_nats,
+                &hub,
+                "leafnodes",
+                true,
+                "a leaf server to the hub's leafnode port",
+            ),
+            (
+                &eu_presence,
+                &hub,
+                "leafnodes",
+                false,
+                "presence-service to the leafnode port",
+            ),
+            (
+                &stranger,
+                &hub,
+                "leafnodes",
+                false,
+                "anyone else to the leafnode port",
+            ),
+            (&hub, &hub, "cluster", true, "hub routes"),
+            (
+                &eu_nats,
+                &hub,
+                "cluster",
+                false,
+                "a leaf to the hub's routes",
+            ),
+            (
+                &eu_nats,
+                &eu_nats,
+                "cluster",
+                true,
+                "a clustered leaf's routes",
+            ),
+            (
+                &us_nats,
+                &eu_nats,
+                "cluster",
+                false,
+                "another leaf to eu's routes",
+            ),
+            (
+                &stranger,
+                &eu_presence,
+                "http",
+                true,
+                "the presence API is open by default",
+            ),
+            (
+                &prometheus,
+                &hub,
+                "monitor",
+                false,
+                "no metricsFrom, no scraping NATS",
+            ),
+        ] {
+            assert_eq!(allowed(&p, src, dst, port), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn the_api_and_metrics_can_be_restricted_or_policies_switched_off() {
+        let mut cr = load("multi-region.yaml");
+        let peer = |ns: &str| NetworkPolicyPeer {
+            namespace_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([(
+                    "kubernetes.io/metadata.name".to_owned(),
+                    ns.to_owned(),
+                )])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        cr.spec.network_policy = Some(presence_operator::crd::NetworkPolicySpec {
+            enabled: None,
+            api_from: Some(vec![peer("apps")]),
+            metrics_from: Some(vec![peer("monitoring")]),
+        });
+        let p = policies(&cr);
+        let eu_presence = region_pod("dataplane", "eu");
+        let hub = region_pod("nats", "center");
+        let app = pod("apps", &[("app", "web")]);
+        let stranger = pod("default", &[("app", "curl")]);
+        let prometheus = pod("monitoring", &[("app.kubernetes.io/name", "prometheus")]);
+        assert!(allowed(&p, &app, &eu_presence, "http"));
+        assert!(!allowed(&p, &stranger, &eu_presence, "http"));
+        assert!(
+            allowed(&p, &prometheus, &eu_presence, "http"),
+            "Prometheus scrapes /metrics"
+        );
+        assert!(allowed(&p, &prometheus, &hub, "monitor"));
+        assert!(allowed(&p, &prometheus, &hub, "prom-metrics"));
+        assert!(!allowed(&p, &prometheus, &hub, "client"));
+        cr.spec.network_policy.as_mut().unwrap().enabled = Some(false);
+        assert!(policies(&cr).is_empty());
     }
 }

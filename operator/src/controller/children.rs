@@ -8,6 +8,7 @@ use crate::render::{self, Child, MANAGER, monitoring};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::DynamicObject;
@@ -70,6 +71,9 @@ async fn apply_all(client: &Client, ns: &str, children: &[Child]) -> Result<Regi
                 apply_child(client, ns, o).await?;
             }
             Child::HorizontalPodAutoscaler(o) => {
+                apply_child(client, ns, o).await?;
+            }
+            Child::NetworkPolicy(o) => {
                 apply_child(client, ns, o).await?;
             }
             Child::PodMonitor(o) => {
@@ -185,6 +189,7 @@ async fn prune_all(
     pruned.extend(prune::<ConfigMap>(client, ns, &selector, keep).await?);
     pruned.extend(prune::<PodDisruptionBudget>(client, ns, &selector, keep).await?);
     pruned.extend(prune::<HorizontalPodAutoscaler>(client, ns, &selector, keep).await?);
+    pruned.extend(prune::<NetworkPolicy>(client, ns, &selector, keep).await?);
     pruned.extend(prune_pod_monitors(client, ns, &selector, keep).await?);
     Ok(pruned)
 }

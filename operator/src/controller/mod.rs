@@ -108,6 +108,8 @@ pub enum HubAccess {
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,
+    /// Where the operator runs, so NetworkPolicies admit it to NATS.
+    pub operator_namespace: String,
     pub recorder: kube::runtime::events::Recorder,
     pub metrics: Metrics,
     pub hub: HubAccess,
@@ -128,6 +130,7 @@ impl Context {
         );
         Context {
             client,
+            operator_namespace: render::network::DEFAULT_OPERATOR_NAMESPACE.to_owned(),
             recorder,
             metrics,
             hub,
@@ -351,6 +354,7 @@ async fn observe(
         jwt_secret_digest: Some(digest),
         hub_volume_size: volumes.template.clone(),
         hub_volume_capacity: volumes.smallest_capacity().cloned(),
+        operator_namespace: Some(ctx.operator_namespace.clone()),
         ..Default::default()
     };
     let children = render::render(pc, scope, &inputs)?;

@@ -33,6 +33,9 @@ fn child_path(child: &Child) -> String {
         Child::HorizontalPodAutoscaler(_) => {
             format!("/apis/autoscaling/v2/namespaces/{NS}/horizontalpodautoscalers/{name}")
         }
+        Child::NetworkPolicy(_) => {
+            format!("/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/{name}")
+        }
         Child::PodMonitor(_) => {
             format!("/apis/monitoring.coreos.com/v1/namespaces/{NS}/podmonitors/{name}")
         }
@@ -182,6 +185,7 @@ async fn a_fresh_cluster_gets_a_finalizer_then_every_object() {
         "api/v1/namespaces/ns/configmaps",
         "apis/policy/v1/namespaces/ns/poddisruptionbudgets",
         "apis/autoscaling/v2/namespaces/ns/horizontalpodautoscalers",
+        "apis/networking.k8s.io/v1/namespaces/ns/networkpolicies",
         "apis/monitoring.coreos.com/v1/namespaces/ns/podmonitors",
     ] {
         expected.push(("GET".to_owned(), format!("/{kind}")));
@@ -410,6 +414,8 @@ async fn removing_a_leaf_deletes_its_objects() {
             "/api/v1/namespaces/ns/services/p-us-presence",
             "/apis/apps/v1/namespaces/ns/deployments/p-us-presence",
             "/apis/apps/v1/namespaces/ns/statefulsets/p-us-nats",
+            "/apis/networking.k8s.io/v1/namespaces/ns/networkpolicies/p-us-nats",
+            "/apis/networking.k8s.io/v1/namespaces/ns/networkpolicies/p-us-presence",
             "/apis/policy/v1/namespaces/ns/poddisruptionbudgets/p-us-presence",
         ]
     );

@@ -6,6 +6,7 @@ pub mod availability;
 pub mod dataplane;
 pub mod monitoring;
 pub mod nats;
+pub mod network;
 pub mod secrets;
 
 use crate::crd::{GROUP, PresenceCluster, PresenceClusterSpec, PullPolicy};
@@ -224,6 +225,7 @@ pub enum Child {
     HorizontalPodAutoscaler(HorizontalPodAutoscaler),
     /// A Prometheus Operator PodMonitor (not a built-in kind).
     PodMonitor(kube::api::DynamicObject),
+    NetworkPolicy(k8s_openapi::api::networking::v1::NetworkPolicy),
 }
 
 impl Child {
@@ -238,6 +240,7 @@ impl Child {
             Child::PodDisruptionBudget(o) => ("PodDisruptionBudget", &o.metadata),
             Child::HorizontalPodAutoscaler(o) => ("HorizontalPodAutoscaler", &o.metadata),
             Child::PodMonitor(o) => ("PodMonitor", &o.metadata),
+            Child::NetworkPolicy(o) => ("NetworkPolicy", &o.metadata),
         };
         format!("{kind}/{}", meta.name.as_deref().unwrap_or_default())
     }
@@ -253,6 +256,7 @@ impl Child {
             Child::PodDisruptionBudget(o) => &o.metadata,
             Child::HorizontalPodAutoscaler(o) => &o.metadata,
             Child::PodMonitor(o) => &o.metadata,
+            Child::NetworkPolicy(o) => &o.metadata,
         }
     }
 }
@@ -274,6 +278,9 @@ pub struct Inputs {
     /// limit never exceeds what the disks really hold (a volume whose
     /// expansion hasn't finished or was refused). `None` when unknown.
     pub hub_volume_capacity: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    /// The operator's namespace, whose pods the NetworkPolicies admit to
+    /// NATS (default presence-system, where the install puts it).
+    pub operator_namespace: Option<String>,
 }
 
 /// Checks what the API server's CEL rules would refuse, for manifests that
@@ -375,10 +382,18 @@ pub fn render(
         out.push(Child::Service(headless));
         out.push(Child::Service(client));
         out.push(Child::StatefulSet(statefulset));
+        let operator_namespace = inputs
+            .operator_namespace
+            .as_deref()
+            .unwrap_or(network::DEFAULT_OPERATOR_NAMESPACE);
+        out.extend(
+            network::nats_policy(ctx, spec, &region, operator_namespace).map(Child::NetworkPolicy),
+        );
         out.extend(availability::nats_budget(ctx, &region).map(Child::PodDisruptionBudget));
         let (deployment, service) = dataplane::objects(ctx, spec, &region, inputs);
         out.push(Child::Deployment(deployment));
         out.push(Child::Service(service));
+        out.extend(network::dataplane_policy(ctx, spec, &region).map(Child::NetworkPolicy));
         out.extend(availability::dataplane_budget(ctx, &region).map(Child::PodDisruptionBudget));
         out.extend(
             availability::dataplane_autoscaler(ctx, &region).map(Child::HorizontalPodAutoscaler),
