@@ -588,7 +588,7 @@ async fn every_dashboard_panel_has_data_from_a_real_prometheus() {
     assert_eq!(
         skipped,
         [
-            "Leafnode connections per hub server",
+            "Leafnode connections per NATS server",
             "JetStream storage used of limit"
         ]
     );

@@ -289,10 +289,11 @@ async fn paused(
 ) -> Result<Action, Error> {
     let mut status = pc.status.clone().unwrap_or_default();
     let applied = status.observed_generation;
-    ctx.metrics
+        // Paused on purpose: no readiness to report (so no not-ready alert).
+    let _ = ctx
+        .metrics
         .cluster_ready
-        .with_label_values(&[&pc.name_any(), &pc.namespace().unwrap_or_default()])
-        .set(0);
+        .remove_label_values(&[&pc.name_any(), &pc.namespace().unwrap_or_default()]);
     let now = Timestamp::now();
     for update in status::paused(PAUSED_ANNOTATION, applied) {
         set_condition(&mut status.conditions, pc.meta().generation, &update, now);
