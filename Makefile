@@ -29,6 +29,7 @@ test: tools ## run every test (unit, HTTP, real NATS, operator) and validate man
 	scripts/validate-manifests.sh
 	scripts/test-argocd-health.sh
 	scripts/test-alerts.sh
+	scripts/check-dockerfiles.sh
 
 build: ## release build of the binaries
 	$(CARGO) build --release --workspace
