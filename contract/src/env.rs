@@ -66,6 +66,8 @@ pub const SHUTDOWN_TIMEOUT_SECS: &str = "SHUTDOWN_TIMEOUT_SECS";
 pub const STREAM_MAX_CONNECTIONS: &str = "STREAM_MAX_CONNECTIONS";
 /// Seconds between keep-alive comments on a stream.
 pub const STREAM_KEEPALIVE_SECS: &str = "STREAM_KEEPALIVE_SECS";
+/// Longest tokens accepted, in seconds (unset: any).
+pub const JWT_MAX_LIFETIME: &str = "JWT_MAX_LIFETIME";
 
 /// Variables a deployment in a cluster must set: their built-in defaults
 /// only suit a single process on a laptop (or, for `JWT_SECRET`, there is

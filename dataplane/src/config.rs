@@ -14,6 +14,9 @@ use std::time::Duration;
 
 /// Default NATS server: this node's regional server on the same host.
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+/// Longest token lifetime `token` signs and `JWT_MAX_LIFETIME` accepts:
+/// ten years keeps every `exp` far from overflowing.
+pub const MAX_TOKEN_LIFETIME_SECS: u64 = 10 * 365 * 24 * 3600;
 
 /// `presence-service`: the presence API of a PresenceCluster region.
 #[derive(Debug, Parser)]
@@ -50,8 +53,9 @@ pub struct TokenArgs {
     /// Space-separated scopes, e.g. `presence:write` to set anyone's presence.
     #[arg(long, default_value = "")]
     pub scope: String,
-    /// Lifetime of the token in seconds.
-    #[arg(long, default_value_t = 86_400)]
+    /// Lifetime of the token in seconds (at most ten years).
+    #[arg(long, default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_TOKEN_LIFETIME_SECS))]
     pub ttl_secs: u64,
 }
 
@@ -111,9 +115,13 @@ pub struct ServeArgs {
     /// When set, tokens must carry this `iss`.
     #[arg(long, env = env::JWT_ISSUER)]
     pub jwt_issuer: Option<String>,
-    /// When set, tokens must carry this `aud`.
+    /// When set, tokens must carry this `aud` (as a string or in a list).
     #[arg(long, env = env::JWT_AUDIENCE)]
     pub jwt_audience: Option<String>,
+    /// When set, tokens living longer than this many seconds (exp - iat, or
+    /// exp - now without iat) are refused.
+    #[arg(long, env = env::JWT_MAX_LIFETIME)]
+    pub jwt_max_lifetime: Option<u64>,
     /// Cache budget in bytes (estimated memory of cached presences).
     #[arg(long, env = env::CACHE_MAX_COST, default_value_t = 64 * 1024 * 1024)]
     pub cache_max_cost: u64,
@@ -254,6 +262,8 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     pub stream_max_connections: usize,
     pub stream_keepalive: Duration,
+    /// Longest token lifetime accepted, in seconds; `None`: any.
+    pub jwt_max_lifetime: Option<u64>,
     /// `None` when rate limiting is off.
     pub write_limit: Option<crate::ratelimit::Limit>,
 }
@@ -287,9 +297,7 @@ impl ServeArgs {
             return Err(invalid(env::NODE_ID, "must be 1 to 128 characters"));
         }
         let log_level = parse_log_level(&self.log_level)?;
-        if self.cache_max_cost < 1024 {
-            return Err(invalid(env::CACHE_MAX_COST, "must be at least 1024 bytes"));
-        }
+        self.check_numbers()?;
         let cache_initial_capacity = usize::try_from(self.cache_num_counters / 10)
             .unwrap_or(usize::MAX)
             .min(10_000_000);
@@ -300,6 +308,7 @@ impl ServeArgs {
         Ok(Settings {
             stream_max_connections: streams.0,
             stream_keepalive: streams.1,
+            jwt_max_lifetime: self.jwt_max_lifetime,
             write_limit,
             node_type: self.node_type,
             node_id: self.node_id,
@@ -322,6 +331,35 @@ impl ServeArgs {
             read_timeout: timeouts.1,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
         })
+    }
+
+    /// The plain numbers' bounds; the others are checked where they turn
+    /// into settings.
+    fn check_numbers(&self) -> Result<(), ConfigError> {
+        in_range(env::SERVICE_PORT, u64::from(self.service_port), 1, 65_535)?;
+        in_range(
+            env::CACHE_MAX_COST,
+            self.cache_max_cost,
+            1024,
+            MAX_CACHE_COST,
+        )?;
+        in_range(
+            env::CACHE_NUM_COUNTERS,
+            self.cache_num_counters,
+            1,
+            1_000_000_000,
+        )?;
+        in_range(env::CORS_MAX_AGE, self.cors_max_age, 0, 86_400)?;
+        in_range(
+            env::SHUTDOWN_TIMEOUT_SECS,
+            self.shutdown_timeout_secs,
+            0,
+            3_600,
+        )?;
+        if let Some(lifetime) = self.jwt_max_lifetime {
+            in_range(env::JWT_MAX_LIFETIME, lifetime, 1, MAX_TOKEN_LIFETIME_SECS)?;
+        }
+        Ok(())
     }
 
     fn nats_settings(&self) -> Result<NatsTarget, ConfigError> {
@@ -383,15 +421,14 @@ impl ServeArgs {
 
     /// (most streams, keep-alive interval).
     fn stream_settings(&self) -> Result<(usize, Duration), ConfigError> {
-        if self.stream_max_connections == 0 {
-            return Err(invalid(env::STREAM_MAX_CONNECTIONS, "must be at least 1"));
-        }
-        if !(1..=300).contains(&self.stream_keepalive_secs) {
-            return Err(invalid(
-                env::STREAM_KEEPALIVE_SECS,
-                "must be between 1 and 300",
-            ));
-        }
+        let max_connections = u64::try_from(self.stream_max_connections).unwrap_or(u64::MAX);
+        in_range(env::STREAM_MAX_CONNECTIONS, max_connections, 1, 1_000_000)?;
+        in_range(
+            env::STREAM_KEEPALIVE_SECS,
+            self.stream_keepalive_secs,
+            1,
+            300,
+        )?;
         Ok((
             self.stream_max_connections,
             Duration::from_secs(self.stream_keepalive_secs),
@@ -400,19 +437,47 @@ impl ServeArgs {
 
     fn write_limit(&self) -> Result<Option<crate::ratelimit::Limit>, ConfigError> {
         let rate = self.rate_limit_writes_per_second;
-        if !rate.is_finite() || rate < 0.0 {
+        let off = rate == 0.0;
+        if !off && !(MIN_WRITE_RATE..=MAX_WRITE_RATE).contains(&rate) {
             return Err(invalid(
                 env::RATE_LIMIT_WRITES_PER_SECOND,
-                "must be a number >= 0 (0 turns limiting off)",
+                format!(
+                    "must be 0 (no limit) or between {MIN_WRITE_RATE} and {MAX_WRITE_RATE}; got {rate}"
+                ),
             ));
         }
-        if rate > 0.0 && self.rate_limit_burst == 0 {
-            return Err(invalid(env::RATE_LIMIT_BURST, "must be at least 1"));
+        if !off {
+            in_range(
+                env::RATE_LIMIT_BURST,
+                u64::from(self.rate_limit_burst),
+                1,
+                1_000_000,
+            )?;
         }
-        Ok((rate > 0.0).then(|| crate::ratelimit::Limit {
+        Ok((!off).then(|| crate::ratelimit::Limit {
             rate,
             burst: f64::from(self.rate_limit_burst),
         }))
+    }
+}
+
+/// Slowest write rate accepted: one write per 1000 s. Slower rates would
+/// make the wait in a 429 longer than any client keeps a retry.
+const MIN_WRITE_RATE: f64 = 0.001;
+/// Fastest write rate accepted (it is per user).
+const MAX_WRITE_RATE: f64 = 1_000_000.0;
+/// Largest cache budget accepted: 1 TiB.
+const MAX_CACHE_COST: u64 = 1 << 40;
+
+/// `Ok` when `min <= value <= max`; else an error naming the variable.
+fn in_range(name: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(invalid(
+            name,
+            format!("must be between {min} and {max}; got {value}"),
+        ))
     }
 }
 
@@ -655,6 +720,22 @@ mod tests {
                 "RATE_LIMIT_WRITES_PER_SECOND",
             ),
             (vec![SECRET, "--rate-limit-burst=0"], "RATE_LIMIT_BURST"),
+            (
+                vec![SECRET, "--rate-limit-writes-per-second=1e-20"],
+                "RATE_LIMIT_WRITES_PER_SECOND",
+            ),
+            (
+                vec![SECRET, "--rate-limit-writes-per-second=NaN"],
+                "RATE_LIMIT_WRITES_PER_SECOND",
+            ),
+            (vec![SECRET, "--service-port=0"], "SERVICE_PORT"),
+            (vec![SECRET, "--cache-num-counters=0"], "CACHE_NUM_COUNTERS"),
+            (vec![SECRET, "--cors-max-age=999999999"], "CORS_MAX_AGE"),
+            (
+                vec![SECRET, "--shutdown-timeout-secs=18446744073709551615"],
+                "SHUTDOWN_TIMEOUT_SECS",
+            ),
+            (vec![SECRET, "--jwt-max-lifetime=0"], "JWT_MAX_LIFETIME"),
         ] {
             let err = parse(&args).validate().unwrap_err().to_string();
             assert!(err.starts_with(name), "{args:?}: {err}");

@@ -129,7 +129,8 @@ pub async fn build(settings: Settings) -> Result<AppState, Error> {
         &settings.jwt_secret,
         settings.jwt_issuer.as_deref(),
         settings.jwt_audience.as_deref(),
-    );
+    )
+    .with_max_lifetime(settings.jwt_max_lifetime);
     Ok(Arc::new(App {
         service: PresenceService::new(
             store,

@@ -48,13 +48,13 @@ impl ApiError {
 
     /// 429 for a user written too often; says when to retry.
     pub fn rate_limited(user_id: &str, wait: std::time::Duration) -> Self {
-        let seconds = wait.as_secs_f64().ceil().max(1.0);
+        let seconds = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
         ApiError {
-            retry_after: Some(std::time::Duration::from_secs_f64(seconds)),
+            retry_after: Some(std::time::Duration::from_secs(seconds)),
             ..ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
-                format!("too many writes for user {user_id:?}; retry in {seconds:.0} s"),
+                format!("too many writes for user {user_id:?}; retry in {seconds} s"),
             )
         }
     }

@@ -1,0 +1,205 @@
+//! The abuse suite (issue #14): every way an outside client, or a bad value
+//! in the bucket, could crash a node, exhaust it or make it lie, driven
+//! against real `presence-service` processes and real `nats-server`s.
+//!
+//! Each test waits by polling with a deadline; none asserts how fast
+//! something happened.
+
+mod common;
+
+use common::*;
+use jsonwebtoken::{EncodingKey, Header};
+use serde_json::{Value, json};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+// ---------------------------------------------------------------- helpers
+
+/// A node serving from memory (no NATS needed), with `env` on top.
+async fn memory_node(
+    dir: &Path,
+    node_id: &'static str,
+    env: Vec<(&'static str, String)>,
+) -> Service {
+    let mut extra_env = vec![("STORE", "memory".to_owned())];
+    extra_env.extend(env);
+    Service::start(
+        dir,
+        ServiceSpec {
+            node_id,
+            node_type: "center",
+            nats_url: "nats://127.0.0.1:1".into(),
+            extra_env,
+        },
+    )
+    .await
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
+
+/// An HS256 token with exactly these claims, signed with the test secret.
+fn signed(claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &Header::default(),
+        claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign")
+}
+
+// ------------------------------------------------ 8. configuration numbers
+
+#[test]
+fn numeric_settings_out_of_range_are_refused_at_start() {
+    let port = free_port().to_string();
+    for (name, value) in [
+        ("RATE_LIMIT_WRITES_PER_SECOND", "1e-20"),
+        ("RATE_LIMIT_WRITES_PER_SECOND", "1e12"),
+        ("RATE_LIMIT_BURST", "4000000000"),
+        ("SHUTDOWN_TIMEOUT_SECS", "18446744073709551615"),
+        ("CORS_MAX_AGE", "18446744073709551615"),
+        ("CACHE_MAX_COST", "18446744073709551615"),
+        ("CACHE_NUM_COUNTERS", "0"),
+        ("SERVICE_PORT", "0"),
+        ("STREAM_MAX_CONNECTIONS", "18446744073709551615"),
+        ("STREAM_KEEPALIVE_SECS", "0"),
+        ("JWT_MAX_LIFETIME", "0"),
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_presence-service"))
+            .env_clear()
+            .env("JWT_SECRET", SECRET)
+            .env("STORE", "memory")
+            .env("SERVICE_HOST", "127.0.0.1")
+            .env("SERVICE_PORT", &port)
+            .env(name, value)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start presence-service");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+        }
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(2),
+            "{name}={value} must be refused at start; stderr: {stderr}"
+        );
+        assert!(
+            stderr.contains(name) && stderr.lines().count() == 1,
+            "{name}={value}: {stderr}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- 5. JWT
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_are_checked_for_nbf_audience_lists_and_lifetime() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = memory_node(
+        dir.path(),
+        "plain",
+        vec![("JWT_MAX_LIFETIME", "3600".into())],
+    )
+    .await;
+    let audience = memory_node(dir.path(), "aud", vec![("JWT_AUDIENCE", "presence".into())]).await;
+    let client = http();
+    let now = now_secs();
+    // A reader's GET of an unknown user: 404 when the token is accepted.
+    let answer = |svc: &Service, claims: Value| {
+        let request = client
+            .get(svc.presence_url("nobody"))
+            .header("Authorization", format!("Bearer {}", signed(&claims)));
+        async move { request.send().await.expect("answer").status().as_u16() }
+    };
+    for (claims, expected, why) in [
+        (
+            json!({"sub": "a", "exp": now + 600, "nbf": now + 3600}),
+            401,
+            "not valid for an hour",
+        ),
+        (
+            json!({"sub": "a", "exp": now + 600, "nbf": now + 10}),
+            404,
+            "nbf within the leeway",
+        ),
+        (
+            json!({"sub": "a", "exp": now + 600, "nbf": now - 10}),
+            404,
+            "nbf passed",
+        ),
+        (
+            json!({"sub": "a", "exp": now + 600, "aud": ["x", "y"]}),
+            404,
+            "aud list, none configured",
+        ),
+        (
+            json!({"sub": "a", "exp": now + 600, "aud": "x"}),
+            404,
+            "aud string, none configured",
+        ),
+        (
+            json!({"sub": "a", "exp": now + 7200, "iat": now}),
+            401,
+            "lives 2 h, limit 1 h",
+        ),
+        (
+            json!({"sub": "a", "exp": now + 600, "iat": now - 7200}),
+            401,
+            "issued 2 h before exp",
+        ),
+        (
+            json!({"sub": "a", "exp": now + 1800, "iat": now - 600}),
+            404,
+            "lives 40 min",
+        ),
+        (
+            json!({"sub": "a", "exp": now + 7200}),
+            401,
+            "no iat, 2 h left",
+        ),
+        (
+            json!({"sub": "a", "exp": now + 1800}),
+            404,
+            "no iat, 30 min left",
+        ),
+    ] {
+        assert_eq!(
+            answer(&plain, claims.clone()).await,
+            expected,
+            "{why}: {claims}"
+        );
+    }
+    for (aud, expected) in [
+        (json!(["other", "presence"]), 404),
+        (json!("presence"), 404),
+        (json!(["other"]), 401),
+        (Value::Null, 401),
+    ] {
+        let mut claims = json!({"sub": "a", "exp": now + 600});
+        if !aud.is_null() {
+            claims["aud"] = aud.clone();
+        }
+        assert_eq!(answer(&audience, claims).await, expected, "aud {aud}");
+    }
+}
