@@ -13,6 +13,8 @@ use serde_json::{Value, json};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 // ---------------------------------------------------------------- helpers
 
@@ -51,6 +53,26 @@ fn signed(claims: &Value) -> String {
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .expect("sign")
+}
+
+async fn connect(service: &Service) -> TcpStream {
+    TcpStream::connect(("127.0.0.1", service.port))
+        .await
+        .expect("connect")
+}
+
+/// Reads a response head (up to the blank line); `None` if none arrived in time.
+async fn read_head(stream: &mut TcpStream, within: Duration) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
 }
 
 // ------------------------------------------------ 8. configuration numbers
@@ -202,4 +224,25 @@ async fn tokens_are_checked_for_nbf_audience_lists_and_lifetime() {
         }
         assert_eq!(answer(&audience, claims).await, expected, "aud {aud}");
     }
+}
+
+// --------------------------------------------------------------- 6. batch
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batch_needs_its_scope_before_its_body_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = memory_node(dir.path(), "solo", vec![]).await;
+    let mut stream = connect(&svc).await;
+    let head = format!(
+        "POST /api/v2/presence/batch HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n",
+        bearer("plain-user", "")
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // No body follows: a node that read it before checking the scope would
+    // never answer.
+    let response = read_head(&mut stream, Duration::from_secs(10))
+        .await
+        .expect("an answer without the body being sent");
+    assert!(response.starts_with("HTTP/1.1 403"), "{response}");
 }
