@@ -10,6 +10,7 @@ mod common;
 use common::*;
 use jsonwebtoken::{EncodingKey, Header};
 use serde_json::{Value, json};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -245,4 +246,38 @@ async fn batch_needs_its_scope_before_its_body_is_read() {
         .await
         .expect("an answer without the body being sent");
     assert!(response.starts_with("HTTP/1.1 403"), "{response}");
+}
+
+// ---------------------------------------------------- 2. metric label set
+
+#[tokio::test(flavor = "multi_thread")]
+async fn made_up_methods_share_one_metric_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = memory_node(dir.path(), "solo", vec![]).await;
+    let client = http();
+    for i in 0..40 {
+        let method = reqwest::Method::from_bytes(format!("FOO{i}").as_bytes()).unwrap();
+        for path in ["/health".to_owned(), format!("/nowhere/{i}")] {
+            let response = client.request(method.clone(), svc.url(&path)).send().await;
+            assert!(response.is_ok(), "{method} {path}: {response:?}");
+        }
+    }
+    let text = client
+        .get(svc.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let methods: BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("presence_http_requests_total{"))
+        .filter_map(|l| l.split("method=\"").nth(1)?.split('"').next())
+        .collect();
+    let known = [
+        "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE", "other",
+    ];
+    assert!(methods.contains("other"), "{methods:?}");
+    assert!(methods.iter().all(|m| known.contains(m)), "{methods:?}");
 }
