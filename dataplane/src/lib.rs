@@ -110,6 +110,17 @@ pub async fn build(settings: Settings) -> Result<AppState, Error> {
             nats
         }
     };
+    Ok(build_with_store(settings, store, metrics))
+}
+
+/// Builds the state around a given store and starts the supervised watch;
+/// [`build`] picks the store from the settings. Tests use this to put a
+/// store with faults behind the real service.
+pub fn build_with_store(
+    settings: Settings,
+    store: Arc<dyn PresenceStore>,
+    metrics: Metrics,
+) -> AppState {
     let cache = PresenceCache::new(
         settings.cache_max_cost,
         settings.cache_initial_capacity,
@@ -117,7 +128,7 @@ pub async fn build(settings: Settings) -> Result<AppState, Error> {
     );
     let watch = Arc::new(WatchStatus::default());
     let streams = fanout::StreamHub::new(settings.stream_max_connections);
-    tokio::spawn(watch::run(
+    tokio::spawn(watch::supervise(
         store.clone(),
         cache.clone(),
         watch.clone(),
@@ -131,7 +142,7 @@ pub async fn build(settings: Settings) -> Result<AppState, Error> {
         settings.jwt_audience.as_deref(),
     )
     .with_max_lifetime(settings.jwt_max_lifetime);
-    Ok(Arc::new(App {
+    Arc::new(App {
         service: PresenceService::new(
             store,
             cache,
@@ -147,7 +158,7 @@ pub async fn build(settings: Settings) -> Result<AppState, Error> {
         metrics,
         watch,
         started: Instant::now(),
-    }))
+    })
 }
 
 /// Serves until SIGTERM or Ctrl-C, then stops accepting, lets in-flight

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub watch_applied_revision: IntGauge,
     pub watch_active: IntGauge,
     pub watch_restarts: IntCounter,
+    pub watch_crashes: IntCounter,
+    pub kv_values_skipped: IntCounter,
     pub cache: CacheCounters,
     pub cache_entries: IntGauge,
     pub cache_weighted_size: IntGauge,
@@ -129,6 +131,14 @@ impl Metrics {
             watch_restarts: r.counter(
                 "watch_restarts_total",
                 "Times the KV watch was re-established after an error",
+            )?,
+            watch_crashes: r.counter(
+                "watch_crashes_total",
+                "Times the KV watch task panicked and was restarted",
+            )?,
+            kv_values_skipped: r.counter(
+                "kv_values_skipped_total",
+                "Bucket values skipped because they can't be decoded or are out of range",
             )?,
             cache: CacheCounters::new(&r)?,
             cache_entries: r.gauge("cache_entries", "Entries in the cache")?,

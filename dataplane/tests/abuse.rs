@@ -7,15 +7,29 @@
 
 mod common;
 
+use clap::Parser;
 use common::*;
+use futures::StreamExt;
 use jsonwebtoken::{EncodingKey, Header};
+use presence_dataplane::config::Cli;
+use presence_dataplane::metrics::Metrics;
+use presence_dataplane::record::Update;
+use presence_dataplane::session::Seen;
+use presence_dataplane::store::memory::MemoryStore;
+use presence_dataplane::store::{
+    BucketIdentity, Change, ChangeStream, Connectivity, Entry, PresenceStore, StoreError,
+    WatchStart,
+};
+use presence_dataplane::{api, build_with_store};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tower::ServiceExt;
 
 // ---------------------------------------------------------------- helpers
 
@@ -54,6 +68,36 @@ fn signed(claims: &Value) -> String {
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .expect("sign")
+}
+
+/// The sum of every sample of `name` (any labels) in `/metrics`.
+async fn metric(client: &reqwest::Client, service: &Service, name: &str) -> f64 {
+    metric_where(client, service, name, "").await
+}
+
+/// The sum of the samples of `name` whose labels contain `labels`.
+async fn metric_where(
+    client: &reqwest::Client,
+    service: &Service,
+    name: &str,
+    labels: &str,
+) -> f64 {
+    let text = client
+        .get(service.url("/metrics"))
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+                && line.contains(labels)
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 async fn connect(service: &Service) -> TcpStream {
@@ -132,6 +176,208 @@ fn numeric_settings_out_of_range_are_refused_at_start() {
             "{name}={value}: {stderr}"
         );
     }
+}
+
+// ------------------------------------------------- 1. bad data in the bucket
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poisoned_bucket_values_are_skipped_and_counted() {
+    let c = Cluster::start().await;
+    let client = http();
+    let nats = async_nats::connect(c.hub.url()).await.unwrap();
+    let kv = async_nats::jetstream::new(nats)
+        .get_key_value("PRESENCE")
+        .await
+        .unwrap();
+    let session = |last_seen: &str, ttl: Value| {
+        json!({"device": "d", "status": "online", "lastSeen": last_seen, "ttlSeconds": ttl, "nodeID": "x"})
+            .to_string()
+    };
+    let manual = |user: &str, message: &str| {
+        json!({"userID": user, "status": "busy", "message": message,
+               "lastSeen": "2026-01-01T00:00:00Z", "updatedAt": "2026-01-01T00:00:00Z"})
+        .to_string()
+    };
+    // Values another writer could have left: each is valid JSON or a valid
+    // key at most, never both valid and in range.
+    let poison = [
+        (
+            "huge-ttl.s.x",
+            session("2026-01-01T00:00:00Z", json!(i64::MAX)),
+        ),
+        (
+            "end-of-time.s.x",
+            session("9999-12-31T23:59:59Z", json!(300)),
+        ),
+        (
+            "negative-ttl.s.x",
+            session("2026-01-01T00:00:00Z", json!(-5)),
+        ),
+        ("garbage", "not json".to_owned()),
+        ("wrong-owner", manual("someone-else", "")),
+        ("long-message", manual("long-message", &"m".repeat(5000))),
+        ("a.b.c.d", "{}".to_owned()),
+    ];
+    for (key, value) in &poison {
+        kv.put(*key, value.clone().into()).await.unwrap();
+    }
+    // Every node keeps following the bucket.
+    assert_eq!(
+        set(&client, &c.eu, "after-poison", "online", "still here")
+            .await
+            .status(),
+        200
+    );
+    for svc in c.services() {
+        wait_until(
+            &format!("{} to see a later write", svc.node_id),
+            READY_TIMEOUT,
+            || async { get(&client, svc, "after-poison").await.1["message"] == "still here" },
+        )
+        .await;
+        for user in [
+            "huge-ttl",
+            "end-of-time",
+            "negative-ttl",
+            "garbage",
+            "wrong-owner",
+            "long-message",
+        ] {
+            let response = client
+                .get(svc.presence_url(user))
+                .header("Authorization", bearer("reader", ""))
+                .send()
+                .await
+                .expect("the node answers instead of dropping the connection");
+            assert_eq!(response.status(), 404, "{user} at {}", svc.node_id);
+        }
+        let ready = client
+            .get(svc.url("/health/readiness"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ready.status(), 200);
+        wait_until(
+            "every poisoned value to be counted",
+            READY_TIMEOUT,
+            || async {
+                metric(&client, svc, "presence_kv_values_skipped_total").await
+                    >= poison.len() as f64
+            },
+        )
+        .await;
+        assert!(!svc.log().contains("panicked"), "{}", svc.log());
+    }
+}
+
+/// A store whose watch panics on the first two changes of the user `boom`
+/// it delivers, as a bug in a store would.
+#[derive(Default)]
+struct CrashingStore(MemoryStore, Arc<std::sync::atomic::AtomicU32>);
+
+#[async_trait::async_trait]
+impl PresenceStore for CrashingStore {
+    async fn load(&self, user_id: &str) -> Result<Vec<Change>, StoreError> {
+        self.0.load(user_id).await
+    }
+    async fn write(
+        &self,
+        user_id: &str,
+        update: &Update,
+        ttl: Option<Duration>,
+    ) -> Result<u64, StoreError> {
+        self.0.write(user_id, update, ttl).await
+    }
+    async fn watch(&self, start: WatchStart) -> Result<ChangeStream, StoreError> {
+        let entries = self.0.watch(start).await?;
+        let crashes = self.1.clone();
+        Ok(entries
+            .map(move |entry| {
+                if let Ok(Entry::Change(change)) = &entry
+                    && change.user_id == "boom"
+                    && crashes.fetch_add(1, std::sync::atomic::Ordering::AcqRel) < 2
+                {
+                    panic!("a change the watch can't take");
+                }
+                entry
+            })
+            .boxed())
+    }
+    async fn identity(&self) -> Result<BucketIdentity, StoreError> {
+        self.0.identity().await
+    }
+    async fn ensure_bucket(&self) -> Result<(), StoreError> {
+        self.0.ensure_bucket().await
+    }
+    fn opened_bucket(&self) -> Option<time::OffsetDateTime> {
+        self.0.opened_bucket()
+    }
+    fn connectivity(&self) -> Connectivity {
+        self.0.connectivity()
+    }
+    fn kind(&self) -> &'static str {
+        "crashing"
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashing_watch_is_restarted_and_readiness_says_so() {
+    let settings =
+        Cli::try_parse_from(["presence-service", "--store=memory", "--jwt-secret", SECRET])
+            .unwrap()
+            .serve
+            .validate()
+            .unwrap();
+    let store = Arc::new(CrashingStore::default());
+    let state = build_with_store(settings, store.clone(), Metrics::new().unwrap());
+    let router = api::router(state.clone());
+    let call = |path: &'static str| {
+        let router = router.clone();
+        async move {
+            let request = axum::http::Request::get(path)
+                .header("Authorization", bearer("reader", ""))
+                .body(axum::body::Body::empty())
+                .unwrap();
+            let response = router.oneshot(request).await.unwrap();
+            let status = response.status().as_u16();
+            let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    let seen = || {
+        Update::Seen(Some(Seen {
+            last_seen: time::OffsetDateTime::now_utc(),
+            node_id: "n".into(),
+        }))
+    };
+    wait_until("ready", READY_TIMEOUT, || async {
+        call("/health/readiness").await.0 == 200
+    })
+    .await;
+    store.write("boom", &seen(), None).await.unwrap();
+    wait_until(
+        "not ready while the watch is down",
+        READY_TIMEOUT,
+        || async { call("/health/readiness").await.0 == 503 },
+    )
+    .await;
+    // Restarted from the last revision it applied, the watch follows the
+    // bucket again: it applies the change it crashed on, and later ones.
+    let after = store.write("after", &seen(), None).await.unwrap();
+    wait_until(
+        "the watch to get past the crashes",
+        READY_TIMEOUT,
+        || async { state.watch.applied_revision() >= after },
+    )
+    .await;
+    assert_eq!(call("/health/readiness").await.0, 200);
+    let metrics = call("/metrics").await.1;
+    assert!(
+        metrics.contains("presence_watch_crashes_total 2"),
+        "{metrics}"
+    );
 }
 
 // ---------------------------------------------------------------- 5. JWT

@@ -3,7 +3,8 @@
 //! watch that replays then follows.
 
 use super::{
-    BucketIdentity, Change, ChangeStream, Connectivity, PresenceStore, StoreError, WatchStart,
+    BucketIdentity, Change, ChangeStream, Connectivity, Entry, PresenceStore, StoreError,
+    WatchStart,
 };
 use crate::keys::encode_key;
 use crate::keys::key_of;
@@ -142,7 +143,7 @@ impl PresenceStore for MemoryStore {
         }
         let live = futures::stream::unfold(receiver, |mut rx| async move {
             match rx.recv().await {
-                Ok(change) => Some((Ok(change), rx)),
+                Ok(change) => Some((Ok(Entry::Change(change)), rx)),
                 Err(broadcast::error::RecvError::Lagged(n)) => Some((
                     Err(StoreError::Unavailable(format!(
                         "watch fell {n} changes behind"
@@ -152,9 +153,11 @@ impl PresenceStore for MemoryStore {
                 Err(broadcast::error::RecvError::Closed) => None,
             }
         });
-        Ok(futures::stream::iter(replay.into_iter().map(Ok))
-            .chain(live)
-            .boxed())
+        Ok(
+            futures::stream::iter(replay.into_iter().map(|c| Ok(Entry::Change(c))))
+                .chain(live)
+                .boxed(),
+        )
     }
 
     async fn identity(&self) -> Result<BucketIdentity, StoreError> {
@@ -192,6 +195,13 @@ mod tests {
     use crate::keys::Part;
     use crate::session::Seen;
 
+    fn change(entry: Result<Entry, StoreError>) -> Change {
+        match entry {
+            Ok(Entry::Change(change)) => change,
+            other => panic!("expected a change, got {other:?}"),
+        }
+    }
+
     fn seen() -> Update {
         Update::Seen(Some(Seen {
             last_seen: OffsetDateTime::now_utc(),
@@ -210,14 +220,17 @@ mod tests {
         let seen_changes: Vec<(u64, u64)> = all
             .by_ref()
             .take(3)
-            .map(|c| c.map(|c| (c.revision, c.pending)).unwrap())
+            .map(|e| {
+                let c = change(e);
+                (c.revision, c.pending)
+            })
             .collect()
             .await;
         assert_eq!(seen_changes, [(1, 1), (2, 0), (3, 0)]);
         let revs: Vec<u64> = resumed
             .by_ref()
             .take(2)
-            .map(|c| c.unwrap().revision)
+            .map(|e| change(e).revision)
             .collect()
             .await;
         assert_eq!(revs, [2, 3]);
@@ -252,8 +265,8 @@ mod tests {
         let revisions: Vec<(u64, bool)> = changes
             .by_ref()
             .take(5)
-            .map(|c| {
-                let c = c.unwrap();
+            .map(|e| {
+                let c = change(e);
                 (
                     c.revision,
                     matches!(c.update, Update::Seen(None) | Update::Session(_, None)),

@@ -7,8 +7,8 @@
 //! leaves only wait for it.
 
 use super::{
-    BucketIdentity, Change, ChangeStream, Connectivity, PresenceStore, StoreError, WatchStart,
-    decode_change, encode_value,
+    BucketIdentity, Change, ChangeStream, Connectivity, Entry, PresenceStore, StoreError,
+    WatchStart, decode_entry, encode_value,
 };
 use crate::config::{NodeType, Settings};
 use crate::keys::{Part, key_of, others_filter};
@@ -206,28 +206,25 @@ fn is_missing(err: &jetstream::context::GetStreamError) -> bool {
         if e.error_code() == ErrorCode::STREAM_NOT_FOUND)
 }
 
-fn entry_to_change(entry: &kv::Entry) -> Result<Change, StoreError> {
+/// Reads a bucket entry; a value this service can't use is skipped,
+/// logged and counted, never an error (see [`decode_entry`]).
+fn read_entry(metrics: &Metrics, entry: &kv::Entry) -> Entry {
     let bytes = match entry.operation {
         kv::Operation::Put => Some(entry.value.as_ref()),
         kv::Operation::Delete | kv::Operation::Purge => None,
     };
-    decode_change(
+    let decoded = decode_entry(
         &entry.key,
         bytes,
         entry.revision,
         entry.created,
         entry.delta,
-    )
-}
-
-fn to_change(entry: kv::Entry) -> Option<Change> {
-    match entry_to_change(&entry) {
-        Ok(change) => Some(change),
-        Err(err) => {
-            tracing::warn!(error = %err, "ignoring a KV entry this service did not write");
-            None
-        }
+    );
+    if let Some(err) = decoded.skipped {
+        tracing::warn!(error = %err, revision = entry.revision, "skipping a stored value this service can't use");
+        metrics.kv_values_skipped.inc();
     }
+    decoded.entry
 }
 
 impl NatsStore {
@@ -249,7 +246,12 @@ impl NatsStore {
 
     async fn read_key(&self, kv: &kv::Store, key: String) -> Result<Option<Change>, StoreError> {
         let entry = self.timed("get", self.read_timeout, kv.entry(key)).await?;
-        entry.as_ref().map(entry_to_change).transpose()
+        Ok(
+            entry.and_then(|entry| match read_entry(&self.metrics, &entry) {
+                Entry::Change(change) => Some(change),
+                Entry::Other { .. } => None,
+            }),
+        )
     }
 }
 
@@ -311,12 +313,11 @@ impl PresenceStore for NatsStore {
                 .await?
             }
         };
+        let metrics = self.metrics.clone();
         Ok(watch
-            .filter_map(|item| {
-                std::future::ready(match item {
-                    Ok(entry) => to_change(entry).map(Ok),
-                    Err(err) => Some(Err(unavailable(err))),
-                })
+            .map(move |item| match item {
+                Ok(entry) => Ok(read_entry(&metrics, &entry)),
+                Err(err) => Err(unavailable(err)),
             })
             .boxed())
     }
