@@ -206,6 +206,22 @@ pub struct ServeArgs {
     /// Seconds between keep-alive comments on an idle change stream.
     #[arg(long, env = env::STREAM_KEEPALIVE_SECS, default_value_t = 15)]
     pub stream_keepalive_secs: u64,
+    /// Seconds a client may take to send a request's headers. The timer also
+    /// runs while a kept-alive connection waits for its next request.
+    #[arg(long, env = env::HTTP_HEADER_READ_TIMEOUT_SECS, default_value_t = 10)]
+    pub http_header_read_timeout_secs: u64,
+    /// Seconds an idle kept-alive connection stays open between requests;
+    /// at most HTTP_HEADER_READ_TIMEOUT_SECS.
+    #[arg(long, env = env::HTTP_KEEPALIVE_TIMEOUT_SECS, default_value_t = 5)]
+    pub http_keepalive_timeout_secs: u64,
+    /// Most HTTP connections this node holds at once; more are answered 503
+    /// and closed.
+    #[arg(long, env = env::HTTP_MAX_CONNECTIONS, default_value_t = 20_000)]
+    pub http_max_connections: usize,
+    /// Seconds a client may leave the node's answer unread before its
+    /// connection (a change stream included) is closed.
+    #[arg(long, env = env::HTTP_SEND_TIMEOUT_SECS, default_value_t = 30)]
+    pub http_send_timeout_secs: u64,
 }
 
 /// A configuration value that can't work; the message names the variable.
@@ -264,8 +280,23 @@ pub struct Settings {
     pub stream_keepalive: Duration,
     /// Longest token lifetime accepted, in seconds; `None`: any.
     pub jwt_max_lifetime: Option<u64>,
+    /// Connection limits of the HTTP server.
+    pub http: HttpLimits,
     /// `None` when rate limiting is off.
     pub write_limit: Option<crate::ratelimit::Limit>,
+}
+
+/// What one HTTP connection may cost the node, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Longest a request's head may take to arrive.
+    pub header_read_timeout: Duration,
+    /// Longest an idle kept-alive connection stays open.
+    pub keepalive_timeout: Duration,
+    /// Most connections at once.
+    pub max_connections: usize,
+    /// Longest the node's writes to a client may stay blocked.
+    pub send_timeout: Duration,
 }
 
 fn split_list(raw: &str) -> Vec<String> {
@@ -304,11 +335,13 @@ impl ServeArgs {
         let nats = self.nats_settings()?;
         let timeouts = self.timeouts()?;
         let streams = self.stream_settings()?;
+        let http = self.http_limits()?;
         let write_limit = self.write_limit()?;
         Ok(Settings {
             stream_max_connections: streams.0,
             stream_keepalive: streams.1,
             jwt_max_lifetime: self.jwt_max_lifetime,
+            http,
             write_limit,
             node_type: self.node_type,
             node_id: self.node_id,
@@ -435,6 +468,42 @@ impl ServeArgs {
         ))
     }
 
+    fn http_limits(&self) -> Result<HttpLimits, ConfigError> {
+        let header = self.http_header_read_timeout_secs;
+        in_range(env::HTTP_HEADER_READ_TIMEOUT_SECS, header, 1, 300)?;
+        // hyper's header timer also runs between requests, so a longer
+        // keep-alive could never take effect.
+        let keepalive = self.http_keepalive_timeout_secs;
+        in_range(env::HTTP_KEEPALIVE_TIMEOUT_SECS, keepalive, 1, header).map_err(|_| {
+            invalid(
+                env::HTTP_KEEPALIVE_TIMEOUT_SECS,
+                format!(
+                    "must be between 1 and HTTP_HEADER_READ_TIMEOUT_SECS ({header}), whose timer \
+                     also runs while a kept-alive connection waits; got {keepalive}"
+                ),
+            )
+        })?;
+        let max_connections = self.http_max_connections;
+        in_range(
+            env::HTTP_MAX_CONNECTIONS,
+            as_u64(max_connections),
+            1,
+            1_000_000,
+        )?;
+        in_range(
+            env::HTTP_SEND_TIMEOUT_SECS,
+            self.http_send_timeout_secs,
+            1,
+            3_600,
+        )?;
+        Ok(HttpLimits {
+            header_read_timeout: Duration::from_secs(header),
+            keepalive_timeout: Duration::from_secs(keepalive),
+            max_connections,
+            send_timeout: Duration::from_secs(self.http_send_timeout_secs),
+        })
+    }
+
     fn write_limit(&self) -> Result<Option<crate::ratelimit::Limit>, ConfigError> {
         let rate = self.rate_limit_writes_per_second;
         let off = rate == 0.0;
@@ -468,6 +537,10 @@ const MIN_WRITE_RATE: f64 = 0.001;
 const MAX_WRITE_RATE: f64 = 1_000_000.0;
 /// Largest cache budget accepted: 1 TiB.
 const MAX_CACHE_COST: u64 = 1 << 40;
+
+fn as_u64(value: usize) -> u64 {
+    u64::try_from(value).unwrap_or(u64::MAX)
+}
 
 /// `Ok` when `min <= value <= max`; else an error naming the variable.
 fn in_range(name: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
@@ -736,6 +809,22 @@ mod tests {
                 "SHUTDOWN_TIMEOUT_SECS",
             ),
             (vec![SECRET, "--jwt-max-lifetime=0"], "JWT_MAX_LIFETIME"),
+            (
+                vec![SECRET, "--http-keepalive-timeout-secs=11"],
+                "HTTP_KEEPALIVE_TIMEOUT_SECS",
+            ),
+            (
+                vec![SECRET, "--http-header-read-timeout-secs=0"],
+                "HTTP_HEADER_READ_TIMEOUT_SECS",
+            ),
+            (
+                vec![SECRET, "--http-max-connections=0"],
+                "HTTP_MAX_CONNECTIONS",
+            ),
+            (
+                vec![SECRET, "--http-send-timeout-secs=0"],
+                "HTTP_SEND_TIMEOUT_SECS",
+            ),
         ] {
             let err = parse(&args).validate().unwrap_err().to_string();
             assert!(err.starts_with(name), "{args:?}: {err}");

@@ -37,6 +37,7 @@ pub mod metrics;
 pub mod model;
 pub mod ratelimit;
 pub mod record;
+pub mod server;
 pub mod service;
 pub mod session;
 pub mod store;
@@ -62,8 +63,6 @@ pub enum Error {
         addr: std::net::SocketAddr,
         error: std::io::Error,
     },
-    #[error("HTTP server failed: {0}")]
-    Serve(std::io::Error),
     #[error("cannot set up metrics: {0}")]
     Metrics(prometheus::Error),
     #[error(transparent)]
@@ -169,6 +168,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         .await
         .map_err(|error| Error::Bind { addr, error })?;
     let grace = settings.shutdown_timeout;
+    let limits = settings.http;
     let state = build(settings).await?;
     tracing::info!(
         %addr,
@@ -178,18 +178,25 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         "presence-service listening"
     );
     let stopping_tx = state.stopping.clone();
-    let mut stopping = state.stopping.subscribe();
-    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(async move {
+    tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutdown requested; finishing in-flight requests");
         let _ = stopping_tx.send(true);
     });
+    let mut stopping = state.stopping.subscribe();
+    let server = server::serve(
+        listener,
+        api::router(state.clone()),
+        limits,
+        state.metrics.clone(),
+        state.stopping.subscribe(),
+    );
     let forced = async move {
         let _ = stopping.wait_for(|s| *s).await;
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        result = server => result.map_err(Error::Serve)?,
+        () = server => {}
         () = forced => tracing::warn!(?grace, "in-flight requests did not finish in time; exiting"),
     }
     tracing::info!("stopped");

@@ -32,6 +32,9 @@ pub struct Metrics {
     registry: Registry,
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
+    pub http_connections_open: IntGauge,
+    pub http_connections_refused: IntCounter,
+    pub http_connections_timed_out: IntCounterVec,
     pub kv_duration: HistogramVec,
     pub watch_lag: Histogram,
     pub watch_applied_revision: IntGauge,
@@ -108,6 +111,19 @@ impl Metrics {
                     "HTTP request latency by route and status",
                 ),
                 &["route", "status"],
+            ))?,
+            http_connections_open: r.gauge("http_connections_open", "HTTP connections open now")?,
+            http_connections_refused: r.counter(
+                "http_connections_refused_total",
+                "Connections answered 503 and closed because HTTP_MAX_CONNECTIONS were open",
+            )?,
+            http_connections_timed_out: r.add(IntCounterVec::new(
+                Opts::new(
+                    "http_connections_timed_out_total",
+                    "Connections closed by a timeout: header (request head too slow), \
+                     keepalive (idle between requests), send (client not reading)",
+                ),
+                &["reason"],
             ))?,
             kv_duration: r.add(HistogramVec::new(
                 r.latency(

@@ -120,6 +120,20 @@ async fn read_head(stream: &mut TcpStream, within: Duration) -> Option<String> {
     Some(String::from_utf8_lossy(&head).into_owned())
 }
 
+/// Reads until the server closes the connection; `false` if it is still
+/// open at the deadline.
+async fn closed_by_server(stream: &mut TcpStream, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
 // ------------------------------------------------ 8. configuration numbers
 
 #[test]
@@ -136,6 +150,10 @@ fn numeric_settings_out_of_range_are_refused_at_start() {
         ("SERVICE_PORT", "0"),
         ("STREAM_MAX_CONNECTIONS", "18446744073709551615"),
         ("STREAM_KEEPALIVE_SECS", "0"),
+        ("HTTP_HEADER_READ_TIMEOUT_SECS", "0"),
+        ("HTTP_KEEPALIVE_TIMEOUT_SECS", "99999"),
+        ("HTTP_MAX_CONNECTIONS", "0"),
+        ("HTTP_SEND_TIMEOUT_SECS", "0"),
         ("JWT_MAX_LIFETIME", "0"),
     ] {
         let mut child = Command::new(env!("CARGO_BIN_EXE_presence-service"))
@@ -526,4 +544,125 @@ async fn made_up_methods_share_one_metric_label() {
     ];
     assert!(methods.contains("other"), "{methods:?}");
     assert!(methods.iter().all(|m| known.contains(m)), "{methods:?}");
+}
+
+// ---------------------------------------------------------- 3. connections
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_and_idle_connections_are_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = memory_node(
+        dir.path(),
+        "solo",
+        vec![
+            ("HTTP_HEADER_READ_TIMEOUT_SECS", "2".into()),
+            ("HTTP_KEEPALIVE_TIMEOUT_SECS", "1".into()),
+        ],
+    )
+    .await;
+    // Slowloris: a request head that never ends, one header line at a time.
+    let mut slow = connect(&svc).await;
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut closed = false;
+    for i in 0.. {
+        assert!(
+            Instant::now() < deadline,
+            "a dripping request head is still being read"
+        );
+        let line = format!("X-Drip-{i}: y\r\n");
+        if slow.write_all(line.as_bytes()).await.is_err()
+            || closed_by_server(&mut slow, Duration::from_millis(300)).await
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed);
+    // Half a request head, then silence.
+    let mut half = connect(&svc).await;
+    half.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    assert!(closed_by_server(&mut half, Duration::from_secs(30)).await);
+    // A kept-alive connection that asks nothing more.
+    let mut idle = connect(&svc).await;
+    idle.write_all(b"GET /health/liveness HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut idle, Duration::from_secs(10))
+        .await
+        .expect("an answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(closed_by_server(&mut idle, Duration::from_secs(30)).await);
+    let client = http();
+    assert!(
+        metric_where(
+            &client,
+            &svc,
+            "presence_http_connections_timed_out_total",
+            "reason=\"header\""
+        )
+        .await
+            >= 1.0
+    );
+    assert!(
+        metric_where(
+            &client,
+            &svc,
+            "presence_http_connections_timed_out_total",
+            "reason=\"keepalive\""
+        )
+        .await
+            >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_are_capped_per_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = memory_node(
+        dir.path(),
+        "solo",
+        vec![("HTTP_MAX_CONNECTIONS", "8".into())],
+    )
+    .await;
+    let mut held = Vec::new();
+    let mut refusal = None;
+    for _ in 0..20 {
+        let mut stream = connect(&svc).await;
+        stream
+            .write_all(b"GET /health/liveness HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut stream, Duration::from_secs(10))
+            .await
+            .unwrap_or_default();
+        if head.starts_with("HTTP/1.1 200") {
+            held.push(stream);
+        } else {
+            refusal = Some(head);
+            break;
+        }
+    }
+    let refusal = refusal.expect("a connection beyond the cap is refused");
+    assert!(held.len() <= 8, "{} connections were served", held.len());
+    assert!(refusal.starts_with("HTTP/1.1 503"), "{refusal}");
+    assert!(
+        refusal.to_ascii_lowercase().contains("retry-after"),
+        "{refusal}"
+    );
+    drop(held);
+    let client = http();
+    wait_until("connections to be served again", READY_TIMEOUT, || async {
+        client
+            .get(svc.url("/health/liveness"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(metric(&client, &svc, "presence_http_connections_refused_total").await >= 1.0);
 }
