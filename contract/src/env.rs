@@ -66,6 +66,10 @@ pub const SHUTDOWN_TIMEOUT_SECS: &str = "SHUTDOWN_TIMEOUT_SECS";
 pub const STREAM_MAX_CONNECTIONS: &str = "STREAM_MAX_CONNECTIONS";
 /// Seconds between keep-alive comments on a stream.
 pub const STREAM_KEEPALIVE_SECS: &str = "STREAM_KEEPALIVE_SECS";
+/// Change streams one caller (`sub`) may hold open on a node.
+pub const STREAM_MAX_PER_CALLER: &str = "STREAM_MAX_PER_CALLER";
+/// Byte budget of a node's event log (exact stream resumes).
+pub const STREAM_EVENT_LOG_MAX_BYTES: &str = "STREAM_EVENT_LOG_MAX_BYTES";
 /// Longest tokens accepted, in seconds (unset: any).
 pub const JWT_MAX_LIFETIME: &str = "JWT_MAX_LIFETIME";
 /// Seconds a client may take to send a request's headers.

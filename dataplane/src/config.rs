@@ -206,6 +206,14 @@ pub struct ServeArgs {
     /// Seconds between keep-alive comments on an idle change stream.
     #[arg(long, env = env::STREAM_KEEPALIVE_SECS, default_value_t = 15)]
     pub stream_keepalive_secs: u64,
+    /// Most change streams one caller (the token's `sub`) may hold open on
+    /// this node; more get 429.
+    #[arg(long, env = env::STREAM_MAX_PER_CALLER, default_value_t = 32)]
+    pub stream_max_per_caller: usize,
+    /// Bytes of recent events this node keeps for exact stream resumes
+    /// (besides its cap of 32768 events).
+    #[arg(long, env = env::STREAM_EVENT_LOG_MAX_BYTES, default_value_t = 64 * 1024 * 1024)]
+    pub stream_event_log_max_bytes: u64,
     /// Seconds a client may take to send a request's headers. The timer also
     /// runs while a kept-alive connection waits for its next request.
     #[arg(long, env = env::HTTP_HEADER_READ_TIMEOUT_SECS, default_value_t = 10)]
@@ -278,6 +286,10 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     pub stream_max_connections: usize,
     pub stream_keepalive: Duration,
+    /// Most streams one caller may hold open on this node.
+    pub stream_max_per_caller: usize,
+    /// Byte budget of the event log.
+    pub event_log_max_bytes: usize,
     /// Longest token lifetime accepted, in seconds; `None`: any.
     pub jwt_max_lifetime: Option<u64>,
     /// Connection limits of the HTTP server.
@@ -338,8 +350,10 @@ impl ServeArgs {
         let http = self.http_limits()?;
         let write_limit = self.write_limit()?;
         Ok(Settings {
-            stream_max_connections: streams.0,
-            stream_keepalive: streams.1,
+            stream_max_connections: streams.max_connections,
+            stream_keepalive: streams.keepalive,
+            stream_max_per_caller: streams.per_caller,
+            event_log_max_bytes: streams.event_log_bytes,
             jwt_max_lifetime: self.jwt_max_lifetime,
             http,
             write_limit,
@@ -452,20 +466,30 @@ impl ServeArgs {
         ))
     }
 
-    /// (most streams, keep-alive interval).
-    fn stream_settings(&self) -> Result<(usize, Duration), ConfigError> {
-        let max_connections = u64::try_from(self.stream_max_connections).unwrap_or(u64::MAX);
-        in_range(env::STREAM_MAX_CONNECTIONS, max_connections, 1, 1_000_000)?;
+    fn stream_settings(&self) -> Result<StreamSettings, ConfigError> {
+        let max_connections = self.stream_max_connections;
+        in_range(
+            env::STREAM_MAX_CONNECTIONS,
+            as_u64(max_connections),
+            1,
+            1_000_000,
+        )?;
         in_range(
             env::STREAM_KEEPALIVE_SECS,
             self.stream_keepalive_secs,
             1,
             300,
         )?;
-        Ok((
-            self.stream_max_connections,
-            Duration::from_secs(self.stream_keepalive_secs),
-        ))
+        let per_caller = self.stream_max_per_caller;
+        in_range(env::STREAM_MAX_PER_CALLER, as_u64(per_caller), 1, 1_000_000)?;
+        let bytes = self.stream_event_log_max_bytes;
+        in_range(env::STREAM_EVENT_LOG_MAX_BYTES, bytes, 1024, 16 << 30)?;
+        Ok(StreamSettings {
+            max_connections,
+            keepalive: Duration::from_secs(self.stream_keepalive_secs),
+            per_caller,
+            event_log_bytes: usize::try_from(bytes).unwrap_or(usize::MAX),
+        })
     }
 
     fn http_limits(&self) -> Result<HttpLimits, ConfigError> {
@@ -537,6 +561,14 @@ const MIN_WRITE_RATE: f64 = 0.001;
 const MAX_WRITE_RATE: f64 = 1_000_000.0;
 /// Largest cache budget accepted: 1 TiB.
 const MAX_CACHE_COST: u64 = 1 << 40;
+
+/// Stream settings after validation.
+struct StreamSettings {
+    max_connections: usize,
+    keepalive: Duration,
+    per_caller: usize,
+    event_log_bytes: usize,
+}
 
 fn as_u64(value: usize) -> u64 {
     u64::try_from(value).unwrap_or(u64::MAX)
@@ -820,6 +852,14 @@ mod tests {
             (
                 vec![SECRET, "--http-max-connections=0"],
                 "HTTP_MAX_CONNECTIONS",
+            ),
+            (
+                vec![SECRET, "--stream-max-per-caller=0"],
+                "STREAM_MAX_PER_CALLER",
+            ),
+            (
+                vec![SECRET, "--stream-event-log-max-bytes=100"],
+                "STREAM_EVENT_LOG_MAX_BYTES",
             ),
             (
                 vec![SECRET, "--http-send-timeout-secs=0"],

@@ -126,7 +126,11 @@ pub fn build_with_store(
         metrics.cache.clone(),
     );
     let watch = Arc::new(WatchStatus::default());
-    let streams = fanout::StreamHub::new(settings.stream_max_connections);
+    let streams = fanout::StreamHub::new(
+        settings.stream_max_connections,
+        settings.stream_max_per_caller,
+        settings.event_log_max_bytes,
+    );
     tokio::spawn(watch::supervise(
         store.clone(),
         cache.clone(),

@@ -48,6 +48,9 @@ pub struct Metrics {
     pub streams_open: IntGauge,
     pub stream_events: IntCounter,
     pub streams_lagged: IntCounter,
+    pub streams_closed: IntCounterVec,
+    pub event_log_entries: IntGauge,
+    pub event_log_bytes: IntGauge,
 }
 
 /// Registers each metric as it is created, so a metric can't be declared
@@ -170,6 +173,19 @@ impl Metrics {
             streams_lagged: r.counter(
                 "streams_lagged_total",
                 "Change streams ended because they fell behind the change feed",
+            )?,
+            streams_closed: r.add(IntCounterVec::new(
+                Opts::new(
+                    "streams_closed_total",
+                    "Change streams the node ended: send_timeout (client not reading), \
+                     token_expired, bucket_reset (the bucket was recreated)",
+                ),
+                &["reason"],
+            ))?,
+            event_log_entries: r.gauge("event_log_entries", "Events in the node's event log")?,
+            event_log_bytes: r.gauge(
+                "event_log_bytes",
+                "Estimated bytes of the node's event log (STREAM_EVENT_LOG_MAX_BYTES bounds it)",
             )?,
             registry: r.0,
         })

@@ -143,6 +143,21 @@ impl PresenceView {
         }
     }
 
+    /// Rough heap size of the view (the struct, its strings, its
+    /// sessions), for the event log's byte budget.
+    pub fn weight(&self) -> usize {
+        let sessions: usize = self
+            .sessions
+            .iter()
+            .map(|s| std::mem::size_of::<SessionView>() + s.id.len() + s.device.len())
+            .sum();
+        std::mem::size_of::<PresenceView>()
+            + self.user_id.len()
+            + self.message.len()
+            + self.node_id.len()
+            + sessions
+    }
+
     /// Whether a subscriber would see a difference: everything but the
     /// timestamps that every heartbeat moves.
     pub fn same_state(&self, other: &PresenceView) -> bool {

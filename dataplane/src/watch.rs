@@ -47,6 +47,8 @@ pub struct WatchStatus {
     /// The watch task panicked and has not been restarted yet.
     crashed: AtomicBool,
     crashes: AtomicU64,
+    /// Counts the bucket incarnations seen; change streams end when it moves.
+    epoch: tokio::sync::watch::Sender<u64>,
     applied: Notify,
     /// (revision, time stored) samples, oldest first: tell how old a
     /// revision is, so a stream resume knows whether it can be exact.
@@ -126,7 +128,14 @@ impl WatchStatus {
         }
     }
 
+    /// Tells when the bucket was recreated: the value changes each time, so
+    /// open change streams, whose revisions belong to the lost bucket, end.
+    pub fn resets(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.epoch.subscribe()
+    }
+
     fn restart_from_scratch(&self) {
+        self.epoch.send_modify(|epoch| *epoch += 1);
         self.applied_revision.store(0, Ordering::Release);
         self.checkpoints
             .lock()

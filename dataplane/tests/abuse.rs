@@ -134,6 +134,33 @@ async fn closed_by_server(stream: &mut TcpStream, within: Duration) -> bool {
     }
 }
 
+fn stream_url(service: &Service, users: &[&str]) -> String {
+    service.url(&format!(
+        "/api/v2/presence/stream?users={}",
+        users
+            .iter()
+            .map(|u| encode_path(u))
+            .collect::<Vec<_>>()
+            .join(",")
+    ))
+}
+
+/// Sets every user in `users` to busy with `message` in one batch.
+async fn batch(client: &reqwest::Client, service: &Service, users: &[String], message: &str) {
+    let presences: Vec<Value> = users
+        .iter()
+        .map(|u| json!({"userID": u, "status": "busy", "message": message}))
+        .collect();
+    let response = client
+        .post(service.url("/api/v2/presence/batch"))
+        .header("Authorization", bearer("svc", "presence:write"))
+        .json(&json!({ "presences": presences }))
+        .send()
+        .await
+        .expect("batch completes");
+    assert_eq!(response.status(), 200);
+}
+
 // ------------------------------------------------ 8. configuration numbers
 
 #[test]
@@ -150,6 +177,8 @@ fn numeric_settings_out_of_range_are_refused_at_start() {
         ("SERVICE_PORT", "0"),
         ("STREAM_MAX_CONNECTIONS", "18446744073709551615"),
         ("STREAM_KEEPALIVE_SECS", "0"),
+        ("STREAM_MAX_PER_CALLER", "0"),
+        ("STREAM_EVENT_LOG_MAX_BYTES", "10"),
         ("HTTP_HEADER_READ_TIMEOUT_SECS", "0"),
         ("HTTP_KEEPALIVE_TIMEOUT_SECS", "99999"),
         ("HTTP_MAX_CONNECTIONS", "0"),
@@ -665,4 +694,224 @@ async fn connections_are_capped_per_node() {
     })
     .await;
     assert!(metric(&client, &svc, "presence_http_connections_refused_total").await >= 1.0);
+}
+
+// -------------------------------------------------------------- 4. streams
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_caller_cannot_take_every_stream_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = memory_node(
+        dir.path(),
+        "solo",
+        vec![("STREAM_MAX_PER_CALLER", "3".into())],
+    )
+    .await;
+    let client = http();
+    let url = stream_url(&svc, &["a"]);
+    let greedy = bearer("greedy", "");
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut stream = EventStream::open_as(&client, &url, None, &greedy).await;
+        stream.until_snapshot_end().await;
+        streams.push(stream);
+    }
+    let refused = client
+        .get(&url)
+        .header("Authorization", &greedy)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_streams_for_caller");
+    // Others are not affected.
+    let mut other = EventStream::open_as(&client, &url, None, &bearer("modest", "")).await;
+    other.until_snapshot_end().await;
+    // A closed stream gives its place back.
+    drop(streams.pop());
+    wait_until(
+        "the caller's place to be released",
+        READY_TIMEOUT,
+        || async {
+            client
+                .get(&url)
+                .header("Authorization", &greedy)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_whose_client_stops_reading_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = memory_node(
+        dir.path(),
+        "solo",
+        vec![
+            ("HTTP_SEND_TIMEOUT_SECS", "2".into()),
+            ("RATE_LIMIT_WRITES_PER_SECOND", "0".into()),
+        ],
+    )
+    .await;
+    let client = http();
+    let users: Vec<String> = (0..1000).map(|i| format!("reader-{i}")).collect();
+    batch(&client, &svc, &users, &"m".repeat(256)).await;
+    // A client with a tiny receive window that never reads.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket
+        .connect(format!("127.0.0.1:{}", svc.port).parse().unwrap())
+        .await
+        .unwrap();
+    let request = format!(
+        "GET /api/v2/presence/stream?users={} HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\r\n",
+        users.join(","),
+        bearer("slow", "")
+    );
+    stalled.write_all(request.as_bytes()).await.unwrap();
+    wait_until("the stream to open", READY_TIMEOUT, || async {
+        metric(&client, &svc, "presence_streams_open").await == 1.0
+    })
+    .await;
+    // Keep changing its users until the node gives up on it.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut round = 0;
+    while metric(&client, &svc, "presence_streams_open").await > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled stream is open after {round} rounds"
+        );
+        round += 1;
+        batch(
+            &client,
+            &svc,
+            &users,
+            &format!("{round:04}{}", "m".repeat(250)),
+        )
+        .await;
+    }
+    assert!(
+        metric_where(
+            &client,
+            &svc,
+            "presence_streams_closed_total",
+            "reason=\"send_timeout\""
+        )
+        .await
+            >= 1.0
+    );
+    wait_until(
+        "the stalled connection to be closed",
+        READY_TIMEOUT,
+        || async {
+            metric_where(
+                &client,
+                &svc,
+                "presence_http_connections_timed_out_total",
+                "reason=\"send\"",
+            )
+            .await
+                >= 1.0
+        },
+    )
+    .await;
+    assert!(closed_by_server(&mut stalled, Duration::from_secs(30)).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_ends_when_its_token_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = memory_node(dir.path(), "solo", vec![]).await;
+    // No overall timeout: the stream lives about 10 s (EventStream bounds
+    // each wait).
+    let client = reqwest::Client::new();
+    // Expired 20 s ago: still accepted for the 30 s of leeway.
+    let token = signed(&json!({"sub": "short-lived", "exp": now_secs() - 20}));
+    let url = stream_url(&svc, &["a"]);
+    let mut stream = EventStream::open_as(&client, &url, None, &format!("Bearer {token}")).await;
+    stream.until_snapshot_end().await;
+    let last = stream.next().await;
+    assert_eq!(last.event, "error", "{last:?}");
+    assert_eq!(last.data["error"]["code"], "token_expired", "{last:?}");
+    assert!(stream.ended().await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_event_log_is_bounded_in_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = memory_node(
+        dir.path(),
+        "solo",
+        vec![
+            ("STREAM_EVENT_LOG_MAX_BYTES", "4096".into()),
+            ("RATE_LIMIT_WRITES_PER_SECOND", "0".into()),
+        ],
+    )
+    .await;
+    let client = http();
+    set(&client, &svc, "big", "online", "first").await;
+    let url = stream_url(&svc, &["big"]);
+    let mut stream = EventStream::open(&client, &url, None).await;
+    let start = stream
+        .until_snapshot_end()
+        .await
+        .last()
+        .and_then(|e| e.id)
+        .expect("an id");
+    for i in 1..=3 {
+        let message = format!("{i}{}", "x".repeat(250));
+        assert_eq!(
+            set(&client, &svc, "big", "busy", &message).await.status(),
+            200
+        );
+        assert_eq!(stream.next().await.data["message"], message.as_str());
+    }
+    // Other users' changes push big's out of the log's byte budget.
+    let fillers: Vec<String> = (0..20).map(|i| format!("filler-{i}")).collect();
+    batch(&client, &svc, &fillers, &"y".repeat(256)).await;
+    let mut caught_up = EventStream::open(&client, &stream_url(&svc, &["filler-19"]), None).await;
+    caught_up.until_snapshot_end().await;
+    let mut resumed = EventStream::open(&client, &url, Some(start)).await;
+    let events = resumed.until_snapshot_end().await;
+    let presences: Vec<&SseEvent> = events.iter().filter(|e| e.event == "presence").collect();
+    assert_eq!(
+        presences.len(),
+        1,
+        "beyond the byte budget a resume gets the latest state: {events:?}"
+    );
+    assert!(
+        presences[0].data["message"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with('3')
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_recreated_bucket_resets_open_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Nats::hub(dir.path()).await;
+    let center = Service::start(
+        dir.path(),
+        ServiceSpec::new("center-1", "center", hub.url()),
+    )
+    .await;
+    let client = http();
+    assert_eq!(
+        set(&client, &center, "x", "online", "old").await.status(),
+        200
+    );
+    let mut stream = EventStream::open(&client, &stream_url(&center, &["x"]), None).await;
+    stream.until_snapshot_end().await;
+    let js = async_nats::jetstream::new(async_nats::connect(hub.url()).await.unwrap());
+    js.delete_key_value("PRESENCE").await.unwrap();
+    let event = stream.next().await;
+    assert_eq!(event.event, "error", "{event:?}");
+    assert_eq!(event.data["error"]["code"], "stream_reset", "{event:?}");
+    assert!(stream.ended().await);
 }
