@@ -152,6 +152,7 @@ pub fn build_with_store(
             watch.clone(),
             &settings.node_id,
             streams.log(),
+            metrics.clone(),
         ),
         limiter: ratelimit::RateLimiter::new(settings.write_limit),
         streams,

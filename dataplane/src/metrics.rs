@@ -42,6 +42,7 @@ pub struct Metrics {
     pub watch_restarts: IntCounter,
     pub watch_crashes: IntCounter,
     pub kv_values_skipped: IntCounter,
+    pub write_conflicts: IntCounter,
     pub cache: CacheCounters,
     pub cache_entries: IntGauge,
     pub cache_weighted_size: IntGauge,
@@ -158,6 +159,10 @@ impl Metrics {
             kv_values_skipped: r.counter(
                 "kv_values_skipped_total",
                 "Bucket values skipped because they can't be decoded or are out of range",
+            )?,
+            write_conflicts: r.counter(
+                "write_conflicts_total",
+                "Writes the bucket refused because another write changed the key first (each is retried)",
             )?,
             cache: CacheCounters::new(&r)?,
             cache_entries: r.gauge("cache_entries", "Entries in the cache")?,

@@ -220,6 +220,37 @@ impl UserRecord {
         true
     }
 
+    /// The revision of one of the user's keys as the record knows it,
+    /// removal included; 0 when the record knows nothing of that key.
+    pub fn key_revision(&self, part: &Part) -> u64 {
+        match part {
+            Part::Manual => self.manual.as_ref().map_or(0, |c| c.revision),
+            Part::Seen => self.seen().map_or(0, |c| c.revision),
+            Part::Session(id) => self
+                .sessions()
+                .iter()
+                .find(|(s, _)| s == id)
+                .map_or(0, |(_, c)| c.revision),
+        }
+    }
+
+    /// The highest revision among the user's session keys, removals
+    /// included (only the oldest removals are ever forgotten).
+    pub fn sessions_revision(&self) -> u64 {
+        self.sessions()
+            .iter()
+            .map(|(_, c)| c.revision)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The stored durable sign of life, if any.
+    pub fn seen_at(&self) -> Option<OffsetDateTime> {
+        self.seen()
+            .and_then(|c| c.value.as_ref())
+            .map(|s| s.last_seen)
+    }
+
     /// The highest revision of any of the user's keys, removals included:
     /// the user changed after revision `r` exactly when this exceeds `r`.
     pub fn revision(&self) -> u64 {

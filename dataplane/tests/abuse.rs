@@ -16,8 +16,9 @@ use presence_dataplane::metrics::Metrics;
 use presence_dataplane::record::Update;
 use presence_dataplane::session::Seen;
 use presence_dataplane::store::memory::MemoryStore;
+use presence_dataplane::store::nats::NatsStore;
 use presence_dataplane::store::{
-    BucketIdentity, Change, ChangeStream, Connectivity, Entry, PresenceStore, StoreError,
+    BucketIdentity, Change, ChangeStream, Connectivity, Entry, Expect, PresenceStore, StoreError,
     WatchStart,
 };
 use presence_dataplane::{api, build_with_store};
@@ -142,6 +143,14 @@ fn stream_url(service: &Service, users: &[&str]) -> String {
             .map(|u| encode_path(u))
             .collect::<Vec<_>>()
             .join(",")
+    ))
+}
+
+fn session_url(service: &Service, user: &str, session: &str) -> String {
+    service.url(&format!(
+        "/api/v2/presence/{}/sessions/{}",
+        encode_path(user),
+        encode_path(session)
     ))
 }
 
@@ -317,6 +326,9 @@ async fn poisoned_bucket_values_are_skipped_and_counted() {
     }
 }
 
+/// What a write to a key that holds nothing expects.
+const NEW: Expect = Expect::Key(0);
+
 /// A store whose watch panics on the first two changes of the user `boom`
 /// it delivers, as a bug in a store would.
 #[derive(Default)]
@@ -332,8 +344,9 @@ impl PresenceStore for CrashingStore {
         user_id: &str,
         update: &Update,
         ttl: Option<Duration>,
+        expect: Expect,
     ) -> Result<u64, StoreError> {
-        self.0.write(user_id, update, ttl).await
+        self.0.write(user_id, update, ttl, expect).await
     }
     async fn watch(&self, start: WatchStart) -> Result<ChangeStream, StoreError> {
         let entries = self.0.watch(start).await?;
@@ -403,7 +416,7 @@ async fn a_crashing_watch_is_restarted_and_readiness_says_so() {
         call("/health/readiness").await.0 == 200
     })
     .await;
-    store.write("boom", &seen(), None).await.unwrap();
+    store.write("boom", &seen(), None, NEW).await.unwrap();
     wait_until(
         "not ready while the watch is down",
         READY_TIMEOUT,
@@ -412,7 +425,7 @@ async fn a_crashing_watch_is_restarted_and_readiness_says_so() {
     .await;
     // Restarted from the last revision it applied, the watch follows the
     // bucket again: it applies the change it crashed on, and later ones.
-    let after = store.write("after", &seen(), None).await.unwrap();
+    let after = store.write("after", &seen(), None, NEW).await.unwrap();
     wait_until(
         "the watch to get past the crashes",
         READY_TIMEOUT,
@@ -914,4 +927,170 @@ async fn a_recreated_bucket_resets_open_streams() {
     assert_eq!(event.event, "error", "{event:?}");
     assert_eq!(event.data["error"]["code"], "stream_reset", "{event:?}");
     assert!(stream.ended().await);
+}
+
+// ---------------------------------------------------------------- 7. races
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_bucket_itself_refuses_writes_with_stale_expectations() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Nats::hub(dir.path()).await;
+    let leaf = Nats::leaf(dir.path(), "eu", &hub, None).await;
+    // The store as a leaf node uses it: through the hub's JetStream domain.
+    let settings = Cli::try_parse_from([
+        "presence-service",
+        "--jwt-secret",
+        SECRET,
+        "--nats-url",
+        &leaf.url(),
+        "--nats-js-domain",
+        "hub",
+        "--node-type",
+        "center",
+    ])
+    .unwrap()
+    .serve
+    .validate()
+    .unwrap();
+    let store = NatsStore::connect(&settings, Metrics::new().unwrap())
+        .await
+        .unwrap();
+    tokio::time::timeout(READY_TIMEOUT, store.open_bucket_until_ready())
+        .await
+        .expect("the bucket opens");
+    let session = |id: &str| {
+        Update::Session(
+            id.into(),
+            Some(Arc::new(presence_dataplane::session::Session {
+                device: String::new(),
+                status: presence_dataplane::model::Status::Online,
+                last_seen: time::OffsetDateTime::now_utc(),
+                ttl_seconds: 60,
+                node_id: "n".into(),
+            })),
+        )
+    };
+    let seen = Update::Seen(Some(Seen {
+        last_seen: time::OffsetDateTime::now_utc(),
+        node_id: "n".into(),
+    }));
+    let first = store.write("u", &seen, None, NEW).await.unwrap();
+    let late = store.write("u", &seen, None, NEW).await;
+    assert!(matches!(late, Err(StoreError::Conflict)), "{late:?}");
+    store
+        .write("u", &seen, None, Expect::Key(first))
+        .await
+        .unwrap();
+    // A new session must find the user's sessions as they were counted.
+    let a = store
+        .write("u", &session("a"), None, Expect::Sessions(0))
+        .await
+        .unwrap();
+    let raced = store
+        .write("u", &session("b"), None, Expect::Sessions(0))
+        .await;
+    assert!(matches!(raced, Err(StoreError::Conflict)), "{raced:?}");
+    store
+        .write("u", &session("b"), None, Expect::Sessions(a))
+        .await
+        .unwrap();
+    // Another user's sessions are another set.
+    store
+        .write("v", &session("a"), None, Expect::Sessions(0))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_session_cap_holds_under_concurrent_heartbeats() {
+    let c = Cluster::start_with(vec![("RATE_LIMIT_WRITES_PER_SECOND", "0".into())]).await;
+    let client = http();
+    let nodes = c.services();
+    let attempts: Vec<_> = (0..96)
+        .map(|i| {
+            let request = client
+                .put(session_url(nodes[i % 3], "crowd", &format!("s{i}")))
+                .header("Authorization", bearer("crowd", ""))
+                .json(&json!({"ttlSeconds": 300}));
+            tokio::spawn(async move {
+                let response = request.send().await.expect("answer");
+                let status = response.status().as_u16();
+                let body: Value = response.json().await.unwrap_or_default();
+                (
+                    status,
+                    body["error"]["code"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+        })
+        .collect();
+    let (mut created, mut full, mut conflicts) = (0, 0, 0);
+    for attempt in attempts {
+        match attempt.await.unwrap() {
+            (200, _) => created += 1,
+            (409, code) if code == "too_many_sessions" => full += 1,
+            (503, code) if code == "write_conflict" => conflicts += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    eprintln!("{created} created, {full} refused at the cap, {conflicts} gave up on conflicts");
+    assert!(
+        (1..=32).contains(&created),
+        "{created} sessions were created"
+    );
+    for svc in nodes {
+        wait_until(
+            &format!("{} to show every session", svc.node_id),
+            READY_TIMEOUT,
+            || async {
+                get(&client, svc, "crowd").await.1["sessions"]
+                    .as_array()
+                    .map(Vec::len)
+                    == Some(created)
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_answered_503_never_lands_over_a_newer_one() {
+    let c = Cluster::start().await;
+    let client = http();
+    assert_eq!(
+        set(&client, &c.eu, "contested", "online", "v0")
+            .await
+            .status(),
+        200
+    );
+    // eu's NATS server freezes: eu's next write waits in its socket and is
+    // answered 503 when the write timeout runs out.
+    c.eu_nats.pause();
+    let stale = set(&client, &c.eu, "contested", "busy", "stale").await;
+    assert_eq!(stale.status(), 503);
+    let body: Value = stale.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "store_timeout");
+    // Meanwhile a newer write is made through another region.
+    assert_eq!(
+        set(&client, &c.us, "contested", "away", "newer")
+            .await
+            .status(),
+        200
+    );
+    c.eu_nats.resume();
+    // eu's connection delivers what it held first: once a later write
+    // through eu is acknowledged, the held one has been decided.
+    wait_until("a write through eu", Duration::from_secs(30), || async {
+        set(&client, &c.eu, "marker", "online", "").await.status() == 200
+    })
+    .await;
+    for svc in c.services() {
+        wait_until(
+            &format!("{} to see the marker", svc.node_id),
+            READY_TIMEOUT,
+            || async { get(&client, svc, "marker").await.0 == 200 },
+        )
+        .await;
+        let (_, body) = get(&client, svc, "contested").await;
+        assert_eq!(body["message"], "newer", "at {}: {body}", svc.node_id);
+    }
 }

@@ -112,6 +112,14 @@ impl From<StoreError> for ApiError {
                 "store_unavailable",
                 err.to_string(),
             ),
+            StoreError::Conflict => ApiError {
+                retry_after: Some(std::time::Duration::from_secs(1)),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "write_conflict",
+                    "other writes for this user kept changing it first; nothing was written, retry",
+                )
+            },
         }
     }
 }

@@ -29,6 +29,25 @@ pub enum StoreError {
     /// A stored value that this service can't read (written by another tool).
     #[error("stored value for {key:?} is unreadable: {reason}")]
     Corrupt { key: String, reason: String },
+    /// The bucket no longer holds what the write expected: another write
+    /// got there first. Nothing was written.
+    #[error("another write changed this value first; nothing was written")]
+    Conflict,
+}
+
+/// What a write expects the bucket to hold, checked by the bucket itself
+/// when the write arrives. A write that arrives late (after its caller was
+/// told it failed) or races another can therefore never replace a value it
+/// has not seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The key's last revision, removal markers included; 0: the key holds
+    /// nothing at all.
+    Key(u64),
+    /// The last revision among all of the user's session keys (`<user>.s.>`);
+    /// 0: none. A new session is written only if no session changed since
+    /// its writer counted them, which keeps the per-user cap exact.
+    Sessions(u64),
 }
 
 /// One change observed by a watch, or one key read by [`PresenceStore::load`].
@@ -130,12 +149,14 @@ pub trait PresenceStore: Send + Sync + 'static {
     async fn load(&self, user_id: &str) -> Result<Vec<Change>, StoreError>;
     /// Stores `update` (a removal writes a delete marker) for `user_id`,
     /// optionally with a TTL after which the bucket removes the key by
-    /// itself; returns the revision once it is durable.
+    /// itself, if the bucket still holds what `expect` says; returns the
+    /// revision once it is durable, or [`StoreError::Conflict`].
     async fn write(
         &self,
         user_id: &str,
         update: &Update,
         ttl: Option<Duration>,
+        expect: Expect,
     ) -> Result<u64, StoreError>;
     /// Streams changes from `start` on.
     async fn watch(&self, start: WatchStart) -> Result<ChangeStream, StoreError>;

@@ -7,16 +7,17 @@
 //! leaves only wait for it.
 
 use super::{
-    BucketIdentity, Change, ChangeStream, Connectivity, Entry, PresenceStore, StoreError,
+    BucketIdentity, Change, ChangeStream, Connectivity, Entry, Expect, PresenceStore, StoreError,
     WatchStart, decode_entry, encode_value,
 };
 use crate::config::{NodeType, Settings};
-use crate::keys::{Part, key_of, others_filter};
+use crate::keys::{Part, encode_key, key_of, others_filter};
 use crate::metrics::Metrics;
 use crate::record::Update;
 use async_nats::connection::State;
+use async_nats::jetstream::context::{GetStreamErrorKind, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::{self, ErrorCode, context::GetStreamErrorKind, kv};
+use async_nats::jetstream::{self, ErrorCode, kv};
 use futures::{StreamExt, TryStreamExt};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -276,6 +277,7 @@ impl PresenceStore for NatsStore {
         user_id: &str,
         update: &Update,
         ttl: Option<Duration>,
+        expect: Expect,
     ) -> Result<u64, StoreError> {
         self.kv()?;
         let value = encode_value(user_id, update)?;
@@ -288,13 +290,35 @@ impl PresenceStore for NatsStore {
         if let Some(ttl) = ttl {
             message = message.ttl(ttl);
         }
+        // JetStream checks the expectation when the message arrives, so a
+        // publish the client library delivers late (after a reconnect, long
+        // after we answered 503) is refused if anything changed since.
+        message = match expect {
+            Expect::Key(revision) => message.expected_last_subject_sequence(revision),
+            Expect::Sessions(revision) => message.expected_last_subject_sequence(revision).header(
+                "Nats-Expected-Last-Subject-Sequence-Subject",
+                format!("$KV.{}.{}.s.>", self.bucket, encode_key(user_id)),
+            ),
+        };
         let publish = async {
             let ack = self.js.send_publish(subject, message).await?;
-            ack.await
-                .map(|ack| ack.sequence)
-                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            ack.await.map(|ack| ack.sequence)
         };
-        self.timed("put", self.write_timeout, publish).await
+        let started = Instant::now();
+        let result = match tokio::time::timeout(self.write_timeout, publish).await {
+            Ok(Ok(revision)) => Ok(revision),
+            Ok(Err(err)) if err.kind() == PublishErrorKind::WrongLastSequence => {
+                Err(StoreError::Conflict)
+            }
+            Ok(Err(err)) => Err(unavailable(err)),
+            Err(_) => Err(StoreError::Timeout(self.write_timeout)),
+        };
+        let answered = !matches!(
+            result,
+            Err(StoreError::Unavailable(_) | StoreError::Timeout(_))
+        );
+        self.metrics.observe_kv("put", answered, started);
+        result
     }
 
     async fn watch(&self, start: WatchStart) -> Result<ChangeStream, StoreError> {
