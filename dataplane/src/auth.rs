@@ -42,10 +42,21 @@ pub enum Audience {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Claims {
     pub sub: String,
+    #[serde(deserialize_with = "required_numeric_date")]
     pub exp: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// When the token was issued; a NumericDate may be fractional.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "numeric_date"
+    )]
     pub iat: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Not before (checked by the validation, with the leeway).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "numeric_date"
+    )]
     pub nbf: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<Scope>,
@@ -53,6 +64,20 @@ pub struct Claims {
     pub iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aud: Option<Audience>,
+}
+
+/// Reads an optional NumericDate (RFC 7519: seconds, possibly fractional)
+/// as whole seconds; a negative or absurd value reads as 0 or saturates.
+fn numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let number = Option::<serde_json::Number>::deserialize(d)?;
+    Ok(number.map(|n| {
+        n.as_u64()
+            .unwrap_or_else(|| n.as_f64().map_or(0, |f| f.max(0.0) as u64))
+    }))
+}
+
+fn required_numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    numeric_date(d)?.ok_or_else(|| serde::de::Error::custom("a NumericDate is required"))
 }
 
 /// An authenticated caller.
@@ -410,5 +435,10 @@ mod tests {
         assert!(v.verify(&no_iat).is_err());
         let ok = sign(&serde_json::json!({"sub": "a", "exp": now + 600, "iat": now}));
         assert_eq!(v.verify(&ok).unwrap().valid_until, now + 600 + LEEWAY_SECS);
+        // NumericDates may be fractional.
+        let fractional = sign(&serde_json::json!(
+            {"sub": "a", "exp": now as f64 + 600.5, "iat": now as f64 - 0.5, "nbf": now as f64 - 0.5}
+        ));
+        assert!(v.verify(&fractional).is_ok());
     }
 }
