@@ -185,8 +185,11 @@ impl PresenceService {
                     self.apply_own(user_id, update, revision).await;
                     return Ok(());
                 }
-                Err(StoreError::Conflict) if attempt < WRITE_ATTEMPTS => {
+                Err(StoreError::Conflict) => {
                     self.metrics.write_conflicts.inc();
+                    if attempt == WRITE_ATTEMPTS {
+                        return Err(StoreError::Conflict.into());
+                    }
                     tokio::time::sleep(backoff(attempt)).await;
                     record = self.fresh_record(user_id).await?;
                     attempt += 1;
@@ -403,12 +406,44 @@ mod tests {
     use crate::store::memory::MemoryStore;
 
     fn service() -> PresenceService {
+        node(Arc::new(MemoryStore::new()), "n1")
+    }
+
+    /// A node on `store`, with a cache of its own and no watch (so it
+    /// never learns of the other nodes' writes by itself).
+    fn node(store: Arc<MemoryStore>, id: &str) -> PresenceService {
         let metrics = Metrics::new().unwrap();
         let cache = PresenceCache::new(1 << 20, 16, metrics.cache.clone());
-        let store = Arc::new(MemoryStore::new());
         let log = Arc::new(EventLog::default());
         let watch = Arc::new(WatchStatus::default());
-        PresenceService::new(store, cache, watch, "n1", log, metrics)
+        PresenceService::new(store, cache, watch, id, log, metrics)
+    }
+
+    fn busy(message: &str) -> ValidUpdate {
+        ValidUpdate {
+            user_id: "u".into(),
+            status: Status::Busy,
+            message: message.into(),
+            expires_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_set_that_lost_a_race_is_decided_again_and_still_wins() {
+        let store = Arc::new(MemoryStore::new());
+        let (a, b) = (node(store.clone(), "a"), node(store.clone(), "b"));
+        a.set(busy("first")).await.unwrap();
+        // b writes after a cached the user: a's cache is behind the bucket.
+        b.set(busy("second")).await.unwrap();
+        let view = a.set(busy("third")).await.unwrap();
+        assert_eq!(view.message, "third");
+        assert_eq!(a.metrics.write_conflicts.get(), 1);
+        let stored = b.fresh_record("u").await.unwrap();
+        let stored = stored.view("u", OffsetDateTime::now_utc()).unwrap();
+        assert_eq!(
+            (stored.message.as_str(), stored.node_id.as_str()),
+            ("third", "a")
+        );
     }
 
     fn beat(session: &str, status: &str) -> ValidHeartbeat {
