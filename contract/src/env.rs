@@ -66,6 +66,20 @@ pub const SHUTDOWN_TIMEOUT_SECS: &str = "SHUTDOWN_TIMEOUT_SECS";
 pub const STREAM_MAX_CONNECTIONS: &str = "STREAM_MAX_CONNECTIONS";
 /// Seconds between keep-alive comments on a stream.
 pub const STREAM_KEEPALIVE_SECS: &str = "STREAM_KEEPALIVE_SECS";
+/// Change streams one caller (`sub`) may hold open on a node.
+pub const STREAM_MAX_PER_CALLER: &str = "STREAM_MAX_PER_CALLER";
+/// Byte budget of a node's event log (exact stream resumes).
+pub const STREAM_EVENT_LOG_MAX_BYTES: &str = "STREAM_EVENT_LOG_MAX_BYTES";
+/// Longest tokens accepted, in seconds (unset: any).
+pub const JWT_MAX_LIFETIME: &str = "JWT_MAX_LIFETIME";
+/// Seconds a client may take to send a request's headers.
+pub const HTTP_HEADER_READ_TIMEOUT_SECS: &str = "HTTP_HEADER_READ_TIMEOUT_SECS";
+/// Seconds an idle kept-alive connection stays open.
+pub const HTTP_KEEPALIVE_TIMEOUT_SECS: &str = "HTTP_KEEPALIVE_TIMEOUT_SECS";
+/// HTTP connections per node.
+pub const HTTP_MAX_CONNECTIONS: &str = "HTTP_MAX_CONNECTIONS";
+/// Seconds a client may leave the node's answer unread.
+pub const HTTP_SEND_TIMEOUT_SECS: &str = "HTTP_SEND_TIMEOUT_SECS";
 
 /// Variables a deployment in a cluster must set: their built-in defaults
 /// only suit a single process on a laptop (or, for `JWT_SECRET`, there is

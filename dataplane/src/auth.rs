@@ -2,7 +2,9 @@
 //!
 //! Tokens are HS256 only (the algorithm is pinned so `alg: none` and key
 //! confusion cannot be used), must carry `exp` and `sub`, and may be checked
-//! for `iss`/`aud`. The `sub` claim is the caller's user ID.
+//! for `iss`/`aud` (a string or a list, as RFC 7519 allows). `nbf` is
+//! honoured with the same leeway as `exp`, and an optional maximum lifetime
+//! refuses long-lived tokens. The `sub` claim is the caller's user ID.
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -28,17 +30,54 @@ impl Scope {
     }
 }
 
+/// An `aud` claim: RFC 7519 allows one string or a list of them.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
 /// The claims this service reads.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Claims {
     pub sub: String,
+    #[serde(deserialize_with = "required_numeric_date")]
     pub exp: u64,
+    /// When the token was issued; a NumericDate may be fractional.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "numeric_date"
+    )]
+    pub iat: Option<u64>,
+    /// Not before (checked by the validation, with the leeway).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "numeric_date"
+    )]
+    pub nbf: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<Scope>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<Audience>,
+}
+
+/// Reads an optional NumericDate (RFC 7519: seconds, possibly fractional)
+/// as whole seconds; a negative or absurd value reads as 0 or saturates.
+fn numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let number = Option::<serde_json::Number>::deserialize(d)?;
+    Ok(number.map(|n| {
+        n.as_u64()
+            .unwrap_or_else(|| n.as_f64().map_or(0, |f| f.max(0.0) as u64))
+    }))
+}
+
+fn required_numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    numeric_date(d)?.ok_or_else(|| serde::de::Error::custom("a NumericDate is required"))
 }
 
 /// An authenticated caller.
@@ -46,6 +85,9 @@ pub struct Claims {
 pub struct Caller {
     pub user_id: String,
     pub can_write_any: bool,
+    /// When the token stops being accepted (unix seconds: `exp` plus the
+    /// leeway), so a change stream can end with it.
+    pub valid_until: u64,
 }
 
 impl Caller {
@@ -80,15 +122,14 @@ impl AuthError {
     }
 }
 
-/// Clock skew allowed on `exp`, in seconds.
-const LEEWAY_SECS: u64 = 30;
+/// Clock skew allowed on `exp` and `nbf`, in seconds.
+pub const LEEWAY_SECS: u64 = 30;
 
-/// A token that already passed verification, with the expiry that still
+/// A token that already passed verification; its `valid_until` still
 /// applies on every later use.
 #[derive(Clone)]
 struct Verified {
     caller: Caller,
-    exp: u64,
 }
 
 /// Verifies tokens; built once from the validated settings.
@@ -100,6 +141,8 @@ struct Verified {
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
+    /// Longest lifetime accepted, in seconds.
+    max_lifetime: Option<u64>,
     verified: moka::sync::Cache<String, Verified>,
 }
 
@@ -115,6 +158,7 @@ impl Verifier {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.algorithms = vec![Algorithm::HS256];
         validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
         let mut required = vec!["exp", "sub"];
         if let Some(iss) = issuer {
             validation.set_issuer(&[iss]);
@@ -131,11 +175,19 @@ impl Verifier {
         Verifier {
             key: DecodingKey::from_secret(secret.as_bytes()),
             validation,
+            max_lifetime: None,
             verified: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(std::time::Duration::from_secs(600))
                 .build(),
         }
+    }
+
+    /// Refuses tokens that live longer than `seconds`: `exp - iat`, or
+    /// `exp - now` for a token without `iat`.
+    pub fn with_max_lifetime(mut self, seconds: Option<u64>) -> Self {
+        self.max_lifetime = seconds;
+        self
     }
 
     /// Authenticates the value of an `Authorization` header.
@@ -154,24 +206,23 @@ impl Verifier {
     /// Authenticates a bare token.
     pub fn verify(&self, token: &str) -> Result<Caller, AuthError> {
         if let Some(hit) = self.verified.get(token) {
-            if now_secs() <= hit.exp.saturating_add(LEEWAY_SECS) {
+            if now_secs() <= hit.caller.valid_until {
                 return Ok(hit.caller);
             }
             self.verified.invalidate(token);
             return Err(AuthError::Expired);
         }
-        let (caller, exp) = self.verify_uncached(token)?;
+        let caller = self.verify_uncached(token)?;
         self.verified.insert(
             token.to_owned(),
             Verified {
                 caller: caller.clone(),
-                exp,
             },
         );
         Ok(caller)
     }
 
-    fn verify_uncached(&self, token: &str) -> Result<(Caller, u64), AuthError> {
+    fn verify_uncached(&self, token: &str) -> Result<Caller, AuthError> {
         use jsonwebtoken::errors::ErrorKind;
         let data =
             jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|err| {
@@ -196,17 +247,25 @@ impl Verifier {
         if claims.sub.is_empty() {
             return Err(AuthError::Invalid("empty 'sub' claim".into()));
         }
+        if let Some(max) = self.max_lifetime {
+            let lifetime = claims
+                .exp
+                .saturating_sub(claims.iat.unwrap_or_else(now_secs));
+            if lifetime > max {
+                return Err(AuthError::Invalid(format!(
+                    "token lives {lifetime} s; this service accepts at most {max} s"
+                )));
+            }
+        }
         let can_write_any = claims
             .scope
             .as_ref()
             .is_some_and(|s| s.contains(WRITE_ANY_SCOPE));
-        Ok((
-            Caller {
-                user_id: claims.sub,
-                can_write_any,
-            },
-            claims.exp,
-        ))
+        Ok(Caller {
+            user_id: claims.sub,
+            can_write_any,
+            valid_until: claims.exp.saturating_add(LEEWAY_SECS),
+        })
     }
 }
 
@@ -224,9 +283,12 @@ pub fn mint(
     scope: &str,
     ttl_secs: u64,
 ) -> Result<String, jsonwebtoken::errors::Error> {
+    let now = now_secs();
     let claims = Claims {
         sub: sub.to_owned(),
-        exp: now_secs() + ttl_secs,
+        exp: now.saturating_add(ttl_secs),
+        iat: Some(now),
+        nbf: None,
         scope: (!scope.is_empty()).then(|| Scope::Spaced(scope.to_owned())),
         iss: None,
         aud: None,
@@ -279,6 +341,8 @@ mod tests {
         let claims = Claims {
             sub: "ann".into(),
             exp: now_secs() + 1,
+            iat: None,
+            nbf: None,
             scope: None,
             iss: None,
             aud: None,
@@ -295,8 +359,10 @@ mod tests {
         v.verified.insert(
             token.clone(),
             Verified {
-                caller: v.verify(&token).unwrap(),
-                exp: now_secs() - LEEWAY_SECS - 1,
+                caller: Caller {
+                    valid_until: now_secs() - 1,
+                    ..v.verify(&token).unwrap()
+                },
             },
         );
         assert_eq!(v.verify(&token), Err(AuthError::Expired));
@@ -329,9 +395,11 @@ mod tests {
         let claims = Claims {
             sub: "ann".into(),
             exp: u64::MAX / 2,
+            iat: None,
+            nbf: None,
             scope: None,
             iss: Some("idp".into()),
-            aud: Some("presence".into()),
+            aud: Some(Audience::Many(vec!["other".into(), "presence".into()])),
         };
         let good = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
@@ -340,5 +408,37 @@ mod tests {
         )
         .unwrap();
         assert!(v.verify(&good).is_ok());
+    }
+
+    fn sign(claims: &serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn nbf_lifetime_and_audience_lists() {
+        let now = now_secs();
+        let v = Verifier::new(SECRET, None, None).with_max_lifetime(Some(3600));
+        let early = sign(&serde_json::json!({"sub": "a", "exp": now + 60, "nbf": now + 600}));
+        assert_eq!(v.verify(&early).unwrap_err().code(), "invalid_token");
+        let skewed = sign(&serde_json::json!({"sub": "a", "exp": now + 60, "nbf": now + 5}));
+        assert!(v.verify(&skewed).is_ok());
+        let listed = sign(&serde_json::json!({"sub": "a", "exp": now + 60, "aud": ["x", "y"]}));
+        assert!(v.verify(&listed).is_ok());
+        let long = sign(&serde_json::json!({"sub": "a", "exp": now + 600, "iat": now - 3600}));
+        assert_eq!(v.verify(&long).unwrap_err().code(), "invalid_token");
+        let no_iat = sign(&serde_json::json!({"sub": "a", "exp": now + 7200}));
+        assert!(v.verify(&no_iat).is_err());
+        let ok = sign(&serde_json::json!({"sub": "a", "exp": now + 600, "iat": now}));
+        assert_eq!(v.verify(&ok).unwrap().valid_until, now + 600 + LEEWAY_SECS);
+        // NumericDates may be fractional.
+        let fractional = sign(&serde_json::json!(
+            {"sub": "a", "exp": now as f64 + 600.5, "iat": now as f64 - 0.5, "nbf": now as f64 - 0.5}
+        ));
+        assert!(v.verify(&fractional).is_ok());
     }
 }

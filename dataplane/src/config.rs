@@ -14,6 +14,9 @@ use std::time::Duration;
 
 /// Default NATS server: this node's regional server on the same host.
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+/// Longest token lifetime `token` signs and `JWT_MAX_LIFETIME` accepts:
+/// ten years keeps every `exp` far from overflowing.
+pub const MAX_TOKEN_LIFETIME_SECS: u64 = 10 * 365 * 24 * 3600;
 
 /// `presence-service`: the presence API of a PresenceCluster region.
 #[derive(Debug, Parser)]
@@ -50,8 +53,9 @@ pub struct TokenArgs {
     /// Space-separated scopes, e.g. `presence:write` to set anyone's presence.
     #[arg(long, default_value = "")]
     pub scope: String,
-    /// Lifetime of the token in seconds.
-    #[arg(long, default_value_t = 86_400)]
+    /// Lifetime of the token in seconds (at most ten years).
+    #[arg(long, default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_TOKEN_LIFETIME_SECS))]
     pub ttl_secs: u64,
 }
 
@@ -111,9 +115,13 @@ pub struct ServeArgs {
     /// When set, tokens must carry this `iss`.
     #[arg(long, env = env::JWT_ISSUER)]
     pub jwt_issuer: Option<String>,
-    /// When set, tokens must carry this `aud`.
+    /// When set, tokens must carry this `aud` (as a string or in a list).
     #[arg(long, env = env::JWT_AUDIENCE)]
     pub jwt_audience: Option<String>,
+    /// When set, tokens living longer than this many seconds (exp - iat, or
+    /// exp - now without iat) are refused.
+    #[arg(long, env = env::JWT_MAX_LIFETIME)]
+    pub jwt_max_lifetime: Option<u64>,
     /// Cache budget in bytes (estimated memory of cached presences).
     #[arg(long, env = env::CACHE_MAX_COST, default_value_t = 64 * 1024 * 1024)]
     pub cache_max_cost: u64,
@@ -198,6 +206,30 @@ pub struct ServeArgs {
     /// Seconds between keep-alive comments on an idle change stream.
     #[arg(long, env = env::STREAM_KEEPALIVE_SECS, default_value_t = 15)]
     pub stream_keepalive_secs: u64,
+    /// Most change streams one caller (the token's `sub`) may hold open on
+    /// this node; more get 429.
+    #[arg(long, env = env::STREAM_MAX_PER_CALLER, default_value_t = 32)]
+    pub stream_max_per_caller: usize,
+    /// Bytes of recent events this node keeps for exact stream resumes
+    /// (besides its cap of 32768 events).
+    #[arg(long, env = env::STREAM_EVENT_LOG_MAX_BYTES, default_value_t = 64 * 1024 * 1024)]
+    pub stream_event_log_max_bytes: u64,
+    /// Seconds a client may take to send a request's headers. The timer also
+    /// runs while a kept-alive connection waits for its next request.
+    #[arg(long, env = env::HTTP_HEADER_READ_TIMEOUT_SECS, default_value_t = 10)]
+    pub http_header_read_timeout_secs: u64,
+    /// Seconds an idle kept-alive connection stays open between requests;
+    /// at most HTTP_HEADER_READ_TIMEOUT_SECS.
+    #[arg(long, env = env::HTTP_KEEPALIVE_TIMEOUT_SECS, default_value_t = 5)]
+    pub http_keepalive_timeout_secs: u64,
+    /// Most HTTP connections this node holds at once; more are answered 503
+    /// and closed.
+    #[arg(long, env = env::HTTP_MAX_CONNECTIONS, default_value_t = 20_000)]
+    pub http_max_connections: usize,
+    /// Seconds a client may leave the node's answer unread before its
+    /// connection (a change stream included) is closed.
+    #[arg(long, env = env::HTTP_SEND_TIMEOUT_SECS, default_value_t = 30)]
+    pub http_send_timeout_secs: u64,
 }
 
 /// A configuration value that can't work; the message names the variable.
@@ -254,8 +286,29 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     pub stream_max_connections: usize,
     pub stream_keepalive: Duration,
+    /// Most streams one caller may hold open on this node.
+    pub stream_max_per_caller: usize,
+    /// Byte budget of the event log.
+    pub event_log_max_bytes: usize,
+    /// Longest token lifetime accepted, in seconds; `None`: any.
+    pub jwt_max_lifetime: Option<u64>,
+    /// Connection limits of the HTTP server.
+    pub http: HttpLimits,
     /// `None` when rate limiting is off.
     pub write_limit: Option<crate::ratelimit::Limit>,
+}
+
+/// What one HTTP connection may cost the node, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Longest a request's head may take to arrive.
+    pub header_read_timeout: Duration,
+    /// Longest an idle kept-alive connection stays open.
+    pub keepalive_timeout: Duration,
+    /// Most connections at once.
+    pub max_connections: usize,
+    /// Longest the node's writes to a client may stay blocked.
+    pub send_timeout: Duration,
 }
 
 fn split_list(raw: &str) -> Vec<String> {
@@ -287,19 +340,22 @@ impl ServeArgs {
             return Err(invalid(env::NODE_ID, "must be 1 to 128 characters"));
         }
         let log_level = parse_log_level(&self.log_level)?;
-        if self.cache_max_cost < 1024 {
-            return Err(invalid(env::CACHE_MAX_COST, "must be at least 1024 bytes"));
-        }
+        self.check_numbers()?;
         let cache_initial_capacity = usize::try_from(self.cache_num_counters / 10)
             .unwrap_or(usize::MAX)
             .min(10_000_000);
         let nats = self.nats_settings()?;
         let timeouts = self.timeouts()?;
         let streams = self.stream_settings()?;
+        let http = self.http_limits()?;
         let write_limit = self.write_limit()?;
         Ok(Settings {
-            stream_max_connections: streams.0,
-            stream_keepalive: streams.1,
+            stream_max_connections: streams.max_connections,
+            stream_keepalive: streams.keepalive,
+            stream_max_per_caller: streams.per_caller,
+            event_log_max_bytes: streams.event_log_bytes,
+            jwt_max_lifetime: self.jwt_max_lifetime,
+            http,
             write_limit,
             node_type: self.node_type,
             node_id: self.node_id,
@@ -322,6 +378,35 @@ impl ServeArgs {
             read_timeout: timeouts.1,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
         })
+    }
+
+    /// The plain numbers' bounds; the others are checked where they turn
+    /// into settings.
+    fn check_numbers(&self) -> Result<(), ConfigError> {
+        in_range(env::SERVICE_PORT, u64::from(self.service_port), 1, 65_535)?;
+        in_range(
+            env::CACHE_MAX_COST,
+            self.cache_max_cost,
+            1024,
+            MAX_CACHE_COST,
+        )?;
+        in_range(
+            env::CACHE_NUM_COUNTERS,
+            self.cache_num_counters,
+            1,
+            1_000_000_000,
+        )?;
+        in_range(env::CORS_MAX_AGE, self.cors_max_age, 0, 86_400)?;
+        in_range(
+            env::SHUTDOWN_TIMEOUT_SECS,
+            self.shutdown_timeout_secs,
+            0,
+            3_600,
+        )?;
+        if let Some(lifetime) = self.jwt_max_lifetime {
+            in_range(env::JWT_MAX_LIFETIME, lifetime, 1, MAX_TOKEN_LIFETIME_SECS)?;
+        }
+        Ok(())
     }
 
     fn nats_settings(&self) -> Result<NatsTarget, ConfigError> {
@@ -381,38 +466,123 @@ impl ServeArgs {
         ))
     }
 
-    /// (most streams, keep-alive interval).
-    fn stream_settings(&self) -> Result<(usize, Duration), ConfigError> {
-        if self.stream_max_connections == 0 {
-            return Err(invalid(env::STREAM_MAX_CONNECTIONS, "must be at least 1"));
-        }
-        if !(1..=300).contains(&self.stream_keepalive_secs) {
-            return Err(invalid(
-                env::STREAM_KEEPALIVE_SECS,
-                "must be between 1 and 300",
-            ));
-        }
-        Ok((
-            self.stream_max_connections,
-            Duration::from_secs(self.stream_keepalive_secs),
-        ))
+    fn stream_settings(&self) -> Result<StreamSettings, ConfigError> {
+        let max_connections = self.stream_max_connections;
+        in_range(
+            env::STREAM_MAX_CONNECTIONS,
+            as_u64(max_connections),
+            1,
+            1_000_000,
+        )?;
+        in_range(
+            env::STREAM_KEEPALIVE_SECS,
+            self.stream_keepalive_secs,
+            1,
+            300,
+        )?;
+        let per_caller = self.stream_max_per_caller;
+        in_range(env::STREAM_MAX_PER_CALLER, as_u64(per_caller), 1, 1_000_000)?;
+        let bytes = self.stream_event_log_max_bytes;
+        in_range(env::STREAM_EVENT_LOG_MAX_BYTES, bytes, 1024, 16 << 30)?;
+        Ok(StreamSettings {
+            max_connections,
+            keepalive: Duration::from_secs(self.stream_keepalive_secs),
+            per_caller,
+            event_log_bytes: usize::try_from(bytes).unwrap_or(usize::MAX),
+        })
+    }
+
+    fn http_limits(&self) -> Result<HttpLimits, ConfigError> {
+        let header = self.http_header_read_timeout_secs;
+        in_range(env::HTTP_HEADER_READ_TIMEOUT_SECS, header, 1, 300)?;
+        // hyper's header timer also runs between requests, so a longer
+        // keep-alive could never take effect.
+        let keepalive = self.http_keepalive_timeout_secs;
+        in_range(env::HTTP_KEEPALIVE_TIMEOUT_SECS, keepalive, 1, header).map_err(|_| {
+            invalid(
+                env::HTTP_KEEPALIVE_TIMEOUT_SECS,
+                format!(
+                    "must be between 1 and HTTP_HEADER_READ_TIMEOUT_SECS ({header}), whose timer \
+                     also runs while a kept-alive connection waits; got {keepalive}"
+                ),
+            )
+        })?;
+        let max_connections = self.http_max_connections;
+        in_range(
+            env::HTTP_MAX_CONNECTIONS,
+            as_u64(max_connections),
+            1,
+            1_000_000,
+        )?;
+        in_range(
+            env::HTTP_SEND_TIMEOUT_SECS,
+            self.http_send_timeout_secs,
+            1,
+            3_600,
+        )?;
+        Ok(HttpLimits {
+            header_read_timeout: Duration::from_secs(header),
+            keepalive_timeout: Duration::from_secs(keepalive),
+            max_connections,
+            send_timeout: Duration::from_secs(self.http_send_timeout_secs),
+        })
     }
 
     fn write_limit(&self) -> Result<Option<crate::ratelimit::Limit>, ConfigError> {
         let rate = self.rate_limit_writes_per_second;
-        if !rate.is_finite() || rate < 0.0 {
+        let off = rate == 0.0;
+        if !off && !(MIN_WRITE_RATE..=MAX_WRITE_RATE).contains(&rate) {
             return Err(invalid(
                 env::RATE_LIMIT_WRITES_PER_SECOND,
-                "must be a number >= 0 (0 turns limiting off)",
+                format!(
+                    "must be 0 (no limit) or between {MIN_WRITE_RATE} and {MAX_WRITE_RATE}; got {rate}"
+                ),
             ));
         }
-        if rate > 0.0 && self.rate_limit_burst == 0 {
-            return Err(invalid(env::RATE_LIMIT_BURST, "must be at least 1"));
+        if !off {
+            in_range(
+                env::RATE_LIMIT_BURST,
+                u64::from(self.rate_limit_burst),
+                1,
+                1_000_000,
+            )?;
         }
-        Ok((rate > 0.0).then(|| crate::ratelimit::Limit {
+        Ok((!off).then(|| crate::ratelimit::Limit {
             rate,
             burst: f64::from(self.rate_limit_burst),
         }))
+    }
+}
+
+/// Slowest write rate accepted: one write per 1000 s. Slower rates would
+/// make the wait in a 429 longer than any client keeps a retry.
+const MIN_WRITE_RATE: f64 = 0.001;
+/// Fastest write rate accepted (it is per user).
+const MAX_WRITE_RATE: f64 = 1_000_000.0;
+/// Largest cache budget accepted: 1 TiB.
+const MAX_CACHE_COST: u64 = 1 << 40;
+
+/// Stream settings after validation.
+struct StreamSettings {
+    max_connections: usize,
+    keepalive: Duration,
+    per_caller: usize,
+    event_log_bytes: usize,
+}
+
+fn as_u64(value: usize) -> u64 {
+    u64::try_from(value).unwrap_or(u64::MAX)
+}
+
+/// `Ok` when `min <= value <= max`; else an error naming the variable.
+fn in_range(name: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(invalid(
+            name,
+            format!("must be between {min} and {max}; got {value}"),
+        ))
     }
 }
 
@@ -655,6 +825,46 @@ mod tests {
                 "RATE_LIMIT_WRITES_PER_SECOND",
             ),
             (vec![SECRET, "--rate-limit-burst=0"], "RATE_LIMIT_BURST"),
+            (
+                vec![SECRET, "--rate-limit-writes-per-second=1e-20"],
+                "RATE_LIMIT_WRITES_PER_SECOND",
+            ),
+            (
+                vec![SECRET, "--rate-limit-writes-per-second=NaN"],
+                "RATE_LIMIT_WRITES_PER_SECOND",
+            ),
+            (vec![SECRET, "--service-port=0"], "SERVICE_PORT"),
+            (vec![SECRET, "--cache-num-counters=0"], "CACHE_NUM_COUNTERS"),
+            (vec![SECRET, "--cors-max-age=999999999"], "CORS_MAX_AGE"),
+            (
+                vec![SECRET, "--shutdown-timeout-secs=18446744073709551615"],
+                "SHUTDOWN_TIMEOUT_SECS",
+            ),
+            (vec![SECRET, "--jwt-max-lifetime=0"], "JWT_MAX_LIFETIME"),
+            (
+                vec![SECRET, "--http-keepalive-timeout-secs=11"],
+                "HTTP_KEEPALIVE_TIMEOUT_SECS",
+            ),
+            (
+                vec![SECRET, "--http-header-read-timeout-secs=0"],
+                "HTTP_HEADER_READ_TIMEOUT_SECS",
+            ),
+            (
+                vec![SECRET, "--http-max-connections=0"],
+                "HTTP_MAX_CONNECTIONS",
+            ),
+            (
+                vec![SECRET, "--stream-max-per-caller=0"],
+                "STREAM_MAX_PER_CALLER",
+            ),
+            (
+                vec![SECRET, "--stream-event-log-max-bytes=100"],
+                "STREAM_EVENT_LOG_MAX_BYTES",
+            ),
+            (
+                vec![SECRET, "--http-send-timeout-secs=0"],
+                "HTTP_SEND_TIMEOUT_SECS",
+            ),
         ] {
             let err = parse(&args).validate().unwrap_err().to_string();
             assert!(err.starts_with(name), "{args:?}: {err}");

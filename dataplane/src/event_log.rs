@@ -11,82 +11,134 @@ use std::sync::Arc;
 
 /// How many presence changes the node remembers for exact resumes.
 pub const EVENT_LOG_CAPACITY: usize = 32 * 1024;
+/// The log's default byte budget (`STREAM_EVENT_LOG_MAX_BYTES`).
+pub const DEFAULT_MAX_BYTES: usize = 64 * 1024 * 1024;
 
 /// The node's recent presence events (every visible change of every user,
 /// as the watch applied them), so a stream resuming after `Last-Event-ID`
 /// gets each change it missed, not only each user's latest state.
-#[derive(Default)]
+///
+/// Bounded twice: at most [`EVENT_LOG_CAPACITY`] events, and at most
+/// `max_bytes` of their estimated size (one event may be ~24 KB: a full
+/// message and 32 sessions). Events are shared (`Arc`), so a resume copies
+/// references, not views.
 pub struct EventLog {
     inner: std::sync::Mutex<LogInner>,
+    max_bytes: usize,
+}
+
+impl Default for EventLog {
+    fn default() -> Self {
+        EventLog::with_max_bytes(DEFAULT_MAX_BYTES)
+    }
 }
 
 #[derive(Default)]
 struct LogInner {
     events: std::collections::VecDeque<(u64, Arc<PresenceView>)>,
+    /// Estimated bytes of `events`.
+    bytes: usize,
     /// Visible changes this node wrote and applied itself, by revision,
     /// until the watch brings them in order (it then finds them stale).
-    local: HashMap<u64, PresenceView>,
+    local: HashMap<u64, Arc<PresenceView>>,
+    /// Estimated bytes of `local`.
+    local_bytes: usize,
     /// Every visible change after this revision is in `events`; `None`
     /// while nothing is known (start, replay, recreated bucket).
     complete_after: Option<u64>,
 }
 
+impl LogInner {
+    /// Forgets the oldest event; the log is then complete only after it.
+    fn drop_oldest(&mut self) {
+        if let Some((dropped, view)) = self.events.pop_front() {
+            self.bytes = self.bytes.saturating_sub(view.weight());
+            self.complete_after = self.complete_after.map(|after| after.max(dropped));
+        }
+    }
+}
+
 impl EventLog {
+    /// A log keeping at most `max_bytes` of events.
+    pub fn with_max_bytes(max_bytes: usize) -> Self {
+        EventLog {
+            inner: std::sync::Mutex::default(),
+            max_bytes,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, LogInner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// (events held, their estimated bytes), for metrics.
+    pub fn size(&self) -> (usize, usize) {
+        let inner = self.lock();
+        (inner.events.len(), inner.bytes)
     }
 
     /// From now on every change is recorded: the log is complete after `revision`.
     pub fn start_after(&self, revision: u64) {
         let mut inner = self.lock();
-        inner.events.clear();
-        inner.local.clear();
-        inner.complete_after = Some(revision);
+        *inner = LogInner {
+            complete_after: Some(revision),
+            ..LogInner::default()
+        };
     }
 
     /// Forgets everything (the bucket was recreated, or a replay begins).
     pub fn reset(&self) {
-        let mut inner = self.lock();
-        inner.events.clear();
-        inner.local.clear();
-        inner.complete_after = None;
+        *self.lock() = LogInner::default();
     }
 
     /// A visible change of a user at `revision`.
     pub fn push(&self, revision: u64, view: PresenceView) {
+        self.push_shared(revision, Arc::new(view));
+    }
+
+    fn push_shared(&self, revision: u64, view: Arc<PresenceView>) {
         let mut inner = self.lock();
         if inner.complete_after.is_none() {
             return;
         }
-        if inner.events.len() == EVENT_LOG_CAPACITY
-            && let Some((dropped, _)) = inner.events.pop_front()
-        {
-            inner.complete_after = inner.complete_after.map(|after| after.max(dropped));
+        inner.bytes += view.weight();
+        inner.events.push_back((revision, view));
+        while inner.events.len() > EVENT_LOG_CAPACITY || inner.bytes > self.max_bytes {
+            inner.drop_oldest();
         }
-        inner.events.push_back((revision, Arc::new(view)));
     }
 
     /// A visible change this node wrote and already applied to its cache:
     /// the watch will find it stale, and records it then, in order.
     pub fn note_local(&self, revision: u64, view: PresenceView) {
+        let weight = view.weight();
         let mut inner = self.lock();
-        if inner.local.len() >= MAX_LOCAL {
+        if inner.local.len() >= MAX_LOCAL || inner.local_bytes + weight > self.max_bytes / 4 {
             // Echoes that never came (a watch restart, a recreated
             // bucket): give up exactness up to here rather than grow.
             inner.local.clear();
+            inner.local_bytes = 0;
             drop(inner);
             self.gap(revision);
             return;
         }
-        inner.local.insert(revision, view);
+        inner.local_bytes += weight;
+        inner.local.insert(revision, Arc::new(view));
     }
 
     /// The watch found the change at `revision` already applied: if this
     /// node wrote it, it is recorded now.
     pub fn echo(&self, revision: u64) {
-        let view = self.lock().local.remove(&revision);
+        let view = {
+            let mut inner = self.lock();
+            let view = inner.local.remove(&revision);
+            if let Some(view) = &view {
+                inner.local_bytes = inner.local_bytes.saturating_sub(view.weight());
+            }
+            view
+        };
         if let Some(view) = view {
-            self.push(revision, view);
+            self.push_shared(revision, view);
         }
     }
 
@@ -96,12 +148,13 @@ impl EventLog {
         let mut inner = self.lock();
         inner.complete_after = inner.complete_after.map(|after| after.max(revision));
         while inner.events.front().is_some_and(|(r, _)| *r <= revision) {
-            inner.events.pop_front();
+            inner.drop_oldest();
         }
     }
 
     /// Every event of `users` after revision `after` up to `through`, in
-    /// order; `None` when the log can't vouch for that whole range.
+    /// order; `None` when the log can't vouch for that whole range. The
+    /// events are shared with the log, not copied.
     pub fn replay(
         &self,
         after: u64,
@@ -167,5 +220,33 @@ mod tests {
         assert_eq!(ids(log.replay(8, 9, &users)), Some(vec![9]));
         log.reset();
         assert_eq!(ids(log.replay(8, 9, &users)), None);
+    }
+
+    fn big(user: &str) -> PresenceView {
+        PresenceView {
+            message: "m".repeat(256),
+            ..PresenceView::unknown(user)
+        }
+    }
+
+    #[test]
+    fn the_log_is_bounded_in_bytes_and_shares_its_events() {
+        let weight = big("a").weight();
+        let log = EventLog::with_max_bytes(3 * weight);
+        log.start_after(0);
+        let users: std::collections::HashSet<&str> = ["a"].into();
+        for revision in 1..=5 {
+            log.push(revision, big("a"));
+        }
+        let (entries, bytes) = log.size();
+        assert_eq!((entries, bytes), (3, 3 * weight));
+        assert_eq!(log.replay(0, 5, &users), None, "the oldest events are gone");
+        let replayed = log.replay(2, 5, &users).expect("covered");
+        assert_eq!(
+            replayed.iter().map(|(r, _)| *r).collect::<Vec<_>>(),
+            [3, 4, 5]
+        );
+        // A resume holds the log's own events, not copies.
+        assert_eq!(Arc::strong_count(&replayed[0].1), 2);
     }
 }

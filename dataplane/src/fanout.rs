@@ -19,8 +19,8 @@ use crate::event_log::EventLog;
 use crate::record::{PresenceView, UserRecord};
 use crate::store::{Change, ChangeFeed};
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use time::OffsetDateTime;
 use tokio::sync::broadcast;
 
@@ -37,27 +37,53 @@ pub struct StreamHub {
     log: Arc<EventLog>,
     open: Arc<AtomicUsize>,
     max_open: usize,
+    /// Open streams per caller (`sub`); a caller without any has no entry.
+    callers: Arc<Mutex<HashMap<String, usize>>>,
+    per_caller: usize,
 }
 
-/// One open stream's place under the cap; released on drop.
+/// One open stream's place under the caps; released on drop.
 #[derive(Debug)]
-pub struct StreamPermit(Arc<AtomicUsize>);
+pub struct StreamPermit {
+    open: Arc<AtomicUsize>,
+    callers: Arc<Mutex<HashMap<String, usize>>>,
+    caller: String,
+}
 
 impl Drop for StreamPermit {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        let mut callers = self.callers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = callers.get_mut(&self.caller) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                callers.remove(&self.caller);
+            }
+        }
     }
 }
 
+/// Why a stream could not open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The node serves its most streams (`STREAM_MAX_CONNECTIONS`).
+    Node,
+    /// This caller holds its most streams (`STREAM_MAX_PER_CALLER`).
+    Caller,
+}
+
 impl StreamHub {
-    /// A hub allowing `max_open` streams at once.
-    pub fn new(max_open: usize) -> Self {
+    /// A hub allowing `max_open` streams at once, `per_caller` of them to
+    /// one caller, with an event log of at most `log_bytes`.
+    pub fn new(max_open: usize, per_caller: usize, log_bytes: usize) -> Self {
         let (feed, _) = broadcast::channel(FEED_CAPACITY);
         StreamHub {
             feed,
-            log: Arc::new(EventLog::default()),
+            log: Arc::new(EventLog::with_max_bytes(log_bytes)),
             open: Arc::new(AtomicUsize::new(0)),
             max_open,
+            callers: Arc::default(),
+            per_caller,
         }
     }
 
@@ -76,20 +102,39 @@ impl StreamHub {
         self.open.load(Ordering::Acquire)
     }
 
-    /// The cap, for error messages.
+    /// The node's cap, for error messages.
     pub fn max_open(&self) -> usize {
         self.max_open
     }
 
-    /// A place for one more stream, or `None` at the cap.
-    pub fn open(&self) -> Option<StreamPermit> {
-        let taken = self
-            .open
+    /// The per-caller cap, for error messages.
+    pub fn per_caller(&self) -> usize {
+        self.per_caller
+    }
+
+    /// A place for one more stream of `caller`, unless the node or the
+    /// caller is at its cap.
+    pub fn open(&self, caller: &str) -> Result<StreamPermit, Refused> {
+        self.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < self.max_open).then_some(n + 1)
             })
-            .is_ok();
-        taken.then(|| StreamPermit(self.open.clone()))
+            .map_err(|_| Refused::Node)?;
+        let mut callers = self.callers.lock().unwrap_or_else(|p| p.into_inner());
+        let held = callers.entry(caller.to_owned()).or_default();
+        if *held >= self.per_caller {
+            if *held == 0 {
+                callers.remove(caller);
+            }
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refused::Caller);
+        }
+        *held += 1;
+        Ok(StreamPermit {
+            open: self.open.clone(),
+            callers: self.callers.clone(),
+            caller: caller.to_owned(),
+        })
     }
 
     /// Starts receiving changes; subscribe before reading the snapshot.
@@ -102,8 +147,12 @@ impl StreamHub {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamEvent {
     /// A user's effective presence; `id` is the revision it reflects
-    /// (none inside a full snapshot, whose end carries the ID).
-    Presence { id: Option<u64>, view: PresenceView },
+    /// (none inside a full snapshot, whose end carries the ID). The view
+    /// is shared with the subscription or the event log, never copied.
+    Presence {
+        id: Option<u64>,
+        view: Arc<PresenceView>,
+    },
     /// The snapshot (or the catch-up after a resume) is complete: from
     /// here on every event is a live change. `id` covers everything sent.
     SnapshotEnd { id: u64, users: usize },
@@ -113,7 +162,7 @@ struct Followed {
     record: UserRecord,
     /// What the subscriber was last told (or would have been: the
     /// snapshot's state).
-    shown: PresenceView,
+    shown: Arc<PresenceView>,
 }
 
 /// One stream's users and what it told about them.
@@ -129,7 +178,7 @@ impl Subscription {
             .iter()
             .zip(records)
             .map(|(id, record)| {
-                let shown = record.stored_view(id);
+                let shown = Arc::new(record.stored_view(id));
                 (id.clone(), Followed { record, shown })
             })
             .collect();
@@ -144,7 +193,7 @@ impl Subscription {
         if let Some(user) = self.users.get_mut(&change.user_id)
             && user.record.merge(change.update.clone(), change.revision)
         {
-            user.shown = user.record.stored_view(&change.user_id);
+            user.shown = Arc::new(user.record.stored_view(&change.user_id));
         }
     }
 
@@ -158,10 +207,10 @@ impl Subscription {
         if view.same_state(&user.shown) {
             return None;
         }
-        user.shown = view.clone();
+        user.shown = Arc::new(view);
         Some(StreamEvent::Presence {
             id: Some(change.revision),
-            view,
+            view: user.shown.clone(),
         })
     }
 
@@ -181,7 +230,7 @@ impl Subscription {
             .into_iter()
             .map(|(revision, view)| StreamEvent::Presence {
                 id: Some(revision),
-                view: PresenceView::clone(&view),
+                view,
             })
             .collect();
         events.push(StreamEvent::SnapshotEnd {
@@ -198,7 +247,7 @@ impl Subscription {
     pub fn opening(&self, through: u64, resume_after: Option<u64>) -> Vec<StreamEvent> {
         let mut events: Vec<StreamEvent> = match resume_after {
             Some(after) => {
-                let mut changed: Vec<(u64, &PresenceView)> = self
+                let mut changed: Vec<(u64, &Arc<PresenceView>)> = self
                     .order
                     .iter()
                     .filter_map(|id| self.users.get(id))
@@ -367,12 +416,21 @@ mod tests {
     }
 
     #[test]
-    fn the_cap_is_enforced_and_released() {
-        let hub = StreamHub::new(2);
-        let a = hub.open().unwrap();
-        let _b = hub.open().unwrap();
-        assert!(hub.open().is_none());
+    fn the_caps_are_enforced_and_released() {
+        let hub = StreamHub::new(3, 2, 1 << 20);
+        let a = hub.open("greedy").unwrap();
+        let _b = hub.open("greedy").unwrap();
+        assert_eq!(hub.open("greedy").unwrap_err(), Refused::Caller);
+        let c = hub.open("modest").unwrap();
+        assert_eq!(hub.open("other").unwrap_err(), Refused::Node);
         drop(a);
-        assert!(hub.open().is_some());
+        let _again = hub.open("greedy").unwrap();
+        drop(c);
+        assert_eq!(hub.open_streams(), 2);
+        assert_eq!(
+            hub.callers.lock().unwrap().len(),
+            1,
+            "no entry for a caller without streams"
+        );
     }
 }

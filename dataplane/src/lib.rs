@@ -37,6 +37,7 @@ pub mod metrics;
 pub mod model;
 pub mod ratelimit;
 pub mod record;
+pub mod server;
 pub mod service;
 pub mod session;
 pub mod store;
@@ -62,8 +63,6 @@ pub enum Error {
         addr: std::net::SocketAddr,
         error: std::io::Error,
     },
-    #[error("HTTP server failed: {0}")]
-    Serve(std::io::Error),
     #[error("cannot set up metrics: {0}")]
     Metrics(prometheus::Error),
     #[error(transparent)]
@@ -110,14 +109,29 @@ pub async fn build(settings: Settings) -> Result<AppState, Error> {
             nats
         }
     };
+    Ok(build_with_store(settings, store, metrics))
+}
+
+/// Builds the state around a given store and starts the supervised watch;
+/// [`build`] picks the store from the settings. Tests use this to put a
+/// store with faults behind the real service.
+pub fn build_with_store(
+    settings: Settings,
+    store: Arc<dyn PresenceStore>,
+    metrics: Metrics,
+) -> AppState {
     let cache = PresenceCache::new(
         settings.cache_max_cost,
         settings.cache_initial_capacity,
         metrics.cache.clone(),
     );
     let watch = Arc::new(WatchStatus::default());
-    let streams = fanout::StreamHub::new(settings.stream_max_connections);
-    tokio::spawn(watch::run(
+    let streams = fanout::StreamHub::new(
+        settings.stream_max_connections,
+        settings.stream_max_per_caller,
+        settings.event_log_max_bytes,
+    );
+    tokio::spawn(watch::supervise(
         store.clone(),
         cache.clone(),
         watch.clone(),
@@ -129,14 +143,16 @@ pub async fn build(settings: Settings) -> Result<AppState, Error> {
         &settings.jwt_secret,
         settings.jwt_issuer.as_deref(),
         settings.jwt_audience.as_deref(),
-    );
-    Ok(Arc::new(App {
+    )
+    .with_max_lifetime(settings.jwt_max_lifetime);
+    Arc::new(App {
         service: PresenceService::new(
             store,
             cache,
             watch.clone(),
             &settings.node_id,
             streams.log(),
+            metrics.clone(),
         ),
         limiter: ratelimit::RateLimiter::new(settings.write_limit),
         streams,
@@ -146,7 +162,7 @@ pub async fn build(settings: Settings) -> Result<AppState, Error> {
         metrics,
         watch,
         started: Instant::now(),
-    }))
+    })
 }
 
 /// Serves until SIGTERM or Ctrl-C, then stops accepting, lets in-flight
@@ -157,6 +173,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         .await
         .map_err(|error| Error::Bind { addr, error })?;
     let grace = settings.shutdown_timeout;
+    let limits = settings.http;
     let state = build(settings).await?;
     tracing::info!(
         %addr,
@@ -166,18 +183,25 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         "presence-service listening"
     );
     let stopping_tx = state.stopping.clone();
-    let mut stopping = state.stopping.subscribe();
-    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(async move {
+    tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutdown requested; finishing in-flight requests");
         let _ = stopping_tx.send(true);
     });
+    let mut stopping = state.stopping.subscribe();
+    let server = server::serve(
+        listener,
+        api::router(state.clone()),
+        limits,
+        state.metrics.clone(),
+        state.stopping.subscribe(),
+    );
     let forced = async move {
         let _ = stopping.wait_for(|s| *s).await;
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        result = server => result.map_err(Error::Serve)?,
+        () = server => {}
         () = forced => tracing::warn!(?grace, "in-flight requests did not finish in time; exiting"),
     }
     tracing::info!("stopped");

@@ -32,17 +32,26 @@ pub struct Metrics {
     registry: Registry,
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
+    pub http_connections_open: IntGauge,
+    pub http_connections_refused: IntCounter,
+    pub http_connections_timed_out: IntCounterVec,
     pub kv_duration: HistogramVec,
     pub watch_lag: Histogram,
     pub watch_applied_revision: IntGauge,
     pub watch_active: IntGauge,
     pub watch_restarts: IntCounter,
+    pub watch_crashes: IntCounter,
+    pub kv_values_skipped: IntCounter,
+    pub write_conflicts: IntCounter,
     pub cache: CacheCounters,
     pub cache_entries: IntGauge,
     pub cache_weighted_size: IntGauge,
     pub streams_open: IntGauge,
     pub stream_events: IntCounter,
     pub streams_lagged: IntCounter,
+    pub streams_closed: IntCounterVec,
+    pub event_log_entries: IntGauge,
+    pub event_log_bytes: IntGauge,
 }
 
 /// Registers each metric as it is created, so a metric can't be declared
@@ -107,6 +116,19 @@ impl Metrics {
                 ),
                 &["route", "status"],
             ))?,
+            http_connections_open: r.gauge("http_connections_open", "HTTP connections open now")?,
+            http_connections_refused: r.counter(
+                "http_connections_refused_total",
+                "Connections answered 503 and closed because HTTP_MAX_CONNECTIONS were open",
+            )?,
+            http_connections_timed_out: r.add(IntCounterVec::new(
+                Opts::new(
+                    "http_connections_timed_out_total",
+                    "Connections closed by a timeout: header (request head too slow), \
+                     keepalive (idle between requests), send (client not reading)",
+                ),
+                &["reason"],
+            ))?,
             kv_duration: r.add(HistogramVec::new(
                 r.latency(
                     "kv_operation_duration_seconds",
@@ -130,6 +152,18 @@ impl Metrics {
                 "watch_restarts_total",
                 "Times the KV watch was re-established after an error",
             )?,
+            watch_crashes: r.counter(
+                "watch_crashes_total",
+                "Times the KV watch task panicked and was restarted",
+            )?,
+            kv_values_skipped: r.counter(
+                "kv_values_skipped_total",
+                "Bucket values skipped because they can't be decoded or are out of range",
+            )?,
+            write_conflicts: r.counter(
+                "write_conflicts_total",
+                "Writes the bucket refused because another write changed the key first (each is retried)",
+            )?,
             cache: CacheCounters::new(&r)?,
             cache_entries: r.gauge("cache_entries", "Entries in the cache")?,
             cache_weighted_size: r.gauge(
@@ -144,6 +178,19 @@ impl Metrics {
             streams_lagged: r.counter(
                 "streams_lagged_total",
                 "Change streams ended because they fell behind the change feed",
+            )?,
+            streams_closed: r.add(IntCounterVec::new(
+                Opts::new(
+                    "streams_closed_total",
+                    "Change streams the node ended: send_timeout (client not reading), \
+                     token_expired, bucket_reset (the bucket was recreated)",
+                ),
+                &["reason"],
+            ))?,
+            event_log_entries: r.gauge("event_log_entries", "Events in the node's event log")?,
+            event_log_bytes: r.gauge(
+                "event_log_bytes",
+                "Estimated bytes of the node's event log (STREAM_EVENT_LOG_MAX_BYTES bounds it)",
             )?,
             registry: r.0,
         })

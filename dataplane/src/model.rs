@@ -119,6 +119,31 @@ impl Presence {
     pub fn is_valid_at(&self, now: OffsetDateTime) -> bool {
         self.expires_at.is_none_or(|at| at > now)
     }
+
+    /// Whether a stored manual status of `user_id` is one this service can
+    /// use: its own user and a message within the API's limit. Anything
+    /// else (another writer's value) is skipped, not trusted.
+    pub fn check(&self, user_id: &str) -> Result<(), String> {
+        if self.user_id != user_id {
+            return Err(format!("value names user {:?}", self.user_id));
+        }
+        let chars = self.message.chars().count();
+        if chars > MAX_MESSAGE_CHARS {
+            return Err(format!("message is {chars} characters long"));
+        }
+        check_node_id(&self.node_id)
+    }
+}
+
+/// Longest node ID a stored value may name (`NODE_ID`'s own limit).
+pub const MAX_NODE_ID_BYTES: usize = 128;
+
+/// A stored node ID within `NODE_ID`'s limit.
+pub fn check_node_id(node_id: &str) -> Result<(), String> {
+    if node_id.len() > MAX_NODE_ID_BYTES {
+        return Err(format!("nodeID is over {MAX_NODE_ID_BYTES} bytes"));
+    }
+    Ok(())
 }
 
 /// Millisecond precision keeps timestamps readable and identical across
@@ -176,7 +201,9 @@ impl ValidUpdate {
     pub fn ttl(&self, now: OffsetDateTime) -> Option<std::time::Duration> {
         self.expires_at.map(|at| {
             let seconds = (at - now).as_seconds_f64().ceil().max(1.0);
-            std::time::Duration::from_secs_f64(seconds)
+            // Validation keeps `at` within 30 days; the fallback keeps a
+            // hand-built update from panicking.
+            std::time::Duration::try_from_secs_f64(seconds).unwrap_or(MAX_MANUAL_TTL)
         })
     }
 }

@@ -7,6 +7,10 @@ use moka::sync::Cache;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Longest wait a refusal names (a rate of 0.001/s, the slowest allowed,
+/// needs 1000 s).
+const MAX_WAIT: Duration = Duration::from_secs(3600);
+
 /// A token bucket: `burst` tokens, refilled at `rate` per second.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Bucket {
@@ -41,7 +45,10 @@ impl Bucket {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / limit.rate))
+            // Settings keep the rate sane; the cap keeps a bad one from
+            // panicking in the conversion.
+            let wait = (1.0 - self.tokens) / limit.rate;
+            Err(Duration::try_from_secs_f64(wait).map_or(MAX_WAIT, |w| w.min(MAX_WAIT)))
         }
     }
 }
@@ -110,6 +117,18 @@ mod tests {
             assert!(b.take(LIMIT, later).is_ok());
         }
         assert!(b.take(LIMIT, later).is_err());
+    }
+
+    #[test]
+    fn an_absurd_rate_waits_a_bounded_time_instead_of_panicking() {
+        let tiny = Limit {
+            rate: 1e-20,
+            burst: 1.0,
+        };
+        let t0 = Instant::now();
+        let mut b = Bucket::full(tiny, t0);
+        assert!(b.take(tiny, t0).is_ok());
+        assert_eq!(b.take(tiny, t0), Err(MAX_WAIT));
     }
 
     #[test]

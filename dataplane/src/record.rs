@@ -143,6 +143,21 @@ impl PresenceView {
         }
     }
 
+    /// Rough heap size of the view (the struct, its strings, its
+    /// sessions), for the event log's byte budget.
+    pub fn weight(&self) -> usize {
+        let sessions: usize = self
+            .sessions
+            .iter()
+            .map(|s| std::mem::size_of::<SessionView>() + s.id.len() + s.device.len())
+            .sum();
+        std::mem::size_of::<PresenceView>()
+            + self.user_id.len()
+            + self.message.len()
+            + self.node_id.len()
+            + sessions
+    }
+
     /// Whether a subscriber would see a difference: everything but the
     /// timestamps that every heartbeat moves.
     pub fn same_state(&self, other: &PresenceView) -> bool {
@@ -203,6 +218,37 @@ impl UserRecord {
             }
         }
         true
+    }
+
+    /// The revision of one of the user's keys as the record knows it,
+    /// removal included; 0 when the record knows nothing of that key.
+    pub fn key_revision(&self, part: &Part) -> u64 {
+        match part {
+            Part::Manual => self.manual.as_ref().map_or(0, |c| c.revision),
+            Part::Seen => self.seen().map_or(0, |c| c.revision),
+            Part::Session(id) => self
+                .sessions()
+                .iter()
+                .find(|(s, _)| s == id)
+                .map_or(0, |(_, c)| c.revision),
+        }
+    }
+
+    /// The highest revision among the user's session keys, removals
+    /// included (only the oldest removals are ever forgotten).
+    pub fn sessions_revision(&self) -> u64 {
+        self.sessions()
+            .iter()
+            .map(|(_, c)| c.revision)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The stored durable sign of life, if any.
+    pub fn seen_at(&self) -> Option<OffsetDateTime> {
+        self.seen()
+            .and_then(|c| c.value.as_ref())
+            .map(|s| s.last_seen)
     }
 
     /// The highest revision of any of the user's keys, removals included:

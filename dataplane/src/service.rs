@@ -1,12 +1,22 @@
 //! The read and write paths shared by every handler: cache first, store on a
 //! miss; writes acknowledged by the store before they are answered.
+//!
+//! Every write names the revision it expects the bucket to hold for the key
+//! (or, for a new session, for all of the user's sessions), and the bucket
+//! checks it on arrival. So a write we answered 503 for can't land later
+//! over a newer one, and concurrent new sessions can't pass the per-user
+//! cap. When another write got there first, the user is read again from the
+//! bucket and the write decided again (a set still overwrites; a `seen`
+//! only moves forward; a new session is counted again).
 
 use crate::cache::{Applied, PresenceCache};
 use crate::event_log::{EventLog, visible_change};
+use crate::keys::Part;
+use crate::metrics::Metrics;
 use crate::model::{Presence, ValidUpdate};
 use crate::record::{PresenceView, Update, UserRecord};
 use crate::session::{MAX_SESSIONS_PER_USER, Seen, ValidHeartbeat};
-use crate::store::{Change, PresenceStore, StoreError};
+use crate::store::{Change, Expect, PresenceStore, StoreError};
 use crate::watch::WatchStatus;
 use futures::StreamExt;
 use std::sync::Arc;
@@ -15,6 +25,9 @@ use time::OffsetDateTime;
 
 /// How many KV operations one request keeps in flight at once.
 pub const PIPELINE_DEPTH: usize = 256;
+/// How many times a write is tried while other writes keep changing the
+/// user first; then it fails with [`StoreError::Conflict`].
+pub const WRITE_ATTEMPTS: u32 = 8;
 
 /// Why a session operation was refused.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -37,6 +50,23 @@ pub struct PresenceService {
     watch: Arc<WatchStatus>,
     node_id: Arc<str>,
     log: Arc<EventLog>,
+    metrics: Metrics,
+    /// One lock per user creating sessions on this node, so its new
+    /// sessions are counted one at a time here instead of racing each
+    /// other in the bucket (other nodes' still race, and are refused).
+    new_sessions: moka::sync::Cache<String, Arc<tokio::sync::Mutex<()>>>,
+}
+
+/// What to store for a user, decided from what is known of the user.
+enum Plan {
+    /// Store `update` if the bucket still holds what `expect` says.
+    Write {
+        update: Update,
+        expect: Expect,
+        ttl: Option<Duration>,
+    },
+    /// Nothing to write: the bucket already holds something as new.
+    Nothing,
 }
 
 impl PresenceService {
@@ -47,6 +77,7 @@ impl PresenceService {
         watch: Arc<WatchStatus>,
         node_id: &str,
         log: Arc<EventLog>,
+        metrics: Metrics,
     ) -> Self {
         PresenceService {
             store,
@@ -54,6 +85,11 @@ impl PresenceService {
             watch,
             node_id: node_id.into(),
             log,
+            metrics,
+            new_sessions: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(60))
+                .build(),
         }
     }
 
@@ -112,15 +148,59 @@ impl PresenceService {
             .collect()
     }
 
-    /// Writes one update and applies it to this node's cache at once, so
-    /// the writer reads its own write before the watch echoes it.
-    async fn write(
-        &self,
-        user_id: &str,
-        update: Update,
-        ttl: Option<Duration>,
-    ) -> Result<(), StoreError> {
-        let revision = self.store.write(user_id, &update, ttl).await?;
+    /// The user as the bucket holds it now, bypassing the cache: what a
+    /// write that lost a race decides again from.
+    async fn fresh_record(&self, user_id: &str) -> Result<Arc<UserRecord>, StoreError> {
+        let mut record = UserRecord::default();
+        for change in self.store.load(user_id).await? {
+            record.merge(change.update, change.revision);
+        }
+        Ok(Arc::new(record))
+    }
+
+    /// Writes what `plan` decides from the user's record, expecting the
+    /// bucket to hold what the record says. When another write got there
+    /// first, decides again from the bucket's current state, up to
+    /// [`WRITE_ATTEMPTS`] times. The written update is applied to this
+    /// node's cache at once, so the writer reads its own write before the
+    /// watch echoes it.
+    async fn write_planned<E, F>(&self, user_id: &str, mut plan: F) -> Result<(), E>
+    where
+        E: From<StoreError>,
+        F: FnMut(&UserRecord) -> Result<Plan, E>,
+    {
+        let mut record = self.record(user_id).await?;
+        let mut attempt = 1;
+        loop {
+            let (update, expect, ttl) = match plan(&record)? {
+                Plan::Nothing => return Ok(()),
+                Plan::Write {
+                    update,
+                    expect,
+                    ttl,
+                } => (update, expect, ttl),
+            };
+            match self.store.write(user_id, &update, ttl, expect).await {
+                Ok(revision) => {
+                    self.apply_own(user_id, update, revision).await;
+                    return Ok(());
+                }
+                Err(StoreError::Conflict) => {
+                    self.metrics.write_conflicts.inc();
+                    if attempt == WRITE_ATTEMPTS {
+                        return Err(StoreError::Conflict.into());
+                    }
+                    tokio::time::sleep(backoff(attempt)).await;
+                    record = self.fresh_record(user_id).await?;
+                    attempt += 1;
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
+
+    /// Applies this node's own acknowledged write to its cache.
+    async fn apply_own(&self, user_id: &str, update: Update, revision: u64) {
         let change = Change {
             user_id: user_id.to_owned(),
             update,
@@ -133,28 +213,46 @@ impl PresenceService {
         {
             self.log.note_local(revision, view);
         }
-        Ok(())
     }
 
-    /// Writes a key together with the user's durable `seen` time; both are
-    /// acknowledged before this returns.
-    async fn write_with_seen(
+    /// Writes `update` over whatever the key holds (the last writer wins),
+    /// but never over a value this node has not seen.
+    async fn overwrite(
         &self,
         user_id: &str,
         update: Update,
         ttl: Option<Duration>,
-        now: OffsetDateTime,
     ) -> Result<(), StoreError> {
+        let part = update.part();
+        self.write_planned(user_id, |record| {
+            Ok(Plan::Write {
+                update: update.clone(),
+                expect: Expect::Key(record.key_revision(&part)),
+                ttl,
+            })
+        })
+        .await
+    }
+
+    /// Records a sign of life at `at` in the durable `seen` key, unless a
+    /// later one is stored already: `seen` only moves forward.
+    async fn write_seen(&self, user_id: &str, at: OffsetDateTime) -> Result<(), StoreError> {
         let seen = Update::Seen(Some(Seen {
-            last_seen: now,
+            last_seen: at,
             node_id: self.node_id.to_string(),
         }));
-        let (first, second) = futures::future::join(
-            self.write(user_id, update, ttl),
-            self.write(user_id, seen, None),
-        )
-        .await;
-        first.and(second)
+        self.write_planned(user_id, |record| {
+            Ok(if record.seen_at().is_some_and(|stored| stored >= at) {
+                Plan::Nothing
+            } else {
+                Plan::Write {
+                    update: seen.clone(),
+                    expect: Expect::Key(record.key_revision(&Part::Seen)),
+                    ttl: None,
+                }
+            })
+        })
+        .await
     }
 
     async fn view_after_write(&self, user_id: &str) -> Result<PresenceView, StoreError> {
@@ -177,10 +275,14 @@ impl PresenceService {
         let manual = Update::Manual(Some(Arc::new(presence)));
         match ttl {
             Some(ttl) => {
-                self.write_with_seen(&user_id, manual, Some(ttl), last_seen)
-                    .await?
+                let (first, second) = futures::future::join(
+                    self.overwrite(&user_id, manual, Some(ttl)),
+                    self.write_seen(&user_id, last_seen),
+                )
+                .await;
+                first.and(second)?;
             }
-            None => self.write(&user_id, manual, None).await?,
+            None => self.overwrite(&user_id, manual, None).await?,
         }
         self.view_after_write(&user_id).await
     }
@@ -200,20 +302,53 @@ impl PresenceService {
 
     /// Creates or refreshes a session lease. The bucket removes the key
     /// `ttlSeconds` after the last heartbeat, whichever node took it.
+    ///
+    /// A refresh expects the session's own revision; a new session expects
+    /// the user's whole set of sessions unchanged since they were counted,
+    /// so the cap of [`MAX_SESSIONS_PER_USER`] holds however many nodes take
+    /// new sessions at once.
     pub async fn heartbeat(&self, heartbeat: ValidHeartbeat) -> Result<PresenceView, SessionError> {
         let now = OffsetDateTime::now_utc();
         let user_id = heartbeat.user_id.as_str();
-        let record = self.record(user_id).await?;
-        if !record.has_live_session(&heartbeat.session_id, now)
-            && record.live_sessions(now).count() >= MAX_SESSIONS_PER_USER
-        {
-            return Err(SessionError::TooManySessions(user_id.to_owned()));
-        }
         let session = heartbeat.session(&self.node_id, now);
         let last_seen = session.last_seen;
+        let part = Part::Session(heartbeat.session_id.clone());
         let update = Update::Session(heartbeat.session_id.clone(), Some(Arc::new(session)));
-        self.write_with_seen(user_id, update, Some(heartbeat.ttl()), last_seen)
-            .await?;
+        let plan = |record: &UserRecord| {
+            let expect = if record.has_live_session(&heartbeat.session_id, now) {
+                Expect::Key(record.key_revision(&part))
+            } else if record.live_sessions(now).count() >= MAX_SESSIONS_PER_USER {
+                return Err(SessionError::TooManySessions(user_id.to_owned()));
+            } else {
+                Expect::Sessions(record.sessions_revision())
+            };
+            Ok(Plan::Write {
+                update: update.clone(),
+                expect,
+                ttl: Some(heartbeat.ttl()),
+            })
+        };
+        // Refused without writing anything when the cache already says so.
+        let known = self.record(user_id).await?;
+        let new = match plan(&known)? {
+            Plan::Write { expect, .. } => matches!(expect, Expect::Sessions(_)),
+            Plan::Nothing => false,
+        };
+        let lock = new.then(|| {
+            self.new_sessions
+                .get_with_by_ref(user_id, || Arc::new(tokio::sync::Mutex::new(())))
+        });
+        let _one_at_a_time = match &lock {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        };
+        let (first, second) = futures::future::join(
+            self.write_planned(user_id, plan),
+            self.write_seen(user_id, last_seen),
+        )
+        .await;
+        first?;
+        second?;
         Ok(self.view_after_write(user_id).await?)
     }
 
@@ -224,24 +359,42 @@ impl PresenceService {
         session_id: &str,
     ) -> Result<PresenceView, SessionError> {
         let now = OffsetDateTime::now_utc();
-        let record = self.record(user_id).await?;
-        if !record.has_live_session(session_id, now) {
-            return Err(SessionError::NotFound {
-                user_id: user_id.to_owned(),
-                session_id: session_id.to_owned(),
-            });
-        }
+        let part = Part::Session(session_id.to_owned());
         let removal = Update::Session(session_id.to_owned(), None);
+        let plan = |record: &UserRecord| {
+            if !record.has_live_session(session_id, now) {
+                return Err(SessionError::NotFound {
+                    user_id: user_id.to_owned(),
+                    session_id: session_id.to_owned(),
+                });
+            }
+            Ok(Plan::Write {
+                update: removal.clone(),
+                expect: Expect::Key(record.key_revision(&part)),
+                ttl: Some(presence_contract::bucket::ENDED_SESSION_MARKER_TTL),
+            })
+        };
+        // Not found without writing anything when the cache already says so.
+        plan(&*self.record(user_id).await?)?;
         let now = crate::model::truncate_to_millis(now);
-        self.write_with_seen(
-            user_id,
-            removal,
-            Some(presence_contract::bucket::ENDED_SESSION_MARKER_TTL),
-            now,
+        let (first, second) = futures::future::join(
+            self.write_planned(user_id, plan),
+            self.write_seen(user_id, now),
         )
-        .await?;
+        .await;
+        first?;
+        second?;
         Ok(self.view_after_write(user_id).await?)
     }
+}
+
+/// A short, random pause before a write that lost a race is tried again,
+/// so writers racing for one user don't collide again in lockstep:
+/// up to 2 ms times the attempt.
+fn backoff(attempt: u32) -> Duration {
+    use std::hash::BuildHasher;
+    let random = std::collections::hash_map::RandomState::new().hash_one(attempt);
+    Duration::from_micros(random % (2_000 * u64::from(attempt)) + 100)
 }
 
 #[cfg(test)]
@@ -253,10 +406,44 @@ mod tests {
     use crate::store::memory::MemoryStore;
 
     fn service() -> PresenceService {
-        let cache = PresenceCache::new(1 << 20, 16, Metrics::new().unwrap().cache);
-        let store = Arc::new(MemoryStore::new());
+        node(Arc::new(MemoryStore::new()), "n1")
+    }
+
+    /// A node on `store`, with a cache of its own and no watch (so it
+    /// never learns of the other nodes' writes by itself).
+    fn node(store: Arc<MemoryStore>, id: &str) -> PresenceService {
+        let metrics = Metrics::new().unwrap();
+        let cache = PresenceCache::new(1 << 20, 16, metrics.cache.clone());
         let log = Arc::new(EventLog::default());
-        PresenceService::new(store, cache, Arc::new(WatchStatus::default()), "n1", log)
+        let watch = Arc::new(WatchStatus::default());
+        PresenceService::new(store, cache, watch, id, log, metrics)
+    }
+
+    fn busy(message: &str) -> ValidUpdate {
+        ValidUpdate {
+            user_id: "u".into(),
+            status: Status::Busy,
+            message: message.into(),
+            expires_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_set_that_lost_a_race_is_decided_again_and_still_wins() {
+        let store = Arc::new(MemoryStore::new());
+        let (a, b) = (node(store.clone(), "a"), node(store.clone(), "b"));
+        a.set(busy("first")).await.unwrap();
+        // b writes after a cached the user: a's cache is behind the bucket.
+        b.set(busy("second")).await.unwrap();
+        let view = a.set(busy("third")).await.unwrap();
+        assert_eq!(view.message, "third");
+        assert_eq!(a.metrics.write_conflicts.get(), 1);
+        let stored = b.fresh_record("u").await.unwrap();
+        let stored = stored.view("u", OffsetDateTime::now_utc()).unwrap();
+        assert_eq!(
+            (stored.message.as_str(), stored.node_id.as_str()),
+            ("third", "a")
+        );
     }
 
     fn beat(session: &str, status: &str) -> ValidHeartbeat {

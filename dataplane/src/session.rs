@@ -5,7 +5,7 @@
 pub use crate::model::{
     MAX_DEVICE_CHARS, MAX_SESSION_ID_BYTES, MAX_SESSION_TTL_SECS, MIN_SESSION_TTL_SECS,
 };
-use crate::model::{Status, ValidationError, truncate_to_millis, validate_user_id};
+use crate::model::{Status, ValidationError, check_node_id, truncate_to_millis, validate_user_id};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -13,6 +13,12 @@ use time::OffsetDateTime;
 pub const DEFAULT_SESSION_TTL_SECS: i64 = 30;
 /// Most live sessions one user may hold; more is a leak or abuse.
 pub const MAX_SESSIONS_PER_USER: usize = 32;
+/// Longest lease a stored session may name. Wider than what heartbeats may
+/// ask for, so values written under other limits (an older or newer node)
+/// still count; anything beyond is not a lease this service wrote.
+pub const MAX_STORED_TTL_SECS: i64 = 24 * 3600;
+/// The last year RFC 3339 can write: every time we store or show must be in it.
+const LAST_YEAR: i32 = 9999;
 
 /// One live session as stored under `<user>.s.<session>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,9 +36,35 @@ pub struct Session {
 }
 
 impl Session {
-    /// When the lease ends unless refreshed.
+    /// When the lease ends unless refreshed. A session read from the
+    /// bucket passed [`Session::check`], so the sum is representable; for
+    /// any other, it saturates instead of overflowing.
     pub fn expires_at(&self) -> OffsetDateTime {
-        self.last_seen + time::Duration::seconds(self.ttl_seconds)
+        self.last_seen
+            .saturating_add(time::Duration::seconds(self.ttl_seconds))
+    }
+
+    /// Whether a stored session is one this service can use: a lease of 1
+    /// second to [`MAX_STORED_TTL_SECS`] that ends in a year RFC 3339 can
+    /// write, and labels within the API's limits. Anything else (another
+    /// writer's value) is skipped, not trusted.
+    pub fn check(&self) -> Result<(), String> {
+        if !(1..=MAX_STORED_TTL_SECS).contains(&self.ttl_seconds) {
+            return Err(format!(
+                "ttlSeconds {} is not between 1 and {MAX_STORED_TTL_SECS}",
+                self.ttl_seconds
+            ));
+        }
+        let ends = self
+            .last_seen
+            .checked_add(time::Duration::seconds(self.ttl_seconds));
+        if ends.is_none_or(|t| t.year() > LAST_YEAR) {
+            return Err("the lease ends after the year 9999".into());
+        }
+        if self.device.chars().count() > MAX_DEVICE_CHARS {
+            return Err(format!("device is over {MAX_DEVICE_CHARS} characters"));
+        }
+        check_node_id(&self.node_id)
     }
 
     /// Whether the lease is still running at `now`. The bucket deletes the
@@ -51,6 +83,13 @@ pub struct Seen {
     /// The node that took that sign of life.
     #[serde(rename = "nodeID", default)]
     pub node_id: String,
+}
+
+impl Seen {
+    /// Whether a stored `seen` is one this service can use.
+    pub fn check(&self) -> Result<(), String> {
+        check_node_id(&self.node_id)
+    }
 }
 
 /// Body of `PUT /api/v2/presence/{userID}/sessions/{sessionID}`; loosely
@@ -182,5 +221,25 @@ mod tests {
         assert!(session.is_live_at(now + time::Duration::seconds(9)));
         assert!(!session.is_live_at(now + time::Duration::seconds(10)));
         assert_eq!(hb.ttl(), std::time::Duration::from_secs(10));
+    }
+
+    #[test]
+    fn stored_sessions_out_of_range_are_refused_and_never_overflow() {
+        let mut session = validate_heartbeat("u", "s", request(None, None))
+            .unwrap()
+            .session("n", OffsetDateTime::UNIX_EPOCH);
+        assert!(session.check().is_ok());
+        session.ttl_seconds = i64::MAX;
+        assert!(session.check().is_err());
+        // Not used once refused, but never a panic either.
+        assert!(session.is_live_at(OffsetDateTime::UNIX_EPOCH));
+        session.ttl_seconds = 0;
+        assert!(session.check().is_err());
+        session.ttl_seconds = 300;
+        session.last_seen = time::macros::datetime!(9999-12-31 23:59:59 UTC);
+        assert!(session.check().is_err());
+        session.last_seen = OffsetDateTime::UNIX_EPOCH;
+        session.node_id = "n".repeat(crate::model::MAX_NODE_ID_BYTES + 1);
+        assert!(session.check().is_err());
     }
 }

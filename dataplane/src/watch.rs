@@ -2,11 +2,17 @@
 //! every change to the cache. When the watch fails (hub restart, leafnode
 //! outage) it is re-established from the last revision it applied, so no
 //! change is skipped and none is applied twice out of order.
+//!
+//! The watch task is supervised ([`supervise`]): if it panics it is
+//! restarted with backoff from the last revision it applied, and readiness
+//! says the node is not ready meanwhile. A change that crashes it
+//! [`MAX_STRIKES`] times in a row is skipped, so one bad entry can't keep
+//! every node unready.
 
 use crate::cache::{Applied, PresenceCache};
 use crate::event_log::{EventLog, visible_change};
 use crate::metrics::Metrics;
-use crate::store::{Change, ChangeFeed, PresenceStore, StoreError, WatchStart};
+use crate::store::{Change, ChangeFeed, Entry, PresenceStore, StoreError, WatchStart};
 use futures::StreamExt;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -33,6 +39,16 @@ pub struct WatchStatus {
     last_applied_unix_ms: AtomicI64,
     last_lag_micros: AtomicU64,
     restarts: AtomicU64,
+    /// The revision being applied right now (0 between changes): what the
+    /// supervisor blames when the task panics.
+    applying: AtomicU64,
+    /// A revision that crashed the watch too often; it is passed over.
+    skip: AtomicU64,
+    /// The watch task panicked and has not been restarted yet.
+    crashed: AtomicBool,
+    crashes: AtomicU64,
+    /// Counts the bucket incarnations seen; change streams end when it moves.
+    epoch: tokio::sync::watch::Sender<u64>,
     applied: Notify,
     /// (revision, time stored) samples, oldest first: tell how old a
     /// revision is, so a stream resume knows whether it can be exact.
@@ -50,6 +66,8 @@ pub struct WatchSnapshot {
     /// Seconds since the last change was applied (`null` before the first).
     pub seconds_since_last_change: Option<f64>,
     pub restarts: u64,
+    /// Times the watch task panicked and was restarted.
+    pub crashes: u64,
 }
 
 impl WatchStatus {
@@ -62,6 +80,12 @@ impl WatchStatus {
     /// Whether a full replay is under way (reads must not trust the cache).
     pub fn replaying(&self) -> bool {
         self.replaying.load(Ordering::Acquire)
+    }
+
+    /// Whether the watch task crashed and waits to be restarted: the cache
+    /// is not following the bucket, so the node is not ready.
+    pub fn crashed(&self) -> bool {
+        self.crashed.load(Ordering::Acquire)
     }
 
     /// Waits until every change up to `revision` has been applied (and
@@ -104,7 +128,14 @@ impl WatchStatus {
         }
     }
 
+    /// Tells when the bucket was recreated: the value changes each time, so
+    /// open change streams, whose revisions belong to the lost bucket, end.
+    pub fn resets(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.epoch.subscribe()
+    }
+
     fn restart_from_scratch(&self) {
+        self.epoch.send_modify(|epoch| *epoch += 1);
         self.applied_revision.store(0, Ordering::Release);
         self.checkpoints
             .lock()
@@ -123,6 +154,7 @@ impl WatchStatus {
             seconds_since_last_change: (last_ms > 0)
                 .then(|| (now_ms - last_ms).max(0) as f64 / 1000.0),
             restarts: self.restarts.load(Ordering::Relaxed),
+            crashes: self.crashes.load(Ordering::Relaxed),
         }
     }
 }
@@ -141,23 +173,31 @@ struct Sinks<'a> {
 }
 
 impl Sinks<'_> {
-    async fn apply(&self, change: Change) {
+    async fn apply(&self, entry: Entry) {
         let now = OffsetDateTime::now_utc();
-        let lag = (now - change.stored_at).max(time::Duration::ZERO);
+        let (revision, stored_at, pending) = entry.position();
+        self.status.applying.store(revision, Ordering::Release);
+        let lag = (now - stored_at).max(time::Duration::ZERO);
         let replaying = self.status.replaying();
-        let applied = self.cache.apply(&change, replaying).await;
-        if replaying {
-            if change.pending == 0 {
-                self.finish_replay(change.revision).await;
+        let change = match entry {
+            Entry::Change(change) => {
+                let applied = self.cache.apply(&change, replaying).await;
+                if !replaying {
+                    self.log_event(&change, applied);
+                }
+                Some(change)
             }
-        } else {
-            self.log_event(&change, applied);
+            Entry::Other { .. } => None,
+        };
+        if replaying && pending == 0 {
+            self.finish_replay(revision).await;
         }
-        let revision = change.revision;
-        self.status.checkpoint(revision, change.stored_at);
+        self.status.checkpoint(revision, stored_at);
         // Feed first, then publish the revision: a stream that waited for
         // revision r has every change up to r in its receiver.
-        let _ = self.feed.send(Arc::new(change));
+        if let Some(change) = change {
+            let _ = self.feed.send(Arc::new(change));
+        }
         let status = self.status;
         status
             .applied_revision
@@ -172,6 +212,22 @@ impl Sinks<'_> {
         self.metrics
             .watch_applied_revision
             .set(i64::try_from(status.applied_revision()).unwrap_or(i64::MAX));
+        status.applying.store(0, Ordering::Release);
+    }
+
+    /// Applies `entry`, or only moves past it when it is the one the
+    /// supervisor gave up on.
+    async fn apply_or_skip(&self, entry: Entry) {
+        let revision = entry.revision();
+        if revision == self.status.skip.load(Ordering::Acquire) {
+            tracing::error!(
+                revision,
+                "passing over a change that crashed the KV watch {MAX_STRIKES} times"
+            );
+            self.apply(entry.into_other()).await;
+        } else {
+            self.apply(entry).await;
+        }
     }
 
     /// Records a change subscribers would see in the event log, for
@@ -317,7 +373,7 @@ pub async fn run(
                 loop {
                     tokio::select! {
                         item = changes.next() => match item {
-                            Some(Ok(change)) => sinks.apply(change).await,
+                            Some(Ok(entry)) => sinks.apply_or_skip(entry).await,
                             Some(Err(err)) => {
                                 tracing::warn!(error = %err, "KV watch failed; resuming from the last applied revision");
                                 break;
@@ -348,5 +404,137 @@ pub async fn run(
         failures = failures.saturating_add(1);
         let delay = Duration::from_millis(50 * 2u64.pow(failures.min(5)));
         tokio::time::sleep(delay.min(Duration::from_secs(1))).await;
+    }
+}
+
+/// A change that crashes the watch this many times in a row is skipped.
+pub const MAX_STRIKES: u32 = 3;
+
+/// Runs [`run`] for as long as the node lives. The task is awaited through
+/// its `JoinHandle`, so a panic is caught, counted and logged, and the watch
+/// is restarted from the last revision it applied after a backoff (100 ms
+/// doubling to 5 s; reset once a run lasted a minute). While it is down,
+/// [`WatchStatus::crashed`] makes readiness report the node not ready.
+pub async fn supervise(
+    store: Arc<dyn PresenceStore>,
+    cache: PresenceCache,
+    status: Arc<WatchStatus>,
+    metrics: Metrics,
+    feed: ChangeFeed,
+    log: Arc<EventLog>,
+) {
+    let for_run = status.clone();
+    let for_supervisor = metrics.clone();
+    let watch = move || {
+        run(
+            store.clone(),
+            cache.clone(),
+            for_run.clone(),
+            metrics.clone(),
+            feed.clone(),
+            log.clone(),
+        )
+    };
+    supervised(status, for_supervisor, watch).await;
+}
+
+/// The supervision loop of [`supervise`], for any task.
+async fn supervised<F, Fut>(status: Arc<WatchStatus>, metrics: Metrics, mut start: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut in_a_row: u32 = 0;
+    let mut strikes: (u64, u32) = (0, 0);
+    loop {
+        let started = std::time::Instant::now();
+        let task = tokio::spawn(start());
+        status.crashed.store(false, Ordering::Release);
+        let outcome = task.await;
+        status.crashed.store(true, Ordering::Release);
+        status.active.store(false, Ordering::Relaxed);
+        metrics.watch_active.set(0);
+        match outcome {
+            Ok(()) => tracing::error!("the KV watch ended; restarting it"),
+            Err(err) if err.is_panic() => {
+                // A panic while applying a change blames that change; one
+                // elsewhere (0) blames none.
+                let blamed = status.applying.swap(0, Ordering::AcqRel);
+                strikes = match strikes {
+                    (revision, n) if revision == blamed => (revision, n.saturating_add(1)),
+                    _ => (blamed, 1),
+                };
+                if blamed > 0 && strikes.1 >= MAX_STRIKES {
+                    status.skip.store(blamed, Ordering::Release);
+                }
+                status.crashes.fetch_add(1, Ordering::Relaxed);
+                metrics.watch_crashes.inc();
+                tracing::error!(
+                    panic = %panic_message(err.into_panic()),
+                    revision = blamed,
+                    "the KV watch panicked; restarting it"
+                );
+            }
+            // Cancelled: the runtime is shutting down.
+            Err(_) => return,
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            in_a_row = 0;
+        }
+        in_a_row = in_a_row.saturating_add(1);
+        tokio::time::sleep(crash_backoff(in_a_row)).await;
+    }
+}
+
+/// 100 ms, doubling with each crash in a row, at most 5 s.
+fn crash_backoff(in_a_row: u32) -> Duration {
+    let exp = in_a_row.saturating_sub(1).min(6);
+    Duration::from_millis(100 * 2u64.pow(exp)).min(Duration::from_secs(5))
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(message) => *message,
+        Err(payload) => payload
+            .downcast_ref::<&str>()
+            .map_or_else(|| "(not a string)".to_owned(), |s| (*s).to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_that_keeps_crashing_the_watch_is_passed_over() {
+        let status = Arc::new(WatchStatus::default());
+        let metrics = Metrics::new().expect("metrics");
+        let runs = Arc::new(AtomicU64::new(0));
+        let (task_status, task_runs) = (status.clone(), runs.clone());
+        let supervisor = tokio::spawn(supervised(status.clone(), metrics, move || {
+            let (status, runs) = (task_status.clone(), task_runs.clone());
+            async move {
+                runs.fetch_add(1, Ordering::AcqRel);
+                if status.skip.load(Ordering::Acquire) == 7 {
+                    std::future::pending::<()>().await;
+                }
+                status.applying.store(7, Ordering::Release);
+                panic!("change 7 can't be applied");
+            }
+        }));
+        while status.skip.load(Ordering::Acquire) != 7 || status.crashed() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(status.snapshot().crashes, u64::from(MAX_STRIKES));
+        assert_eq!(runs.load(Ordering::Acquire), u64::from(MAX_STRIKES) + 1);
+        supervisor.abort();
+    }
+
+    #[test]
+    fn crash_backoff_doubles_and_is_capped() {
+        let delays: Vec<u64> = (1..=9)
+            .map(|n| crash_backoff(n).as_millis() as u64)
+            .collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
     }
 }

@@ -225,6 +225,26 @@ impl Nats {
         self.proc = None;
     }
 
+    /// Freezes the server (SIGSTOP): its connections stay open and whatever
+    /// clients send waits in its socket buffers until [`Nats::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.proc.as_ref().expect("server is running").pid();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// Starts (again) with the same config and data; waits until healthy
     /// and, for a leaf, until its leafnode connection to the hub is up.
     pub async fn restart(&mut self) {

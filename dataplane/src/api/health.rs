@@ -18,14 +18,17 @@ fn readiness_problem(state: &AppState) -> Option<&'static str> {
         Some("not connected to this node's NATS server")
     } else if !c.bucket_open {
         Some("KV bucket not open yet")
+    } else if state.watch.crashed() {
+        Some("the KV watch crashed and is being restarted; the cache is not following the bucket")
     } else {
         None
     }
 }
 
 /// `GET /health/readiness`: 200 while the node can serve reads (its regional
-/// NATS is connected and the bucket is open). A leaf cut off from the hub
-/// stays ready (cached reads work); the center, whose NATS is the hub, is not.
+/// NATS is connected, the bucket is open and the watch task is running). A
+/// leaf cut off from the hub stays ready (cached reads work); the center,
+/// whose NATS is the hub, is not.
 pub async fn readiness(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     match readiness_problem(&state) {
         None => (StatusCode::OK, Json(json!({"status": "ready"}))),

@@ -26,6 +26,15 @@ pub async fn prometheus(State(state): State<AppState>) -> Result<impl IntoRespon
         .metrics
         .streams_open
         .set(i64::try_from(state.streams.open_streams()).unwrap_or(i64::MAX));
+    let (entries, bytes) = state.streams.log().size();
+    state
+        .metrics
+        .event_log_entries
+        .set(i64::try_from(entries).unwrap_or(i64::MAX));
+    state
+        .metrics
+        .event_log_bytes
+        .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     let text = state.metrics.render().map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

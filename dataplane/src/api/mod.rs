@@ -48,13 +48,13 @@ impl ApiError {
 
     /// 429 for a user written too often; says when to retry.
     pub fn rate_limited(user_id: &str, wait: std::time::Duration) -> Self {
-        let seconds = wait.as_secs_f64().ceil().max(1.0);
+        let seconds = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
         ApiError {
-            retry_after: Some(std::time::Duration::from_secs_f64(seconds)),
+            retry_after: Some(std::time::Duration::from_secs(seconds)),
             ..ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
-                format!("too many writes for user {user_id:?}; retry in {seconds:.0} s"),
+                format!("too many writes for user {user_id:?}; retry in {seconds} s"),
             )
         }
     }
@@ -112,6 +112,14 @@ impl From<StoreError> for ApiError {
                 "store_unavailable",
                 err.to_string(),
             ),
+            StoreError::Conflict => ApiError {
+                retry_after: Some(std::time::Duration::from_secs(1)),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "write_conflict",
+                    "other writes for this user kept changing it first; nothing was written, retry",
+                )
+            },
         }
     }
 }
@@ -247,6 +255,23 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// The `method` label of a request: the standard methods by name, anything
+/// else as `other`, so clients can't create label values (and series) at will.
+fn method_label(method: &Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        "CONNECT" => "CONNECT",
+        "TRACE" => "TRACE",
+        _ => "other",
+    }
+}
+
 async fn track_metrics(
     state: axum::extract::State<AppState>,
     req: Request,
@@ -256,12 +281,12 @@ async fn track_metrics(
     // `MatchedPath` is a shared string: cloning it allocates nothing.
     let route = req.extensions().get::<MatchedPath>().cloned();
     let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
-    let method = req.method().clone();
+    let method = method_label(req.method());
     let response = next.run(req).await;
     let status = response.status().as_u16().to_string();
     let m = &state.metrics;
     m.http_requests
-        .with_label_values(&[route, method.as_str(), status.as_str()])
+        .with_label_values(&[route, method, status.as_str()])
         .inc();
     m.http_duration
         .with_label_values(&[route, status.as_str()])
@@ -364,6 +389,14 @@ mod tests {
             runtime.block_on(async { router(crate::build(settings).await.expect("state")) });
         (runtime, router)
     });
+
+    #[test]
+    fn method_labels_are_a_closed_set() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::PATCH), "PATCH");
+        let made_up = Method::from_bytes(b"FOO1").expect("a token");
+        assert_eq!(method_label(&made_up), "other");
+    }
 
     fn method() -> impl Strategy<Value = Method> {
         prop_oneof![

@@ -9,7 +9,7 @@ use crate::model::{
 use crate::record::PresenceView;
 use crate::store::StoreError;
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::{FromRequest, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -205,12 +205,13 @@ pub(super) fn parse_user_list(raw: Option<&str>, max: usize) -> Result<Vec<Strin
     Ok(ids)
 }
 
-/// `POST /api/v2/presence/batch`: needs scope `presence:write`; every item
-/// gets its own result, and valid items are written concurrently.
+/// `POST /api/v2/presence/batch`: needs scope `presence:write`, checked
+/// before the body (up to 1 MiB) is read or parsed; every item gets its own
+/// result, and valid items are written concurrently.
 pub async fn set_batch(
     State(state): State<AppState>,
     caller: Caller,
-    JsonBody(request): JsonBody<BatchRequest>,
+    body: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     if !caller.can_write_any {
         return Err(ApiError::new(
@@ -219,6 +220,11 @@ pub async fn set_batch(
             "batch set needs a token with scope presence:write",
         ));
     }
+    let JsonBody(request) = JsonBody::<BatchRequest>::from_request(body, &state).await?;
+    write_batch(&state, request).await
+}
+
+async fn write_batch(state: &AppState, request: BatchRequest) -> Result<Response, ApiError> {
     let items = request.presences;
     if items.len() > MAX_BATCH {
         return Err(ApiError::new(

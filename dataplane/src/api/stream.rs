@@ -1,24 +1,33 @@
 //! `GET /api/v2/presence/stream?users=a,b`: Server-Sent Events of effective
 //! presence changes (see `crate::fanout` for what is sent and why).
+//!
+//! A stream holds a place under the node's cap and its caller's, and ends
+//! (freeing both) when its client leaves, when the client stops reading for
+//! `HTTP_SEND_TIMEOUT_SECS`, when its token expires, when the bucket is
+//! recreated, when it lags behind the change feed, or when the node stops.
+//! The sender never waits on the client without also watching those.
 
 use super::ApiError;
 use super::presence::parse_user_list;
 use crate::AppState;
 use crate::auth::Caller;
 use crate::fanout::{
-    MAX_STREAM_USERS, StreamEvent, StreamPermit, Subscription, can_resume_exactly,
+    MAX_STREAM_USERS, Refused, StreamEvent, StreamPermit, Subscription, can_resume_exactly,
 };
+use crate::metrics::Metrics;
 use crate::record::UserRecord;
+use crate::store::Change;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 
 /// How long opening a stream waits for the node's watch to catch up with
 /// the snapshot it read, so the snapshot and the live changes join exactly.
@@ -56,7 +65,7 @@ fn last_event_id(headers: &HeaderMap, query: Option<&str>) -> Result<Option<u64>
 
 fn to_sse(event: &StreamEvent) -> Event {
     let (name, id, data) = match event {
-        StreamEvent::Presence { id, view } => ("presence", *id, serde_json::to_string(view)),
+        StreamEvent::Presence { id, view } => ("presence", *id, serde_json::to_string(&**view)),
         StreamEvent::SnapshotEnd { id, users } => (
             "snapshot-end",
             Some(*id),
@@ -73,20 +82,55 @@ fn to_sse(event: &StreamEvent) -> Event {
     }
 }
 
-fn lagged_event() -> Event {
-    let body = serde_json::json!({"error": {
-        "code": "stream_lagged",
-        "message": "this stream fell behind the change feed; reconnect with Last-Event-ID to resume",
-    }});
+/// An `event: error` that ends a stream, with the API's error shape.
+fn error_event(code: &str, message: &str) -> Event {
+    let body = serde_json::json!({"error": {"code": code, "message": message}});
     Event::default().event("error").data(body.to_string())
+}
+
+/// Seconds since the epoch, now.
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn refusal(state: &AppState, caller: &Caller, refused: Refused) -> ApiError {
+    let retry_after = Some(Duration::from_secs(5));
+    match refused {
+        Refused::Node => ApiError {
+            retry_after,
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_streams",
+                format!(
+                    "this node already serves {} change streams, its limit (STREAM_MAX_CONNECTIONS); retry later or on another node",
+                    state.streams.max_open()
+                ),
+            )
+        },
+        Refused::Caller => ApiError {
+            retry_after,
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams_for_caller",
+                format!(
+                    "{:?} already has {} change streams open on this node, its limit (STREAM_MAX_PER_CALLER); close one first",
+                    caller.user_id,
+                    state.streams.per_caller()
+                ),
+            )
+        },
+    }
 }
 
 /// Opens a change stream: the current state of every user (or, with
 /// `Last-Event-ID`, what changed since), a `snapshot-end` event, then live
-/// changes. Refuses with 503 `too_many_streams` at the node's cap.
+/// changes. Refuses with 503 `too_many_streams` at the node's cap and 429
+/// `too_many_streams_for_caller` at the caller's.
 pub async fn open(
     State(state): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     headers: HeaderMap,
     query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -94,19 +138,61 @@ pub async fn open(
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
     let ids = parse_user_list(query.users.as_deref(), MAX_STREAM_USERS)?;
     let resume_from = last_event_id(&headers, query.last_event_id.as_deref())?;
-    let permit = state.streams.open().ok_or_else(|| ApiError {
-        retry_after: Some(Duration::from_secs(5)),
-        ..ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_streams",
-            format!(
-                "this node already serves {} change streams, its limit (STREAM_MAX_CONNECTIONS); retry later or on another node",
-                state.streams.max_open()
-            ),
-        )
-    })?;
-    // Subscribe before reading, so no change falls between the two.
-    let mut changes = state.streams.subscribe();
+    let permit = state
+        .streams
+        .open(&caller.user_id)
+        .map_err(|refused| refusal(&state, &caller, refused))?;
+    // Subscribe before reading, so no change (or reset) falls between the two.
+    let changes = state.streams.subscribe();
+    let resets = state.watch.resets();
+    let start = start(&state, ids, resume_from, changes).await?;
+    let (tx, rx) = mpsc::channel::<Event>(64);
+    let task = Follow {
+        subscription: start.subscription,
+        changes: start.changes,
+        tx,
+        stopping: state.stopping.subscribe(),
+        resets,
+        expiry: Box::pin(tokio::time::sleep(Duration::from_secs(
+            caller.valid_until.saturating_sub(now_secs()),
+        ))),
+        send_timeout: state.settings.http.send_timeout,
+        metrics: state.metrics.clone(),
+        _permit: permit,
+    };
+    tokio::spawn(task.run(start.opening, start.live));
+    let body = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|event| (Ok::<_, Infallible>(event), rx))
+    });
+    let keep_alive = KeepAlive::new().interval(state.settings.stream_keepalive);
+    let mut response = Sse::new(body).keep_alive(keep_alive).into_response();
+    // Reverse proxies (nginx) must not buffer an event stream.
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+/// What a new stream starts with.
+struct Start {
+    subscription: Subscription,
+    /// The snapshot (or catch-up) events, sent first and then dropped.
+    opening: Vec<StreamEvent>,
+    /// Changes past the snapshot that arrived while it was read.
+    live: Vec<Arc<Change>>,
+    changes: broadcast::Receiver<Arc<Change>>,
+}
+
+/// Reads the users' records and joins them with the feed: the opening
+/// events cover everything up to a revision the watch has applied.
+async fn start(
+    state: &AppState,
+    ids: Vec<String>,
+    resume_from: Option<u64>,
+    mut changes: broadcast::Receiver<Arc<Change>>,
+) -> Result<Start, ApiError> {
     let applied_before = state.watch.applied_revision();
     let records = state.service.records(&ids).await?;
     let through = records
@@ -143,8 +229,11 @@ pub async fn open(
     let opening = match resume_from {
         None => subscription.opening(through, None),
         Some(after) => {
-            let log = state.streams.log();
-            match log.replay(after, through, &subscription.users()) {
+            match state
+                .streams
+                .log()
+                .replay(after, through, &subscription.users())
+            {
                 // Every change missed, one event each.
                 Some(missed) => subscription.replayed(missed, through),
                 // Older than the log: each changed user's latest state, if
@@ -157,83 +246,289 @@ pub async fn open(
             }
         }
     };
-    let (tx, rx) = mpsc::channel::<Event>(64);
-    tokio::spawn(follow(
-        state.clone(),
-        permit,
+    Ok(Start {
         subscription,
         opening,
         live,
         changes,
-        tx,
-    ));
-    let body = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|event| (Ok::<_, Infallible>(event), rx))
-    });
-    let keep_alive = KeepAlive::new().interval(state.settings.stream_keepalive);
-    let mut response = Sse::new(body).keep_alive(keep_alive).into_response();
-    // Reverse proxies (nginx) must not buffer an event stream.
-    response
-        .headers_mut()
-        .insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(response)
+    })
 }
 
-/// Sends the opening events, then live changes until the client leaves,
-/// the stream lags, or the node stops.
-async fn follow(
-    state: AppState,
-    permit: StreamPermit,
-    mut subscription: Subscription,
-    opening: Vec<StreamEvent>,
-    live: Vec<Arc<crate::store::Change>>,
-    mut changes: broadcast::Receiver<Arc<crate::store::Change>>,
+/// Why a stream ended.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// The client went away.
+    Gone,
+    /// The node is stopping (or the feed closed with it).
+    Stopping,
+    /// The client didn't read for the send timeout.
+    Stalled,
+    /// The caller's token is no longer accepted.
+    Expired,
+    /// The bucket was recreated: every revision the stream knows is void.
+    Reset,
+    /// The stream fell this many changes behind the feed.
+    Lagged(u64),
+}
+
+/// One open stream: sends the opening, then live changes, until it ends.
+struct Follow {
+    subscription: Subscription,
+    changes: broadcast::Receiver<Arc<Change>>,
     tx: mpsc::Sender<Event>,
-) {
-    let metrics = &state.metrics;
-    let _permit = permit;
-    let mut stopping = state.stopping.subscribe();
-    if *stopping.borrow() {
-        return;
+    stopping: watch::Receiver<bool>,
+    resets: watch::Receiver<u64>,
+    /// Fires when the caller's token stops being accepted.
+    expiry: Pin<Box<tokio::time::Sleep>>,
+    send_timeout: Duration,
+    metrics: Metrics,
+    _permit: StreamPermit,
+}
+
+impl Follow {
+    async fn run(mut self, opening: Vec<StreamEvent>, live: Vec<Arc<Change>>) {
+        let end = match self.start(opening, live).await {
+            Ok(()) => self.follow().await,
+            Err(end) => end,
+        };
+        self.finish(end).await;
     }
-    for event in &opening {
-        if tx.send(to_sse(event)).await.is_err() {
-            return;
+
+    /// Sends the opening events, each dropped once sent, then the changes
+    /// that arrived while the stream opened.
+    async fn start(
+        &mut self,
+        opening: Vec<StreamEvent>,
+        live: Vec<Arc<Change>>,
+    ) -> Result<(), End> {
+        if *self.stopping.borrow() {
+            return Err(End::Stopping);
         }
-        metrics.stream_events.inc();
-    }
-    for change in live {
-        if let Some(event) = subscription.apply(&change) {
-            if tx.send(to_sse(&event)).await.is_err() {
-                return;
+        for event in opening {
+            self.deliver(event).await?;
+        }
+        for change in live {
+            if let Some(event) = self.subscription.apply(&change) {
+                self.deliver(event).await?;
             }
-            metrics.stream_events.inc();
+        }
+        Ok(())
+    }
+
+    async fn follow(&mut self) -> End {
+        loop {
+            tokio::select! {
+                received = self.changes.recv() => match received {
+                    Ok(change) => {
+                        if let Some(event) = self.subscription.apply(&change)
+                            && let Err(end) = self.deliver(event).await
+                        {
+                            return end;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => return End::Lagged(missed),
+                    Err(broadcast::error::RecvError::Closed) => return End::Stopping,
+                },
+                // The only change is to "stopping" (or the sender is gone).
+                _ = self.stopping.changed() => return End::Stopping,
+                _ = self.resets.changed() => return End::Reset,
+                () = &mut self.expiry => return End::Expired,
+                () = self.tx.closed() => return End::Gone,
+            }
         }
     }
-    loop {
+
+    /// Sends one event, or gives up: a client that doesn't take it within
+    /// the send timeout ends its stream, and so does any other end signal
+    /// that arrives meanwhile.
+    async fn deliver(&mut self, event: StreamEvent) -> Result<(), End> {
+        let sse = to_sse(&event);
+        drop(event);
+        let sse = match self.tx.try_send(sse) {
+            Ok(()) => {
+                self.metrics.stream_events.inc();
+                return Ok(());
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::Gone),
+            Err(mpsc::error::TrySendError::Full(sse)) => sse,
+        };
         tokio::select! {
-            received = changes.recv() => match received {
-                Ok(change) => {
-                    if let Some(event) = subscription.apply(&change) {
-                        if tx.send(to_sse(&event)).await.is_err() {
-                            return;
-                        }
-                        metrics.stream_events.inc();
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    tracing::warn!(missed, "a change stream lagged; ending it so its client resumes");
-                    metrics.streams_lagged.inc();
-                    let _ = tx.send(lagged_event()).await;
-                    return;
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
-            },
-            // The only change is to "stopping" (or the sender is gone).
-            _ = stopping.changed() => return,
-            () = tx.closed() => return,
+            sent = self.tx.send(sse) => sent.map_err(|_| End::Gone)?,
+            () = tokio::time::sleep(self.send_timeout) => return Err(End::Stalled),
+            _ = self.stopping.changed() => return Err(End::Stopping),
+            _ = self.resets.changed() => return Err(End::Reset),
+            () = &mut self.expiry => return Err(End::Expired),
         }
+        self.metrics.stream_events.inc();
+        Ok(())
+    }
+
+    /// Tells the client why its stream ends, when it should know.
+    async fn finish(self, end: End) {
+        let closed = |reason: &str| {
+            self.metrics
+                .streams_closed
+                .with_label_values(&[reason])
+                .inc();
+        };
+        let last = match end {
+            End::Gone | End::Stopping => None,
+            End::Stalled => {
+                closed("send_timeout");
+                tracing::info!("a change stream's client stopped reading; ending the stream");
+                None
+            }
+            End::Lagged(missed) => {
+                tracing::warn!(
+                    missed,
+                    "a change stream lagged; ending it so its client resumes"
+                );
+                self.metrics.streams_lagged.inc();
+                Some(error_event(
+                    "stream_lagged",
+                    "this stream fell behind the change feed; reconnect with Last-Event-ID to resume",
+                ))
+            }
+            End::Expired => {
+                closed("token_expired");
+                Some(error_event(
+                    "token_expired",
+                    "the token of this stream expired; reconnect with a fresh token (Last-Event-ID resumes where this stream ended)",
+                ))
+            }
+            End::Reset => {
+                closed("bucket_reset");
+                // An empty id clears the client's Last-Event-ID: the old
+                // bucket's revisions mean nothing in the new one.
+                Some(
+                    error_event(
+                        "stream_reset",
+                        "the presence data was reset (the bucket was recreated); reconnect without Last-Event-ID for a new snapshot",
+                    )
+                    .id(""),
+                )
+            }
+        };
+        if let Some(event) = last {
+            let _ = tokio::time::timeout(self.send_timeout, self.tx.send(event)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fanout::StreamHub;
+    use crate::record::PresenceView;
+
+    struct Harness {
+        rx: mpsc::Receiver<Event>,
+        metrics: Metrics,
+        _stopping: watch::Sender<bool>,
+        resets: watch::Sender<u64>,
+        _feed: broadcast::Sender<Arc<Change>>,
+    }
+
+    /// A stream of users `a` and `b` whose opening is its snapshot; the
+    /// returned view is `a`'s, shared with the opening.
+    fn stream(expires_in: Duration, send_timeout: Duration) -> (Follow, Vec<StreamEvent>, Harness) {
+        let hub = StreamHub::new(10, 10, 1 << 20);
+        let (feed, changes) = broadcast::channel(16);
+        let (tx, rx) = mpsc::channel(64);
+        let (stopping_tx, stopping) = watch::channel(false);
+        let (resets_tx, resets) = watch::channel(0);
+        let metrics = Metrics::new().expect("metrics");
+        let subscription = Subscription::new(
+            vec!["a".into(), "b".into()],
+            vec![UserRecord::default(), UserRecord::default()],
+        );
+        let opening = subscription.opening(7, None);
+        let follow = Follow {
+            subscription,
+            changes,
+            tx,
+            stopping,
+            resets,
+            expiry: Box::pin(tokio::time::sleep(expires_in)),
+            send_timeout,
+            metrics: metrics.clone(),
+            _permit: hub.open("t").expect("a place"),
+        };
+        let harness = Harness {
+            rx,
+            metrics,
+            _stopping: stopping_tx,
+            resets: resets_tx,
+            _feed: feed,
+        };
+        (follow, opening, harness)
+    }
+
+    fn view_of(event: &StreamEvent) -> Arc<PresenceView> {
+        match event {
+            StreamEvent::Presence { view, .. } => view.clone(),
+            StreamEvent::SnapshotEnd { .. } => panic!("not a presence"),
+        }
+    }
+
+    fn closed(metrics: &Metrics, reason: &str) -> u64 {
+        metrics.streams_closed.with_label_values(&[reason]).get()
+    }
+
+    #[tokio::test]
+    async fn the_opening_is_freed_once_sent() {
+        let (follow, opening, mut h) = stream(Duration::from_secs(3600), Duration::from_secs(30));
+        let probe = view_of(&opening[0]);
+        // The subscription, the opening and the probe hold it.
+        assert_eq!(Arc::strong_count(&probe), 3);
+        let task = tokio::spawn(follow.run(opening, Vec::new()));
+        for _ in 0..3 {
+            let _opening = h.rx.recv().await.expect("an opening event");
+        }
+        // Sent: only the subscription (what the client was told) and the
+        // probe are left, while the stream lives on.
+        let freed = async {
+            while Arc::strong_count(&probe) > 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), freed)
+            .await
+            .expect("the sent opening is dropped");
+        assert!(!task.is_finished());
+        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_ends_with_its_token_or_its_bucket() {
+        let (follow, opening, mut h) = stream(Duration::from_secs(60), Duration::from_secs(30));
+        let task = tokio::spawn(follow.run(opening, Vec::new()));
+        for _ in 0..3 {
+            let _opening = h.rx.recv().await.expect("an opening event");
+        }
+        let _last = h.rx.recv().await.expect("a last event");
+        assert!(h.rx.recv().await.is_none(), "then the stream ends");
+        task.await.expect("ends cleanly");
+        assert_eq!(closed(&h.metrics, "token_expired"), 1);
+
+        let (follow, opening, mut h) = stream(Duration::from_secs(60), Duration::from_secs(30));
+        let task = tokio::spawn(follow.run(opening, Vec::new()));
+        h.resets.send_modify(|e| *e += 1);
+        while h.rx.recv().await.is_some() {}
+        task.await.expect("ends cleanly");
+        assert_eq!(closed(&h.metrics, "bucket_reset"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_does_not_read_loses_its_stream() {
+        let (mut follow, _, h) = stream(Duration::from_secs(3600), Duration::from_secs(30));
+        // Far more events than the channel holds, and nobody reading.
+        let many: Vec<StreamEvent> = (0..100)
+            .map(|i| StreamEvent::SnapshotEnd { id: i, users: 2 })
+            .collect();
+        let end = follow.start(many, Vec::new()).await;
+        assert_eq!(end, Err(End::Stalled));
+        follow.finish(End::Stalled).await;
+        assert_eq!(closed(&h.metrics, "send_timeout"), 1);
     }
 }

@@ -3,7 +3,8 @@
 //! watch that replays then follows.
 
 use super::{
-    BucketIdentity, Change, ChangeStream, Connectivity, PresenceStore, StoreError, WatchStart,
+    BucketIdentity, Change, ChangeStream, Connectivity, Entry, Expect, PresenceStore, StoreError,
+    WatchStart,
 };
 use crate::keys::encode_key;
 use crate::keys::key_of;
@@ -41,6 +42,24 @@ fn lock(inner: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
     inner.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The last revision `expect` is about: one key's, or the highest among
+/// the user's session keys; 0 when there is none.
+fn last_revision(inner: &Inner, user_id: &str, key: &str, expect: Expect) -> u64 {
+    match expect {
+        Expect::Key(_) => inner.latest.get(key).map_or(0, |c| c.revision),
+        Expect::Sessions(_) => {
+            let sessions = format!("{}.s.", encode_key(user_id));
+            inner
+                .latest
+                .iter()
+                .filter(|(key, _)| key.starts_with(&sessions))
+                .map(|(_, c)| c.revision)
+                .max()
+                .unwrap_or(0)
+        }
+    }
+}
+
 /// Records `update` as the next revision and tells the watchers.
 fn record(
     inner: &Mutex<Inner>,
@@ -48,7 +67,15 @@ fn record(
     user_id: &str,
     update: Update,
 ) -> u64 {
-    let mut inner = lock(inner);
+    record_locked(lock(inner), changes, user_id, update)
+}
+
+fn record_locked(
+    mut inner: std::sync::MutexGuard<'_, Inner>,
+    changes: &broadcast::Sender<Change>,
+    user_id: &str,
+    update: Update,
+) -> u64 {
     inner.revision += 1;
     let change = Change {
         user_id: user_id.to_owned(),
@@ -97,6 +124,7 @@ impl PresenceStore for MemoryStore {
         user_id: &str,
         update: &Update,
         ttl: Option<Duration>,
+        expect: Expect,
     ) -> Result<u64, StoreError> {
         let mut update = update.clone();
         if let Update::Manual(Some(presence)) = &mut update {
@@ -104,7 +132,17 @@ impl PresenceStore for MemoryStore {
             std::sync::Arc::make_mut(presence).revision = 0;
         }
         let part = update.part();
-        let revision = record(&self.inner, &self.changes, user_id, update);
+        let revision = {
+            // Checked and written under one lock, as the bucket does.
+            let inner = lock(&self.inner);
+            let expected = match expect {
+                Expect::Key(r) | Expect::Sessions(r) => r,
+            };
+            if last_revision(&inner, user_id, &key_of(user_id, &part), expect) != expected {
+                return Err(StoreError::Conflict);
+            }
+            record_locked(inner, &self.changes, user_id, update)
+        };
         if let Some(ttl) = ttl {
             let (inner, changes, user_id) =
                 (self.inner.clone(), self.changes.clone(), user_id.to_owned());
@@ -142,7 +180,7 @@ impl PresenceStore for MemoryStore {
         }
         let live = futures::stream::unfold(receiver, |mut rx| async move {
             match rx.recv().await {
-                Ok(change) => Some((Ok(change), rx)),
+                Ok(change) => Some((Ok(Entry::Change(change)), rx)),
                 Err(broadcast::error::RecvError::Lagged(n)) => Some((
                     Err(StoreError::Unavailable(format!(
                         "watch fell {n} changes behind"
@@ -152,9 +190,11 @@ impl PresenceStore for MemoryStore {
                 Err(broadcast::error::RecvError::Closed) => None,
             }
         });
-        Ok(futures::stream::iter(replay.into_iter().map(Ok))
-            .chain(live)
-            .boxed())
+        Ok(
+            futures::stream::iter(replay.into_iter().map(|c| Ok(Entry::Change(c))))
+                .chain(live)
+                .boxed(),
+        )
     }
 
     async fn identity(&self) -> Result<BucketIdentity, StoreError> {
@@ -192,6 +232,64 @@ mod tests {
     use crate::keys::Part;
     use crate::session::Seen;
 
+    /// A key (or session set) that holds nothing yet.
+    const NEW: Expect = Expect::Key(0);
+
+    #[tokio::test]
+    async fn writes_are_refused_when_the_bucket_moved_on() {
+        let store = MemoryStore::new();
+        let session = |id: &str| {
+            Update::Session(
+                id.into(),
+                Some(Arc::new(crate::session::Session {
+                    device: String::new(),
+                    status: crate::model::Status::Online,
+                    last_seen: OffsetDateTime::now_utc(),
+                    ttl_seconds: 30,
+                    node_id: "n".into(),
+                })),
+            )
+        };
+        assert_eq!(store.write("u", &seen(), None, NEW).await.unwrap(), 1);
+        // A late write expecting the key empty.
+        let late = store.write("u", &seen(), None, NEW).await;
+        assert!(matches!(late, Err(StoreError::Conflict)));
+        assert_eq!(
+            store
+                .write("u", &seen(), None, Expect::Key(1))
+                .await
+                .unwrap(),
+            2
+        );
+        // New sessions expect the whole set of the user's sessions.
+        let first = Expect::Sessions(0);
+        assert_eq!(
+            store.write("u", &session("a"), None, first).await.unwrap(),
+            3
+        );
+        let raced = store.write("u", &session("b"), None, first).await;
+        assert!(matches!(raced, Err(StoreError::Conflict)));
+        assert_eq!(
+            store
+                .write("u", &session("b"), None, Expect::Sessions(3))
+                .await
+                .unwrap(),
+            4
+        );
+        // Other users' sessions don't count.
+        assert_eq!(
+            store.write("v", &session("a"), None, first).await.unwrap(),
+            5
+        );
+    }
+
+    fn change(entry: Result<Entry, StoreError>) -> Change {
+        match entry {
+            Ok(Entry::Change(change)) => change,
+            other => panic!("expected a change, got {other:?}"),
+        }
+    }
+
     fn seen() -> Update {
         Update::Seen(Some(Seen {
             last_seen: OffsetDateTime::now_utc(),
@@ -202,22 +300,25 @@ mod tests {
     #[tokio::test]
     async fn watch_replays_then_follows() {
         let store = MemoryStore::new();
-        assert_eq!(store.write("a", &seen(), None).await.unwrap(), 1);
-        assert_eq!(store.write("b", &seen(), None).await.unwrap(), 2);
+        assert_eq!(store.write("a", &seen(), None, NEW).await.unwrap(), 1);
+        assert_eq!(store.write("b", &seen(), None, NEW).await.unwrap(), 2);
         let mut all = store.watch(WatchStart::LatestPerKey).await.unwrap();
         let mut resumed = store.watch(WatchStart::After(1)).await.unwrap();
-        store.write("c", &seen(), None).await.unwrap();
+        store.write("c", &seen(), None, NEW).await.unwrap();
         let seen_changes: Vec<(u64, u64)> = all
             .by_ref()
             .take(3)
-            .map(|c| c.map(|c| (c.revision, c.pending)).unwrap())
+            .map(|e| {
+                let c = change(e);
+                (c.revision, c.pending)
+            })
             .collect()
             .await;
         assert_eq!(seen_changes, [(1, 1), (2, 0), (3, 0)]);
         let revs: Vec<u64> = resumed
             .by_ref()
             .take(2)
-            .map(|c| c.unwrap().revision)
+            .map(|e| change(e).revision)
             .collect()
             .await;
         assert_eq!(revs, [2, 3]);
@@ -231,7 +332,7 @@ mod tests {
         let session = Part::Session("s".into());
         let mut changes = store.watch(WatchStart::LatestPerKey).await.unwrap();
         store
-            .write("u", &seen(), Some(Duration::from_secs(5)))
+            .write("u", &seen(), Some(Duration::from_secs(5)), NEW)
             .await
             .unwrap();
         store
@@ -239,21 +340,22 @@ mod tests {
                 "u",
                 &Update::removal(session.clone()),
                 Some(Duration::from_secs(1)),
+                NEW,
             )
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_secs(3)).await;
         // Rewritten before it expired: the first TTL no longer applies.
         store
-            .write("u", &seen(), Some(Duration::from_secs(10)))
+            .write("u", &seen(), Some(Duration::from_secs(10)), Expect::Key(1))
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_secs(20)).await;
         let revisions: Vec<(u64, bool)> = changes
             .by_ref()
             .take(5)
-            .map(|c| {
-                let c = c.unwrap();
+            .map(|e| {
+                let c = change(e);
                 (
                     c.revision,
                     matches!(c.update, Update::Seen(None) | Update::Session(_, None)),

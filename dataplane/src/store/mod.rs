@@ -6,9 +6,9 @@ pub mod memory;
 pub mod nats;
 
 use crate::keys::{Part, key_of, parse_key};
-use crate::model::Presence;
+use crate::model::{Presence, validate_user_id};
 use crate::record::Update;
-use crate::session::{Seen, Session};
+use crate::session::{Seen, Session, validate_session_id};
 use futures::stream::BoxStream;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +29,25 @@ pub enum StoreError {
     /// A stored value that this service can't read (written by another tool).
     #[error("stored value for {key:?} is unreadable: {reason}")]
     Corrupt { key: String, reason: String },
+    /// The bucket no longer holds what the write expected: another write
+    /// got there first. Nothing was written.
+    #[error("another write changed this value first; nothing was written")]
+    Conflict,
+}
+
+/// What a write expects the bucket to hold, checked by the bucket itself
+/// when the write arrives. A write that arrives late (after its caller was
+/// told it failed) or races another can therefore never replace a value it
+/// has not seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The key's last revision, removal markers included; 0: the key holds
+    /// nothing at all.
+    Key(u64),
+    /// The last revision among all of the user's session keys (`<user>.s.>`);
+    /// 0: none. A new session is written only if no session changed since
+    /// its writer counted them, which keeps the per-user cap exact.
+    Sessions(u64),
 }
 
 /// One change observed by a watch, or one key read by [`PresenceStore::load`].
@@ -44,6 +63,49 @@ pub struct Change {
     pub pending: u64,
 }
 
+/// One bucket entry as this service reads it.
+#[derive(Debug, Clone)]
+pub enum Entry {
+    /// A change of one of a user's keys.
+    Change(Change),
+    /// An entry that is no user's key this service knows (another tool's,
+    /// or one skipped on purpose): it only moves the watch on.
+    Other {
+        revision: u64,
+        stored_at: OffsetDateTime,
+        pending: u64,
+    },
+}
+
+impl Entry {
+    /// The KV revision of the entry.
+    pub fn revision(&self) -> u64 {
+        self.position().0
+    }
+
+    /// (revision, when stored, how many replayed entries follow).
+    pub fn position(&self) -> (u64, OffsetDateTime, u64) {
+        match self {
+            Entry::Change(c) => (c.revision, c.stored_at, c.pending),
+            Entry::Other {
+                revision,
+                stored_at,
+                pending,
+            } => (*revision, *stored_at, *pending),
+        }
+    }
+
+    /// The same place in the bucket with nothing to apply.
+    pub fn into_other(self) -> Entry {
+        let (revision, stored_at, pending) = self.position();
+        Entry::Other {
+            revision,
+            stored_at,
+            pending,
+        }
+    }
+}
+
 /// Where a watch begins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WatchStart {
@@ -57,8 +119,8 @@ pub enum WatchStart {
 /// streams: one KV watch per node, fanned out in process.
 pub type ChangeFeed = tokio::sync::broadcast::Sender<std::sync::Arc<Change>>;
 
-/// A live sequence of changes in revision order.
-pub type ChangeStream = BoxStream<'static, Result<Change, StoreError>>;
+/// A live sequence of entries in revision order.
+pub type ChangeStream = BoxStream<'static, Result<Entry, StoreError>>;
 
 /// Which incarnation of the bucket exists: a bucket deleted and created
 /// again has a new creation time and starts its revisions at 1 again.
@@ -87,12 +149,14 @@ pub trait PresenceStore: Send + Sync + 'static {
     async fn load(&self, user_id: &str) -> Result<Vec<Change>, StoreError>;
     /// Stores `update` (a removal writes a delete marker) for `user_id`,
     /// optionally with a TTL after which the bucket removes the key by
-    /// itself; returns the revision once it is durable.
+    /// itself, if the bucket still holds what `expect` says; returns the
+    /// revision once it is durable, or [`StoreError::Conflict`].
     async fn write(
         &self,
         user_id: &str,
         update: &Update,
         ttl: Option<Duration>,
+        expect: Expect,
     ) -> Result<u64, StoreError>;
     /// Streams changes from `start` on.
     async fn watch(&self, start: WatchStart) -> Result<ChangeStream, StoreError>;
@@ -123,48 +187,139 @@ pub fn encode_value(user_id: &str, update: &Update) -> Result<Option<Vec<u8>>, S
     })
 }
 
-/// Reads a key and its stored bytes back into a change; `bytes` is `None`
-/// for a removal marker.
-pub fn decode_change(
+/// A bucket entry read back, and why its stored value was not used, if it
+/// wasn't.
+#[derive(Debug)]
+pub struct Decoded {
+    pub entry: Entry,
+    /// What was skipped: a key outside the layout becomes [`Entry::Other`];
+    /// a value of a user's key that can't be decoded, or is out of range,
+    /// counts as that key's removal (nothing usable is stored there).
+    pub skipped: Option<StoreError>,
+}
+
+/// Reads a key and its stored bytes back into an entry; `bytes` is `None`
+/// for a removal marker. Never fails: what can't be used is reported in
+/// [`Decoded::skipped`] for the caller to log and count.
+pub fn decode_entry(
     key: &str,
     bytes: Option<&[u8]>,
     revision: u64,
     stored_at: OffsetDateTime,
     pending: u64,
-) -> Result<Change, StoreError> {
+) -> Decoded {
     let corrupt = |reason: String| StoreError::Corrupt {
         key: key.to_owned(),
         reason,
     };
-    let (user_id, part) = parse_key(key).map_err(|e| corrupt(e.to_string()))?;
-    let update = match bytes {
-        None => Update::removal(part),
-        Some(bytes) => match part {
-            Part::Manual => {
-                let mut presence: Presence =
-                    serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
-                if presence.user_id != user_id {
-                    return Err(corrupt(format!("value names user {:?}", presence.user_id)));
-                }
-                presence.revision = revision;
-                Update::Manual(Some(Arc::new(presence)))
-            }
-            Part::Seen => Update::Seen(Some(
-                serde_json::from_slice::<Seen>(bytes).map_err(|e| corrupt(e.to_string()))?,
-            )),
-            Part::Session(id) => Update::Session(
-                id,
-                Some(Arc::new(
-                    serde_json::from_slice::<Session>(bytes).map_err(|e| corrupt(e.to_string()))?,
-                )),
-            ),
-        },
-    };
-    Ok(Change {
-        user_id,
-        update,
+    let other = Entry::Other {
         revision,
         stored_at,
         pending,
+    };
+    let parsed = parse_key(key)
+        .map_err(|e| e.to_string())
+        .and_then(|(user_id, part)| check_ids(&user_id, &part).map(|()| (user_id, part)));
+    let (user_id, part) = match parsed {
+        Ok(parsed) => parsed,
+        Err(reason) => {
+            return Decoded {
+                entry: other,
+                skipped: Some(corrupt(reason)),
+            };
+        }
+    };
+    let (update, skipped) = match bytes {
+        None => (Update::removal(part), None),
+        Some(bytes) => match decode_value(&user_id, part.clone(), bytes, revision) {
+            Ok(update) => (update, None),
+            Err(reason) => (Update::removal(part), Some(corrupt(reason))),
+        },
+    };
+    Decoded {
+        entry: Entry::Change(Change {
+            user_id,
+            update,
+            revision,
+            stored_at,
+            pending,
+        }),
+        skipped,
+    }
+}
+
+/// IDs in a key that the API could have written.
+fn check_ids(user_id: &str, part: &Part) -> Result<(), String> {
+    validate_user_id(user_id).map_err(|e| e.to_string())?;
+    if let Part::Session(id) = part {
+        validate_session_id(id).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn decode_value(user_id: &str, part: Part, bytes: &[u8], revision: u64) -> Result<Update, String> {
+    Ok(match part {
+        Part::Manual => {
+            let mut presence: Presence =
+                serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+            presence.check(user_id)?;
+            presence.revision = revision;
+            Update::Manual(Some(Arc::new(presence)))
+        }
+        Part::Seen => {
+            let seen: Seen = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+            seen.check()?;
+            Update::Seen(Some(seen))
+        }
+        Part::Session(id) => {
+            let session: Session = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+            session.check()?;
+            Update::Session(id, Some(Arc::new(session)))
+        }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(key: &str, bytes: Option<&[u8]>) -> Decoded {
+        decode_entry(key, bytes, 7, OffsetDateTime::UNIX_EPOCH, 0)
+    }
+
+    #[test]
+    fn unusable_values_are_reported_and_never_trusted() {
+        let good = br#"{"lastSeen":"2026-01-01T00:00:00Z","nodeID":"n"}"#;
+        let decoded = decode("ann.seen", Some(good));
+        assert!(decoded.skipped.is_none());
+        assert!(matches!(
+            decoded.entry,
+            Entry::Change(Change {
+                update: Update::Seen(Some(_)),
+                ..
+            })
+        ));
+        // A user's key holding something unusable counts as removed.
+        for (key, bytes) in [
+            ("ann.seen", &b"not json"[..]),
+            ("ann", br#"{"userID":"bob","status":"busy","lastSeen":"2026-01-01T00:00:00Z","updatedAt":"2026-01-01T00:00:00Z"}"#),
+            ("ann.s.x", br#"{"status":"online","lastSeen":"2026-01-01T00:00:00Z","ttlSeconds":9223372036854775807}"#),
+        ] {
+            let decoded = decode(key, Some(bytes));
+            assert!(decoded.skipped.is_some(), "{key}");
+            let Entry::Change(change) = decoded.entry else {
+                panic!("{key} is a user's key");
+            };
+            assert_eq!(change.update, Update::removal(change.update.part()), "{key}");
+            assert_eq!(change.revision, 7);
+        }
+        // A key outside the layout only moves the watch on.
+        let decoded = decode("a.b.c.d", Some(b"{}"));
+        assert!(decoded.skipped.is_some());
+        assert!(matches!(decoded.entry, Entry::Other { revision: 7, .. }));
+        assert!(
+            decode("ann.s.x", None).skipped.is_none(),
+            "a removal marker is fine"
+        );
+    }
 }

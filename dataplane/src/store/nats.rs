@@ -7,16 +7,17 @@
 //! leaves only wait for it.
 
 use super::{
-    BucketIdentity, Change, ChangeStream, Connectivity, PresenceStore, StoreError, WatchStart,
-    decode_change, encode_value,
+    BucketIdentity, Change, ChangeStream, Connectivity, Entry, Expect, PresenceStore, StoreError,
+    WatchStart, decode_entry, encode_value,
 };
 use crate::config::{NodeType, Settings};
-use crate::keys::{Part, key_of, others_filter};
+use crate::keys::{Part, encode_key, key_of, others_filter};
 use crate::metrics::Metrics;
 use crate::record::Update;
 use async_nats::connection::State;
+use async_nats::jetstream::context::{GetStreamErrorKind, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::{self, ErrorCode, context::GetStreamErrorKind, kv};
+use async_nats::jetstream::{self, ErrorCode, kv};
 use futures::{StreamExt, TryStreamExt};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -206,28 +207,25 @@ fn is_missing(err: &jetstream::context::GetStreamError) -> bool {
         if e.error_code() == ErrorCode::STREAM_NOT_FOUND)
 }
 
-fn entry_to_change(entry: &kv::Entry) -> Result<Change, StoreError> {
+/// Reads a bucket entry; a value this service can't use is skipped,
+/// logged and counted, never an error (see [`decode_entry`]).
+fn read_entry(metrics: &Metrics, entry: &kv::Entry) -> Entry {
     let bytes = match entry.operation {
         kv::Operation::Put => Some(entry.value.as_ref()),
         kv::Operation::Delete | kv::Operation::Purge => None,
     };
-    decode_change(
+    let decoded = decode_entry(
         &entry.key,
         bytes,
         entry.revision,
         entry.created,
         entry.delta,
-    )
-}
-
-fn to_change(entry: kv::Entry) -> Option<Change> {
-    match entry_to_change(&entry) {
-        Ok(change) => Some(change),
-        Err(err) => {
-            tracing::warn!(error = %err, "ignoring a KV entry this service did not write");
-            None
-        }
+    );
+    if let Some(err) = decoded.skipped {
+        tracing::warn!(error = %err, revision = entry.revision, "skipping a stored value this service can't use");
+        metrics.kv_values_skipped.inc();
     }
+    decoded.entry
 }
 
 impl NatsStore {
@@ -249,7 +247,12 @@ impl NatsStore {
 
     async fn read_key(&self, kv: &kv::Store, key: String) -> Result<Option<Change>, StoreError> {
         let entry = self.timed("get", self.read_timeout, kv.entry(key)).await?;
-        entry.as_ref().map(entry_to_change).transpose()
+        Ok(
+            entry.and_then(|entry| match read_entry(&self.metrics, &entry) {
+                Entry::Change(change) => Some(change),
+                Entry::Other { .. } => None,
+            }),
+        )
     }
 }
 
@@ -274,6 +277,7 @@ impl PresenceStore for NatsStore {
         user_id: &str,
         update: &Update,
         ttl: Option<Duration>,
+        expect: Expect,
     ) -> Result<u64, StoreError> {
         self.kv()?;
         let value = encode_value(user_id, update)?;
@@ -286,13 +290,35 @@ impl PresenceStore for NatsStore {
         if let Some(ttl) = ttl {
             message = message.ttl(ttl);
         }
+        // JetStream checks the expectation when the message arrives, so a
+        // publish the client library delivers late (after a reconnect, long
+        // after we answered 503) is refused if anything changed since.
+        message = match expect {
+            Expect::Key(revision) => message.expected_last_subject_sequence(revision),
+            Expect::Sessions(revision) => message.expected_last_subject_sequence(revision).header(
+                "Nats-Expected-Last-Subject-Sequence-Subject",
+                format!("$KV.{}.{}.s.>", self.bucket, encode_key(user_id)),
+            ),
+        };
         let publish = async {
             let ack = self.js.send_publish(subject, message).await?;
-            ack.await
-                .map(|ack| ack.sequence)
-                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            ack.await.map(|ack| ack.sequence)
         };
-        self.timed("put", self.write_timeout, publish).await
+        let started = Instant::now();
+        let result = match tokio::time::timeout(self.write_timeout, publish).await {
+            Ok(Ok(revision)) => Ok(revision),
+            Ok(Err(err)) if err.kind() == PublishErrorKind::WrongLastSequence => {
+                Err(StoreError::Conflict)
+            }
+            Ok(Err(err)) => Err(unavailable(err)),
+            Err(_) => Err(StoreError::Timeout(self.write_timeout)),
+        };
+        let answered = !matches!(
+            result,
+            Err(StoreError::Unavailable(_) | StoreError::Timeout(_))
+        );
+        self.metrics.observe_kv("put", answered, started);
+        result
     }
 
     async fn watch(&self, start: WatchStart) -> Result<ChangeStream, StoreError> {
@@ -311,12 +337,11 @@ impl PresenceStore for NatsStore {
                 .await?
             }
         };
+        let metrics = self.metrics.clone();
         Ok(watch
-            .filter_map(|item| {
-                std::future::ready(match item {
-                    Ok(entry) => to_change(entry).map(Ok),
-                    Err(err) => Some(Err(unavailable(err))),
-                })
+            .map(move |item| match item {
+                Ok(entry) => Ok(read_entry(&metrics, &entry)),
+                Err(err) => Err(unavailable(err)),
             })
             .boxed())
     }

@@ -157,6 +157,11 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start() -> Cluster {
+        Cluster::start_with(vec![]).await
+    }
+
+    /// The cluster with `extra_env` set on every service.
+    pub async fn start_with(extra_env: Vec<(&'static str, String)>) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path().to_owned();
         let hub = Nats::hub(&root).await;
@@ -166,7 +171,7 @@ impl Cluster {
             node_id,
             node_type,
             nats_url: nats.url(),
-            extra_env: vec![],
+            extra_env: extra_env.clone(),
         };
         let center = Service::start(&root, spec("center-1", "center", &hub)).await;
         let eu = Service::start(&root, spec("eu-1", "leaf", &eu_nats)).await;

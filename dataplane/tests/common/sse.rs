@@ -25,9 +25,17 @@ pub struct EventStream {
 impl EventStream {
     /// Opens `url` with a reader token and optionally `Last-Event-ID`.
     pub async fn open(client: &reqwest::Client, url: &str, last_event_id: Option<u64>) -> Self {
-        let mut request = client
-            .get(url)
-            .header("Authorization", super::bearer("watcher", ""));
+        EventStream::open_as(client, url, last_event_id, &super::bearer("watcher", "")).await
+    }
+
+    /// Opens `url` with the given `Authorization` header value.
+    pub async fn open_as(
+        client: &reqwest::Client,
+        url: &str,
+        last_event_id: Option<u64>,
+        authorization: &str,
+    ) -> Self {
+        let mut request = client.get(url).header("Authorization", authorization);
         if let Some(id) = last_event_id {
             request = request.header("Last-Event-ID", id.to_string());
         }

@@ -1,0 +1,452 @@
+//! The HTTP server: our own accept loop over hyper's HTTP/1 connections.
+//!
+//! `axum::serve` runs hyper without a timer, so hyper's header-read timeout
+//! is off, and it has no idle timeout or connection cap: a client could hold
+//! a connection forever with half a request head, and open as many as it
+//! liked. Here every connection has
+//!
+//! - hyper's header-read timeout (`HTTP_HEADER_READ_TIMEOUT_SECS`), which
+//!   also runs while a kept-alive connection waits for its next request;
+//! - a keep-alive timeout (`HTTP_KEEPALIVE_TIMEOUT_SECS`): no request in
+//!   flight and nothing read for that long, and the connection is closed;
+//! - a send timeout (`HTTP_SEND_TIMEOUT_SECS`): when the client stops
+//!   reading and the node's writes stay blocked that long, the connection
+//!   is dropped at once (a graceful close would wait for the same writes);
+//! - a place under the node's cap (`HTTP_MAX_CONNECTIONS`); a connection
+//!   beyond it is answered `503` and closed.
+//!
+//! Graceful shutdown: once `stopping` is set the listener is closed, each
+//! connection finishes its current response and closes, and [`serve`]
+//! returns when the last one is gone.
+
+use crate::config::HttpLimits;
+use crate::metrics::Metrics;
+use axum::Router;
+use axum::body::{Body, HttpBody};
+use axum::extract::Request;
+use axum::response::Response;
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tower::ServiceExt;
+
+/// Serves `router` on `listener` until `stopping` turns true, then waits
+/// for the open connections to finish (the caller bounds that wait).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: HttpLimits,
+    metrics: Metrics,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let places = Arc::new(Semaphore::new(limits.max_connections));
+    let mut last_accept_warning: Option<Instant> = None;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stopping.wait_for(|s| *s) => break,
+        };
+        let socket = match accepted {
+            Ok((socket, _peer)) => socket,
+            Err(err) => {
+                // Out of file descriptors, or a connection reset before it
+                // was accepted: wait a little instead of spinning.
+                if last_accept_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    tracing::warn!(error = %err, "cannot accept a connection");
+                    last_accept_warning = Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        match places.clone().try_acquire_owned() {
+            Ok(place) => {
+                let connection = Connection {
+                    limits,
+                    metrics: metrics.clone(),
+                    stopping: stopping.clone(),
+                    activity: Arc::new(Activity::new()),
+                    _place: place,
+                };
+                tokio::spawn(connection.serve(socket, router.clone()));
+            }
+            Err(_) => {
+                metrics.http_connections_refused.inc();
+                tokio::spawn(refuse(socket));
+            }
+        }
+    }
+    drop(listener);
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let _ = places.acquire_many(all).await;
+}
+
+/// Tells a connection beyond the cap to come back later, and closes it.
+async fn refuse(mut socket: TcpStream) {
+    let body = r#"{"error":{"code":"too_many_connections","message":"this node holds HTTP_MAX_CONNECTIONS connections; retry later or on another node"}}"#;
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // Bounded: a client that reads nothing can't keep this task alive.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        socket.write_all(answer.as_bytes()).await?;
+        socket.shutdown().await?;
+        // Read what the client sent until it closes, so closing our end
+        // doesn't reset the connection before it read the answer.
+        let mut sink = [0u8; 4096];
+        while socket.read(&mut sink).await? > 0 {}
+        Ok::<(), io::Error>(())
+    })
+    .await;
+}
+
+/// One accepted connection and what it may cost.
+struct Connection {
+    limits: HttpLimits,
+    metrics: Metrics,
+    stopping: watch::Receiver<bool>,
+    activity: Arc<Activity>,
+    /// Its place under the cap, given back when the connection ends.
+    _place: OwnedSemaphorePermit,
+}
+
+/// What the watchdog decided about a connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Fine,
+    /// Idle past the keep-alive timeout: close it gracefully.
+    Idle,
+    /// The client hasn't read for the send timeout: drop it.
+    Stalled,
+}
+
+impl Connection {
+    async fn serve(self, socket: TcpStream, router: Router) {
+        let Connection {
+            limits,
+            metrics,
+            mut stopping,
+            activity,
+            _place,
+        } = self;
+        let timed_out = |reason: &str| {
+            metrics
+                .http_connections_timed_out
+                .with_label_values(&[reason])
+                .inc();
+        };
+        metrics.http_connections_open.inc();
+        let _ = socket.set_nodelay(true);
+        let io = TokioIo::new(Tracked {
+            inner: socket,
+            activity: activity.clone(),
+        });
+        let service = PerConnection {
+            router,
+            activity: activity.clone(),
+        };
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .keep_alive(true);
+        let connection = http.serve_connection(io, service);
+        let mut connection = std::pin::pin!(connection);
+        let mut closing = false;
+        loop {
+            let check = tokio::time::sleep(activity.next_check(&limits));
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(err) = result {
+                        if err.is_timeout() {
+                            timed_out("header");
+                        } else {
+                            tracing::debug!(error = %err, "HTTP connection ended with an error");
+                        }
+                    }
+                    break;
+                }
+                _ = stopping.wait_for(|s| *s), if !closing => {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                () = check => match activity.verdict(&limits) {
+                    Verdict::Fine => {}
+                    Verdict::Idle if closing => {}
+                    Verdict::Idle => {
+                        timed_out("keepalive");
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    Verdict::Stalled => {
+                        timed_out("send");
+                        break;
+                    }
+                },
+            }
+        }
+        metrics.http_connections_open.dec();
+    }
+}
+
+/// What one connection is doing, for its watchdog. Times are milliseconds
+/// since `origin`; `NEVER` marks "not now".
+struct Activity {
+    origin: Instant,
+    /// Requests whose response has not been sent completely.
+    in_flight: AtomicUsize,
+    /// When the connection last became idle (accepted, or a response done).
+    idle_since: AtomicU64,
+    /// When bytes were last read from the client.
+    last_read: AtomicU64,
+    /// Since when writes find the socket full (the client doesn't read).
+    blocked_since: AtomicU64,
+}
+
+const NEVER: u64 = u64::MAX;
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            origin: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            last_read: AtomicU64::new(0),
+            blocked_since: AtomicU64::new(NEVER),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(NEVER - 1)
+    }
+
+    fn read(&self) {
+        self.last_read.store(self.now(), Ordering::Relaxed);
+    }
+
+    fn wrote(&self, went_through: bool) {
+        if went_through {
+            self.blocked_since.store(NEVER, Ordering::Relaxed);
+        } else if self.blocked_since.load(Ordering::Relaxed) == NEVER {
+            self.blocked_since.store(self.now(), Ordering::Relaxed);
+        }
+    }
+
+    /// Since when nothing happened on an idle connection, if it is idle.
+    fn quiet_since(&self) -> Option<u64> {
+        (self.in_flight.load(Ordering::Acquire) == 0).then(|| {
+            let idle = self.idle_since.load(Ordering::Acquire);
+            idle.max(self.last_read.load(Ordering::Relaxed))
+        })
+    }
+
+    fn verdict(&self, limits: &HttpLimits) -> Verdict {
+        let now = self.now();
+        let blocked = self.blocked_since.load(Ordering::Relaxed);
+        if blocked != NEVER && now.saturating_sub(blocked) >= millis(limits.send_timeout) {
+            return Verdict::Stalled;
+        }
+        match self.quiet_since() {
+            Some(quiet) if now.saturating_sub(quiet) >= millis(limits.keepalive_timeout) => {
+                Verdict::Idle
+            }
+            _ => Verdict::Fine,
+        }
+    }
+
+    /// When the verdict could next change: at the keep-alive deadline of an
+    /// idle connection, and a quarter of the send timeout apart otherwise
+    /// (so a stalled client is noticed within 1.25 times the timeout).
+    fn next_check(&self, limits: &HttpLimits) -> Duration {
+        let mut wait = limits.send_timeout / 4;
+        if let Some(quiet) = self.quiet_since() {
+            let deadline = quiet.saturating_add(millis(limits.keepalive_timeout));
+            wait = wait.min(Duration::from_millis(deadline.saturating_sub(self.now())));
+        }
+        wait.max(Duration::from_millis(10))
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(NEVER - 1)
+}
+
+/// A request in flight on a connection; the response body carries it, so
+/// the connection counts as busy until the whole response went out.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(activity: Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(activity)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let now = self.0.now();
+        self.0.idle_since.store(now, Ordering::Release);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The router for one connection, marking each request in flight.
+#[derive(Clone)]
+struct PerConnection {
+    router: Router,
+    activity: Arc<Activity>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for PerConnection {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let busy = InFlight::new(self.activity.clone());
+        let router = self.router.clone();
+        Box::pin(async move {
+            let response = router.oneshot(request.map(Body::new)).await?;
+            Ok(response.map(|body| Body::new(Guarded { body, _busy: busy })))
+        })
+    }
+}
+
+/// A response body that keeps its request in flight until it is dropped.
+struct Guarded {
+    body: Body,
+    _busy: InFlight,
+}
+
+impl HttpBody for Guarded {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The socket, noting reads and blocked writes for the watchdog.
+struct Tracked {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.read();
+        }
+        poll
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.activity.wrote(poll.is_ready());
+        poll
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.activity.wrote(poll.is_ready());
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: HttpLimits = HttpLimits {
+        header_read_timeout: Duration::from_secs(10),
+        keepalive_timeout: Duration::from_secs(5),
+        max_connections: 10,
+        send_timeout: Duration::from_secs(30),
+    };
+
+    fn at(activity: &mut Activity, millis_ago: u64) {
+        activity.origin = Instant::now() - Duration::from_millis(millis_ago);
+    }
+
+    #[test]
+    fn idle_stalled_and_busy_connections() {
+        let mut activity = Activity::new();
+        assert_eq!(activity.verdict(&LIMITS), Verdict::Fine);
+        // Accepted 6 s ago and nothing since: idle past the keep-alive.
+        at(&mut activity, 6_000);
+        assert_eq!(activity.verdict(&LIMITS), Verdict::Idle);
+        // A request in flight is never idle, however long it takes...
+        let activity = Arc::new(activity);
+        let busy = InFlight::new(activity.clone());
+        assert_eq!(activity.verdict(&LIMITS), Verdict::Fine);
+        assert_eq!(activity.next_check(&LIMITS), LIMITS.send_timeout / 4);
+        // ...unless its client stops reading for the send timeout.
+        activity.blocked_since.store(0, Ordering::Relaxed);
+        let mut stalled = Activity::new();
+        at(&mut stalled, 31_000);
+        stalled.in_flight.store(1, Ordering::Relaxed);
+        stalled.blocked_since.store(0, Ordering::Relaxed);
+        assert_eq!(stalled.verdict(&LIMITS), Verdict::Stalled);
+        stalled.wrote(true);
+        assert_eq!(stalled.verdict(&LIMITS), Verdict::Fine);
+        // A finished response starts the keep-alive clock again.
+        drop(busy);
+        activity.blocked_since.store(NEVER, Ordering::Relaxed);
+        assert_eq!(activity.verdict(&LIMITS), Verdict::Fine);
+        assert!(activity.next_check(&LIMITS) <= LIMITS.keepalive_timeout);
+    }
+}
