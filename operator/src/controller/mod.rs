@@ -289,7 +289,7 @@ async fn paused(
 ) -> Result<Action, Error> {
     let mut status = pc.status.clone().unwrap_or_default();
     let applied = status.observed_generation;
-        // Paused on purpose: no readiness to report (so no not-ready alert).
+    // Paused on purpose: no readiness to report (so no not-ready alert).
     let _ = ctx
         .metrics
         .cluster_ready
