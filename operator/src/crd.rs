@@ -217,7 +217,7 @@ pub struct DataplaneOverrides {
     pub replicas: Option<i32>,
     /// Cache budget in bytes (CACHE_MAX_COST) in this region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1024, max = 1099511627776))]
+    #[schemars(range(min = 1024, max = 1_099_511_627_776_i64))]
     pub cache_max_cost: Option<i64>,
     /// CPU and memory of each presence-service pod in this region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -281,7 +281,7 @@ pub struct DataplaneSpec {
     pub replicas: Option<i32>,
     /// Cache budget in bytes per pod (CACHE_MAX_COST, default 64 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1024, max = 1099511627776))]
+    #[schemars(range(min = 1024, max = 1_099_511_627_776_i64))]
     pub cache_max_cost: Option<i64>,
     /// CPU and memory of each presence-service pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
