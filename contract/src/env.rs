@@ -44,8 +44,17 @@ pub const NATS_URL: &str = "NATS_URL";
 pub const NATS_CENTER_URL: &str = "NATS_CENTER_URL";
 /// JetStream domain of the hub.
 pub const NATS_JS_DOMAIN: &str = "NATS_JS_DOMAIN";
-/// NATS credentials file.
+/// NATS credentials file (a decentralized-auth `.creds` file with a JWT).
 pub const NATS_CREDS: &str = "NATS_CREDS";
+/// File holding this service's NATS nkey seed (`SU…`).
+pub const NATS_NKEY_SEED_FILE: &str = "NATS_NKEY_SEED_FILE";
+/// CA certificate (PEM) that NATS servers' certificates must chain to;
+/// when set, the connection must be TLS.
+pub const NATS_TLS_CA: &str = "NATS_TLS_CA";
+/// Client certificate (PEM) presented to NATS servers that ask for one.
+pub const NATS_TLS_CERT: &str = "NATS_TLS_CERT";
+/// Key (PEM) of `NATS_TLS_CERT`.
+pub const NATS_TLS_KEY: &str = "NATS_TLS_KEY";
 /// Name of the presence bucket.
 pub const KV_BUCKET: &str = "KV_BUCKET";
 /// Replicas of the bucket when the center creates it.

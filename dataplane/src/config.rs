@@ -173,9 +173,24 @@ pub struct ServeArgs {
     /// JetStream domain of the hub; leaf nodes set `hub`.
     #[arg(long, env = env::NATS_JS_DOMAIN)]
     pub nats_js_domain: Option<String>,
-    /// Optional NATS credentials file.
+    /// Optional NATS credentials file (decentralized auth: a `.creds` file
+    /// holding a user JWT and its seed).
     #[arg(long, env = env::NATS_CREDS)]
     pub nats_creds: Option<PathBuf>,
+    /// File holding this service's NATS nkey seed (`SU...`), for servers
+    /// that list nkey users (what the operator configures).
+    #[arg(long, env = env::NATS_NKEY_SEED_FILE)]
+    pub nats_nkey_seed_file: Option<PathBuf>,
+    /// CA certificate (PEM) the NATS server's certificate must chain to;
+    /// when set, the connection must be TLS.
+    #[arg(long, env = env::NATS_TLS_CA)]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for NATS servers that verify clients.
+    #[arg(long, env = env::NATS_TLS_CERT)]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// Key (PEM) of the client certificate.
+    #[arg(long, env = env::NATS_TLS_KEY)]
+    pub nats_tls_key: Option<PathBuf>,
     /// KV bucket holding presences.
     #[arg(long, env = env::KV_BUCKET, default_value = bucket::DEFAULT_NAME)]
     pub kv_bucket: String,
@@ -278,6 +293,8 @@ pub struct Settings {
     pub nats_url: String,
     pub nats_js_domain: Option<String>,
     pub nats_creds: Option<PathBuf>,
+    /// How the service proves itself to NATS and checks the server.
+    pub nats_auth: NatsAuth,
     pub kv_bucket: String,
     pub kv_replicas: usize,
     pub store: StoreKind,
@@ -345,6 +362,7 @@ impl ServeArgs {
             .unwrap_or(usize::MAX)
             .min(10_000_000);
         let nats = self.nats_settings()?;
+        let nats_auth = self.nats_auth()?;
         let timeouts = self.timeouts()?;
         let streams = self.stream_settings()?;
         let http = self.http_limits()?;
@@ -370,7 +388,8 @@ impl ServeArgs {
             cors,
             nats_url: nats.url,
             nats_js_domain: nats.js_domain,
-            nats_creds: self.nats_creds,
+            nats_creds: self.nats_creds.clone(),
+            nats_auth,
             kv_bucket: self.kv_bucket,
             kv_replicas: self.kv_replicas,
             store: self.store,
@@ -586,6 +605,95 @@ fn in_range(name: &'static str, value: u64, min: u64, max: u64) -> Result<(), Co
     }
 }
 
+/// NATS credentials and TLS, after validation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatsAuth {
+    /// The nkey seed, read from `NATS_NKEY_SEED_FILE` (never logged).
+    pub nkey_seed: Option<String>,
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key.
+    pub tls_client: Option<(PathBuf, PathBuf)>,
+}
+
+impl ServeArgs {
+    fn nats_auth(&self) -> Result<NatsAuth, ConfigError> {
+        let readable = |name: &'static str, path: &PathBuf| {
+            if path.is_file() {
+                Ok(())
+            } else {
+                Err(invalid(
+                    name,
+                    format!("{} is not a readable file", path.display()),
+                ))
+            }
+        };
+        let nkey_seed = match &self.nats_nkey_seed_file {
+            None => None,
+            Some(path) => {
+                let seed = std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        invalid(
+                            env::NATS_NKEY_SEED_FILE,
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                    })?
+                    .trim()
+                    .to_owned();
+                if !seed.starts_with("SU") {
+                    return Err(invalid(
+                        env::NATS_NKEY_SEED_FILE,
+                        format!("{} does not hold a user nkey seed (SU...)", path.display()),
+                    ));
+                }
+                Some(seed)
+            }
+        };
+        if let Some(ca) = &self.nats_tls_ca {
+            readable(env::NATS_TLS_CA, ca)?;
+        }
+        let tls_client = match (&self.nats_tls_cert, &self.nats_tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                readable(env::NATS_TLS_CERT, cert)?;
+                readable(env::NATS_TLS_KEY, key)?;
+                Some((cert.clone(), key.clone()))
+            }
+            _ => {
+                return Err(invalid(
+                    env::NATS_TLS_CERT,
+                    "NATS_TLS_CERT and NATS_TLS_KEY go together",
+                ));
+            }
+        };
+        Ok(NatsAuth {
+            nkey_seed,
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_client,
+        })
+    }
+}
+
+/// `urls` (comma-separated) with any `user:password@` replaced by `***@`,
+/// so a credential in NATS_URL never reaches logs or `/health`.
+pub fn redact_urls(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| {
+            let url = url.trim();
+            let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+            let redacted = match rest.rsplit_once('@') {
+                Some((_, host)) => format!("***@{host}"),
+                None => rest.to_owned(),
+            };
+            if scheme.is_empty() {
+                redacted
+            } else {
+                format!("{scheme}://{redacted}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Where the node's NATS is, after validation.
 struct NatsTarget {
     url: String,
@@ -773,6 +881,49 @@ mod tests {
         .validate()
         .unwrap();
         assert_eq!(s.nats_url, "nats://leaf:4222");
+    }
+
+    #[test]
+    fn credentials_in_nats_urls_are_redacted() {
+        assert_eq!(
+            redact_urls("nats://u:secret@hub:4222, tls://tok@b:4222,nats://c:4222"),
+            "nats://***@hub:4222,tls://***@b:4222,nats://c:4222"
+        );
+        assert_eq!(redact_urls("a:p@host:4222"), "***@host:4222");
+    }
+
+    #[test]
+    fn nkey_seeds_and_tls_files_are_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let seed = dir.path().join("seed");
+        std::fs::write(
+            &seed,
+            "SUAAVJN2VOJGR3CQS5EDE3CKN5MLAQPJ3CWDPPMWWIFQALOI3B3VLNFNI\n",
+        )
+        .unwrap();
+        let arg = |name: &str, path: &std::path::Path| format!("--{name}={}", path.display());
+        let s = parse(&[SECRET, &arg("nats-nkey-seed-file", &seed)])
+            .validate()
+            .unwrap();
+        assert!(
+            s.nats_auth
+                .nkey_seed
+                .as_deref()
+                .is_some_and(|k| k.starts_with("SU") && !k.ends_with('\n'))
+        );
+        std::fs::write(&seed, "not a seed").unwrap();
+        let err = parse(&[SECRET, &arg("nats-nkey-seed-file", &seed)])
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().starts_with("NATS_NKEY_SEED_FILE"), "{err}");
+        let err = parse(&[SECRET, &arg("nats-tls-cert", &seed)])
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("go together"), "{err}");
+        let err = parse(&[SECRET, "--nats-tls-ca=/nonexistent/ca.pem"])
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().starts_with("NATS_TLS_CA"), "{err}");
     }
 
     #[test]

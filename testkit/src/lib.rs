@@ -3,6 +3,7 @@
 //! fails). Readiness is always awaited by polling, never by fixed sleeps.
 
 pub mod docs;
+pub mod pki;
 
 use std::fs;
 use std::net::TcpListener;
@@ -214,6 +215,31 @@ impl Nats {
         };
         nats.restart().await;
         nats
+    }
+
+    /// A server from a config of the caller's (`conf` gets the ports as
+    /// `{client}`, `{monitor}`, `{leaf}` and its directory as `{dir}`),
+    /// started and healthy; for secured setups the other constructors
+    /// don't make.
+    pub async fn custom(root: &Path, name: &str, conf: &str) -> Nats {
+        let (client, monitor, leaf) = (free_port(), free_port(), free_port());
+        let dir = root.join(name);
+        fs::create_dir_all(&dir).expect("server dir");
+        let text = conf
+            .replace("{client}", &client.to_string())
+            .replace("{monitor}", &monitor.to_string())
+            .replace("{leaf}", &leaf.to_string())
+            .replace("{dir}", &dir.display().to_string());
+        Nats::start(
+            name,
+            NatsKind::Hub,
+            &dir,
+            &text,
+            client,
+            monitor,
+            Some(leaf),
+        )
+        .await
     }
 
     pub fn url(&self) -> String {

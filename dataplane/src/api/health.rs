@@ -69,7 +69,7 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
         "store": store.kind(),
         "nats": {
             "connected": connectivity.connected,
-            "url": state.settings.nats_url,
+                        "url": crate::config::redact_urls(&state.settings.nats_url),
             "jsDomain": state.settings.nats_js_domain,
         },
         "kv": kv,

@@ -60,8 +60,17 @@ impl NatsStore {
                         path.display()
                     ))
                 })?,
-            None => async_nats::ConnectOptions::new(),
+            None => match &settings.nats_auth.nkey_seed {
+                Some(seed) => async_nats::ConnectOptions::with_nkey(seed.clone()),
+                None => async_nats::ConnectOptions::new(),
+            },
         };
+        if let Some(ca) = &settings.nats_auth.tls_ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let Some((cert, key)) = &settings.nats_auth.tls_client {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
         options = options
             .name(format!("presence-service/{}", settings.node_id))
             .retry_on_initial_connect()
