@@ -350,7 +350,7 @@ pub async fn run(
                 if matches!(err, StoreError::NotReady(_)) {
                     let _ = store.ensure_bucket().await;
                 }
-                if failures % 20 == 0 {
+                if failures.is_multiple_of(20) {
                     tracing::warn!(error = %err, "cannot read the KV bucket's state; retrying");
                 }
                 failures = failures.saturating_add(1);

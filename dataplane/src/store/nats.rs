@@ -181,7 +181,7 @@ impl NatsStore {
                     return;
                 }
                 Err(err) => {
-                    if attempt % 10 == 0 {
+                    if attempt.is_multiple_of(10) {
                         tracing::warn!(bucket = %self.bucket, error = %err, attempt, "KV bucket not available yet; retrying");
                     }
                 }
