@@ -111,6 +111,10 @@ pub struct PresenceClusterSpec {
     /// NetworkPolicies fencing every region (on by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_policy: Option<NetworkPolicySpec>,
+    /// TLS of the NATS servers: always on the leafnode link, optionally on
+    /// client and route ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
 }
 
 /// The hub region.
@@ -201,8 +205,9 @@ pub struct LeafNatsSpec {
     /// CPU and memory of the leaf NATS server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// A Secret key holding NATS credentials (a `.creds` file) that the
-    /// leafnode connection presents to the hub.
+    /// A Secret key of yours holding this leaf's NATS nkey seed (`SU...`),
+    /// which its leafnode connection presents to the hub. When left out,
+    /// the operator generates `<name>-<region>-nats-leaf` once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretKeySelector>,
 }
@@ -461,6 +466,26 @@ pub struct NetworkPolicySpec {
     pub metrics_from: Option<Vec<NetworkPolicyPeer>>,
 }
 
+/// Certificates of the NATS servers.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// A Secret of yours with `tls.crt`, `tls.key` and `ca.crt` (as
+    /// cert-manager writes them), valid for every NATS Service name of this
+    /// PresenceCluster. When left out, the operator runs its own CA and
+    /// renews the certificate well before it expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub secret_name: Option<String>,
+    /// TLS on the NATS client ports too (presence-service and the operator
+    /// verify the servers against `ca.crt`). Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clients: Option<bool>,
+    /// Mutual TLS on routes too. Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<bool>,
+}
+
 /// Container images.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -624,6 +649,16 @@ impl PresenceClusterSpec {
             .as_ref()
             .and_then(|i| i.nats_exporter.as_deref())
             .unwrap_or(DEFAULT_NATS_EXPORTER_IMAGE)
+    }
+
+    /// Whether client ports take TLS only.
+    pub fn client_tls(&self) -> bool {
+        self.tls.as_ref().and_then(|t| t.clients) == Some(true)
+    }
+
+    /// Whether routes use mutual TLS.
+    pub fn route_tls(&self) -> bool {
+        self.tls.as_ref().and_then(|t| t.routes) == Some(true)
     }
 
     /// Whether NetworkPolicies are rendered.

@@ -59,22 +59,57 @@ fn bucket_config(desired: &DesiredBucket) -> kv::Config {
     presence_contract::bucket::config(&desired.name, desired.replicas)
 }
 
+/// How the operator proves itself to the hub and checks it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientAuth {
+    /// The operator's nkey seed (never logged).
+    pub nkey_seed: Option<String>,
+    /// The servers' CA (PEM), when client ports take TLS.
+    pub ca_pem: Option<String>,
+}
+
+fn tls_config(ca_pem: &str) -> Result<async_nats::rustls::ClientConfig, String> {
+    use async_nats::rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = async_nats::rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let cert = cert.map_err(|e| format!("the NATS CA is not PEM: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("the NATS CA is unusable: {e}"))?;
+    }
+    Ok(async_nats::rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+fn connect_options(auth: &ClientAuth) -> Result<async_nats::ConnectOptions, String> {
+    let mut options = match &auth.nkey_seed {
+        Some(seed) => async_nats::ConnectOptions::with_nkey(seed.clone()),
+        None => async_nats::ConnectOptions::new(),
+    };
+    if let Some(ca) = &auth.ca_pem {
+        options = options.tls_client_config(tls_config(ca)?).require_tls(true);
+    }
+    Ok(options
+        .name("presence-operator")
+        .connection_timeout(REQUEST_TIMEOUT))
+}
+
 /// A JetStream context at the hub.
-pub async fn connect(url: &str, domain: &str) -> Result<jetstream::Context, KvError> {
+pub async fn connect(
+    url: &str,
+    domain: &str,
+    auth: &ClientAuth,
+) -> Result<jetstream::Context, KvError> {
     let unreachable = |reason: String| KvError::Unreachable {
         url: url.to_owned(),
         reason,
     };
-    let client = tokio::time::timeout(
-        REQUEST_TIMEOUT,
-        async_nats::ConnectOptions::new()
-            .name("presence-operator")
-            .connection_timeout(REQUEST_TIMEOUT)
-            .connect(url),
-    )
-    .await
-    .map_err(|_| unreachable("timed out".into()))?
-    .map_err(|e| unreachable(e.to_string()))?;
+    let options = connect_options(auth).map_err(unreachable)?;
+    let client = tokio::time::timeout(REQUEST_TIMEOUT, options.connect(url))
+        .await
+        .map_err(|_| unreachable("timed out".into()))?
+        .map_err(|e| unreachable(e.to_string()))?;
     let mut js = jetstream::with_domain(client, domain);
     js.set_timeout(REQUEST_TIMEOUT);
     Ok(js)
@@ -176,7 +211,9 @@ mod real_nats {
     async fn create_then_unchanged_then_delete() {
         let dir = tempfile::tempdir().unwrap();
         let hub = testkit::Nats::hub(dir.path()).await;
-        let js = connect(&hub.url(), "hub").await.unwrap();
+        let js = connect(&hub.url(), "hub", &ClientAuth::default())
+            .await
+            .unwrap();
         let desired = DesiredBucket {
             name: "PRESENCE".into(),
             replicas: 1,
@@ -217,7 +254,9 @@ mod real_nats {
     async fn a_bucket_without_markers_is_reported_not_recreated() {
         let dir = tempfile::tempdir().unwrap();
         let hub = testkit::Nats::hub(dir.path()).await;
-        let js = connect(&hub.url(), "hub").await.unwrap();
+        let js = connect(&hub.url(), "hub", &ClientAuth::default())
+            .await
+            .unwrap();
         js.create_key_value(kv::Config {
             bucket: "OLD".into(),
             history: 1,
@@ -243,7 +282,9 @@ mod real_nats {
 
     #[tokio::test]
     async fn an_unreachable_hub_is_reported_with_its_address() {
-        let err = connect("nats://127.0.0.1:1", "hub").await.unwrap_err();
+        let err = connect("nats://127.0.0.1:1", "hub", &ClientAuth::default())
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
     }
 }

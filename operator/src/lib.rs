@@ -7,13 +7,16 @@
 
 pub mod controller;
 pub mod crd;
+pub mod credentials;
 #[cfg(test)]
 mod fixtures;
 pub mod kv;
 pub mod lease;
 pub mod local;
+pub mod local_security;
 pub mod local_status;
 pub mod manager;
 pub mod metrics;
 pub mod monitor;
+pub mod pki;
 pub mod render;

@@ -7,8 +7,10 @@
 //! backoff, and stops them all on Ctrl-C or SIGTERM.
 
 use crate::crd::{PresenceCluster, PresenceClusterSpec};
+use crate::local_security::LocalSecurity;
 use crate::render::dataplane::{EnvParams, EnvValue};
 use crate::render::nats::{ClusterParams, HubParams, LeafParams, NatsParams, NatsRole};
+use crate::render::nats_auth;
 use crate::render::{self, dataplane};
 use presence_contract::env;
 use std::path::{Path, PathBuf};
@@ -48,6 +50,8 @@ pub enum DevError {
     Token(String),
     #[error("cannot serve the local cluster's metrics: {0}")]
     Metrics(String),
+    #[error("cannot make the local cluster's NATS credentials: {0}")]
+    Security(String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevError {
@@ -118,6 +122,7 @@ pub fn plan(
     cluster: &PresenceCluster,
     opts: &DevOptions,
     jwt_secret: &str,
+    security: &LocalSecurity,
 ) -> Result<Plan, DevError> {
     let scope = render::Scope::new(cluster, "default")?;
     let spec = &cluster.spec;
@@ -125,18 +130,54 @@ pub fn plan(
     if spec.leaves.len() > 89 {
         return Err(DevError::TooManyLeaves);
     }
-    let mut plan = Plan::default();
-    let hub = plan_hub(&scope, spec, opts, &mut plan)?;
-    let mut region_nats_urls = vec![hub.client_urls.join(",")];
-    region_nats_urls.extend(plan_leaves(
-        &scope,
+    let pc = PlanContext {
+        scope: &scope,
         spec,
         opts,
-        &hub.leafnode_urls,
-        &mut plan,
-    )?);
-    plan_dataplanes(&scope, spec, opts, jwt_secret, region_nats_urls, &mut plan)?;
+        security,
+    };
+    let mut plan = Plan::default();
+    let hub = plan_hub(&pc, &mut plan)?;
+    let mut region_nats_urls = vec![hub.client_urls.join(",")];
+    region_nats_urls.extend(plan_leaves(&pc, &hub.leafnode_urls, &mut plan)?);
+    plan_dataplanes(&pc, jwt_secret, region_nats_urls, &mut plan)?;
     Ok(plan)
+}
+
+/// What every planning step reads.
+struct PlanContext<'a> {
+    scope: &'a render::Scope,
+    spec: &'a PresenceClusterSpec,
+    opts: &'a DevOptions,
+    security: &'a LocalSecurity,
+}
+
+impl PlanContext<'_> {
+    /// The security settings of `region`'s servers.
+    fn security_params(
+        &self,
+        region: &crate::crd::Region<'_>,
+    ) -> render::nats_auth::SecurityParams {
+        render::nats::security_params(
+            self.spec,
+            region,
+            &self.security.ids,
+            self.security.tls.clone(),
+        )
+    }
+
+    /// `$ROUTE_PASSWORD` and `$ROUTE_<i>` for servers routed to `routes`.
+    fn route_env(&self, routes: &[String]) -> Vec<(String, String)> {
+        let password = &self.security.route_password;
+        let mut env = vec![(nats_auth::ROUTE_PASSWORD_ENV.to_owned(), password.clone())];
+        for (i, url) in routes.iter().enumerate() {
+            env.push((
+                nats_auth::route_env(i),
+                nats_auth::route_url_with_credentials(url, password),
+            ));
+        }
+        env
+    }
 }
 
 /// How the hub's servers are reached.
@@ -148,7 +189,7 @@ struct HubUrls {
 fn nats_process(
     opts: &DevOptions,
     (region, name): (&str, String),
-    conf: PathBuf,
+    (conf, env): (PathBuf, Vec<(String, String)>),
     monitor: u16,
 ) -> ProcessSpec {
     ProcessSpec {
@@ -156,7 +197,7 @@ fn nats_process(
         region: region.to_owned(),
         program: opts.nats_server.clone(),
         args: vec!["--config".into(), conf.display().to_string()],
-        env: Vec::new(),
+        env,
         ready: ReadyCheck {
             port: monitor,
             path: "/healthz".into(),
@@ -165,13 +206,13 @@ fn nats_process(
 }
 
 /// The hub's servers: one config and process each.
-fn plan_hub(
-    scope: &render::Scope,
-    spec: &PresenceClusterSpec,
-    opts: &DevOptions,
-    plan: &mut Plan,
-) -> Result<HubUrls, DevError> {
+fn plan_hub(pc: &PlanContext<'_>, plan: &mut Plan) -> Result<HubUrls, DevError> {
+    let (scope, spec, opts) = (pc.scope, pc.spec, pc.opts);
     let nb = opts.nats_base_port;
+    let regions = spec.regions();
+    let Some(hub_region) = regions.first() else {
+        return Err(DevError::TooManyLeaves);
+    };
     let replicas = u16::try_from(spec.center_replicas())
         .unwrap_or(1)
         .min(MAX_HUB_SERVERS);
@@ -204,14 +245,20 @@ fn plan_hub(
                     routes: routes.clone(),
                 }),
             }),
+            security: pc.security_params(hub_region),
         };
         let conf = dir.join("nats.conf");
         plan.files
             .push((conf.clone(), render::nats::nats_conf(&params)));
         let monitor = port(nb, MONITOR_OFFSET + k)?;
         let name = format!("nats-{center}-{k}");
+        let env = if replicas > 1 {
+            pc.route_env(&routes)
+        } else {
+            Vec::new()
+        };
         plan.processes
-            .push(nats_process(opts, (&center, name), conf, monitor));
+            .push(nats_process(opts, (&center, name), (conf, env), monitor));
     }
     Ok(HubUrls {
         client_urls: every_hub_server("nats", 0)?,
@@ -240,12 +287,11 @@ fn leaf_ports(nb: u16, i: u16, j: u16) -> Result<(u16, u16, u16), DevError> {
 /// The leaf servers of every leaf region; returns each region's client
 /// URLs (comma-separated when the leaf is clustered).
 fn plan_leaves(
-    scope: &render::Scope,
-    spec: &PresenceClusterSpec,
-    opts: &DevOptions,
+    pc: &PlanContext<'_>,
     hub_leafnode_urls: &[String],
     plan: &mut Plan,
 ) -> Result<Vec<String>, DevError> {
+    let (scope, spec, opts) = (pc.scope, pc.spec, pc.opts);
     let nb = opts.nats_base_port;
     let mut urls = Vec::new();
     for (i, region) in spec.regions().iter().skip(1).enumerate() {
@@ -267,14 +313,24 @@ fn plan_leaves(
                 pid_file: None,
                 role: NatsRole::Leaf(LeafParams {
                     hub_urls: hub_leafnode_urls.to_vec(),
-                    credentials: None,
                     cluster: (servers > 1).then(|| ClusterParams {
                         name: format!("{}-{}", scope.name, region.name),
                         listen: loopback(cluster),
                         routes: routes.clone(),
                     }),
                 }),
+                security: pc.security_params(region),
             };
+            let seed = pc
+                .security
+                .leaf_seeds
+                .get(region.name)
+                .cloned()
+                .unwrap_or_default();
+            let mut env = vec![(nats_auth::LEAF_SEED_ENV.to_owned(), seed)];
+            if servers > 1 {
+                env.extend(pc.route_env(&routes));
+            }
             let conf = opts.data_dir.join(&server).join("nats.conf");
             plan.files
                 .push((conf.clone(), render::nats::nats_conf(&params)));
@@ -282,8 +338,12 @@ fn plan_leaves(
                 0 => format!("nats-{}", region.name),
                 _ => format!("nats-{}-{j}", region.name),
             };
-            plan.processes
-                .push(nats_process(opts, (region.name, name), conf, monitor));
+            plan.processes.push(nats_process(
+                opts,
+                (region.name, name),
+                (conf, env),
+                monitor,
+            ));
             clients.push(format!("nats://{}", loopback(client)));
         }
         urls.push(clients.join(","));
@@ -293,13 +353,12 @@ fn plan_leaves(
 
 /// One presence-service per region, with the renderer's environment.
 fn plan_dataplanes(
-    scope: &render::Scope,
-    spec: &PresenceClusterSpec,
-    opts: &DevOptions,
+    pc: &PlanContext<'_>,
     jwt_secret: &str,
     region_nats_urls: Vec<String>,
     plan: &mut Plan,
 ) -> Result<(), DevError> {
+    let (scope, spec, opts) = (pc.scope, pc.spec, pc.opts);
     for (i, (region, nats_url)) in spec.regions().iter().zip(region_nats_urls).enumerate() {
         let offset = u16::try_from(i).map_err(|_| DevError::TooManyLeaves)?;
         let api_port = port(opts.base_port, offset)?;
@@ -310,6 +369,8 @@ fn plan_dataplanes(
             node_id: EnvValue::Literal(node_id.clone()),
             jwt_secret: EnvValue::Literal(jwt_secret.to_owned()),
             log_format: "text",
+            nkey_seed_file: pc.security.presence_seed_file.display().to_string(),
+            tls_ca: spec.client_tls().then(|| pc.security.tls.ca.clone()),
         };
         let env = dataplane::env(spec, region, &params)
             .into_iter()
@@ -525,7 +586,10 @@ pub async fn run(cluster: &PresenceCluster, opts: &DevOptions) -> Result<(), Dev
         std::fs::create_dir_all(&path).map_err(io(format!("cannot create {}", path.display())))?;
     }
     let secret = jwt_secret(&opts.data_dir)?;
-    let plan = plan(cluster, opts, &secret)?;
+    let name = cluster.metadata.name.as_deref().unwrap_or("dev");
+    let security = crate::local_security::load_or_create(&opts.data_dir, name, &cluster.spec)
+        .map_err(|e| DevError::Security(e.to_string()))?;
+    let plan = plan(cluster, opts, &secret, &security)?;
     for (path, text) in &plan.files {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
@@ -639,6 +703,37 @@ mod tests {
         serde_yaml::from_str(yaml).unwrap()
     }
 
+    /// Credentials for planning only (nothing is started).
+    fn security(cluster: &PresenceCluster) -> LocalSecurity {
+        let user = || crate::pki::new_user().unwrap();
+        LocalSecurity {
+            ids: crate::render::NatsIdentities {
+                presence: user().public,
+                operator: user().public,
+                leaves: cluster
+                    .spec
+                    .leaves
+                    .iter()
+                    .map(|l| (l.name.clone(), user().public))
+                    .collect(),
+                digests: Default::default(),
+            },
+            presence_seed_file: PathBuf::from("/tmp/dev/secrets/presence.seed"),
+            leaf_seeds: cluster
+                .spec
+                .leaves
+                .iter()
+                .map(|l| (l.name.clone(), user().seed))
+                .collect(),
+            route_password: "p".repeat(32),
+            tls: crate::render::nats_auth::TlsFiles {
+                cert: "/tmp/dev/secrets/tls.crt".into(),
+                key: "/tmp/dev/secrets/tls.key".into(),
+                ca: "/tmp/dev/secrets/ca.crt".into(),
+            },
+        }
+    }
+
     fn opts() -> DevOptions {
         DevOptions {
             metrics_port: None,
@@ -664,7 +759,13 @@ mod tests {
 
     #[test]
     fn regions_get_consecutive_api_ports_center_first() {
-        let plan = plan(&cluster(DEV), &opts(), "secret-secret-secret").unwrap();
+        let plan = plan(
+            &cluster(DEV),
+            &opts(),
+            "secret-secret-secret",
+            &security(&cluster(DEV)),
+        )
+        .unwrap();
         let apis: Vec<(&str, &str)> = plan
             .endpoints
             .iter()
@@ -694,7 +795,13 @@ mod tests {
 
     #[test]
     fn data_plane_env_comes_from_the_renderer() {
-        let plan = plan(&cluster(DEV), &opts(), "secret-secret-secret").unwrap();
+        let plan = plan(
+            &cluster(DEV),
+            &opts(),
+            "secret-secret-secret",
+            &security(&cluster(DEV)),
+        )
+        .unwrap();
         let eu = plan
             .processes
             .iter()
@@ -717,7 +824,13 @@ mod tests {
     #[test]
     fn a_replicated_hub_is_several_clustered_servers() {
         let ha = DEV.replace("center: {}", "center: {replicas: 3}");
-        let plan = plan(&cluster(&ha), &opts(), "secret-secret-secret").unwrap();
+        let plan = plan(
+            &cluster(&ha),
+            &opts(),
+            "secret-secret-secret",
+            &security(&cluster(&ha)),
+        )
+        .unwrap();
         let hubs: Vec<&ProcessSpec> = plan
             .processes
             .iter()
@@ -729,10 +842,20 @@ mod tests {
             .iter()
             .filter(|(p, _)| p.to_string_lossy().contains("-center-"))
         {
+            // Routes come from the environment, with the route password.
             assert!(
-                conf.contains("127.0.0.1:14522") && conf.contains("127.0.0.1:14524"),
+                conf.contains("$ROUTE_0") && conf.contains("$ROUTE_2"),
                 "{path:?}: {conf}"
             );
+        }
+        for hub in &hubs {
+            let env: std::collections::BTreeMap<&str, &str> = hub
+                .env
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            assert!(env["ROUTE_0"].ends_with("@127.0.0.1:14522"), "{env:?}");
+            assert!(env["ROUTE_2"].starts_with("nats://route:ppp"), "{env:?}");
         }
         let center = &plan.endpoints[0];
         assert_eq!(

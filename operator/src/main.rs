@@ -137,6 +137,29 @@ fn default_presence_service() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("presence-service"))
 }
 
+/// Every NATS Secret a PresenceCluster needs, freshly made, and the
+/// identities they give.
+fn generate_nats_secrets(
+    scope: &render::Scope,
+    spec: &presence_operator::crd::PresenceClusterSpec,
+) -> anyhow::Result<(
+    Vec<k8s_openapi::api::core::v1::Secret>,
+    render::NatsIdentities,
+)> {
+    use presence_operator::credentials;
+    let now = time::OffsetDateTime::now_utc();
+    let mut data = credentials::SecretData::new();
+    let mut made = Vec::new();
+    for (name, kind) in credentials::generated(scope, spec) {
+        let ca = data.get(&scope.names.nats_ca_secret()).cloned();
+        let contents = credentials::new_data(scope, spec, &kind, ca.as_ref(), now)?;
+        made.push(render::secrets::generated(scope, &name, contents.clone()));
+        data.insert(name, contents);
+    }
+    let ids = credentials::identities(scope, spec, &data).map_err(anyhow::Error::msg)?;
+    Ok((made, ids))
+}
+
 /// Reads one PresenceCluster from a YAML file.
 fn read_cluster(path: &PathBuf) -> anyhow::Result<PresenceCluster> {
     let text =
@@ -196,11 +219,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Render { file, namespace } => {
             let cluster = read_cluster(&file)?;
             let ctx = render::Scope::new(&cluster, &namespace)?;
+            // Offline, every generated Secret is made here and printed with
+            // the rest, so the output can be applied as it is.
+            let (nats_secrets, ids) = generate_nats_secrets(&ctx, &cluster.spec)?;
             let inputs = render::Inputs {
                 generated_jwt_secret: Some(render::secrets::random_secret()?),
+                nats: Some(ids),
                 ..Default::default()
             };
-            let objects = render::render(&cluster, &ctx, &inputs)?;
+            let mut objects: Vec<render::Child> = nats_secrets
+                .into_iter()
+                .map(render::Child::Secret)
+                .collect();
+            objects.extend(render::render(&cluster, &ctx, &inputs)?);
             print!("{}", render::to_yaml(&objects)?);
         }
         Command::Dev {

@@ -23,6 +23,9 @@ pub struct Metrics {
     /// 1 while a leaf region's NATS servers are all linked to the hub, by
     /// `name`, `namespace` and `region` (absent while unknown).
     pub leafnode_connected: IntGaugeVec,
+    /// When the NATS servers' certificate expires (Unix seconds), by
+    /// `name` and `namespace`.
+    pub certificate_expiry: IntGaugeVec,
 }
 
 impl Metrics {
@@ -71,6 +74,14 @@ impl Metrics {
         add(Box::new(regions_ready.clone()))?;
         add(Box::new(regions.clone()))?;
         add(Box::new(leafnode_connected.clone()))?;
+        let certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                "certificate_expiry_timestamp_seconds",
+                "When the NATS servers' certificate expires (Unix time)",
+            ),
+            object,
+        )?;
+        add(Box::new(certificate_expiry.clone()))?;
         Ok(Metrics {
             registry,
             reconciles,
@@ -81,6 +92,7 @@ impl Metrics {
             regions_ready,
             regions,
             leafnode_connected,
+            certificate_expiry,
         })
     }
 
@@ -130,7 +142,12 @@ impl Metrics {
 
     /// Forgets a deleted PresenceCluster's series.
     pub fn forget_cluster(&self, object: [&str; 2], leaves: &[String]) {
-        for gauge in [&self.cluster_ready, &self.regions_ready, &self.regions] {
+        for gauge in [
+            &self.cluster_ready,
+            &self.regions_ready,
+            &self.regions,
+            &self.certificate_expiry,
+        ] {
             let _ = gauge.remove_label_values(&object);
         }
         for region in leaves {

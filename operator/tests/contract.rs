@@ -47,12 +47,22 @@ fn clusters() -> Vec<PresenceCluster> {
 /// The variable names of every presence-service container, per Deployment.
 fn rendered_env(cluster: &PresenceCluster) -> Vec<(String, Vec<String>)> {
     let scope = Scope::new(cluster, "default").expect("scope");
+    let user = || presence_operator::pki::new_user().expect("nkey").public;
     let inputs = Inputs {
         generated_jwt_secret: Some("s".repeat(32)),
         jwt_secret_digest: Some("d".into()),
-        hub_volume_size: None,
-        hub_volume_capacity: None,
-        operator_namespace: None,
+        nats: Some(presence_operator::render::NatsIdentities {
+            presence: user(),
+            operator: user(),
+            leaves: cluster
+                .spec
+                .leaves
+                .iter()
+                .map(|l| (l.name.clone(), user()))
+                .collect(),
+            digests: Default::default(),
+        }),
+        ..Default::default()
     };
     render::render(cluster, &scope, &inputs)
         .expect("renders")
@@ -133,7 +143,11 @@ fn dev_processes_get_only_accepted_variables_and_a_valid_configuration() {
             nats_server: PathBuf::from("nats-server"),
             presence_service: PathBuf::from("presence-service"),
         };
-        let plan = plan(&cluster, &opts, &"x".repeat(32)).expect("plan");
+        let data = tempfile::tempdir().unwrap();
+        let security =
+            presence_operator::local_security::load_or_create(data.path(), "c", &cluster.spec)
+                .expect("local credentials");
+        let plan = plan(&cluster, &opts, &"x".repeat(32), &security).expect("plan");
         for process in plan
             .processes
             .iter()

@@ -44,11 +44,52 @@ fn load(name: &str) -> PresenceCluster {
     serde_yaml::from_str(&text).expect("example parses as a PresenceCluster")
 }
 
+/// Fixed test nkeys (throwaway: made for these tests, used nowhere else).
+const PRESENCE_PUBLIC: &str = "UDQFCTB5FC5X3TBVAGKGERVFR5DVJ7PJH5ZDU47SY5HGKBNNXFRAMC4U";
+const OPERATOR_PUBLIC: &str = "UBFZSM5BBNT5IZD2JSH4E7GIY6DCOKVDTK6F4GR4POXQZLAOA6J5YBKY";
+const LEAF_PUBLICS: [&str; 3] = [
+    "UCSUOECDYSFQNTQR3DDVQWHKUJGP4MQXG4YTUE46573ROBEHRGZKTFFQ",
+    "UD7RYGBCBSV7C7LKJGUW6Q2VCNE3LYYDWSQGUEY5K2R7SEJQ7U3LDHJL",
+    "UDATNYHYMKUBSMO6NUEK3G7TNSAPJB3DCBZP57KSKLFZBIA5JRLRLRH3",
+];
+const LEAF_SEED: &str = "SUACI4PG3JVGJGEWS6O7HKTTWXZ6TKZTSFMTLVJZIEU26IL6KKPRGG7GTI";
+
+/// The identities an operator would read from the Secrets: fixed keys, so
+/// renders are reproducible.
+fn identities(cluster: &PresenceCluster) -> render::NatsIdentities {
+    render::NatsIdentities {
+        presence: PRESENCE_PUBLIC.into(),
+        operator: OPERATOR_PUBLIC.into(),
+        leaves: cluster
+            .spec
+            .leaves
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                (
+                    l.name.clone(),
+                    LEAF_PUBLICS[i % LEAF_PUBLICS.len()].to_owned(),
+                )
+            })
+            .collect(),
+        digests: Default::default(),
+    }
+}
+
+/// Inputs with identities and nothing else.
+fn inputs_for(cluster: &PresenceCluster) -> Inputs {
+    Inputs {
+        nats: Some(identities(cluster)),
+        ..Default::default()
+    }
+}
+
 fn render_fixed(cluster: &PresenceCluster) -> Vec<Child> {
     let mut cluster = cluster.clone();
     cluster.metadata.uid = Some("00000000-0000-4000-8000-000000000001".into());
     let ctx = Scope::new(&cluster, "default").expect("context");
     let inputs = Inputs {
+        nats: Some(identities(&cluster)),
         generated_jwt_secret: Some("golden-secret".into()),
         jwt_secret_digest: Some("golden-digest".into()),
         hub_volume_size: None,
@@ -123,18 +164,34 @@ fn nats_server_accepts_every_rendered_config() {
         "dev-ha.yaml",
     ] {
         let objects = render_fixed(&load(example));
+        // The files and variables the pods get from their Secrets.
+        let pki = testkit::pki::generate(dir.path());
+        std::fs::copy(&pki.ca, dir.path().join("ca.crt")).unwrap();
+        std::fs::copy(&pki.cert, dir.path().join("tls.crt")).unwrap();
+        std::fs::copy(&pki.key, dir.path().join("tls.key")).unwrap();
         for object in &objects {
             let Child::ConfigMap(cm) = object else {
                 continue;
             };
-            let conf = &cm.data.as_ref().unwrap()["nats.conf"];
+            let conf = cm.data.as_ref().unwrap()["nats.conf"]
+                .replace("/etc/nats-tls", &dir.path().display().to_string());
             let path = dir.path().join("nats.conf");
-            std::fs::write(&path, conf).unwrap();
-            let output = std::process::Command::new(nats_server())
+            std::fs::write(&path, &conf).unwrap();
+            let mut command = std::process::Command::new(nats_server());
+            command
                 .arg("-t")
                 .arg("-c")
                 .arg(&path)
                 .env("POD_NAME", "presence-center-nats-0")
+                .env("LEAF_NKEY_SEED", LEAF_SEED)
+                .env("ROUTE_PASSWORD", "route-password");
+            for i in 0..5 {
+                command.env(
+                    format!("ROUTE_{i}"),
+                    format!("nats://route:route-password@127.0.0.1:{}", 16220 + i),
+                );
+            }
+            let output = command
                 .output()
                 .expect("run nats-server -t (run `make test` to install it)");
             assert!(
@@ -238,6 +295,7 @@ fn cluster(
             images: None,
             monitoring: None,
             network_policy: None,
+            tls: None,
         },
         status: None,
     }
@@ -260,12 +318,12 @@ proptest! {
         let leaves: Vec<String> = leaves.into_iter().filter(|l| *l != center_name).collect();
         let cr = cluster(&name, center, replicas, leaves.clone());
         let ctx = Scope::new(&cr, "default").unwrap();
-        let objects = render::render(&cr, &ctx, &Inputs::default()).unwrap();
+        let objects = render::render(&cr, &ctx, &inputs_for(&cr)).unwrap();
                         // The JWT Secret; per region a ConfigMap, two NATS Services, the
         // StatefulSet, two NetworkPolicies, the Deployment, its Service and
         // its budget (2 pods by default); the hub's budget.
         prop_assert_eq!(objects.len(), 1 + 9 * (1 + leaves.len()) + 1);
-        prop_assert_eq!(&objects, &render::render(&cr, &ctx, &Inputs::default()).unwrap(), "deterministic");
+        prop_assert_eq!(&objects, &render::render(&cr, &ctx, &inputs_for(&cr)).unwrap(), "deterministic");
         let mut ids = std::collections::BTreeSet::new();
         for object in &objects {
             let meta = object.metadata();
@@ -307,7 +365,10 @@ proptest! {
         }).unwrap();
         let conf = &hub["nats.conf"];
         prop_assert_eq!(conf.contains("cluster {"), replicas > 1);
-        prop_assert_eq!(conf.matches(":6222\"").count(), if replicas > 1 { replicas as usize + 1 } else { 0 });
+        // Routes come from the environment ($ROUTE_<i>, with the password).
+        let routes = conf.lines().filter(|l| l.trim_start().starts_with("$ROUTE_")).count();
+        prop_assert_eq!(routes, if replicas > 1 { replicas as usize } else { 0 });
+        prop_assert_eq!(conf.contains("password: $ROUTE_PASSWORD"), replicas > 1);
     }
 }
 
@@ -327,7 +388,7 @@ fn invalid_specs_are_refused_with_a_reason() {
         (cluster(&"x".repeat(25), None, 1, vec![]), "longer than 24"),
     ] {
         let ctx = Scope::new(&cr, "default").unwrap();
-        let err = render::render(&cr, &ctx, &Inputs::default())
+        let err = render::render(&cr, &ctx, &inputs_for(&cr))
             .unwrap_err()
             .to_string();
         assert!(err.contains(needle), "{err}");
@@ -346,13 +407,31 @@ fn loopback_layout_renders_through_the_same_function() {
         pid_file: None,
         role: nats::NatsRole::Leaf(nats::LeafParams {
             hub_urls: vec!["nats-leaf://127.0.0.1:17422".into()],
-            credentials: None,
             cluster: None,
         }),
+        security: render::nats_auth::SecurityParams {
+            bucket: "PRESENCE".into(),
+            domain: "hub".into(),
+            presence_user: PRESENCE_PUBLIC.into(),
+            operator_user: None,
+            leaf_users: Vec::new(),
+            tls: render::nats_auth::TlsFiles {
+                cert: "/d/tls.crt".into(),
+                key: "/d/tls.key".into(),
+                ca: "/d/ca.crt".into(),
+            },
+            client_tls: false,
+            route_tls: false,
+        },
     };
     let conf = nats::nats_conf(&params);
     assert!(conf.contains("server_name: \"dev-eu-0\""));
     assert!(conf.contains("urls: [\"nats-leaf://127.0.0.1:17422\"]"));
+    // The leaf logs in with its seed from the environment and checks the
+    // hub's certificate; the config itself holds no secret.
+    assert!(conf.contains("nkey: $LEAF_NKEY_SEED"));
+    assert!(conf.contains("tls { ca_file: \"/d/ca.crt\" }"));
+    assert!(conf.contains(&format!("nkey: {PRESENCE_PUBLIC}")));
 }
 
 mod cel {
@@ -598,7 +677,7 @@ fn jetstream_never_counts_on_more_disk_than_the_volumes_report() {
         let inputs = Inputs {
             hub_volume_capacity: capacity
                 .map(|c| k8s_openapi::apimachinery::pkg::api::resource::Quantity(c.into())),
-            ..Default::default()
+            ..inputs_for(&cr)
         };
         let objects = render::render(&cr, &ctx, &inputs).unwrap();
         let conf = conf_of(&objects, "center");

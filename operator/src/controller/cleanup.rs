@@ -31,7 +31,8 @@ pub async fn cleanup(
     }
     let scope = render::Scope::new(pc, ns)?;
     let (nats_url, _) = hub_addresses(&ctx.hub, pc, &scope);
-    let result = match kv::connect(&nats_url, pc.spec.js_domain()).await {
+    let auth = super::nats_secrets::operator_auth(pc, ctx, &scope).await;
+    let result = match kv::connect(&nats_url, pc.spec.js_domain(), &auth).await {
         Ok(js) => kv::delete_bucket(&js, &bucket).await,
         Err(e) => Err(e),
     };

@@ -23,6 +23,8 @@ pub enum EventReason {
     BucketDeletionAbandoned,
     /// Hub volumes were asked to grow to a new storage size.
     VolumesExpanded,
+    /// The NATS servers' certificate was issued again before it expired.
+    CertificateRenewed,
     /// A reconcile failed (a Warning).
     Failed(Reason),
 }
@@ -39,6 +41,7 @@ impl EventReason {
             EventReason::BucketDeleted => "BucketDeleted",
             EventReason::BucketDeletionAbandoned => "BucketDeletionAbandoned",
             EventReason::VolumesExpanded => "VolumesExpanded",
+            EventReason::CertificateRenewed => "CertificateRenewed",
             EventReason::Failed(reason) => reason.as_str(),
         }
     }

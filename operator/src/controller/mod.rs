@@ -17,6 +17,7 @@ pub mod children;
 pub mod cleanup;
 pub mod conditions;
 pub mod events;
+pub mod nats_secrets;
 pub mod probe;
 pub mod secrets;
 pub mod status;
@@ -175,6 +176,20 @@ impl Context {
             &leaves,
             previous.as_deref().unwrap_or_default(),
         );
+    }
+
+    /// Publishes when the NATS servers' certificate expires.
+    fn publish_certificate_expiry(
+        &self,
+        pc: &PresenceCluster,
+        expiry: Option<time::OffsetDateTime>,
+    ) {
+        if let Some(expiry) = expiry {
+            self.metrics
+                .certificate_expiry
+                .with_label_values(&[&pc.name_any(), &pc.namespace().unwrap_or_default()])
+                .set(expiry.unix_timestamp());
+        }
     }
 
     /// Drops the per-object metrics of a deleted PresenceCluster.
@@ -346,6 +361,17 @@ async fn observe(
             return Ok(Observed::SecretProblem { reason, message });
         }
     };
+    let (ids, auth, certificate_expiry) = match nats_secrets::ensure(pc, ctx, scope).await? {
+        nats_secrets::NatsCredentials::Ready {
+            ids,
+            auth,
+            certificate_expiry,
+        } => (ids, auth, certificate_expiry),
+        nats_secrets::NatsCredentials::Problem { reason, message } => {
+            return Ok(Observed::SecretProblem { reason, message });
+        }
+    };
+    ctx.publish_certificate_expiry(pc, certificate_expiry);
     let volumes = storage::inspect(pc, ctx, scope).await?;
     let desired_size = pc.spec.storage_size();
     if let Err(problem) = storage::check_growth(&desired_size, volumes.largest()) {
@@ -356,6 +382,7 @@ async fn observe(
         hub_volume_size: volumes.template.clone(),
         hub_volume_capacity: volumes.smallest_capacity().cloned(),
         operator_namespace: Some(ctx.operator_namespace.clone()),
+        nats: Some(ids),
         ..Default::default()
     };
     let children = render::render(pc, scope, &inputs)?;
@@ -366,7 +393,7 @@ async fn observe(
         let note = format!("asked for {} on {}", desired_size.0, resized.join(", "));
         publish(ctx, pc, EventReason::VolumesExpanded, "ExpandVolumes", note).await;
     }
-    let (bucket, regions) = probe::observe_hub(pc, ctx, scope, &counts).await;
+    let (bucket, regions) = probe::observe_hub(pc, ctx, scope, &counts, &auth).await;
     Ok(Observed::Applied {
         regions,
         bucket,

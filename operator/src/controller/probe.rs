@@ -81,11 +81,12 @@ pub async fn observe_hub(
     ctx: &Context,
     scope: &render::Scope,
     counts: &RegionCounts,
+    auth: &kv::ClientAuth,
 ) -> (Option<Result<(), String>>, Vec<RegionObservation>) {
     let ready = hub_ready(pc, counts);
     let (nats_url, monitors) = hub_addresses(&ctx.hub, pc, scope);
     let bucket = if ready {
-        Some(provision_bucket(pc, ctx, &nats_url).await)
+        Some(provision_bucket(pc, ctx, &nats_url, auth).await)
     } else {
         None
     };
@@ -101,12 +102,13 @@ async fn provision_bucket(
     pc: &PresenceCluster,
     ctx: &Context,
     nats_url: &str,
+    auth: &kv::ClientAuth,
 ) -> Result<(), String> {
     let desired = DesiredBucket {
         name: pc.spec.bucket().to_owned(),
         replicas: usize::try_from(pc.spec.kv_replicas()).unwrap_or(1),
     };
-    let outcome = match kv::connect(nats_url, pc.spec.js_domain()).await {
+    let outcome = match kv::connect(nats_url, pc.spec.js_domain(), auth).await {
         Ok(js) => kv::ensure_bucket(&js, &desired).await,
         Err(e) => Err(e),
     };

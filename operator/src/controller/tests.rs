@@ -125,9 +125,28 @@ fn rendered(fake: &FakeApi) -> Vec<Child> {
     .unwrap();
     let inputs = render::Inputs {
         jwt_secret_digest: digest_of(&secret, secrets::JWT_KEY),
+        nats: Some(nats_identities(fake, &pc, &rctx)),
         ..Default::default()
     };
     render::render(&pc, &rctx, &inputs).unwrap()
+}
+
+/// The NATS identities from the Secrets the controller made in the fake.
+fn nats_identities(
+    fake: &FakeApi,
+    pc: &PresenceCluster,
+    rctx: &render::Scope,
+) -> render::NatsIdentities {
+    let mut data = crate::credentials::SecretData::new();
+    for (name, _) in crate::credentials::generated(rctx, &pc.spec) {
+        let secret: Secret = serde_json::from_value(
+            fake.get(&format!("/api/v1/namespaces/{NS}/secrets/{name}"))
+                .unwrap_or_else(|| panic!("Secret {name} generated")),
+        )
+        .unwrap();
+        data.insert(name, nats_secrets::contents(&secret));
+    }
+    crate::credentials::identities(rctx, &pc.spec, &data).unwrap()
 }
 
 #[tokio::test]
@@ -166,13 +185,29 @@ async fn a_fresh_cluster_gets_a_finalizer_then_every_object() {
             "POST".to_owned(),
             format!("/api/v1/namespaces/{NS}/secrets"),
         ),
+    ];
+    // Every NATS Secret: looked for, then generated.
+    for (name, _) in crate::credentials::generated(
+        &render::Scope::new(&load(&fake), NS).unwrap(),
+        &load(&fake).spec,
+    ) {
+        expected.push((
+            "GET".to_owned(),
+            format!("/api/v1/namespaces/{NS}/secrets/{name}"),
+        ));
+        expected.push((
+            "POST".to_owned(),
+            format!("/api/v1/namespaces/{NS}/secrets"),
+        ));
+    }
+    expected.extend([
         // The hub's volume template, before anything is applied (no hub
         // yet, so no volumes to list either).
         (
             "GET".to_owned(),
             format!("/apis/apps/v1/namespaces/{NS}/statefulsets/p-center-nats"),
         ),
-    ];
+    ]);
     let children: Vec<Child> = rendered(&fake)
         .into_iter()
         .filter(|c| !matches!(c, Child::Secret(_)))
@@ -307,7 +342,9 @@ async fn status_follows_readiness_and_the_bucket_is_provisioned_at_the_real_hub(
     );
 
     // The bucket now exists at the hub, as the spec says.
-    let js = kv::connect(&hub.url(), "hub").await.unwrap();
+    let js = kv::connect(&hub.url(), "hub", &kv::ClientAuth::default())
+        .await
+        .unwrap();
     let stream = js.get_stream("KV_PRESENCE").await.expect("bucket created");
     assert_eq!(stream.cached_info().config.num_replicas, 1);
     assert!(stream.cached_info().config.allow_message_ttl);
@@ -552,7 +589,9 @@ fn finalizer_removed(fake: &FakeApi) -> bool {
 async fn deletion_retains_or_deletes_the_bucket_and_never_hangs() {
     let dir = tempfile::tempdir().unwrap();
     let hub = testkit::Nats::hub(dir.path()).await;
-    let js = kv::connect(&hub.url(), "hub").await.unwrap();
+    let js = kv::connect(&hub.url(), "hub", &kv::ClientAuth::default())
+        .await
+        .unwrap();
     let bucket = DesiredBucket {
         name: "PRESENCE".into(),
         replicas: 1,

@@ -9,9 +9,10 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
     ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-    SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec,
+    SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -38,7 +39,16 @@ pub struct EnvParams {
     pub node_id: EnvValue,
     pub jwt_secret: EnvValue,
     pub log_format: &'static str,
+    /// Path of the file holding presence-service's NATS nkey seed.
+    pub nkey_seed_file: String,
+    /// Path of the NATS servers' CA, when client ports take TLS.
+    pub tls_ca: Option<String>,
 }
+
+/// Where presence-service's NATS seed is mounted in its pods.
+const NATS_SECRET_DIR: &str = "/etc/presence-nats";
+/// Where the NATS CA is mounted in its pods (with client TLS).
+const NATS_TLS_DIR: &str = "/etc/presence-nats-tls";
 
 fn literal(value: impl Into<String>) -> EnvValue {
     EnvValue::Literal(value.into())
@@ -57,6 +67,7 @@ pub fn env(
         (env::SERVICE_PORT, literal(p.service_port.to_string())),
         (env::NATS_URL, literal(p.nats_url.clone())),
         (env::NATS_JS_DOMAIN, literal(spec.js_domain())),
+        (env::NATS_NKEY_SEED_FILE, literal(p.nkey_seed_file.clone())),
         (env::KV_BUCKET, literal(spec.bucket())),
         (env::JWT_SECRET, p.jwt_secret.clone()),
         (
@@ -64,6 +75,9 @@ pub fn env(
             literal(region.cache_max_cost.to_string()),
         ),
     ];
+    if let Some(ca) = &p.tls_ca {
+        env.push((env::NATS_TLS_CA, literal(ca.clone())));
+    }
     // Only the center creates the bucket; leaving this out of leaves keeps a
     // hub resize from rolling every region.
     if region.role == Role::Center {
@@ -174,16 +188,30 @@ pub fn objects(
         node_id: EnvValue::PodName,
         jwt_secret: EnvValue::Secret(secrets::jwt_secret_source(ctx, spec)),
         log_format: "json",
+        nkey_seed_file: format!("{NATS_SECRET_DIR}/{}", secrets::SEED_KEY),
+        tls_ca: spec.client_tls().then(|| format!("{NATS_TLS_DIR}/ca.crt")),
     };
     let env: Vec<EnvVar> = env(spec, region, &params)
         .into_iter()
         .map(|(name, value)| env_var(name, value))
         .collect();
+    let mut digests = vec![inputs.jwt_secret_digest.clone().unwrap_or_default()];
+    if let Some(ids) = &inputs.nats {
+        digests.push(ids.digest(&ctx.names.nats_presence_secret()).to_owned());
+        if spec.client_tls() {
+            digests.push(
+                ids.digest(&super::nats::tls_secret_name(ctx, spec))
+                    .to_owned(),
+            );
+        }
+    }
     let annotations = BTreeMap::from([(
         format!("{}/config-hash", crate::crd::GROUP),
-        pod_config_hash(&env, inputs),
+        pod_config_hash(&env, &digests),
     )]);
-    let container = container(spec, region, env);
+    let mut container = container(spec, region, env);
+    let (mounts, volumes) = nats_secret_volumes(ctx, spec);
+    container.volume_mounts = Some(mounts);
     let selector = region_selector(ctx, COMPONENT, region.name);
     let deployment = Deployment {
         metadata: meta(ctx, &name, COMPONENT, Some(region.name)),
@@ -206,7 +234,10 @@ pub fn objects(
             }),
             template: PodTemplateSpec {
                 metadata: Some(pod_meta(ctx, COMPONENT, region.name, annotations)),
-                spec: Some(pod_spec(ctx, region, container)),
+                spec: Some(PodSpec {
+                    volumes: Some(volumes),
+                    ..pod_spec(ctx, region, container)
+                }),
             },
             ..Default::default()
         },
@@ -220,16 +251,50 @@ const COMPONENT: &str = "dataplane";
 
 /// The environment is in the pod spec already; what the hash adds is the
 /// JWT secret's content, which the pod spec only names.
-fn pod_config_hash(env: &[EnvVar], inputs: &super::Inputs) -> String {
+fn pod_config_hash(env: &[EnvVar], secret_digests: &[String]) -> String {
     let mut hashed = serde_json::to_vec(env).unwrap_or_default();
-    hashed.extend(
-        inputs
-            .jwt_secret_digest
-            .as_deref()
-            .unwrap_or_default()
-            .bytes(),
-    );
+    for digest in secret_digests {
+        hashed.extend(digest.bytes());
+    }
     super::config_hash(&hashed)
+}
+
+/// The NATS seed (and, with client TLS, the servers' CA) as read-only files.
+fn nats_secret_volumes(ctx: &Scope, spec: &PresenceClusterSpec) -> (Vec<VolumeMount>, Vec<Volume>) {
+    let secret_volume = |name: &str, secret: String, key: &str| Volume {
+        name: name.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret),
+            items: Some(vec![KeyToPath {
+                key: key.into(),
+                path: key.into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mount = |name: &str, path: &str| VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(true),
+        ..Default::default()
+    };
+    let mut mounts = vec![mount("nats-identity", NATS_SECRET_DIR)];
+    let mut volumes = vec![secret_volume(
+        "nats-identity",
+        ctx.names.nats_presence_secret(),
+        secrets::SEED_KEY,
+    )];
+    if spec.client_tls() {
+        mounts.push(mount("nats-tls", NATS_TLS_DIR));
+        volumes.push(secret_volume(
+            "nats-tls",
+            super::nats::tls_secret_name(ctx, spec),
+            "ca.crt",
+        ));
+    }
+    (mounts, volumes)
 }
 
 fn probe(path: &str, period: i32, failures: i32) -> Probe {

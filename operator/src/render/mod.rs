@@ -6,6 +6,7 @@ pub mod availability;
 pub mod dataplane;
 pub mod monitoring;
 pub mod nats;
+pub mod nats_auth;
 pub mod network;
 pub mod secrets;
 
@@ -31,6 +32,30 @@ pub enum RenderError {
     MissingName,
     #[error("invalid spec: {0}")]
     InvalidSpec(String),
+    #[error("the NATS identities (public nkeys) of {0} are unknown")]
+    MissingIdentities(String),
+}
+
+/// The public halves of the NATS identities, read from their Secrets (or
+/// generated for an offline render): what the rendered configs name. The
+/// digests change when a Secret is rotated, rolling the pods that use it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatsIdentities {
+    /// presence-service's public nkey.
+    pub presence: String,
+    /// The operator's public nkey.
+    pub operator: String,
+    /// Each leaf region's public nkey.
+    pub leaves: BTreeMap<String, String>,
+    /// Digests of the Secrets' contents, by Secret name.
+    pub digests: BTreeMap<String, String>,
+}
+
+impl NatsIdentities {
+    /// The digest of Secret `name`, or "" when unknown.
+    pub fn digest(&self, name: &str) -> &str {
+        self.digests.get(name).map_or("", String::as_str)
+    }
 }
 
 /// Names of every child object; the one place that builds them.
@@ -65,6 +90,30 @@ impl Names {
     /// The generated JWT Secret.
     pub fn jwt_secret(&self) -> String {
         format!("{}-jwt", self.cluster)
+    }
+    /// presence-service's NATS nkey seed.
+    pub fn nats_presence_secret(&self) -> String {
+        format!("{}-nats-presence", self.cluster)
+    }
+    /// The operator's NATS nkey seed.
+    pub fn nats_operator_secret(&self) -> String {
+        format!("{}-nats-operator", self.cluster)
+    }
+    /// A leaf region's NATS nkey seed (when the spec references none).
+    pub fn nats_leaf_secret(&self, region: &str) -> String {
+        format!("{}-{region}-nats-leaf", self.cluster)
+    }
+    /// The password of every route.
+    pub fn nats_routes_secret(&self) -> String {
+        format!("{}-nats-routes", self.cluster)
+    }
+    /// The NATS servers' certificate (`tls.crt`, `tls.key`, `ca.crt`).
+    pub fn nats_tls_secret(&self) -> String {
+        format!("{}-nats-tls", self.cluster)
+    }
+    /// The generated CA (`ca.crt`, `ca.key`); only the operator reads it.
+    pub fn nats_ca_secret(&self) -> String {
+        format!("{}-nats-ca", self.cluster)
     }
 }
 
@@ -281,6 +330,8 @@ pub struct Inputs {
     /// The operator's namespace, whose pods the NetworkPolicies admit to
     /// NATS (default presence-system, where the install puts it).
     pub operator_namespace: Option<String>,
+    /// The NATS identities' public keys; required to render NATS configs.
+    pub nats: Option<NatsIdentities>,
 }
 
 /// Checks what the API server's CEL rules would refuse, for manifests that
@@ -372,12 +423,25 @@ pub fn render(
             crate::crd::MAX_CLUSTER_NAME
         )));
     }
+    let ids = inputs
+        .nats
+        .as_ref()
+        .ok_or_else(|| RenderError::MissingIdentities(ctx.name.clone()))?;
+    for leaf in &spec.leaves {
+        if !ids.leaves.contains_key(&leaf.name) {
+            return Err(RenderError::MissingIdentities(format!(
+                "{}, leaf {}",
+                ctx.name, leaf.name
+            )));
+        }
+    }
     let mut out = Vec::new();
     if let Some(secret) = secrets::generated_jwt_secret(ctx, spec, inputs) {
         out.push(Child::Secret(secret));
     }
     for region in spec.regions() {
-        let (config_map, headless, client, statefulset) = nats::objects(ctx, spec, &region, inputs);
+        let (config_map, headless, client, statefulset) =
+            nats::objects(ctx, spec, &region, inputs, ids);
         out.push(Child::ConfigMap(config_map));
         out.push(Child::Service(headless));
         out.push(Child::Service(client));

@@ -4,6 +4,7 @@
 //! `presence-operator dev` both call it; they differ only in the addresses
 //! they pass (cluster DNS names and fixed ports, or loopback ports).
 
+use super::nats_auth::{self, SecurityParams};
 use super::{Scope, labels, meta, pod_meta, region_selector};
 use crate::crd::{PresenceClusterSpec, Region, Role};
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
@@ -11,8 +12,8 @@ use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     EnvVar, EnvVarSource, ExecAction, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -28,7 +29,8 @@ pub const MONITOR_PORT: u16 = 8222;
 const CONFIG_DIR: &str = "/etc/nats";
 const DATA_DIR: &str = "/data";
 const PID_DIR: &str = "/var/run/nats";
-const CREDS_DIR: &str = "/etc/nats-creds";
+/// Where the TLS Secret is mounted in NATS pods.
+const TLS_DIR: &str = "/etc/nats-tls";
 
 /// Hub-only settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,8 +57,6 @@ pub struct ClusterParams {
 pub struct LeafParams {
     /// `nats-leaf://host:port` URLs of the hub's leafnode listener.
     pub hub_urls: Vec<String>,
-    /// Path of a credentials file to present to the hub.
-    pub credentials: Option<String>,
     /// Routes between the region's leaf servers, when it has more than one.
     pub cluster: Option<ClusterParams>,
 }
@@ -80,6 +80,8 @@ pub struct NatsParams {
     pub monitor_listen: String,
     pub pid_file: Option<String>,
     pub role: NatsRole,
+    /// Users, permissions and TLS.
+    pub security: SecurityParams,
 }
 
 fn quoted(s: &str) -> String {
@@ -111,6 +113,12 @@ pub fn nats_conf(p: &NatsParams) -> String {
         let _ = writeln!(out, "pid_file: {}", quoted(pid));
     }
     out.push_str("lame_duck_duration: \"30s\"\nlame_duck_grace_period: \"10s\"\n");
+    let s = &p.security;
+    if s.client_tls {
+        out.push('\n');
+        nats_auth::tls_block(&mut out, "", &s.tls, false);
+    }
+    nats_auth::accounts_block(&mut out, s, matches!(p.role, NatsRole::Hub(_)));
     match &p.role {
         NatsRole::Hub(hub) => {
             out.push_str("\njetstream {\n");
@@ -121,37 +129,89 @@ pub fn nats_conf(p: &NatsParams) -> String {
             }
             out.push_str("}\n\nleafnodes {\n");
             let _ = writeln!(out, "  listen: {}", quoted(&hub.leafnode_listen));
+            // Leaf servers log in as users of the account (nkeys, per-region
+            // permissions): no `authorization {}` here, which could hold
+            // neither.
+            nats_auth::tls_block(&mut out, "  ", &s.tls, false);
             out.push_str("}\n");
             if let Some(cluster) = &hub.cluster {
-                cluster_block(&mut out, cluster);
+                cluster_block(&mut out, cluster, s);
             }
         }
         NatsRole::Leaf(leaf) => {
             out.push_str("\nleafnodes {\n  reconnect: \"1s\"\n  remotes: [\n    {\n");
             let urls: Vec<String> = leaf.hub_urls.iter().map(|u| quoted(u)).collect();
             let _ = writeln!(out, "      urls: [{}]", urls.join(", "));
-            if let Some(creds) = &leaf.credentials {
-                let _ = writeln!(out, "      credentials: {}", quoted(creds));
-            }
+            let _ = writeln!(out, "      account: {}", quoted(nats_auth::ACCOUNT));
+            let _ = writeln!(out, "      nkey: ${}", nats_auth::LEAF_SEED_ENV);
+            let _ = writeln!(out, "      tls {{ ca_file: {} }}", quoted(&s.tls.ca));
             out.push_str("    }\n  ]\n}\n");
             if let Some(cluster) = &leaf.cluster {
-                cluster_block(&mut out, cluster);
+                cluster_block(&mut out, cluster, s);
             }
         }
     }
     out
 }
 
-/// The `cluster {}` block: routes between the servers of one region.
-fn cluster_block(out: &mut String, cluster: &ClusterParams) {
+/// The `cluster {}` block: authenticated routes between the servers of one
+/// region. The route URLs (with the password) come from `$ROUTE_<i>`; the
+/// password from `$ROUTE_PASSWORD`.
+fn cluster_block(out: &mut String, cluster: &ClusterParams, s: &SecurityParams) {
     out.push_str("\ncluster {\n");
     let _ = writeln!(out, "  name: {}", quoted(&cluster.name));
     let _ = writeln!(out, "  listen: {}", quoted(&cluster.listen));
+    let _ = writeln!(
+        out,
+        "  authorization {{ user: {}, password: ${}, timeout: 2 }}",
+        quoted(nats_auth::ROUTE_USER),
+        nats_auth::ROUTE_PASSWORD_ENV
+    );
     out.push_str("  routes: [\n");
-    for route in &cluster.routes {
-        let _ = writeln!(out, "    {}", quoted(route));
+    for i in 0..cluster.routes.len() {
+        let _ = writeln!(out, "    ${}", nats_auth::route_env(i));
     }
-    out.push_str("  ]\n}\n");
+    out.push_str("  ]\n");
+    if s.route_tls {
+        nats_auth::tls_block(out, "  ", &s.tls, true);
+    }
+    out.push_str("}\n");
+}
+
+/// The TLS files as mounted in NATS pods.
+pub fn k8s_tls_files() -> nats_auth::TlsFiles {
+    nats_auth::TlsFiles {
+        cert: format!("{TLS_DIR}/tls.crt"),
+        key: format!("{TLS_DIR}/tls.key"),
+        ca: format!("{TLS_DIR}/ca.crt"),
+    }
+}
+
+/// The security settings of every server of `spec`, from the identities.
+pub fn security_params(
+    spec: &PresenceClusterSpec,
+    region: &Region<'_>,
+    ids: &super::NatsIdentities,
+    tls: nats_auth::TlsFiles,
+) -> SecurityParams {
+    let hub = region.role == Role::Center;
+    SecurityParams {
+        bucket: spec.bucket().to_owned(),
+        domain: spec.js_domain().to_owned(),
+        presence_user: ids.presence.clone(),
+        operator_user: hub.then(|| ids.operator.clone()),
+        leaf_users: if hub {
+            spec.leaves
+                .iter()
+                .filter_map(|l| ids.leaves.get(&l.name).cloned())
+                .collect()
+        } else {
+            Vec::new()
+        },
+        tls,
+        client_tls: spec.client_tls(),
+        route_tls: spec.route_tls(),
+    }
 }
 
 /// Parses a Kubernetes quantity (`10Gi`, `500M`, `1073741824`) into bytes.
@@ -191,6 +251,7 @@ pub fn k8s_params(
     spec: &PresenceClusterSpec,
     region: &Region<'_>,
     volume_capacity: Option<&Quantity>,
+    ids: &super::NatsIdentities,
 ) -> NatsParams {
     let any = |port: u16| format!("0.0.0.0:{port}");
     let headless = ctx.names.nats_headless(region.name);
@@ -233,9 +294,6 @@ pub fn k8s_params(
                 "nats-leaf://{}:{LEAFNODE_PORT}",
                 client_host(ctx, spec.center_name())
             )],
-            credentials: region
-                .leaf_credentials
-                .map(|_| format!("{CREDS_DIR}/leaf.creds")),
             cluster,
         }),
     };
@@ -247,6 +305,7 @@ pub fn k8s_params(
         monitor_listen: any(MONITOR_PORT),
         pid_file: Some(format!("{PID_DIR}/nats.pid")),
         role,
+        security: security_params(spec, region, ids, k8s_tls_files()),
     }
 }
 
@@ -276,14 +335,22 @@ pub fn objects(
     spec: &PresenceClusterSpec,
     region: &Region<'_>,
     inputs: &super::Inputs,
+    ids: &super::NatsIdentities,
 ) -> (ConfigMap, Service, Service, StatefulSet) {
     let conf = nats_conf(&k8s_params(
         ctx,
         spec,
         region,
         inputs.hub_volume_capacity.as_ref(),
+        ids,
     ));
-    let hash = super::config_hash(conf.as_bytes());
+    // The config names Secrets; their contents' digests roll the pods when
+    // one is rotated.
+    let mut hashed = conf.clone().into_bytes();
+    for secret in secrets_used(ctx, spec, region) {
+        hashed.extend(ids.digest(&secret).bytes());
+    }
+    let hash = super::config_hash(&hashed);
     let config_map = ConfigMap {
         metadata: meta(
             ctx,
@@ -409,7 +476,101 @@ fn probes() -> (Probe, Probe, Probe) {
 
 /// Mounts and volumes of the container: config, pid directory, the hub's
 /// data, and a leaf's credentials.
-fn mounts_and_volumes(ctx: &Scope, region: &Region<'_>) -> (Vec<VolumeMount>, Vec<Volume>) {
+/// The Secret holding a leaf region's nkey seed, and its key.
+pub fn leaf_seed_source(ctx: &Scope, region: &Region<'_>) -> SecretKeySelector {
+    region
+        .leaf_credentials
+        .cloned()
+        .unwrap_or_else(|| SecretKeySelector {
+            name: ctx.names.nats_leaf_secret(region.name),
+            key: super::secrets::SEED_KEY.into(),
+            ..Default::default()
+        })
+}
+
+/// The Secret with the NATS servers' certificate.
+pub fn tls_secret_name(ctx: &Scope, spec: &PresenceClusterSpec) -> String {
+    spec.tls
+        .as_ref()
+        .and_then(|t| t.secret_name.clone())
+        .unwrap_or_else(|| ctx.names.nats_tls_secret())
+}
+
+/// Every Secret a region's NATS pods read.
+fn secrets_used(ctx: &Scope, spec: &PresenceClusterSpec, region: &Region<'_>) -> Vec<String> {
+    let mut used = vec![tls_secret_name(ctx, spec)];
+    if region.role == Role::Leaf {
+        used.push(leaf_seed_source(ctx, region).name);
+    }
+    if region.nats_replicas > 1 {
+        used.push(ctx.names.nats_routes_secret());
+    }
+    used
+}
+
+fn secret_env(name: &str, selector: SecretKeySelector) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(selector),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The container's environment: its pod name, and the secrets its config
+/// names (`$LEAF_NKEY_SEED`, `$ROUTE_PASSWORD`, `$ROUTE_<i>`).
+fn nats_env(ctx: &Scope, region: &Region<'_>) -> Vec<EnvVar> {
+    let mut env = vec![EnvVar {
+        name: "POD_NAME".into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "metadata.name".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    if region.role == Role::Leaf {
+        env.push(secret_env(
+            nats_auth::LEAF_SEED_ENV,
+            leaf_seed_source(ctx, region),
+        ));
+    }
+    if region.nats_replicas > 1 {
+        env.push(secret_env(
+            nats_auth::ROUTE_PASSWORD_ENV,
+            SecretKeySelector {
+                name: ctx.names.nats_routes_secret(),
+                key: super::secrets::PASSWORD_KEY.into(),
+                ..Default::default()
+            },
+        ));
+        let headless = ctx.names.nats_headless(region.name);
+        for i in 0..region.nats_replicas {
+            let url = format!(
+                "nats://{}-{i}.{headless}.{}.svc:{CLUSTER_PORT}",
+                ctx.names.nats(region.name),
+                ctx.namespace
+            );
+            let password = format!("$({})", nats_auth::ROUTE_PASSWORD_ENV);
+            env.push(EnvVar {
+                name: nats_auth::route_env(usize::try_from(i).unwrap_or(0)),
+                value: Some(nats_auth::route_url_with_credentials(&url, &password)),
+                ..Default::default()
+            });
+        }
+    }
+    env
+}
+
+fn mounts_and_volumes(
+    ctx: &Scope,
+    spec: &PresenceClusterSpec,
+    region: &Region<'_>,
+) -> (Vec<VolumeMount>, Vec<Volume>) {
     let mut mounts = vec![
         VolumeMount {
             name: "config".into(),
@@ -445,27 +606,30 @@ fn mounts_and_volumes(ctx: &Scope, region: &Region<'_>) -> (Vec<VolumeMount>, Ve
             ..Default::default()
         });
     }
-    if let Some(creds) = region.leaf_credentials {
-        mounts.push(VolumeMount {
-            name: "leaf-creds".into(),
-            mount_path: CREDS_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        });
-        volumes.push(Volume {
-            name: "leaf-creds".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(creds.name.clone()),
-                items: Some(vec![k8s_openapi::api::core::v1::KeyToPath {
-                    key: creds.key.clone(),
-                    path: "leaf.creds".into(),
+    // Servers with a certificate of their own mount the whole Secret; a
+    // leaf that only checks the hub's certificate mounts just the CA.
+    let whole = region.role == Role::Center || spec.client_tls() || spec.route_tls();
+    mounts.push(VolumeMount {
+        name: "tls".into(),
+        mount_path: TLS_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    });
+    volumes.push(Volume {
+        name: "tls".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(tls_secret_name(ctx, spec)),
+            items: (!whole).then(|| {
+                vec![k8s_openapi::api::core::v1::KeyToPath {
+                    key: "ca.crt".into(),
+                    path: "ca.crt".into(),
                     ..Default::default()
-                }]),
-                ..Default::default()
+                }]
             }),
             ..Default::default()
-        });
-    }
+        }),
+        ..Default::default()
+    });
     (mounts, volumes)
 }
 
@@ -500,7 +664,7 @@ fn container(
     spec: &PresenceClusterSpec,
     region: &Region<'_>,
     ports: Vec<ContainerPort>,
-    mounts: Vec<VolumeMount>,
+    (mounts, env): (Vec<VolumeMount>, Vec<EnvVar>),
 ) -> Container {
     let (startup, readiness, liveness) = probes();
     Container {
@@ -508,17 +672,7 @@ fn container(
         image: Some(spec.nats_image().to_owned()),
         image_pull_policy: super::pull_policy(spec),
         args: Some(vec!["--config".into(), format!("{CONFIG_DIR}/nats.conf")]),
-        env: Some(vec![EnvVar {
-            name: "POD_NAME".into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "metadata.name".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }]),
+        env: Some(env),
         ports: Some(ports),
         resources: region.nats_resources.cloned(),
         volume_mounts: Some(mounts),
@@ -559,8 +713,8 @@ fn statefulset(
     claim_size: Quantity,
 ) -> StatefulSet {
     let is_hub = region.role == Role::Center;
-    let (mounts, volumes) = mounts_and_volumes(ctx, region);
-    let container = container(spec, region, ports, mounts);
+    let (mounts, volumes) = mounts_and_volumes(ctx, spec, region);
+    let container = container(spec, region, ports, (mounts, nats_env(ctx, region)));
     let replicas = region.nats_replicas;
     let annotations = BTreeMap::from([(format!("{}/config-hash", crate::crd::GROUP), config_hash)]);
     let mut containers = vec![container];

@@ -7,6 +7,20 @@ use std::collections::BTreeMap;
 
 /// Key of the generated Secret that holds the JWT secret.
 pub const JWT_KEY: &str = "jwt-secret";
+/// Key of a NATS identity Secret that holds the nkey seed.
+pub const SEED_KEY: &str = "seed";
+/// Key of the routes Secret that holds the route password.
+pub const PASSWORD_KEY: &str = "password";
+
+/// A Secret the operator generates, owned by the PresenceCluster.
+pub fn generated(ctx: &Scope, name: &str, data: BTreeMap<String, String>) -> Secret {
+    Secret {
+        metadata: meta(ctx, name, "auth", None),
+        type_: Some("Opaque".into()),
+        string_data: Some(data),
+        ..Default::default()
+    }
+}
 
 /// Where every presence-service reads `JWT_SECRET` from: the user's Secret
 /// when referenced, else the generated one.

@@ -1,0 +1,181 @@
+//! The NATS credentials of a PresenceCluster: which Secrets it needs, what
+//! a new one holds, and the public identities read back from them. Secrets
+//! are generated once and never rewritten, except the servers' certificate,
+//! which is renewed well before it expires. Secrets the user references are
+//! only read.
+
+use crate::crd::PresenceClusterSpec;
+use crate::pki::{self, PkiError};
+use crate::render::{NatsIdentities, Scope, secrets};
+use std::collections::BTreeMap;
+use time::OffsetDateTime;
+
+/// Keys of the CA and certificate Secrets (as cert-manager writes them).
+pub const TLS_CRT: &str = "tls.crt";
+pub const TLS_KEY: &str = "tls.key";
+pub const CA_CRT: &str = "ca.crt";
+pub const CA_KEY: &str = "ca.key";
+
+/// What a Secret is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// presence-service's nkey seed.
+    Presence,
+    /// The operator's nkey seed.
+    Operator,
+    /// A leaf region's nkey seed.
+    Leaf(String),
+    /// The route password.
+    Routes,
+    /// The generated CA (only the operator reads it).
+    Ca,
+    /// The servers' certificate, signed by the CA.
+    Tls,
+}
+
+/// The Secrets the operator generates for `spec`, by name, in the order
+/// they must be made (the CA before the certificate it signs). Secrets the
+/// user references instead are left out.
+pub fn generated(scope: &Scope, spec: &PresenceClusterSpec) -> Vec<(String, Kind)> {
+    let names = &scope.names;
+    let mut out = vec![
+        (names.nats_presence_secret(), Kind::Presence),
+        (names.nats_operator_secret(), Kind::Operator),
+    ];
+    for leaf in &spec.leaves {
+        if leaf
+            .nats
+            .as_ref()
+            .and_then(|n| n.credentials_secret_ref.as_ref())
+            .is_none()
+        {
+            out.push((
+                names.nats_leaf_secret(&leaf.name),
+                Kind::Leaf(leaf.name.clone()),
+            ));
+        }
+    }
+    out.push((names.nats_routes_secret(), Kind::Routes));
+    if spec
+        .tls
+        .as_ref()
+        .and_then(|t| t.secret_name.as_ref())
+        .is_none()
+    {
+        out.push((names.nats_ca_secret(), Kind::Ca));
+        out.push((names.nats_tls_secret(), Kind::Tls));
+    }
+    out
+}
+
+/// The contents of a new Secret of `kind`; a certificate needs the CA's
+/// Secret.
+pub fn new_data(
+    scope: &Scope,
+    spec: &PresenceClusterSpec,
+    kind: &Kind,
+    ca: Option<&BTreeMap<String, String>>,
+    now: OffsetDateTime,
+) -> Result<BTreeMap<String, String>, PkiError> {
+    let one = |k: &str, v: String| BTreeMap::from([(k.to_owned(), v)]);
+    Ok(match kind {
+        Kind::Presence | Kind::Operator | Kind::Leaf(_) => {
+            one(secrets::SEED_KEY, pki::new_user()?.seed)
+        }
+        Kind::Routes => one(
+            secrets::PASSWORD_KEY,
+            secrets::random_secret().map_err(|e| PkiError::Generate(e.to_string()))?,
+        ),
+        Kind::Ca => {
+            let ca = pki::new_ca(&scope.name, now)?;
+            BTreeMap::from([(CA_CRT.to_owned(), ca.cert), (CA_KEY.to_owned(), ca.key)])
+        }
+        Kind::Tls => {
+            let ca =
+                ca.ok_or_else(|| PkiError::Generate("the CA Secret is not there yet".into()))?;
+            let key = ca
+                .get(CA_KEY)
+                .ok_or_else(|| PkiError::Generate("the CA Secret has no ca.key".into()))?;
+            let issued = pki::issue(&scope.name, key, &pki::nats_sans(scope, spec), now)?;
+            BTreeMap::from([
+                (TLS_CRT.to_owned(), issued.cert),
+                (TLS_KEY.to_owned(), issued.key),
+                (
+                    CA_CRT.to_owned(),
+                    ca.get(CA_CRT).cloned().unwrap_or_default(),
+                ),
+            ])
+        }
+    })
+}
+
+/// Whether the certificate in `data` must be issued again (missing,
+/// unreadable or close to expiry).
+pub fn certificate_due(data: &BTreeMap<String, String>, now: OffsetDateTime) -> bool {
+    data.get(TLS_CRT)
+        .and_then(|pem| pki::not_after(pem))
+        .is_none_or(|expiry| pki::needs_renewal(expiry, now))
+}
+
+/// Secret contents by Secret name, as read from the API.
+pub type SecretData = BTreeMap<String, BTreeMap<String, String>>;
+
+/// The public identities and digests the renderer needs, from the
+/// Secrets' contents; an error names what is missing or unusable.
+pub fn identities(
+    scope: &Scope,
+    spec: &PresenceClusterSpec,
+    data: &SecretData,
+) -> Result<NatsIdentities, String> {
+    let names = &scope.names;
+    let value = |secret: &str, key: &str| -> Result<&String, String> {
+        data.get(secret)
+            .and_then(|d| d.get(key))
+            .ok_or_else(|| format!("Secret {}/{secret} has no key {key:?}", scope.namespace))
+    };
+    let public = |secret: &str, key: &str| -> Result<String, String> {
+        pki::public_of(value(secret, key)?, secret).map_err(|e| e.to_string())
+    };
+    let mut ids = NatsIdentities {
+        presence: public(&names.nats_presence_secret(), secrets::SEED_KEY)?,
+        operator: public(&names.nats_operator_secret(), secrets::SEED_KEY)?,
+        ..Default::default()
+    };
+    for region in spec
+        .regions()
+        .iter()
+        .filter(|r| r.role == crate::crd::Role::Leaf)
+    {
+        let source = crate::render::nats::leaf_seed_source(scope, region);
+        ids.leaves
+            .insert(region.name.to_owned(), public(&source.name, &source.key)?);
+    }
+    let mut seen = BTreeMap::new();
+    for (who, key) in [
+        ("presence-service", &ids.presence),
+        ("the operator", &ids.operator),
+    ]
+    .into_iter()
+    .chain(ids.leaves.iter().map(|(r, k)| (r.as_str(), k)))
+    {
+        if let Some(other) = seen.insert(key.clone(), who) {
+            return Err(format!(
+                "{other} and {who} use the same NATS identity; each needs its own nkey"
+            ));
+        }
+    }
+    let tls = crate::render::nats::tls_secret_name(scope, spec);
+    for key in [TLS_CRT, TLS_KEY, CA_CRT] {
+        value(&tls, key)?;
+    }
+    for (name, contents) in data {
+        let mut bytes = Vec::new();
+        for (k, v) in contents {
+            bytes.extend(k.bytes());
+            bytes.extend(v.bytes());
+        }
+        ids.digests
+            .insert(name.clone(), crate::render::config_hash(&bytes));
+    }
+    Ok(ids)
+}
