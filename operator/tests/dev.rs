@@ -54,6 +54,8 @@ struct Dev {
     apis: Vec<String>,
     /// The local cluster's operator metrics (`/metrics`), host:port.
     metrics: String,
+    /// First NATS port (hub server 0's client port).
+    nats_base: u16,
     token: String,
 }
 
@@ -109,6 +111,7 @@ impl Dev {
                 .map(|i| format!("http://127.0.0.1:{}", base + i))
                 .collect(),
             metrics: format!("127.0.0.1:{}", base - 1),
+            nats_base,
             token: String::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(90);
@@ -592,4 +595,214 @@ async fn every_dashboard_panel_has_data_from_a_real_prometheus() {
             "JetStream storage used of limit"
         ]
     );
+}
+
+mod secured {
+    //! `dev` runs NATS the way the operator configures it in a cluster;
+    //! these check, against those real servers, that nothing gets in
+    //! without its credentials and that each identity stays in its lane.
+
+    use super::*;
+
+    /// Port offsets of `dev` (see `presence-operator dev --help`).
+    const LEAFNODE: u16 = 200;
+    const ROUTE: u16 = 300;
+    const EU_CLIENT: u16 = 11;
+
+    fn seed(dev: &Dev, file: &str) -> String {
+        std::fs::read_to_string(dev.data_dir.path().join("secrets").join(file))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    async fn connect(port: u16, seed: Option<String>) -> Result<async_nats::Client, String> {
+        let options = match seed {
+            Some(seed) => async_nats::ConnectOptions::with_nkey(seed),
+            None => async_nats::ConnectOptions::new(),
+        };
+        options
+            .connection_timeout(Duration::from_secs(3))
+            .connect(format!("nats://127.0.0.1:{port}"))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Starts a nats-server of ours with `conf` (ports substituted) and
+    /// returns it with its log path.
+    fn intruder(dir: &Path, name: &str, conf: &str) -> (testkit::Proc, PathBuf) {
+        let path = dir.join(format!("{name}.conf"));
+        std::fs::write(&path, conf).unwrap();
+        let mut command = Command::new(testkit::nats_server_bin());
+        command.arg("-c").arg(&path);
+        let log = dir.join(format!("{name}.log"));
+        (testkit::Proc::spawn(name, command, log.clone()), log)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn nothing_gets_in_without_its_credentials() {
+        let _serial = HEAVY.lock().await;
+        let dev = Dev::start("dev-ha.yaml");
+        let n = dev.nats_base;
+        // Anonymous clients, at the hub and at a leaf.
+        for port in [n, n + EU_CLIENT] {
+            let err = connect(port, None)
+                .await
+                .expect_err("an anonymous client is refused");
+            assert!(err.contains("authorization violation"), "{port}: {err}");
+        }
+        // The presence-service identity at both works.
+        for port in [n, n + EU_CLIENT] {
+            connect(port, Some(seed(&dev, "presence.seed")))
+                .await
+                .expect("presence-service gets in");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dev.data_dir.path().join("secrets").join("ca.crt");
+        let leaf = |name: &str, extra: &str| {
+            format!(
+                "server_name: {name}\nlisten: 127.0.0.1:{}\n\
+                 leafnodes {{ remotes: [ {{ urls: [\"nats-leaf://127.0.0.1:{}\"]{extra} }} ] }}\n",
+                testkit::free_port(),
+                n + LEAFNODE
+            )
+        };
+        let tls = format!(", tls: {{ ca_file: \"{}\" }}", ca.display());
+        let (stranger, _) = testkit::pki::nkey_user();
+        let eu_seed = seed(&dev, "leaf-eu.seed");
+        let route = format!(
+            "server_name: rogue-route\nlisten: 127.0.0.1:{}\n\
+             cluster {{ name: dev-ha-center, listen: 127.0.0.1:{}, routes: [\"nats://127.0.0.1:{}\"] }}\n",
+            testkit::free_port(),
+            testkit::free_port(),
+            n + ROUTE
+        );
+        for (name, conf, refusal) in [
+            // A leaf with no credentials, or a seed the hub doesn't know.
+            (
+                "no-creds",
+                leaf("no-creds", &tls),
+                "Authorization Violation",
+            ),
+            (
+                "wrong-creds",
+                leaf("wrong-creds", &format!(", nkey: {stranger}{tls}")),
+                "Authorization Violation",
+            ),
+            // A real leaf's seed, but not trusting the hub's CA.
+            (
+                "no-ca",
+                leaf("no-ca", &format!(", nkey: {eu_seed}")),
+                "certificate signed by unknown authority",
+            ),
+            // A route without the route password.
+            (
+                "rogue-route",
+                route,
+                "Route Error 'Authorization Violation'",
+            ),
+        ] {
+            let (_proc, log) = intruder(dir.path(), name, &conf);
+            wait_until(
+                &format!("{name} to be refused ({refusal})"),
+                Duration::from_secs(20),
+                || {
+                    let log = log.clone();
+                    async move {
+                        std::fs::read_to_string(&log)
+                            .unwrap_or_default()
+                            .contains(refusal)
+                    }
+                },
+            )
+            .await;
+        }
+        // A leaf speaking plain text to the TLS leafnode port gets nothing.
+        let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", n + LEAFNODE))
+            .await
+            .unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut info = vec![0u8; 4096];
+        let read = raw.read(&mut info).await.unwrap();
+        assert!(String::from_utf8_lossy(&info[..read]).contains("\"tls_required\":true"));
+        let _ = raw.write_all(b"CONNECT {}\r\nPING\r\n").await;
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut rest)).await;
+        assert!(
+            !String::from_utf8_lossy(&rest).contains("PONG"),
+            "plain text was answered"
+        );
+        // None of them made it in.
+        let leafz = reqwest::get(format!("http://127.0.0.1:{}/leafz", n + 100))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let routez = reqwest::get(format!("http://127.0.0.1:{}/routez", n + 100))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for name in ["no-creds", "wrong-creds", "no-ca"] {
+            assert!(!leafz.contains(name), "{name} linked: {leafz}");
+        }
+        assert!(!routez.contains("rogue-route"), "{routez}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn presence_service_cannot_delete_the_bucket_or_publish_elsewhere() {
+        let _serial = HEAVY.lock().await;
+        let dev = Dev::start("dev.yaml");
+        let violations = Arc::new(Mutex::new(Vec::new()));
+        let seen = violations.clone();
+        let client = async_nats::ConnectOptions::with_nkey(seed(&dev, "presence.seed"))
+            .event_callback(move |event| {
+                let seen = seen.clone();
+                async move {
+                    if let async_nats::Event::ServerError(e) = event {
+                        seen.lock().unwrap().push(e.to_string());
+                    }
+                }
+            })
+            .connect(format!("nats://127.0.0.1:{}", dev.nats_base + EU_CLIENT))
+            .await
+            .expect("presence-service's identity at the eu leaf");
+        let js = async_nats::jetstream::with_domain(client.clone(), "hub");
+        // It can use the bucket...
+        let kv = js.get_key_value("PRESENCE").await.expect("the bucket");
+        kv.get("ann").await.expect("reads work");
+        // ...but not delete it (nor publish outside its subjects).
+        assert!(js.delete_stream("KV_PRESENCE").await.is_err());
+        client.publish("orders.new", "x".into()).await.unwrap();
+        client.flush().await.unwrap();
+        wait_until(
+            "the server to refuse the stray publish",
+            Duration::from_secs(10),
+            || {
+                let violations = violations.clone();
+                async move {
+                    violations
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .any(|v| v.contains("orders.new"))
+                }
+            },
+        )
+        .await;
+        // The bucket is still there, and the service still works.
+        js.get_stream("KV_PRESENCE")
+            .await
+            .expect("the bucket survived");
+        assert_eq!(
+            set(&client_http(), &dev, EU, "ann", "still here").await,
+            200
+        );
+    }
+
+    fn client_http() -> reqwest::Client {
+        client()
+    }
 }

@@ -987,6 +987,82 @@ async fn monitoring_renders_pod_monitors_and_prunes_them_when_switched_off() {
     );
 }
 
+#[tokio::test]
+async fn nats_credentials_are_made_once_and_the_certificate_is_renewed_in_time() {
+    let fake = FakeApi::default();
+    fake.insert(
+        &pc_path("p"),
+        cluster(json!({"center": {}, "leaves": [{"name": "eu"}]})),
+    );
+    let ctx = context(&fake, unreachable());
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    let secret = |name: &str| {
+        fake.get(&format!("/api/v1/namespaces/{NS}/secrets/{name}"))
+            .expect(name)
+    };
+    let seed_before = secret("p-eu-nats-leaf")["stringData"]["seed"].clone();
+    assert!(seed_before.as_str().is_some_and(|s| s.starts_with("SU")));
+    // The hub's config names the public keys only, never a seed.
+    let conf = fake
+        .get("/api/v1/namespaces/ns/configmaps/p-center-nats-config")
+        .unwrap()["data"]["nats.conf"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for name in ["p-eu-nats-leaf", "p-nats-presence", "p-nats-operator"] {
+        let seed = secret(name)["stringData"]["seed"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(!conf.contains(&seed), "{name}'s seed in a ConfigMap");
+    }
+    let leaf_public = crate::pki::public_of(seed_before.as_str().unwrap(), "eu").unwrap();
+    assert!(conf.contains(&leaf_public));
+
+    // A certificate 25 days from expiry is issued again; the hub rolls.
+    let ca = secret("p-nats-ca");
+    let ca_key = ca["stringData"]["ca.key"].as_str().unwrap();
+    let old = time::OffsetDateTime::now_utc() - time::Duration::days(340);
+    let scope = render::Scope::new(&load(&fake), NS).unwrap();
+    let expiring = crate::pki::issue(
+        "p",
+        ca_key,
+        &crate::pki::nats_sans(&scope, &load(&fake).spec),
+        old,
+    )
+    .unwrap();
+    let mut tls = secret("p-nats-tls");
+    tls["stringData"]["tls.crt"] = json!(expiring.cert);
+    fake.insert("/api/v1/namespaces/ns/secrets/p-nats-tls", tls);
+    let hub_hash = |fake: &FakeApi| {
+        fake.get("/apis/apps/v1/namespaces/ns/statefulsets/p-center-nats").unwrap()["spec"]["template"]["metadata"]
+            ["annotations"]["presencecluster.io/config-hash"]
+            .clone()
+    };
+    let before = hub_hash(&fake);
+    fake.clear_requests();
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    let patched: Vec<Recorded> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.path.ends_with("/secrets/p-nats-tls"))
+        .collect();
+    assert_eq!(patched.len(), 1);
+    let renewed = fake
+        .get("/api/v1/namespaces/ns/secrets/p-nats-tls")
+        .unwrap();
+    let expiry = crate::pki::not_after(renewed["stringData"]["tls.crt"].as_str().unwrap()).unwrap();
+    assert!(expiry > time::OffsetDateTime::now_utc() + time::Duration::days(300));
+    assert_ne!(hub_hash(&fake), before, "a new certificate rolls the hub");
+    assert_rbac_allows(&fake.requests());
+    // Seeds are never rewritten.
+    assert_eq!(secret("p-eu-nats-leaf")["stringData"]["seed"], seed_before);
+    let metrics = ctx.metrics.render().unwrap();
+    assert!(metrics.contains(
+        "presence_operator_certificate_expiry_timestamp_seconds{name=\"p\",namespace=\"ns\"}"
+    ));
+}
+
 /// Every request the controller made is allowed by the ClusterRole that
 /// `config/rbac` installs, so least privilege can't silently break it.
 fn assert_rbac_allows(requests: &[Recorded]) {
