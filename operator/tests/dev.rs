@@ -616,12 +616,19 @@ mod secured {
             .to_owned()
     }
 
-    async fn connect(port: u16, seed: Option<String>) -> Result<async_nats::Client, String> {
+    /// A client of the dev-ha cluster, whose client ports take TLS only.
+    async fn connect(
+        dev: &Dev,
+        port: u16,
+        seed: Option<String>,
+    ) -> Result<async_nats::Client, String> {
         let options = match seed {
             Some(seed) => async_nats::ConnectOptions::with_nkey(seed),
             None => async_nats::ConnectOptions::new(),
         };
         options
+            .add_root_certificates(dev.data_dir.path().join("secrets").join("ca.crt"))
+            .require_tls(true)
             .connection_timeout(Duration::from_secs(3))
             .connect(format!("nats://127.0.0.1:{port}"))
             .await
@@ -646,16 +653,24 @@ mod secured {
         let n = dev.nats_base;
         // Anonymous clients, at the hub and at a leaf.
         for port in [n, n + EU_CLIENT] {
-            let err = connect(port, None)
+            let err = connect(&dev, port, None)
                 .await
                 .expect_err("an anonymous client is refused");
             assert!(err.contains("authorization violation"), "{port}: {err}");
         }
         // The presence-service identity at both works.
         for port in [n, n + EU_CLIENT] {
-            connect(port, Some(seed(&dev, "presence.seed")))
+            connect(&dev, port, Some(seed(&dev, "presence.seed")))
                 .await
                 .expect("presence-service gets in");
+        }
+        // Plain text to a client port gets nowhere either.
+        for port in [n, n + EU_CLIENT] {
+            let plain = async_nats::ConnectOptions::with_nkey(seed(&dev, "presence.seed"))
+                .connection_timeout(Duration::from_secs(3))
+                .connect(format!("nats://127.0.0.1:{port}"))
+                .await;
+            assert!(plain.is_err(), "{port} took a client without TLS");
         }
         let dir = tempfile::tempdir().unwrap();
         let ca = dev.data_dir.path().join("secrets").join("ca.crt");
@@ -670,12 +685,19 @@ mod secured {
         let tls = format!(", tls: {{ ca_file: \"{}\" }}", ca.display());
         let (stranger, _) = testkit::pki::nkey_user();
         let eu_seed = seed(&dev, "leaf-eu.seed");
+        // A route with the cluster's own certificate (routes take mutual
+        // TLS here) but without the route password.
+        let secrets = dev.data_dir.path().join("secrets");
         let route = format!(
             "server_name: rogue-route\nlisten: 127.0.0.1:{}\n\
-             cluster {{ name: dev-ha-center, listen: 127.0.0.1:{}, routes: [\"nats://127.0.0.1:{}\"] }}\n",
+             cluster {{ name: dev-ha-center, listen: 127.0.0.1:{}, routes: [\"nats://127.0.0.1:{}\"],\n\
+             tls: {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\" }} }}\n",
             testkit::free_port(),
             testkit::free_port(),
-            n + ROUTE
+            n + ROUTE,
+            secrets.join("tls.crt").display(),
+            secrets.join("tls.key").display(),
+            secrets.join("ca.crt").display(),
         );
         for (name, conf, refusal) in [
             // A leaf with no credentials, or a seed the hub doesn't know.
