@@ -529,6 +529,10 @@ pub struct PresenceClusterStatus {
     /// Ready regions out of all, e.g. `2/3` (the Regions printer column).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub regions_ready: Option<String>,
+    /// When the NATS servers' certificate expires (RFC 3339). The operator
+    /// renews its own 30 days before; a referenced one is yours to renew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_certificate_expiry: Option<String>,
 }
 
 /// Observed state of one region.

@@ -643,8 +643,7 @@ pub async fn run(cluster: &PresenceCluster, opts: &DevOptions) -> Result<(), Dev
     }
     let token = mint_token(opts, &secret)?;
     let metrics_addr = serve_local_metrics(cluster, opts, &plan).await?;
-    print_summary(cluster, &plan, &token, &opts.data_dir);
-    println!("  Operator metrics of this cluster: http://{metrics_addr}/metrics");
+    print_summary(cluster, &plan, &token, (&opts.data_dir, metrics_addr));
     shutdown_signal().await;
     println!("stopping {} processes...", plan.processes.len());
     let _ = stop_tx.send(true);
@@ -655,7 +654,12 @@ pub async fn run(cluster: &PresenceCluster, opts: &DevOptions) -> Result<(), Dev
     Ok(())
 }
 
-fn print_summary(cluster: &PresenceCluster, plan: &Plan, token: &str, data_dir: &Path) {
+fn print_summary(
+    cluster: &PresenceCluster,
+    plan: &Plan,
+    token: &str,
+    (data_dir, metrics): (&Path, std::net::SocketAddr),
+) {
     let name = cluster.metadata.name.as_deref().unwrap_or_default();
     println!(
         "\nPresenceCluster {name} is running locally ({} processes):\n",
@@ -689,6 +693,11 @@ fn print_summary(cluster: &PresenceCluster, plan: &Plan, token: &str, data_dir: 
             first.api
         );
     }
+    println!(
+        "\n  NATS takes no anonymous client: presence-service's nkey seed is {} \n  (leafnode links use TLS and per-region seeds; everything is in that folder).",
+        data_dir.join("secrets").join("presence.seed").display()
+    );
+    println!("  Operator metrics of this cluster: http://{metrics}/metrics");
     println!(
         "\n  Logs: {}   Ctrl-C stops everything; crashed processes are restarted.\nready",
         data_dir.join("logs").display()

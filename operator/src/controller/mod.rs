@@ -339,6 +339,9 @@ async fn apply(
     if let Some((ready, all)) = computed.regions_ready {
         status.regions_ready = Some(format!("{ready}/{all}"));
     }
+    if let Some(expiry) = computed.certificate_expiry {
+        status.nats_certificate_expiry = Some(expiry);
+    }
     write_status(pc, api, status).await?;
     Ok(match computed.requeue {
         Requeue::OnChange => Action::await_change(),
@@ -372,6 +375,10 @@ async fn observe(
         }
     };
     ctx.publish_certificate_expiry(pc, certificate_expiry);
+    let certificate_expiry = certificate_expiry.and_then(|t| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .ok()
+    });
     let volumes = storage::inspect(pc, ctx, scope).await?;
     let desired_size = pc.spec.storage_size();
     if let Err(problem) = storage::check_growth(&desired_size, volumes.largest()) {
@@ -398,6 +405,7 @@ async fn observe(
         regions,
         bucket,
         storage,
+        certificate_expiry,
     })
 }
 

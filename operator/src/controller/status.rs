@@ -69,6 +69,8 @@ pub enum Observed {
         bucket: Option<Result<(), String>>,
         /// Whether the hub's volumes could be brought to the spec's size.
         storage: Result<(), String>,
+        /// When the NATS servers' certificate expires (RFC 3339).
+        certificate_expiry: Option<String>,
     },
 }
 
@@ -89,6 +91,8 @@ pub struct Computed {
     pub regions: Option<Vec<RegionStatus>>,
     /// (ready, all) regions; `None` keeps what the status had.
     pub regions_ready: Option<(usize, usize)>,
+    /// The NATS certificate's expiry; `None` keeps what the status had.
+    pub certificate_expiry: Option<String>,
     pub requeue: Requeue,
 }
 
@@ -127,19 +131,25 @@ pub fn compute(observed: &Observed) -> Computed {
             ),
             regions: None,
             regions_ready: None,
+            certificate_expiry: None,
             requeue: Requeue::OnChange,
         },
         Observed::SecretProblem { reason, message } => Computed {
             conditions: blocked(*reason, message, message, "waiting for the JWT Secret"),
             regions: None,
             regions_ready: None,
+            certificate_expiry: None,
             requeue: Requeue::After(REQUEUE_SECRET),
         },
         Observed::Applied {
             regions,
             bucket,
             storage,
-        } => applied(regions, bucket.as_ref(), storage),
+            certificate_expiry,
+        } => Computed {
+            certificate_expiry: certificate_expiry.clone(),
+            ..applied(regions, bucket.as_ref(), storage)
+        },
     }
 }
 
@@ -256,6 +266,7 @@ fn applied(
             regions.iter().filter(|r| r.is_healthy()).count(),
             regions.len(),
         )),
+        certificate_expiry: None,
         requeue: Requeue::After(if ready {
             REQUEUE_READY
         } else {
@@ -337,6 +348,7 @@ mod tests {
             regions,
             bucket,
             storage: Ok(()),
+            certificate_expiry: None,
         })
     }
 
@@ -346,7 +358,12 @@ mod tests {
             regions: all_ready(),
             bucket: Some(Ok(())),
             storage: Err("cannot grow volume data-p-center-nats-0".into()),
+            certificate_expiry: Some("2027-01-01T00:00:00Z".into()),
         });
+        assert_eq!(
+            c.certificate_expiry.as_deref(),
+            Some("2027-01-01T00:00:00Z")
+        );
         assert_eq!(
             summary(&c),
             [

@@ -1055,6 +1055,12 @@ async fn nats_credentials_are_made_once_and_the_certificate_is_renewed_in_time()
     assert!(expiry > time::OffsetDateTime::now_utc() + time::Duration::days(300));
     assert_ne!(hub_hash(&fake), before, "a new certificate rolls the hub");
     assert_rbac_allows(&fake.requests());
+    let s = status(&fake);
+    let shown = s.nats_certificate_expiry.expect("expiry in status");
+    assert!(
+        shown.starts_with(&(time::OffsetDateTime::now_utc().year() + 1).to_string()),
+        "{shown}"
+    );
     // Seeds are never rewritten.
     assert_eq!(secret("p-eu-nats-leaf")["stringData"]["seed"], seed_before);
     let metrics = ctx.metrics.render().unwrap();
