@@ -104,6 +104,7 @@ pub fn new_data(
                     CA_CRT.to_owned(),
                     ca.get(CA_CRT).cloned().unwrap_or_default(),
                 ),
+                (NAMES_KEY.to_owned(), names_of(scope, spec)),
             ])
         }
     })
@@ -111,14 +112,34 @@ pub fn new_data(
 
 /// Whether the certificate in `data` must be issued again (missing,
 /// unreadable or close to expiry).
-pub fn certificate_due(data: &BTreeMap<String, String>, now: OffsetDateTime) -> bool {
-    data.get(TLS_CRT)
+pub fn certificate_due(data: &BTreeMap<String, String>, names: &str, now: OffsetDateTime) -> bool {
+    let expiring = data
+        .get(TLS_CRT)
         .and_then(|pem| pki::not_after(pem))
-        .is_none_or(|expiry| pki::needs_renewal(expiry, now))
+        .is_none_or(|expiry| pki::needs_renewal(expiry, now));
+    expiring || data.get(NAMES_KEY).map(String::as_str) != Some(names)
 }
 
 /// Secret contents by Secret name, as read from the API.
 pub type SecretData = BTreeMap<String, BTreeMap<String, String>>;
+
+/// Why the identities can't be read from the Secrets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{0}")]
+    Missing(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Key of the certificate Secret listing the names it was issued for, so a
+/// new region's names get a new certificate.
+pub const NAMES_KEY: &str = "names";
+
+/// The names a certificate for `spec` must carry, as stored in its Secret.
+pub fn names_of(scope: &Scope, spec: &PresenceClusterSpec) -> String {
+    pki::nats_sans(scope, spec).join(",")
+}
 
 /// The public identities and digests the renderer needs, from the
 /// Secrets' contents; an error names what is missing or unusable.
@@ -126,15 +147,20 @@ pub fn identities(
     scope: &Scope,
     spec: &PresenceClusterSpec,
     data: &SecretData,
-) -> Result<NatsIdentities, String> {
+) -> Result<NatsIdentities, IdentityError> {
     let names = &scope.names;
-    let value = |secret: &str, key: &str| -> Result<&String, String> {
-        data.get(secret)
-            .and_then(|d| d.get(key))
-            .ok_or_else(|| format!("Secret {}/{secret} has no key {key:?}", scope.namespace))
+    let value = |secret: &str, key: &str| -> Result<&String, IdentityError> {
+        data.get(secret).and_then(|d| d.get(key)).ok_or_else(|| {
+            IdentityError::Missing(format!(
+                "Secret {}/{secret} has no key {key:?}",
+                scope.namespace
+            ))
+        })
     };
-    let public = |secret: &str, key: &str| -> Result<String, String> {
-        pki::public_of(value(secret, key)?, secret).map_err(|e| e.to_string())
+    let public = |secret: &str, key: &str| -> Result<String, IdentityError> {
+        pki::public_of(value(secret, key)?, secret).map_err(|e| {
+            IdentityError::Invalid(format!("Secret {}/{secret}: {e}", scope.namespace))
+        })
     };
     let mut ids = NatsIdentities {
         presence: public(&names.nats_presence_secret(), secrets::SEED_KEY)?,
@@ -159,9 +185,9 @@ pub fn identities(
     .chain(ids.leaves.iter().map(|(r, k)| (r.as_str(), k)))
     {
         if let Some(other) = seen.insert(key.clone(), who) {
-            return Err(format!(
+            return Err(IdentityError::Invalid(format!(
                 "{other} and {who} use the same NATS identity; each needs its own nkey"
-            ));
+            )));
         }
     }
     let tls = crate::render::nats::tls_secret_name(scope, spec);
@@ -173,9 +199,84 @@ pub fn identities(
         for (k, v) in contents {
             bytes.extend(k.bytes());
             bytes.extend(v.bytes());
+            // Each key too, for pods that read only one of them.
+            ids.digests.insert(
+                format!("{name}/{k}"),
+                crate::render::config_hash(v.as_bytes()),
+            );
         }
         ids.digests
             .insert(name.clone(), crate::render::config_hash(&bytes));
     }
     Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::PresenceCluster;
+
+    fn cluster() -> PresenceCluster {
+        serde_yaml::from_str("metadata: {name: p, namespace: ns}\nspec:\n  center: {}\n  leaves: [{name: eu}, {name: us}]\n").unwrap()
+    }
+
+    /// Every generated Secret of `pc`, made fresh.
+    fn made(pc: &PresenceCluster) -> (Scope, SecretData) {
+        let scope = Scope::new(pc, "ns").unwrap();
+        let now = OffsetDateTime::now_utc();
+        let mut data = SecretData::new();
+        for (name, kind) in generated(&scope, &pc.spec) {
+            let ca = data.get(&scope.names.nats_ca_secret()).cloned();
+            data.insert(
+                name,
+                new_data(&scope, &pc.spec, &kind, ca.as_ref(), now).unwrap(),
+            );
+        }
+        (scope, data)
+    }
+
+    #[test]
+    fn identities_come_from_the_seeds_and_must_differ() {
+        let pc = cluster();
+        let (scope, mut data) = made(&pc);
+        let ids = identities(&scope, &pc.spec, &data).unwrap();
+        assert_eq!(ids.leaves.len(), 2);
+        assert!(ids.leaves.values().all(|k| k.starts_with('U')));
+        assert!(ids.digests.contains_key("p-nats-tls/ca.crt"));
+        // The same seed for two leaves is refused, a non-seed too.
+        let eu = data["p-eu-nats-leaf"].clone();
+        data.insert("p-us-nats-leaf".into(), eu);
+        assert!(
+            matches!(identities(&scope, &pc.spec, &data), Err(IdentityError::Invalid(m)) if m.contains("same NATS identity"))
+        );
+        data.insert(
+            "p-us-nats-leaf".into(),
+            BTreeMap::from([("seed".into(), "not-a-seed".into())]),
+        );
+        assert!(matches!(
+            identities(&scope, &pc.spec, &data),
+            Err(IdentityError::Invalid(_))
+        ));
+        data.remove("p-nats-presence");
+        assert!(matches!(
+            identities(&scope, &pc.spec, &data),
+            Err(IdentityError::Missing(_))
+        ));
+    }
+
+    #[test]
+    fn a_certificate_is_due_when_it_expires_soon_or_lacks_a_name() {
+        let pc = cluster();
+        let (scope, data) = made(&pc);
+        let tls = &data["p-nats-tls"];
+        let now = OffsetDateTime::now_utc();
+        let names = names_of(&scope, &pc.spec);
+        assert!(!certificate_due(tls, &names, now));
+        assert!(certificate_due(
+            tls,
+            &names,
+            now + time::Duration::days(340)
+        ));
+        assert!(certificate_due(tls, &format!("{names},p-ap-nats"), now));
+    }
 }

@@ -156,7 +156,7 @@ fn generate_nats_secrets(
         made.push(render::secrets::generated(scope, &name, contents.clone()));
         data.insert(name, contents);
     }
-    let ids = credentials::identities(scope, spec, &data).map_err(anyhow::Error::msg)?;
+    let ids = credentials::identities(scope, spec, &data)?;
     Ok((made, ids))
 }
 

@@ -43,6 +43,9 @@ pub enum Reason {
     SecretNotFound,
     /// The referenced Secret lacks the named key.
     SecretKeyMissing,
+    /// A Secret holds something unusable: not an nkey seed, or the same
+    /// identity as another region.
+    InvalidSecret,
     /// The hub's NATS servers aren't all ready yet.
     HubNotReady,
     /// The KV bucket can't be created or brought to the spec.
@@ -69,13 +72,14 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for tests and docs checks.
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Reason::AllRegionsReady,
         Reason::ReconcileComplete,
         Reason::AsExpected,
         Reason::InvalidSpec,
         Reason::SecretNotFound,
         Reason::SecretKeyMissing,
+        Reason::InvalidSecret,
         Reason::HubNotReady,
         Reason::BucketUnavailable,
         Reason::RegionsNotReady,
@@ -98,6 +102,7 @@ impl Reason {
             Reason::InvalidSpec => "InvalidSpec",
             Reason::SecretNotFound => "SecretNotFound",
             Reason::SecretKeyMissing => "SecretKeyMissing",
+            Reason::InvalidSecret => "InvalidSecret",
             Reason::HubNotReady => "HubNotReady",
             Reason::BucketUnavailable => "BucketUnavailable",
             Reason::RegionsNotReady => "RegionsNotReady",

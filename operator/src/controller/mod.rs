@@ -57,7 +57,7 @@ pub enum Error {
     NoNamespace,
     #[error(transparent)]
     Render(#[from] render::RenderError),
-    #[error("cannot generate the JWT secret: {0}")]
+    #[error("cannot generate a secret or key: {0}")]
     Random(String),
     #[error(
         "cannot delete KV bucket {bucket}: {reason}; retrying until {deadline}, then the bucket is left in place"

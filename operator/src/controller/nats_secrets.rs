@@ -60,7 +60,8 @@ pub async fn ensure(
             Some(existing) => contents(&existing),
             None => create(pc, ctx, scope, &api, (&name, &kind), ca.as_ref()).await?,
         };
-        let current = if kind == Kind::Tls && credentials::certificate_due(&current, now) {
+        let names = credentials::names_of(scope, &pc.spec);
+        let current = if kind == Kind::Tls && credentials::certificate_due(&current, &names, now) {
             renew(pc, ctx, scope, &api, &name, ca.as_ref()).await?
         } else {
             current
@@ -72,10 +73,14 @@ pub async fn ensure(
     }
     let ids = match credentials::identities(scope, &pc.spec, &data) {
         Ok(ids) => ids,
-        Err(message) => {
+        Err(err) => {
+            let reason = match err {
+                credentials::IdentityError::Missing(_) => Reason::SecretKeyMissing,
+                credentials::IdentityError::Invalid(_) => Reason::InvalidSecret,
+            };
             return Ok(NatsCredentials::Problem {
-                reason: Reason::SecretKeyMissing,
-                message,
+                reason,
+                message: err.to_string(),
             });
         }
     };

@@ -135,7 +135,12 @@ pub fn compute(observed: &Observed) -> Computed {
             requeue: Requeue::OnChange,
         },
         Observed::SecretProblem { reason, message } => Computed {
-            conditions: blocked(*reason, message, message, "waiting for the JWT Secret"),
+            conditions: blocked(
+                *reason,
+                message,
+                message,
+                "waiting for the Secrets it needs",
+            ),
             regions: None,
             regions_ready: None,
             certificate_expiry: None,
@@ -417,7 +422,11 @@ mod tests {
 
     #[test]
     fn a_secret_problem_blocks_and_retries() {
-        for reason in [Reason::SecretNotFound, Reason::SecretKeyMissing] {
+        for reason in [
+            Reason::SecretNotFound,
+            Reason::SecretKeyMissing,
+            Reason::InvalidSecret,
+        ] {
             let c = compute(&Observed::SecretProblem {
                 reason,
                 message: "Secret ns/x".into(),
@@ -431,7 +440,7 @@ mod tests {
                     ("Degraded", true, r)
                 ]
             );
-            assert_eq!(c.conditions[1].message, "waiting for the JWT Secret");
+            assert_eq!(c.conditions[1].message, "waiting for the Secrets it needs");
             assert_eq!(c.requeue, Requeue::After(REQUEUE_SECRET));
         }
     }

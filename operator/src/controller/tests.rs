@@ -1055,6 +1055,18 @@ async fn nats_credentials_are_made_once_and_the_certificate_is_renewed_in_time()
     assert!(expiry > time::OffsetDateTime::now_utc() + time::Duration::days(300));
     assert_ne!(hub_hash(&fake), before, "a new certificate rolls the hub");
     assert_rbac_allows(&fake.requests());
+    // A new leaf region's names get a new certificate at once.
+    let mut pc = fake.get(&pc_path("p")).unwrap();
+    pc["spec"]["leaves"] = json!([{"name": "eu"}, {"name": "us"}]);
+    fake.insert(&pc_path("p"), pc);
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    let names = fake
+        .get("/api/v1/namespaces/ns/secrets/p-nats-tls")
+        .unwrap()["stringData"]["names"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(names.contains("p-us-nats.ns.svc"), "{names}");
     let s = status(&fake);
     let shown = s.nats_certificate_expiry.expect("expiry in status");
     assert!(

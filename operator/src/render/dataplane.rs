@@ -199,10 +199,9 @@ pub fn objects(
     if let Some(ids) = &inputs.nats {
         digests.push(ids.digest(&ctx.names.nats_presence_secret()).to_owned());
         if spec.client_tls() {
-            digests.push(
-                ids.digest(&super::nats::tls_secret_name(ctx, spec))
-                    .to_owned(),
-            );
+            // Only the CA is mounted: a renewed certificate doesn't roll these pods.
+            let tls = super::nats::tls_secret_name(ctx, spec);
+            digests.push(ids.digest(&format!("{tls}/ca.crt")).to_owned());
         }
     }
     let annotations = BTreeMap::from([(
