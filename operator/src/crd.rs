@@ -150,6 +150,96 @@ pub struct CenterSpec {
     /// Overrides of the shared data-plane settings for the center region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataplane: Option<DataplaneOverrides>,
+    /// Where the center's pods (hub NATS servers and presence-service) run.
+    /// Hub servers are spread across zones and hosts unless this says
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementSpec>,
+    /// The Kubernetes cluster the center runs in, as its operator is named
+    /// (`--cluster-name`); leave out when every region shares one cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub cluster: Option<String>,
+    /// How leaf servers in other clusters reach the hub's leafnode port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leafnodes: Option<LeafnodeExposureSpec>,
+}
+
+/// The hub's leafnode listener, exposed outside its cluster.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct LeafnodeExposureSpec {
+    /// Service type of the exposed listener: `LoadBalancer` or `NodePort`
+    /// (default: not exposed, in-cluster leaves only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_type: Option<ExposureType>,
+    /// Annotations of that Service (e.g. for an internal load balancer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub service_annotations: Option<std::collections::BTreeMap<String, String>>,
+    /// The NodePort to use with `NodePort` (default: one the cluster picks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 30000, max = 32767))]
+    pub node_port: Option<i32>,
+    /// `host:port` leaves in other clusters dial (the load balancer's DNS
+    /// name or address); also the name the hub's certificate must carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 3, max = 260),
+        regex(pattern = r"^[A-Za-z0-9.-]+:[0-9]{1,5}$")
+    )]
+    pub advertise: Option<String>,
+}
+
+/// How the hub's leafnode listener is exposed.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExposureType {
+    LoadBalancer,
+    NodePort,
+}
+
+/// Where a region's pods run: copied onto both its NATS and its
+/// presence-service pods.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementSpec {
+    /// Nodes the pods may run on, by label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub node_selector: Option<std::collections::BTreeMap<String, String>>,
+    /// Taints the pods tolerate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub tolerations: Option<Vec<k8s_openapi::api::core::v1::Toleration>>,
+    /// Affinity rules; replaces the operator's default anti-affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<k8s_openapi::api::core::v1::Affinity>,
+    /// Topology spread; replaces the default spread of hub servers across
+    /// zones and hosts. Each constraint's selector is filled in with the
+    /// pods' own labels when it has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8))]
+    pub topology_spread_constraints:
+        Option<Vec<k8s_openapi::api::core::v1::TopologySpreadConstraint>>,
+    /// PriorityClass of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub priority_class_name: Option<String>,
+    /// Extra pod labels (e.g. for a service mesh); the operator's own win.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub pod_labels: Option<std::collections::BTreeMap<String, String>>,
+    /// Extra pod annotations (e.g. sidecar injection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub pod_annotations: Option<std::collections::BTreeMap<String, String>>,
+    /// Secrets to pull the images with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8))]
+    pub image_pull_secrets: Option<Vec<k8s_openapi::api::core::v1::LocalObjectReference>>,
 }
 
 /// JetStream settings of the hub (the domain and storage class are
@@ -189,6 +279,18 @@ pub struct LeafSpec {
     /// Overrides of the shared data-plane settings for this region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataplane: Option<DataplaneOverrides>,
+    /// Where this region's pods (NATS and presence-service) run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementSpec>,
+    /// The Kubernetes cluster this region runs in (default: the center's).
+    /// In another cluster than the center's, its servers dial
+    /// `center.leafnodes.advertise`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub cluster: Option<String>,
 }
 
 /// A leaf's NATS server.
@@ -584,12 +686,35 @@ pub struct Region<'a> {
     pub dataplane_resources: Option<&'a ResourceRequirements>,
     pub nats_resources: Option<&'a ResourceRequirements>,
     pub leaf_credentials: Option<&'a SecretKeySelector>,
+    pub placement: Option<&'a PlacementSpec>,
+    /// The cluster the region runs in ("" when the manifest names none).
+    pub cluster: &'a str,
+    /// Whether it runs in another cluster than the center.
+    pub remote: bool,
 }
 
 impl PresenceClusterSpec {
     /// Center region name.
     pub fn center_name(&self) -> &str {
         self.center.name.as_deref().unwrap_or(DEFAULT_CENTER_NAME)
+    }
+
+    /// The cluster of the center ("" when the manifest names none).
+    pub fn center_cluster(&self) -> &str {
+        self.center.cluster.as_deref().unwrap_or("")
+    }
+
+    /// The hub's leafnode address for leaves in other clusters.
+    pub fn leafnode_advertise(&self) -> Option<&str> {
+        self.center
+            .leafnodes
+            .as_ref()
+            .and_then(|l| l.advertise.as_deref())
+    }
+
+    /// Whether any leaf runs in another cluster than the center.
+    pub fn has_remote_leaves(&self) -> bool {
+        self.regions().iter().any(|r| r.remote)
     }
 
     /// Hub NATS servers.
@@ -721,6 +846,9 @@ impl PresenceClusterSpec {
                 .or(shared.and_then(|s| s.resources.as_ref())),
             nats_resources: None,
             leaf_credentials: None,
+            placement: None,
+            cluster: "",
+            remote: false,
         }
     }
 
@@ -734,12 +862,17 @@ impl PresenceClusterSpec {
         );
         center.nats_resources = self.center.resources.as_ref();
         center.nats_replicas = self.center_replicas();
+        center.placement = self.center.placement.as_ref();
+        center.cluster = self.center_cluster();
         regions.push(center);
         for leaf in &self.leaves {
             let mut r = self.region(&leaf.name, Role::Leaf, leaf.dataplane.as_ref());
             let nats = leaf.nats.as_ref();
             r.nats_resources = nats.and_then(|n| n.resources.as_ref());
             r.nats_replicas = nats.and_then(|n| n.replicas).unwrap_or(1);
+            r.placement = leaf.placement.as_ref();
+            r.cluster = leaf.cluster.as_deref().unwrap_or(self.center_cluster());
+            r.remote = r.cluster != self.center_cluster();
             r.leaf_credentials = nats.and_then(|n| n.credentials_secret_ref.as_ref());
             regions.push(r);
         }

@@ -33,16 +33,22 @@ pub enum Kind {
     Tls,
 }
 
-/// The Secrets the operator generates for `spec`, by name, in the order
-/// they must be made (the CA before the certificate it signs). Secrets the
-/// user references instead are left out.
-pub fn generated(scope: &Scope, spec: &PresenceClusterSpec) -> Vec<(String, Kind)> {
+/// The Secrets the operator generates for `spec` in the cluster `here`
+/// (every cluster when `None`), by name, in the order they must be made
+/// (the CA before the certificate it signs). Secrets the user references
+/// instead are left out.
+pub fn generated(
+    scope: &Scope,
+    spec: &PresenceClusterSpec,
+    here: Option<&str>,
+) -> Vec<(String, Kind)> {
     let names = &scope.names;
-    let mut out = vec![
-        (names.nats_presence_secret(), Kind::Presence),
-        (names.nats_operator_secret(), Kind::Operator),
-    ];
-    for leaf in &spec.leaves {
+    let mut out = vec![(names.nats_presence_secret(), Kind::Presence)];
+    if hub_here(spec, here) {
+        out.push((names.nats_operator_secret(), Kind::Operator));
+    }
+    let needed = crate::render::needed_leaves(spec, here);
+    for leaf in spec.leaves.iter().filter(|l| needed.contains(&l.name)) {
         if leaf
             .nats
             .as_ref()
@@ -66,6 +72,11 @@ pub fn generated(scope: &Scope, spec: &PresenceClusterSpec) -> Vec<(String, Kind
         out.push((names.nats_tls_secret(), Kind::Tls));
     }
     out
+}
+
+/// Whether the hub runs in the cluster `here`.
+pub fn hub_here(spec: &PresenceClusterSpec, here: Option<&str>) -> bool {
+    here.is_none_or(|c| c == spec.center_cluster())
 }
 
 /// The contents of a new Secret of `kind`; a certificate needs the CA's
@@ -147,6 +158,7 @@ pub fn identities(
     scope: &Scope,
     spec: &PresenceClusterSpec,
     data: &SecretData,
+    here: Option<&str>,
 ) -> Result<NatsIdentities, IdentityError> {
     let names = &scope.names;
     let value = |secret: &str, key: &str| -> Result<&String, IdentityError> {
@@ -164,13 +176,18 @@ pub fn identities(
     };
     let mut ids = NatsIdentities {
         presence: public(&names.nats_presence_secret(), secrets::SEED_KEY)?,
-        operator: public(&names.nats_operator_secret(), secrets::SEED_KEY)?,
+        operator: if hub_here(spec, here) {
+            public(&names.nats_operator_secret(), secrets::SEED_KEY)?
+        } else {
+            String::new()
+        },
         ..Default::default()
     };
+    let needed = crate::render::needed_leaves(spec, here);
     for region in spec
         .regions()
         .iter()
-        .filter(|r| r.role == crate::crd::Role::Leaf)
+        .filter(|r| r.role == crate::crd::Role::Leaf && needed.iter().any(|n| n == r.name))
     {
         let source = crate::render::nats::leaf_seed_source(scope, region);
         ids.leaves
@@ -182,6 +199,7 @@ pub fn identities(
         ("the operator", &ids.operator),
     ]
     .into_iter()
+    .filter(|(_, key)| !key.is_empty())
     .chain(ids.leaves.iter().map(|(r, k)| (r.as_str(), k)))
     {
         if let Some(other) = seen.insert(key.clone(), who) {
@@ -225,7 +243,7 @@ mod tests {
         let scope = Scope::new(pc, "ns").unwrap();
         let now = OffsetDateTime::now_utc();
         let mut data = SecretData::new();
-        for (name, kind) in generated(&scope, &pc.spec) {
+        for (name, kind) in generated(&scope, &pc.spec, None) {
             let ca = data.get(&scope.names.nats_ca_secret()).cloned();
             data.insert(
                 name,
@@ -239,7 +257,7 @@ mod tests {
     fn identities_come_from_the_seeds_and_must_differ() {
         let pc = cluster();
         let (scope, mut data) = made(&pc);
-        let ids = identities(&scope, &pc.spec, &data).unwrap();
+        let ids = identities(&scope, &pc.spec, &data, None).unwrap();
         assert_eq!(ids.leaves.len(), 2);
         assert!(ids.leaves.values().all(|k| k.starts_with('U')));
         assert!(ids.digests.contains_key("p-nats-tls/ca.crt"));
@@ -247,19 +265,19 @@ mod tests {
         let eu = data["p-eu-nats-leaf"].clone();
         data.insert("p-us-nats-leaf".into(), eu);
         assert!(
-            matches!(identities(&scope, &pc.spec, &data), Err(IdentityError::Invalid(m)) if m.contains("same NATS identity"))
+            matches!(identities(&scope, &pc.spec, &data, None), Err(IdentityError::Invalid(m)) if m.contains("same NATS identity"))
         );
         data.insert(
             "p-us-nats-leaf".into(),
             BTreeMap::from([("seed".into(), "not-a-seed".into())]),
         );
         assert!(matches!(
-            identities(&scope, &pc.spec, &data),
+            identities(&scope, &pc.spec, &data, None),
             Err(IdentityError::Invalid(_))
         ));
         data.remove("p-nats-presence");
         assert!(matches!(
-            identities(&scope, &pc.spec, &data),
+            identities(&scope, &pc.spec, &data, None),
             Err(IdentityError::Missing(_))
         ));
     }

@@ -32,6 +32,9 @@ const LEAF_OFFSET: u16 = 10;
 const LEAF_EXTRA_OFFSET: u16 = 400;
 const LEAF_EXTRA_MONITOR_OFFSET: u16 = 800;
 const LEAF_CLUSTER_OFFSET: u16 = 1200;
+/// The hub's exposed leafnode address (a local load balancer) when leaves
+/// run in other clusters: base+199.
+const BALANCER_OFFSET: u16 = 199;
 
 /// Why `dev` could not run.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +109,10 @@ pub struct Plan {
     pub files: Vec<(PathBuf, String)>,
     pub processes: Vec<ProcessSpec>,
     pub endpoints: Vec<Endpoint>,
+    /// The hub's exposed leafnode address, standing in for a cloud load
+    /// balancer when leaves run in other "clusters": (listen port, the hub
+    /// servers' leafnode ports).
+    pub balancer: Option<(u16, Vec<u16>)>,
 }
 
 fn port(base: u16, offset: u16) -> Result<u16, DevError> {
@@ -224,6 +231,16 @@ fn plan_hub(pc: &PlanContext<'_>, plan: &mut Plan) -> Result<HubUrls, DevError> 
             .collect()
     };
     let routes = every_hub_server("nats", CLUSTER_OFFSET)?;
+    let balancer = if spec.has_remote_leaves() {
+        let backends = (0..replicas)
+            .map(|k| port(nb, LEAFNODE_OFFSET + k))
+            .collect::<Result<Vec<_>, _>>()?;
+        let listen = port(nb, BALANCER_OFFSET)?;
+        plan.balancer = Some((listen, backends));
+        Some(listen)
+    } else {
+        None
+    };
     for k in 0..replicas {
         let server = format!("{}-{center}-{k}", scope.name);
         let dir = opts.data_dir.join(&server);
@@ -239,6 +256,7 @@ fn plan_hub(pc: &PlanContext<'_>, plan: &mut Plan) -> Result<HubUrls, DevError> 
                 store_dir: dir.join("jetstream").display().to_string(),
                 max_file_store: None,
                 leafnode_listen: loopback(port(nb, LEAFNODE_OFFSET + k)?),
+                leafnode_advertise: balancer.map(loopback),
                 cluster: (replicas > 1).then(|| ClusterParams {
                     name: format!("{}-{center}", scope.name),
                     listen: loopback(port(nb, CLUSTER_OFFSET + k).unwrap_or(0)),
@@ -312,7 +330,12 @@ fn plan_leaves(
                 monitor_listen: loopback(monitor),
                 pid_file: None,
                 role: NatsRole::Leaf(LeafParams {
-                    hub_urls: hub_leafnode_urls.to_vec(),
+                    // A leaf in another "cluster" only knows the exposed
+                    // address; one in the hub's reaches the servers.
+                    hub_urls: match (region.remote, plan.balancer.as_ref()) {
+                        (true, Some((lb, _))) => vec![format!("nats-leaf://{}", loopback(*lb))],
+                        _ => hub_leafnode_urls.to_vec(),
+                    },
                     cluster: (servers > 1).then(|| ClusterParams {
                         name: format!("{}-{}", scope.name, region.name),
                         listen: loopback(cluster),
@@ -470,6 +493,48 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 /// Runs `spec` until `stop` flips, restarting it with capped exponential
 /// backoff whenever it exits.
+/// A TCP load balancer on 127.0.0.1:`listen` in front of the hub servers'
+/// leafnode ports: what a cloud load balancer is to leaves in other
+/// clusters. TLS passes through untouched; each connection goes to the
+/// first server that answers, starting from a different one each time.
+async fn leafnode_balancer(listen: u16, backends: Vec<u16>, mut stop: watch::Receiver<bool>) {
+    let listener = match tokio::net::TcpListener::bind(("127.0.0.1", listen)).await {
+        Ok(l) => l,
+        Err(err) => {
+            tracing::error!(port = listen, error = %err, "cannot expose the hub's leafnode port");
+            return;
+        }
+    };
+    let mut next = 0usize;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stopped(&mut stop) => return,
+        };
+        let Ok((mut inbound, _)) = accepted else {
+            continue;
+        };
+        let order: Vec<u16> = backends
+            .iter()
+            .cycle()
+            .skip(next)
+            .take(backends.len())
+            .copied()
+            .collect();
+        next = next.wrapping_add(1);
+        tokio::spawn(async move {
+            for backend in order {
+                if let Ok(mut outbound) =
+                    tokio::net::TcpStream::connect(("127.0.0.1", backend)).await
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    return;
+                }
+            }
+        });
+    }
+}
+
 async fn supervise(spec: ProcessSpec, data_dir: PathBuf, mut stop: watch::Receiver<bool>) {
     let mut failures: u32 = 0;
     let log = log_file(&data_dir, &spec.name);
@@ -599,6 +664,13 @@ pub async fn run(cluster: &PresenceCluster, opts: &DevOptions) -> Result<(), Dev
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
+    if let Some((listen, backends)) = plan.balancer.clone() {
+        tasks.push(tokio::spawn(leafnode_balancer(
+            listen,
+            backends,
+            stop_rx.clone(),
+        )));
+    }
     let started = async {
         for spec in &plan.processes {
             tasks.push(tokio::spawn(supervise(

@@ -64,6 +64,45 @@ fn write_private(path: &Path, text: &str) -> Result<(), LocalSecurityError> {
     Ok(())
 }
 
+/// The copies of one referenced seed in each of `clusters`' folders
+/// (`secrets/clusters/<cluster>/<file>`): made once and copied to the
+/// clusters that lack it, as an administrator places one Secret in several
+/// clusters. Changing one copy makes the clusters disagree, as for real.
+fn shared_seed(
+    dir: &Path,
+    clusters: &[&str],
+    file: &str,
+) -> Result<Vec<pki::Identity>, LocalSecurityError> {
+    let path = |cluster: &str| {
+        let name = if cluster.is_empty() {
+            "default"
+        } else {
+            cluster
+        };
+        dir.join("clusters").join(name).join(file)
+    };
+    let existing = clusters
+        .iter()
+        .find_map(|c| std::fs::read_to_string(path(c)).ok());
+    let seed = match existing {
+        Some(seed) => seed,
+        None => pki::new_user()?.seed,
+    };
+    let mut out = Vec::new();
+    for cluster in clusters {
+        let path = path(cluster);
+        if !path.is_file() {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(io(format!("cannot create {}", parent.display())))?;
+            }
+            write_private(&path, &seed)?;
+        }
+        out.push(seed_in(&path)?);
+    }
+    Ok(out)
+}
+
 /// The CA (made once) and a certificate for loopback (made again when it
 /// is missing or due for renewal).
 fn certificate(dir: &Path, cluster: &str) -> Result<TlsFiles, LocalSecurityError> {
@@ -119,10 +158,26 @@ pub fn load_or_create(
         ..Default::default()
     };
     let mut leaf_seeds = BTreeMap::new();
-    for leaf in &spec.leaves {
-        let user = seed_in(&dir.join(format!("leaf-{}.seed", leaf.name)))?;
-        ids.leaves.insert(leaf.name.clone(), user.public);
-        leaf_seeds.insert(leaf.name.clone(), user.seed);
+    for region in spec
+        .regions()
+        .iter()
+        .filter(|r| r.role == crate::crd::Role::Leaf)
+    {
+        let (hub_copy, leaf_copy) = match region.leaf_credentials {
+            // A referenced Secret: each "cluster" has its own copy, as real
+            // clusters would (made once, then placed in both).
+            Some(reference) => {
+                let file = format!("{}.{}", reference.name, reference.key);
+                let copies = shared_seed(&dir, &[spec.center_cluster(), region.cluster], &file)?;
+                (copies[0].clone(), copies[1].clone())
+            }
+            None => {
+                let user = seed_in(&dir.join(format!("leaf-{}.seed", region.name)))?;
+                (user.clone(), user)
+            }
+        };
+        ids.leaves.insert(region.name.to_owned(), hub_copy.public);
+        leaf_seeds.insert(region.name.to_owned(), leaf_copy.seed);
     }
     let password_file = dir.join("route-password");
     let route_password = match std::fs::read_to_string(&password_file) {

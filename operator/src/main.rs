@@ -52,6 +52,10 @@ enum Command {
         /// Name of the leader Lease.
         #[arg(long, default_value = "presence-operator-leader")]
         lease_name: String,
+        /// The Kubernetes cluster this operator serves: it reconciles only
+        /// the regions whose `cluster` names it (default: every region).
+        #[arg(long, env = "CLUSTER_NAME")]
+        cluster_name: Option<String>,
         /// Reach the hub's NATS at this URL instead of its in-cluster Service
         /// (for running the operator outside the cluster).
         #[arg(long)]
@@ -71,6 +75,10 @@ enum Command {
         /// Namespace for a manifest that names none.
         #[arg(long, default_value = "default")]
         namespace: String,
+        /// Render only the regions of this Kubernetes cluster (as named in
+        /// the manifest's `cluster` fields); default: every region.
+        #[arg(long)]
+        cluster_name: Option<String>,
     },
     /// Run a PresenceCluster manifest locally: nats-server and presence-service
     /// processes on loopback ports, from the same rendered configuration.
@@ -142,6 +150,7 @@ fn default_presence_service() -> PathBuf {
 fn generate_nats_secrets(
     scope: &render::Scope,
     spec: &presence_operator::crd::PresenceClusterSpec,
+    cluster: Option<&str>,
 ) -> anyhow::Result<(
     Vec<k8s_openapi::api::core::v1::Secret>,
     render::NatsIdentities,
@@ -150,13 +159,13 @@ fn generate_nats_secrets(
     let now = time::OffsetDateTime::now_utc();
     let mut data = credentials::SecretData::new();
     let mut made = Vec::new();
-    for (name, kind) in credentials::generated(scope, spec) {
+    for (name, kind) in credentials::generated(scope, spec, cluster) {
         let ca = data.get(&scope.names.nats_ca_secret()).cloned();
         let contents = credentials::new_data(scope, spec, &kind, ca.as_ref(), now)?;
         made.push(render::secrets::generated(scope, &name, contents.clone()));
         data.insert(name, contents);
     }
-    let ids = credentials::identities(scope, spec, &data)?;
+    let ids = credentials::identities(scope, spec, &data, cluster)?;
     Ok((made, ids))
 }
 
@@ -184,6 +193,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             lease_name,
             hub_nats_url,
             hub_monitor,
+            cluster_name,
         } => {
             let hub = match hub_nats_url {
                 None => presence_operator::controller::HubAccess::ClusterDns,
@@ -209,6 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 lease_name,
                 identity: presence_operator::manager::default_identity(),
                 hub,
+                cluster_name,
             };
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(presence_operator::manager::run(opts))?;
@@ -216,15 +227,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Crd => {
             print!("{}", serde_yaml::to_string(&PresenceCluster::crd())?);
         }
-        Command::Render { file, namespace } => {
+        Command::Render {
+            file,
+            namespace,
+            cluster_name,
+        } => {
             let cluster = read_cluster(&file)?;
             let ctx = render::Scope::new(&cluster, &namespace)?;
             // Offline, every generated Secret is made here and printed with
             // the rest, so the output can be applied as it is.
-            let (nats_secrets, ids) = generate_nats_secrets(&ctx, &cluster.spec)?;
+            let here = cluster_name.as_deref();
+            let (nats_secrets, ids) = generate_nats_secrets(&ctx, &cluster.spec, here)?;
             let inputs = render::Inputs {
                 generated_jwt_secret: Some(render::secrets::random_secret()?),
                 nats: Some(ids),
+                cluster: cluster_name.clone(),
                 ..Default::default()
             };
             let mut objects: Vec<render::Child> = nats_secrets

@@ -61,6 +61,8 @@ pub struct RunOptions {
     pub lease_name: String,
     pub identity: String,
     pub hub: HubAccess,
+    /// The Kubernetes cluster this operator serves (`None`: every region).
+    pub cluster_name: Option<String>,
 }
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -161,6 +163,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     );
     let mut ctx = Context::new(client.clone(), &opts.identity, metrics, opts.hub.clone());
     ctx.operator_namespace = opts.lease_namespace.clone();
+    ctx.cluster_name = opts.cluster_name.clone();
     let ctx = Arc::new(ctx);
     let controller = controller
         .owns(api::<StatefulSet>(&client, ns), owned.clone())

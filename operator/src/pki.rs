@@ -135,6 +135,10 @@ pub fn nats_sans(scope: &Scope, spec: &PresenceClusterSpec) -> Vec<String> {
         sans.push(format!("*.{headless}.{ns}.svc"));
         sans.push(format!("*.{headless}.{ns}.svc.cluster.local"));
     }
+    // The address leaves in other clusters dial.
+    if let Some((host, _)) = spec.leafnode_advertise().and_then(|a| a.rsplit_once(':')) {
+        sans.push(host.to_owned());
+    }
     sans
 }
 

@@ -95,6 +95,7 @@ fn render_fixed(cluster: &PresenceCluster) -> Vec<Child> {
         hub_volume_size: None,
         hub_volume_capacity: None,
         operator_namespace: None,
+        cluster: None,
     };
     render::render(&cluster, &ctx, &inputs).expect("renders")
 }
@@ -103,6 +104,61 @@ fn render_fixed(cluster: &PresenceCluster) -> Vec<Child> {
 fn crd_file_matches_the_code() {
     let generated = serde_yaml::to_string(&PresenceCluster::crd()).unwrap();
     assert_golden(&repo().join("crds/presencecluster.yaml"), &generated);
+}
+
+/// One rendering per Kubernetes cluster of a multi-cluster manifest.
+#[test]
+fn golden_multi_cluster_renderings() {
+    let cluster = load("multi-cluster.yaml");
+    for name in ["hub-cluster", "eu-cluster", "us-cluster"] {
+        let mut cr = cluster.clone();
+        cr.metadata.uid = Some("00000000-0000-4000-8000-000000000001".into());
+        let ctx = Scope::new(&cr, "default").expect("context");
+        let inputs = Inputs {
+            nats: Some(identities(&cr)),
+            jwt_secret_digest: Some("golden-digest".into()),
+            cluster: Some(name.into()),
+            ..Default::default()
+        };
+        let objects = render::render(&cr, &ctx, &inputs).expect("renders");
+        // Only this cluster's regions, and the bucket's hub only in one.
+        let regions: std::collections::BTreeSet<String> = objects
+            .iter()
+            .filter_map(|o| {
+                o.metadata()
+                    .labels
+                    .as_ref()?
+                    .get("presencecluster.io/region")
+                    .cloned()
+            })
+            .collect();
+        let expected: &[&str] = match name {
+            "hub-cluster" => &["center"],
+            "eu-cluster" => &["eu"],
+            _ => &["us"],
+        };
+        assert_eq!(
+            regions.iter().map(String::as_str).collect::<Vec<_>>(),
+            expected,
+            "{name}"
+        );
+        let yaml = render::to_yaml(&objects).unwrap();
+        assert_golden(
+            &golden_dir().join(format!("multi-cluster.{name}.yaml")),
+            &yaml,
+        );
+        if name != "hub-cluster" {
+            // Remote leaves dial the hub's advertised address, with TLS.
+            assert!(
+                yaml.contains("nats-leaf://hub.presence.example.com:7422"),
+                "{name}"
+            );
+        } else {
+            assert!(yaml.contains("advertise: \"hub.presence.example.com:7422\""));
+            assert!(yaml.contains("no_advertise: true"));
+            assert!(yaml.contains("type: LoadBalancer"));
+        }
+    }
 }
 
 #[test]
@@ -160,6 +216,7 @@ fn nats_server_accepts_every_rendered_config() {
     for example in [
         "minimal.yaml",
         "multi-region.yaml",
+        "multi-cluster.yaml",
         "dev.yaml",
         "dev-ha.yaml",
     ] {
@@ -287,6 +344,8 @@ fn cluster(
                     name,
                     nats: None,
                     dataplane: None,
+                    placement: None,
+                    cluster: None,
                 })
                 .collect(),
             dataplane: None,

@@ -111,6 +111,9 @@ pub struct Context {
     pub client: Client,
     /// Where the operator runs, so NetworkPolicies admit it to NATS.
     pub operator_namespace: String,
+    /// The Kubernetes cluster this operator serves (`--cluster-name`): only
+    /// regions assigned to it are reconciled. `None`: every region.
+    pub cluster_name: Option<String>,
     pub recorder: kube::runtime::events::Recorder,
     pub metrics: Metrics,
     pub hub: HubAccess,
@@ -132,6 +135,7 @@ impl Context {
         Context {
             client,
             operator_namespace: render::network::DEFAULT_OPERATOR_NAMESPACE.to_owned(),
+            cluster_name: None,
             recorder,
             metrics,
             hub,
@@ -379,7 +383,12 @@ async fn observe(
         t.format(&time::format_description::well_known::Rfc3339)
             .ok()
     });
-    let volumes = storage::inspect(pc, ctx, scope).await?;
+    let hub_here = crate::credentials::hub_here(&pc.spec, ctx.cluster_name.as_deref());
+    let volumes = if hub_here {
+        storage::inspect(pc, ctx, scope).await?
+    } else {
+        storage::HubVolumes::default()
+    };
     let desired_size = pc.spec.storage_size();
     if let Err(problem) = storage::check_growth(&desired_size, volumes.largest()) {
         return Ok(Observed::InvalidSpec(problem));
@@ -390,6 +399,7 @@ async fn observe(
         hub_volume_capacity: volumes.smallest_capacity().cloned(),
         operator_namespace: Some(ctx.operator_namespace.clone()),
         nats: Some(ids),
+        cluster: ctx.cluster_name.clone(),
         ..Default::default()
     };
     let children = render::render(pc, scope, &inputs)?;

@@ -54,7 +54,8 @@ pub async fn ensure(
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &scope.namespace);
     let now = OffsetDateTime::now_utc();
     let mut data = SecretData::new();
-    for (name, kind) in credentials::generated(scope, &pc.spec) {
+    let here = ctx.cluster_name.as_deref();
+    for (name, kind) in credentials::generated(scope, &pc.spec, here) {
         let ca = data.get(&scope.names.nats_ca_secret()).cloned();
         let current = match api.get_opt(&name).await? {
             Some(existing) => contents(&existing),
@@ -68,10 +69,10 @@ pub async fn ensure(
         };
         data.insert(name, current);
     }
-    if let Some(problem) = read_referenced(pc, scope, &api, &mut data).await? {
+    if let Some(problem) = read_referenced(pc, scope, &api, &mut data, here).await? {
         return Ok(problem);
     }
-    let ids = match credentials::identities(scope, &pc.spec, &data) {
+    let ids = match credentials::identities(scope, &pc.spec, &data, here) {
         Ok(ids) => ids,
         Err(err) => {
             let reason = match err {
@@ -172,11 +173,14 @@ async fn read_referenced(
     scope: &render::Scope,
     api: &Api<Secret>,
     data: &mut SecretData,
+    here: Option<&str>,
 ) -> Result<Option<NatsCredentials>, Error> {
+    let needed = render::needed_leaves(&pc.spec, here);
     let mut referenced: Vec<String> = pc
         .spec
         .leaves
         .iter()
+        .filter(|l| needed.contains(&l.name))
         .filter_map(|l| {
             l.nats
                 .as_ref()?

@@ -83,7 +83,9 @@ pub async fn observe_hub(
     counts: &RegionCounts,
     auth: &kv::ClientAuth,
 ) -> (Option<Result<(), String>>, Vec<RegionObservation>) {
-    let ready = hub_ready(pc, counts);
+    let here = ctx.cluster_name.as_deref();
+    // The bucket and the hub's view of leaf links only where the hub runs.
+    let ready = crate::credentials::hub_here(&pc.spec, here) && hub_ready(pc, counts);
     let (nats_url, monitors) = hub_addresses(&ctx.hub, pc, scope);
     let bucket = if ready {
         Some(provision_bucket(pc, ctx, &nats_url, auth).await)
@@ -95,7 +97,16 @@ pub async fn observe_hub(
     } else {
         None
     };
-    (bucket, regions(pc, scope, counts, links.as_ref()))
+    let mut regions = regions(pc, scope, counts, links.as_ref());
+    let local: Vec<String> = pc
+        .spec
+        .regions()
+        .iter()
+        .filter(|r| render::is_here(r, here))
+        .map(|r| r.name.to_owned())
+        .collect();
+    regions.retain(|r| local.contains(&r.name));
+    (bucket, regions)
 }
 
 async fn provision_bucket(

@@ -163,14 +163,17 @@ fn readiness(
     regions: &[RegionObservation],
     bucket: Option<&Result<(), String>>,
 ) -> (bool, Reason, String) {
-    let center = regions.iter().find(|r| r.role == Role::Center);
-    let hub_ready = center.is_some_and(|h| h.nats_ready >= h.nats_wanted && h.nats_wanted > 0);
-    if !hub_ready {
-        let name = center.map_or("center", |c| c.name.as_str());
+    // A cluster that only hosts leaves has no hub to wait for.
+    if let Some(center) = regions.iter().find(|r| r.role == Role::Center)
+        && !(center.nats_ready >= center.nats_wanted && center.nats_wanted > 0)
+    {
         return (
             false,
             Reason::HubNotReady,
-            format!("waiting for the hub NATS servers of region {name} to become ready"),
+            format!(
+                "waiting for the hub NATS servers of region {} to become ready",
+                center.name
+            ),
         );
     }
     if let Some(Err(err)) = bucket {
@@ -467,6 +470,19 @@ mod tests {
         assert_eq!(
             applied_with(regions, None).conditions[0].reason,
             Reason::HubNotReady
+        );
+    }
+
+    #[test]
+    fn a_cluster_with_only_leaves_waits_for_no_hub() {
+        let leaf = all_ready().remove(1);
+        let c = applied_with(vec![leaf.clone()], None);
+        assert_eq!(c.conditions[0].reason, Reason::AllRegionsReady);
+        let mut down = leaf;
+        down.dataplane_ready = 0;
+        assert_eq!(
+            applied_with(vec![down], None).conditions[0].reason,
+            Reason::RegionsNotReady
         );
     }
 

@@ -138,7 +138,7 @@ fn nats_identities(
     rctx: &render::Scope,
 ) -> render::NatsIdentities {
     let mut data = crate::credentials::SecretData::new();
-    for (name, _) in crate::credentials::generated(rctx, &pc.spec) {
+    for (name, _) in crate::credentials::generated(rctx, &pc.spec, None) {
         let secret: Secret = serde_json::from_value(
             fake.get(&format!("/api/v1/namespaces/{NS}/secrets/{name}"))
                 .unwrap_or_else(|| panic!("Secret {name} generated")),
@@ -146,7 +146,7 @@ fn nats_identities(
         .unwrap();
         data.insert(name, nats_secrets::contents(&secret));
     }
-    crate::credentials::identities(rctx, &pc.spec, &data).unwrap()
+    crate::credentials::identities(rctx, &pc.spec, &data, None).unwrap()
 }
 
 #[tokio::test]
@@ -190,6 +190,7 @@ async fn a_fresh_cluster_gets_a_finalizer_then_every_object() {
     for (name, _) in crate::credentials::generated(
         &render::Scope::new(&load(&fake), NS).unwrap(),
         &load(&fake).spec,
+        None,
     ) {
         expected.push((
             "GET".to_owned(),

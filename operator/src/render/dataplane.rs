@@ -231,12 +231,17 @@ pub fn objects(
                     max_surge: Some(IntOrString::Int(1)),
                 }),
             }),
-            template: PodTemplateSpec {
-                metadata: Some(pod_meta(ctx, COMPONENT, region.name, annotations)),
-                spec: Some(PodSpec {
+            template: {
+                let mut meta = pod_meta(ctx, COMPONENT, region.name, annotations);
+                let mut pod = PodSpec {
                     volumes: Some(volumes),
                     ..pod_spec(ctx, region, container)
-                }),
+                };
+                super::placement::apply(ctx, region, COMPONENT, &mut meta, &mut pod);
+                PodTemplateSpec {
+                    metadata: Some(meta),
+                    spec: Some(pod),
+                }
             },
             ..Default::default()
         },

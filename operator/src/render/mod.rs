@@ -8,6 +8,7 @@ pub mod monitoring;
 pub mod nats;
 pub mod nats_auth;
 pub mod network;
+pub mod placement;
 pub mod secrets;
 
 use crate::crd::{GROUP, PresenceCluster, PresenceClusterSpec, PullPolicy};
@@ -332,6 +333,9 @@ pub struct Inputs {
     pub operator_namespace: Option<String>,
     /// The NATS identities' public keys; required to render NATS configs.
     pub nats: Option<NatsIdentities>,
+    /// The Kubernetes cluster being rendered for: only its regions are
+    /// rendered. `None` renders every region (one cluster for all).
+    pub cluster: Option<String>,
 }
 
 /// Checks what the API server's CEL rules would refuse, for manifests that
@@ -405,6 +409,59 @@ pub fn check_spec(spec: &PresenceClusterSpec) -> Result<(), RenderError> {
     if ![1, 3, 5].contains(&kv) || kv > spec.center_replicas() {
         return invalid("kv.replicas must be 1, 3 or 5 and at most center.replicas".into());
     }
+    check_multi_cluster(spec)
+}
+
+/// What a leaf in another cluster than the center needs: an address to
+/// dial, and everything both clusters must share coming from Secrets you
+/// place in both (generated ones never leave their cluster).
+pub fn check_multi_cluster(spec: &PresenceClusterSpec) -> Result<(), RenderError> {
+    let remote: Vec<&crate::crd::LeafSpec> = spec
+        .leaves
+        .iter()
+        .filter(|l| {
+            l.cluster
+                .as_deref()
+                .is_some_and(|c| c != spec.center_cluster())
+        })
+        .collect();
+    let Some(first) = remote.first() else {
+        return Ok(());
+    };
+    let invalid = |m: String| Err(RenderError::InvalidSpec(m));
+    if spec.leafnode_advertise().is_none() {
+        return invalid(format!(
+            "leaf {:?} runs in another cluster than the center: set center.leafnodes.advertise to the address it dials (and center.leafnodes.serviceType to expose it)",
+            first.name
+        ));
+    }
+    if let Some(leaf) = remote.iter().find(|l| {
+        l.nats
+            .as_ref()
+            .and_then(|n| n.credentials_secret_ref.as_ref())
+            .is_none()
+    }) {
+        return invalid(format!(
+            "leaf {:?} runs in another cluster than the center: set leaves[].nats.credentialsSecretRef to a Secret holding its nkey seed, present in both clusters",
+            leaf.name
+        ));
+    }
+    if spec
+        .tls
+        .as_ref()
+        .and_then(|t| t.secret_name.as_ref())
+        .is_none()
+    {
+        return invalid("leaves run in other clusters than the center: set tls.secretName to a certificate Secret present in every cluster (its ca.crt lets leaves check the hub)".into());
+    }
+    if spec
+        .auth
+        .as_ref()
+        .and_then(|a| a.jwt_secret_ref.as_ref())
+        .is_none()
+    {
+        return invalid("leaves run in other clusters than the center: set auth.jwtSecretRef to a Secret present in every cluster, so a token works in every region".into());
+    }
     Ok(())
 }
 
@@ -427,11 +484,12 @@ pub fn render(
         .nats
         .as_ref()
         .ok_or_else(|| RenderError::MissingIdentities(ctx.name.clone()))?;
-    for leaf in &spec.leaves {
-        if !ids.leaves.contains_key(&leaf.name) {
+    let here = inputs.cluster.as_deref();
+    for leaf in needed_leaves(spec, here) {
+        if !ids.leaves.contains_key(&leaf) {
             return Err(RenderError::MissingIdentities(format!(
-                "{}, leaf {}",
-                ctx.name, leaf.name
+                "{}, leaf {leaf}",
+                ctx.name
             )));
         }
     }
@@ -439,7 +497,10 @@ pub fn render(
     if let Some(secret) = secrets::generated_jwt_secret(ctx, spec, inputs) {
         out.push(Child::Secret(secret));
     }
-    for region in spec.regions() {
+    for region in spec.regions().into_iter().filter(|r| is_here(r, here)) {
+        if region.role == crate::crd::Role::Center {
+            out.extend(nats::leafnode_service(ctx, spec, &region).map(Child::Service));
+        }
         let (config_map, headless, client, statefulset) =
             nats::objects(ctx, spec, &region, inputs, ids);
         out.push(Child::ConfigMap(config_map));
@@ -469,6 +530,23 @@ pub fn render(
         );
     }
     Ok(out)
+}
+
+/// Whether `region` runs in the cluster `here` (every region does when no
+/// cluster is named).
+pub fn is_here(region: &crate::crd::Region<'_>, here: Option<&str>) -> bool {
+    here.is_none_or(|c| region.cluster == c)
+}
+
+/// The leaf regions whose identities the cluster `here` needs: all of them
+/// where the hub runs (its config lists every leaf), else its own.
+pub fn needed_leaves(spec: &PresenceClusterSpec, here: Option<&str>) -> Vec<String> {
+    let hub_here = here.is_none_or(|c| c == spec.center_cluster());
+    spec.regions()
+        .iter()
+        .filter(|r| r.role == crate::crd::Role::Leaf && (hub_here || is_here(r, here)))
+        .map(|r| r.name.to_owned())
+        .collect()
 }
 
 /// Multi-document YAML of `objects`, as `presence-operator render` prints it.

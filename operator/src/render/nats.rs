@@ -40,6 +40,9 @@ pub struct HubParams {
     /// JetStream file store limit in bytes, if any.
     pub max_file_store: Option<u64>,
     pub leafnode_listen: String,
+    /// The address leaves in other clusters dial; set, the hub advertises
+    /// it and no pod address (which those leaves couldn't reach).
+    pub leafnode_advertise: Option<String>,
     /// Cluster routes, when the hub has more than one server.
     pub cluster: Option<ClusterParams>,
 }
@@ -129,6 +132,12 @@ pub fn nats_conf(p: &NatsParams) -> String {
             }
             out.push_str("}\n\nleafnodes {\n");
             let _ = writeln!(out, "  listen: {}", quoted(&hub.leafnode_listen));
+            if let Some(advertise) = &hub.leafnode_advertise {
+                // Leaves elsewhere reach the hub only through this address;
+                // gossiping pod addresses would send them nowhere.
+                let _ = writeln!(out, "  advertise: {}", quoted(advertise));
+                out.push_str("  no_advertise: true\n");
+            }
             // Leaf servers log in as users of the account (nkeys, per-region
             // permissions): no `authorization {}` here, which could hold
             // neither.
@@ -176,6 +185,38 @@ fn cluster_block(out: &mut String, cluster: &ClusterParams, s: &SecurityParams) 
         nats_auth::tls_block(out, "  ", &s.tls, true);
     }
     out.push_str("}\n");
+}
+
+/// The Service exposing the hub's leafnode listener outside its cluster,
+/// when `center.leafnodes.serviceType` asks for one.
+pub fn leafnode_service(
+    ctx: &Scope,
+    spec: &PresenceClusterSpec,
+    region: &Region<'_>,
+) -> Option<Service> {
+    let exposure = spec.center.leafnodes.as_ref()?;
+    let service_type = exposure.service_type?;
+    let name = format!("{}-leafnodes", ctx.names.nats(region.name));
+    let mut metadata = meta(ctx, &name, COMPONENT, Some(region.name));
+    metadata.annotations = exposure.service_annotations.clone();
+    let mut port = service_port("leafnodes", LEAFNODE_PORT);
+    port.node_port = exposure.node_port;
+    Some(Service {
+        metadata,
+        spec: Some(ServiceSpec {
+            type_: Some(
+                match service_type {
+                    crate::crd::ExposureType::LoadBalancer => "LoadBalancer",
+                    crate::crd::ExposureType::NodePort => "NodePort",
+                }
+                .into(),
+            ),
+            selector: Some(region_selector(ctx, COMPONENT, region.name)),
+            ports: Some(vec![port]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
 }
 
 /// The TLS files as mounted in NATS pods.
@@ -286,14 +327,19 @@ pub fn k8s_params(
                 // Leave 10% of the volume for the filesystem and compaction.
                 max_file_store: usable.map(|b| b / 10 * 9),
                 leafnode_listen: any(LEAFNODE_PORT),
+                leafnode_advertise: spec.leafnode_advertise().map(str::to_owned),
                 cluster,
             })
         }
         Role::Leaf => NatsRole::Leaf(LeafParams {
-            hub_urls: vec![format!(
-                "nats-leaf://{}:{LEAFNODE_PORT}",
-                client_host(ctx, spec.center_name())
-            )],
+            hub_urls: vec![match spec.leafnode_advertise().filter(|_| region.remote) {
+                // In another cluster: only the hub's exposed address works.
+                Some(advertise) => format!("nats-leaf://{advertise}"),
+                None => format!(
+                    "nats-leaf://{}:{LEAFNODE_PORT}",
+                    client_host(ctx, spec.center_name())
+                ),
+            }],
             cluster,
         }),
     };
@@ -736,9 +782,9 @@ fn statefulset(
                 match_labels: Some(region_selector(ctx, COMPONENT, region.name)),
                 ..Default::default()
             },
-            template: PodTemplateSpec {
-                metadata: Some(pod_meta(ctx, COMPONENT, region.name, annotations)),
-                spec: Some(PodSpec {
+            template: {
+                let mut meta = pod_meta(ctx, COMPONENT, region.name, annotations);
+                let mut pod = PodSpec {
                     containers,
                     volumes: Some(volumes),
                     termination_grace_period_seconds: Some(60),
@@ -747,7 +793,12 @@ fn statefulset(
                         .then(|| super::spread_affinity(ctx, COMPONENT, region.name)),
                     security_context: Some(nats_pod_security()),
                     ..Default::default()
-                }),
+                };
+                super::placement::apply(ctx, region, COMPONENT, &mut meta, &mut pod);
+                PodTemplateSpec {
+                    metadata: Some(meta),
+                    spec: Some(pod),
+                }
             },
             volume_claim_templates: is_hub
                 .then(|| hub_volume_claims(ctx, spec, region, claim_size)),

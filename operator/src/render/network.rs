@@ -129,7 +129,16 @@ pub fn nats_policy(
                 )
             })
             .collect();
-        if !leaves.is_empty() {
+        let exposed = spec
+            .center
+            .leafnodes
+            .as_ref()
+            .is_some_and(|l| l.service_type.is_some());
+        if exposed {
+            // Exposed for leaves in other clusters: from anywhere (they
+            // still need a seed the hub knows, and TLS).
+            rules.push(rule(&["leafnodes"], None));
+        } else if !leaves.is_empty() {
             rules.push(rule(&["leafnodes"], Some(leaves)));
         }
     }
