@@ -16,9 +16,16 @@ trap 'rm -rf "$tmp"' EXIT
 files=(crds/presencecluster.yaml)
 for example in examples/*.yaml; do
   if grep -q '^kind: PresenceCluster' "$example"; then
-    out="$tmp/rendered-$(basename "$example")"
+        out="$tmp/rendered-$(basename "$example")"
     "$OPERATOR" render -f "$example" > "$out"
     files+=("$out")
+    # A manifest spread over clusters: also what each cluster's operator
+    # applies.
+    for cluster in $(sed -n 's/^ *cluster: *\([A-Za-z0-9.-]*\).*/\1/p' "$example" | sort -u); do
+      out="$tmp/rendered-$cluster-$(basename "$example")"
+      "$OPERATOR" render --cluster-name "$cluster" -f "$example" > "$out"
+      files+=("$out")
+    done
   else
     files+=("$example")
   fi

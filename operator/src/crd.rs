@@ -693,6 +693,14 @@ pub struct Region<'a> {
     pub remote: bool,
 }
 
+/// Whether a region placed in `cluster` ("" when the manifest names none)
+/// runs in the cluster `here` an operator serves (`None`: it serves every
+/// cluster). A region whose cluster nobody named runs wherever the manifest
+/// is applied, so single-cluster manifests work under any `--cluster-name`.
+pub fn runs_in(cluster: &str, here: Option<&str>) -> bool {
+    here.is_none_or(|h| cluster.is_empty() || cluster == h)
+}
+
 impl PresenceClusterSpec {
     /// Center region name.
     pub fn center_name(&self) -> &str {
@@ -702,6 +710,12 @@ impl PresenceClusterSpec {
     /// The cluster of the center ("" when the manifest names none).
     pub fn center_cluster(&self) -> &str {
         self.center.cluster.as_deref().unwrap_or("")
+    }
+
+    /// Whether the center runs in the cluster `here` serves (see
+    /// [`runs_in`]).
+    pub fn center_runs_in(&self, here: Option<&str>) -> bool {
+        runs_in(self.center_cluster(), here)
     }
 
     /// The hub's leafnode address for leaves in other clusters.

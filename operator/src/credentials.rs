@@ -74,9 +74,41 @@ pub fn generated(
     out
 }
 
+/// Stand-in contents for the Secrets the spec references (leaf seeds, a
+/// certificate of the user's), so `render` works without a cluster to read
+/// them from; what is rendered from them (public keys, digests) differs
+/// from what the operator renders with the real ones. Never applied.
+pub fn stand_ins(
+    scope: &Scope,
+    spec: &PresenceClusterSpec,
+    here: Option<&str>,
+    now: OffsetDateTime,
+) -> Result<SecretData, PkiError> {
+    let mut out = SecretData::new();
+    let needed = crate::render::needed_leaves(spec, here);
+    for region in spec
+        .regions()
+        .iter()
+        .filter(|r| needed.iter().any(|n| n == r.name))
+    {
+        if let Some(source) = region.leaf_credentials {
+            let seed = pki::new_user()?.seed;
+            out.entry(source.name.clone())
+                .or_default()
+                .insert(source.key.clone(), seed);
+        }
+    }
+    if let Some(name) = spec.tls.as_ref().and_then(|t| t.secret_name.clone()) {
+        let ca = new_data(scope, spec, &Kind::Ca, None, now)?;
+        let tls = new_data(scope, spec, &Kind::Tls, Some(&ca), now)?;
+        out.insert(name, tls);
+    }
+    Ok(out)
+}
+
 /// Whether the hub runs in the cluster `here`.
 pub fn hub_here(spec: &PresenceClusterSpec, here: Option<&str>) -> bool {
-    here.is_none_or(|c| c == spec.center_cluster())
+    spec.center_runs_in(here)
 }
 
 /// The contents of a new Secret of `kind`; a certificate needs the CA's

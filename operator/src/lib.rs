@@ -13,6 +13,7 @@ mod fixtures;
 pub mod kv;
 pub mod lease;
 pub mod local;
+pub mod local_diagnose;
 pub mod local_security;
 pub mod local_status;
 pub mod manager;

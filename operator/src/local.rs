@@ -7,6 +7,7 @@
 //! backoff, and stops them all on Ctrl-C or SIGTERM.
 
 use crate::crd::{PresenceCluster, PresenceClusterSpec};
+use crate::local_diagnose::LogMarks;
 use crate::local_security::LocalSecurity;
 use crate::render::dataplane::{EnvParams, EnvValue};
 use crate::render::nats::{ClusterParams, HubParams, LeafParams, NatsParams, NatsRole};
@@ -49,6 +50,8 @@ pub enum DevError {
     Io { what: String, error: std::io::Error },
     #[error("{0} did not become ready in time; see its log in {1}")]
     NotReady(String, String),
+    #[error("region {region} cannot link to the hub: {cause}")]
+    LinkRefused { region: String, cause: String },
     #[error("cannot mint a dev token: {0}")]
     Token(String),
     #[error("cannot serve the local cluster's metrics: {0}")]
@@ -98,6 +101,9 @@ pub struct ProcessSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub region: String,
+    /// The Kubernetes cluster the manifest places the region in ("" when
+    /// it names none).
+    pub cluster: String,
     pub api: String,
     pub nats: String,
 }
@@ -421,6 +427,7 @@ fn plan_dataplanes(
         });
         plan.endpoints.push(Endpoint {
             region: region.name.to_owned(),
+            cluster: region.cluster.to_owned(),
             api: format!("http://{}", loopback(api_port)),
             nats: nats_url,
         });
@@ -428,11 +435,28 @@ fn plan_dataplanes(
     Ok(())
 }
 
-async fn wait_ready(spec: &ProcessSpec, log: &Path, limit: Duration) -> Result<(), DevError> {
+/// Waits for `spec` to answer its readiness check; gives up at `limit`,
+/// or as soon as one of the `links` logs shows the hub refusing its region.
+async fn wait_ready(
+    spec: &ProcessSpec,
+    log: &Path,
+    limit: Duration,
+    links: (&LogMarks, &[PathBuf]),
+) -> Result<(), DevError> {
     let deadline = Instant::now() + limit;
+    let mut next_look = Instant::now();
     loop {
         if crate::monitor::status(spec.ready.port, &spec.ready.path).await == Some(200) {
             return Ok(());
+        }
+        if Instant::now() >= next_look {
+            if let Some(cause) = crate::local_diagnose::refused_link(links.0, links.1) {
+                return Err(DevError::LinkRefused {
+                    region: spec.region.clone(),
+                    cause,
+                });
+            }
+            next_look = Instant::now() + Duration::from_secs(1);
         }
         if Instant::now() > deadline {
             return Err(DevError::NotReady(
@@ -472,6 +496,24 @@ async fn serve_local_metrics(
 
 fn pid_file(data_dir: &Path, name: &str) -> PathBuf {
     data_dir.join("pids").join(format!("{name}.pid"))
+}
+
+/// The logs that tell why `spec` waits in vain: for a leaf region's
+/// presence-service, its leaf servers' (they log a refused link).
+fn leaf_link_logs(
+    plan: &Plan,
+    spec: &ProcessSpec,
+    cluster: &PresenceCluster,
+    opts: &DevOptions,
+) -> Vec<PathBuf> {
+    if spec.program == opts.nats_server || spec.region == cluster.spec.center_name() {
+        return Vec::new();
+    }
+    plan.processes
+        .iter()
+        .filter(|p| p.region == spec.region && p.program == opts.nats_server)
+        .map(|p| log_file(&opts.data_dir, &p.name))
+        .collect()
 }
 
 fn log_file(data_dir: &Path, name: &str) -> PathBuf {
@@ -559,6 +601,10 @@ async fn supervise(spec: ProcessSpec, data_dir: PathBuf, mut stop: watch::Receiv
                     .stdin(Stdio::null())
                     .stdout(out)
                     .stderr(err)
+                    // Own process group: a terminal's Ctrl-C reaches dev
+                    // alone, which then stops each child itself (no child
+                    // seen "exiting" before the stop).
+                    .process_group(0)
                     .kill_on_drop(true);
                 command.spawn()
             });
@@ -662,6 +708,11 @@ pub async fn run(cluster: &PresenceCluster, opts: &DevOptions) -> Result<(), Dev
         }
         std::fs::write(path, text).map_err(io(format!("cannot write {}", path.display())))?;
     }
+    let marks = LogMarks::take(
+        plan.processes
+            .iter()
+            .map(|p| log_file(&opts.data_dir, &p.name)),
+    );
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     if let Some((listen, backends)) = plan.balancer.clone() {
@@ -686,10 +737,12 @@ pub async fn run(cluster: &PresenceCluster, opts: &DevOptions) -> Result<(), Dev
                     .name
                     .starts_with(&format!("nats-{}-", cluster.spec.center_name()));
             if !is_hub_server {
+                let links = leaf_link_logs(&plan, spec, cluster, opts);
                 wait_ready(
                     spec,
                     &log_file(&opts.data_dir, &spec.name),
                     Duration::from_secs(60),
+                    (&marks, &links),
                 )
                 .await?;
             }
@@ -738,7 +791,25 @@ fn print_summary(
         plan.processes.len()
     );
     for e in &plan.endpoints {
-        println!("  {:<12} API {:<24} NATS {}", e.region, e.api, e.nats);
+        let place = if e.cluster.is_empty() {
+            String::new()
+        } else {
+            format!("cluster {:<14}", e.cluster)
+        };
+        println!(
+            "  {:<12} {place}API {:<24} NATS {}",
+            e.region, e.api, e.nats
+        );
+    }
+    if let Some((listen, _)) = &plan.balancer {
+        println!(
+            "\n  The hub's leafnode listener is exposed at nats-leaf://{} (standing in for {});\n  regions in other clusters reach the hub only there, with TLS and their own seed.",
+            loopback(*listen),
+            cluster
+                .spec
+                .leafnode_advertise()
+                .unwrap_or("the advertised address")
+        );
     }
     println!("\n  Token (user \"dev\", scope presence:write):\n    export TOKEN={token}\n");
     if let (Some(first), Some(last)) = (plan.endpoints.first(), plan.endpoints.last()) {

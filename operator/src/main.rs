@@ -77,7 +77,7 @@ enum Command {
         namespace: String,
         /// Render only the regions of this Kubernetes cluster (as named in
         /// the manifest's `cluster` fields); default: every region.
-        #[arg(long)]
+        #[arg(long, env = "CLUSTER_NAME")]
         cluster_name: Option<String>,
     },
     /// Run a PresenceCluster manifest locally: nats-server and presence-service
@@ -90,7 +90,9 @@ enum Command {
         #[arg(long, default_value_t = 8080)]
         base_port: u16,
         /// First NATS port: hub server k uses base+k (client), +100 (monitor),
-        /// +200 (leafnodes), +300 (cluster); leaf i uses base+10+i and +110+i.
+        /// +200 (leafnodes), +300 (cluster); leaf i uses base+10+i and +110+i;
+        /// base+199 stands in for the hub's load balancer when leaves run in
+        /// other clusters.
         #[arg(long, default_value_t = 14222)]
         nats_base_port: u16,
         /// Where configs, JetStream data, logs and pid files go (default .dev/<name>).
@@ -165,6 +167,16 @@ fn generate_nats_secrets(
         made.push(render::secrets::generated(scope, &name, contents.clone()));
         data.insert(name, contents);
     }
+    let stand_ins = credentials::stand_ins(scope, spec, cluster, now)?;
+    if !stand_ins.is_empty() {
+        let names: Vec<&str> = stand_ins.keys().map(String::as_str).collect();
+        eprintln!(
+            "note: rendered with stand-ins for the Secrets the manifest references ({}); \
+             the operator renders with their real contents",
+            names.join(", ")
+        );
+    }
+    data.extend(stand_ins);
     let ids = credentials::identities(scope, spec, &data, cluster)?;
     Ok((made, ids))
 }

@@ -24,8 +24,8 @@ fn repo() -> PathBuf {
 fn free_block() -> (u16, u16) {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let nats_offsets = [
-        0u16, 1, 2, 11, 12, 100, 101, 102, 111, 112, 200, 201, 202, 300, 301, 302, 406, 806, 1205,
-        1206,
+        0u16, 1, 2, 11, 12, 100, 101, 102, 111, 112, 199, 200, 201, 202, 300, 301, 302, 406, 806,
+        1205, 1206,
     ];
     for _ in 0..100 {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -56,11 +56,27 @@ struct Dev {
     metrics: String,
     /// First NATS port (hub server 0's client port).
     nats_base: u16,
+    /// Both base ports, to start again on the same ones.
+    ports: (u16, u16),
     token: String,
 }
 
 impl Dev {
     fn start(manifest: &str) -> Dev {
+        let data_dir = tempfile::tempdir().unwrap();
+        match Dev::launch(manifest, data_dir, free_block()) {
+            Ok(dev) => dev,
+            Err((status, text)) => panic!("presence-operator dev exited with {status}:\n{text}"),
+        }
+    }
+
+    /// Starts `dev` in `data_dir` on the ports `(base, nats_base)`; the
+    /// exit status and output when it exits before it is ready.
+    fn launch(
+        manifest: &str,
+        data_dir: tempfile::TempDir,
+        (base, nats_base): (u16, u16),
+    ) -> Result<Dev, (std::process::ExitStatus, String)> {
         let presence_service =
             Path::new(env!("CARGO_BIN_EXE_presence-operator")).with_file_name("presence-service");
         assert!(
@@ -68,8 +84,6 @@ impl Dev {
             "{} is missing: build the workspace first (`make test` does)",
             presence_service.display()
         );
-        let data_dir = tempfile::tempdir().unwrap();
-        let (base, nats_base) = free_block();
         let mut child = Command::new(env!("CARGO_BIN_EXE_presence-operator"))
             .args(["dev", "-f"])
             .arg(repo().join("examples").join(manifest))
@@ -112,6 +126,7 @@ impl Dev {
                 .collect(),
             metrics: format!("127.0.0.1:{}", base - 1),
             nats_base,
+            ports: (base, nats_base),
             token: String::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(90);
@@ -123,10 +138,13 @@ impl Dev {
                     .find_map(|l| l.trim().strip_prefix("export TOKEN="))
                     .expect("token printed")
                     .to_owned();
-                return dev;
+                return Ok(dev);
             }
             if let Ok(Some(status)) = dev.child.as_mut().unwrap().try_wait() {
-                panic!("presence-operator dev exited with {status}:\n{text}");
+                // Its last lines may still be on their way from the pipes.
+                std::thread::sleep(Duration::from_millis(200));
+                dev.child = None;
+                return Err((status, dev.output.lock().unwrap().clone()));
             }
             assert!(
                 Instant::now() < deadline,
@@ -150,8 +168,11 @@ impl Dev {
     }
 
     fn all_pids(&self) -> Vec<u32> {
-        std::fs::read_dir(self.data_dir.path().join("pids"))
-            .unwrap()
+        // No folder when dev failed before starting anything.
+        let Ok(entries) = std::fs::read_dir(self.data_dir.path().join("pids")) else {
+            return Vec::new();
+        };
+        entries
             .filter_map(|e| {
                 std::fs::read_to_string(e.ok()?.path())
                     .ok()?
@@ -160,6 +181,18 @@ impl Dev {
                     .ok()
             })
             .collect()
+    }
+
+    /// Stops it with Ctrl-C (asserting a clean exit) and hands back its
+    /// data directory and ports, to start it again on the same state.
+    fn stop(mut self) -> (tempfile::TempDir, (u16, u16)) {
+        assert_eq!(self.interrupt(), Some(0));
+        let dir = std::mem::replace(&mut self.data_dir, tempfile::tempdir().unwrap());
+        (dir, self.ports)
+    }
+
+    fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
     }
 
     /// SIGINT, as Ctrl-C sends; returns the exit code.
@@ -826,5 +859,99 @@ mod secured {
 
     fn client_http() -> reqwest::Client {
         client()
+    }
+}
+
+/// `examples/multi-cluster.yaml`: the hub in one "cluster", leaves in two
+/// others that reach it only through its exposed leafnode address.
+mod multi_cluster {
+    use super::*;
+
+    /// `dev`'s stand-in for the hub's load balancer, from --nats-base-port.
+    const EXPOSED_OFFSET: u16 = 199;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn regions_in_three_clusters_meet_only_at_the_hubs_exposed_address() {
+        let _serial = HEAVY.lock().await;
+        let dev = Dev::start("multi-cluster.yaml");
+        let summary = dev.output();
+        for cluster in ["hub-cluster", "eu-cluster", "us-cluster"] {
+            assert!(summary.contains(&format!("cluster {cluster}")), "{summary}");
+        }
+        let exposed = format!("nats-leaf://127.0.0.1:{}", dev.nats_base + EXPOSED_OFFSET);
+        assert!(summary.contains(&exposed), "{summary}");
+        // Every leaf server dials that address alone, with TLS; the hub
+        // gossips no server address to them.
+        for server in ["presence-eu-0", "presence-us-0", "presence-us-1"] {
+            let conf = std::fs::read_to_string(dev.data_dir.path().join(server).join("nats.conf"))
+                .unwrap();
+            assert!(conf.contains(&format!("urls: [\"{exposed}\"]")), "{conf}");
+            assert!(conf.contains("tls { ca_file:"), "{conf}");
+        }
+        let hub = std::fs::read_to_string(dev.data_dir.path().join("presence-center-0/nats.conf"))
+            .unwrap();
+        assert!(hub.contains("no_advertise: true"), "{hub}");
+
+        let c = client();
+        assert_eq!(set(&c, &dev, US, "ann", "from us").await, 200);
+        wait_until(
+            "the us write in eu, another cluster",
+            Duration::from_secs(10),
+            || async { message(&c, &dev, EU, "ann").await.as_deref() == Some("from us") },
+        )
+        .await;
+
+        // The whole us cluster goes down at once; eu writes meanwhile.
+        let us_processes = ["nats-us", "nats-us-1", "presence-us"];
+        let old: Vec<u32> = us_processes
+            .iter()
+            .map(|p| dev.pid(p).unwrap_or_else(|| panic!("{p} pid")))
+            .collect();
+        for pid in &old {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        assert_eq!(set(&c, &dev, EU, "ann", "while us was down").await, 200);
+        wait_until(
+            "every us process to be started again",
+            Duration::from_secs(30),
+            || async {
+                us_processes
+                    .iter()
+                    .zip(&old)
+                    .all(|(p, old)| dev.pid(p).is_some_and(|new| new != *old && alive(new)))
+            },
+        )
+        .await;
+        wait_until(
+            "us to catch up with the write made while it was down",
+            Duration::from_secs(30),
+            || async { message(&c, &dev, US, "ann").await.as_deref() == Some("while us was down") },
+        )
+        .await;
+
+        // eu's cluster now holds another seed than the one the hub's
+        // cluster knows for eu: the hub refuses eu, and dev says so.
+        let (dir, ports) = dev.stop();
+        let eu_copy = dir
+            .path()
+            .join("secrets/clusters/eu-cluster/presence-eu-leaf.seed");
+        assert!(eu_copy.is_file(), "eu's copy of its seed");
+        let other = presence_operator::pki::new_user().unwrap().seed;
+        std::fs::write(&eu_copy, other).unwrap();
+        let (status, output) = match Dev::launch("multi-cluster.yaml", dir, ports) {
+            Ok(dev) => panic!(
+                "eu came up with a seed the hub doesn't know:\n{}",
+                dev.output()
+            ),
+            Err(failed) => failed,
+        };
+        assert!(!status.success(), "{output}");
+        assert!(
+            output.contains("region eu cannot link to the hub")
+                && output.contains("Authorization Violation"),
+            "{output}"
+        );
     }
 }

@@ -161,6 +161,132 @@ fn golden_multi_cluster_renderings() {
     }
 }
 
+/// The pod template and labels of every workload (StatefulSets and
+/// Deployments) of `region`, by component.
+fn pod_templates(
+    objects: &[Child],
+    region: &str,
+) -> Vec<(String, k8s_openapi::api::core::v1::PodTemplateSpec)> {
+    objects
+        .iter()
+        .filter(|o| {
+            o.metadata()
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("presencecluster.io/region"))
+                .is_some_and(|r| r == region)
+        })
+        .filter_map(|o| match o {
+            Child::StatefulSet(s) => Some(("nats".to_owned(), s.spec.template.clone())),
+            Child::Deployment(d) => Some(("dataplane".to_owned(), d.spec.template.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_manifest_naming_no_cluster_is_rendered_whole_under_any_cluster_name() {
+    let cluster = load("multi-region.yaml");
+    let ctx = Scope::new(&cluster, "default").unwrap();
+    let all = render::render(&cluster, &ctx, &inputs_for(&cluster)).unwrap();
+    let inputs = Inputs {
+        cluster: Some("prod-eu-1".into()),
+        ..inputs_for(&cluster)
+    };
+    let named = render::render(&cluster, &ctx, &inputs).unwrap();
+    assert_eq!(
+        render::to_yaml(&all).unwrap(),
+        render::to_yaml(&named).unwrap()
+    );
+}
+
+#[test]
+fn placement_reaches_both_workloads_of_a_region_and_never_the_others() {
+    let mut cluster = load("multi-region.yaml");
+    let placement: presence_operator::crd::PlacementSpec = serde_json::from_value(serde_json::json!({
+        "nodeSelector": {"topology.kubernetes.io/region": "europe-west4"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "presence", "effect": "NoSchedule"}],
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule"}],
+        "priorityClassName": "presence-critical",
+        "podLabels": {"mesh": "on", "app.kubernetes.io/name": "hijack"},
+        "podAnnotations": {"sidecar.istio.io/inject": "false"},
+        "imagePullSecrets": [{"name": "registry"}]
+    }))
+    .unwrap();
+    let eu = cluster.spec.leaves[0].name.clone();
+    cluster.spec.leaves[0].placement = Some(placement);
+    let ctx = Scope::new(&cluster, "default").unwrap();
+    let objects = render::render(&cluster, &ctx, &inputs_for(&cluster)).unwrap();
+    let placed = pod_templates(&objects, &eu);
+    assert_eq!(
+        placed.len(),
+        2,
+        "the leaf's NATS StatefulSet and its Deployment"
+    );
+    for (component, template) in &placed {
+        let pod = template.spec.as_ref().unwrap();
+        let labels = template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
+        assert_eq!(
+            pod.node_selector.as_ref().unwrap()["topology.kubernetes.io/region"],
+            "europe-west4",
+            "{component}"
+        );
+        assert_eq!(pod.tolerations.as_ref().unwrap().len(), 1, "{component}");
+        assert_eq!(
+            pod.priority_class_name.as_deref(),
+            Some("presence-critical")
+        );
+        assert_eq!(pod.image_pull_secrets.as_ref().unwrap()[0].name, "registry");
+        assert_eq!(labels["mesh"], "on");
+        assert_ne!(
+            labels["app.kubernetes.io/name"], "hijack",
+            "the operator's labels win"
+        );
+        let annotations = template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap();
+        assert_eq!(annotations["sidecar.istio.io/inject"], "false");
+        // A constraint without a selector selects the pods it spreads.
+        let spread = &pod.topology_spread_constraints.as_ref().unwrap()[0];
+        let selector = spread
+            .label_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap();
+        assert!(
+            selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
+            "{component}: {selector:?} vs {labels:?}"
+        );
+        assert_eq!(selector["presencecluster.io/region"], eu);
+    }
+    // Other regions keep the defaults: hub servers spread over zones and hosts.
+    for (component, template) in pod_templates(&objects, "center") {
+        let pod = template.spec.unwrap();
+        assert!(
+            pod.node_selector.is_none() && pod.tolerations.is_none(),
+            "{component}"
+        );
+        if component == "nats" {
+            let keys: Vec<String> = pod
+                .topology_spread_constraints
+                .unwrap()
+                .into_iter()
+                .map(|c| c.topology_key)
+                .collect();
+            assert_eq!(
+                keys,
+                ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
+            );
+        }
+    }
+}
+
 #[test]
 fn golden_manifests() {
     for example in ["minimal", "multi-region"] {

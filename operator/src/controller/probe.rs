@@ -94,6 +94,8 @@ pub async fn observe_hub(
     };
     let links = if ready && !pc.spec.leaves.is_empty() {
         leaf_links(&monitors).await
+    } else if !crate::credentials::hub_here(&pc.spec, here) {
+        links_seen_by_leaves(pc, ctx, scope).await
     } else {
         None
     };
@@ -107,6 +109,56 @@ pub async fn observe_hub(
         .collect();
     regions.retain(|r| local.contains(&r.name));
     (bucket, regions)
+}
+
+/// In a cluster without the hub, the leaves' own view: a leaf server
+/// whose `/leafz` lists a connection is linked to the hub. Only through
+/// cluster DNS (fixed addresses name the hub's servers alone).
+async fn links_seen_by_leaves(
+    pc: &PresenceCluster,
+    ctx: &Context,
+    scope: &render::Scope,
+) -> Option<LeafLinks> {
+    if !matches!(ctx.hub, HubAccess::ClusterDns) {
+        return None;
+    }
+    let here = ctx.cluster_name.as_deref();
+    // (pod, its address in the region's headless Service)
+    let servers: Vec<(String, String)> = pc
+        .spec
+        .regions()
+        .iter()
+        .filter(|r| r.role == Role::Leaf && render::is_here(r, here))
+        .flat_map(|r| {
+            let sts = scope.names.nats(r.name);
+            let headless = scope.names.nats_headless(r.name);
+            let ns = scope.namespace.clone();
+            (0..r.nats_replicas).map(move |k| {
+                let pod = format!("{sts}-{k}");
+                let host = format!("{pod}.{headless}.{ns}.svc");
+                (pod, host)
+            })
+        })
+        .collect();
+    if servers.is_empty() {
+        return None;
+    }
+    let asks = servers.iter().map(|(pod, host)| async move {
+        let links = monitor::connected_leaf_servers(host, render::nats::MONITOR_PORT).await?;
+        Some((pod.clone(), !links.is_empty()))
+    });
+    let answers: Vec<(String, bool)> = futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    Some(LeafLinks {
+        complete: answers.len() == servers.len(),
+        names: answers
+            .into_iter()
+            .filter_map(|(pod, linked)| linked.then_some(pod))
+            .collect(),
+    })
 }
 
 async fn provision_bucket(

@@ -215,7 +215,8 @@ fn readiness(
             false,
             Reason::LeafnodeDisconnected,
             format!(
-                "leaf NATS servers not connected to the hub: {}",
+                "leaf NATS servers not connected to the hub: {}; their log names the cause \
+                 (Authorization Violation: the leaf's credentials; certificate errors: the hub's CA)",
                 disconnected.join(", ")
             ),
         );
@@ -520,18 +521,24 @@ mod tests {
         regions[1].leafnode_connected = Some(false);
         let c = applied_with(regions.clone(), Some(Ok(())));
         assert_eq!(summary(&c)[0], ("Ready", false, "LeafnodeDisconnected"));
-        assert_eq!(
-            c.conditions[0].message,
-            "leaf NATS servers not connected to the hub: eu"
+        assert!(
+            c.conditions[0]
+                .message
+                .starts_with("leaf NATS servers not connected to the hub: eu; their log names"),
+            "{}",
+            c.conditions[0].message
         );
         // A clustered leaf with one of two servers linked says so.
         regions[1].nats_wanted = 2;
         regions[1].nats_ready = 2;
         regions[1].leaf_servers_linked = Some(1);
         let c = applied_with(regions.clone(), Some(Ok(())));
-        assert_eq!(
-            c.conditions[0].message,
-            "leaf NATS servers not connected to the hub: eu (1/2 servers linked)"
+        assert!(
+            c.conditions[0].message.starts_with(
+                "leaf NATS servers not connected to the hub: eu (1/2 servers linked);"
+            ),
+            "{}",
+            c.conditions[0].message
         );
         assert_eq!(c.regions_ready, Some((1, 2)));
         regions[1].leafnode_connected = None;

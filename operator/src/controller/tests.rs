@@ -1150,3 +1150,143 @@ async fn errors_back_off_exponentially_and_are_reported_as_events() {
     assert_eq!(events[0].body["reason"], "SecretGenerationFailed");
     assert_eq!(events[0].body["type"], "Warning");
 }
+
+/// One spec across three clusters (hub, eu, us), with the Secrets a user
+/// places in each cluster: the JWT secret, the shared certificate and the
+/// leaves' seeds.
+fn multi_cluster_fake() -> FakeApi {
+    let fake = FakeApi::default();
+    fake.insert(
+        &pc_path("p"),
+        cluster(json!({
+            "center": {"cluster": "hub", "leafnodes": {"serviceType": "LoadBalancer", "advertise": "hub.example.com:7422"}},
+            "leaves": [
+                {"name": "eu", "cluster": "eu",
+                 "nats": {"credentialsSecretRef": {"name": "eu-seed", "key": "seed"}}},
+                {"name": "us", "cluster": "us",
+                 "nats": {"credentialsSecretRef": {"name": "us-seed", "key": "seed"}}}],
+            "auth": {"jwtSecretRef": {"name": "jwt", "key": "secret"}},
+            "tls": {"secretName": "nats-tls"}})),
+    );
+    let now = time::OffsetDateTime::now_utc();
+    let ca = crate::pki::new_ca("p", now).unwrap();
+    let cert = crate::pki::issue("p", &ca.key, &["hub.example.com".into()], now).unwrap();
+    let secret = |name: &str, data: Value| {
+        fake.insert(
+            &format!("/api/v1/namespaces/{NS}/secrets/{name}"),
+            json!({"apiVersion": "v1", "kind": "Secret",
+                   "metadata": {"name": name, "namespace": NS}, "stringData": data}),
+        );
+    };
+    secret("jwt", json!({"secret": "s3cret"}));
+    secret(
+        "nats-tls",
+        json!({"tls.crt": cert.cert, "tls.key": cert.key, "ca.crt": ca.cert}),
+    );
+    for leaf in ["eu-seed", "us-seed"] {
+        secret(leaf, json!({"seed": crate::pki::new_user().unwrap().seed}));
+    }
+    fake
+}
+
+fn context_for(fake: &FakeApi, hub: HubAccess, cluster: &str) -> Arc<Context> {
+    let mut ctx = Context::new(fake.client(), "test", Metrics::new().unwrap(), hub);
+    ctx.cluster_name = Some(cluster.to_owned());
+    Arc::new(ctx)
+}
+
+/// The regions of the objects applied (by their region label).
+fn applied_regions(requests: &[Recorded]) -> BTreeSet<String> {
+    applies(requests)
+        .iter()
+        .filter_map(|r| {
+            r.body["metadata"]["labels"]["presencecluster.io/region"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_operator_reconciles_only_its_clusters_regions_and_the_bucket_only_with_the_center() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = testkit::Nats::hub(dir.path()).await;
+    let js = kv::connect(&hub.url(), "hub", &kv::ClientAuth::default())
+        .await
+        .unwrap();
+    let sts = |n: &str| format!("/apis/apps/v1/namespaces/{NS}/statefulsets/{n}");
+    let dep = |n: &str| format!("/apis/apps/v1/namespaces/{NS}/deployments/{n}");
+    let ready_all = |fake: &FakeApi| {
+        for region in ["center", "eu", "us"] {
+            fake.set_status(
+                &sts(&format!("p-{region}-nats")),
+                json!({"readyReplicas": 1}),
+            );
+            fake.set_status(
+                &dep(&format!("p-{region}-presence")),
+                json!({"readyReplicas": 2}),
+            );
+        }
+    };
+
+    // The eu cluster's operator, though it could reach the hub.
+    let fake = multi_cluster_fake();
+    ready_all(&fake);
+    let ctx = context_for(&fake, real(&hub), "eu");
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    let requests = fake.requests_without_events();
+    assert_eq!(
+        applied_regions(&requests),
+        BTreeSet::from(["eu".to_owned()])
+    );
+    let posted: Vec<&str> = requests
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/secrets"))
+        .filter_map(|r| r.body["metadata"]["name"].as_str())
+        .collect();
+    assert!(
+        posted
+            .iter()
+            .all(|n| !n.contains("operator") && !n.contains("us")),
+        "{posted:?}"
+    );
+    assert!(
+        js.get_stream("KV_PRESENCE").await.is_err(),
+        "no bucket from a cluster without the center"
+    );
+    let s = status(&fake);
+    let names: Vec<&str> = s.regions.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["eu"], "status reports only this cluster's regions");
+    // Fixed addresses don't reach a remote leaf's monitor: link unknown.
+    assert_eq!(s.regions[0].leafnode_connected, None);
+    assert_eq!(
+        condition(&s, "Ready"),
+        ("True".into(), "AllRegionsReady".into()),
+        "{}",
+        find_condition(&s, "Ready").message
+    );
+    assert_rbac_allows(&requests);
+
+    // The hub cluster's operator: the center only, and the bucket.
+    let fake = multi_cluster_fake();
+    ready_all(&fake);
+    let ctx = context_for(&fake, real(&hub), "hub");
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    let requests = fake.requests_without_events();
+    assert_eq!(
+        applied_regions(&requests),
+        BTreeSet::from(["center".to_owned()])
+    );
+    let leafnodes = fake
+        .get(&format!(
+            "/api/v1/namespaces/{NS}/services/p-center-nats-leafnodes"
+        ))
+        .expect("the hub's leafnode listener is exposed");
+    assert_eq!(leafnodes["spec"]["type"], "LoadBalancer");
+    js.get_stream("KV_PRESENCE")
+        .await
+        .expect("the center's cluster provisions the bucket");
+    let s = status(&fake);
+    let names: Vec<&str> = s.regions.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["center"]);
+}

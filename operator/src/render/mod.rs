@@ -532,16 +532,15 @@ pub fn render(
     Ok(out)
 }
 
-/// Whether `region` runs in the cluster `here` (every region does when no
-/// cluster is named).
+/// Whether `region` runs in the cluster `here` (see [`crate::crd::runs_in`]).
 pub fn is_here(region: &crate::crd::Region<'_>, here: Option<&str>) -> bool {
-    here.is_none_or(|c| region.cluster == c)
+    crate::crd::runs_in(region.cluster, here)
 }
 
 /// The leaf regions whose identities the cluster `here` needs: all of them
 /// where the hub runs (its config lists every leaf), else its own.
 pub fn needed_leaves(spec: &PresenceClusterSpec, here: Option<&str>) -> Vec<String> {
-    let hub_here = here.is_none_or(|c| c == spec.center_cluster());
+    let hub_here = spec.center_runs_in(here);
     spec.regions()
         .iter()
         .filter(|r| r.role == crate::crd::Role::Leaf && (hub_here || is_here(r, here)))
