@@ -25,6 +25,11 @@ pub enum EventReason {
     VolumesExpanded,
     /// The NATS servers' certificate was issued again before it expired.
     CertificateRenewed,
+    /// Every server of a leaf region is linked to the hub (again).
+    LeafnodeConnected,
+    /// A leaf region's servers are not (all) linked to the hub any more (a
+    /// Warning).
+    LeafnodeDisconnected,
     /// A reconcile failed (a Warning).
     Failed(Reason),
 }
@@ -42,13 +47,17 @@ impl EventReason {
             EventReason::BucketDeletionAbandoned => "BucketDeletionAbandoned",
             EventReason::VolumesExpanded => "VolumesExpanded",
             EventReason::CertificateRenewed => "CertificateRenewed",
+            EventReason::LeafnodeConnected => "LeafnodeConnected",
+            EventReason::LeafnodeDisconnected => "LeafnodeDisconnected",
             EventReason::Failed(reason) => reason.as_str(),
         }
     }
 
     fn event_type(self) -> EventType {
         match self {
-            EventReason::Failed(_) | EventReason::BucketDeletionAbandoned => EventType::Warning,
+            EventReason::Failed(_)
+            | EventReason::BucketDeletionAbandoned
+            | EventReason::LeafnodeDisconnected => EventType::Warning,
             _ => EventType::Normal,
         }
     }

@@ -411,6 +411,7 @@ async fn observe(
         publish(ctx, pc, EventReason::VolumesExpanded, "ExpandVolumes", note).await;
     }
     let (bucket, regions) = probe::observe_hub(pc, ctx, scope, &counts, &auth).await;
+    probe::announce_link_changes(pc, ctx, &regions).await;
     Ok(Observed::Applied {
         regions,
         bucket,

@@ -161,6 +161,50 @@ async fn links_seen_by_leaves(
     })
 }
 
+/// An Event for each leaf region whose link changed since the last status:
+/// down (with what it waits for), or up again. An unknown link is no
+/// change.
+pub async fn announce_link_changes(
+    pc: &PresenceCluster,
+    ctx: &Context,
+    regions: &[RegionObservation],
+) {
+    let before = |name: &str| {
+        pc.status
+            .as_ref()
+            .and_then(|s| s.regions.iter().find(|r| r.name == name))
+            .and_then(|r| r.leafnode_connected)
+    };
+    for region in regions {
+        let (Some(now), was) = (region.leafnode_connected, before(&region.name)) else {
+            continue;
+        };
+        if was == Some(now) {
+            continue;
+        }
+        let (reason, note) = if now {
+            (
+                EventReason::LeafnodeConnected,
+                format!(
+                    "region {}: every leaf NATS server is linked to the hub",
+                    region.name
+                ),
+            )
+        } else {
+            let linked = region.leaf_servers_linked.unwrap_or(0);
+            (
+                EventReason::LeafnodeDisconnected,
+                format!(
+                    "region {}: {linked}/{} leaf NATS servers linked to the hub; waiting for the rest \
+                     (their log names the cause: credentials, CA, or the hub's address)",
+                    region.name, region.nats_wanted
+                ),
+            )
+        };
+        publish(ctx, pc, reason, "ObserveLeafnodes", note).await;
+    }
+}
+
 async fn provision_bucket(
     pc: &PresenceCluster,
     ctx: &Context,

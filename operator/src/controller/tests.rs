@@ -755,6 +755,26 @@ async fn leaf_links_are_read_from_every_hub_server() {
         eu_link(with(vec![monitor(&hub_a), ("127.0.0.1".into(), 1)])).await,
         (None, "AllRegionsReady".into())
     );
+    // Each change of a link was an Event (an unknown link is no change).
+    let link_events: Vec<(String, String)> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.contains("/events"))
+        .map(|r| {
+            (
+                r.body["reason"].as_str().unwrap_or_default().to_owned(),
+                r.body["type"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .filter(|(reason, _)| reason.starts_with("Leafnode"))
+        .collect();
+    assert_eq!(
+        link_events,
+        [
+            ("LeafnodeConnected".to_owned(), "Normal".to_owned()),
+            ("LeafnodeDisconnected".to_owned(), "Warning".to_owned())
+        ]
+    );
     assert_rbac_allows(&fake.requests());
 }
 
