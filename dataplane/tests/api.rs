@@ -866,3 +866,127 @@ async fn writes_beyond_the_per_user_limit_get_429_with_retry_after() {
     assert_eq!(body["results"][0]["error"]["code"], "rate_limited");
     assert_eq!(body["results"][1]["ok"], true);
 }
+
+/// Browsers' `EventSource` can't send headers: the stream (and only the
+/// stream) takes the token as `access_token`, which no log line shows.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_browser_opens_the_stream_with_the_token_in_the_url() {
+    let s = single_with(vec![("LOG_LEVEL", "debug".into())]).await;
+    let writer = token("ann", "");
+    let reader = token("watcher", "");
+    let url = s.svc.url(&format!(
+        "/api/v2/presence/stream?users=ann&access_token={reader}"
+    ));
+    let mut stream = EventStream::open_without_header(&s.client, &url).await;
+    stream.until_snapshot_end().await;
+    let response = s
+        .client
+        .post(s.svc.presence_url("ann"))
+        .bearer_auth(&writer)
+        .json(&json!({"status": "busy", "message": "in a call"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let event = stream.next().await;
+    assert_eq!(event.event, "presence");
+    assert_eq!(event.data["message"], "in a call", "{}", event.data);
+
+    // Any other route ignores a token in the URL.
+    let response = s
+        .client
+        .get(format!(
+            "{}?access_token={reader}",
+            s.svc.presence_url("ann")
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(response).await, (401, "missing_token".into()));
+    // Both ways at once is ambiguous (RFC 6750: one method per request).
+    let response = s
+        .client
+        .get(&url)
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(response).await, (400, "multiple_tokens".into()));
+    for bad in ["", "not-a-jwt"] {
+        let response = s
+            .client
+            .get(
+                s.svc
+                    .url(&format!("/api/v2/presence/stream?access_token={bad}")),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_code(response).await, (401, "invalid_token".into()));
+    }
+    let expired = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": "watcher", "exp": 1_000_000_000u64}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let response = s
+        .client
+        .get(
+            s.svc
+                .url(&format!("/api/v2/presence/stream?access_token={expired}")),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(response).await, (401, "token_expired".into()));
+
+    drop(stream);
+    let log = s.svc.log();
+    assert!(
+        log.contains("access_token=REDACTED"),
+        "the access log names the request:\n{log}"
+    );
+    for secret in [&reader, &expired] {
+        let signature = secret.rsplit('.').next().unwrap_or_default();
+        assert!(!log.contains(signature), "a token reached the log:\n{log}");
+    }
+    let metrics = s.client.get(s.svc.url("/metrics")).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    assert!(!metrics.contains(reader.rsplit('.').next().unwrap_or_default()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cors_lets_a_browser_resume_and_read_retry_after() {
+    let s = single().await;
+    let preflight = s
+        .client
+        .request(
+            reqwest::Method::OPTIONS,
+            s.svc.url("/api/v2/presence/stream"),
+        )
+        .header("Origin", "https://app.example.com")
+        .header("Access-Control-Request-Method", "GET")
+        .header("Access-Control-Request-Headers", "last-event-id")
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.status().is_success());
+    let allowed = preflight.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(allowed.contains("last-event-id"), "{allowed}");
+    let response = s
+        .client
+        .get(s.svc.presence_url("ann"))
+        .header("Origin", "https://app.example.com")
+        .send()
+        .await
+        .unwrap();
+    let exposed = response.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(exposed.contains("retry-after"), "{exposed}");
+}

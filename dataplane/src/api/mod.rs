@@ -272,6 +272,60 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
+/// Query parameters whose values are secrets: never logged.
+const SECRET_PARAMS: &[&str] = &["access_token"];
+
+/// `query` fit for a log line: the value of every secret parameter (a
+/// stream token, RFC 6750 §2.3) replaced by `REDACTED`, whatever its case
+/// or encoding of the name.
+pub fn redacted_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| {
+            let name = pair.split_once('=').map_or(pair, |(n, _)| n);
+            let decoded = percent_decoded(name);
+            if SECRET_PARAMS
+                .iter()
+                .any(|s| decoded.eq_ignore_ascii_case(s))
+            {
+                format!("{name}=REDACTED")
+            } else {
+                pair.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// A query parameter name as the query parser sees it (`%XX` and `+`
+/// decoded), so no spelling of a secret name escapes redaction.
+fn percent_decoded(name: &str) -> String {
+    let bytes = name.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 async fn track_metrics(
     state: axum::extract::State<AppState>,
     req: Request,
@@ -282,7 +336,24 @@ async fn track_metrics(
     let route = req.extensions().get::<MatchedPath>().cloned();
     let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
     let method = method_label(req.method());
+    // The access log (debug level) names the path and a redacted query.
+    let target = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+        let uri = req.uri();
+        match uri.query() {
+            Some(q) => format!("{}?{}", uri.path(), redacted_query(q)),
+            None => uri.path().to_owned(),
+        }
+    });
     let response = next.run(req).await;
+    if let Some(target) = target {
+        tracing::debug!(
+            method,
+            %target,
+            status = response.status().as_u16(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "request"
+        );
+    }
     let status = response.status().as_u16().to_string();
     let m = &state.metrics;
     m.http_requests
@@ -311,14 +382,19 @@ fn cors_layer(cors: &CorsSettings) -> CorsLayer {
                 .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
                 .collect::<Vec<_>>(),
         )
+        .allow_credentials(cors.allow_credentials)
+        .max_age(cors.max_age)
+        // Resuming a stream sends Last-Event-ID; a client backing off
+        // reads Retry-After. Both whatever CORS_ALLOWED_HEADERS says.
         .allow_headers(
             cors.allowed_headers
                 .iter()
+                .map(String::as_str)
+                .chain(["Last-Event-ID"])
                 .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
                 .collect::<Vec<_>>(),
         )
-        .allow_credentials(cors.allow_credentials)
-        .max_age(cors.max_age)
+        .expose_headers([header::RETRY_AFTER])
 }
 
 /// Every route of the service.
@@ -389,6 +465,43 @@ mod tests {
             runtime.block_on(async { router(crate::build(settings).await.expect("state")) });
         (runtime, router)
     });
+
+    #[test]
+    fn secret_query_values_never_reach_a_log_line() {
+        assert_eq!(
+            redacted_query("users=ann,bob&access_token=eyJ.secret&lastEventId=7"),
+            "users=ann,bob&access_token=REDACTED&lastEventId=7"
+        );
+        for spelling in [
+            "ACCESS_TOKEN",
+            "access%5Ftoken",
+            "%61ccess_token",
+            "access%5ftoken",
+        ] {
+            let redacted = redacted_query(&format!("{spelling}=eyJ.secret"));
+            assert!(!redacted.contains("secret"), "{spelling}: {redacted}");
+        }
+        assert_eq!(redacted_query("users=ann"), "users=ann");
+        assert_eq!(redacted_query("access_token"), "access_token=REDACTED");
+    }
+
+    proptest! {
+        #[test]
+        fn redaction_keeps_every_other_parameter(
+            pairs in prop::collection::vec(("[a-z]{1,8}", "[a-zA-Z0-9.%-]{0,12}"), 0..6),
+            secret in "[a-zA-Z0-9._-]{1,40}",
+        ) {
+            let mut query: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            query.push(format!("access_token={secret}"));
+            let redacted = redacted_query(&query.join("&"));
+            let kept: Vec<&str> = redacted.split('&').collect();
+            prop_assert_eq!(kept.len(), query.len());
+            prop_assert_eq!(*kept.last().unwrap_or(&""), "access_token=REDACTED");
+            for (got, sent) in kept.iter().zip(&query[..query.len() - 1]) {
+                prop_assert_eq!(*got, sent.as_str());
+            }
+        }
+    }
 
     #[test]
     fn method_labels_are_a_closed_set() {

@@ -10,15 +10,15 @@
 use super::ApiError;
 use super::presence::parse_user_list;
 use crate::AppState;
-use crate::auth::Caller;
+use crate::auth::{AuthError, Caller};
 use crate::fanout::{
     MAX_STREAM_USERS, Refused, StreamEvent, StreamPermit, Subscription, can_resume_exactly,
 };
 use crate::metrics::Metrics;
 use crate::record::UserRecord;
 use crate::store::Change;
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::extract::{FromRequestParts, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -32,6 +32,43 @@ use tokio::sync::{broadcast, mpsc, watch};
 /// How long opening a stream waits for the node's watch to catch up with
 /// the snapshot it read, so the snapshot and the live changes join exactly.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(2);
+
+/// The caller of a stream: the `Authorization` header, or, for browsers
+/// (whose `EventSource` can't send headers), the `access_token` query
+/// parameter of RFC 6750 §2.3. Only this route takes a token in the URL;
+/// the access log redacts it (see [`super::redacted_query`]).
+pub struct StreamCaller(pub Caller);
+
+/// The token part of the stream's query.
+#[derive(Deserialize)]
+struct TokenQuery {
+    access_token: Option<String>,
+}
+
+impl FromRequestParts<AppState> for StreamCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let in_query = Query::<TokenQuery>::try_from_uri(&parts.uri)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?
+            .0
+            .access_token;
+        match (parts.headers.contains_key(header::AUTHORIZATION), in_query) {
+            (true, Some(_)) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "multiple_tokens",
+                "send the token either in the Authorization header or as access_token, not both",
+            )),
+            (false, Some(token)) if token.trim().is_empty() => {
+                Err(AuthError::Invalid("access_token is empty".into()).into())
+            }
+            (false, Some(token)) => Ok(StreamCaller(state.verifier.verify(token.trim())?)),
+            (_, None) => Caller::from_request_parts(parts, state)
+                .await
+                .map(StreamCaller),
+        }
+    }
+}
 
 /// Query of the stream.
 #[derive(Debug, Deserialize)]
@@ -130,7 +167,7 @@ fn refusal(state: &AppState, caller: &Caller, refused: Refused) -> ApiError {
 /// `too_many_streams_for_caller` at the caller's.
 pub async fn open(
     State(state): State<AppState>,
-    caller: Caller,
+    StreamCaller(caller): StreamCaller,
     headers: HeaderMap,
     query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {

@@ -39,6 +39,16 @@ impl EventStream {
         if let Some(id) = last_event_id {
             request = request.header("Last-Event-ID", id.to_string());
         }
+        EventStream::send(request, url).await
+    }
+
+    /// Opens `url` as a browser's `EventSource` does: no header, the token
+    /// in the URL (`access_token`).
+    pub async fn open_without_header(client: &reqwest::Client, url: &str) -> Self {
+        EventStream::send(client.get(url), url).await
+    }
+
+    async fn send(request: reqwest::RequestBuilder, url: &str) -> Self {
         let response = request.send().await.expect("stream request completes");
         assert_eq!(response.status(), 200, "opening {url}");
         let content_type = response.headers()["content-type"]
