@@ -16,7 +16,7 @@ trap 'rm -rf "$tmp"' EXIT
 files=(crds/presencecluster.yaml)
 for example in examples/*.yaml; do
   if grep -q '^kind: PresenceCluster' "$example"; then
-        out="$tmp/rendered-$(basename "$example")"
+    out="$tmp/rendered-$(basename "$example")"
     "$OPERATOR" render -f "$example" > "$out"
     files+=("$out")
     # A manifest spread over clusters: also what each cluster's operator

@@ -78,7 +78,9 @@ pub const MAX_CORS_ENTRY: usize = 256;
     validation = Rule::new("!has(self.kv) || !has(self.kv.replicas) || self.kv.replicas <= (has(self.center.replicas) ? self.center.replicas : 1)")
         .message("kv.replicas cannot exceed center.replicas: each bucket replica needs its own hub NATS server"),
     validation = Rule::new("(has(self.kv) && has(self.kv.bucket) ? self.kv.bucket : 'PRESENCE') == (has(oldSelf.kv) && has(oldSelf.kv.bucket) ? oldSelf.kv.bucket : 'PRESENCE')")
-        .message("kv.bucket is immutable: renaming it would orphan every stored presence"),
+                .message("kv.bucket is immutable: renaming it would orphan every stored presence"),
+    validation = Rule::new("!has(self.leaves) || !self.leaves.exists(l, has(l.cluster)) || has(self.center.cluster)")
+        .message("a leaf names its cluster but the center doesn't: set center.cluster too, or every cluster would run a hub of its own"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PresenceClusterSpec {
@@ -125,7 +127,8 @@ pub struct PresenceClusterSpec {
     validation = Rule::new("(has(self.jetstream) && has(self.jetstream.storageClassName) ? self.jetstream.storageClassName : '') == (has(oldSelf.jetstream) && has(oldSelf.jetstream.storageClassName) ? oldSelf.jetstream.storageClassName : '')")
         .message("center.jetstream.storageClassName is immutable: a StatefulSet's volume claims cannot change"),
     validation = Rule::new("(has(oldSelf.replicas) ? oldSelf.replicas : 1) == 1 ? (has(self.replicas) ? self.replicas : 1) == 1 : (has(self.replicas) ? self.replicas : 1) >= oldSelf.replicas")
-        .message("center.replicas: a standalone hub can't become clustered, and a clustered hub can't shrink, without risking its JetStream data; growing 3 to 5 is allowed. To change otherwise, create a new PresenceCluster and move clients to it (docs/operator.md, Scaling the hub)"),
+                .message("center.replicas: a standalone hub can't become clustered, and a clustered hub can't shrink, without risking its JetStream data; growing 3 to 5 is allowed. To change otherwise, create a new PresenceCluster and move clients to it (docs/operator.md, Scaling the hub)"),    validation = Rule::new("(has(self.cluster) ? self.cluster : '') == (has(oldSelf.cluster) ? oldSelf.cluster : '')")
+        .message("center.cluster is immutable: the hub in another cluster would start with an empty bucket; create a new PresenceCluster there and move clients to it"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct CenterSpec {
@@ -724,6 +727,18 @@ impl PresenceClusterSpec {
             .leafnodes
             .as_ref()
             .and_then(|l| l.advertise.as_deref())
+    }
+
+    /// Whether the hub's leafnode port is reached from outside its cluster
+    /// (a Service exposes it, an address is advertised, or a leaf runs in
+    /// another cluster), so it is open to any source and gossips no pod
+    /// address.
+    pub fn leafnodes_exposed(&self) -> bool {
+        self.center
+            .leafnodes
+            .as_ref()
+            .is_some_and(|l| l.service_type.is_some() || l.advertise.is_some())
+            || self.has_remote_leaves()
     }
 
     /// Whether any leaf runs in another cluster than the center.

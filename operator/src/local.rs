@@ -262,7 +262,7 @@ fn plan_hub(pc: &PlanContext<'_>, plan: &mut Plan) -> Result<HubUrls, DevError> 
                 store_dir: dir.join("jetstream").display().to_string(),
                 max_file_store: None,
                 leafnode_listen: loopback(port(nb, LEAFNODE_OFFSET + k)?),
-                leafnode_advertise: balancer.map(loopback),
+                leafnode_no_advertise: balancer.is_some(),
                 cluster: (replicas > 1).then(|| ClusterParams {
                     name: format!("{}-{center}", scope.name),
                     listen: loopback(port(nb, CLUSTER_OFFSET + k).unwrap_or(0)),

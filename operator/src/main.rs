@@ -54,7 +54,7 @@ enum Command {
         lease_name: String,
         /// The Kubernetes cluster this operator serves: it reconciles only
         /// the regions whose `cluster` names it (default: every region).
-        #[arg(long, env = "CLUSTER_NAME")]
+        #[arg(long, env = "PRESENCE_CLUSTER_NAME")]
         cluster_name: Option<String>,
         /// Reach the hub's NATS at this URL instead of its in-cluster Service
         /// (for running the operator outside the cluster).
@@ -77,7 +77,7 @@ enum Command {
         namespace: String,
         /// Render only the regions of this Kubernetes cluster (as named in
         /// the manifest's `cluster` fields); default: every region.
-        #[arg(long, env = "CLUSTER_NAME")]
+        #[arg(long, env = "PRESENCE_CLUSTER_NAME")]
         cluster_name: Option<String>,
     },
     /// Run a PresenceCluster manifest locally: nats-server and presence-service
@@ -247,7 +247,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cluster = read_cluster(&file)?;
             let ctx = render::Scope::new(&cluster, &namespace)?;
             // Offline, every generated Secret is made here and printed with
-            // the rest, so the output can be applied as it is.
+            // the rest, so the output can be applied as it is, unless the
+            // manifest references Secrets (then stand-ins are used, and said
+            // so: the hub would admit keys nobody holds).
             let here = cluster_name.as_deref();
             let (nats_secrets, ids) = generate_nats_secrets(&ctx, &cluster.spec, here)?;
             let inputs = render::Inputs {

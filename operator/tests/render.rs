@@ -154,7 +154,6 @@ fn golden_multi_cluster_renderings() {
                 "{name}"
             );
         } else {
-            assert!(yaml.contains("advertise: \"hub.presence.example.com:7422\""));
             assert!(yaml.contains("no_advertise: true"));
             assert!(yaml.contains("type: LoadBalancer"));
         }
@@ -710,6 +709,17 @@ mod cel {
         )
         .unwrap();
         check(json!({"center": {}, "dataplane": {"cors": {"allowCredentials": true, "allowedOrigins": ["https://a.example"]}}}), None).unwrap();
+        let err = check(
+            json!({"center": {}, "leaves": [{"name": "eu", "cluster": "eu-1"}]}),
+            None,
+        )
+        .expect_err("a leaf naming a cluster needs the center to name one");
+        assert!(err.contains("center.cluster too"), "{err}");
+        check(
+            json!({"center": {"cluster": "hub-1"}, "leaves": [{"name": "eu"}]}),
+            None,
+        )
+        .unwrap();
     }
 
     #[test]
@@ -739,6 +749,10 @@ mod cel {
                 "bucket is immutable",
             ),
             (json!({"center": {}}), "immutable"),
+            (
+                json!({"center": {"cluster": "elsewhere", "jetstream": {"domain": "hub", "storageClassName": "fast", "storageSize": "10Gi"}}, "kv": {"bucket": "PRESENCE"}}),
+                "center.cluster is immutable",
+            ),
         ] {
             let err = check(new.clone(), Some(base.clone()))
                 .expect_err(&format!("{new} must be refused"));

@@ -24,6 +24,10 @@ pub async fn cleanup(
     ns: &str,
 ) -> Result<Action, Error> {
     let bucket = pc.spec.bucket().to_owned();
+    // The bucket is the business of the center's cluster alone.
+    if !crate::credentials::hub_here(&pc.spec, ctx.cluster_name.as_deref()) {
+        return Ok(Action::await_change());
+    }
     if pc.spec.deletion_policy() == DeletionPolicy::Retain {
         let note = format!("KV bucket {bucket} and its presences are kept (deletionPolicy Retain)");
         publish(ctx, pc, EventReason::BucketRetained, "Delete", note).await;

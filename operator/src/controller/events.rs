@@ -30,6 +30,9 @@ pub enum EventReason {
     /// A leaf region's servers are not (all) linked to the hub any more (a
     /// Warning).
     LeafnodeDisconnected,
+    /// A leaf region, first seen, is not linked yet (a new region, or one
+    /// refused from the start).
+    LeafnodeWaiting,
     /// A reconcile failed (a Warning).
     Failed(Reason),
 }
@@ -49,6 +52,7 @@ impl EventReason {
             EventReason::CertificateRenewed => "CertificateRenewed",
             EventReason::LeafnodeConnected => "LeafnodeConnected",
             EventReason::LeafnodeDisconnected => "LeafnodeDisconnected",
+            EventReason::LeafnodeWaiting => "LeafnodeWaiting",
             EventReason::Failed(reason) => reason.as_str(),
         }
     }

@@ -359,7 +359,7 @@ async fn observe(
     ctx: &Context,
     scope: &render::Scope,
 ) -> Result<Observed, Error> {
-    if let Err(problem) = check::spec(pc, scope) {
+    if let Err(problem) = check::spec(pc, scope, ctx.cluster_name.as_deref()) {
         return Ok(Observed::InvalidSpec(problem));
     }
     let digest = match secrets::ensure_jwt_secret(pc, ctx, scope).await? {

@@ -162,8 +162,8 @@ async fn links_seen_by_leaves(
 }
 
 /// An Event for each leaf region whose link changed since the last status:
-/// down (with what it waits for), or up again. An unknown link is no
-/// change.
+/// up, lost (a Warning), or not up yet when first seen (what it waits
+/// for). An unknown link is no change.
 pub async fn announce_link_changes(
     pc: &PresenceCluster,
     ctx: &Context,
@@ -182,24 +182,28 @@ pub async fn announce_link_changes(
         if was == Some(now) {
             continue;
         }
-        let (reason, note) = if now {
-            (
+        let linked = region.leaf_servers_linked.unwrap_or(0);
+        let waiting = format!(
+            "{linked}/{} leaf NATS servers linked to the hub; waiting for the rest (their log \
+             names the cause: credentials, CA, or the hub's address)",
+            region.nats_wanted
+        );
+        let (reason, note) = match (now, was) {
+            (true, _) => (
                 EventReason::LeafnodeConnected,
                 format!(
                     "region {}: every leaf NATS server is linked to the hub",
                     region.name
                 ),
-            )
-        } else {
-            let linked = region.leaf_servers_linked.unwrap_or(0);
-            (
+            ),
+            (false, Some(true)) => (
                 EventReason::LeafnodeDisconnected,
-                format!(
-                    "region {}: {linked}/{} leaf NATS servers linked to the hub; waiting for the rest \
-                     (their log names the cause: credentials, CA, or the hub's address)",
-                    region.name, region.nats_wanted
-                ),
-            )
+                format!("region {}: lost its link; {waiting}", region.name),
+            ),
+            (false, _) => (
+                EventReason::LeafnodeWaiting,
+                format!("region {}: {waiting}", region.name),
+            ),
         };
         publish(ctx, pc, reason, "ObserveLeafnodes", note).await;
     }

@@ -1259,15 +1259,16 @@ async fn an_operator_reconciles_only_its_clusters_regions_and_the_bucket_only_wi
         applied_regions(&requests),
         BTreeSet::from(["eu".to_owned()])
     );
-    let posted: Vec<&str> = requests
+    let posted: BTreeSet<&str> = requests
         .iter()
         .filter(|r| r.method == "POST" && r.path.ends_with("/secrets"))
         .filter_map(|r| r.body["metadata"]["name"].as_str())
         .collect();
-    assert!(
-        posted
-            .iter()
-            .all(|n| !n.contains("operator") && !n.contains("us")),
+    // Its own presence-service seed and route password; no operator seed
+    // (the hub is elsewhere), nothing of us, and never a referenced Secret.
+    assert_eq!(
+        posted,
+        BTreeSet::from(["p-nats-presence", "p-nats-routes"]),
         "{posted:?}"
     );
     assert!(
@@ -1309,4 +1310,82 @@ async fn an_operator_reconciles_only_its_clusters_regions_and_the_bucket_only_wi
     let s = status(&fake);
     let names: Vec<&str> = s.regions.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["center"]);
+}
+
+#[tokio::test]
+async fn a_manifest_over_clusters_needs_the_operator_to_know_its_own() {
+    // Started without --cluster-name: it would run every region here.
+    let fake = multi_cluster_fake();
+    let ctx = context(&fake, unreachable());
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    let requests = fake.requests_without_events();
+    assert!(applies(&requests).is_empty(), "{requests:#?}");
+    let s = status(&fake);
+    assert_eq!(
+        condition(&s, "Ready"),
+        ("False".into(), "InvalidSpec".into())
+    );
+    let message = &find_condition(&s, "Degraded").message;
+    assert!(message.contains("--cluster-name"), "{message}");
+
+    // A cluster the manifest doesn't name (a typo): after the eu operator
+    // made eu's objects, one misnamed deletes none of them.
+    let fake = multi_cluster_fake();
+    reconcile_stored(&fake, &context_for(&fake, unreachable(), "eu"))
+        .await
+        .unwrap();
+    assert!(!applies(&fake.requests()).is_empty());
+    fake.clear_requests();
+    reconcile(load(&fake), context_for(&fake, unreachable(), "eu-clustr"))
+        .await
+        .unwrap();
+    let requests = fake.requests_without_events();
+    assert!(
+        !requests.iter().any(|r| r.method == "DELETE") && applies(&requests).is_empty(),
+        "{requests:#?}"
+    );
+    let message = find_condition(&status(&fake), "Degraded").message.clone();
+    assert!(
+        message.contains("no region of this manifest runs in cluster \"eu-clustr\""),
+        "{message}"
+    );
+
+    // A leaf naming its cluster while the center names none: every
+    // cluster would run a hub.
+    let fake = FakeApi::default();
+    fake.insert(
+        &pc_path("p"),
+        cluster(json!({"center": {}, "leaves": [{"name": "eu", "cluster": "eu"}]})),
+    );
+    reconcile_stored(&fake, &context_for(&fake, unreachable(), "eu"))
+        .await
+        .unwrap();
+    assert!(applies(&fake.requests()).is_empty());
+    let message = find_condition(&status(&fake), "Degraded").message.clone();
+    assert!(message.contains("center.cluster too"), "{message}");
+}
+
+#[tokio::test]
+async fn deleting_in_a_leaf_cluster_leaves_the_bucket_to_the_centers() {
+    let fake = multi_cluster_fake();
+    let mut pc = fake.get(&pc_path("p")).unwrap();
+    pc["spec"]["kv"] = json!({"deletionPolicy": "Delete"});
+    pc["metadata"]["finalizers"] = json!([FINALIZER]);
+    pc["metadata"]["deletionTimestamp"] = json!(Timestamp::now().to_string());
+    fake.insert(&pc_path("p"), pc);
+    // The hub is unreachable from here; that must not hold deletion up.
+    reconcile(load(&fake), context_for(&fake, unreachable(), "eu"))
+        .await
+        .unwrap();
+    assert!(finalizer_removed(&fake));
+    let reasons: Vec<String> = fake
+        .requests()
+        .iter()
+        .filter(|r| r.path.contains("/events"))
+        .filter_map(|r| r.body["reason"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        reasons.iter().all(|r| !r.starts_with("Bucket")),
+        "{reasons:?}"
+    );
 }

@@ -3,6 +3,8 @@
 //! tested, diffed in review, and applied idempotently.
 
 pub mod availability;
+pub mod clusters;
+
 pub mod dataplane;
 pub mod monitoring;
 pub mod nats;
@@ -10,6 +12,8 @@ pub mod nats_auth;
 pub mod network;
 pub mod placement;
 pub mod secrets;
+
+pub use clusters::{is_here, needed_leaves};
 
 use crate::crd::{GROUP, PresenceCluster, PresenceClusterSpec, PullPolicy};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
@@ -409,60 +413,7 @@ pub fn check_spec(spec: &PresenceClusterSpec) -> Result<(), RenderError> {
     if ![1, 3, 5].contains(&kv) || kv > spec.center_replicas() {
         return invalid("kv.replicas must be 1, 3 or 5 and at most center.replicas".into());
     }
-    check_multi_cluster(spec)
-}
-
-/// What a leaf in another cluster than the center needs: an address to
-/// dial, and everything both clusters must share coming from Secrets you
-/// place in both (generated ones never leave their cluster).
-pub fn check_multi_cluster(spec: &PresenceClusterSpec) -> Result<(), RenderError> {
-    let remote: Vec<&crate::crd::LeafSpec> = spec
-        .leaves
-        .iter()
-        .filter(|l| {
-            l.cluster
-                .as_deref()
-                .is_some_and(|c| c != spec.center_cluster())
-        })
-        .collect();
-    let Some(first) = remote.first() else {
-        return Ok(());
-    };
-    let invalid = |m: String| Err(RenderError::InvalidSpec(m));
-    if spec.leafnode_advertise().is_none() {
-        return invalid(format!(
-            "leaf {:?} runs in another cluster than the center: set center.leafnodes.advertise to the address it dials (and center.leafnodes.serviceType to expose it)",
-            first.name
-        ));
-    }
-    if let Some(leaf) = remote.iter().find(|l| {
-        l.nats
-            .as_ref()
-            .and_then(|n| n.credentials_secret_ref.as_ref())
-            .is_none()
-    }) {
-        return invalid(format!(
-            "leaf {:?} runs in another cluster than the center: set leaves[].nats.credentialsSecretRef to a Secret holding its nkey seed, present in both clusters",
-            leaf.name
-        ));
-    }
-    if spec
-        .tls
-        .as_ref()
-        .and_then(|t| t.secret_name.as_ref())
-        .is_none()
-    {
-        return invalid("leaves run in other clusters than the center: set tls.secretName to a certificate Secret present in every cluster (its ca.crt lets leaves check the hub)".into());
-    }
-    if spec
-        .auth
-        .as_ref()
-        .and_then(|a| a.jwt_secret_ref.as_ref())
-        .is_none()
-    {
-        return invalid("leaves run in other clusters than the center: set auth.jwtSecretRef to a Secret present in every cluster, so a token works in every region".into());
-    }
-    Ok(())
+    clusters::check_multi_cluster(spec)
 }
 
 /// Every object of `cluster`, in apply order (config and secrets first).
@@ -530,22 +481,6 @@ pub fn render(
         );
     }
     Ok(out)
-}
-
-/// Whether `region` runs in the cluster `here` (see [`crate::crd::runs_in`]).
-pub fn is_here(region: &crate::crd::Region<'_>, here: Option<&str>) -> bool {
-    crate::crd::runs_in(region.cluster, here)
-}
-
-/// The leaf regions whose identities the cluster `here` needs: all of them
-/// where the hub runs (its config lists every leaf), else its own.
-pub fn needed_leaves(spec: &PresenceClusterSpec, here: Option<&str>) -> Vec<String> {
-    let hub_here = spec.center_runs_in(here);
-    spec.regions()
-        .iter()
-        .filter(|r| r.role == crate::crd::Role::Leaf && (hub_here || is_here(r, here)))
-        .map(|r| r.name.to_owned())
-        .collect()
 }
 
 /// Multi-document YAML of `objects`, as `presence-operator render` prints it.

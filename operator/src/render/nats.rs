@@ -40,9 +40,10 @@ pub struct HubParams {
     /// JetStream file store limit in bytes, if any.
     pub max_file_store: Option<u64>,
     pub leafnode_listen: String,
-    /// The address leaves in other clusters dial; set, the hub advertises
-    /// it and no pod address (which those leaves couldn't reach).
-    pub leafnode_advertise: Option<String>,
+    /// Leaves reach the hub from outside its network (another cluster,
+    /// through a load balancer): the hub must not gossip its servers'
+    /// leafnode addresses (pod IPs) to them, which would send them nowhere.
+    pub leafnode_no_advertise: bool,
     /// Cluster routes, when the hub has more than one server.
     pub cluster: Option<ClusterParams>,
 }
@@ -132,10 +133,7 @@ pub fn nats_conf(p: &NatsParams) -> String {
             }
             out.push_str("}\n\nleafnodes {\n");
             let _ = writeln!(out, "  listen: {}", quoted(&hub.leafnode_listen));
-            if let Some(advertise) = &hub.leafnode_advertise {
-                // Leaves elsewhere reach the hub only through this address;
-                // gossiping pod addresses would send them nowhere.
-                let _ = writeln!(out, "  advertise: {}", quoted(advertise));
+            if hub.leafnode_no_advertise {
                 out.push_str("  no_advertise: true\n");
             }
             // Leaf servers log in as users of the account (nkeys, per-region
@@ -327,7 +325,7 @@ pub fn k8s_params(
                 // Leave 10% of the volume for the filesystem and compaction.
                 max_file_store: usable.map(|b| b / 10 * 9),
                 leafnode_listen: any(LEAFNODE_PORT),
-                leafnode_advertise: spec.leafnode_advertise().map(str::to_owned),
+                leafnode_no_advertise: spec.leafnodes_exposed(),
                 cluster,
             })
         }

@@ -129,12 +129,7 @@ pub fn nats_policy(
                 )
             })
             .collect();
-        let exposed = spec
-            .center
-            .leafnodes
-            .as_ref()
-            .is_some_and(|l| l.service_type.is_some());
-        if exposed {
+        if spec.leafnodes_exposed() {
             // Exposed for leaves in other clusters: from anywhere (they
             // still need a seed the hub knows, and TLS).
             rules.push(rule(&["leafnodes"], None));
