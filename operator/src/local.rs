@@ -58,6 +58,8 @@ pub enum DevError {
     Metrics(String),
     #[error("cannot make the local cluster's NATS credentials: {0}")]
     Security(String),
+    #[error(transparent)]
+    Web(#[from] crate::local_web::WebError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevError {
@@ -76,6 +78,11 @@ pub struct DevOptions {
     pub data_dir: PathBuf,
     pub nats_server: PathBuf,
     pub presence_service: PathBuf,
+    /// Where the live presence page is served; `None`: 127.0.0.1 on
+    /// `base_port - 2`.
+    pub web_port: Option<u16>,
+    /// The live page's folder (`examples/web`); `None`: no page is served.
+    pub web_dir: Option<PathBuf>,
 }
 
 /// How to tell a process is up.
@@ -494,6 +501,31 @@ async fn serve_local_metrics(
     Ok(addr)
 }
 
+/// Serves the live presence page and its `/config.json` (every region's
+/// API) on its own port, a different origin from the APIs; `None` when
+/// there is no page folder to serve.
+async fn serve_live_page(
+    opts: &DevOptions,
+    plan: &Plan,
+) -> Result<Option<std::net::SocketAddr>, DevError> {
+    let Some(dir) = &opts.web_dir else {
+        return Ok(None);
+    };
+    let port = opts
+        .web_port
+        .unwrap_or_else(|| opts.base_port.saturating_sub(2));
+    let regions: Vec<crate::local_web::PageRegion> = plan
+        .endpoints
+        .iter()
+        .map(|e| crate::local_web::PageRegion {
+            name: e.region.clone(),
+            api: e.api.clone(),
+        })
+        .collect();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    Ok(Some(crate::local_web::serve(addr, dir, &regions).await?))
+}
+
 fn pid_file(data_dir: &Path, name: &str) -> PathBuf {
     data_dir.join("pids").join(format!("{name}.pid"))
 }
@@ -768,7 +800,8 @@ pub async fn run(cluster: &PresenceCluster, opts: &DevOptions) -> Result<(), Dev
     }
     let token = mint_token(opts, &secret)?;
     let metrics_addr = serve_local_metrics(cluster, opts, &plan).await?;
-    print_summary(cluster, &plan, &token, (&opts.data_dir, metrics_addr));
+    let page = serve_live_page(opts, &plan).await?;
+    print_summary(cluster, &plan, &token, (&opts.data_dir, metrics_addr, page));
     shutdown_signal().await;
     println!("stopping {} processes...", plan.processes.len());
     let _ = stop_tx.send(true);
@@ -783,7 +816,7 @@ fn print_summary(
     cluster: &PresenceCluster,
     plan: &Plan,
     token: &str,
-    (data_dir, metrics): (&Path, std::net::SocketAddr),
+    (data_dir, metrics, page): (&Path, std::net::SocketAddr, Option<std::net::SocketAddr>),
 ) {
     let name = cluster.metadata.name.as_deref().unwrap_or_default();
     println!(
@@ -812,6 +845,13 @@ fn print_summary(
         );
     }
     println!("\n  Token (user \"dev\", scope presence:write):\n    export TOKEN={token}\n");
+    match page {
+        // The token rides in the fragment, which the browser never sends.
+        Some(addr) => println!("  Live page: http://{addr}/#token={token}\n"),
+        None => println!(
+            "  Live page: not served (no examples/web here; run from the repository or pass --web-dir)\n"
+        ),
+    }
     if let (Some(first), Some(last)) = (plan.endpoints.first(), plan.endpoints.last()) {
         // Another user than the session example's: a manual status
         // outranks sessions, so "dev" would never show the expiry.
@@ -894,6 +934,8 @@ mod tests {
             data_dir: PathBuf::from("/tmp/dev"),
             nats_server: PathBuf::from("nats-server"),
             presence_service: PathBuf::from("presence-service"),
+            web_port: None,
+            web_dir: None,
         }
     }
 

@@ -108,6 +108,14 @@ enum Command {
         /// (default: --base-port minus 1).
         #[arg(long)]
         metrics_port: Option<u16>,
+        /// Port of the live presence page on 127.0.0.1, another origin than
+        /// the APIs (default: --base-port minus 2).
+        #[arg(long)]
+        web_port: Option<u16>,
+        /// Folder of the live presence page (default: examples/web when it
+        /// exists; else no page is served).
+        #[arg(long)]
+        web_dir: Option<PathBuf>,
     },
 }
 
@@ -137,6 +145,13 @@ fn init_logging(level: tracing::Level, format: LogFormat) {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.with_target(false).init(),
     }
+}
+
+/// `examples/web` when `dev` runs from the repository; elsewhere there is
+/// no page to serve.
+fn default_web_dir() -> Option<PathBuf> {
+    let dir = PathBuf::from("examples").join("web");
+    dir.is_dir().then_some(dir)
 }
 
 fn default_presence_service() -> PathBuf {
@@ -273,6 +288,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             nats_server,
             presence_service,
             metrics_port,
+            web_port,
+            web_dir,
         } => {
             let cluster = read_cluster(&file)?;
             let name = cluster
@@ -289,6 +306,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 )?,
                 nats_server: nats_server.unwrap_or_else(default_nats_server),
                 presence_service: presence_service.unwrap_or_else(default_presence_service),
+                web_port,
+                web_dir: web_dir.or_else(default_web_dir),
             };
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(local::run(&cluster, &opts))?;

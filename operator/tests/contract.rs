@@ -142,6 +142,8 @@ fn dev_processes_get_only_accepted_variables_and_a_valid_configuration() {
             data_dir: PathBuf::from("/tmp/contract-test"),
             nats_server: PathBuf::from("nats-server"),
             presence_service: PathBuf::from("presence-service"),
+            web_port: None,
+            web_dir: None,
         };
         let data = tempfile::tempdir().unwrap();
         let security =

@@ -16,9 +16,9 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Each dev instance gets its own block of 1600 ports: its metrics on
-/// block+0, the API on block+1..3, NATS from block+11 (its offsets reach
-/// +1211 with a clustered leaf). Blocks differ between tests of this process
+/// Each dev instance gets its own block of 1600 ports: its live page on
+/// block-1, its metrics on block+0, the API on block+1..3, NATS from
+/// block+11 (its offsets reach +1211 with a clustered leaf). Blocks differ between tests of this process
 /// (a counter) and between processes (the pid); every port is checked free
 /// before use.
 fn free_block() -> (u16, u16) {
@@ -36,7 +36,7 @@ fn free_block() -> (u16, u16) {
         let base = 20_001 + u16::try_from(block).unwrap_or(0) * 1600;
         let nats = base + 10;
         let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
-        if (0..4).all(|o| free(base - 1 + o)) && nats_offsets.iter().all(|o| free(nats + o)) {
+        if (0..5).all(|o| free(base - 2 + o)) && nats_offsets.iter().all(|o| free(nats + o)) {
             return (base, nats);
         }
     }
@@ -54,6 +54,8 @@ struct Dev {
     apis: Vec<String>,
     /// The local cluster's operator metrics (`/metrics`), host:port.
     metrics: String,
+    /// The live presence page, `http://host:port`.
+    page: String,
     /// First NATS port (hub server 0's client port).
     nats_base: u16,
     /// Both base ports, to start again on the same ones.
@@ -125,6 +127,7 @@ impl Dev {
                 .map(|i| format!("http://127.0.0.1:{}", base + i))
                 .collect(),
             metrics: format!("127.0.0.1:{}", base - 1),
+            page: format!("http://127.0.0.1:{}", base - 2),
             nats_base,
             ports: (base, nats_base),
             token: String::new(),
@@ -291,6 +294,35 @@ where
     }
 }
 
+/// The summary names the live page (with the token in its fragment), which
+/// is served from its own origin with a config naming every region's API.
+async fn assert_live_page_served(c: &reqwest::Client, dev: &Dev) {
+    let line = format!("  Live page: {}/#token={}", dev.page, dev.token);
+    assert!(
+        dev.output().lines().any(|l| l == line),
+        "no {line:?} in the summary"
+    );
+    let page = c.get(format!("{}/", dev.page)).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    assert!(page.text().await.unwrap().contains("app.js"));
+    let config: Value = c
+        .get(format!("{}/config.json", dev.page))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let apis: Vec<&str> = config["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["api"].as_str().unwrap())
+        .collect();
+    assert_eq!(apis, dev.apis);
+}
+
 const CENTER: usize = 0;
 const EU: usize = 1;
 const US: usize = 2;
@@ -300,6 +332,7 @@ async fn three_regions_from_one_manifest_survive_a_leaf_crash_and_stop_cleanly()
     let _serial = HEAVY.lock().await;
     let mut dev = Dev::start("dev.yaml");
     let c = client();
+    assert_live_page_served(&c, &dev).await;
     assert_eq!(set(&c, &dev, EU, "ann", "from eu").await, 200);
     for region in [US, CENTER] {
         wait_until(
