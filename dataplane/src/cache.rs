@@ -47,7 +47,7 @@ fn weight(key: &str, slot: &Slot) -> u32 {
 }
 
 /// Snapshot for `/api/v2/cache/metrics`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
 pub struct CacheStats {
     pub hits: u64,
     pub misses: u64,

@@ -23,7 +23,7 @@ pub const MAX_SESSION_TTL_SECS: i64 = 300;
 pub const MAX_MESSAGE_CHARS: usize = 256;
 
 /// The four presence states of the Go service; the wire form is lowercase.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Online,
@@ -154,30 +154,39 @@ pub fn truncate_to_millis(t: OffsetDateTime) -> OffsetDateTime {
 }
 
 /// Body of `POST /api/v2/presence/{userID}`. Fields are loosely typed so a bad
-/// value gets our own error code rather than a serde message.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// value gets our own error code rather than a serde message; the schema
+/// says what is accepted.
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 pub struct SetPresenceRequest {
-    #[serde(default)]
+    /// The manual status (required; missing is `invalid_status`).
+    #[schemars(with = "Status")]
     pub status: Option<String>,
+    /// A status message, at most 256 characters (default empty).
     #[serde(default)]
+    #[schemars(length(max = 256))]
     pub message: Option<String>,
-    /// RFC 3339 time when this status ends by itself.
+    /// RFC 3339 time when this status ends by itself, 1 s to 30 days ahead.
     #[serde(rename = "expiresAt", default)]
+    #[schemars(with = "Option<String>", extend("format" = "date-time"))]
     pub expires_at: Option<String>,
 }
 
 /// One item of `POST /api/v2/presence/batch`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 pub struct BatchItem {
-    #[serde(rename = "userID", default)]
+    /// Whose presence this item sets.
+    #[serde(rename = "userID")]
+    #[schemars(with = "String", length(min = 1, max = 256))]
     pub user_id: Option<String>,
     #[serde(flatten)]
     pub update: SetPresenceRequest,
 }
 
 /// Body of `POST /api/v2/presence/batch`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct BatchRequest {
+    /// At most 1000 items; the last item for a user wins.
+    #[schemars(length(max = 1000))]
     pub presences: Vec<BatchItem>,
 }
 

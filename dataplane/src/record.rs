@@ -91,20 +91,22 @@ struct Extras {
 }
 
 /// One live session as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct SessionView {
     pub id: String,
     pub device: String,
     pub status: Status,
     #[serde(rename = "lastSeen", with = "time::serde::rfc3339")]
+    #[schemars(with = "String", extend("format" = "date-time"))]
     pub last_seen: OffsetDateTime,
     #[serde(rename = "expiresAt", with = "time::serde::rfc3339")]
+    #[schemars(with = "String", extend("format" = "date-time"))]
     pub expires_at: OffsetDateTime,
 }
 
 /// The effective presence: the Go service's fields plus `sessions` and the
 /// manual status' `expiresAt`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct PresenceView {
     #[serde(rename = "userID")]
     pub user_id: String,
@@ -112,8 +114,10 @@ pub struct PresenceView {
     pub message: String,
     /// `null` only for a user the bucket knows nothing about (streams).
     #[serde(rename = "lastSeen", with = "time::serde::rfc3339::option")]
+    #[schemars(with = "Option<String>", extend("format" = "date-time"))]
     pub last_seen: Option<OffsetDateTime>,
     #[serde(rename = "updatedAt", with = "time::serde::rfc3339::option")]
+    #[schemars(with = "Option<String>", extend("format" = "date-time"))]
     pub updated_at: Option<OffsetDateTime>,
     #[serde(rename = "nodeID")]
     pub node_id: String,
@@ -123,6 +127,7 @@ pub struct PresenceView {
         with = "time::serde::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<String>", extend("format" = "date-time"))]
     pub expires_at: Option<OffsetDateTime>,
     pub sessions: Vec<SessionView>,
 }

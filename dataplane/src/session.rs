@@ -94,13 +94,19 @@ impl Seen {
 
 /// Body of `PUT /api/v2/presence/{userID}/sessions/{sessionID}`; loosely
 /// typed so bad values get our own error codes.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 pub struct HeartbeatRequest {
+    /// The session's status: `online` (the default) or `away`.
     #[serde(default)]
+    #[schemars(with = "Option<String>", extend("enum" = ["online", "away"]))]
     pub status: Option<String>,
+    /// What the session runs on, at most 128 characters.
     #[serde(default)]
+    #[schemars(length(max = 128))]
     pub device: Option<String>,
+    /// Lease length, 5 to 300 seconds (default 30).
     #[serde(rename = "ttlSeconds", default)]
+    #[schemars(with = "Option<i64>", range(min = 5, max = 300))]
     pub ttl_seconds: Option<serde_json::Value>,
 }
 

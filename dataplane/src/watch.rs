@@ -56,7 +56,7 @@ pub struct WatchStatus {
 }
 
 /// `/health`'s view of the watch.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WatchSnapshot {
     pub active: bool,

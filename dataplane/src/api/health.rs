@@ -2,14 +2,90 @@
 //! serve reads), and `/health` with the detail an operator needs to debug.
 
 use crate::AppState;
+use crate::watch::WatchSnapshot;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use serde_json::{Value, json};
+use schemars::JsonSchema;
+use serde::Serialize;
+
+/// Body of `GET /health/liveness`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Liveness {
+    /// Always `alive`.
+    #[schemars(extend("const" = "alive"))]
+    pub status: &'static str,
+}
+
+/// Body of `GET /health/readiness`, with 200 or 503.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Readiness {
+    /// `ready` (200) or `not_ready` (503).
+    #[schemars(extend("enum" = ["ready", "not_ready"]))]
+    pub status: &'static str,
+    /// Why the node is not ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+}
+
+/// Body of `GET /health`, with 200 or 503.
+#[derive(Debug, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Health {
+    /// `ok`; `degraded` when the node is ready but the hub's KV does not
+    /// answer now; `unavailable` when the node is not ready (503).
+    #[schemars(extend("enum" = ["ok", "degraded", "unavailable"]))]
+    pub status: &'static str,
+    #[serde(rename = "nodeID")]
+    pub node_id: String,
+    /// `center` or `leaf`.
+    pub node_type: &'static str,
+    pub version: &'static str,
+    pub uptime_seconds: u64,
+    /// `nats`, or `memory` with `STORE=memory`.
+    pub store: &'static str,
+    pub nats: NatsHealth,
+    pub kv: KvHealth,
+    pub watch: WatchSnapshot,
+    pub cache: CacheSize,
+}
+
+/// `/health`'s view of the NATS connection.
+#[derive(Debug, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NatsHealth {
+    pub connected: bool,
+    /// The server URLs, credentials redacted.
+    pub url: String,
+    pub js_domain: Option<String>,
+}
+
+/// `/health`'s view of the bucket, asked of the hub now.
+#[derive(Debug, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KvHealth {
+    pub reachable: bool,
+    pub bucket: String,
+    /// When reachable: the bucket's last revision.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_revision: Option<u64>,
+    /// When not reachable: why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `/health`'s view of the cache's size.
+#[derive(Debug, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheSize {
+    pub entries: u64,
+    pub weighted_size: u64,
+    pub max_cost: u64,
+}
 
 /// `GET /health/liveness`: the process is up and its HTTP loop runs.
-pub async fn liveness() -> Json<Value> {
-    Json(json!({"status": "alive"}))
+pub async fn liveness() -> Json<Liveness> {
+    Json(Liveness { status: "alive" })
 }
 
 fn readiness_problem(state: &AppState) -> Option<&'static str> {
@@ -25,23 +101,31 @@ fn readiness_problem(state: &AppState) -> Option<&'static str> {
     }
 }
 
+/// 200 while the node is ready, 503 when it is not.
+fn ready_code(problem: Option<&str>) -> StatusCode {
+    match problem {
+        None => StatusCode::OK,
+        Some(_) => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
 /// `GET /health/readiness`: 200 while the node can serve reads (its regional
 /// NATS is connected, the bucket is open and the watch task is running). A
 /// leaf cut off from the hub stays ready (cached reads work); the center,
 /// whose NATS is the hub, is not.
-pub async fn readiness(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    match readiness_problem(&state) {
-        None => (StatusCode::OK, Json(json!({"status": "ready"}))),
-        Some(reason) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not_ready", "reason": reason})),
-        ),
-    }
+pub async fn readiness(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
+    let reason = readiness_problem(&state);
+    let status = if reason.is_none() {
+        "ready"
+    } else {
+        "not_ready"
+    };
+    (ready_code(reason), Json(Readiness { status, reason }))
 }
 
 /// `GET /health`: readiness plus NATS, KV, watch and cache detail. The KV
 /// check asks the hub itself, so it also shows a leaf that lost the hub.
-pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     let store = state.service.store();
     let connectivity = store.connectivity();
     let probe = store.identity().await.map(|id| id.last_revision);
@@ -51,35 +135,35 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
         (None, Err(_)) => "degraded",
         (None, Ok(_)) => "ok",
     };
-    let kv = match &probe {
-        Ok(revision) => {
-            json!({"reachable": true, "bucket": state.settings.kv_bucket, "lastRevision": revision})
-        }
-        Err(err) => {
-            json!({"reachable": false, "bucket": state.settings.kv_bucket, "error": err.to_string()})
-        }
+    let (last_revision, error) = match probe {
+        Ok(revision) => (Some(revision), None),
+        Err(err) => (None, Some(err.to_string())),
     };
     let cache = state.service.cache().stats().await;
-    let body = json!({
-        "status": status,
-        "nodeID": state.settings.node_id,
-        "nodeType": state.settings.node_type.as_str(),
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptimeSeconds": state.started.elapsed().as_secs(),
-        "store": store.kind(),
-        "nats": {
-            "connected": connectivity.connected,
-                        "url": crate::config::redact_urls(&state.settings.nats_url),
-            "jsDomain": state.settings.nats_js_domain,
+    let body = Health {
+        status,
+        node_id: state.settings.node_id.clone(),
+        node_type: state.settings.node_type.as_str(),
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_seconds: state.started.elapsed().as_secs(),
+        store: store.kind(),
+        nats: NatsHealth {
+            connected: connectivity.connected,
+            url: crate::config::redact_urls(&state.settings.nats_url),
+            js_domain: state.settings.nats_js_domain.clone(),
         },
-        "kv": kv,
-        "watch": state.watch.snapshot(),
-        "cache": {"entries": cache.entries, "weightedSize": cache.weighted_size, "maxCost": cache.max_cost},
-    });
-    let code = if problem.is_none() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+        kv: KvHealth {
+            reachable: last_revision.is_some(),
+            bucket: state.settings.kv_bucket.clone(),
+            last_revision,
+            error,
+        },
+        watch: state.watch.snapshot(),
+        cache: CacheSize {
+            entries: cache.entries,
+            weighted_size: cache.weighted_size,
+            max_cost: cache.max_cost,
+        },
     };
-    (code, Json(body))
+    (ready_code(problem), Json(body))
 }

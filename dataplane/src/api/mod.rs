@@ -3,6 +3,7 @@
 
 mod health;
 mod metrics;
+pub mod openapi;
 mod presence;
 mod sessions;
 mod stream;
@@ -60,9 +61,30 @@ impl ApiError {
     }
 }
 
+/// The `error` object of every error answer (and of a failed batch item).
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+pub struct ErrorBody {
+    /// A stable, machine-readable code such as `invalid_status`.
+    pub code: &'static str,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+/// Every error answer: `{"error": {"code": ..., "message": ...}}`.
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+pub struct ErrorResponse {
+    /// What went wrong.
+    pub error: ErrorBody,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        let body = ErrorResponse {
+            error: ErrorBody {
+                code: self.code,
+                message: self.message,
+            },
+        };
         let mut response = (self.status, Json(body)).into_response();
         if let Some(wait) = self.retry_after
             && let Ok(value) = HeaderValue::from_str(&wait.as_secs().to_string())
@@ -405,6 +427,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health/liveness", get(health::liveness))
         .route("/health/readiness", get(health::readiness))
         .route("/metrics", get(metrics::prometheus))
+        .route(openapi::OPENAPI_PATH, get(openapi::serve))
         .route("/api/v2/cache/metrics", get(metrics::cache))
         .route("/api/v2/presence", get(presence::get_many))
         .route(
@@ -632,5 +655,66 @@ mod tests {
                 prop_assert!(json["error"]["code"].is_string(), "{json}");
             }
         }
+    }
+
+    /// One request without a token: the status and the body.
+    fn send(method: &str, path: &str) -> (StatusCode, Vec<u8>) {
+        let (runtime, router) = &*FIXTURE;
+        let request = axum::http::Request::builder()
+            .method(method.to_uppercase().as_str())
+            .uri(path)
+            .body(Body::empty())
+            .expect("request");
+        runtime.block_on(async {
+            let response = router.clone().oneshot(request).await.expect("infallible");
+            let status = response.status();
+            let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .expect("body");
+            (status, body.to_vec())
+        })
+    }
+
+    fn error_code(body: &[u8]) -> String {
+        serde_json::from_slice::<serde_json::Value>(body).unwrap_or_default()["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    #[test]
+    fn every_documented_operation_is_routed_and_its_path_refuses_other_methods() {
+        for op in openapi::OPERATIONS {
+            let path = op
+                .path
+                .replace("{userID}", "ann")
+                .replace("{sessionID}", "tab-1");
+            let (status, body) = send(op.method, &format!("{path}?users=ann"));
+            let code = error_code(&body);
+            assert!(
+                !matches!(code.as_str(), "route_not_found" | "method_not_allowed"),
+                "{} {path}: {status} {code}",
+                op.method
+            );
+            let documented: Vec<&str> = openapi::OPERATIONS
+                .iter()
+                .filter(|o| o.path == op.path)
+                .map(|o| o.method)
+                .collect();
+            for other in ["get", "post", "put", "delete", "patch"] {
+                if !documented.contains(&other) {
+                    let (status, body) = send(other, &path);
+                    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{other} {path}");
+                    assert_eq!(error_code(&body), "method_not_allowed");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_service_serves_the_committed_description() {
+        let (status, body) = send("get", openapi::OPENAPI_PATH);
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(String::from_utf8_lossy(&body), openapi::document_text());
     }
 }

@@ -1,6 +1,6 @@
 //! `/api/v2/presence` handlers.
 
-use super::{ApiError, JsonBody, UserIdPath};
+use super::{ApiError, ErrorBody, JsonBody, UserIdPath};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::model::{
@@ -109,14 +109,16 @@ async fn store_manual(
 }
 
 /// Query of the multi-get.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct MultiGetQuery {
+    /// Up to 100 comma-separated user IDs (duplicates count once).
+    #[schemars(with = "String", length(min = 1))]
     users: Option<String>,
 }
 
 /// Answer of the multi-get: found presences in request order, then the IDs
 /// that have none.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct MultiGetResponse {
     presences: Vec<PresenceView>,
     #[serde(rename = "notFound")]
@@ -124,7 +126,7 @@ pub struct MultiGetResponse {
 }
 
 /// One item of the batch answer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct BatchItemResult<'a> {
     #[serde(rename = "userID")]
     user_id: &'a str,
@@ -135,15 +137,8 @@ pub struct BatchItemResult<'a> {
     error: Option<ErrorBody>,
 }
 
-/// The `error` object of a failed batch item.
-#[derive(Debug, Serialize)]
-pub struct ErrorBody {
-    code: &'static str,
-    message: String,
-}
-
 /// Answer of the batch set.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct BatchResponse<'a> {
     results: Vec<BatchItemResult<'a>>,
     succeeded: usize,

@@ -71,11 +71,15 @@ impl FromRequestParts<AppState> for StreamCaller {
 }
 
 /// Query of the stream.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct StreamQuery {
+    /// Up to 1000 comma-separated user IDs to follow.
+    #[schemars(with = "String", length(min = 1))]
     users: Option<String>,
-    /// For clients that can't send the `Last-Event-ID` header.
-    #[serde(rename = "lastEventId")]
+    /// Resume after this event ID, for clients that can't send the
+    /// `Last-Event-ID` header (which wins when both are sent).
+    #[serde(rename = "lastEventId", default)]
+    #[schemars(with = "String", regex(pattern = r"^\s*[0-9]*\s*$"))]
     last_event_id: Option<String>,
 }
 
