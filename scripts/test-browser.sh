@@ -18,9 +18,8 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ] \
    || ! "$PYTHON" -c "import selenium" 2>/dev/null; then
   scripts/install-tools.sh
 fi
-if [ ! -x target/debug/presence-operator ] || [ ! -x target/debug/presence-service ]; then
-  $CARGO build --bin presence-service --bin presence-operator
-fi
+# Always: a binary older than the sources would test old code.
+$CARGO build --quiet --bin presence-service --bin presence-operator
 
 # Ports: the page on base-2, metrics on base-1, the three APIs on base..base+2;
 # NATS (one hub server, two leaves) at these offsets from the NATS base.
