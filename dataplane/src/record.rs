@@ -88,6 +88,12 @@ struct Extras {
     seen: Option<Component<Seen>>,
     /// Sorted by session ID.
     sessions: Vec<(String, Component<Arc<Session>>)>,
+    /// The latest `lastSeen` of any session value merged into this record,
+    /// removed and superseded ones included. A heartbeat writes the durable
+    /// `seen` key only once per lease length, so after a session expires
+    /// this is what keeps `lastSeen` exact on every node that followed it.
+    /// A maximum, so merge order doesn't matter.
+    sessions_seen: Option<OffsetDateTime>,
 }
 
 /// One live session as the API shows it.
@@ -208,12 +214,16 @@ impl UserRecord {
                 self.extras_mut().seen = Some(Component { revision, value });
             }
             Update::Session(id, value) => {
+                let extras = self.extras_mut();
+                let seen = value.as_ref().map(|s| s.last_seen);
+                let seen_moved = seen > extras.sessions_seen;
+                extras.sessions_seen = extras.sessions_seen.max(seen);
                 let component = Component { revision, value };
-                let sessions = &mut self.extras_mut().sessions;
+                let sessions = &mut extras.sessions;
                 match sessions.binary_search_by(|(s, _)| s.as_str().cmp(&id)) {
                     Ok(i) => {
                         if sessions[i].1.revision >= revision {
-                            return false;
+                            return seen_moved;
                         }
                         sessions[i].1 = component;
                     }
@@ -330,7 +340,10 @@ impl UserRecord {
     /// 2. else the best live session: online over away;
     /// 3. else offline.
     ///
-    /// `lastSeen` is the latest sign of life of any kind, expired ones included.
+    /// `lastSeen` is the latest sign of life of any kind, expired ones
+    /// included: exact on a node that followed the user's heartbeats, and
+    /// at most one lease length early on one that started after the last
+    /// of them (it knows only the durable `seen` key).
     pub fn view(&self, user_id: &str, now: OffsetDateTime) -> Option<PresenceView> {
         let manual = self.manual.as_ref().and_then(|c| c.value.as_deref());
         let seen = self.seen().and_then(|c| c.value.as_ref());
@@ -352,10 +365,7 @@ impl UserRecord {
         let last_seen = [
             manual.map(|m| m.last_seen),
             seen.map(|s| s.last_seen),
-            self.sessions()
-                .iter()
-                .filter_map(|(_, c)| c.value.as_ref().map(|s| s.last_seen))
-                .max(),
+            self.extras.as_ref().and_then(|e| e.sessions_seen),
         ]
         .into_iter()
         .flatten()
@@ -506,6 +516,25 @@ mod tests {
     }
 
     #[test]
+    fn last_seen_stays_exact_when_the_durable_key_lags() {
+        // The durable key was written at 0; heartbeats went on until 20.
+        let mut r = UserRecord::default();
+        r.merge(seen(0), 1);
+        r.merge(session("tab", Status::Online, 10, 30), 2);
+        r.merge(session("tab", Status::Online, 20, 30), 3);
+        r.merge(Update::Session("tab".into(), None), 4);
+        let v = r.view("u", T0 + Duration::seconds(60)).unwrap();
+        assert_eq!(v.status, Status::Offline);
+        assert_eq!(v.last_seen, Some(T0 + Duration::seconds(20)));
+        // A node that starts later knows only the bucket: the durable key.
+        let mut later = UserRecord::default();
+        later.merge(seen(0), 1);
+        later.merge(Update::Session("tab".into(), None), 4);
+        let v = later.view("u", T0 + Duration::seconds(60)).unwrap();
+        assert_eq!(v.last_seen, Some(T0));
+    }
+
+    #[test]
     fn manual_status_wins_until_it_expires() {
         let mut r = UserRecord::default();
         r.merge(session("phone", Status::Online, 0, 300), 1);
@@ -523,6 +552,8 @@ mod tests {
     fn older_revisions_and_removals_never_win() {
         let mut r = UserRecord::default();
         assert!(r.merge(Update::Session("s".into(), None), 5));
+        // The late value only tells when the user was last seen.
+        assert!(r.merge(session("s", Status::Online, 0, 30), 4));
         assert!(!r.merge(session("s", Status::Online, 0, 30), 4));
         assert!(r.view("u", T0).is_none());
         assert!(r.merge(manual(Status::Away, None), 7));

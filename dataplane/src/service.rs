@@ -234,23 +234,34 @@ impl PresenceService {
         .await
     }
 
-    /// Records a sign of life at `at` in the durable `seen` key, unless a
-    /// later one is stored already: `seen` only moves forward.
-    async fn write_seen(&self, user_id: &str, at: OffsetDateTime) -> Result<(), StoreError> {
+    /// Records a sign of life at `at` in the durable `seen` key, unless one
+    /// no more than `resolution` earlier is stored already: `seen` only
+    /// moves forward, and with a `resolution` not on every heartbeat.
+    async fn write_seen(
+        &self,
+        user_id: &str,
+        at: OffsetDateTime,
+        resolution: Duration,
+    ) -> Result<(), StoreError> {
         let seen = Update::Seen(Some(Seen {
             last_seen: at,
             node_id: self.node_id.to_string(),
         }));
         self.write_planned(user_id, |record| {
-            Ok(if record.seen_at().is_some_and(|stored| stored >= at) {
-                Plan::Nothing
-            } else {
-                Plan::Write {
-                    update: seen.clone(),
-                    expect: Expect::Key(record.key_revision(&Part::Seen)),
-                    ttl: None,
-                }
-            })
+            Ok(
+                if record
+                    .seen_at()
+                    .is_some_and(|stored| stored >= at - resolution)
+                {
+                    Plan::Nothing
+                } else {
+                    Plan::Write {
+                        update: seen.clone(),
+                        expect: Expect::Key(record.key_revision(&Part::Seen)),
+                        ttl: None,
+                    }
+                },
+            )
         })
         .await
     }
@@ -277,7 +288,7 @@ impl PresenceService {
             Some(ttl) => {
                 let (first, second) = futures::future::join(
                     self.overwrite(&user_id, manual, Some(ttl)),
-                    self.write_seen(&user_id, last_seen),
+                    self.write_seen(&user_id, last_seen, Duration::ZERO),
                 )
                 .await;
                 first.and(second)?;
@@ -302,6 +313,11 @@ impl PresenceService {
 
     /// Creates or refreshes a session lease. The bucket removes the key
     /// `ttlSeconds` after the last heartbeat, whichever node took it.
+    ///
+    /// The durable `seen` key is written only when it lags this heartbeat
+    /// by more than the lease length, so most heartbeats are one KV write;
+    /// every node following the user keeps `lastSeen` exact from the
+    /// session values themselves (see `UserRecord::view`).
     ///
     /// A refresh expects the session's own revision; a new session expects
     /// the user's whole set of sessions unchanged since they were counted,
@@ -344,7 +360,7 @@ impl PresenceService {
         };
         let (first, second) = futures::future::join(
             self.write_planned(user_id, plan),
-            self.write_seen(user_id, last_seen),
+            self.write_seen(user_id, last_seen, heartbeat.ttl()),
         )
         .await;
         first?;
@@ -379,7 +395,7 @@ impl PresenceService {
         let now = crate::model::truncate_to_millis(now);
         let (first, second) = futures::future::join(
             self.write_planned(user_id, plan),
-            self.write_seen(user_id, now),
+            self.write_seen(user_id, now, Duration::ZERO),
         )
         .await;
         first?;
@@ -453,6 +469,27 @@ mod tests {
             ttl_seconds: Some(60.into()),
         };
         validate_heartbeat("u", session, request).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_within_the_lease_is_one_write_and_last_seen_stays_exact() {
+        let store = Arc::new(MemoryStore::new());
+        let service = node(store.clone(), "n1");
+        let first = service.heartbeat(beat("tab", "online")).await.unwrap();
+        // The first one writes the session and the durable `seen` key.
+        assert_eq!(first.revision, 2);
+        let second = service.heartbeat(beat("tab", "online")).await.unwrap();
+        assert_eq!(second.revision, 3, "only the session key was written");
+        let stored = service.fresh_record("u").await.unwrap();
+        assert!(
+            stored.seen_at() <= second.last_seen,
+            "the durable key may lag"
+        );
+        let ended = service.end_session("u", "tab").await.unwrap();
+        assert!(ended.last_seen >= second.last_seen);
+        // Ending a session records the sign of life exactly.
+        let stored = service.fresh_record("u").await.unwrap();
+        assert_eq!(stored.seen_at(), ended.last_seen);
     }
 
     #[tokio::test]
