@@ -42,8 +42,15 @@ pub enum Applied {
 /// headers, timestamps) added to the variable-length bytes.
 const ENTRY_OVERHEAD: usize = 160;
 
+/// The JSON a read keeps beside a record (see `UserRecord::view_json`):
+/// field names, times and IDs, plus the record's own strings again. Counted
+/// up front, as moka weighs an entry only when it is inserted.
+const RENDERED_OVERHEAD: usize = 200;
+
 fn weight(key: &str, slot: &Slot) -> u32 {
-    u32::try_from(ENTRY_OVERHEAD + key.len() + slot.record.weight()).unwrap_or(u32::MAX)
+    let record = slot.record.weight();
+    let rendered = RENDERED_OVERHEAD + key.len() + record / 2;
+    u32::try_from(ENTRY_OVERHEAD + key.len() + record + rendered).unwrap_or(u32::MAX)
 }
 
 /// Snapshot for `/api/v2/cache/metrics`.

@@ -9,8 +9,9 @@
 use crate::keys::Part;
 use crate::model::{Presence, Status};
 use crate::session::{Seen, Session};
+use bytes::Bytes;
 use serde::Serialize;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use time::OffsetDateTime;
 
 /// How many removed sessions a record remembers (by revision) so that a
@@ -78,9 +79,49 @@ fn forget_old_tombstones(sessions: &mut Vec<(String, Component<Arc<Session>>)>) 
 pub struct UserRecord {
     manual: Option<Component<Arc<Presence>>>,
     /// Boxed because users of the Go-style API have neither, and the cache
-    /// holds one record per user: it keeps such a record at 24 bytes.
+    /// holds one record per user: it keeps such a record small.
     extras: Option<Box<Extras>>,
+    /// The view's JSON, made by the first read that needs it, so a cached
+    /// read is a reference-count increment instead of a fold and a
+    /// serialization. A merged record is a new one, without it.
+    rendered: RenderedSlot,
 }
+
+/// The view of a record as JSON, and the time span it holds for: the view
+/// changes with the clock only when a manual status or a session expires.
+#[derive(Debug)]
+struct Rendered {
+    json: Bytes,
+    from: OffsetDateTime,
+    /// The first expiry after `from`, if any.
+    until: Option<OffsetDateTime>,
+}
+
+impl Rendered {
+    fn holds_at(&self, now: OffsetDateTime) -> bool {
+        self.from <= now && self.until.is_none_or(|until| now < until)
+    }
+}
+
+/// A [`Rendered`] view filled at most once; a clone starts empty (a clone
+/// is made to merge a change, which makes the view stale), and it never
+/// makes two records differ.
+#[derive(Debug, Default)]
+struct RenderedSlot(OnceLock<Box<Rendered>>);
+
+impl Clone for RenderedSlot {
+    fn clone(&self) -> Self {
+        RenderedSlot::default()
+    }
+}
+
+impl PartialEq for RenderedSlot {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for RenderedSlot {}
 
 /// The keys a heartbeating user has besides the manual one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -387,6 +428,46 @@ impl UserRecord {
         })
     }
 
+    /// [`UserRecord::view`] as JSON, made once per record and reused while
+    /// the clock changes nothing in it; `Ok(None)` when no key of the user
+    /// holds a value.
+    pub fn view_json(
+        &self,
+        user_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<Option<Bytes>, serde_json::Error> {
+        if let Some(rendered) = self.rendered.0.get()
+            && rendered.holds_at(now)
+        {
+            return Ok(Some(rendered.json.clone()));
+        }
+        let Some(view) = self.view(user_id, now) else {
+            return Ok(None);
+        };
+        let json = Bytes::from(serde_json::to_vec(&view)?);
+        let rendered = Rendered {
+            json: json.clone(),
+            from: now,
+            until: self.next_expiry(now),
+        };
+        // Another read may have filled it first; both made the same bytes.
+        let _ = self.rendered.0.set(Box::new(rendered));
+        Ok(Some(json))
+    }
+
+    /// The first moment after `now` at which the view changes by itself:
+    /// the manual status or a live session expiring.
+    fn next_expiry(&self, now: OffsetDateTime) -> Option<OffsetDateTime> {
+        let manual = self
+            .manual
+            .as_ref()
+            .and_then(|c| c.value.as_deref())
+            .and_then(|m| m.expires_at)
+            .filter(|at| *at > now);
+        let sessions = self.live_sessions(now).map(|(_, s)| s.expires_at());
+        sessions.chain(manual).min()
+    }
+
     /// The presence as the bucket holds it, for change streams: a session
     /// counts until the bucket removes it (its TTL ran out), a manual
     /// status until its expiry marker arrives, and a user with no keys is
@@ -602,6 +683,31 @@ mod tests {
         assert!(before.same_state(&after));
         r.merge(session("s", Status::Away, 11, 30), 3);
         assert!(!after.same_state(&r.view("u", T0 + Duration::seconds(11)).unwrap()));
+    }
+
+    #[test]
+    fn the_json_is_made_once_and_follows_expiries() {
+        let mut r = UserRecord::default();
+        r.merge(session("phone", Status::Online, 0, 30), 1);
+        r.merge(manual(Status::Busy, Some(10)), 2);
+        let json_at = |r: &UserRecord, s: i64| {
+            let now = T0 + Duration::seconds(s);
+            let json = r.view_json("u", now).unwrap().unwrap();
+            let expected = serde_json::to_vec(&r.view("u", now).unwrap()).unwrap();
+            assert_eq!(json.as_ref(), expected.as_slice(), "at {s} s");
+            json
+        };
+        let first = json_at(&r, 1);
+        // Reused (the same allocation) while nothing expires...
+        assert_eq!(json_at(&r, 9).as_ptr(), first.as_ptr());
+        // ...and made anew once the manual status and then the session end.
+        assert!(String::from_utf8_lossy(&json_at(&r, 10)).contains("\"online\""));
+        assert!(String::from_utf8_lossy(&json_at(&r, 30)).contains("\"offline\""));
+        // A merged copy has no JSON of its own yet.
+        let mut changed = r.clone();
+        changed.merge(manual(Status::Away, None), 3);
+        assert!(String::from_utf8_lossy(&json_at(&changed, 1)).contains("\"away\""));
+        assert!(UserRecord::default().view_json("u", T0).unwrap().is_none());
     }
 
     fn any_update() -> impl Strategy<Value = Update> {

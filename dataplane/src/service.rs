@@ -18,6 +18,7 @@ use crate::record::{PresenceView, Update, UserRecord};
 use crate::session::{MAX_SESSIONS_PER_USER, Seen, ValidHeartbeat};
 use crate::store::{Change, Expect, PresenceStore, StoreError};
 use crate::watch::WatchStatus;
+use bytes::Bytes;
 use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,19 +120,26 @@ impl PresenceService {
         Ok(self.cache.finish_load(user_id, changes).await)
     }
 
-    /// One user's effective presence now; `None` if nothing is stored.
-    pub async fn get(&self, user_id: &str) -> Result<Option<PresenceView>, StoreError> {
+    /// One user's effective presence now as JSON (what `GET` answers);
+    /// `None` if nothing is stored. A cached user's JSON is made once and
+    /// reused until the user changes or something in it expires.
+    pub async fn get_json(&self, user_id: &str) -> Result<Option<Bytes>, StoreError> {
         let record = self.record(user_id).await?;
-        Ok(record.view(user_id, OffsetDateTime::now_utc()))
+        record
+            .view_json(user_id, OffsetDateTime::now_utc())
+            .map_err(|e| StoreError::Corrupt {
+                key: user_id.to_owned(),
+                reason: format!("the presence can't be written as JSON: {e}"),
+            })
     }
 
-    /// Several users at once; cache misses go to the store concurrently.
-    pub async fn get_many(
+    /// Several users' JSON at once; cache misses go to the store concurrently.
+    pub async fn get_many_json(
         &self,
         user_ids: &[String],
-    ) -> Vec<Result<Option<PresenceView>, StoreError>> {
+    ) -> Vec<Result<Option<Bytes>, StoreError>> {
         futures::stream::iter(user_ids.iter().cloned())
-            .map(|id| async move { self.get(&id).await })
+            .map(|id| async move { self.get_json(&id).await })
             .buffered(PIPELINE_DEPTH)
             .collect()
             .await

@@ -101,6 +101,22 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// JSON serialized already (a cached presence), answered as is.
+pub struct RawJson(pub bytes::Bytes);
+
+impl IntoResponse for RawJson {
+    fn into_response(self) -> Response {
+        (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            self.0,
+        )
+            .into_response()
+    }
+}
+
 impl From<ValidationError> for ApiError {
     fn from(err: ValidationError) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, err.code(), err.to_string())
