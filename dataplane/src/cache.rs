@@ -169,6 +169,14 @@ impl PresenceCache {
     /// is a replica (or `replaying`); otherwise the change would be all the
     /// slot knows, and the next read loads the user from the store instead.
     pub async fn apply(&self, change: &Change, replaying: bool) -> Applied {
+        // The watch's echo of a write this node applied already (its own,
+        // mostly): a plain lookup answers it, without the entry lock and
+        // the copy of the record that an update takes.
+        if let Some(slot) = self.inner.get(change.user_id.as_str()).await
+            && slot.record.key_revision(&change.update.part()) >= change.revision
+        {
+            return Applied::Stale;
+        }
         let create = replaying || self.is_replica();
         let mut outcome = Applied::Unknown;
         let result = self
