@@ -35,6 +35,7 @@ pub mod fanout;
 pub mod keys;
 pub mod metrics;
 pub mod model;
+pub mod node_id;
 pub mod ratelimit;
 pub mod record;
 pub mod server;

@@ -3,6 +3,7 @@
 //! Everything here is pure so the rules that clients depend on (what a valid
 //! user ID is, how it is stored) are pinned by unit and property tests.
 
+use crate::node_id::NodeId;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -80,7 +81,7 @@ pub struct Presence {
     #[serde(rename = "updatedAt", with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
     #[serde(rename = "nodeID", default)]
-    pub node_id: String,
+    pub node_id: NodeId,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub revision: u64,
     /// When a manual status stops applying (it is stored with a matching
@@ -101,7 +102,7 @@ fn is_zero(value: &u64) -> bool {
 impl Presence {
     /// A new presence accepted by `node_id` at `now`; `lastSeen` is the time
     /// of this update because every update is a sign of life from the user.
-    pub fn accepted(update: ValidUpdate, node_id: &str, now: OffsetDateTime) -> Self {
+    pub fn accepted(update: ValidUpdate, node_id: impl Into<NodeId>, now: OffsetDateTime) -> Self {
         let now = truncate_to_millis(now);
         Presence {
             user_id: update.user_id,
@@ -109,7 +110,7 @@ impl Presence {
             message: update.message,
             last_seen: now,
             updated_at: now,
-            node_id: node_id.to_owned(),
+            node_id: node_id.into(),
             revision: 0,
             expires_at: update.expires_at,
         }

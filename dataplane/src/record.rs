@@ -508,17 +508,13 @@ impl UserRecord {
             .as_ref()
             .and_then(|c| c.value.as_ref())
             .map_or(0, |m| {
-                120 + m.user_id.len() + m.message.len() + m.node_id.len()
+                // Node IDs are shared (interned): not counted per user.
+                120 + m.user_id.len() + m.message.len()
             });
         let sessions: usize = self
             .sessions()
             .iter()
-            .map(|(id, c)| {
-                64 + id.len()
-                    + c.value
-                        .as_ref()
-                        .map_or(0, |s| 96 + s.device.len() + s.node_id.len())
-            })
+            .map(|(id, c)| 64 + id.len() + c.value.as_ref().map_or(0, |s| 96 + s.device.len()))
             .sum();
         manual + sessions + if self.extras.is_some() { 64 } else { 0 }
     }

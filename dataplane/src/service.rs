@@ -14,6 +14,7 @@ use crate::event_log::{EventLog, visible_change};
 use crate::keys::Part;
 use crate::metrics::Metrics;
 use crate::model::{Presence, ValidUpdate};
+use crate::node_id::NodeId;
 use crate::record::{PresenceView, Update, UserRecord};
 use crate::session::{MAX_SESSIONS_PER_USER, Seen, ValidHeartbeat};
 use crate::store::{Change, Expect, PresenceStore, StoreError};
@@ -49,7 +50,7 @@ pub struct PresenceService {
     store: Arc<dyn PresenceStore>,
     cache: PresenceCache,
     watch: Arc<WatchStatus>,
-    node_id: Arc<str>,
+    node_id: NodeId,
     log: Arc<EventLog>,
     metrics: Metrics,
     /// One lock per user creating sessions on this node, so its new
@@ -84,7 +85,7 @@ impl PresenceService {
             store,
             cache,
             watch,
-            node_id: node_id.into(),
+            node_id: NodeId::new(node_id),
             log,
             metrics,
             new_sessions: moka::sync::Cache::builder()
@@ -253,7 +254,7 @@ impl PresenceService {
     ) -> Result<(), StoreError> {
         let seen = Update::Seen(Some(Seen {
             last_seen: at,
-            node_id: self.node_id.to_string(),
+            node_id: self.node_id.clone(),
         }));
         self.write_planned(user_id, |record| {
             Ok(
@@ -289,7 +290,7 @@ impl PresenceService {
         let now = OffsetDateTime::now_utc();
         let ttl = update.ttl(now);
         let user_id = update.user_id.clone();
-        let presence = Presence::accepted(update, &self.node_id, now);
+        let presence = Presence::accepted(update, self.node_id.clone(), now);
         let last_seen = presence.last_seen;
         let manual = Update::Manual(Some(Arc::new(presence)));
         match ttl {
@@ -334,7 +335,7 @@ impl PresenceService {
     pub async fn heartbeat(&self, heartbeat: ValidHeartbeat) -> Result<PresenceView, SessionError> {
         let now = OffsetDateTime::now_utc();
         let user_id = heartbeat.user_id.as_str();
-        let session = heartbeat.session(&self.node_id, now);
+        let session = heartbeat.session(self.node_id.clone(), now);
         let last_seen = session.last_seen;
         let part = Part::Session(heartbeat.session_id.clone());
         let update = Update::Session(heartbeat.session_id.clone(), Some(Arc::new(session)));

@@ -6,6 +6,7 @@ pub use crate::model::{
     MAX_DEVICE_CHARS, MAX_SESSION_ID_BYTES, MAX_SESSION_TTL_SECS, MIN_SESSION_TTL_SECS,
 };
 use crate::model::{Status, ValidationError, check_node_id, truncate_to_millis, validate_user_id};
+use crate::node_id::NodeId;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -32,7 +33,7 @@ pub struct Session {
     #[serde(rename = "ttlSeconds")]
     pub ttl_seconds: i64,
     #[serde(rename = "nodeID", default)]
-    pub node_id: String,
+    pub node_id: NodeId,
 }
 
 impl Session {
@@ -82,7 +83,7 @@ pub struct Seen {
     pub last_seen: OffsetDateTime,
     /// The node that took that sign of life.
     #[serde(rename = "nodeID", default)]
-    pub node_id: String,
+    pub node_id: NodeId,
 }
 
 impl Seen {
@@ -122,13 +123,13 @@ pub struct ValidHeartbeat {
 
 impl ValidHeartbeat {
     /// The stored session, stamped by `node_id` at `now`.
-    pub fn session(&self, node_id: &str, now: OffsetDateTime) -> Session {
+    pub fn session(&self, node_id: impl Into<NodeId>, now: OffsetDateTime) -> Session {
         Session {
             device: self.device.clone(),
             status: self.status,
             last_seen: truncate_to_millis(now),
             ttl_seconds: self.ttl_seconds,
-            node_id: node_id.to_owned(),
+            node_id: node_id.into(),
         }
     }
 
@@ -245,7 +246,7 @@ mod tests {
         session.last_seen = time::macros::datetime!(9999-12-31 23:59:59 UTC);
         assert!(session.check().is_err());
         session.last_seen = OffsetDateTime::UNIX_EPOCH;
-        session.node_id = "n".repeat(crate::model::MAX_NODE_ID_BYTES + 1);
+        session.node_id = "n".repeat(crate::model::MAX_NODE_ID_BYTES + 1).into();
         assert!(session.check().is_err());
     }
 }

@@ -1,0 +1,110 @@
+//! Node IDs as stored in every value: interned, so a million cached
+//! presences written by three nodes share three strings instead of holding
+//! a million copies.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::HashSet;
+use std::sync::{Arc, LazyLock, Mutex};
+
+/// How many distinct node IDs are shared; past this (values written by
+/// something other than a handful of nodes), each value keeps its own
+/// copy, so no writer can grow the table without bound.
+const MAX_INTERNED: usize = 4096;
+
+static INTERNED: LazyLock<Mutex<HashSet<Arc<str>>>> = LazyLock::new(Mutex::default);
+
+/// The node that accepted a write (its `NODE_ID`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(Arc<str>);
+
+impl NodeId {
+    /// The shared copy of `id`.
+    pub fn new(id: &str) -> Self {
+        let mut interned = INTERNED.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(shared) = interned.get(id) {
+            return NodeId(shared.clone());
+        }
+        let owned: Arc<str> = Arc::from(id);
+        if interned.len() < MAX_INTERNED {
+            interned.insert(owned.clone());
+        }
+        NodeId(owned)
+    }
+
+    /// The ID as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for NodeId {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for NodeId {
+    fn from(id: &str) -> Self {
+        NodeId::new(id)
+    }
+}
+
+impl From<String> for NodeId {
+    fn from(id: String) -> Self {
+        NodeId::new(&id)
+    }
+}
+
+impl PartialEq<str> for NodeId {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for NodeId {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl Serialize for NodeId {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = NodeId;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a node ID")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, id: &str) -> Result<NodeId, E> {
+                Ok(NodeId::new(id))
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equal_ids_share_one_string() {
+        let a: NodeId = serde_json::from_str("\"center-1\"").unwrap();
+        let b = NodeId::new("center-1");
+        assert!(Arc::ptr_eq(&a.0, &b.0));
+        assert_eq!(serde_json::to_string(&a).unwrap(), "\"center-1\"");
+        assert_eq!(a, "center-1");
+        let escaped: NodeId = serde_json::from_str("\"eu\\u002d1\"").unwrap();
+        assert_eq!(escaped.as_str(), "eu-1");
+    }
+}
