@@ -1,0 +1,157 @@
+//! presence-service processes under test, and what the bench reads about
+//! them (readiness, cache size, RSS, CPU time).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use testkit::{Nats, Proc, free_port};
+
+pub const SECRET: &str = "bench-secret-0123456789abcdef";
+/// The JetStream domain of the hub, as every client of the bench names it.
+pub const JS_DOMAIN: &str = "hub";
+/// Every measured node's cache budget: far above what 1M users need, so no
+/// figure is bent by evictions.
+pub const CACHE_MAX_COST: u64 = 2 << 30;
+
+/// Where the release binaries are: `BENCH_BIN_DIR`, else next to this one.
+pub fn bin_dir() -> PathBuf {
+    std::env::var_os("BENCH_BIN_DIR")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(Path::to_path_buf))
+        })
+        .unwrap_or_else(|| PathBuf::from("target/release"))
+}
+
+/// A running presence-service process and its base URL.
+pub struct Service {
+    pub proc: Proc,
+    pub base: String,
+}
+
+/// Whether `url` answers 200 now.
+pub async fn http_ok(client: &reqwest::Client, url: &str) -> bool {
+    matches!(client.get(url).send().await, Ok(r) if r.status() == 200)
+}
+
+/// The presence-service command every measurement starts: release binary,
+/// test secret, loopback, the hub's domain.
+pub fn service_command(node_type: &str, nats: &Nats, port: u16) -> Command {
+    let mut command = Command::new(bin_dir().join("presence-service"));
+    command
+        .env_clear()
+        .env("JWT_SECRET", SECRET)
+        .env("NODE_TYPE", node_type)
+        .env("SERVICE_HOST", "127.0.0.1")
+        .env("SERVICE_PORT", port.to_string())
+        .env("NATS_URL", nats.url())
+        .env("NATS_JS_DOMAIN", JS_DOMAIN)
+        .env("LOG_LEVEL", "warn");
+    command
+}
+
+/// Starts a node on `bucket` without waiting for it.
+pub fn spawn_service(
+    dir: &Path,
+    name: &str,
+    node_type: &str,
+    nats: &Nats,
+    bucket: &str,
+) -> Service {
+    let port = free_port();
+    let mut command = service_command(node_type, nats, port);
+    command
+        .env("NODE_ID", name)
+        .env("KV_BUCKET", bucket)
+        .env("CACHE_MAX_COST", CACHE_MAX_COST.to_string())
+        // Throughput is measured on a few hot users, far above any sane
+        // per-user limit: the limiter is off here.
+        .env("RATE_LIMIT_WRITES_PER_SECOND", "0");
+    let proc = Proc::spawn(name, command, dir.join(format!("{name}.log")));
+    Service {
+        proc,
+        base: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+/// Starts a node on `bucket` and waits until it is ready.
+pub async fn start_service(
+    dir: &Path,
+    name: &str,
+    node_type: &str,
+    nats: &Nats,
+    bucket: &str,
+) -> Service {
+    let service = spawn_service(dir, name, node_type, nats, bucket);
+    let client = reqwest::Client::new();
+    let ready = format!("{}/health/readiness", service.base);
+    testkit::wait_until(&format!("{name} ready"), Duration::from_secs(30), || {
+        http_ok(&client, &ready)
+    })
+    .await;
+    service
+}
+
+/// Polls `check` `every` so often until it holds; the time since `started`
+/// when it did, or an error after `limit`.
+pub async fn time_until<F, Fut>(
+    what: &str,
+    started: Instant,
+    every: Duration,
+    limit: Duration,
+    mut check: F,
+) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    while !check().await {
+        if started.elapsed() > limit {
+            anyhow::bail!("{what} took longer than {limit:?}");
+        }
+        tokio::time::sleep(every).await;
+    }
+    Ok(started.elapsed())
+}
+
+/// A token of the bench's caller with `scope`.
+pub fn token(scope: &str) -> anyhow::Result<String> {
+    token_for("bench", scope)
+}
+
+/// A token of caller `sub` with `scope`: a node limits what one caller may
+/// hold open (STREAM_MAX_PER_CALLER), so many clients need many callers.
+pub fn token_for(sub: &str, scope: &str) -> anyhow::Result<String> {
+    Ok(presence_dataplane::auth::mint(SECRET, sub, scope, 86_400)?)
+}
+
+/// What `GET /api/v2/cache/metrics` says now: (entries, hits); `None`
+/// while the node does not answer.
+pub async fn cache_metrics(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+) -> Option<(u64, u64)> {
+    let response = client
+        .get(format!("{base}/api/v2/cache/metrics"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .ok()?;
+    let body: serde_json::Value = response.json().await.ok()?;
+    Some((body["entries"].as_u64()?, body["hits"].as_u64()?))
+}
+
+/// Resident memory of a process, from /proc.
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
