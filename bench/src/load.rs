@@ -193,6 +193,35 @@ pub async fn raw_kv_puts(
     Ok((all.len() as f64 / elapsed, percentile(&all, 0.99)))
 }
 
+/// `count` KV puts published back to back, then every ack awaited: the
+/// least a 1000-item batch could take, since it has to write the same
+/// keys through the same hub. Returns the time from the first publish to
+/// the last ack.
+pub async fn pipelined_puts(
+    js: &jetstream::Context,
+    kv: &Store,
+    key_prefix: &str,
+    count: usize,
+) -> anyhow::Result<Duration> {
+    // The subject `Store::put` publishes to (the domain's API prefix first
+    // when the bucket is reached through a domain).
+    let api = if kv.use_jetstream_prefix {
+        format!("$JS.{JS_DOMAIN}.API.")
+    } else {
+        String::new()
+    };
+    let subject = format!("{api}{}", kv.put_prefix.as_deref().unwrap_or(&kv.prefix));
+    let value = bytes_of_presence();
+    let started = Instant::now();
+    let mut acks = Vec::with_capacity(count);
+    for i in 0..count {
+        let key = format!("{subject}{key_prefix}{i}");
+        acks.push(js.publish(key, value.clone()).await?.into_future());
+    }
+    futures::future::try_join_all(acks).await?;
+    Ok(started.elapsed())
+}
+
 /// One batch set of `count` users `{prefix}{from}..` via `base`: the time
 /// to the answer; fails unless every item succeeded.
 pub async fn batch(
