@@ -5,6 +5,7 @@ use crate::node::JS_DOMAIN;
 use crate::report::Report;
 use anyhow::{Context as _, bail};
 use async_nats::jetstream::{self, kv::Store};
+use futures::StreamExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -220,6 +221,23 @@ pub async fn pipelined_puts(
     }
     futures::future::try_join_all(acks).await?;
     Ok(started.elapsed())
+}
+
+/// Reads every key of `bucket` once with a plain KV watch (latest value
+/// per key, as the service's own watch starts): (keys read, time taken).
+pub async fn watch_whole_bucket(nats: &Nats, bucket: &str) -> anyhow::Result<(u64, Duration)> {
+    let started = Instant::now();
+    let (_, kv) = open_bucket(nats, bucket).await?;
+    let mut watch = kv.watch_with_history(">").await?;
+    let mut read = 0u64;
+    while let Some(entry) = watch.next().await {
+        read += 1;
+        // `delta` counts the entries still pending after this one.
+        if entry?.delta == 0 {
+            return Ok((read, started.elapsed()));
+        }
+    }
+    bail!("the watch of {bucket} ended after {read} keys")
 }
 
 /// One batch set of `count` users `{prefix}{from}..` via `base`: the time

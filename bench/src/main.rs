@@ -4,8 +4,8 @@
 //! presence-service processes, drives them with wrk and raw clients, and
 //! writes bench/RESULTS.md.
 //!
-//! `BENCH_ONLY=memory,read` runs only the named sections (see [`Section`]);
-//! `BENCH_USERS` sets the presences of the memory section
+//! `BENCH_ONLY=memory,warmup` runs only the named sections (see [`Section`]);
+//! `BENCH_USERS` sets the presences of the memory and warm-up sections
 //! (default 1 000 000, the size).
 
 mod load;
@@ -27,17 +27,19 @@ enum Section {
     Bulk,
     Propagation,
     Memory,
+    Warmup,
     ColdStart,
     Redis,
 }
 
 impl Section {
-    const ALL: [Section; 7] = [
+    const ALL: [Section; 8] = [
         Section::Read,
         Section::Write,
         Section::Bulk,
         Section::Propagation,
         Section::Memory,
+        Section::Warmup,
         Section::ColdStart,
         Section::Redis,
     ];
@@ -50,6 +52,7 @@ impl Section {
             Section::Bulk => "bulk",
             Section::Propagation => "propagation",
             Section::Memory => "memory",
+            Section::Warmup => "warmup",
             Section::ColdStart => "cold-start",
             Section::Redis => "redis",
         }
@@ -97,7 +100,7 @@ pub struct Bench {
     pub http: reqwest::Client,
     pub read_token: String,
     pub write_token: String,
-    /// Presences the memory section caches (`BENCH_USERS`).
+    /// Presences the memory and warm-up sections cache (`BENCH_USERS`).
     pub users: usize,
     pub report: Report,
     pub seen: Seen,
@@ -156,6 +159,7 @@ impl Bench {
             Section::Bulk => sections::bulk::run(self).await,
             Section::Propagation => sections::propagation::run(self).await,
             Section::Memory => sections::memory::run(self).await,
+            Section::Warmup => sections::warmup::run(self).await,
             Section::ColdStart => sections::cold_start::run(self).await,
             Section::Redis => sections::redis::run(self),
         }
@@ -200,10 +204,10 @@ mod tests {
 
     #[test]
     fn bench_only_selects_named_sections_in_run_order() {
-        let picked = Section::selected(Some("memory, read")).expect("known names");
-        assert_eq!(picked, [Section::Read, Section::Memory]);
-        assert_eq!(Section::selected(None).expect("all").len(), 7);
-        assert_eq!(Section::selected(Some(" ")).expect("all").len(), 7);
+        let picked = Section::selected(Some("warmup, read")).expect("known names");
+        assert_eq!(picked, [Section::Read, Section::Warmup]);
+        assert_eq!(Section::selected(None).expect("all").len(), 8);
+        assert_eq!(Section::selected(Some(" ")).expect("all").len(), 8);
         assert!(Section::selected(Some("read,nope")).is_err());
     }
 }

@@ -52,7 +52,8 @@ pub fn service_command(node_type: &str, nats: &Nats, port: u16) -> Command {
     command
 }
 
-/// Starts a node on `bucket` without waiting for it.
+/// Starts a node on `bucket` without waiting for it: the warm-up section
+/// times from this moment.
 pub fn spawn_service(
     dir: &Path,
     name: &str,

@@ -30,7 +30,7 @@ pub struct Report {
     pub commands: Vec<String>,
     /// The sections this run measured, by name.
     pub sections: Vec<&'static str>,
-    /// Presences the memory section caches.
+    /// Presences the memory and warm-up sections cache.
     pub users: usize,
 }
 
@@ -119,7 +119,7 @@ impl Report {
         }
         let _ = writeln!(
             md,
-            "\n## Commands\n\nServers: a nats-server hub (JetStream domain `hub`, file store) with leaves `eu` and `us`, and a release-built presence-service per region, started by `bench/src/main.rs` on loopback ports; the memory section starts a further presence-service process of its own against the hub.\n"
+            "\n## Commands\n\nServers: a nats-server hub (JetStream domain `hub`, file store) with leaves `eu` and `us`, and a release-built presence-service per region, started by `bench/src/main.rs` on loopback ports; the memory and warm-up sections start further presence-service processes of their own against the hub.\n"
         );
         for command in &self.commands {
             let _ = writeln!(md, "- `{command}`");
@@ -164,7 +164,7 @@ impl Report {
         );
         let _ = writeln!(
             md,
-            "Sections: {}; {} users in the memory section.\n",
+            "Sections: {}; {} users in the memory and warm-up sections.\n",
             self.sections.join(", "),
             self.users
         );

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use std::process::Command;
 use std::time::Duration;
 
-/// The bucket the memory section fills.
+/// The bucket the memory section fills and the warm-up section replays.
 pub const BUCKET: &str = "MEMBENCH";
 /// Its users are `m0`, `m1`, ...
 pub const PREFIX: &str = "m";

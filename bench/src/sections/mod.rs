@@ -7,4 +7,5 @@ pub mod memory;
 pub mod propagation;
 pub mod read;
 pub mod redis;
+pub mod warmup;
 pub mod write;
