@@ -7,7 +7,7 @@ use anyhow::{Context as _, bail};
 use async_nats::jetstream::{self, kv::Store};
 use futures::StreamExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use testkit::Nats;
 
@@ -52,6 +52,21 @@ impl Wrk<'_> {
             .output()
             .context("run wrk (make bench installs it)")?;
         self.parse(&output)
+    }
+
+    /// Starts wrk and returns at once, so several can run side by side;
+    /// finish with [`Wrk::wait`].
+    pub fn spawn(&self, report: &mut Report) -> anyhow::Result<Child> {
+        self.command(report)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("run wrk (make bench installs it)")
+    }
+
+    /// Waits for a wrk started by [`Wrk::spawn`] and reads its figures.
+    pub fn wait(&self, child: Child) -> anyhow::Result<WrkResult> {
+        self.parse(&child.wait_with_output()?)
     }
 
     fn command(&self, report: &mut Report) -> Command {

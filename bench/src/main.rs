@@ -4,7 +4,7 @@
 //! presence-service processes, drives them with wrk and raw clients, and
 //! writes bench/RESULTS.md.
 //!
-//! `BENCH_ONLY=memory,warmup` runs only the named sections (see [`Section`]);
+//! `BENCH_ONLY=warmup,scale` runs only the named sections (see [`Section`]);
 //! `BENCH_USERS` sets the presences of the memory and warm-up sections
 //! (default 1 000 000, the size).
 
@@ -24,6 +24,7 @@ use testkit::Nats;
 enum Section {
     Read,
     Write,
+    Scale,
     Bulk,
     Propagation,
     Memory,
@@ -33,9 +34,10 @@ enum Section {
 }
 
 impl Section {
-    const ALL: [Section; 8] = [
+    const ALL: [Section; 9] = [
         Section::Read,
         Section::Write,
+        Section::Scale,
         Section::Bulk,
         Section::Propagation,
         Section::Memory,
@@ -49,6 +51,7 @@ impl Section {
         match self {
             Section::Read => "read",
             Section::Write => "write",
+            Section::Scale => "scale",
             Section::Bulk => "bulk",
             Section::Propagation => "propagation",
             Section::Memory => "memory",
@@ -156,6 +159,7 @@ impl Bench {
         match section {
             Section::Read => sections::read::run(self).await,
             Section::Write => sections::write::run(self).await,
+            Section::Scale => sections::scale::run(self).await,
             Section::Bulk => sections::bulk::run(self).await,
             Section::Propagation => sections::propagation::run(self).await,
             Section::Memory => sections::memory::run(self).await,
@@ -206,8 +210,8 @@ mod tests {
     fn bench_only_selects_named_sections_in_run_order() {
         let picked = Section::selected(Some("warmup, read")).expect("known names");
         assert_eq!(picked, [Section::Read, Section::Warmup]);
-        assert_eq!(Section::selected(None).expect("all").len(), 8);
-        assert_eq!(Section::selected(Some(" ")).expect("all").len(), 8);
+        assert_eq!(Section::selected(None).expect("all").len(), 9);
+        assert_eq!(Section::selected(Some(" ")).expect("all").len(), 9);
         assert!(Section::selected(Some("read,nope")).is_err());
     }
 }

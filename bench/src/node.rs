@@ -156,3 +156,95 @@ pub fn rss_bytes(pid: u32) -> u64 {
         })
         .map_or(0, |kb| kb * 1024)
 }
+
+/// CPU time (user + system) a process used so far, from /proc.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    ticks as f64 / clock_ticks_per_second()
+}
+
+/// `getconf CLK_TCK`, 100 on every Linux the bench runs on.
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// The pid of the nats-server started with the config file `conf` (testkit
+/// doesn't expose it): the bench started it, so it is ours to observe.
+pub fn nats_pid(conf: &Path) -> Option<u32> {
+    let needle = conf.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc").ok()?.find_map(|entry| {
+        let entry = entry.ok()?;
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        (cmdline.contains("nats-server") && cmdline.contains(&needle)).then_some(pid)
+    })
+}
+
+/// Busy and total jiffies of the whole machine, from /proc/stat.
+fn machine_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|f| f.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let total: u64 = fields.iter().take(8).sum();
+    // idle and iowait
+    let idle: u64 = fields.iter().skip(3).take(2).sum();
+    (total.saturating_sub(idle), total)
+}
+
+/// CPU use of one process and of the whole machine over an interval: where
+/// the cores went while a load ran.
+pub struct CpuMeter {
+    pid: Option<u32>,
+    process_seconds: f64,
+    machine: (u64, u64),
+    started: Instant,
+}
+
+impl CpuMeter {
+    pub fn start(pid: Option<u32>) -> CpuMeter {
+        CpuMeter {
+            pid,
+            process_seconds: pid.map_or(0.0, cpu_seconds),
+            machine: machine_jiffies(),
+            started: Instant::now(),
+        }
+    }
+
+    /// (the process's CPU in cores, the machine's busy share) since start.
+    pub fn finish(&self) -> (f64, f64) {
+        let wall = self.started.elapsed().as_secs_f64();
+        let process = self.pid.map_or(f64::NAN, |pid| {
+            (cpu_seconds(pid) - self.process_seconds) / wall
+        });
+        let (busy, total) = machine_jiffies();
+        let machine = busy.saturating_sub(self.machine.0) as f64
+            / total.saturating_sub(self.machine.1).max(1) as f64;
+        (process, machine)
+    }
+}

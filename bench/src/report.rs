@@ -119,7 +119,7 @@ impl Report {
         }
         let _ = writeln!(
             md,
-            "\n## Commands\n\nServers: a nats-server hub (JetStream domain `hub`, file store) with leaves `eu` and `us`, and a release-built presence-service per region, started by `bench/src/main.rs` on loopback ports; the memory and warm-up sections start further presence-service processes of their own against the hub.\n"
+            "\n## Commands\n\nServers: a nats-server hub (JetStream domain `hub`, file store) with leaves `eu` and `us`, and a release-built presence-service per region, started by `bench/src/main.rs` on loopback ports; the memory, warm-up and scale sections start further presence-service processes of their own against the hub.\n"
         );
         for command in &self.commands {
             let _ = writeln!(md, "- `{command}`");

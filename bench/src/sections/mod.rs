@@ -7,5 +7,6 @@ pub mod memory;
 pub mod propagation;
 pub mod read;
 pub mod redis;
+pub mod scale;
 pub mod warmup;
 pub mod write;
