@@ -171,8 +171,10 @@ impl PresenceCache {
     pub async fn apply(&self, change: &Change, replaying: bool) -> Applied {
         // The watch's echo of a write this node applied already (its own,
         // mostly): a plain lookup answers it, without the entry lock and
-        // the copy of the record that an update takes.
-        if let Some(slot) = self.inner.get(change.user_id.as_str()).await
+        // the copy of the record that an update takes. (A replay brings
+        // users the cache doesn't hold yet: no lookup first.)
+        if !replaying
+            && let Some(slot) = self.inner.get(change.user_id.as_str()).await
             && slot.record.key_revision(&change.update.part()) >= change.revision
         {
             return Applied::Stale;
