@@ -27,6 +27,10 @@ use time::OffsetDateTime;
 
 /// How many KV operations one request keeps in flight at once.
 pub const PIPELINE_DEPTH: usize = 256;
+/// How many writes a batch keeps in flight: all of a full batch (the API
+/// caps it at 1000 items), sent before the first acknowledgement is awaited,
+/// as a pipelining client would.
+pub const BATCH_PIPELINE_DEPTH: usize = 1000;
 /// How many times a write is tried while other writes keep changing the
 /// user first; then it fails with [`StoreError::Conflict`].
 pub const WRITE_ATTEMPTS: u32 = 8;
@@ -307,15 +311,15 @@ impl PresenceService {
         self.view_after_write(&user_id).await
     }
 
-    /// Stores many updates with up to [`PIPELINE_DEPTH`] writes in flight,
-    /// returning one result per update in input order.
+    /// Stores many updates with up to [`BATCH_PIPELINE_DEPTH`] writes in
+    /// flight, returning one result per update in input order.
     pub async fn set_many(
         &self,
         updates: Vec<ValidUpdate>,
     ) -> Vec<Result<PresenceView, StoreError>> {
         futures::stream::iter(updates)
             .map(|update| self.set(update))
-            .buffered(PIPELINE_DEPTH)
+            .buffered(BATCH_PIPELINE_DEPTH)
             .collect()
             .await
     }
