@@ -1,7 +1,7 @@
 //! presence-service processes under test, and what the bench reads about
 //! them (readiness, cache size, RSS, CPU time).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use testkit::{Nats, Proc, free_port};
@@ -12,18 +12,6 @@ pub const JS_DOMAIN: &str = "hub";
 /// Every measured node's cache budget: far above what 1M users need, so no
 /// figure is bent by evictions.
 pub const CACHE_MAX_COST: u64 = 2 << 30;
-
-/// Where the release binaries are: `BENCH_BIN_DIR`, else next to this one.
-pub fn bin_dir() -> PathBuf {
-    std::env::var_os("BENCH_BIN_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::current_exe()
-                .ok()
-                .and_then(|e| e.parent().map(Path::to_path_buf))
-        })
-        .unwrap_or_else(|| PathBuf::from("target/release"))
-}
 
 /// A running presence-service process and its base URL.
 pub struct Service {
@@ -39,7 +27,7 @@ pub async fn http_ok(client: &reqwest::Client, url: &str) -> bool {
 /// The presence-service command every measurement starts: release binary,
 /// test secret, loopback, the hub's domain.
 pub fn service_command(node_type: &str, nats: &Nats, port: u16) -> Command {
-    let mut command = Command::new(bin_dir().join("presence-service"));
+    let mut command = Command::new(testkit::bench_bin_dir().join("presence-service"));
     command
         .env_clear()
         .env("JWT_SECRET", SECRET)
@@ -143,18 +131,6 @@ pub async fn cache_metrics(
         .ok()?;
     let body: serde_json::Value = response.json().await.ok()?;
     Some((body["entries"].as_u64()?, body["hits"].as_u64()?))
-}
-
-/// Resident memory of a process, from /proc.
-pub fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
 }
 
 /// CPU time (user + system) a process used so far, from /proc.

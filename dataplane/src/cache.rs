@@ -175,7 +175,7 @@ impl PresenceCache {
         // users the cache doesn't hold yet: no lookup first.)
         if !replaying
             && let Some(slot) = self.inner.get(change.user_id.as_str()).await
-            && slot.record.key_revision(&change.update.part()) >= change.revision
+            && slot.record.revision_for(&change.update) >= change.revision
         {
             return Applied::Stale;
         }

@@ -282,12 +282,25 @@ impl UserRecord {
         match part {
             Part::Manual => self.manual.as_ref().map_or(0, |c| c.revision),
             Part::Seen => self.seen().map_or(0, |c| c.revision),
-            Part::Session(id) => self
-                .sessions()
-                .iter()
-                .find(|(s, _)| s == id)
-                .map_or(0, |(_, c)| c.revision),
+            Part::Session(id) => self.session_revision(id),
         }
+    }
+
+    /// [`UserRecord::key_revision`] of the key `update` is for, without
+    /// building its [`Part`] (the watch asks this of every change).
+    pub fn revision_for(&self, update: &Update) -> u64 {
+        match update {
+            Update::Manual(_) => self.key_revision(&Part::Manual),
+            Update::Seen(_) => self.key_revision(&Part::Seen),
+            Update::Session(id, _) => self.session_revision(id),
+        }
+    }
+
+    fn session_revision(&self, id: &str) -> u64 {
+        self.sessions()
+            .iter()
+            .find(|(s, _)| s == id)
+            .map_or(0, |(_, c)| c.revision)
     }
 
     /// The highest revision among the user's session keys, removals

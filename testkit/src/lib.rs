@@ -22,6 +22,32 @@ pub fn nats_server_bin() -> PathBuf {
 }
 
 /// A port the OS considers free right now.
+/// Resident memory of a process, from /proc (0 when it can't be read):
+/// what the benchmarks' memory figures compare.
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Where the benchmarks find the release binaries they start:
+/// `BENCH_BIN_DIR`, else next to the running one.
+pub fn bench_bin_dir() -> PathBuf {
+    std::env::var_os("BENCH_BIN_DIR")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(Path::to_path_buf))
+        })
+        .unwrap_or_else(|| PathBuf::from("target/release"))
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -28,24 +28,13 @@ fn arg<T: std::str::FromStr>(args: &[String], index: usize, name: &str) -> anyho
         .with_context(|| format!("usage: moka-overhead ENTRIES MAX_CAPACITY INITIAL_CAPACITY ({name} missing or not a number)"))
 }
 
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let entries: u32 = arg(&args, 0, "ENTRIES")?;
     let max_capacity: u64 = arg(&args, 1, "MAX_CAPACITY")?;
     let initial_capacity: usize = arg(&args, 2, "INITIAL_CAPACITY")?;
-    let before = rss_bytes();
+    let before = testkit::rss_bytes(std::process::id());
     let evicted = Arc::new(AtomicU64::new(0));
     let counted = evicted.clone();
     let cache: Cache<u32, ()> = Cache::builder()
@@ -62,7 +51,7 @@ async fn main() -> anyhow::Result<()> {
         cache.insert(key, ()).await;
     }
     cache.run_pending_tasks().await;
-    let after = rss_bytes();
+    let after = testkit::rss_bytes(std::process::id());
     let held = cache.entry_count();
     if held != u64::from(entries) {
         bail!(

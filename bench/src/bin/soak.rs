@@ -16,12 +16,12 @@
 //!
 //! Prints a summary and exits 1 when a check failed.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use testkit::{Nats, Proc, free_port};
+use testkit::{Nats, Proc, bench_bin_dir as bin_dir, free_port, rss_bytes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -88,28 +88,6 @@ impl Rng {
 
 fn token(sub: &str, scope: &str) -> String {
     presence_dataplane::auth::mint(SECRET, sub, scope, 86_400).expect("sign a token")
-}
-
-fn bin_dir() -> PathBuf {
-    std::env::var_os("BENCH_BIN_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::current_exe()
-                .ok()
-                .and_then(|e| e.parent().map(Path::to_path_buf))
-        })
-        .unwrap_or_else(|| PathBuf::from("target/release"))
-}
-
-fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
 }
 
 async fn start(dir: &Path, binary: &Path, name: &'static str, kind: &str, nats: &Nats) -> Node {

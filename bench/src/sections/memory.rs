@@ -3,11 +3,12 @@
 
 use crate::Bench;
 use crate::load::batch;
-use crate::node::{CACHE_MAX_COST, Service, bin_dir, cache_metrics, rss_bytes, start_service};
+use crate::node::{CACHE_MAX_COST, Service, cache_metrics, start_service};
 use anyhow::{Context as _, bail};
 use futures::StreamExt;
 use std::process::Command;
 use std::time::Duration;
+use testkit::{bench_bin_dir as bin_dir, rss_bytes};
 
 /// The bucket the memory section fills and the warm-up section replays.
 pub const BUCKET: &str = "MEMBENCH";

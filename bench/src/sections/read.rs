@@ -2,10 +2,11 @@
 
 use crate::Bench;
 use crate::load::Wrk;
-use crate::node::{bin_dir, http_ok};
+use crate::node::http_ok;
 use crate::report::ratio;
 use std::process::Command;
 use std::time::Duration;
+use testkit::bench_bin_dir as bin_dir;
 use testkit::{Proc, free_port};
 
 const READ_CONCURRENCY: [u32; 2] = [16, 64];

@@ -19,7 +19,8 @@ use crate::crd::{GROUP, PresenceCluster, PresenceClusterSpec, PullPolicy};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMap, PodAffinityTerm, PodAntiAffinity, Secret, Service, WeightedPodAffinityTerm,
+    Affinity, Capabilities, ConfigMap, PodAffinityTerm, PodAntiAffinity, Secret, SecurityContext,
+    Service, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -225,6 +226,20 @@ fn pod_meta(
 pub fn config_hash(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Every container's security context: no privilege escalation, a
+/// read-only root filesystem, no capabilities.
+fn locked_down() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 fn pull_policy(spec: &PresenceClusterSpec) -> Option<String> {

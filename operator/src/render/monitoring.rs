@@ -4,7 +4,7 @@
 
 use super::{Scope, meta, region_selector};
 use crate::crd::{PresenceClusterSpec, Region, Role};
-use k8s_openapi::api::core::v1::{Capabilities, Container, ContainerPort, SecurityContext};
+use k8s_openapi::api::core::v1::{Container, ContainerPort};
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::json;
 
@@ -51,15 +51,7 @@ pub fn exporter_sidecar(spec: &PresenceClusterSpec, region: &Region<'_>) -> Cont
             protocol: Some("TCP".into()),
             ..Default::default()
         }]),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
+        security_context: Some(super::locked_down()),
         ..Default::default()
     }
 }
