@@ -83,7 +83,9 @@ fn required_numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, 
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
-    pub user_id: String,
+    /// Shared: a verified token's caller is copied out of the token cache
+    /// on every request.
+    pub user_id: std::sync::Arc<str>,
     pub can_write_any: bool,
     /// When the token stops being accepted (unix seconds: `exp` plus the
     /// leeway), so a change stream can end with it.
@@ -93,7 +95,7 @@ pub struct Caller {
 impl Caller {
     /// A caller may set its own presence; `presence:write` may set anyone's.
     pub fn may_write(&self, user_id: &str) -> bool {
-        self.can_write_any || self.user_id == user_id
+        self.can_write_any || *self.user_id == *user_id
     }
 }
 
@@ -262,7 +264,7 @@ impl Verifier {
             .as_ref()
             .is_some_and(|s| s.contains(WRITE_ANY_SCOPE));
         Ok(Caller {
-            user_id: claims.sub,
+            user_id: claims.sub.into(),
             can_write_any,
             valid_until: claims.exp.saturating_add(LEEWAY_SECS),
         })
@@ -311,7 +313,7 @@ mod tests {
         let v = Verifier::new(SECRET, None, None);
         let token = mint(SECRET, "ann", "", 60).unwrap();
         let caller = v.verify_header(Some(&format!("Bearer {token}"))).unwrap();
-        assert_eq!(caller.user_id, "ann");
+        assert_eq!(&*caller.user_id, "ann");
         assert!(!caller.can_write_any);
         assert!(caller.may_write("ann"));
         assert!(!caller.may_write("bob"));

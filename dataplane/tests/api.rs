@@ -714,6 +714,18 @@ async fn cors_follows_the_go_variables() {
         .await
         .unwrap();
     assert!(!denied.headers().contains_key("access-control-allow-origin"));
+    // No Origin: not a browser's cross-origin request, so no CORS headers,
+    // but the answer still tells caches it depends on Origin.
+    let server_to_server = strict
+        .client
+        .get(strict.svc.url("/health"))
+        .send()
+        .await
+        .unwrap();
+    let h = server_to_server.headers();
+    assert!(!h.contains_key("access-control-allow-origin"));
+    assert!(!h.contains_key("access-control-expose-headers"));
+    assert_eq!(h["vary"], "origin");
 
     let off = single_with(vec![("CORS_ENABLED", "false".into())]).await;
     let response = off
@@ -806,7 +818,7 @@ fn token_subcommand_signs_a_usable_token() {
     let token = String::from_utf8(output.stdout).unwrap();
     let verifier = presence_dataplane::auth::Verifier::new(SECRET, None, None);
     let caller = verifier.verify(token.trim()).unwrap();
-    assert_eq!(caller.user_id, "svc");
+    assert_eq!(&*caller.user_id, "svc");
     assert!(caller.can_write_any);
 }
 

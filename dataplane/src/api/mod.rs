@@ -1,27 +1,27 @@
 //! The HTTP API: routes, the JSON error shape, extractors that turn bad input
 //! into those errors, CORS, body limits and request metrics.
 
+mod cors;
 mod health;
 mod metrics;
 pub mod openapi;
 mod presence;
 mod sessions;
 mod stream;
+mod track;
+
+pub use track::redacted_query;
 
 use crate::AppState;
 use crate::auth::{AuthError, Caller};
-use crate::config::CorsSettings;
 use crate::model::ValidationError;
 use crate::store::StoreError;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Request};
-use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header, request::Parts};
-use axum::middleware::{self, Next};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::http::{HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use std::time::Instant;
-use tower_http::cors::{AllowOrigin, CorsLayer};
 
 /// Largest request body accepted; larger ones get 413.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -293,152 +293,9 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-/// The `method` label of a request: the standard methods by name, anything
-/// else as `other`, so clients can't create label values (and series) at will.
-fn method_label(method: &Method) -> &'static str {
-    match method.as_str() {
-        "GET" => "GET",
-        "POST" => "POST",
-        "PUT" => "PUT",
-        "DELETE" => "DELETE",
-        "PATCH" => "PATCH",
-        "HEAD" => "HEAD",
-        "OPTIONS" => "OPTIONS",
-        "CONNECT" => "CONNECT",
-        "TRACE" => "TRACE",
-        _ => "other",
-    }
-}
-
-/// Query parameters whose values are secrets: never logged.
-const SECRET_PARAMS: &[&str] = &["access_token"];
-
-/// `query` fit for a log line: the value of every secret parameter (a
-/// stream token, RFC 6750 §2.3) replaced by `REDACTED`, whatever its case
-/// or encoding of the name.
-pub fn redacted_query(query: &str) -> String {
-    query
-        .split('&')
-        .map(|pair| {
-            let name = pair.split_once('=').map_or(pair, |(n, _)| n);
-            let decoded = percent_decoded(name);
-            if SECRET_PARAMS
-                .iter()
-                .any(|s| decoded.eq_ignore_ascii_case(s))
-            {
-                format!("{name}=REDACTED")
-            } else {
-                pair.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("&")
-}
-
-/// A query parameter name as the query parser sees it (`%XX` and `+`
-/// decoded), so no spelling of a secret name escapes redaction.
-fn percent_decoded(name: &str) -> String {
-    let bytes = name.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b'+', _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-async fn track_metrics(
-    state: axum::extract::State<AppState>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let started = Instant::now();
-    // `MatchedPath` is a shared string: cloning it allocates nothing.
-    let route = req.extensions().get::<MatchedPath>().cloned();
-    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
-    let method = method_label(req.method());
-    // The access log (debug level) names the path and a redacted query.
-    let target = tracing::enabled!(tracing::Level::DEBUG).then(|| {
-        let uri = req.uri();
-        match uri.query() {
-            Some(q) => format!("{}?{}", uri.path(), redacted_query(q)),
-            None => uri.path().to_owned(),
-        }
-    });
-    let response = next.run(req).await;
-    if let Some(target) = target {
-        tracing::debug!(
-            method,
-            %target,
-            status = response.status().as_u16(),
-            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-            "request"
-        );
-    }
-    // A static string for every status code: no allocation per request.
-    let status = response.status();
-    let m = &state.metrics;
-    m.http_requests
-        .with_label_values(&[route, method, status.as_str()])
-        .inc();
-    m.http_duration
-        .with_label_values(&[route, status.as_str()])
-        .observe(started.elapsed().as_secs_f64());
-    response
-}
-
-fn cors_layer(cors: &CorsSettings) -> CorsLayer {
-    let origin = match &cors.allowed_origins {
-        None => AllowOrigin::any(),
-        Some(list) => AllowOrigin::list(
-            list.iter()
-                .filter_map(|o| HeaderValue::from_str(o).ok())
-                .collect::<Vec<_>>(),
-        ),
-    };
-    CorsLayer::new()
-        .allow_origin(origin)
-        .allow_methods(
-            cors.allowed_methods
-                .iter()
-                .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
-                .collect::<Vec<_>>(),
-        )
-        .allow_credentials(cors.allow_credentials)
-        .max_age(cors.max_age)
-        // Resuming a stream sends Last-Event-ID; a client backing off
-        // reads Retry-After. Both whatever CORS_ALLOWED_HEADERS says.
-        .allow_headers(
-            cors.allowed_headers
-                .iter()
-                .map(String::as_str)
-                .chain(["Last-Event-ID"])
-                .filter_map(|h| HeaderName::from_bytes(h.as_bytes()).ok())
-                .collect::<Vec<_>>(),
-        )
-        .expose_headers([header::RETRY_AFTER])
-}
-
 /// Every route of the service.
 pub fn router(state: AppState) -> Router {
-    let cors = state.settings.cors.as_ref().map(cors_layer);
+    let cors = state.settings.cors.as_ref().map(cors::ForBrowsers::new);
     let api = Router::new()
         .route("/health", get(health::health))
         .route("/health/liveness", get(health::liveness))
@@ -465,7 +322,7 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(state.clone(), track_metrics))
+        .layer(track::TrackLayer::new(&state.metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state);
     match cors {
@@ -482,6 +339,7 @@ mod tests {
     use super::*;
     use crate::config::Cli;
     use axum::body::Body;
+    use axum::http::Method;
     use clap::Parser;
     use proptest::prelude::*;
     use std::sync::LazyLock;
@@ -505,51 +363,6 @@ mod tests {
             runtime.block_on(async { router(crate::build(settings).await.expect("state")) });
         (runtime, router)
     });
-
-    #[test]
-    fn secret_query_values_never_reach_a_log_line() {
-        assert_eq!(
-            redacted_query("users=ann,bob&access_token=eyJ.secret&lastEventId=7"),
-            "users=ann,bob&access_token=REDACTED&lastEventId=7"
-        );
-        for spelling in [
-            "ACCESS_TOKEN",
-            "access%5Ftoken",
-            "%61ccess_token",
-            "access%5ftoken",
-        ] {
-            let redacted = redacted_query(&format!("{spelling}=eyJ.secret"));
-            assert!(!redacted.contains("secret"), "{spelling}: {redacted}");
-        }
-        assert_eq!(redacted_query("users=ann"), "users=ann");
-        assert_eq!(redacted_query("access_token"), "access_token=REDACTED");
-    }
-
-    proptest! {
-        #[test]
-        fn redaction_keeps_every_other_parameter(
-            pairs in prop::collection::vec(("[a-z]{1,8}", "[a-zA-Z0-9.%-]{0,12}"), 0..6),
-            secret in "[a-zA-Z0-9._-]{1,40}",
-        ) {
-            let mut query: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            query.push(format!("access_token={secret}"));
-            let redacted = redacted_query(&query.join("&"));
-            let kept: Vec<&str> = redacted.split('&').collect();
-            prop_assert_eq!(kept.len(), query.len());
-            prop_assert_eq!(*kept.last().unwrap_or(&""), "access_token=REDACTED");
-            for (got, sent) in kept.iter().zip(&query[..query.len() - 1]) {
-                prop_assert_eq!(*got, sent.as_str());
-            }
-        }
-    }
-
-    #[test]
-    fn method_labels_are_a_closed_set() {
-        assert_eq!(method_label(&Method::GET), "GET");
-        assert_eq!(method_label(&Method::PATCH), "PATCH");
-        let made_up = Method::from_bytes(b"FOO1").expect("a token");
-        assert_eq!(method_label(&made_up), "other");
-    }
 
     fn method() -> impl Strategy<Value = Method> {
         prop_oneof![
