@@ -112,14 +112,29 @@ impl PresenceService {
     /// Everything known about a user: from the cache, else from the store
     /// (and then cached, including the fact that there is nothing).
     pub async fn record(&self, user_id: &str) -> Result<Arc<UserRecord>, StoreError> {
-        if !self.watch.replaying() {
-            if let Some(slot) = self.cache.get(user_id).await {
-                return Ok(slot.record);
-            }
-            if self.cache.is_replica() {
-                return Ok(Arc::new(UserRecord::default()));
-            }
+        match self.cached_record(user_id).await {
+            Some(record) => Ok(record),
+            None => self.load_record(user_id).await,
         }
+    }
+
+    /// What the cache alone can say about a user: its record, an empty one
+    /// when the cache is a replica of the bucket, `None` when only the
+    /// store can tell (or the start-up replay is still running).
+    async fn cached_record(&self, user_id: &str) -> Option<Arc<UserRecord>> {
+        if self.watch.replaying() {
+            return None;
+        }
+        if let Some(slot) = self.cache.get(user_id).await {
+            return Some(slot.record);
+        }
+        self.cache
+            .is_replica()
+            .then(|| Arc::new(UserRecord::default()))
+    }
+
+    /// Reads a user from the store into the cache.
+    async fn load_record(&self, user_id: &str) -> Result<Arc<UserRecord>, StoreError> {
         self.cache.begin_load(user_id).await;
         let changes = self.store.load(user_id).await?;
         Ok(self.cache.finish_load(user_id, changes).await)
@@ -130,24 +145,41 @@ impl PresenceService {
     /// reused until the user changes or something in it expires.
     pub async fn get_json(&self, user_id: &str) -> Result<Option<Bytes>, StoreError> {
         let record = self.record(user_id).await?;
-        record
-            .view_json(user_id, OffsetDateTime::now_utc())
-            .map_err(|e| StoreError::Corrupt {
-                key: user_id.to_owned(),
-                reason: format!("the presence can't be written as JSON: {e}"),
-            })
+        json_of(&record, user_id, OffsetDateTime::now_utc())
     }
 
-    /// Several users' JSON at once; cache misses go to the store concurrently.
+    /// Several users' JSON at once, as of one instant. Cached users are
+    /// answered in one pass (no task per user); the misses then go to the
+    /// store concurrently.
     pub async fn get_many_json(
         &self,
         user_ids: &[String],
     ) -> Vec<Result<Option<Bytes>, StoreError>> {
-        futures::stream::iter(user_ids.iter().cloned())
-            .map(|id| async move { self.get_json(&id).await })
+        let now = OffsetDateTime::now_utc();
+        let mut results = Vec::with_capacity(user_ids.len());
+        let mut misses = Vec::new();
+        for (i, id) in user_ids.iter().enumerate() {
+            match self.cached_record(id).await {
+                Some(record) => results.push(json_of(&record, id, now)),
+                None => {
+                    results.push(Ok(None));
+                    misses.push(i);
+                }
+            }
+        }
+        let missed: Vec<String> = misses.iter().map(|&i| user_ids[i].clone()).collect();
+        let loaded: Vec<_> = futures::stream::iter(missed)
+            .map(|id| async move {
+                let record = self.load_record(&id).await?;
+                json_of(&record, &id, now)
+            })
             .buffered(PIPELINE_DEPTH)
             .collect()
-            .await
+            .await;
+        for (i, result) in misses.into_iter().zip(loaded) {
+            results[i] = result;
+        }
+        results
     }
 
     /// Several users' records at once, for change streams.
@@ -426,6 +458,20 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_micros(random % (2_000 * u64::from(attempt)) + 100)
 }
 
+/// A record's view as JSON at `now` (see [`UserRecord::view_json`]).
+fn json_of(
+    record: &UserRecord,
+    user_id: &str,
+    now: OffsetDateTime,
+) -> Result<Option<Bytes>, StoreError> {
+    record
+        .view_json(user_id, now)
+        .map_err(|e| StoreError::Corrupt {
+            key: user_id.to_owned(),
+            reason: format!("the presence can't be written as JSON: {e}"),
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,6 +501,35 @@ mod tests {
             message: message.into(),
             expires_at: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_multi_get_answers_cached_and_stored_users_in_the_asked_order() {
+        let store = Arc::new(MemoryStore::new());
+        let (a, b) = (node(store.clone(), "a"), node(store.clone(), "b"));
+        for user in ["x", "y"] {
+            a.set(ValidUpdate {
+                user_id: user.into(),
+                ..busy(user)
+            })
+            .await
+            .unwrap();
+        }
+        // b has cached only y; x comes from the store, nobody from nowhere.
+        assert!(b.get_json("y").await.unwrap().is_some());
+        let ids = ["x", "nobody", "y"].map(String::from);
+        let answers = b.get_many_json(&ids).await;
+        let messages: Vec<Option<String>> = answers
+            .into_iter()
+            .map(|a| {
+                a.unwrap().map(|json| {
+                    let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+                    v["message"].as_str().unwrap().to_owned()
+                })
+            })
+            .collect();
+        assert_eq!(messages, [Some("x".into()), None, Some("y".into())]);
+        assert_eq!(b.metrics.cache.misses.get(), 3, "y once, then x and nobody");
     }
 
     #[tokio::test]

@@ -194,14 +194,16 @@ fn multi_get_body(presences: &[bytes::Bytes], not_found: &[String]) -> bytes::By
 }
 
 /// Reads `?users=a,b,c`: trimmed, deduplicated, validated, at most `max`.
+/// Stops reading at the first ID past `max`.
 pub(super) fn parse_user_list(raw: Option<&str>, max: usize) -> Result<Vec<String>, ApiError> {
-    let mut seen = HashSet::new();
+    let mut seen = HashSet::with_capacity(max.min(1024) + 1);
     let ids: Vec<String> = raw
         .unwrap_or_default()
         .split(',')
         .map(str::trim)
         .filter(|id| !id.is_empty())
         .filter(|id| seen.insert(*id))
+        .take(max.saturating_add(1))
         .map(str::to_owned)
         .collect();
     if ids.is_empty() {
@@ -215,7 +217,7 @@ pub(super) fn parse_user_list(raw: Option<&str>, max: usize) -> Result<Vec<Strin
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "too_many_users",
-            format!("at most {max} users per request; got {}", ids.len()),
+            format!("at most {max} distinct users per request; got more"),
         ));
     }
     for id in &ids {
