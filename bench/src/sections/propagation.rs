@@ -38,6 +38,10 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
         poll_p99 < POLL_P99_LIMIT_MS,
     );
     let plan = plan(STREAMS, USERS_PER_STREAM);
+    bench.report.commands.push(format!(
+        "sse-reader {} < ({STREAMS} lines of `TOKEN USERS`)",
+        bench.us.base
+    ));
     let mut p99s = Vec::new();
     for readers in [Readers::InProcess, Readers::OwnProcess] {
         let (deliveries, p50, p99) = stream_fan_out(
