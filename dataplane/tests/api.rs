@@ -727,6 +727,11 @@ async fn cors_follows_the_go_variables() {
     assert!(!h.contains_key("access-control-expose-headers"));
     assert_eq!(h["vary"], "origin");
 
+    let anonymous = s.client.get(s.svc.url("/health")).send().await.unwrap();
+    let h = anonymous.headers();
+    assert!(!h.contains_key("access-control-allow-origin"));
+    assert_eq!(h["vary"], "origin", "any origin: still varies on Origin");
+
     let off = single_with(vec![("CORS_ENABLED", "false".into())]).await;
     let response = off
         .client

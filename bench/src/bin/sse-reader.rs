@@ -109,7 +109,8 @@ async fn follow(mut response: reqwest::Response, seen: mpsc::UnboundedSender<See
                 opened = true;
                 let _ = seen.send(Seen::Open);
             }
-            if let Some(message) = fan_message(&block) {
+            // Snapshot events hold earlier writes; only live ones count.
+            if let Some(message) = fan_message(&block).filter(|_| opened) {
                 let _ = seen.send(Seen::Event(message, unix_nanos()));
             }
         }

@@ -18,9 +18,6 @@ use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
 #[derive(Clone)]
 pub struct ForBrowsers {
     cors: CorsLayer,
-    /// The answer depends on `Origin` (a list of allowed origins), so even
-    /// an answer without CORS headers says `Vary: Origin` to caches.
-    varies: bool,
 }
 
 impl ForBrowsers {
@@ -28,16 +25,13 @@ impl ForBrowsers {
     pub fn new(settings: &CorsSettings) -> Self {
         ForBrowsers {
             cors: cors_layer(settings),
-            varies: settings.allowed_origins.is_some(),
         }
     }
 }
 
+/// An answer without CORS headers still depends on `Origin`: it says
+/// `Vary: Origin`, so no cache hands it to a browser's cross-origin request.
 type AddVary = fn(Response) -> Response;
-
-fn unchanged(response: Response) -> Response {
-    response
-}
 
 fn vary_on_origin(mut response: Response) -> Response {
     response
@@ -50,11 +44,7 @@ impl<S: Clone> Layer<S> for ForBrowsers {
     type Service = ForBrowsersService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        let add_vary: AddVary = if self.varies {
-            vary_on_origin
-        } else {
-            unchanged
-        };
+        let add_vary: AddVary = vary_on_origin;
         ForBrowsersService {
             cors: self.cors.layer(inner.clone()),
             plain: MapResponseLayer::new(add_vary).layer(inner),
