@@ -48,6 +48,7 @@ pub struct Metrics {
     pub cache_weighted_size: IntGauge,
     pub streams_open: IntGauge,
     pub stream_events: IntCounter,
+    pub stream_event_lag: Histogram,
     pub streams_lagged: IntCounter,
     pub streams_closed: IntCounterVec,
     pub event_log_entries: IntGauge,
@@ -175,6 +176,11 @@ impl Metrics {
                 "stream_events_total",
                 "Presence events sent on change streams",
             )?,
+            stream_event_lag: r.add(Histogram::with_opts(r.latency(
+                "stream_event_lag_seconds",
+                "Time from a KV write at the hub to its event being handed to a change \
+                 stream's connection (live changes only, one per stream)",
+            )))?,
             streams_lagged: r.counter(
                 "streams_lagged_total",
                 "Change streams ended because they fell behind the change feed",

@@ -971,6 +971,14 @@ async fn a_browser_opens_the_stream_with_the_token_in_the_url() {
     let metrics = s.client.get(s.svc.url("/metrics")).send().await.unwrap();
     let metrics = metrics.text().await.unwrap();
     assert!(!metrics.contains(reader.rsplit('.').next().unwrap_or_default()));
+    // The one live change reached the one stream: one lag observation (the
+    // opening snapshot is not a live change).
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "presence_stream_event_lag_seconds_count 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

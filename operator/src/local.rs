@@ -565,8 +565,6 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Runs `spec` until `stop` flips, restarting it with capped exponential
-/// backoff whenever it exits.
 /// A TCP load balancer on 127.0.0.1:`listen` in front of the hub servers'
 /// leafnode ports: what a cloud load balancer is to leaves in other
 /// clusters. TLS passes through untouched; each connection goes to the
@@ -609,6 +607,8 @@ async fn leafnode_balancer(listen: u16, backends: Vec<u16>, mut stop: watch::Rec
     }
 }
 
+/// Runs `spec` until `stop` flips, restarting it with capped exponential
+/// backoff whenever it exits.
 async fn supervise(spec: ProcessSpec, data_dir: PathBuf, mut stop: watch::Receiver<bool>) {
     let mut failures: u32 = 0;
     let log = log_file(&data_dir, &spec.name);

@@ -44,6 +44,7 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
     ));
     let mut p99s = Vec::new();
     for readers in [Readers::InProcess, Readers::OwnProcess] {
+        let before = lag_buckets(&bench.http, &bench.us.base).await?;
         let (deliveries, p50, p99) = stream_fan_out(
             &bench.http,
             &bench.eu.base,
@@ -75,6 +76,14 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
             ),
         );
         p99s.push(p99);
+        let after = lag_buckets(&bench.http, &bench.us.base).await?;
+        let (served, at_50, at_99) = bucket_percentiles(&before, &after);
+        bench.report.add(
+            "propagation",
+            "same round, the service's own share (presence_stream_event_lag_seconds at us): p50 / p99 at most",
+            format!("{} / {} ms", bucket_ms(at_50), bucket_ms(at_99)),
+            format!("{served} events handed to their streams' connections; from the hub storing the write, by us's histogram buckets"),
+        );
     }
     let (in_process, own) = (p99s[0], p99s[1]);
     bench.report.target(
@@ -328,6 +337,61 @@ async fn forward_arrivals(
         {
             let _ = arrivals.send((message.to_owned(), at));
         }
+    }
+}
+
+/// Cumulative `(le, count)` buckets of `presence_stream_event_lag_seconds`
+/// in `base`'s `/metrics`.
+async fn lag_buckets(http: &reqwest::Client, base: &str) -> anyhow::Result<Vec<(f64, f64)>> {
+    const PREFIX: &str = "presence_stream_event_lag_seconds_bucket{le=\"";
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|line| {
+            let (le, count) = line.strip_prefix(PREFIX)?.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.parse().ok()?))
+        })
+        .collect();
+    if buckets.is_empty() {
+        bail!("{base}/metrics has no presence_stream_event_lag_seconds buckets");
+    }
+    Ok(buckets)
+}
+
+/// Between two scrapes: how many observations, and the upper bounds (s) of
+/// the buckets holding the 50th and 99th percentile.
+fn bucket_percentiles(before: &[(f64, f64)], after: &[(f64, f64)]) -> (f64, f64, f64) {
+    let counts: Vec<(f64, f64)> = after
+        .iter()
+        .zip(before)
+        .map(|((le, a), (_, b))| (*le, a - b))
+        .collect();
+    let total = counts.last().map_or(0.0, |(_, c)| *c);
+    let at = |q: f64| {
+        counts
+            .iter()
+            .find(|(_, c)| *c >= q * total)
+            .map_or(f64::INFINITY, |(le, _)| *le)
+    };
+    (total, at(0.5), at(0.99))
+}
+
+fn bucket_ms(seconds: f64) -> String {
+    if seconds.is_finite() {
+        format!("{}", seconds * 1e3)
+    } else {
+        "above the top bucket".into()
     }
 }
 

@@ -351,9 +351,19 @@ impl Follow {
         for change in live {
             if let Some(event) = self.subscription.apply(&change) {
                 self.deliver(event).await?;
+                self.observe_lag(&change);
             }
         }
         Ok(())
+    }
+
+    /// How long a live change took from the hub to this stream's
+    /// connection: the service's own share of a viewer's latency.
+    fn observe_lag(&self, change: &Change) {
+        let lag = OffsetDateTime::now_utc() - change.stored_at;
+        self.metrics
+            .stream_event_lag
+            .observe(lag.as_seconds_f64().max(0.0));
     }
 
     async fn follow(&mut self) -> End {
@@ -361,10 +371,11 @@ impl Follow {
             tokio::select! {
                 received = self.changes.recv() => match received {
                     Ok(change) => {
-                        if let Some(event) = self.subscription.apply(&change)
-                            && let Err(end) = self.deliver(event).await
-                        {
-                            return end;
+                        if let Some(event) = self.subscription.apply(&change) {
+                            if let Err(end) = self.deliver(event).await {
+                                return end;
+                            }
+                            self.observe_lag(&change);
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(missed)) => return End::Lagged(missed),
