@@ -209,12 +209,27 @@ impl PresenceService {
     /// [`WRITE_ATTEMPTS`] times. The written update is applied to this
     /// node's cache at once, so the writer reads its own write before the
     /// watch echoes it.
-    async fn write_planned<E, F>(&self, user_id: &str, mut plan: F) -> Result<(), E>
+    async fn write_planned<E, F>(&self, user_id: &str, plan: F) -> Result<(), E>
     where
         E: From<StoreError>,
         F: FnMut(&UserRecord) -> Result<Plan, E>,
     {
-        let mut record = self.record(user_id).await?;
+        let record = self.record(user_id).await?;
+        self.write_planned_from(user_id, record, plan).await
+    }
+
+    /// [`PresenceService::write_planned`] from a record the caller read
+    /// already, so a request that checked the cache doesn't look twice.
+    async fn write_planned_from<E, F>(
+        &self,
+        user_id: &str,
+        mut record: Arc<UserRecord>,
+        mut plan: F,
+    ) -> Result<(), E>
+    where
+        E: From<StoreError>,
+        F: FnMut(&UserRecord) -> Result<Plan, E>,
+    {
         let mut attempt = 1;
         loop {
             let (update, expect, ttl) = match plan(&record)? {
@@ -288,25 +303,40 @@ impl PresenceService {
         at: OffsetDateTime,
         resolution: Duration,
     ) -> Result<(), StoreError> {
+        let record = self.record(user_id).await?;
+        self.write_seen_from(user_id, record, at, resolution).await
+    }
+
+    /// [`PresenceService::write_seen`] from a record read already.
+    async fn write_seen_from(
+        &self,
+        user_id: &str,
+        record: Arc<UserRecord>,
+        at: OffsetDateTime,
+        resolution: Duration,
+    ) -> Result<(), StoreError> {
+        let recent = |record: &UserRecord| {
+            record
+                .seen_at()
+                .is_some_and(|stored| stored >= at - resolution)
+        };
+        if recent(&record) {
+            return Ok(());
+        }
         let seen = Update::Seen(Some(Seen {
             last_seen: at,
             node_id: self.node_id.clone(),
         }));
-        self.write_planned(user_id, |record| {
-            Ok(
-                if record
-                    .seen_at()
-                    .is_some_and(|stored| stored >= at - resolution)
-                {
-                    Plan::Nothing
-                } else {
-                    Plan::Write {
-                        update: seen.clone(),
-                        expect: Expect::Key(record.key_revision(&Part::Seen)),
-                        ttl: None,
-                    }
-                },
-            )
+        self.write_planned_from(user_id, record, |record| {
+            Ok(if recent(record) {
+                Plan::Nothing
+            } else {
+                Plan::Write {
+                    update: seen.clone(),
+                    expect: Expect::Key(record.key_revision(&Part::Seen)),
+                    ttl: None,
+                }
+            })
         })
         .await
     }
@@ -403,9 +433,15 @@ impl PresenceService {
             Some(lock) => Some(lock.lock().await),
             None => None,
         };
+        // The record read above, unless waiting for the lock let another
+        // heartbeat change it.
+        let record = match lock {
+            Some(_) => self.record(user_id).await?,
+            None => known,
+        };
         let (first, second) = futures::future::join(
-            self.write_planned(user_id, plan),
-            self.write_seen(user_id, last_seen, heartbeat.ttl()),
+            self.write_planned_from(user_id, record.clone(), plan),
+            self.write_seen_from(user_id, record, last_seen, heartbeat.ttl()),
         )
         .await;
         first?;
