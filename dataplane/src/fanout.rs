@@ -1,7 +1,8 @@
 //! Change streams: what one subscriber to a set of users is told, and when.
 //!
 //! Every stream of a node reads the node's single KV watch through the
-//! in-process [`ChangeFeed`]; none opens a NATS consumer. A stream keeps
+//! in-process [`ChangeFeed`], which hands each stream only its users'
+//! changes; none opens a NATS consumer. A stream keeps
 //! its own copy of its users' records, so it computes each user's effective
 //! presence after every change without touching the shared cache, and tells
 //! the subscriber only when that presence changed in a way a client shows
@@ -16,18 +17,19 @@
 //! an older `r` gets a full snapshot.
 
 use crate::event_log::EventLog;
+use crate::feed::{ChangeFeed, FeedReceiver};
 use crate::record::{PresenceView, UserRecord};
-use crate::store::{Change, ChangeFeed};
+use crate::store::Change;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use time::OffsetDateTime;
-use tokio::sync::broadcast;
 
 /// Most users one stream may follow.
 pub const MAX_STREAM_USERS: usize = 1000;
-/// How many changes the feed buffers for a slow stream before that stream
-/// is told it lagged (and ends, to resume with `Last-Event-ID`).
+/// How many changes the feed queues for a slow stream (of its own users)
+/// before that stream is told it lagged (and ends, to resume with
+/// `Last-Event-ID`).
 pub const FEED_CAPACITY: usize = 16 * 1024;
 
 /// The node's open streams and the feed they read.
@@ -76,9 +78,8 @@ impl StreamHub {
     /// A hub allowing `max_open` streams at once, `per_caller` of them to
     /// one caller, with an event log of at most `log_bytes`.
     pub fn new(max_open: usize, per_caller: usize, log_bytes: usize) -> Self {
-        let (feed, _) = broadcast::channel(FEED_CAPACITY);
         StreamHub {
-            feed,
+            feed: ChangeFeed::new(FEED_CAPACITY),
             log: Arc::new(EventLog::with_max_bytes(log_bytes)),
             open: Arc::new(AtomicUsize::new(0)),
             max_open,
@@ -137,9 +138,10 @@ impl StreamHub {
         })
     }
 
-    /// Starts receiving changes; subscribe before reading the snapshot.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
-        self.feed.subscribe()
+    /// Starts receiving the changes of `user_ids`; subscribe before
+    /// reading the snapshot.
+    pub fn subscribe(&self, user_ids: &[String]) -> FeedReceiver {
+        self.feed.subscribe(user_ids)
     }
 }
 

@@ -32,6 +32,7 @@ pub mod cache;
 pub mod config;
 pub mod event_log;
 pub mod fanout;
+pub mod feed;
 pub mod keys;
 pub mod metrics;
 pub mod model;

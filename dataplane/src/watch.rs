@@ -11,8 +11,9 @@
 
 use crate::cache::{Applied, PresenceCache};
 use crate::event_log::{EventLog, visible_change};
+use crate::feed::ChangeFeed;
 use crate::metrics::Metrics;
-use crate::store::{Change, ChangeFeed, Entry, PresenceStore, StoreError, WatchStart};
+use crate::store::{Change, Entry, PresenceStore, StoreError, WatchStart};
 use futures::StreamExt;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -196,7 +197,7 @@ impl Sinks<'_> {
         // Feed first, then publish the revision: a stream that waited for
         // revision r has every change up to r in its receiver.
         if let Some(change) = change {
-            let _ = self.feed.send(Arc::new(change));
+            self.feed.send(Arc::new(change));
         }
         let status = self.status;
         status

@@ -14,6 +14,7 @@ use crate::auth::{AuthError, Caller};
 use crate::fanout::{
     MAX_STREAM_USERS, Refused, StreamEvent, StreamPermit, Subscription, can_resume_exactly,
 };
+use crate::feed::{FeedError, FeedReceiver};
 use crate::metrics::Metrics;
 use crate::record::UserRecord;
 use crate::store::Change;
@@ -27,7 +28,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 
 /// How long opening a stream waits for the node's watch to catch up with
 /// the snapshot it read, so the snapshot and the live changes join exactly.
@@ -184,7 +185,7 @@ pub async fn open(
         .open(&caller.user_id)
         .map_err(|refused| refusal(&state, &caller, refused))?;
     // Subscribe before reading, so no change (or reset) falls between the two.
-    let changes = state.streams.subscribe();
+    let changes = state.streams.subscribe(&ids);
     let resets = state.watch.resets();
     let start = start(&state, ids, resume_from, changes).await?;
     let (tx, rx) = mpsc::channel::<Event>(64);
@@ -223,7 +224,7 @@ struct Start {
     opening: Vec<StreamEvent>,
     /// Changes past the snapshot that arrived while it was read.
     live: Vec<Arc<Change>>,
-    changes: broadcast::Receiver<Arc<Change>>,
+    changes: FeedReceiver,
 }
 
 /// Reads the users' records and joins them with the feed: the opening
@@ -232,7 +233,7 @@ async fn start(
     state: &AppState,
     ids: Vec<String>,
     resume_from: Option<u64>,
-    mut changes: broadcast::Receiver<Arc<Change>>,
+    mut changes: FeedReceiver,
 ) -> Result<Start, ApiError> {
     let applied_before = state.watch.applied_revision();
     let records = state.service.records(&ids).await?;
@@ -252,9 +253,9 @@ async fn start(
     let mut live = Vec::new();
     loop {
         match changes.try_recv() {
-            Ok(change) if change.revision <= through => subscription.absorb(&change),
-            Ok(change) => live.push(change),
-            Err(broadcast::error::TryRecvError::Lagged(_)) => {
+            Ok(Some(change)) if change.revision <= through => subscription.absorb(&change),
+            Ok(Some(change)) => live.push(change),
+            Err(FeedError::Lagged) => {
                 return Err(ApiError {
                     retry_after: Some(Duration::from_secs(1)),
                     ..ApiError::new(
@@ -264,7 +265,7 @@ async fn start(
                     )
                 });
             }
-            Err(_) => break,
+            Ok(None) | Err(FeedError::Closed) => break,
         }
     }
     let opening = match resume_from {
@@ -308,14 +309,14 @@ enum End {
     Expired,
     /// The bucket was recreated: every revision the stream knows is void.
     Reset,
-    /// The stream fell this many changes behind the feed.
-    Lagged(u64),
+    /// A change for the stream didn't fit its queue in the feed.
+    Lagged,
 }
 
 /// One open stream: sends the opening, then live changes, until it ends.
 struct Follow {
     subscription: Subscription,
-    changes: broadcast::Receiver<Arc<Change>>,
+    changes: FeedReceiver,
     tx: mpsc::Sender<Event>,
     stopping: watch::Receiver<bool>,
     resets: watch::Receiver<u64>,
@@ -378,8 +379,8 @@ impl Follow {
                             self.observe_lag(&change);
                         }
                     }
-                    Err(broadcast::error::RecvError::Lagged(missed)) => return End::Lagged(missed),
-                    Err(broadcast::error::RecvError::Closed) => return End::Stopping,
+                    Err(FeedError::Lagged) => return End::Lagged,
+                    Err(FeedError::Closed) => return End::Stopping,
                 },
                 // The only change is to "stopping" (or the sender is gone).
                 _ = self.stopping.changed() => return End::Stopping,
@@ -430,11 +431,8 @@ impl Follow {
                 tracing::info!("a change stream's client stopped reading; ending the stream");
                 None
             }
-            End::Lagged(missed) => {
-                tracing::warn!(
-                    missed,
-                    "a change stream lagged; ending it so its client resumes"
-                );
+            End::Lagged => {
+                tracing::warn!("a change stream lagged; ending it so its client resumes");
                 self.metrics.streams_lagged.inc();
                 Some(error_event(
                     "stream_lagged",
@@ -478,14 +476,15 @@ mod tests {
         metrics: Metrics,
         _stopping: watch::Sender<bool>,
         resets: watch::Sender<u64>,
-        _feed: broadcast::Sender<Arc<Change>>,
+        _feed: crate::feed::ChangeFeed,
     }
 
     /// A stream of users `a` and `b` whose opening is its snapshot; the
     /// returned view is `a`'s, shared with the opening.
     fn stream(expires_in: Duration, send_timeout: Duration) -> (Follow, Vec<StreamEvent>, Harness) {
         let hub = StreamHub::new(10, 10, 1 << 20);
-        let (feed, changes) = broadcast::channel(16);
+        let feed = crate::feed::ChangeFeed::new(16);
+        let changes = feed.subscribe(&["a".into(), "b".into()]);
         let (tx, rx) = mpsc::channel(64);
         let (stopping_tx, stopping) = watch::channel(false);
         let (resets_tx, resets) = watch::channel(0);

@@ -115,10 +115,6 @@ pub enum WatchStart {
     After(u64),
 }
 
-/// Every change the watch applied, in revision order, for the change
-/// streams: one KV watch per node, fanned out in process.
-pub type ChangeFeed = tokio::sync::broadcast::Sender<std::sync::Arc<Change>>;
-
 /// A live sequence of entries in revision order.
 pub type ChangeStream = BoxStream<'static, Result<Entry, StoreError>>;
 
