@@ -27,10 +27,10 @@ use time::OffsetDateTime;
 
 /// Most users one stream may follow.
 pub const MAX_STREAM_USERS: usize = 1000;
-/// How many changes the feed queues for a slow stream (of its own users)
+/// How many changes of its own users the feed queues for a slow stream
 /// before that stream is told it lagged (and ends, to resume with
-/// `Last-Event-ID`).
-pub const FEED_CAPACITY: usize = 16 * 1024;
+/// `Last-Event-ID`). Per stream, so it bounds what a stalled client holds.
+pub const FEED_CAPACITY: usize = 1024;
 
 /// The node's open streams and the feed they read.
 #[derive(Clone)]

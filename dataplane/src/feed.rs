@@ -25,13 +25,14 @@ pub struct ChangeFeed {
 #[derive(Default)]
 struct Routes {
     next_id: u64,
-    /// The queues of the streams following each user.
-    by_user: HashMap<String, Vec<Route>>,
+    /// The queues of the streams following each user, by stream: a stream
+    /// that ends leaves each of its users in one step, however many other
+    /// streams follow them.
+    by_user: HashMap<String, HashMap<u64, Route>>,
 }
 
 /// One stream's queue, as registered under one of its users.
 struct Route {
-    id: u64,
     tx: mpsc::Sender<Arc<Change>>,
     /// Set once a change for the stream didn't fit its queue.
     lagged: Arc<AtomicBool>,
@@ -62,7 +63,7 @@ impl ChangeFeed {
         let Some(queues) = routes.by_user.get_mut(&change.user_id) else {
             return;
         };
-        queues.retain(|route| {
+        queues.retain(|_, route| {
             if route.lagged.load(Ordering::Acquire) {
                 return false;
             }
@@ -80,25 +81,33 @@ impl ChangeFeed {
         }
     }
 
-    /// Starts receiving the changes of `user_ids`; subscribe before reading
-    /// their records, so no change falls between the two.
+    /// Starts receiving the changes of `user_ids` (each once, however often
+    /// it is named); subscribe before reading their records, so no change
+    /// falls between the two.
     pub fn subscribe(&self, user_ids: &[String]) -> FeedReceiver {
         let (tx, rx) = mpsc::channel(self.capacity);
         let lagged = Arc::new(AtomicBool::new(false));
+        let mut users = user_ids.to_vec();
+        users.sort_unstable();
+        users.dedup();
         let mut routes = lock(&self.routes);
         routes.next_id += 1;
         let id = routes.next_id;
-        for user in user_ids {
-            routes.by_user.entry(user.clone()).or_default().push(Route {
-                id,
+        for user in &users {
+            let route = Route {
                 tx: tx.clone(),
                 lagged: lagged.clone(),
-            });
+            };
+            routes
+                .by_user
+                .entry(user.clone())
+                .or_default()
+                .insert(id, route);
         }
         FeedReceiver {
             rx,
             id,
-            users: user_ids.to_vec(),
+            users,
             lagged,
             routes: Arc::downgrade(&self.routes),
         }
@@ -107,7 +116,10 @@ impl ChangeFeed {
     /// How many streams follow `user_id`, for tests.
     #[cfg(test)]
     fn followers(&self, user_id: &str) -> usize {
-        lock(&self.routes).by_user.get(user_id).map_or(0, Vec::len)
+        lock(&self.routes)
+            .by_user
+            .get(user_id)
+            .map_or(0, HashMap::len)
     }
 }
 
@@ -160,7 +172,7 @@ impl Drop for FeedReceiver {
         let mut routes = lock(&routes);
         for user in &self.users {
             if let Some(queues) = routes.by_user.get_mut(user) {
-                queues.retain(|route| route.id != self.id);
+                queues.remove(&self.id);
                 if queues.is_empty() {
                     routes.by_user.remove(user);
                 }
@@ -204,6 +216,16 @@ mod tests {
         assert_eq!(got, [1, 3, 5]);
         assert_eq!(c.recv().await.map(|c| c.revision), Ok(2));
         assert_eq!(c.try_recv().map(|c| c.map(|c| c.revision)), Ok(None));
+    }
+
+    #[tokio::test]
+    async fn a_user_named_twice_is_followed_once() {
+        let feed = ChangeFeed::new(4);
+        let mut twice = feed.subscribe(&users(&["a", "a"]));
+        feed.send(change("a", 1));
+        assert_eq!(twice.recv().await.map(|c| c.revision), Ok(1));
+        assert_eq!(twice.try_recv().map(|c| c.map(|c| c.revision)), Ok(None));
+        assert_eq!(feed.followers("a"), 1);
     }
 
     #[tokio::test]
