@@ -29,8 +29,10 @@ use time::OffsetDateTime;
 pub const MAX_STREAM_USERS: usize = 1000;
 /// How many changes of its own users the feed queues for a slow stream
 /// before that stream is told it lagged (and ends, to resume with
-/// `Last-Event-ID`). Per stream, so it bounds what a stalled client holds.
-pub const FEED_CAPACITY: usize = 1024;
+/// `Last-Event-ID`). Per stream: what a stalled client holds until its send
+/// timeout ends it (pointers to changes the other streams share). As large
+/// as the broadcast it replaced, so a stream lags exactly when it did.
+pub const FEED_CAPACITY: usize = 16 * 1024;
 
 /// The node's open streams and the feed they read.
 #[derive(Clone)]
