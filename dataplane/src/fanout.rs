@@ -31,7 +31,7 @@ pub const MAX_STREAM_USERS: usize = 1000;
 /// before that stream is told it lagged (and ends, to resume with
 /// `Last-Event-ID`). Per stream: what a stalled client holds until its send
 /// timeout ends it (pointers to changes the other streams share). As large
-/// as the broadcast it replaced, so a stream lags exactly when it did.
+/// as the broadcast it replaced, so no stream lags sooner than it did.
 pub const FEED_CAPACITY: usize = 16 * 1024;
 
 /// The node's open streams and the feed they read.

@@ -54,10 +54,7 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
             readers,
         )
         .await?;
-        let where_read = match readers {
-            Readers::OwnProcess => "read by a process of its own (sse-reader)",
-            Readers::InProcess => "read on the benchmark's runtime, each event parsed as JSON",
-        };
+        let where_read = readers.described();
         bench.report.add(
             "propagation",
             format!(
@@ -168,6 +165,24 @@ enum Readers {
     OwnProcess,
 }
 
+impl Readers {
+    /// For the report.
+    fn described(self) -> &'static str {
+        match self {
+            Readers::OwnProcess => "read by a process of its own (sse-reader)",
+            Readers::InProcess => "read on the benchmark's runtime, each event parsed as JSON",
+        }
+    }
+
+    /// In the round's messages, so no round repeats another's.
+    fn tag(self) -> &'static str {
+        match self {
+            Readers::InProcess => "in",
+            Readers::OwnProcess => "own",
+        }
+    }
+}
+
 /// The fan-out's shape: which users each stream follows, and how many
 /// streams follow each user.
 struct Plan {
@@ -235,11 +250,7 @@ async fn stream_fan_out(
     }
     drop(tx);
     // Each round writes new messages, so each write is a visible change.
-    let round = match readers {
-        Readers::InProcess => "in",
-        Readers::OwnProcess => "own",
-    };
-    let (acked, expected) = write_fan(http, writer, token, plan, round).await?;
+    let (acked, expected) = write_fan(http, writer, token, plan, readers.tag()).await?;
     let mut lags = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while lags.len() < expected && Instant::now() < deadline {

@@ -44,10 +44,9 @@ impl<S: Clone> Layer<S> for ForBrowsers {
     type Service = ForBrowsersService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        let add_vary: AddVary = vary_on_origin;
         ForBrowsersService {
             cors: self.cors.layer(inner.clone()),
-            plain: MapResponseLayer::new(add_vary).layer(inner),
+            plain: MapResponseLayer::new(vary_on_origin as AddVary).layer(inner),
         }
     }
 }

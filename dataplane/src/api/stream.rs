@@ -350,21 +350,24 @@ impl Follow {
             self.deliver(event).await?;
         }
         for change in live {
-            if let Some(event) = self.subscription.apply(&change) {
-                self.deliver(event).await?;
-                self.observe_lag(&change);
-            }
+            self.deliver_change(&change).await?;
         }
         Ok(())
     }
 
-    /// How long a live change took from the hub to this stream's
-    /// connection: the service's own share of a viewer's latency.
-    fn observe_lag(&self, change: &Change) {
+    /// Sends the event a live change makes, if any, and records how long
+    /// the change took from the hub to this stream's connection: the
+    /// service's own share of a viewer's latency.
+    async fn deliver_change(&mut self, change: &Change) -> Result<(), End> {
+        let Some(event) = self.subscription.apply(change) else {
+            return Ok(());
+        };
+        self.deliver(event).await?;
         let lag = OffsetDateTime::now_utc() - change.stored_at;
         self.metrics
             .stream_event_lag
             .observe(lag.as_seconds_f64().max(0.0));
+        Ok(())
     }
 
     async fn follow(&mut self) -> End {
@@ -372,11 +375,8 @@ impl Follow {
             tokio::select! {
                 received = self.changes.recv() => match received {
                     Ok(change) => {
-                        if let Some(event) = self.subscription.apply(&change) {
-                            if let Err(end) = self.deliver(event).await {
-                                return end;
-                            }
-                            self.observe_lag(&change);
+                        if let Err(end) = self.deliver_change(&change).await {
+                            return end;
                         }
                     }
                     Err(FeedError::Lagged) => return End::Lagged,
@@ -476,7 +476,7 @@ mod tests {
         metrics: Metrics,
         _stopping: watch::Sender<bool>,
         resets: watch::Sender<u64>,
-        _feed: crate::feed::ChangeFeed,
+        feed: crate::feed::ChangeFeed,
     }
 
     /// A stream of users `a` and `b` whose opening is its snapshot; the
@@ -510,7 +510,7 @@ mod tests {
             metrics,
             _stopping: stopping_tx,
             resets: resets_tx,
-            _feed: feed,
+            feed,
         };
         (follow, opening, harness)
     }
@@ -568,6 +568,28 @@ mod tests {
         while h.rx.recv().await.is_some() {}
         task.await.expect("ends cleanly");
         assert_eq!(closed(&h.metrics, "bucket_reset"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_fell_behind_the_feed_ends_lagged() {
+        let (follow, opening, mut h) = stream(Duration::from_secs(3600), Duration::from_secs(30));
+        // One more change of `a` than its queue holds, before it reads any.
+        for revision in 10..27 {
+            h.feed.send(Arc::new(Change {
+                user_id: "a".into(),
+                update: crate::record::Update::Seen(None),
+                revision,
+                stored_at: OffsetDateTime::now_utc(),
+                pending: 0,
+            }));
+        }
+        let task = tokio::spawn(follow.run(opening, Vec::new()));
+        let drained = async { while h.rx.recv().await.is_some() {} };
+        tokio::time::timeout(Duration::from_secs(10), drained)
+            .await
+            .expect("the lagged stream ends");
+        task.await.expect("ends cleanly");
+        assert_eq!(h.metrics.streams_lagged.get(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -72,6 +72,7 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
+        let started = Instant::now();
         // `MatchedPath` is a shared string: cloning it allocates nothing.
         let route = request.extensions().get::<MatchedPath>().cloned();
         let method = method_label(request.method());
@@ -86,7 +87,7 @@ where
         Tracked {
             inner: self.inner.call(request),
             record: Some(Record {
-                started: Instant::now(),
+                started,
                 route,
                 method,
                 target,
