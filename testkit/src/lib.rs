@@ -6,9 +6,12 @@ pub mod docs;
 pub mod pki;
 
 use std::fs;
+use std::hash::BuildHasher;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long any readiness wait may take before the test fails.
@@ -21,7 +24,6 @@ pub fn nats_server_bin() -> PathBuf {
     presence_contract::tools::nats_server_bin(&Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
 }
 
-/// A port the OS considers free right now.
 /// Resident memory of a process, from /proc (0 when it can't be read):
 /// what the benchmarks' memory figures compare.
 pub fn rss_bytes(pid: u32) -> u64 {
@@ -48,11 +50,44 @@ pub fn bench_bin_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("target/release"))
 }
 
+/// A loopback port that is free right now, for a server a test starts.
+///
+/// Taken below the kernel's ephemeral range, never from it: a port the
+/// kernel hands out for `bind(0)` is just as likely to be handed out again
+/// as the local port of any outgoing connection before the server binds it
+/// (seen here: a hub's `bind: address already in use` failing a test under
+/// load). Below that range only other servers' own ports can be taken,
+/// and each port is tried once per process, from a random start.
 pub fn free_port() -> u16 {
+    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+    let (low, high) = server_port_range();
+    let span = u32::from(high - low);
+    let next = NEXT.get_or_init(|| {
+        let seed = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+        AtomicU32::new(u32::try_from(seed % u64::from(span)).unwrap_or(0))
+    });
+    for _ in 0..span {
+        let offset = next.fetch_add(1, Ordering::Relaxed) % span;
+        let port = low + u16::try_from(offset).unwrap_or(0);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("bind an ephemeral port")
+}
+
+/// The ports [`free_port`] takes from: the 12 000 below the kernel's
+/// ephemeral range (`net.ipv4.ip_local_port_range`, 32768 by default).
+fn server_port_range() -> (u16, u16) {
+    let ephemeral_low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(32768u16);
+    let high = ephemeral_low.max(14_000);
+    (high - 12_000, high)
 }
 
 /// A child process killed (SIGKILL) when dropped.
@@ -342,5 +377,22 @@ impl Nats {
             },
         )
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_outside_the_ephemeral_range() {
+        let (low, high) = server_port_range();
+        let ports: Vec<u16> = (0..200).map(|_| free_port()).collect();
+        let distinct: std::collections::HashSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port was handed out twice");
+        for port in ports {
+            assert!((low..high).contains(&port), "{port} not in {low}..{high}");
+            TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+        }
     }
 }
