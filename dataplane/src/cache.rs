@@ -53,6 +53,48 @@ fn weight(key: &str, slot: &Slot) -> u32 {
     u32::try_from(ENTRY_OVERHEAD + key.len() + record + rendered).unwrap_or(u32::MAX)
 }
 
+/// How many of this node's own recent write revisions the cache remembers
+/// for the watch (see [`OwnWrites`]).
+const OWN_WRITES: usize = 4096;
+
+/// Revisions of this node's own writes that the cache applied already, so
+/// the watch's echo of each is answered without a cache lookup. A
+/// direct-mapped table: revision `r` lives in slot `r % OWN_WRITES` until a
+/// later one takes the slot, and then its echo just takes the lookup.
+/// Bucket revisions are consecutive, so the last 4096 writes of the whole
+/// bucket never collide.
+struct OwnWrites(Box<[AtomicU64]>);
+
+impl OwnWrites {
+    fn new() -> Self {
+        OwnWrites((0..OWN_WRITES).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    fn slot(&self, revision: u64) -> &AtomicU64 {
+        // The modulo is below OWN_WRITES, so it fits a usize and indexes.
+        &self.0[(revision % OWN_WRITES as u64) as usize]
+    }
+
+    fn remember(&self, revision: u64) {
+        self.slot(revision).store(revision, Ordering::Release);
+    }
+
+    /// Whether `revision` was remembered; forgets it either way.
+    fn take(&self, revision: u64) -> bool {
+        revision != 0
+            && self
+                .slot(revision)
+                .compare_exchange(revision, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+
+    fn forget_all(&self) {
+        for slot in &self.0 {
+            slot.store(0, Ordering::Release);
+        }
+    }
+}
+
 /// Snapshot for `/api/v2/cache/metrics`.
 #[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
 pub struct CacheStats {
@@ -81,6 +123,8 @@ pub struct PresenceCache {
     /// Entries evicted for size since start; a replay that saw any can't
     /// have left a replica.
     evictions: Arc<AtomicU64>,
+    /// This node's own writes that are in the cache already.
+    own: Arc<OwnWrites>,
 }
 
 impl PresenceCache {
@@ -110,6 +154,7 @@ impl PresenceCache {
             max_cost,
             replica,
             evictions,
+            own: Arc::new(OwnWrites::new()),
         }
     }
 
@@ -169,16 +214,36 @@ impl PresenceCache {
     /// is a replica (or `replaying`); otherwise the change would be all the
     /// slot knows, and the next read loads the user from the store instead.
     pub async fn apply(&self, change: &Change, replaying: bool) -> Applied {
-        // The watch's echo of a write this node applied already (its own,
-        // mostly): a plain lookup answers it, without the entry lock and
-        // the copy of the record that an update takes. (A replay brings
-        // users the cache doesn't hold yet: no lookup first.)
+        // The watch's echo of a write this node applied already: its own
+        // writes are remembered by revision; anything else a plain lookup
+        // answers, without the entry lock and the copy of the record that
+        // an update takes. (A replay brings users the cache doesn't hold
+        // yet: no lookup first.)
+        if self.own.take(change.revision) {
+            return Applied::Stale;
+        }
         if !replaying
             && let Some(slot) = self.inner.get(change.user_id.as_str()).await
             && slot.record.revision_for(&change.update) >= change.revision
         {
             return Applied::Stale;
         }
+        self.merge(change, replaying).await
+    }
+
+    /// Applies this node's own acknowledged write, and remembers its
+    /// revision so the watch's echo of it costs no lookup. No echo check
+    /// first: the write is new unless its echo won the race.
+    pub async fn apply_own(&self, change: &Change) -> Applied {
+        let applied = self.merge(change, false).await;
+        if !matches!(applied, Applied::Unknown) {
+            self.own.remember(change.revision);
+        }
+        applied
+    }
+
+    /// Merges `change` into the user's slot (see [`PresenceCache::apply`]).
+    async fn merge(&self, change: &Change, replaying: bool) -> Applied {
         let create = replaying || self.is_replica();
         let mut outcome = Applied::Unknown;
         let result = self
@@ -278,6 +343,7 @@ impl PresenceCache {
     /// belongs to data that no longer exists).
     pub fn clear(&self) {
         self.replica.store(false, Ordering::Release);
+        self.own.forget_all();
         self.inner.invalidate_all();
     }
 

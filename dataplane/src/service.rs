@@ -63,6 +63,29 @@ pub struct PresenceService {
     new_sessions: moka::sync::Cache<String, Arc<tokio::sync::Mutex<()>>>,
 }
 
+/// What a write left in this node's cache: what its answer is built from.
+enum Written {
+    /// Nothing needed writing.
+    Nothing,
+    /// The cache took the write: the user's record right after it.
+    Cached(Arc<UserRecord>),
+    /// Written, but the cache had it (or something newer) already, or does
+    /// not hold the user completely.
+    Elsewhere,
+}
+
+impl Written {
+    /// What two writes of one request left together: the record of the
+    /// only one the cache took, else unknown (the two raced, so neither
+    /// record need hold both).
+    fn and(self, other: Written) -> Written {
+        match (self, other) {
+            (Written::Nothing, other) | (other, Written::Nothing) => other,
+            _ => Written::Elsewhere,
+        }
+    }
+}
+
 /// What to store for a user, decided from what is known of the user.
 enum Plan {
     /// Store `update` if the bucket still holds what `expect` says.
@@ -209,7 +232,7 @@ impl PresenceService {
     /// [`WRITE_ATTEMPTS`] times. The written update is applied to this
     /// node's cache at once, so the writer reads its own write before the
     /// watch echoes it.
-    async fn write_planned<E, F>(&self, user_id: &str, plan: F) -> Result<(), E>
+    async fn write_planned<E, F>(&self, user_id: &str, plan: F) -> Result<Written, E>
     where
         E: From<StoreError>,
         F: FnMut(&UserRecord) -> Result<Plan, E>,
@@ -225,7 +248,7 @@ impl PresenceService {
         user_id: &str,
         mut record: Arc<UserRecord>,
         mut plan: F,
-    ) -> Result<(), E>
+    ) -> Result<Written, E>
     where
         E: From<StoreError>,
         F: FnMut(&UserRecord) -> Result<Plan, E>,
@@ -233,7 +256,7 @@ impl PresenceService {
         let mut attempt = 1;
         loop {
             let (update, expect, ttl) = match plan(&record)? {
-                Plan::Nothing => return Ok(()),
+                Plan::Nothing => return Ok(Written::Nothing),
                 Plan::Write {
                     update,
                     expect,
@@ -241,10 +264,7 @@ impl PresenceService {
                 } => (update, expect, ttl),
             };
             match self.store.write(user_id, &update, ttl, expect).await {
-                Ok(revision) => {
-                    self.apply_own(user_id, update, revision).await;
-                    return Ok(());
-                }
+                Ok(revision) => return Ok(self.apply_own(user_id, update, revision).await),
                 Err(StoreError::Conflict) => {
                     self.metrics.write_conflicts.inc();
                     if attempt == WRITE_ATTEMPTS {
@@ -260,7 +280,7 @@ impl PresenceService {
     }
 
     /// Applies this node's own acknowledged write to its cache.
-    async fn apply_own(&self, user_id: &str, update: Update, revision: u64) {
+    async fn apply_own(&self, user_id: &str, update: Update, revision: u64) -> Written {
         let change = Change {
             user_id: user_id.to_owned(),
             update,
@@ -268,10 +288,14 @@ impl PresenceService {
             stored_at: OffsetDateTime::now_utc(),
             pending: 0,
         };
-        if let Applied::Changed { before, after } = self.cache.apply(&change, false).await
-            && let Some(view) = visible_change(user_id, &before, &after)
-        {
-            self.log.note_local(revision, view);
+        match self.cache.apply_own(&change).await {
+            Applied::Changed { before, after } => {
+                if let Some(view) = visible_change(user_id, &before, &after) {
+                    self.log.note_local(revision, view);
+                }
+                Written::Cached(after)
+            }
+            Applied::Stale | Applied::Unknown => Written::Elsewhere,
         }
     }
 
@@ -282,7 +306,7 @@ impl PresenceService {
         user_id: &str,
         update: Update,
         ttl: Option<Duration>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Written, StoreError> {
         let part = update.part();
         self.write_planned(user_id, |record| {
             Ok(Plan::Write {
@@ -302,7 +326,7 @@ impl PresenceService {
         user_id: &str,
         at: OffsetDateTime,
         resolution: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Written, StoreError> {
         let record = self.record(user_id).await?;
         self.write_seen_from(user_id, record, at, resolution).await
     }
@@ -314,14 +338,14 @@ impl PresenceService {
         record: Arc<UserRecord>,
         at: OffsetDateTime,
         resolution: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Written, StoreError> {
         let recent = |record: &UserRecord| {
             record
                 .seen_at()
                 .is_some_and(|stored| stored >= at - resolution)
         };
         if recent(&record) {
-            return Ok(());
+            return Ok(Written::Nothing);
         }
         let seen = Update::Seen(Some(Seen {
             last_seen: at,
@@ -341,11 +365,19 @@ impl PresenceService {
         .await
     }
 
-    async fn view_after_write(&self, user_id: &str) -> Result<PresenceView, StoreError> {
-        let now = OffsetDateTime::now_utc();
-        let record = self.record(user_id).await?;
+    /// The answer to a write: the user as the write left the cache, when
+    /// it did (no second lookup), else as the cache or the store says now.
+    async fn view_after_write(
+        &self,
+        user_id: &str,
+        written: Written,
+    ) -> Result<PresenceView, StoreError> {
+        let record = match written {
+            Written::Cached(record) => record,
+            Written::Nothing | Written::Elsewhere => self.record(user_id).await?,
+        };
         Ok(record
-            .view(user_id, now)
+            .view(user_id, OffsetDateTime::now_utc())
             .unwrap_or_else(|| PresenceView::unknown(user_id)))
     }
 
@@ -359,18 +391,18 @@ impl PresenceService {
         let presence = Presence::accepted(update, self.node_id.clone(), now);
         let last_seen = presence.last_seen;
         let manual = Update::Manual(Some(Arc::new(presence)));
-        match ttl {
+        let written = match ttl {
             Some(ttl) => {
                 let (first, second) = futures::future::join(
                     self.overwrite(&user_id, manual, Some(ttl)),
                     self.write_seen(&user_id, last_seen, Duration::ZERO),
                 )
                 .await;
-                first.and(second)?;
+                first?.and(second?)
             }
             None => self.overwrite(&user_id, manual, None).await?,
-        }
-        self.view_after_write(&user_id).await
+        };
+        self.view_after_write(&user_id, written).await
     }
 
     /// Stores many updates with up to [`BATCH_PIPELINE_DEPTH`] writes in
@@ -444,9 +476,8 @@ impl PresenceService {
             self.write_seen_from(user_id, record, last_seen, heartbeat.ttl()),
         )
         .await;
-        first?;
-        second?;
-        Ok(self.view_after_write(user_id).await?)
+        let written = first?.and(second?);
+        Ok(self.view_after_write(user_id, written).await?)
     }
 
     /// Ends a live session at once.
@@ -479,9 +510,8 @@ impl PresenceService {
             self.write_seen(user_id, now, Duration::ZERO),
         )
         .await;
-        first?;
-        second?;
-        Ok(self.view_after_write(user_id).await?)
+        let written = first?.and(second?);
+        Ok(self.view_after_write(user_id, written).await?)
     }
 }
 
