@@ -135,7 +135,7 @@ impl PresenceService {
     /// Everything known about a user: from the cache, else from the store
     /// (and then cached, including the fact that there is nothing).
     pub async fn record(&self, user_id: &str) -> Result<Arc<UserRecord>, StoreError> {
-        match self.cached_record(user_id).await {
+        match self.cached_record(user_id) {
             Some(record) => Ok(record),
             None => self.load_record(user_id).await,
         }
@@ -144,11 +144,11 @@ impl PresenceService {
     /// What the cache alone can say about a user: its record, an empty one
     /// when the cache is a replica of the bucket, `None` when only the
     /// store can tell (or the start-up replay is still running).
-    async fn cached_record(&self, user_id: &str) -> Option<Arc<UserRecord>> {
+    fn cached_record(&self, user_id: &str) -> Option<Arc<UserRecord>> {
         if self.watch.replaying() {
             return None;
         }
-        if let Some(slot) = self.cache.get(user_id).await {
+        if let Some(slot) = self.cache.get(user_id) {
             return Some(slot.record);
         }
         self.cache
@@ -158,9 +158,9 @@ impl PresenceService {
 
     /// Reads a user from the store into the cache.
     async fn load_record(&self, user_id: &str) -> Result<Arc<UserRecord>, StoreError> {
-        self.cache.begin_load(user_id).await;
+        self.cache.begin_load(user_id);
         let changes = self.store.load(user_id).await?;
-        Ok(self.cache.finish_load(user_id, changes).await)
+        Ok(self.cache.finish_load(user_id, changes))
     }
 
     /// One user's effective presence now as JSON (what `GET` answers);
@@ -182,7 +182,7 @@ impl PresenceService {
         let mut results = Vec::with_capacity(user_ids.len());
         let mut misses = Vec::new();
         for (i, id) in user_ids.iter().enumerate() {
-            match self.cached_record(id).await {
+            match self.cached_record(id) {
                 Some(record) => results.push(json_of(&record, id, now)),
                 None => {
                     results.push(Ok(None));
@@ -288,7 +288,7 @@ impl PresenceService {
             stored_at: OffsetDateTime::now_utc(),
             pending: 0,
         };
-        match self.cache.apply_own(&change).await {
+        match self.cache.apply_own(&change) {
             Applied::Changed { before, after } => {
                 if let Some(view) = visible_change(user_id, &before, &after) {
                     self.log.note_local(revision, view);

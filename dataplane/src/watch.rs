@@ -182,7 +182,7 @@ impl Sinks<'_> {
         let replaying = self.status.replaying();
         let change = match entry {
             Entry::Change(change) => {
-                let applied = self.cache.apply(&change, replaying).await;
+                let applied = self.cache.apply(&change, replaying);
                 if !replaying {
                     self.log_event(&change, applied);
                 }
@@ -256,7 +256,7 @@ impl Sinks<'_> {
     /// The replay ended with the change at `revision`.
     async fn finish_replay(&self, revision: u64) {
         let before = self.status.replay_evictions.load(Ordering::Acquire);
-        let replica = self.cache.mark_replica(before).await;
+        let replica = self.cache.mark_replica(before);
         self.log.start_after(revision);
         self.status.replaying.store(false, Ordering::Release);
         tracing::info!(

@@ -139,7 +139,7 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>)
         Ok(revision) => (Some(revision), None),
         Err(err) => (None, Some(err.to_string())),
     };
-    let cache = state.service.cache().stats().await;
+    let cache = state.service.cache().stats();
     let body = Health {
         status,
         node_id: state.settings.node_id.clone(),

@@ -13,7 +13,7 @@ use axum::response::IntoResponse;
 /// `GET /metrics`: Prometheus text format (no auth, for in-cluster scrapers).
 pub async fn prometheus(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let cache = state.service.cache();
-    let stats = cache.stats().await;
+    let stats = cache.stats();
     state
         .metrics
         .cache_entries
@@ -53,5 +53,5 @@ pub async fn prometheus(State(state): State<AppState>) -> Result<impl IntoRespon
 
 /// `GET /api/v2/cache/metrics`: the Go service's cache statistics (with auth).
 pub async fn cache(State(state): State<AppState>, _caller: Caller) -> Json<CacheStats> {
-    Json(state.service.cache().stats().await)
+    Json(state.service.cache().stats())
 }
