@@ -48,7 +48,7 @@ pub enum Applied {
     Unknown,
 }
 
-/// Fixed per-entry overhead estimate (moka's node, the `Arc`, the `String`
+/// Fixed per-entry overhead estimate (moka's node, the `Arc`, the key's
 /// headers, timestamps) added to the variable-length bytes.
 const ENTRY_OVERHEAD: usize = 160;
 
@@ -123,7 +123,10 @@ pub struct CacheStats {
 /// The cache and its counters.
 #[derive(Clone)]
 pub struct PresenceCache {
-    inner: Cache<String, Slot>,
+    /// Keyed by user ID as a `Box<str>`: moka keeps each key in an `Arc`
+    /// of its own, and a boxed `str` makes that one 16 bytes smaller than
+    /// a `String` would.
+    inner: Cache<Box<str>, Slot>,
     /// Held across each change of a slot (see the module docs).
     stripes: Arc<Stripes>,
     counters: CacheCounters,
@@ -147,11 +150,11 @@ impl PresenceCache {
         let replica = Arc::new(AtomicBool::new(false));
         let evictions = Arc::new(AtomicU64::new(0));
         let (lost, evicted_count) = (replica.clone(), evictions.clone());
-        let inner = Cache::builder()
+        let inner = Cache::<Box<str>, Slot>::builder()
             .max_capacity(max_cost)
             .initial_capacity(initial_capacity)
-            .weigher(|key: &String, slot: &Slot| weight(key, slot))
-            .eviction_listener(move |key: Arc<String>, slot: Slot, cause| {
+            .weigher(|key, slot| weight(key, slot))
+            .eviction_listener(move |key: Arc<Box<str>>, slot: Slot, cause| {
                 if cause == RemovalCause::Size {
                     evicted_count.fetch_add(1, Ordering::AcqRel);
                     lost.store(false, Ordering::Release);
@@ -211,7 +214,7 @@ impl PresenceCache {
     /// a new key or the cost added; `was_there` tells which.
     fn put(&self, user_id: &str, slot: Slot, was_there: bool) {
         let cost = weight(user_id, &slot);
-        self.inner.insert(user_id.to_owned(), slot);
+        self.inner.insert(user_id.into(), slot);
         if !was_there {
             self.counters.keys_added.inc();
         }

@@ -65,38 +65,63 @@ impl FromStr for Status {
     }
 }
 
-/// One user's presence as the API returns it and the KV bucket stores it.
-///
-/// `revision` is the KV revision of the stored value; it is not part of the
-/// stored bytes (the bucket assigns it) and is omitted while still unknown.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One user's manual status, as a node keeps it: the stored value without
+/// the user ID, which the cache's key and every caller have already. A
+/// million cached users carry no second copy of their IDs, and the value
+/// is one small allocation (see [`Presence::to_stored_json`] for the
+/// stored form).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Presence {
-    #[serde(rename = "userID")]
-    pub user_id: String,
     pub status: Status,
-    #[serde(default)]
-    pub message: String,
-    #[serde(rename = "lastSeen", with = "time::serde::rfc3339")]
+    /// Empty for most users, which then costs no allocation.
+    pub message: Box<str>,
     pub last_seen: OffsetDateTime,
-    #[serde(rename = "updatedAt", with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
-    #[serde(rename = "nodeID", default)]
     pub node_id: NodeId,
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub revision: u64,
     /// When a manual status stops applying (it is stored with a matching
     /// KV TTL, so it also disappears from the bucket by itself).
-    #[serde(
-        rename = "expiresAt",
-        default,
-        with = "time::serde::rfc3339::option",
-        skip_serializing_if = "Option::is_none"
-    )]
     pub expires_at: Option<OffsetDateTime>,
 }
 
-fn is_zero(value: &u64) -> bool {
-    *value == 0
+/// The stored form of a [`Presence`]: the Go service's JSON, user ID
+/// included. The KV revision is not part of it (the bucket assigns it).
+#[derive(Serialize)]
+struct StoredRef<'a> {
+    #[serde(rename = "userID")]
+    user_id: &'a str,
+    status: Status,
+    message: &'a str,
+    #[serde(rename = "lastSeen", with = "time::serde::rfc3339")]
+    last_seen: OffsetDateTime,
+    #[serde(rename = "updatedAt", with = "time::serde::rfc3339")]
+    updated_at: OffsetDateTime,
+    #[serde(rename = "nodeID")]
+    node_id: &'a str,
+    #[serde(
+        rename = "expiresAt",
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    expires_at: Option<OffsetDateTime>,
+}
+
+/// [`StoredRef`] as read back; unknown fields (a `revision` some writers
+/// store) are ignored.
+#[derive(Deserialize)]
+struct Stored {
+    #[serde(rename = "userID")]
+    user_id: String,
+    status: Status,
+    #[serde(default)]
+    message: String,
+    #[serde(rename = "lastSeen", with = "time::serde::rfc3339")]
+    last_seen: OffsetDateTime,
+    #[serde(rename = "updatedAt", with = "time::serde::rfc3339")]
+    updated_at: OffsetDateTime,
+    #[serde(rename = "nodeID", default)]
+    node_id: NodeId,
+    #[serde(rename = "expiresAt", default, with = "time::serde::rfc3339::option")]
+    expires_at: Option<OffsetDateTime>,
 }
 
 impl Presence {
@@ -105,13 +130,11 @@ impl Presence {
     pub fn accepted(update: ValidUpdate, node_id: impl Into<NodeId>, now: OffsetDateTime) -> Self {
         let now = truncate_to_millis(now);
         Presence {
-            user_id: update.user_id,
             status: update.status,
-            message: update.message,
+            message: update.message.into_boxed_str(),
             last_seen: now,
             updated_at: now,
             node_id: node_id.into(),
-            revision: 0,
             expires_at: update.expires_at,
         }
     }
@@ -121,18 +144,41 @@ impl Presence {
         self.expires_at.is_none_or(|at| at > now)
     }
 
-    /// Whether a stored manual status of `user_id` is one this service can
-    /// use: its own user and a message within the API's limit. Anything
-    /// else (another writer's value) is skipped, not trusted.
-    pub fn check(&self, user_id: &str) -> Result<(), String> {
-        if self.user_id != user_id {
-            return Err(format!("value names user {:?}", self.user_id));
+    /// The bytes stored under `user_id`'s manual key.
+    pub fn to_stored_json(&self, user_id: &str) -> serde_json::Result<Vec<u8>> {
+        serde_json::to_vec(&StoredRef {
+            user_id,
+            status: self.status,
+            message: &self.message,
+            last_seen: self.last_seen,
+            updated_at: self.updated_at,
+            node_id: &self.node_id,
+            expires_at: self.expires_at,
+        })
+    }
+
+    /// Reads the manual status stored under `user_id`'s key, if it is one
+    /// this service can use: its own user and a message within the API's
+    /// limit. Anything else (another writer's value) is refused, not
+    /// trusted.
+    pub fn from_stored_json(user_id: &str, bytes: &[u8]) -> Result<Presence, String> {
+        let stored: Stored = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if stored.user_id != user_id {
+            return Err(format!("value names user {:?}", stored.user_id));
         }
-        let chars = self.message.chars().count();
+        let chars = stored.message.chars().count();
         if chars > MAX_MESSAGE_CHARS {
             return Err(format!("message is {chars} characters long"));
         }
-        check_node_id(&self.node_id)
+        check_node_id(&stored.node_id)?;
+        Ok(Presence {
+            status: stored.status,
+            message: stored.message.into_boxed_str(),
+            last_seen: stored.last_seen,
+            updated_at: stored.updated_at,
+            node_id: stored.node_id,
+            expires_at: stored.expires_at,
+        })
     }
 }
 
@@ -372,22 +418,29 @@ mod tests {
     }
 
     #[test]
-    fn stored_form_omits_unknown_revision_and_round_trips() {
+    fn stored_form_is_the_go_services_and_round_trips() {
         let update = ValidUpdate {
             user_id: "u@x".into(),
             status: Status::Online,
             message: "hi".into(),
             expires_at: None,
         };
-        let mut presence = Presence::accepted(update, "node-1", OffsetDateTime::UNIX_EPOCH);
-        let stored = serde_json::to_value(&presence).unwrap();
-        assert!(stored.get("revision").is_none());
-        assert_eq!(stored["userID"], "u@x");
-        assert_eq!(stored["lastSeen"], "1970-01-01T00:00:00Z");
-        presence.revision = 7;
-        let json = serde_json::to_string(&presence).unwrap();
-        let back: Presence = serde_json::from_str(&json).unwrap();
-        assert_eq!(back, presence);
+        let presence = Presence::accepted(update, "node-1", OffsetDateTime::UNIX_EPOCH);
+        let json = presence.to_stored_json("u@x").unwrap();
+        assert_eq!(
+            std::str::from_utf8(&json).unwrap(),
+            r#"{"userID":"u@x","status":"online","message":"hi","lastSeen":"1970-01-01T00:00:00Z","updatedAt":"1970-01-01T00:00:00Z","nodeID":"node-1"}"#
+        );
+        assert_eq!(Presence::from_stored_json("u@x", &json).unwrap(), presence);
+        let err = Presence::from_stored_json("someone-else", &json).unwrap_err();
+        assert!(err.contains("u@x"), "{err}");
+        // What other writers store besides (a revision) is ignored.
+        let with_revision = br#"{"userID":"u@x","status":"away","lastSeen":"1970-01-01T00:00:00Z","updatedAt":"1970-01-01T00:00:00Z","revision":9}"#;
+        let read = Presence::from_stored_json("u@x", with_revision).unwrap();
+        assert_eq!(
+            (read.status, &*read.message, read.node_id.as_str()),
+            (Status::Away, "", "")
+        );
     }
 
     #[test]

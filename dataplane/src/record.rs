@@ -377,7 +377,7 @@ impl UserRecord {
     /// Status, message and manual expiry of the stored view.
     fn shown_parts(&self) -> (Status, &str, Option<OffsetDateTime>) {
         let (manual, status) = self.fold(OffsetDateTime::UNIX_EPOCH);
-        let message = manual.map_or("", |m| m.message.as_str());
+        let message = manual.map_or("", |m| &*m.message);
         (status, message, manual.and_then(|m| m.expires_at))
     }
 
@@ -431,7 +431,9 @@ impl UserRecord {
         Some(PresenceView {
             user_id: user_id.to_owned(),
             status,
-            message: active_manual.map(|m| m.message.clone()).unwrap_or_default(),
+            message: active_manual
+                .map(|m| m.message.to_string())
+                .unwrap_or_default(),
             last_seen,
             updated_at,
             node_id,
@@ -522,7 +524,7 @@ impl UserRecord {
             .and_then(|c| c.value.as_ref())
             .map_or(0, |m| {
                 // Node IDs are shared (interned): not counted per user.
-                120 + m.user_id.len() + m.message.len()
+                100 + m.message.len()
             });
         let sessions: usize = self
             .sessions()

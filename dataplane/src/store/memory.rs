@@ -126,11 +126,7 @@ impl PresenceStore for MemoryStore {
         ttl: Option<Duration>,
         expect: Expect,
     ) -> Result<u64, StoreError> {
-        let mut update = update.clone();
-        if let Update::Manual(Some(presence)) = &mut update {
-            // The stored value never carries a revision; the store assigns it.
-            std::sync::Arc::make_mut(presence).revision = 0;
-        }
+        let update = update.clone();
         let part = update.part();
         let revision = {
             // Checked and written under one lock, as the bucket does.

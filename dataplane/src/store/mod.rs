@@ -173,7 +173,7 @@ pub trait PresenceStore: Send + Sync + 'static {
 /// The stored bytes of an update; `None` for a removal.
 pub fn encode_value(user_id: &str, update: &Update) -> Result<Option<Vec<u8>>, StoreError> {
     let encoded = match update {
-        Update::Manual(value) => value.as_ref().map(|p| serde_json::to_vec(p.as_ref())),
+        Update::Manual(value) => value.as_ref().map(|p| p.to_stored_json(user_id)),
         Update::Seen(value) => value.as_ref().map(serde_json::to_vec),
         Update::Session(_, value) => value.as_ref().map(|s| serde_json::to_vec(s.as_ref())),
     };
@@ -227,7 +227,7 @@ pub fn decode_entry(
     };
     let (update, skipped) = match bytes {
         None => (Update::removal(part), None),
-        Some(bytes) => match decode_value(&user_id, part.clone(), bytes, revision) {
+        Some(bytes) => match decode_value(&user_id, part.clone(), bytes) {
             Ok(update) => (update, None),
             Err(reason) => (Update::removal(part), Some(corrupt(reason))),
         },
@@ -253,15 +253,9 @@ fn check_ids(user_id: &str, part: &Part) -> Result<(), String> {
     Ok(())
 }
 
-fn decode_value(user_id: &str, part: Part, bytes: &[u8], revision: u64) -> Result<Update, String> {
+fn decode_value(user_id: &str, part: Part, bytes: &[u8]) -> Result<Update, String> {
     Ok(match part {
-        Part::Manual => {
-            let mut presence: Presence =
-                serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-            presence.check(user_id)?;
-            presence.revision = revision;
-            Update::Manual(Some(Arc::new(presence)))
-        }
+        Part::Manual => Update::Manual(Some(Arc::new(Presence::from_stored_json(user_id, bytes)?))),
         Part::Seen => {
             let seen: Seen = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
             seen.check()?;
