@@ -39,6 +39,7 @@ pub mod model;
 pub mod node_id;
 pub mod ratelimit;
 pub mod record;
+pub mod rfc3339;
 pub mod server;
 pub mod service;
 pub mod session;

@@ -91,15 +91,15 @@ struct StoredRef<'a> {
     user_id: &'a str,
     status: Status,
     message: &'a str,
-    #[serde(rename = "lastSeen", with = "time::serde::rfc3339")]
+    #[serde(rename = "lastSeen", with = "crate::rfc3339")]
     last_seen: OffsetDateTime,
-    #[serde(rename = "updatedAt", with = "time::serde::rfc3339")]
+    #[serde(rename = "updatedAt", with = "crate::rfc3339")]
     updated_at: OffsetDateTime,
     #[serde(rename = "nodeID")]
     node_id: &'a str,
     #[serde(
         rename = "expiresAt",
-        with = "time::serde::rfc3339::option",
+        with = "crate::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
     expires_at: Option<OffsetDateTime>,
@@ -114,13 +114,13 @@ struct Stored {
     status: Status,
     #[serde(default)]
     message: String,
-    #[serde(rename = "lastSeen", with = "time::serde::rfc3339")]
+    #[serde(rename = "lastSeen", with = "crate::rfc3339")]
     last_seen: OffsetDateTime,
-    #[serde(rename = "updatedAt", with = "time::serde::rfc3339")]
+    #[serde(rename = "updatedAt", with = "crate::rfc3339")]
     updated_at: OffsetDateTime,
     #[serde(rename = "nodeID", default)]
     node_id: NodeId,
-    #[serde(rename = "expiresAt", default, with = "time::serde::rfc3339::option")]
+    #[serde(rename = "expiresAt", default, with = "crate::rfc3339::option")]
     expires_at: Option<OffsetDateTime>,
 }
 
@@ -218,6 +218,10 @@ pub struct SetPresenceRequest {
     pub expires_at: Option<String>,
 }
 
+// The fields of a `SetPresenceRequest` are spelled out rather than
+// flattened into this item: a flattened struct makes serde buffer every
+// item's fields before reading them. (The doc comment below is the
+// OpenAPI description.)
 /// One item of `POST /api/v2/presence/batch`.
 #[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 pub struct BatchItem {
@@ -225,8 +229,28 @@ pub struct BatchItem {
     #[serde(rename = "userID")]
     #[schemars(with = "String", length(min = 1, max = 256))]
     pub user_id: Option<String>,
-    #[serde(flatten)]
-    pub update: SetPresenceRequest,
+    /// The manual status (required; missing is `invalid_status`).
+    #[schemars(with = "Status")]
+    pub status: Option<String>,
+    /// A status message, at most 256 characters (default empty).
+    #[serde(default)]
+    #[schemars(length(max = 256))]
+    pub message: Option<String>,
+    /// RFC 3339 time when this status ends by itself, 1 s to 30 days ahead.
+    #[serde(rename = "expiresAt", default)]
+    #[schemars(with = "Option<String>", extend("format" = "date-time"))]
+    pub expires_at: Option<String>,
+}
+
+impl BatchItem {
+    /// The item's update, as `POST /api/v2/presence/{userID}` takes it.
+    pub fn request(&self) -> SetPresenceRequest {
+        SetPresenceRequest {
+            status: self.status.clone(),
+            message: self.message.clone(),
+            expires_at: self.expires_at.clone(),
+        }
+    }
 }
 
 /// Body of `POST /api/v2/presence/batch`.

@@ -143,10 +143,10 @@ pub struct SessionView {
     pub id: String,
     pub device: String,
     pub status: Status,
-    #[serde(rename = "lastSeen", with = "time::serde::rfc3339")]
+    #[serde(rename = "lastSeen", with = "crate::rfc3339")]
     #[schemars(with = "String", extend("format" = "date-time"))]
     pub last_seen: OffsetDateTime,
-    #[serde(rename = "expiresAt", with = "time::serde::rfc3339")]
+    #[serde(rename = "expiresAt", with = "crate::rfc3339")]
     #[schemars(with = "String", extend("format" = "date-time"))]
     pub expires_at: OffsetDateTime,
 }
@@ -160,10 +160,10 @@ pub struct PresenceView {
     pub status: Status,
     pub message: String,
     /// `null` only for a user the bucket knows nothing about (streams).
-    #[serde(rename = "lastSeen", with = "time::serde::rfc3339::option")]
+    #[serde(rename = "lastSeen", with = "crate::rfc3339::option")]
     #[schemars(with = "Option<String>", extend("format" = "date-time"))]
     pub last_seen: Option<OffsetDateTime>,
-    #[serde(rename = "updatedAt", with = "time::serde::rfc3339::option")]
+    #[serde(rename = "updatedAt", with = "crate::rfc3339::option")]
     #[schemars(with = "Option<String>", extend("format" = "date-time"))]
     pub updated_at: Option<OffsetDateTime>,
     #[serde(rename = "nodeID")]
@@ -171,7 +171,7 @@ pub struct PresenceView {
     pub revision: u64,
     #[serde(
         rename = "expiresAt",
-        with = "time::serde::rfc3339::option",
+        with = "crate::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
     #[schemars(with = "Option<String>", extend("format" = "date-time"))]

@@ -28,7 +28,7 @@ pub struct Session {
     pub device: String,
     pub status: Status,
     /// Time of the last heartbeat.
-    #[serde(rename = "lastSeen", with = "time::serde::rfc3339")]
+    #[serde(rename = "lastSeen", with = "crate::rfc3339")]
     pub last_seen: OffsetDateTime,
     #[serde(rename = "ttlSeconds")]
     pub ttl_seconds: i64,
@@ -79,7 +79,7 @@ impl Session {
 /// so `lastSeen` stays right after all of them expired.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Seen {
-    #[serde(rename = "lastSeen", with = "time::serde::rfc3339")]
+    #[serde(rename = "lastSeen", with = "crate::rfc3339")]
     pub last_seen: OffsetDateTime,
     /// The node that took that sign of life.
     #[serde(rename = "nodeID", default)]

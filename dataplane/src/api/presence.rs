@@ -275,7 +275,7 @@ async fn write_batch(state: &AppState, request: BatchRequest) -> Result<Response
             ))));
             continue;
         }
-        match validate_update(user_id, item.update.clone(), now) {
+        match validate_update(user_id, item.request(), now) {
             Ok(update) => match state.limiter.check(user_id) {
                 Ok(()) => {
                     to_write.push((i, update));
