@@ -232,13 +232,13 @@ impl PresenceCache {
         if self.own.take(change.revision) {
             return Applied::Stale;
         }
-        self.merge(change, replaying)
+        self.merge(change, replaying, !replaying)
     }
 
     /// Applies this node's own acknowledged write, and remembers its
     /// revision so the watch's echo of it costs no lookup.
     pub fn apply_own(&self, change: &Change) -> Applied {
-        let applied = self.merge(change, false);
+        let applied = self.merge(change, false, true);
         if !matches!(applied, Applied::Unknown) {
             self.own.remember(change.revision);
         }
@@ -246,7 +246,12 @@ impl PresenceCache {
     }
 
     /// Merges `change` into the user's slot (see [`PresenceCache::apply`]).
-    fn merge(&self, change: &Change, replaying: bool) -> Applied {
+    /// With `skip_older`, a change no newer than the record's revision of
+    /// its key is stale without copying the record to merge it. Without,
+    /// the merge decides, so an older session value can still raise the
+    /// latest `lastSeen` a record keeps (a replay, which may meet keys this
+    /// node wrote meanwhile, merges every value it brings).
+    fn merge(&self, change: &Change, replaying: bool, skip_older: bool) -> Applied {
         let user_id = change.user_id.as_str();
         let _user = self.stripes.lock(user_id);
         let current = self.inner.get(user_id);
@@ -255,7 +260,9 @@ impl PresenceCache {
             None if replaying || self.is_replica() => (None, true),
             None => return Applied::Unknown,
         };
-        if base.is_some_and(|record| record.revision_for(&change.update) >= change.revision) {
+        if skip_older
+            && base.is_some_and(|record| record.revision_for(&change.update) >= change.revision)
+        {
             return Applied::Stale;
         }
         let mut record = base.map(|r| (**r).clone()).unwrap_or_default();
@@ -439,6 +446,46 @@ mod tests {
             Applied::Changed { .. }
         ));
         assert_eq!(message(&c.get("v").unwrap()).as_deref(), Some("new bucket"));
+    }
+
+    fn session_change(revision: u64, seen_secs: Option<i64>) -> Change {
+        use crate::session::Session;
+        let value = seen_secs.map(|secs| {
+            Arc::new(Session {
+                device: String::new(),
+                status: Status::Online,
+                last_seen: OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(secs),
+                ttl_seconds: 30,
+                node_id: "n".into(),
+            })
+        });
+        Change {
+            user_id: "u".into(),
+            update: Update::Session("tab".into(), value),
+            revision,
+            stored_at: OffsetDateTime::UNIX_EPOCH,
+            pending: 0,
+        }
+    }
+
+    #[test]
+    fn a_replayed_older_session_value_still_raises_last_seen() {
+        let c = cache(1 << 20);
+        c.apply(&change("u", 1, Some("m")), true);
+        // This node ended the session (revision 3) before the replay
+        // brought the session's earlier value (revision 2).
+        c.apply_own(&session_change(3, None));
+        c.apply(&session_change(2, Some(100)), true);
+        let view = c
+            .get("u")
+            .unwrap()
+            .record
+            .view("u", OffsetDateTime::UNIX_EPOCH);
+        let last_seen = view.and_then(|v| v.last_seen);
+        assert_eq!(
+            last_seen,
+            Some(OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(100))
+        );
     }
 
     #[test]

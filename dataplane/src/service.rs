@@ -264,7 +264,7 @@ impl PresenceService {
                 } => (update, expect, ttl),
             };
             match self.store.write(user_id, &update, ttl, expect).await {
-                Ok(revision) => return Ok(self.apply_own(user_id, update, revision).await),
+                Ok(revision) => return Ok(self.apply_own(user_id, update, revision)),
                 Err(StoreError::Conflict) => {
                     self.metrics.write_conflicts.inc();
                     if attempt == WRITE_ATTEMPTS {
@@ -280,7 +280,7 @@ impl PresenceService {
     }
 
     /// Applies this node's own acknowledged write to its cache.
-    async fn apply_own(&self, user_id: &str, update: Update, revision: u64) -> Written {
+    fn apply_own(&self, user_id: &str, update: Update, revision: u64) -> Written {
         let change = Change {
             user_id: user_id.to_owned(),
             update,
