@@ -19,7 +19,7 @@ const MAX_LEN: usize = 30;
 /// `t` as RFC 3339 text, when it is UTC in the years 0 to 9999: the date,
 /// the time, the fraction of a second without trailing zeros (none when
 /// whole), and `Z`. `None` for any other time.
-fn format_utc(t: OffsetDateTime, out: &mut [u8; MAX_LEN]) -> Option<usize> {
+fn format_utc(t: OffsetDateTime, out: &mut [u8; MAX_LEN]) -> Option<&str> {
     let year = u32::try_from(t.year()).ok().filter(|y| *y <= 9999)?;
     if !t.offset().is_utc() {
         return None;
@@ -34,7 +34,7 @@ fn format_utc(t: OffsetDateTime, out: &mut [u8; MAX_LEN]) -> Option<usize> {
     let nanos = t.nanosecond();
     if nanos == 0 {
         out[19] = b'Z';
-        return Some(20);
+        return std::str::from_utf8(&out[..20]).ok();
     }
     put_digits(out, 20, nanos, 9);
     let mut end = 29;
@@ -42,7 +42,7 @@ fn format_utc(t: OffsetDateTime, out: &mut [u8; MAX_LEN]) -> Option<usize> {
         end -= 1;
     }
     out[end] = b'Z';
-    Some(end + 1)
+    std::str::from_utf8(&out[..=end]).ok()
 }
 
 /// Writes `value` as `width` decimal digits at `at`, zero-padded.
@@ -58,11 +58,7 @@ fn put_digits(out: &mut [u8; MAX_LEN], at: usize, value: u32, width: usize) {
 pub fn serialize<S: Serializer>(t: &OffsetDateTime, serializer: S) -> Result<S::Ok, S::Error> {
     let mut buffer = [0u8; MAX_LEN];
     match format_utc(*t, &mut buffer) {
-        // Digits and ASCII punctuation only.
-        Some(len) => match std::str::from_utf8(&buffer[..len]) {
-            Ok(text) => serializer.serialize_str(text),
-            Err(_) => time::serde::rfc3339::serialize(t, serializer),
-        },
+        Some(text) => serializer.serialize_str(text),
         None => time::serde::rfc3339::serialize(t, serializer),
     }
 }
