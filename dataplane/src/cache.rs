@@ -237,8 +237,15 @@ impl PresenceCache {
 
     /// Applies this node's own acknowledged write, and remembers its
     /// revision so the watch's echo of it costs no lookup.
-    pub fn apply_own(&self, change: &Change) -> Applied {
-        let applied = self.merge(change, false, true);
+    ///
+    /// `before_echo` sees the outcome while the user is still locked and
+    /// before the revision is remembered, so whatever it records (the
+    /// event log's local change) is in place before the watch can find the
+    /// echo stale: the echo either waits for the lock or finds the table.
+    pub fn apply_own(&self, change: &Change, before_echo: impl FnOnce(&Applied)) -> Applied {
+        let _user = self.stripes.lock(&change.user_id);
+        let applied = self.merge_locked(change, false, true);
+        before_echo(&applied);
         if !matches!(applied, Applied::Unknown) {
             self.own.remember(change.revision);
         }
@@ -252,8 +259,13 @@ impl PresenceCache {
     /// latest `lastSeen` a record keeps (a replay, which may meet keys this
     /// node wrote meanwhile, merges every value it brings).
     fn merge(&self, change: &Change, replaying: bool, skip_older: bool) -> Applied {
+        let _user = self.stripes.lock(&change.user_id);
+        self.merge_locked(change, replaying, skip_older)
+    }
+
+    /// [`PresenceCache::merge`] with the user's stripe held by the caller.
+    fn merge_locked(&self, change: &Change, replaying: bool, skip_older: bool) -> Applied {
         let user_id = change.user_id.as_str();
-        let _user = self.stripes.lock(user_id);
         let current = self.inner.get(user_id);
         let (base, complete) = match &current {
             Some(slot) => (Some(&slot.record), slot.complete),
@@ -383,6 +395,7 @@ impl Stripes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event_log::{EventLog, visible_change};
     use crate::metrics::Metrics;
     use crate::model::{Presence, Status, ValidUpdate};
     use crate::record::Update;
@@ -425,7 +438,10 @@ mod tests {
         let c = cache(1 << 20);
         assert!(c.mark_replica(0));
         let write = change("u", 3, Some("mine"));
-        assert!(matches!(c.apply_own(&write), Applied::Changed { .. }));
+        assert!(matches!(
+            c.apply_own(&write, |_| {}),
+            Applied::Changed { .. }
+        ));
         // The echo is answered by its revision alone, without the record:
         // a change at that revision is stale whatever key it names.
         let same_revision = session_change(3, Some(1));
@@ -440,11 +456,40 @@ mod tests {
         assert_eq!(message(&c.get("u").unwrap()).as_deref(), Some("mine"));
     }
 
+    /// The watch may find an own write's echo stale the moment the write is
+    /// in the cache; what the writer notes for the event log must be there
+    /// by then, or a resuming stream misses the change.
+    #[test]
+    fn an_own_write_is_noted_before_the_watch_can_find_its_echo_stale() {
+        let c = Arc::new(cache(1 << 20));
+        assert!(c.mark_replica(0));
+        let log = Arc::new(EventLog::default());
+        log.start_after(0);
+        let write = change("u", 1, Some("mine"));
+        let mut watch = None;
+        c.apply_own(&write, |applied| {
+            let Applied::Changed { before, after } = applied else {
+                panic!("a new user's write changes the cache");
+            };
+            let (cache, watched, echo) = (c.clone(), log.clone(), write.clone());
+            watch = Some(std::thread::spawn(move || {
+                let applied = cache.apply(&echo, false);
+                watched.watched(&echo, &applied);
+            }));
+            // Give the echo every chance to overtake the note.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            log.note_local(1, visible_change("u", before, after).unwrap());
+        });
+        watch.unwrap().join().unwrap();
+        let logged = log.replay(0, 1, &["u"].into()).unwrap();
+        assert_eq!(logged.len(), 1, "the change is in the log once");
+    }
+
     #[test]
     fn a_recreated_bucket_forgets_the_own_writes_of_the_old_one() {
         let c = cache(1 << 20);
         assert!(c.mark_replica(0));
-        c.apply_own(&change("u", 3, Some("old bucket")));
+        c.apply_own(&change("u", 3, Some("old bucket")), |_| {});
         c.clear();
         assert!(c.mark_replica(0));
         // Revision 3 of the new bucket is someone else's write.
@@ -481,7 +526,7 @@ mod tests {
         c.apply(&change("u", 1, Some("m")), true);
         // This node ended the session (revision 3) before the replay
         // brought the session's earlier value (revision 2).
-        c.apply_own(&session_change(3, None));
+        c.apply_own(&session_change(3, None), |_| {});
         c.apply(&session_change(2, Some(100)), true);
         let view = c
             .get("u")

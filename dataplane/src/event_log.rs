@@ -5,7 +5,9 @@
 //! writes are recorded when their echo arrives, so the log is in watch
 //! (revision) order on every node.
 
+use crate::cache::Applied;
 use crate::record::{PresenceView, UserRecord};
+use crate::store::Change;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -139,6 +141,21 @@ impl EventLog {
         };
         if let Some(view) = view {
             self.push_shared(revision, view);
+        }
+    }
+
+    /// Records what applying a watched `change` did, so subscribers can
+    /// resume exactly: a visible change, the echo of this node's own
+    /// write, or a change whose effect is unknown here.
+    pub fn watched(&self, change: &Change, applied: &Applied) {
+        match applied {
+            Applied::Changed { before, after } => {
+                if let Some(view) = visible_change(&change.user_id, before, after) {
+                    self.push(change.revision, view);
+                }
+            }
+            Applied::Stale => self.echo(change.revision),
+            Applied::Unknown => self.gap(change.revision),
         }
     }
 

@@ -288,13 +288,15 @@ impl PresenceService {
             stored_at: OffsetDateTime::now_utc(),
             pending: 0,
         };
-        match self.cache.apply_own(&change) {
-            Applied::Changed { before, after } => {
-                if let Some(view) = visible_change(user_id, &before, &after) {
-                    self.log.note_local(revision, view);
-                }
-                Written::Cached(after)
+        let note = |applied: &Applied| {
+            if let Applied::Changed { before, after } = applied
+                && let Some(view) = visible_change(user_id, before, after)
+            {
+                self.log.note_local(revision, view);
             }
+        };
+        match self.cache.apply_own(&change, note) {
+            Applied::Changed { after, .. } => Written::Cached(after),
             Applied::Stale | Applied::Unknown => Written::Elsewhere,
         }
     }

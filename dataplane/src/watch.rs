@@ -9,11 +9,11 @@
 //! [`MAX_STRIKES`] times in a row is skipped, so one bad entry can't keep
 //! every node unready.
 
-use crate::cache::{Applied, PresenceCache};
-use crate::event_log::{EventLog, visible_change};
+use crate::cache::PresenceCache;
+use crate::event_log::EventLog;
 use crate::feed::ChangeFeed;
 use crate::metrics::Metrics;
-use crate::store::{Change, Entry, PresenceStore, StoreError, WatchStart};
+use crate::store::{Entry, PresenceStore, StoreError, WatchStart};
 use futures::StreamExt;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -184,7 +184,7 @@ impl Sinks<'_> {
             Entry::Change(change) => {
                 let applied = self.cache.apply(&change, replaying);
                 if !replaying {
-                    self.log_event(&change, applied);
+                    self.log.watched(&change, &applied);
                 }
                 Some(change)
             }
@@ -228,20 +228,6 @@ impl Sinks<'_> {
             self.apply(entry.into_other()).await;
         } else {
             self.apply(entry).await;
-        }
-    }
-
-    /// Records a change subscribers would see in the event log, for
-    /// exact stream resumes.
-    fn log_event(&self, change: &Change, applied: Applied) {
-        match applied {
-            Applied::Changed { before, after } => {
-                if let Some(view) = visible_change(&change.user_id, &before, &after) {
-                    self.log.push(change.revision, view);
-                }
-            }
-            Applied::Stale => self.log.echo(change.revision),
-            Applied::Unknown => self.log.gap(change.revision),
         }
     }
 
