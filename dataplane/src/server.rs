@@ -32,7 +32,7 @@ use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -191,6 +191,7 @@ impl Connection {
                     }
                     Verdict::Stalled => {
                         timed_out("send");
+                        activity.stalled.store(true, Ordering::Release);
                         break;
                     }
                 },
@@ -212,6 +213,9 @@ struct Activity {
     last_read: AtomicU64,
     /// Since when writes find the socket full (the client doesn't read).
     blocked_since: AtomicU64,
+    /// Set when the watchdog drops the connection for its send timeout,
+    /// before the response in flight is dropped.
+    stalled: AtomicBool,
 }
 
 const NEVER: u64 = u64::MAX;
@@ -224,6 +228,7 @@ impl Activity {
             idle_since: AtomicU64::new(0),
             last_read: AtomicU64::new(0),
             blocked_since: AtomicU64::new(NEVER),
+            stalled: AtomicBool::new(false),
         }
     }
 
@@ -317,16 +322,49 @@ impl hyper::service::Service<Request<Incoming>> for PerConnection {
         let busy = InFlight::new(self.activity.clone());
         let router = self.router.clone();
         Box::pin(async move {
-            let response = router.oneshot(request.map(Body::new)).await?;
-            Ok(response.map(|body| Body::new(Guarded { body, _busy: busy })))
+            let mut response = router.oneshot(request.map(Body::new)).await?;
+            let notice = response.extensions_mut().remove::<StallNotice>();
+            Ok(response.map(|body| Body::new(Guarded { body, busy, notice })))
         })
+    }
+}
+
+/// Lets a response that lasts as long as its client reads (a change
+/// stream) tell, once its body is dropped, whether that was because the
+/// node gave up on a client that stopped reading (the send timeout) rather
+/// than the client leaving. Put a clone in the response's extensions; the
+/// server sets it before it drops the body.
+#[derive(Clone, Default)]
+pub struct StallNotice(Arc<AtomicBool>);
+
+impl StallNotice {
+    /// Whether the connection was dropped for its send timeout.
+    pub fn stalled(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set(&self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 
 /// A response body that keeps its request in flight until it is dropped.
 struct Guarded {
     body: Body,
-    _busy: InFlight,
+    busy: InFlight,
+    notice: Option<StallNotice>,
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        // Runs before `body` is dropped, so the body's own drop reads it.
+        if let Some(notice) = &self.notice
+            && self.busy.0.stalled.load(Ordering::Acquire)
+        {
+            notice.0.store(true, Ordering::Release);
+        }
+    }
 }
 
 impl HttpBody for Guarded {
