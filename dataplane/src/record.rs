@@ -378,7 +378,7 @@ impl UserRecord {
     fn shown_parts(&self) -> (Status, &str, Option<OffsetDateTime>) {
         let (manual, status) = self.fold(OffsetDateTime::UNIX_EPOCH);
         let message = manual.map_or("", |m| &*m.message);
-        (status, message, manual.and_then(|m| m.expires_at))
+        (status, message, manual.and_then(|m| m.expires_at()))
     }
 
     /// The sessions of the stored view, as a subscriber tells them apart.
@@ -417,7 +417,7 @@ impl UserRecord {
             })
             .collect();
         let last_seen = [
-            manual.map(|m| m.last_seen),
+            manual.map(|m| m.last_seen()),
             seen.map(|s| s.last_seen),
             self.extras.as_ref().and_then(|e| e.sessions_seen),
         ]
@@ -426,7 +426,7 @@ impl UserRecord {
         .max();
         // Written by the nodes that took the updates, so every node shows
         // the same value; an expiry itself changes neither time.
-        let updated_at = last_seen.max(manual.map(|m| m.updated_at));
+        let updated_at = last_seen.max(manual.map(|m| m.updated_at()));
         let node_id = self.latest_node().unwrap_or_default().to_owned();
         Some(PresenceView {
             user_id: user_id.to_owned(),
@@ -438,7 +438,7 @@ impl UserRecord {
             updated_at,
             node_id,
             revision: self.revision(),
-            expires_at: active_manual.and_then(|m| m.expires_at),
+            expires_at: active_manual.and_then(|m| m.expires_at()),
             sessions,
         })
     }
@@ -477,7 +477,7 @@ impl UserRecord {
             .manual
             .as_ref()
             .and_then(|c| c.value.as_deref())
-            .and_then(|m| m.expires_at)
+            .and_then(|m| m.expires_at())
             .filter(|at| *at > now);
         let sessions = self.live_sessions(now).map(|(_, s)| s.expires_at());
         sessions.chain(manual).min()

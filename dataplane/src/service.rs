@@ -391,7 +391,7 @@ impl PresenceService {
         let ttl = update.ttl(now);
         let user_id = update.user_id.clone();
         let presence = Presence::accepted(update, self.node_id.clone(), now);
-        let last_seen = presence.last_seen;
+        let last_seen = presence.last_seen();
         let manual = Update::Manual(Some(Arc::new(presence)));
         let written = match ttl {
             Some(ttl) => {
