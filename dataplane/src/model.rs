@@ -101,10 +101,18 @@ fn to_unix_millis(t: OffsetDateTime) -> UnixMillis {
     UnixMillis::try_from(millis).unwrap_or(if millis < 0 { i64::MIN + 1 } else { i64::MAX })
 }
 
-/// The instant `millis` names; every value made by [`to_unix_millis`] has one.
+/// The instant `millis` names. Another writer's time with an offset can
+/// name an instant past `time`'s range once moved to UTC (say
+/// `9999-12-31T23:30:00-01:00`): such a time is the range's end, so an
+/// expiry that far off stays far off.
 fn from_unix_millis(millis: UnixMillis) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000).unwrap_or_else(|_| {
+        if millis > 0 {
+            time::PrimitiveDateTime::MAX.assume_utc()
+        } else {
+            time::PrimitiveDateTime::MIN.assume_utc()
+        }
+    })
 }
 
 /// The stored form of a [`Presence`]: the Go service's JSON, user ID
@@ -463,6 +471,15 @@ mod tests {
         let without = br#"{"userID":"u","status":"busy","lastSeen":"2026-01-15T10:30:00Z","updatedAt":"2026-01-15T10:30:00Z"}"#;
         let presence = Presence::from_stored_json("u", without).expect("a usable value");
         assert_eq!(presence.expires_at(), None);
+        assert!(presence.is_valid_at(OffsetDateTime::now_utc()));
+    }
+
+    #[test]
+    fn a_time_past_the_range_in_utc_stays_at_its_end() {
+        let stored = br#"{"userID":"u","status":"busy","lastSeen":"2026-01-15T10:30:00Z","updatedAt":"2026-01-15T10:30:00Z","expiresAt":"9999-12-31T23:30:00-01:00"}"#;
+        let presence = Presence::from_stored_json("u", stored).expect("a usable value");
+        let expires = presence.expires_at().expect("an expiry");
+        assert_eq!(expires.year(), 9999);
         assert!(presence.is_valid_at(OffsetDateTime::now_utc()));
     }
 

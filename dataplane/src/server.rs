@@ -460,6 +460,50 @@ mod tests {
         activity.origin = Instant::now() - Duration::from_millis(millis_ago);
     }
 
+    /// A response body that notes, when dropped, whether its stall notice
+    /// was set by then.
+    struct Probe {
+        notice: StallNotice,
+        saw_stall: Arc<AtomicBool>,
+    }
+
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            self.saw_stall
+                .store(self.notice.stalled(), Ordering::Release);
+        }
+    }
+
+    fn guarded_probe(activity: &Arc<Activity>) -> (Guarded, Arc<AtomicBool>) {
+        let notice = StallNotice::default();
+        let saw_stall = Arc::new(AtomicBool::new(false));
+        let probe = Probe {
+            notice: notice.clone(),
+            saw_stall: saw_stall.clone(),
+        };
+        let body = Body::from_stream(futures::stream::unfold(probe, |_probe| async move {
+            None::<(Result<Bytes, Infallible>, Probe)>
+        }));
+        let guarded = Guarded {
+            body,
+            busy: InFlight::new(activity.clone()),
+            notice: Some(notice),
+        };
+        (guarded, saw_stall)
+    }
+
+    #[test]
+    fn a_body_dropped_for_the_send_timeout_knows_it_when_it_is_dropped() {
+        let activity = Arc::new(Activity::new());
+        let (guarded, saw_stall) = guarded_probe(&activity);
+        drop(guarded);
+        assert!(!saw_stall.load(Ordering::Acquire), "a client that left");
+        let (guarded, saw_stall) = guarded_probe(&activity);
+        activity.stalled.store(true, Ordering::Release);
+        drop(guarded);
+        assert!(saw_stall.load(Ordering::Acquire), "the watchdog gave up");
+    }
+
     #[test]
     fn idle_stalled_and_busy_connections() {
         let mut activity = Activity::new();

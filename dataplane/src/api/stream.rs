@@ -359,10 +359,10 @@ impl Follow {
 
     /// The next opening event, then the next live change that makes one.
     async fn next_event(&mut self) -> Result<StreamEvent, End> {
+        // A long opening is handed out without waiting, so the end signals
+        // are looked at before every event, not only while waiting.
+        self.ended_meanwhile()?;
         if let Some(event) = self.opening.next() {
-            if *self.stopping.borrow() {
-                return Err(End::Stopping);
-            }
             return Ok(event);
         }
         while let Some(change) = self.live.next() {
@@ -372,20 +372,37 @@ impl Follow {
         }
         loop {
             let change = tokio::select! {
+                // An end signal wins over changes still queued behind it.
+                biased;
+                // The only change is to "stopping" (or the sender is gone).
+                _ = self.stopping.changed() => return Err(End::Stopping),
+                _ = self.resets.changed() => return Err(End::Reset),
+                () = &mut self.expiry => return Err(End::Expired),
                 received = self.changes.recv() => match received {
                     Ok(change) => change,
                     Err(FeedError::Lagged) => return Err(End::Lagged),
                     Err(FeedError::Closed) => return Err(End::Stopping),
                 },
-                // The only change is to "stopping" (or the sender is gone).
-                _ = self.stopping.changed() => return Err(End::Stopping),
-                _ = self.resets.changed() => return Err(End::Reset),
-                () = &mut self.expiry => return Err(End::Expired),
             };
             if let Some(event) = self.event_of(&change) {
                 return Ok(event);
             }
         }
+    }
+
+    /// Whether the node began stopping, the bucket was reset or the token
+    /// expired since the stream last looked, without waiting for any.
+    fn ended_meanwhile(&self) -> Result<(), End> {
+        if *self.stopping.borrow() {
+            return Err(End::Stopping);
+        }
+        if self.resets.has_changed().unwrap_or(true) {
+            return Err(End::Reset);
+        }
+        if self.expiry.deadline() <= tokio::time::Instant::now() {
+            return Err(End::Expired);
+        }
+        Ok(())
     }
 
     /// The event a live change makes, if any, having recorded how long the
@@ -461,7 +478,7 @@ mod tests {
 
     struct Harness {
         metrics: Metrics,
-        _stopping: watch::Sender<bool>,
+        stopping: watch::Sender<bool>,
         resets: watch::Sender<u64>,
         feed: crate::feed::ChangeFeed,
         stall: StallNotice,
@@ -501,7 +518,7 @@ mod tests {
         };
         let harness = Harness {
             metrics,
-            _stopping: stopping_tx,
+            stopping: stopping_tx,
             resets: resets_tx,
             feed,
             stall,
@@ -584,6 +601,48 @@ mod tests {
         assert!(follow.next().await.is_none(), "then the stream ends");
         assert_eq!(closed(&h.metrics, "bucket_reset"), 1);
         assert_eq!(closed(&h.metrics, "token_expired"), 0);
+    }
+
+    #[tokio::test]
+    async fn an_end_signal_stops_a_stream_in_its_opening_and_while_it_waits() {
+        // Stopping in the middle of the opening: nothing more is sent.
+        let (mut follow, _, h) = stream(Duration::from_secs(3600));
+        assert!(follow.next().await.is_some(), "the first opening event");
+        h.stopping.send_replace(true);
+        assert!(follow.next().await.is_none(), "the rest is not sent");
+        // A reset in the middle of the opening: the client is told, and
+        // gets none of the stale snapshot's other events.
+        let (mut follow, _, h) = stream(Duration::from_secs(3600));
+        assert!(follow.next().await.is_some(), "the first opening event");
+        h.resets.send_modify(|e| *e += 1);
+        assert!(follow.next().await.is_some(), "the reset event");
+        assert!(follow.next().await.is_none(), "then the stream ends");
+        assert_eq!(closed(&h.metrics, "bucket_reset"), 1);
+        // Stopping while the stream waits for a change.
+        let (mut follow, _, h) = stream(Duration::from_secs(3600));
+        opening(&mut follow).await;
+        let stop = async {
+            tokio::task::yield_now().await;
+            h.stopping.send_replace(true);
+        };
+        let (next, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(follow.next(), stop)
+        })
+        .await
+        .expect("the waiting stream ends");
+        assert!(next.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_that_told_its_end_is_not_also_counted_as_stalled() {
+        let (mut follow, _, h) = stream(Duration::from_secs(60));
+        opening(&mut follow).await;
+        assert!(follow.next().await.is_some(), "the token_expired event");
+        assert!(follow.next().await.is_none());
+        h.stall.set();
+        drop(follow);
+        assert_eq!(closed(&h.metrics, "token_expired"), 1);
+        assert_eq!(closed(&h.metrics, "send_timeout"), 0);
     }
 
     #[tokio::test]
