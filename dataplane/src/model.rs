@@ -186,9 +186,12 @@ impl Presence {
         (self.expires_at != NO_EXPIRY).then(|| from_unix_millis(self.expires_at))
     }
 
-    /// Whether this manual status still applies at `now`.
+    /// Whether this manual status still applies at `now`. Compared in
+    /// whole milliseconds, without building a time: every view and every
+    /// watched change asks this. (The expiry is whole milliseconds, so it
+    /// is after `now` exactly when it is after `now` rounded down.)
     pub fn is_valid_at(&self, now: OffsetDateTime) -> bool {
-        self.expires_at().is_none_or(|at| at > now)
+        self.expires_at == NO_EXPIRY || self.expires_at > to_unix_millis(now)
     }
 
     /// The bytes stored under `user_id`'s manual key.
@@ -484,6 +487,24 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn validity_in_milliseconds_is_validity_in_time(
+            expiry_ms in -1_000_000_i64..1_000_000,
+            now_ns in -1_000_000_000_000_i128..1_000_000_000_000,
+        ) {
+            let at = |ns: i128| OffsetDateTime::from_unix_timestamp_nanos(ns).expect("in range");
+            let update = ValidUpdate {
+                user_id: "u".into(),
+                status: Status::Busy,
+                message: String::new(),
+                expires_at: Some(at(i128::from(expiry_ms) * 1_000_000)),
+            };
+            let presence = Presence::accepted(update, "n", at(0));
+            let now = at(now_ns);
+            let by_time = presence.expires_at().is_none_or(|expiry| expiry > now);
+            prop_assert_eq!(presence.is_valid_at(now), by_time);
+        }
+
         #[test]
         fn times_keep_every_millisecond(
             ms in -62_135_596_800_000_i64..253_402_300_799_999_i64,

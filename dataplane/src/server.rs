@@ -343,7 +343,7 @@ impl StallNotice {
         self.0.load(Ordering::Acquire)
     }
 
-    #[cfg(test)]
+    /// Says the connection was dropped for its send timeout.
     pub(crate) fn set(&self) {
         self.0.store(true, Ordering::Release);
     }
@@ -362,7 +362,7 @@ impl Drop for Guarded {
         if let Some(notice) = &self.notice
             && self.busy.0.stalled.load(Ordering::Acquire)
         {
-            notice.0.store(true, Ordering::Release);
+            notice.set();
         }
     }
 }

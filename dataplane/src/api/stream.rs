@@ -604,6 +604,15 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_token_that_expired_before_the_opening_gets_none_of_it() {
+        let (mut follow, _, h) = stream(Duration::ZERO);
+        assert!(follow.next().await.is_some(), "the token_expired event");
+        assert!(follow.next().await.is_none(), "and no opening");
+        assert_eq!(closed(&h.metrics, "token_expired"), 1);
+        assert_eq!(h.metrics.stream_events.get(), 0);
+    }
+
+    #[tokio::test]
     async fn an_end_signal_stops_a_stream_in_its_opening_and_while_it_waits() {
         // Stopping in the middle of the opening: nothing more is sent.
         let (mut follow, _, h) = stream(Duration::from_secs(3600));
