@@ -4,10 +4,13 @@
 //! user ID is, how it is stored) are pinned by unit and property tests.
 
 use crate::node_id::NodeId;
+use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 /// Longest user ID accepted, in bytes; matches DESIGN §2.
 pub const MAX_USER_ID_BYTES: usize = 256;
@@ -138,22 +141,79 @@ struct StoredRef<'a> {
 }
 
 /// [`StoredRef`] as read back; unknown fields (a `revision` some writers
-/// store) are ignored.
+/// store) are ignored. The user ID is only compared with the key's, so it
+/// is borrowed from the value where it can be, and the times are read
+/// straight into milliseconds: a warm-up decodes every value of the bucket.
 #[derive(Deserialize)]
-struct Stored {
-    #[serde(rename = "userID")]
-    user_id: String,
+struct Stored<'a> {
+    #[serde(rename = "userID", borrow)]
+    user_id: Cow<'a, str>,
     status: Status,
     #[serde(default)]
     message: String,
-    #[serde(rename = "lastSeen", with = "crate::rfc3339")]
-    last_seen: OffsetDateTime,
-    #[serde(rename = "updatedAt", with = "crate::rfc3339")]
-    updated_at: OffsetDateTime,
+    #[serde(rename = "lastSeen", deserialize_with = "stored_millis")]
+    last_seen: UnixMillis,
+    #[serde(rename = "updatedAt", deserialize_with = "stored_millis")]
+    updated_at: UnixMillis,
     #[serde(rename = "nodeID", default)]
     node_id: NodeId,
-    #[serde(rename = "expiresAt", default, with = "crate::rfc3339::option")]
-    expires_at: Option<OffsetDateTime>,
+    #[serde(rename = "expiresAt", default, deserialize_with = "stored_expiry")]
+    expires_at: Option<UnixMillis>,
+}
+
+/// A stored RFC 3339 time as milliseconds: this service's own UTC form
+/// read directly, any other (another writer's offset or precision) by
+/// `time`, rounded down to the millisecond either way.
+fn stored_millis<'de, D: Deserializer<'de>>(deserializer: D) -> Result<UnixMillis, D::Error> {
+    deserializer.deserialize_str(MillisVisitor)
+}
+
+/// [`stored_millis`] for an optional time (`null` is none).
+fn stored_expiry<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<UnixMillis>, D::Error> {
+    deserializer.deserialize_option(OptionalMillis)
+}
+
+struct MillisVisitor;
+
+struct OptionalMillis;
+
+impl<'de> Visitor<'de> for MillisVisitor {
+    type Value = UnixMillis;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an RFC 3339 time")
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<UnixMillis, E> {
+        if let Some(millis) = crate::rfc3339::read_utc_millis(text) {
+            return Ok(millis);
+        }
+        OffsetDateTime::parse(text, &Rfc3339)
+            .map(to_unix_millis)
+            .map_err(E::custom)
+    }
+}
+
+impl<'de> Visitor<'de> for OptionalMillis {
+    type Value = Option<UnixMillis>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an RFC 3339 time or null")
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        stored_millis(deserializer).map(Some)
+    }
 }
 
 impl Presence {
@@ -225,10 +285,10 @@ impl Presence {
         Ok(Presence {
             status: stored.status,
             message: stored.message.into_boxed_str(),
-            last_seen: to_unix_millis(stored.last_seen),
-            updated_at: to_unix_millis(stored.updated_at),
+            last_seen: stored.last_seen,
+            updated_at: stored.updated_at,
             node_id: stored.node_id,
-            expires_at: stored.expires_at.map_or(NO_EXPIRY, to_unix_millis),
+            expires_at: stored.expires_at.unwrap_or(NO_EXPIRY),
         })
     }
 }

@@ -3,6 +3,7 @@
 //! a million copies.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::sync::{Arc, LazyLock, Mutex};
 
@@ -13,22 +14,39 @@ const MAX_INTERNED: usize = 4096;
 
 static INTERNED: LazyLock<Mutex<HashSet<Arc<str>>>> = LazyLock::new(Mutex::default);
 
+thread_local! {
+    /// The ID this thread interned last (one string per thread at most).
+    static LAST: RefCell<Option<Arc<str>>> = const { RefCell::new(None) };
+}
+
 /// The node that accepted a write (its `NODE_ID`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NodeId(Arc<str>);
 
 impl NodeId {
-    /// The shared copy of `id`.
+    /// The shared copy of `id`. The ID a thread looked up last is answered
+    /// without the table's lock: a replay of the bucket reads long runs of
+    /// values written by the same node.
     pub fn new(id: &str) -> Self {
+        let last = LAST.with_borrow(|last| last.as_ref().filter(|s| ***s == *id).cloned());
+        if let Some(shared) = last {
+            return NodeId(shared);
+        }
+        let shared = Self::intern(id);
+        LAST.set(Some(shared.clone()));
+        NodeId(shared)
+    }
+
+    fn intern(id: &str) -> Arc<str> {
         let mut interned = INTERNED.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(shared) = interned.get(id) {
-            return NodeId(shared.clone());
+            return shared.clone();
         }
         let owned: Arc<str> = Arc::from(id);
         if interned.len() < MAX_INTERNED {
             interned.insert(owned.clone());
         }
-        NodeId(owned)
+        owned
     }
 
     /// The ID as text.
@@ -106,5 +124,20 @@ mod tests {
         assert_eq!(a, "center-1");
         let escaped: NodeId = serde_json::from_str("\"eu\\u002d1\"").unwrap();
         assert_eq!(escaped.as_str(), "eu-1");
+    }
+
+    #[test]
+    fn a_threads_last_id_is_the_shared_copy() {
+        let a = NodeId::new("alt-a");
+        let b = NodeId::new("alt-b");
+        let again = NodeId::new("alt-a");
+        let once_more = NodeId::new("alt-a");
+        assert!(Arc::ptr_eq(&a.0, &again.0));
+        assert!(Arc::ptr_eq(&again.0, &once_more.0));
+        assert_eq!(b, "alt-b");
+        let elsewhere = std::thread::spawn(|| NodeId::new("alt-a"))
+            .join()
+            .expect("the thread ends");
+        assert!(Arc::ptr_eq(&a.0, &elsewhere.0));
     }
 }

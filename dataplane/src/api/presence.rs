@@ -3,6 +3,7 @@
 use super::{ApiError, ErrorBody, JsonBody, RawJson, UserIdPath};
 use crate::AppState;
 use crate::auth::Caller;
+use crate::cache::KeyHasher;
 use crate::model::{
     BatchRequest, SetPresenceRequest, ValidUpdate, validate_update, validate_user_id,
 };
@@ -196,7 +197,7 @@ fn multi_get_body(presences: &[bytes::Bytes], not_found: &[String]) -> bytes::By
 /// Reads `?users=a,b,c`: trimmed, deduplicated, validated, at most `max`.
 /// Stops reading at the first ID past `max`.
 pub(super) fn parse_user_list(raw: Option<&str>, max: usize) -> Result<Vec<String>, ApiError> {
-    let mut seen = HashSet::with_capacity(max.min(1024) + 1);
+    let mut seen = HashSet::with_capacity_and_hasher(max.min(1024) + 1, KeyHasher::new());
     let ids: Vec<String> = raw
         .unwrap_or_default()
         .split(',')
