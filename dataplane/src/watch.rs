@@ -13,7 +13,7 @@ use crate::cache::PresenceCache;
 use crate::event_log::EventLog;
 use crate::feed::ChangeFeed;
 use crate::metrics::Metrics;
-use crate::store::{Entry, PresenceStore, StoreError, WatchStart};
+use crate::store::{BucketIdentity, ChangeStream, Entry, PresenceStore, StoreError, WatchStart};
 use futures::StreamExt;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -37,6 +37,10 @@ pub struct WatchStatus {
     replaying: AtomicBool,
     /// The cache's eviction count when the current replay started.
     replay_evictions: AtomicU64,
+    /// The bucket's last revision (asked of its stream leader) just before
+    /// the current watch began: a replay that ends before it may have been
+    /// served by a replica that lags, and is checked.
+    replay_target: AtomicU64,
     last_applied_unix_ms: AtomicI64,
     last_lag_micros: AtomicU64,
     restarts: AtomicU64,
@@ -164,8 +168,18 @@ fn unix_millis(t: OffsetDateTime) -> i64 {
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
+/// What the watch loop does after an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    Continue,
+    /// The watch can't be trusted to be complete: watch again from the
+    /// last applied revision.
+    Restart,
+}
+
 /// Where applied changes go besides the status counters.
 struct Sinks<'a> {
+    store: &'a dyn PresenceStore,
     cache: &'a PresenceCache,
     status: &'a WatchStatus,
     metrics: &'a Metrics,
@@ -174,7 +188,7 @@ struct Sinks<'a> {
 }
 
 impl Sinks<'_> {
-    async fn apply(&self, entry: Entry) {
+    async fn apply(&self, entry: Entry) -> Next {
         let now = OffsetDateTime::now_utc();
         let (revision, stored_at, pending) = entry.position();
         self.status.applying.store(revision, Ordering::Release);
@@ -190,8 +204,15 @@ impl Sinks<'_> {
             }
             Entry::Other { .. } => None,
         };
+        let mut next = Next::Continue;
         if replaying && pending == 0 {
-            self.finish_replay(revision).await;
+            if self.replay_complete(revision).await {
+                self.finish_replay(revision).await;
+            } else {
+                // Still replaying: reads keep going to the store, and the
+                // watch resumes after this revision.
+                next = Next::Restart;
+            }
         }
         self.status.checkpoint(revision, stored_at);
         // Feed first, then publish the revision: a stream that waited for
@@ -214,20 +235,50 @@ impl Sinks<'_> {
             .watch_applied_revision
             .set(i64::try_from(status.applied_revision()).unwrap_or(i64::MAX));
         status.applying.store(0, Ordering::Release);
+        next
+    }
+
+    /// Whether a replay whose consumer said "nothing pending" at `revision`
+    /// saw the whole bucket. A consumer's pending count comes from the one
+    /// replica that serves it (an R1 ordered consumer may sit on any replica
+    /// of an R3 stream), so a replica behind the leader ends the replay
+    /// early, then sends heartbeats and nothing else. Asked of the leader:
+    /// complete when the bucket's last revision before the watch is no
+    /// later, or nothing is stored after `revision` (the newest entries
+    /// expired meanwhile).
+    async fn replay_complete(&self, revision: u64) -> bool {
+        if revision >= self.status.replay_target.load(Ordering::Acquire) {
+            return true;
+        }
+        match self.store.first_after(revision).await {
+            Ok(None) => true,
+            Ok(Some(next)) => {
+                tracing::warn!(
+                    revision,
+                    next,
+                    "the KV watch's replay ended before the bucket's last change; watching again from there"
+                );
+                false
+            }
+            Err(err) => {
+                tracing::warn!(revision, error = %err, "cannot tell whether the KV replay is complete; watching again");
+                false
+            }
+        }
     }
 
     /// Applies `entry`, or only moves past it when it is the one the
     /// supervisor gave up on.
-    async fn apply_or_skip(&self, entry: Entry) {
+    async fn apply_or_skip(&self, entry: Entry) -> Next {
         let revision = entry.revision();
         if revision == self.status.skip.load(Ordering::Acquire) {
             tracing::error!(
                 revision,
                 "passing over a change that crashed the KV watch {MAX_STRIKES} times"
             );
-            self.apply(entry.into_other()).await;
+            self.apply(entry.into_other()).await
         } else {
-            self.apply(entry).await;
+            self.apply(entry).await
         }
     }
 
@@ -245,11 +296,48 @@ impl Sinks<'_> {
         let replica = self.cache.mark_replica(before);
         self.log.start_after(revision);
         self.status.replaying.store(false, Ordering::Release);
+        // `revision`, not `applied_revision()`: the entry that ends the
+        // replay is recorded as applied only after this.
         tracing::info!(
-            revision = self.status.applied_revision(),
+            revision,
             cache_holds_every_user = replica,
             "replay of the KV bucket complete"
         );
+    }
+}
+
+impl Sinks<'_> {
+    /// The periodic look at the bucket beside a running watch: whether to
+    /// replace the watch, and whether a replay that nothing more will
+    /// arrive for is done.
+    async fn check(&self, followed: Option<OffsetDateTime>, progress: &mut Progress) -> Next {
+        let Followed::Same(id) = check_bucket(self.store, followed).await else {
+            return Next::Restart;
+        };
+        let applied = self.status.applied_revision();
+        let lag = match id {
+            Some(id) => progress.look(self.store, applied, id.last_revision).await,
+            None => Lag::No,
+        };
+        if lag == Lag::Stuck {
+            tracing::warn!(
+                applied,
+                last = id.map(|id| id.last_revision),
+                "the KV watch delivers nothing while the bucket moved on; watching again from the last applied revision"
+            );
+            return Next::Restart;
+        }
+        // Nothing will arrive to end the replay when everything expired
+        // between counting and watching, when it has applied the bucket's
+        // last revision already (a replay resumed after one that stopped
+        // short), or when only expired entries lie after what it applied.
+        if self.status.replaying()
+            && (lag == Lag::Expired
+                || id.is_some_and(|id| id.messages == 0 || id.last_revision <= applied))
+        {
+            self.finish_replay(applied).await;
+        }
+        Next::Continue
     }
 }
 
@@ -259,7 +347,8 @@ const IDENTITY_CHECK: Duration = Duration::from_secs(2);
 
 /// What the periodic check found.
 enum Followed {
-    Same,
+    /// The same bucket, with its state when the hub answered.
+    Same(Option<BucketIdentity>),
     /// Deleted (the center recreates it) or recreated: start over.
     Gone,
 }
@@ -270,7 +359,7 @@ async fn check_bucket(
 ) -> Followed {
     match store.identity().await {
         Ok(id) if Some(id.created) != followed => Followed::Gone,
-        Ok(_) => Followed::Same,
+        Ok(id) => Followed::Same(Some(id)),
         Err(StoreError::NotReady(reason)) => {
             tracing::warn!(%reason, "the KV bucket is gone; recreating it where this node may");
             if let Err(err) = store.ensure_bucket().await {
@@ -279,7 +368,92 @@ async fn check_bucket(
             Followed::Gone
         }
         // Hub unreachable: keep the watch; it resumes by itself.
-        Err(_) => Followed::Same,
+        Err(_) => Followed::Same(None),
+    }
+}
+
+/// Tells a watch that stopped delivering while the bucket moved on: the
+/// same applied revision at two checks in a row, behind the bucket's last,
+/// and the bucket's leader holds a change after it. An ordered consumer
+/// served by a replica that lags, or one async-nats keeps recreating in
+/// the background (it retries without end and reports nothing), looks like
+/// this: no error, no end, no changes.
+#[derive(Debug, Default)]
+struct Progress {
+    behind_at: Option<u64>,
+    /// The bucket's last revision when a look found nothing stored after
+    /// `behind_at` (its newest entries expired): no need to ask again
+    /// until it moves.
+    looked_at: Option<u64>,
+}
+
+/// What [`Progress::look`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lag {
+    /// Not behind, still moving, or behind for less than a check.
+    No,
+    /// Not moved for a whole check while the leader holds a later change.
+    Stuck,
+    /// Behind the bucket's last revision only because its newest entries
+    /// expired: nothing is stored after the applied revision.
+    Expired,
+}
+
+impl Progress {
+    async fn look(&mut self, store: &dyn PresenceStore, applied: u64, last: u64) -> Lag {
+        if last <= applied {
+            *self = Progress::default();
+            return Lag::No;
+        }
+        if self.behind_at != Some(applied) {
+            // First seen behind: give changes in flight a check's time.
+            *self = Progress {
+                behind_at: Some(applied),
+                looked_at: None,
+            };
+            return Lag::No;
+        }
+        if self.looked_at == Some(last) {
+            return Lag::Expired;
+        }
+        match store.first_after(applied).await {
+            Ok(Some(_)) => Lag::Stuck,
+            Ok(None) => {
+                self.looked_at = Some(last);
+                Lag::Expired
+            }
+            Err(_) => Lag::No,
+        }
+    }
+}
+
+/// Applies a watch's changes until it fails, ends, or has to be replaced:
+/// the bucket is gone or recreated, its replay ended short of the bucket,
+/// or it went quiet while the bucket moved on (see [`Progress`]).
+async fn follow(sinks: &Sinks<'_>, mut changes: ChangeStream, followed: Option<OffsetDateTime>) {
+    let mut check = tokio::time::interval(IDENTITY_CHECK);
+    check.tick().await;
+    let mut progress = Progress::default();
+    loop {
+        tokio::select! {
+            item = changes.next() => match item {
+                Some(Ok(entry)) => {
+                    if sinks.apply_or_skip(entry).await == Next::Restart {
+                        return;
+                    }
+                }
+                Some(Err(err)) => {
+                    tracing::warn!(error = %err, "KV watch failed; resuming from the last applied revision");
+                    return;
+                }
+                None => return,
+            },
+            _ = check.tick() => {
+                if sinks.check(followed, &mut progress).await == Next::Restart {
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -297,6 +471,7 @@ pub async fn run(
     log: Arc<EventLog>,
 ) {
     let sinks = Sinks {
+        store: store.as_ref(),
         cache: &cache,
         status: &status,
         metrics: &metrics,
@@ -325,6 +500,9 @@ pub async fn run(
                     status.restart_from_scratch();
                 }
                 followed = Some(id.created);
+                status
+                    .replay_target
+                    .store(id.last_revision, Ordering::Release);
                 if status.applied_revision() == 0 {
                     // A full replay starts; with nothing to replay it is done.
                     sinks.start_replay();
@@ -350,37 +528,12 @@ pub async fn run(
             revision => WatchStart::After(revision),
         };
         match store.watch(start).await {
-            Ok(mut changes) => {
+            Ok(changes) => {
                 tracing::info!(?start, "KV watch started");
                 status.active.store(true, Ordering::Relaxed);
                 metrics.watch_active.set(1);
                 failures = 0;
-                let mut check = tokio::time::interval(IDENTITY_CHECK);
-                check.tick().await;
-                loop {
-                    tokio::select! {
-                        item = changes.next() => match item {
-                            Some(Ok(entry)) => sinks.apply_or_skip(entry).await,
-                            Some(Err(err)) => {
-                                tracing::warn!(error = %err, "KV watch failed; resuming from the last applied revision");
-                                break;
-                            }
-                            None => break,
-                        },
-                        _ = check.tick() => {
-                            if let Followed::Gone = check_bucket(store.as_ref(), followed).await {
-                                break;
-                            }
-                            // Everything expired between counting and watching:
-                            // nothing will arrive to end the replay.
-                            if status.replaying()
-                                && store.identity().await.is_ok_and(|id| id.messages == 0)
-                            {
-                                sinks.finish_replay(status.applied_revision()).await;
-                            }
-                        }
-                    }
-                }
+                follow(&sinks, changes, followed).await;
                 status.active.store(false, Ordering::Relaxed);
                 metrics.watch_active.set(0);
             }

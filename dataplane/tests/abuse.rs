@@ -366,6 +366,9 @@ impl PresenceStore for CrashingStore {
     async fn identity(&self) -> Result<BucketIdentity, StoreError> {
         self.0.identity().await
     }
+    async fn first_after(&self, revision: u64) -> Result<Option<u64>, StoreError> {
+        self.0.first_after(revision).await
+    }
     async fn ensure_bucket(&self) -> Result<(), StoreError> {
         self.0.ensure_bucket().await
     }
@@ -438,6 +441,134 @@ async fn a_crashing_watch_is_restarted_and_readiness_says_so() {
         metrics.contains("presence_watch_crashes_total 2"),
         "{metrics}"
     );
+}
+
+/// A store whose first watch is served the way a replica behind the
+/// stream's leader serves an R1 ordered consumer: it ends its replay
+/// (nothing pending) at the oldest change, or at once when the bucket is
+/// empty, and then only waits. Later watches are sound.
+#[derive(Default)]
+struct LaggingReplicaStore(MemoryStore, std::sync::atomic::AtomicBool);
+
+#[async_trait::async_trait]
+impl PresenceStore for LaggingReplicaStore {
+    async fn load(&self, user_id: &str) -> Result<Vec<Change>, StoreError> {
+        self.0.load(user_id).await
+    }
+    async fn write(
+        &self,
+        user_id: &str,
+        update: &Update,
+        ttl: Option<Duration>,
+        expect: Expect,
+    ) -> Result<u64, StoreError> {
+        self.0.write(user_id, update, ttl, expect).await
+    }
+    async fn watch(&self, start: WatchStart) -> Result<ChangeStream, StoreError> {
+        let mut entries = self.0.watch(start).await?;
+        if self.1.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return Ok(entries);
+        }
+        let first = match self.0.identity().await?.messages {
+            0 => None,
+            _ => entries.next().await.map(|entry| {
+                entry.map(|entry| match entry {
+                    Entry::Change(change) => Entry::Change(Change {
+                        pending: 0,
+                        ..change
+                    }),
+                    other => other,
+                })
+            }),
+        };
+        Ok(futures::stream::iter(first)
+            .chain(futures::stream::pending())
+            .boxed())
+    }
+    async fn identity(&self) -> Result<BucketIdentity, StoreError> {
+        self.0.identity().await
+    }
+    async fn first_after(&self, revision: u64) -> Result<Option<u64>, StoreError> {
+        self.0.first_after(revision).await
+    }
+    async fn ensure_bucket(&self) -> Result<(), StoreError> {
+        self.0.ensure_bucket().await
+    }
+    fn opened_bucket(&self) -> Option<time::OffsetDateTime> {
+        self.0.opened_bucket()
+    }
+    fn connectivity(&self) -> Connectivity {
+        self.0.connectivity()
+    }
+    fn kind(&self) -> &'static str {
+        "lagging"
+    }
+}
+
+fn memory_settings() -> presence_dataplane::config::Settings {
+    Cli::try_parse_from(["presence-service", "--store=memory", "--jwt-secret", SECRET])
+        .unwrap()
+        .serve
+        .validate()
+        .unwrap()
+}
+
+fn seen_now() -> Update {
+    Update::Seen(Some(Seen {
+        last_seen: time::OffsetDateTime::now_utc(),
+        node_id: "n".into(),
+    }))
+}
+
+/// The flake of `regions_in_three_clusters_meet_only_at_the_hubs_exposed_address`:
+/// a replay that ends before the bucket's last change must not make the
+/// cache a replica; the watch resumes after what it applied. At no point
+/// is the user the short replay missed answered as unknown (a cache that
+/// took itself for a replica would say so until the quiet watch is found
+/// out, seconds later).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_that_ends_short_of_the_bucket_is_watched_again() {
+    let store = Arc::new(LaggingReplicaStore::default());
+    store.write("early", &seen_now(), None, NEW).await.unwrap();
+    let last = store.write("late", &seen_now(), None, NEW).await.unwrap();
+    let state = build_with_store(memory_settings(), store.clone(), Metrics::new().unwrap());
+    // No read before the short replay ended: a read would load `late`.
+    wait_until("the short replay's change", READY_TIMEOUT, || async {
+        state.watch.applied_revision() >= 1
+    })
+    .await;
+    wait_until(
+        "the replay to reach the bucket's last change",
+        READY_TIMEOUT,
+        || async {
+            let late = state.service.get_json("late").await;
+            assert!(
+                matches!(late, Ok(Some(_))),
+                "a user the replay had not reached was answered as {late:?}"
+            );
+            state.watch.applied_revision() >= last && !state.watch.replaying()
+        },
+    )
+    .await;
+}
+
+/// A live watch that goes quiet (heartbeats, no changes, no error) while
+/// the bucket moves on is noticed and replaced.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watch_that_goes_quiet_while_the_bucket_moves_on_is_watched_again() {
+    let store = Arc::new(LaggingReplicaStore::default());
+    let state = build_with_store(memory_settings(), store.clone(), Metrics::new().unwrap());
+    wait_until("the empty replay to end", READY_TIMEOUT, || async {
+        !state.watch.replaying() && state.watch.snapshot().active
+    })
+    .await;
+    let written = store.write("later", &seen_now(), None, NEW).await.unwrap();
+    wait_until(
+        "the watch to follow the bucket again",
+        READY_TIMEOUT,
+        || async { state.watch.applied_revision() >= written },
+    )
+    .await;
 }
 
 // ---------------------------------------------------------------- 5. JWT
@@ -982,7 +1113,7 @@ async fn the_bucket_itself_refuses_writes_with_stale_expectations() {
     let first = store.write("u", &seen, None, NEW).await.unwrap();
     let late = store.write("u", &seen, None, NEW).await;
     assert!(matches!(late, Err(StoreError::Conflict)), "{late:?}");
-    store
+    let second = store
         .write("u", &seen, None, Expect::Key(first))
         .await
         .unwrap();
@@ -1000,10 +1131,17 @@ async fn the_bucket_itself_refuses_writes_with_stale_expectations() {
         .await
         .unwrap();
     // Another user's sessions are another set.
-    store
+    let last = store
         .write("v", &session("a"), None, Expect::Sessions(0))
         .await
         .unwrap();
+    // What the stream's leader stores after a revision: how a watch that
+    // stopped short is told apart (asked through the hub's domain too).
+    // The bucket keeps one value per key, so `first` was replaced.
+    assert_eq!(store.first_after(0).await.unwrap(), Some(second));
+    assert_eq!(store.first_after(first).await.unwrap(), Some(second));
+    assert_eq!(store.first_after(second).await.unwrap(), Some(a));
+    assert_eq!(store.first_after(last).await.unwrap(), None);
 }
 
 #[tokio::test(flavor = "multi_thread")]

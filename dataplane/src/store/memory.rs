@@ -202,6 +202,16 @@ impl PresenceStore for MemoryStore {
         })
     }
 
+    async fn first_after(&self, revision: u64) -> Result<Option<u64>, StoreError> {
+        let inner = lock(&self.inner);
+        Ok(inner
+            .latest
+            .values()
+            .map(|c| c.revision)
+            .filter(|r| *r > revision)
+            .min())
+    }
+
     async fn ensure_bucket(&self) -> Result<(), StoreError> {
         Ok(())
     }

@@ -159,6 +159,11 @@ pub trait PresenceStore: Send + Sync + 'static {
     /// Asks the store itself (not a cache) which bucket exists and its
     /// latest revision; `NotReady` when the bucket is missing.
     async fn identity(&self) -> Result<BucketIdentity, StoreError>;
+    /// The revision of the first entry stored after `revision`, as the
+    /// bucket's leader (not some replica) knows it; `None`: there is none.
+    /// Tells a watch that stopped short (its consumer served by a replica
+    /// behind the leader) from one that saw everything.
+    async fn first_after(&self, revision: u64) -> Result<Option<u64>, StoreError>;
     /// Recreates the bucket if it is missing, where this node may (center).
     async fn ensure_bucket(&self) -> Result<(), StoreError>;
     /// Creation time of the bucket as it was when first opened: everything

@@ -17,6 +17,7 @@ use crate::record::Update;
 use async_nats::connection::State;
 use async_nats::jetstream::context::{GetStreamErrorKind, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, ErrorCode, kv};
 use futures::{StreamExt, TryStreamExt};
 use std::sync::OnceLock;
@@ -378,6 +379,28 @@ impl PresenceStore for NatsStore {
             Ok(Err(err)) => Err(unavailable(err)),
             Err(_) => Err(StoreError::Timeout(self.read_timeout)),
         }
+    }
+
+    async fn first_after(&self, revision: u64) -> Result<Option<u64>, StoreError> {
+        let kv = self.kv()?;
+        // STREAM.MSG.GET, which the stream's leader answers, not a direct
+        // get, which any replica may answer: the question is what a lagging
+        // replica does not know. Allowed by the rendered permissions.
+        let next = async {
+            let found = kv
+                .stream
+                .raw_message_builder()
+                .sequence(revision.saturating_add(1))
+                .next_by_subject(format!("{}>", kv.prefix))
+                .send()
+                .await;
+            match found {
+                Ok(message) => Ok(Some(message.sequence)),
+                Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+                Err(err) => Err(err),
+            }
+        };
+        self.timed("next", self.read_timeout, next).await
     }
 
     fn opened_bucket(&self) -> Option<time::OffsetDateTime> {
