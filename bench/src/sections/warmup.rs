@@ -6,9 +6,7 @@
 
 use crate::Bench;
 use crate::load::watch_whole_bucket;
-use crate::node::{
-    cache_metrics, cpu_seconds, http_ok, spawn_service, start_service, time_until,
-};
+use crate::node::{cache_metrics, cpu_seconds, http_ok, spawn_service, start_service, time_until};
 use crate::sections::memory::{self, BUCKET, PREFIX};
 use std::hash::BuildHasher as _;
 use std::time::{Duration, Instant};
@@ -32,11 +30,7 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
     let (keys, raw) =
         tokio::time::timeout(GIVE_UP, watch_whole_bucket(&bench.hub, BUCKET)).await??;
     let raw_cpu = cpu_seconds(std::process::id()) - bench_cpu;
-    let Restarted {
-        ready,
-        cached,
-        cpu,
-    } = restart(bench).await?;
+    let Restarted { ready, cached, cpu } = restart(bench).await?;
     let users = bench.users;
     let report = &mut bench.report;
     report.add(
