@@ -538,6 +538,26 @@ mod tests {
     }
 
     #[test]
+    fn stored_values_read_the_same_however_their_json_is_spelled() {
+        let plain = br#"{"userID":"u-1","status":"busy","lastSeen":"2026-01-15T10:30:00.123Z","updatedAt":"2026-01-15T10:30:00Z","expiresAt":"2026-01-15T11:00:00Z"}"#;
+        // Escapes in the ID and a time (no borrowed text), `null` for no
+        // expiry, another offset (read by `time`).
+        let escaped = br#"{"userID":"u\u002d1","status":"busy","lastSeen":"2026-01-15T10:30:00.123\u005a","updatedAt":"2026-01-15T11:30:00+01:00","expiresAt":null}"#;
+        let absent = br#"{"userID":"u-1","status":"busy","lastSeen":"2026-01-15T10:30:00.123Z","updatedAt":"2026-01-15T10:30:00Z"}"#;
+        let plain = Presence::from_stored_json("u-1", plain).expect("usable");
+        let escaped = Presence::from_stored_json("u-1", escaped).expect("usable");
+        let absent = Presence::from_stored_json("u-1", absent).expect("usable");
+        assert_eq!(escaped.last_seen, plain.last_seen);
+        assert_eq!(escaped.updated_at, plain.updated_at);
+        assert_eq!(escaped.expires_at(), None);
+        assert_eq!(absent.expires_at(), None);
+        assert!(plain.expires_at().is_some());
+        assert!(Presence::from_stored_json("u-2", br#"{"userID":"u\u002d1","status":"busy","lastSeen":"2026-01-15T10:30:00Z","updatedAt":"2026-01-15T10:30:00Z"}"#).is_err());
+        let bad_time = br#"{"userID":"u-1","status":"busy","lastSeen":"2026-02-30T10:30:00Z","updatedAt":"2026-01-15T10:30:00Z"}"#;
+        assert!(Presence::from_stored_json("u-1", bad_time).is_err());
+    }
+
+    #[test]
     fn a_time_past_the_range_in_utc_stays_at_its_end() {
         let stored = br#"{"userID":"u","status":"busy","lastSeen":"2026-01-15T10:30:00Z","updatedAt":"2026-01-15T10:30:00Z","expiresAt":"9999-12-31T23:30:00-01:00"}"#;
         let presence = Presence::from_stored_json("u", stored).expect("a usable value");

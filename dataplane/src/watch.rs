@@ -18,7 +18,7 @@ use futures::StreamExt;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 use tokio::sync::Notify;
 
@@ -168,12 +168,12 @@ fn unix_millis(t: OffsetDateTime) -> i64 {
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
-/// What the watch loop does after an entry.
+/// What the watch loop does after a check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Next {
     Continue,
-    /// The watch can't be trusted to be complete: watch again from the
-    /// last applied revision.
+    /// The bucket is gone, or the watch can't be trusted to deliver: watch
+    /// again from the last applied revision.
     Restart,
 }
 
@@ -188,7 +188,7 @@ struct Sinks<'a> {
 }
 
 impl Sinks<'_> {
-    async fn apply(&self, entry: Entry) -> Next {
+    async fn apply(&self, entry: Entry) {
         let now = OffsetDateTime::now_utc();
         let (revision, stored_at, pending) = entry.position();
         self.status.applying.store(revision, Ordering::Release);
@@ -204,15 +204,8 @@ impl Sinks<'_> {
             }
             Entry::Other { .. } => None,
         };
-        let mut next = Next::Continue;
-        if replaying && pending == 0 {
-            if self.replay_complete(revision).await {
-                self.finish_replay(revision).await;
-            } else {
-                // Still replaying: reads keep going to the store, and the
-                // watch resumes after this revision.
-                next = Next::Restart;
-            }
+        if replaying && pending == 0 && self.replay_complete(revision).await {
+            self.finish_replay(revision).await;
         }
         self.status.checkpoint(revision, stored_at);
         // Feed first, then publish the revision: a stream that waited for
@@ -235,33 +228,37 @@ impl Sinks<'_> {
             .watch_applied_revision
             .set(i64::try_from(status.applied_revision()).unwrap_or(i64::MAX));
         status.applying.store(0, Ordering::Release);
-        next
     }
 
     /// Whether a replay whose consumer said "nothing pending" at `revision`
     /// saw the whole bucket. A consumer's pending count comes from the one
     /// replica that serves it (an R1 ordered consumer may sit on any replica
     /// of an R3 stream), so a replica behind the leader ends the replay
-    /// early, then sends heartbeats and nothing else. Asked of the leader:
-    /// complete when the bucket's last revision before the watch is no
-    /// later, or nothing is stored after `revision` (the newest entries
-    /// expired meanwhile).
+    /// early, then sends heartbeats and nothing else. Complete when
+    /// `revision` reached the bucket's last revision as the leader gave it
+    /// when the replay began (a replica applies the stream in order, so it
+    /// held everything before), or the leader stores nothing between the
+    /// two (those entries expired meanwhile). Otherwise the replay goes on:
+    /// reads keep going to the store, the watch may still deliver the rest,
+    /// and [`Progress`] replaces it if it does not.
     async fn replay_complete(&self, revision: u64) -> bool {
-        if revision >= self.status.replay_target.load(Ordering::Acquire) {
+        let target = self.status.replay_target.load(Ordering::Acquire);
+        if revision >= target {
             return true;
         }
         match self.store.first_after(revision).await {
-            Ok(None) => true,
-            Ok(Some(next)) => {
+            Ok(next) if next.is_none_or(|next| next > target) => true,
+            Ok(next) => {
                 tracing::warn!(
                     revision,
                     next,
-                    "the KV watch's replay ended before the bucket's last change; watching again from there"
+                    target,
+                    "the KV watch's replay said it was complete before the bucket's last change; still replaying"
                 );
                 false
             }
             Err(err) => {
-                tracing::warn!(revision, error = %err, "cannot tell whether the KV replay is complete; watching again");
+                tracing::warn!(revision, error = %err, "cannot tell whether the KV replay is complete; still replaying");
                 false
             }
         }
@@ -269,20 +266,23 @@ impl Sinks<'_> {
 
     /// Applies `entry`, or only moves past it when it is the one the
     /// supervisor gave up on.
-    async fn apply_or_skip(&self, entry: Entry) -> Next {
+    async fn apply_or_skip(&self, entry: Entry) {
         let revision = entry.revision();
         if revision == self.status.skip.load(Ordering::Acquire) {
             tracing::error!(
                 revision,
                 "passing over a change that crashed the KV watch {MAX_STRIKES} times"
             );
-            self.apply(entry.into_other()).await
+            self.apply(entry.into_other()).await;
         } else {
-            self.apply(entry).await
+            self.apply(entry).await;
         }
     }
 
-    fn start_replay(&self) {
+    /// A full replay begins; the bucket's last revision was `target` just
+    /// before its watch (see [`Sinks::replay_complete`]).
+    fn start_replay(&self, target: u64) {
+        self.status.replay_target.store(target, Ordering::Release);
         self.log.reset();
         self.status
             .replay_evictions
@@ -316,7 +316,11 @@ impl Sinks<'_> {
         };
         let applied = self.status.applied_revision();
         let lag = match id {
-            Some(id) => progress.look(self.store, applied, id.last_revision).await,
+            Some(id) => {
+                progress
+                    .look(self.store, applied, id.last_revision, Instant::now())
+                    .await
+            }
             None => Lag::No,
         };
         if lag == Lag::Stuck {
@@ -372,19 +376,29 @@ async fn check_bucket(
     }
 }
 
-/// Tells a watch that stopped delivering while the bucket moved on: the
-/// same applied revision at two checks in a row, behind the bucket's last,
-/// and the bucket's leader holds a change after it. An ordered consumer
-/// served by a replica that lags, or one async-nats keeps recreating in
-/// the background (it retries without end and reports nothing), looks like
-/// this: no error, no end, no changes.
+/// Tells a watch that stopped delivering while the bucket moved on: its
+/// applied revision stood still for at least half a check's interval
+/// (normally a whole one) while the bucket's leader held a change after it
+/// that was already there when the watch was first seen behind. An
+/// ordered consumer served by a replica that lags, or one async-nats keeps
+/// recreating in the background (it retries without end and reports
+/// nothing), looks like this: no error, no end, no changes. A change
+/// written since has its own interval's time to arrive.
 #[derive(Debug, Default)]
 struct Progress {
-    behind_at: Option<u64>,
-    /// The bucket's last revision when a look found nothing stored after
-    /// `behind_at` (its newest entries expired): no need to ask again
+    behind: Option<Behind>,
+    /// The bucket's last revision when the leader stored nothing after the
+    /// applied revision (its newest entries expired): no need to ask again
     /// until it moves.
-    looked_at: Option<u64>,
+    expired_at: Option<u64>,
+}
+
+/// When, and how far, the watch was first seen behind.
+#[derive(Debug, Clone, Copy)]
+struct Behind {
+    applied: u64,
+    last: u64,
+    since: Instant,
 }
 
 /// What [`Progress::look`] found.
@@ -392,7 +406,7 @@ struct Progress {
 enum Lag {
     /// Not behind, still moving, or behind for less than a check.
     No,
-    /// Not moved for a whole check while the leader holds a later change.
+    /// Not moved for a check while the leader held a change it had then.
     Stuck,
     /// Behind the bucket's last revision only because its newest entries
     /// expired: nothing is stored after the applied revision.
@@ -400,27 +414,50 @@ enum Lag {
 }
 
 impl Progress {
-    async fn look(&mut self, store: &dyn PresenceStore, applied: u64, last: u64) -> Lag {
+    /// Looks at the watch at `now`, with `applied` and the bucket's `last`
+    /// revision; asks the leader only when the watch stood still.
+    async fn look(
+        &mut self,
+        store: &dyn PresenceStore,
+        applied: u64,
+        last: u64,
+        now: Instant,
+    ) -> Lag {
         if last <= applied {
             *self = Progress::default();
             return Lag::No;
         }
-        if self.behind_at != Some(applied) {
-            // First seen behind: give changes in flight a check's time.
-            *self = Progress {
-                behind_at: Some(applied),
-                looked_at: None,
-            };
-            return Lag::No;
-        }
-        if self.looked_at == Some(last) {
+        if self.expired_at == Some(last) {
             return Lag::Expired;
         }
+        let behind = match self.behind {
+            Some(behind) if behind.applied == applied => behind,
+            _ => {
+                self.behind = Some(Behind {
+                    applied,
+                    last,
+                    since: now,
+                });
+                return Lag::No;
+            }
+        };
+        if now.saturating_duration_since(behind.since) < IDENTITY_CHECK / 2 {
+            return Lag::No;
+        }
         match store.first_after(applied).await {
-            Ok(Some(_)) => Lag::Stuck,
             Ok(None) => {
-                self.looked_at = Some(last);
+                self.expired_at = Some(last);
                 Lag::Expired
+            }
+            Ok(Some(next)) if next <= behind.last => Lag::Stuck,
+            Ok(Some(_)) => {
+                // Only changes newer than the first look: their turn now.
+                self.behind = Some(Behind {
+                    applied,
+                    last,
+                    since: now,
+                });
+                Lag::No
             }
             Err(_) => Lag::No,
         }
@@ -432,16 +469,15 @@ impl Progress {
 /// or it went quiet while the bucket moved on (see [`Progress`]).
 async fn follow(sinks: &Sinks<'_>, mut changes: ChangeStream, followed: Option<OffsetDateTime>) {
     let mut check = tokio::time::interval(IDENTITY_CHECK);
+    // A slow check is followed by a whole interval, not a burst of checks
+    // that would find the watch "not moving" in milliseconds.
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     check.tick().await;
     let mut progress = Progress::default();
     loop {
         tokio::select! {
             item = changes.next() => match item {
-                Some(Ok(entry)) => {
-                    if sinks.apply_or_skip(entry).await == Next::Restart {
-                        return;
-                    }
-                }
+                Some(Ok(entry)) => sinks.apply_or_skip(entry).await,
                 Some(Err(err)) => {
                     tracing::warn!(error = %err, "KV watch failed; resuming from the last applied revision");
                     return;
@@ -500,12 +536,9 @@ pub async fn run(
                     status.restart_from_scratch();
                 }
                 followed = Some(id.created);
-                status
-                    .replay_target
-                    .store(id.last_revision, Ordering::Release);
                 if status.applied_revision() == 0 {
                     // A full replay starts; with nothing to replay it is done.
-                    sinks.start_replay();
+                    sinks.start_replay(id.last_revision);
                     if id.messages == 0 {
                         sinks.finish_replay(id.last_revision).await;
                     }
@@ -644,6 +677,86 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::Update;
+    use crate::session::Seen;
+    use crate::store::Expect;
+    use crate::store::memory::MemoryStore;
+
+    fn seen() -> Update {
+        Update::Seen(Some(Seen {
+            last_seen: OffsetDateTime::now_utc(),
+            node_id: "n".into(),
+        }))
+    }
+
+    async fn write(store: &MemoryStore, user: &str, expect: u64) -> u64 {
+        store
+            .write(user, &seen(), None, Expect::Key(expect))
+            .await
+            .expect("written")
+    }
+
+    #[tokio::test]
+    async fn a_watch_standing_still_behind_a_change_the_leader_held_is_stuck() {
+        let store = MemoryStore::new();
+        let (applied, last) = (write(&store, "a", 0).await, write(&store, "b", 0).await);
+        let (mut progress, t0) = (Progress::default(), Instant::now());
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert_eq!(progress.look(&store, applied, last, t0).await, Lag::No);
+        // A burst of checks milliseconds apart proves nothing.
+        assert_eq!(progress.look(&store, applied, last, at(20)).await, Lag::No);
+        assert_eq!(
+            progress.look(&store, applied, last, at(2000)).await,
+            Lag::Stuck
+        );
+        // Moving on, or catching up, starts over.
+        assert_eq!(progress.look(&store, last, last, at(4000)).await, Lag::No);
+        assert_eq!(
+            progress.look(&store, applied + 1, last + 1, at(6000)).await,
+            Lag::No
+        );
+    }
+
+    #[tokio::test]
+    async fn a_watch_behind_only_an_expired_tail_is_not_stuck() {
+        let store = MemoryStore::new();
+        let applied = write(&store, "a", 0).await;
+        // The bucket's last revision is past anything still stored.
+        let last = applied + 2;
+        let (mut progress, t0) = (Progress::default(), Instant::now());
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert_eq!(progress.look(&store, applied, last, t0).await, Lag::No);
+        assert_eq!(
+            progress.look(&store, applied, last, at(2000)).await,
+            Lag::Expired
+        );
+        assert_eq!(
+            progress.look(&store, applied, last, at(4000)).await,
+            Lag::Expired
+        );
+    }
+
+    #[tokio::test]
+    async fn a_change_newer_than_the_first_look_gets_its_own_interval() {
+        let store = MemoryStore::new();
+        let applied = write(&store, "a", 0).await;
+        let replaced = write(&store, "x", 0).await;
+        let (mut progress, t0) = (Progress::default(), Instant::now());
+        let at = |ms| t0 + Duration::from_millis(ms);
+        assert_eq!(progress.look(&store, applied, replaced, t0).await, Lag::No);
+        // The change the first look saw is replaced by a newer one (the
+        // bucket keeps one value per key), which the watch may not have
+        // had time for yet.
+        let newer = write(&store, "x", replaced).await;
+        assert_eq!(
+            progress.look(&store, applied, newer, at(2000)).await,
+            Lag::No
+        );
+        assert_eq!(
+            progress.look(&store, applied, newer, at(4000)).await,
+            Lag::Stuck
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_change_that_keeps_crashing_the_watch_is_passed_over() {

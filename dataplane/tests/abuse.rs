@@ -329,13 +329,23 @@ async fn poisoned_bucket_values_are_skipped_and_counted() {
 /// What a write to a key that holds nothing expects.
 const NEW: Expect = Expect::Key(0);
 
-/// A store whose watch panics on the first two changes of the user `boom`
-/// it delivers, as a bug in a store would.
+/// A memory store whose watches go through a fault `F`; everything else is
+/// the store's own.
 #[derive(Default)]
-struct CrashingStore(MemoryStore, Arc<std::sync::atomic::AtomicU32>);
+struct FaultyWatch<F>(MemoryStore, F);
+
+/// What a [`FaultyWatch`] does to each watch the service starts.
+#[async_trait::async_trait]
+trait WatchFault: Default + Send + Sync + 'static {
+    async fn alter(
+        &self,
+        store: &MemoryStore,
+        entries: ChangeStream,
+    ) -> Result<ChangeStream, StoreError>;
+}
 
 #[async_trait::async_trait]
-impl PresenceStore for CrashingStore {
+impl<F: WatchFault> PresenceStore for FaultyWatch<F> {
     async fn load(&self, user_id: &str) -> Result<Vec<Change>, StoreError> {
         self.0.load(user_id).await
     }
@@ -350,18 +360,7 @@ impl PresenceStore for CrashingStore {
     }
     async fn watch(&self, start: WatchStart) -> Result<ChangeStream, StoreError> {
         let entries = self.0.watch(start).await?;
-        let crashes = self.1.clone();
-        Ok(entries
-            .map(move |entry| {
-                if let Ok(Entry::Change(change)) = &entry
-                    && change.user_id == "boom"
-                    && crashes.fetch_add(1, std::sync::atomic::Ordering::AcqRel) < 2
-                {
-                    panic!("a change the watch can't take");
-                }
-                entry
-            })
-            .boxed())
+        self.1.alter(&self.0, entries).await
     }
     async fn identity(&self) -> Result<BucketIdentity, StoreError> {
         self.0.identity().await
@@ -379,7 +378,34 @@ impl PresenceStore for CrashingStore {
         self.0.connectivity()
     }
     fn kind(&self) -> &'static str {
-        "crashing"
+        "faulty"
+    }
+}
+
+/// Panics on the first two changes of the user `boom` a watch delivers,
+/// as a bug in a store would.
+#[derive(Default)]
+struct Crashing(Arc<std::sync::atomic::AtomicU32>);
+
+#[async_trait::async_trait]
+impl WatchFault for Crashing {
+    async fn alter(
+        &self,
+        _: &MemoryStore,
+        entries: ChangeStream,
+    ) -> Result<ChangeStream, StoreError> {
+        let crashes = self.0.clone();
+        Ok(entries
+            .map(move |entry| {
+                if let Ok(Entry::Change(change)) = &entry
+                    && change.user_id == "boom"
+                    && crashes.fetch_add(1, std::sync::atomic::Ordering::AcqRel) < 2
+                {
+                    panic!("a change the watch can't take");
+                }
+                entry
+            })
+            .boxed())
     }
 }
 
@@ -391,7 +417,7 @@ async fn a_crashing_watch_is_restarted_and_readiness_says_so() {
             .serve
             .validate()
             .unwrap();
-    let store = Arc::new(CrashingStore::default());
+    let store = Arc::new(FaultyWatch::<Crashing>::default());
     let state = build_with_store(settings, store.clone(), Metrics::new().unwrap());
     let router = api::router(state.clone());
     let call = |path: &'static str| {
@@ -443,33 +469,24 @@ async fn a_crashing_watch_is_restarted_and_readiness_says_so() {
     );
 }
 
-/// A store whose first watch is served the way a replica behind the
-/// stream's leader serves an R1 ordered consumer: it ends its replay
-/// (nothing pending) at the oldest change, or at once when the bucket is
-/// empty, and then only waits. Later watches are sound.
+/// Serves a first watch the way a replica behind the stream's leader
+/// serves an R1 ordered consumer: it ends its replay (nothing pending) at
+/// the oldest change, or at once when the bucket is empty, and then only
+/// waits. Later watches are sound.
 #[derive(Default)]
-struct LaggingReplicaStore(MemoryStore, std::sync::atomic::AtomicBool);
+struct LaggingReplica(std::sync::atomic::AtomicBool);
 
 #[async_trait::async_trait]
-impl PresenceStore for LaggingReplicaStore {
-    async fn load(&self, user_id: &str) -> Result<Vec<Change>, StoreError> {
-        self.0.load(user_id).await
-    }
-    async fn write(
+impl WatchFault for LaggingReplica {
+    async fn alter(
         &self,
-        user_id: &str,
-        update: &Update,
-        ttl: Option<Duration>,
-        expect: Expect,
-    ) -> Result<u64, StoreError> {
-        self.0.write(user_id, update, ttl, expect).await
-    }
-    async fn watch(&self, start: WatchStart) -> Result<ChangeStream, StoreError> {
-        let mut entries = self.0.watch(start).await?;
-        if self.1.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        store: &MemoryStore,
+        mut entries: ChangeStream,
+    ) -> Result<ChangeStream, StoreError> {
+        if self.0.swap(true, std::sync::atomic::Ordering::AcqRel) {
             return Ok(entries);
         }
-        let first = match self.0.identity().await?.messages {
+        let first = match store.identity().await?.messages {
             0 => None,
             _ => entries.next().await.map(|entry| {
                 entry.map(|entry| match entry {
@@ -484,24 +501,6 @@ impl PresenceStore for LaggingReplicaStore {
         Ok(futures::stream::iter(first)
             .chain(futures::stream::pending())
             .boxed())
-    }
-    async fn identity(&self) -> Result<BucketIdentity, StoreError> {
-        self.0.identity().await
-    }
-    async fn first_after(&self, revision: u64) -> Result<Option<u64>, StoreError> {
-        self.0.first_after(revision).await
-    }
-    async fn ensure_bucket(&self) -> Result<(), StoreError> {
-        self.0.ensure_bucket().await
-    }
-    fn opened_bucket(&self) -> Option<time::OffsetDateTime> {
-        self.0.opened_bucket()
-    }
-    fn connectivity(&self) -> Connectivity {
-        self.0.connectivity()
-    }
-    fn kind(&self) -> &'static str {
-        "lagging"
     }
 }
 
@@ -528,7 +527,7 @@ fn seen_now() -> Update {
 /// out, seconds later).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replay_that_ends_short_of_the_bucket_is_watched_again() {
-    let store = Arc::new(LaggingReplicaStore::default());
+    let store = Arc::new(FaultyWatch::<LaggingReplica>::default());
     store.write("early", &seen_now(), None, NEW).await.unwrap();
     let last = store.write("late", &seen_now(), None, NEW).await.unwrap();
     let state = build_with_store(memory_settings(), store.clone(), Metrics::new().unwrap());
@@ -556,7 +555,7 @@ async fn a_replay_that_ends_short_of_the_bucket_is_watched_again() {
 /// the bucket moves on is noticed and replaced.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_watch_that_goes_quiet_while_the_bucket_moves_on_is_watched_again() {
-    let store = Arc::new(LaggingReplicaStore::default());
+    let store = Arc::new(FaultyWatch::<LaggingReplica>::default());
     let state = build_with_store(memory_settings(), store.clone(), Metrics::new().unwrap());
     wait_until("the empty replay to end", READY_TIMEOUT, || async {
         !state.watch.replaying() && state.watch.snapshot().active
