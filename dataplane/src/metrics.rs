@@ -40,6 +40,8 @@ pub struct Metrics {
     pub watch_applied_revision: IntGauge,
     pub watch_active: IntGauge,
     pub watch_restarts: IntCounter,
+    /// Watches that stopped short of the bucket (see `watch::Progress`).
+    pub watch_stalls: IntCounterVec,
     pub watch_crashes: IntCounter,
     pub kv_values_skipped: IntCounter,
     pub write_conflicts: IntCounter,
@@ -73,6 +75,15 @@ impl Registrar {
         self.add(IntCounter::new(name, help))
     }
 
+    fn counters(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntCounterVec, prometheus::Error> {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels))
+    }
+
     fn gauge(&self, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
         self.add(IntGauge::new(name, help))
     }
@@ -103,13 +114,11 @@ impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let r = Registrar(Registry::new_custom(Some("presence".into()), None)?);
         Ok(Metrics {
-            http_requests: r.add(IntCounterVec::new(
-                Opts::new(
-                    "http_requests_total",
-                    "HTTP requests by route, method and status",
-                ),
+            http_requests: r.counters(
+                "http_requests_total",
+                "HTTP requests by route, method and status",
                 &["route", "method", "status"],
-            ))?,
+            )?,
             http_duration: r.add(HistogramVec::new(
                 r.latency(
                     "http_request_duration_seconds",
@@ -122,14 +131,12 @@ impl Metrics {
                 "http_connections_refused_total",
                 "Connections answered 503 and closed because HTTP_MAX_CONNECTIONS were open",
             )?,
-            http_connections_timed_out: r.add(IntCounterVec::new(
-                Opts::new(
-                    "http_connections_timed_out_total",
-                    "Connections closed by a timeout: header (request head too slow), \
-                     keepalive (idle between requests), send (client not reading)",
-                ),
+            http_connections_timed_out: r.counters(
+                "http_connections_timed_out_total",
+                "Connections closed by a timeout: header (request head too slow), \
+                 keepalive (idle between requests), send (client not reading)",
                 &["reason"],
-            ))?,
+            )?,
             kv_duration: r.add(HistogramVec::new(
                 r.latency(
                     "kv_operation_duration_seconds",
@@ -152,6 +159,13 @@ impl Metrics {
             watch_restarts: r.counter(
                 "watch_restarts_total",
                 "Times the KV watch was re-established after an error",
+            )?,
+            watch_stalls: r.counters(
+                "watch_stalls_total",
+                "KV watches found behind the stream's leader: replay_incomplete (a replay \
+                 said it was complete before the bucket's last change), stood_still \
+                 (replaced for delivering nothing while the leader held a later change)",
+                &["kind"],
             )?,
             watch_crashes: r.counter(
                 "watch_crashes_total",
@@ -185,14 +199,12 @@ impl Metrics {
                 "streams_lagged_total",
                 "Change streams ended because they fell behind the change feed",
             )?,
-            streams_closed: r.add(IntCounterVec::new(
-                Opts::new(
-                    "streams_closed_total",
-                    "Change streams the node ended: send_timeout (client not reading), \
-                     token_expired, bucket_reset (the bucket was recreated)",
-                ),
+            streams_closed: r.counters(
+                "streams_closed_total",
+                "Change streams the node ended: send_timeout (client not reading), \
+                 token_expired, bucket_reset (the bucket was recreated)",
                 &["reason"],
-            ))?,
+            )?,
             event_log_entries: r.gauge("event_log_entries", "Events in the node's event log")?,
             event_log_bytes: r.gauge(
                 "event_log_bytes",

@@ -249,6 +249,10 @@ impl Sinks<'_> {
         match self.store.first_after(revision).await {
             Ok(next) if next.is_none_or(|next| next > target) => true,
             Ok(next) => {
+                self.metrics
+                    .watch_stalls
+                    .with_label_values(&["replay_incomplete"])
+                    .inc();
                 tracing::warn!(
                     revision,
                     next,
@@ -324,6 +328,10 @@ impl Sinks<'_> {
             None => Lag::No,
         };
         if lag == Lag::Stuck {
+            self.metrics
+                .watch_stalls
+                .with_label_values(&["stood_still"])
+                .inc();
             tracing::warn!(
                 applied,
                 last = id.map(|id| id.last_revision),

@@ -549,6 +549,9 @@ async fn a_replay_that_ends_short_of_the_bucket_is_watched_again() {
         },
     )
     .await;
+    let stalls = |kind| state.metrics.watch_stalls.with_label_values(&[kind]).get();
+    assert_eq!(stalls("replay_incomplete"), 1);
+    assert_eq!(stalls("stood_still"), 1);
 }
 
 /// A live watch that goes quiet (heartbeats, no changes, no error) while
@@ -568,6 +571,9 @@ async fn a_watch_that_goes_quiet_while_the_bucket_moves_on_is_watched_again() {
         || async { state.watch.applied_revision() >= written },
     )
     .await;
+    let stalls = |kind| state.metrics.watch_stalls.with_label_values(&[kind]).get();
+    assert_eq!(stalls("stood_still"), 1);
+    assert_eq!(stalls("replay_incomplete"), 0);
 }
 
 // ---------------------------------------------------------------- 5. JWT
