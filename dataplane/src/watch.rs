@@ -41,6 +41,8 @@ pub struct WatchStatus {
     /// the current watch began: a replay that ends before it may have been
     /// served by a replica that lags, and is checked.
     replay_target: AtomicU64,
+    /// Entries the current replay applied so far (for its log line).
+    replayed: AtomicU64,
     last_applied_unix_ms: AtomicI64,
     last_lag_micros: AtomicU64,
     restarts: AtomicU64,
@@ -194,6 +196,9 @@ impl Sinks<'_> {
         self.status.applying.store(revision, Ordering::Release);
         let lag = (now - stored_at).max(time::Duration::ZERO);
         let replaying = self.status.replaying();
+        if replaying {
+            self.status.replayed.fetch_add(1, Ordering::AcqRel);
+        }
         let change = match entry {
             Entry::Change(change) => {
                 let applied = self.cache.apply(&change, replaying);
@@ -287,6 +292,7 @@ impl Sinks<'_> {
     /// before its watch (see [`Sinks::replay_complete`]).
     fn start_replay(&self, target: u64) {
         self.status.replay_target.store(target, Ordering::Release);
+        self.status.replayed.store(0, Ordering::Release);
         self.log.reset();
         self.status
             .replay_evictions
@@ -304,6 +310,8 @@ impl Sinks<'_> {
         // replay is recorded as applied only after this.
         tracing::info!(
             revision,
+            target = self.status.replay_target.load(Ordering::Acquire),
+            entries = self.status.replayed.load(Ordering::Acquire),
             cache_holds_every_user = replica,
             "replay of the KV bucket complete"
         );

@@ -982,12 +982,26 @@ mod multi_cluster {
         .await;
         // A bound on liveness, not a speed test: with the other dev tests
         // running beside it on 2 cores, relinking took over 30 s in CI.
-        wait_until(
-            "us to catch up with the write made while it was down",
-            Duration::from_secs(90),
-            || async { message(&c, &dev, US, "ann").await.as_deref() == Some("while us was down") },
-        )
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while message(&c, &dev, US, "ann").await.as_deref() != Some("while us was down") {
+            if Instant::now() > deadline {
+                // What each region answers, for the failure's report.
+                let mut answers = Vec::new();
+                for api in &dev.apis {
+                    let url = format!("{api}/api/v2/presence/ann");
+                    let answer = match c.get(url).bearer_auth(&dev.token).send().await {
+                        Ok(r) => format!("{} {}", r.status(), r.text().await.unwrap_or_default()),
+                        Err(err) => err.to_string(),
+                    };
+                    answers.push(answer);
+                }
+                panic!(
+                    "timed out waiting for us to catch up with the write made while it was down; \
+                     center, eu, us answer: {answers:#?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
 
         // eu's cluster now holds another seed than the one the hub's
         // cluster knows for eu: the hub refuses eu, and dev says so.
