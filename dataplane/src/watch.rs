@@ -316,9 +316,7 @@ impl Sinks<'_> {
             "replay of the KV bucket complete"
         );
     }
-}
 
-impl Sinks<'_> {
     /// The periodic look at the bucket beside a running watch: whether to
     /// replace the watch, and whether a replay that nothing more will
     /// arrive for is done.

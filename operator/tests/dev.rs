@@ -301,14 +301,27 @@ async fn message(client: &reqwest::Client, dev: &Dev, api: usize, user: &str) ->
     body["message"].as_str().map(str::to_owned)
 }
 
-async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F)
+async fn wait_until<F, Fut>(what: &str, limit: Duration, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
+    wait_until_or_report(what, limit, check, || async { String::new() }).await;
+}
+
+/// [`wait_until`], whose timeout also says what `report` finds then.
+async fn wait_until_or_report<F, Fut, R, RFut>(what: &str, limit: Duration, mut check: F, report: R)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+    R: FnOnce() -> RFut,
+    RFut: Future<Output = String>,
+{
     let deadline = Instant::now() + limit;
     while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            panic!("timed out waiting for {what}{}", report().await);
+        }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -982,9 +995,11 @@ mod multi_cluster {
         .await;
         // A bound on liveness, not a speed test: with the other dev tests
         // running beside it on 2 cores, relinking took over 30 s in CI.
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while message(&c, &dev, US, "ann").await.as_deref() != Some("while us was down") {
-            if Instant::now() > deadline {
+        wait_until_or_report(
+            "us to catch up with the write made while it was down",
+            Duration::from_secs(90),
+            || async { message(&c, &dev, US, "ann").await.as_deref() == Some("while us was down") },
+            || async {
                 // What each region answers, for the failure's report.
                 let mut answers = Vec::new();
                 for api in &dev.apis {
@@ -995,13 +1010,10 @@ mod multi_cluster {
                     };
                     answers.push(answer);
                 }
-                panic!(
-                    "timed out waiting for us to catch up with the write made while it was down; \
-                     center, eu, us answer: {answers:#?}"
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+                format!("; center, eu, us answer: {answers:#?}")
+            },
+        )
+        .await;
 
         // eu's cluster now holds another seed than the one the hub's
         // cluster knows for eu: the hub refuses eu, and dev says so.
