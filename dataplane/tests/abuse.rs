@@ -342,6 +342,15 @@ trait WatchFault: Default + Send + Sync + 'static {
         store: &MemoryStore,
         entries: ChangeStream,
     ) -> Result<ChangeStream, StoreError>;
+
+    /// The leader's answer (the store's own unless the fault changes it).
+    async fn first_after(
+        &self,
+        store: &MemoryStore,
+        revision: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        store.first_after(revision).await
+    }
 }
 
 #[async_trait::async_trait]
@@ -366,7 +375,7 @@ impl<F: WatchFault> PresenceStore for FaultyWatch<F> {
         self.0.identity().await
     }
     async fn first_after(&self, revision: u64) -> Result<Option<u64>, StoreError> {
-        self.0.first_after(revision).await
+        self.1.first_after(&self.0, revision).await
     }
     async fn ensure_bucket(&self) -> Result<(), StoreError> {
         self.0.ensure_bucket().await
@@ -519,15 +528,38 @@ fn seen_now() -> Update {
     }))
 }
 
-/// The flake of `regions_in_three_clusters_meet_only_at_the_hubs_exposed_address`:
-/// a replay that ends before the bucket's last change must not make the
-/// cache a replica; the watch resumes after what it applied. At no point
-/// is the user the short replay missed answered as unknown (a cache that
-/// took itself for a replica would say so until the quiet watch is found
-/// out, seconds later).
-#[tokio::test(flavor = "multi_thread")]
-async fn a_replay_that_ends_short_of_the_bucket_is_watched_again() {
-    let store = Arc::new(FaultyWatch::<LaggingReplica>::default());
+/// A [`LaggingReplica`] whose leader can't be asked at first: the first
+/// two questions time out.
+#[derive(Default)]
+struct LaggingReplicaUnsureLeader(LaggingReplica, std::sync::atomic::AtomicU32);
+
+#[async_trait::async_trait]
+impl WatchFault for LaggingReplicaUnsureLeader {
+    async fn alter(
+        &self,
+        store: &MemoryStore,
+        entries: ChangeStream,
+    ) -> Result<ChangeStream, StoreError> {
+        self.0.alter(store, entries).await
+    }
+
+    async fn first_after(
+        &self,
+        store: &MemoryStore,
+        revision: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        if self.1.fetch_add(1, std::sync::atomic::Ordering::AcqRel) < 2 {
+            return Err(StoreError::Timeout(Duration::from_secs(2)));
+        }
+        store.first_after(revision).await
+    }
+}
+
+/// Starts a node whose first watch ends its replay short of the bucket and
+/// waits until it caught up, checking that the user the short replay
+/// missed is never answered as unknown meanwhile. Returns the node.
+async fn short_replay_caught_up<F: WatchFault>() -> presence_dataplane::AppState {
+    let store = Arc::new(FaultyWatch::<F>::default());
     store.write("early", &seen_now(), None, NEW).await.unwrap();
     let last = store.write("late", &seen_now(), None, NEW).await.unwrap();
     let state = build_with_store(memory_settings(), store.clone(), Metrics::new().unwrap());
@@ -549,8 +581,30 @@ async fn a_replay_that_ends_short_of_the_bucket_is_watched_again() {
         },
     )
     .await;
+    state
+}
+
+/// The flake of `regions_in_three_clusters_meet_only_at_the_hubs_exposed_address`:
+/// a replay that ends before the bucket's last change must not make the
+/// cache a replica; the watch resumes after what it applied. At no point
+/// is the user the short replay missed answered as unknown (a cache that
+/// took itself for a replica would say so until the quiet watch is found
+/// out, seconds later).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_that_ends_short_of_the_bucket_is_watched_again() {
+    let state = short_replay_caught_up::<LaggingReplica>().await;
     let stalls = |kind| state.metrics.watch_stalls.with_label_values(&[kind]).get();
     assert_eq!(stalls("replay_incomplete"), 1);
+    assert_eq!(stalls("stood_still"), 1);
+}
+
+/// A replay that ends short while the leader can't be asked is not trusted
+/// either: the node keeps replaying until the leader answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_short_replay_is_not_trusted_while_the_leader_cannot_be_asked() {
+    let state = short_replay_caught_up::<LaggingReplicaUnsureLeader>().await;
+    let stalls = |kind| state.metrics.watch_stalls.with_label_values(&[kind]).get();
+    assert_eq!(stalls("replay_incomplete"), 0);
     assert_eq!(stalls("stood_still"), 1);
 }
 
