@@ -183,14 +183,26 @@ impl PresenceCache {
         }
     }
 
-    /// Looks a user up, counting the hit or miss (an incomplete slot is a miss).
-    pub fn get(&self, user_id: &str) -> Option<Slot> {
-        let found = self.inner.get(user_id).filter(|slot| slot.complete);
-        match found {
-            Some(_) => self.counters.hits.inc(),
-            None => self.counters.misses.inc(),
+    /// What the cache alone can say about a user, counting the hit or miss:
+    /// the record of a complete slot; an empty record when the cache is a
+    /// replica and holds no slot for the user at all; `None` when only the
+    /// store can tell. An incomplete slot says nothing, replica or not: its
+    /// load is under way or failed, and the changes merged into it meanwhile
+    /// may be all it holds. Taken for the user's absence, a load that failed
+    /// before a replay made the cache a replica would hide the user until
+    /// the slot was evicted.
+    pub fn known(&self, user_id: &str) -> Option<Arc<UserRecord>> {
+        let (record, hit) = match self.inner.get(user_id) {
+            Some(slot) if slot.complete => (Some(slot.record), true),
+            Some(_) => (None, false),
+            None => (self.is_replica().then(Arc::default), false),
+        };
+        if hit {
+            self.counters.hits.inc();
+        } else {
+            self.counters.misses.inc();
         }
-        found
+        record
     }
 
     /// Whether the cache holds every user of the bucket (see `replica`).
@@ -319,6 +331,21 @@ impl PresenceCache {
         self.put(user_id, slot, false);
     }
 
+    /// The load that [`PresenceCache::begin_load`] reserved a slot for
+    /// failed: the slot goes, unless a change was merged into it meanwhile
+    /// (the next read completes it then). Reads refused during an outage
+    /// leave no empty slots behind to crowd out cached users.
+    pub fn abandon_load(&self, user_id: &str) {
+        let _user = self.stripes.lock(user_id);
+        let untouched = self
+            .inner
+            .get(user_id)
+            .is_some_and(|slot| !slot.complete && slot.record.revision() == 0);
+        if untouched {
+            self.inner.invalidate(user_id);
+        }
+    }
+
     /// Merges what the store returned into the slot reserved by
     /// [`PresenceCache::begin_load`] and marks it complete. If the slot was
     /// evicted meanwhile, the result is returned without being cached.
@@ -436,8 +463,8 @@ mod tests {
         PresenceCache::new(max_cost, 16, Metrics::new().unwrap().cache)
     }
 
-    fn message(slot: &Slot) -> Option<String> {
-        slot.record
+    fn message(record: &UserRecord) -> Option<String> {
+        record
             .view("u", OffsetDateTime::UNIX_EPOCH)
             .map(|v| v.message)
     }
@@ -462,7 +489,7 @@ mod tests {
             c.apply(&same_revision, false),
             Applied::Changed { .. }
         ));
-        assert_eq!(message(&c.get("u").unwrap()).as_deref(), Some("mine"));
+        assert_eq!(message(&c.known("u").unwrap()).as_deref(), Some("mine"));
     }
 
     /// The watch may find an own write's echo stale the moment the write is
@@ -506,7 +533,10 @@ mod tests {
             c.apply(&change("v", 3, Some("new bucket")), false),
             Applied::Changed { .. }
         ));
-        assert_eq!(message(&c.get("v").unwrap()).as_deref(), Some("new bucket"));
+        assert_eq!(
+            message(&c.known("v").unwrap()).as_deref(),
+            Some("new bucket")
+        );
     }
 
     fn session_change(revision: u64, seen_secs: Option<i64>) -> Change {
@@ -537,11 +567,7 @@ mod tests {
         // brought the session's earlier value (revision 2).
         c.apply_own(&session_change(3, None), |_| {});
         c.apply(&session_change(2, Some(100)), true);
-        let view = c
-            .get("u")
-            .unwrap()
-            .record
-            .view("u", OffsetDateTime::UNIX_EPOCH);
+        let view = c.known("u").unwrap().view("u", OffsetDateTime::UNIX_EPOCH);
         let last_seen = view.and_then(|v| v.last_seen);
         assert_eq!(
             last_seen,
@@ -582,7 +608,7 @@ mod tests {
         for thread in threads {
             thread.join().unwrap();
         }
-        let record = c.get("u").unwrap().record;
+        let record = c.known("u").unwrap();
         let sessions = record.live_sessions(OffsetDateTime::UNIX_EPOCH).count();
         assert_eq!(sessions, 32, "a concurrent merge was lost");
         assert_eq!(record.revision(), 32);
@@ -594,23 +620,23 @@ mod tests {
         c.apply(&change("u", 5, Some("five")), true);
         c.apply(&change("u", 3, Some("three")), true);
         c.apply(&change("u", 4, None), true);
-        let slot = c.get("u").unwrap();
-        assert_eq!(slot.record.revision(), 5);
-        assert_eq!(message(&slot).as_deref(), Some("five"));
+        let record = c.known("u").unwrap();
+        assert_eq!(record.revision(), 5);
+        assert_eq!(message(&record).as_deref(), Some("five"));
         c.apply(&change("u", 6, None), true);
-        let slot = c.get("u").unwrap();
-        assert_eq!(slot.record.revision(), 6);
-        assert_eq!(message(&slot), None);
+        let record = c.known("u").unwrap();
+        assert_eq!(record.revision(), 6);
+        assert_eq!(message(&record), None);
     }
 
     #[test]
     fn unknown_users_are_created_only_while_the_cache_is_a_replica() {
         let c = cache(1 << 20);
         c.apply(&change("u", 1, Some("x")), false);
-        assert!(c.get("u").is_none());
+        assert!(c.known("u").is_none());
         assert!(c.mark_replica(0));
         c.apply(&change("u", 2, Some("y")), false);
-        assert_eq!(message(&c.get("u").unwrap()).as_deref(), Some("y"));
+        assert_eq!(message(&c.known("u").unwrap()).as_deref(), Some("y"));
         c.clear();
         assert!(!c.is_replica());
     }
@@ -619,22 +645,56 @@ mod tests {
     fn a_load_keeps_changes_that_arrived_while_it_ran() {
         let c = cache(1 << 20);
         c.begin_load("u");
-        assert!(c.get("u").is_none(), "an incomplete slot is a miss");
+        assert!(c.known("u").is_none(), "an incomplete slot is a miss");
         // The watch delivers revision 7 while the store read (which saw
         // revision 6) is still under way.
         c.apply(&change("u", 7, Some("new")), false);
         let record = c.finish_load("u", vec![change("u", 6, Some("old"))]);
         assert_eq!(record.revision(), 7);
-        assert_eq!(message(&c.get("u").unwrap()).as_deref(), Some("new"));
+        assert_eq!(message(&c.known("u").unwrap()).as_deref(), Some("new"));
+    }
+
+    /// The flake of the dev multi-cluster test: a read made while a node
+    /// started could not reach the store, and left its reserved slot; the
+    /// replay then merged the user's change into that slot and made the
+    /// cache a replica, which took the incomplete slot for the user's
+    /// absence.
+    #[test]
+    fn a_replica_does_not_take_a_failed_load_for_the_users_absence() {
+        let c = cache(1 << 20);
+        c.begin_load("u");
+        c.apply(&change("u", 2, Some("replayed")), true);
+        assert!(c.mark_replica(0));
+        assert!(c.known("u").is_none(), "only the store can tell");
+        assert!(c.known("nobody").is_some_and(|r| r.revision() == 0));
+        // Failed again: the slot keeps what the replay merged into it.
+        c.abandon_load("u");
+        assert!(c.known("u").is_none());
+        let record = c.finish_load("u", vec![change("u", 2, Some("replayed"))]);
+        assert_eq!(message(&record).as_deref(), Some("replayed"));
+        assert_eq!(message(&c.known("u").unwrap()).as_deref(), Some("replayed"));
+    }
+
+    #[test]
+    fn a_failed_load_leaves_no_empty_slot() {
+        let c = cache(1 << 20);
+        c.begin_load("u");
+        c.abandon_load("u");
+        assert_eq!(c.stats().entries, 0);
+        // Once abandoned, the user is the watch's to create again.
+        assert!(c.mark_replica(0));
+        assert!(c.known("u").is_some_and(|r| r.revision() == 0));
+        c.apply(&change("u", 1, Some("later")), false);
+        assert_eq!(message(&c.known("u").unwrap()).as_deref(), Some("later"));
     }
 
     #[test]
     fn counts_hits_misses_and_additions() {
         let c = cache(1 << 20);
-        assert!(c.get("a").is_none());
+        assert!(c.known("a").is_none());
         c.apply(&change("a", 1, Some("")), true);
         c.apply(&change("a", 2, Some("")), true);
-        assert!(c.get("a").is_some());
+        assert!(c.known("a").is_some());
         let stats = c.stats();
         assert_eq!((stats.hits, stats.misses, stats.keys_added), (1, 1, 1));
         assert_eq!(stats.entries, 1);

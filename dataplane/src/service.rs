@@ -148,19 +148,19 @@ impl PresenceService {
         if self.watch.replaying() {
             return None;
         }
-        if let Some(slot) = self.cache.get(user_id) {
-            return Some(slot.record);
-        }
-        self.cache
-            .is_replica()
-            .then(|| Arc::new(UserRecord::default()))
+        self.cache.known(user_id)
     }
 
     /// Reads a user from the store into the cache.
     async fn load_record(&self, user_id: &str) -> Result<Arc<UserRecord>, StoreError> {
         self.cache.begin_load(user_id);
-        let changes = self.store.load(user_id).await?;
-        Ok(self.cache.finish_load(user_id, changes))
+        match self.store.load(user_id).await {
+            Ok(changes) => Ok(self.cache.finish_load(user_id, changes)),
+            Err(err) => {
+                self.cache.abandon_load(user_id);
+                Err(err)
+            }
+        }
     }
 
     /// One user's effective presence now as JSON (what `GET` answers);

@@ -329,19 +329,25 @@ async fn poisoned_bucket_values_are_skipped_and_counted() {
 /// What a write to a key that holds nothing expects.
 const NEW: Expect = Expect::Key(0);
 
-/// A memory store whose watches go through a fault `F`; everything else is
-/// the store's own.
+/// A memory store whose watches, reads and leader questions go through a
+/// fault `F`; everything else is the store's own.
 #[derive(Default)]
-struct FaultyWatch<F>(MemoryStore, F);
+struct FaultyStore<F>(MemoryStore, F);
 
-/// What a [`FaultyWatch`] does to each watch the service starts.
+/// What a [`FaultyStore`] does to each watch the service starts, and to
+/// its reads of a user.
 #[async_trait::async_trait]
-trait WatchFault: Default + Send + Sync + 'static {
+trait StoreFault: Default + Send + Sync + 'static {
     async fn alter(
         &self,
         store: &MemoryStore,
         entries: ChangeStream,
     ) -> Result<ChangeStream, StoreError>;
+
+    /// A read of one user (the store's own unless the fault changes it).
+    async fn load(&self, store: &MemoryStore, user_id: &str) -> Result<Vec<Change>, StoreError> {
+        store.load(user_id).await
+    }
 
     /// The leader's answer (the store's own unless the fault changes it).
     async fn first_after(
@@ -354,9 +360,9 @@ trait WatchFault: Default + Send + Sync + 'static {
 }
 
 #[async_trait::async_trait]
-impl<F: WatchFault> PresenceStore for FaultyWatch<F> {
+impl<F: StoreFault> PresenceStore for FaultyStore<F> {
     async fn load(&self, user_id: &str) -> Result<Vec<Change>, StoreError> {
-        self.0.load(user_id).await
+        self.1.load(&self.0, user_id).await
     }
     async fn write(
         &self,
@@ -397,7 +403,7 @@ impl<F: WatchFault> PresenceStore for FaultyWatch<F> {
 struct Crashing(Arc<std::sync::atomic::AtomicU32>);
 
 #[async_trait::async_trait]
-impl WatchFault for Crashing {
+impl StoreFault for Crashing {
     async fn alter(
         &self,
         _: &MemoryStore,
@@ -426,7 +432,7 @@ async fn a_crashing_watch_is_restarted_and_readiness_says_so() {
             .serve
             .validate()
             .unwrap();
-    let store = Arc::new(FaultyWatch::<Crashing>::default());
+    let store = Arc::new(FaultyStore::<Crashing>::default());
     let state = build_with_store(settings, store.clone(), Metrics::new().unwrap());
     let router = api::router(state.clone());
     let call = |path: &'static str| {
@@ -486,7 +492,7 @@ async fn a_crashing_watch_is_restarted_and_readiness_says_so() {
 struct LaggingReplica(std::sync::atomic::AtomicBool);
 
 #[async_trait::async_trait]
-impl WatchFault for LaggingReplica {
+impl StoreFault for LaggingReplica {
     async fn alter(
         &self,
         store: &MemoryStore,
@@ -534,7 +540,7 @@ fn seen_now() -> Update {
 struct LaggingReplicaUnsureLeader(LaggingReplica, std::sync::atomic::AtomicU32);
 
 #[async_trait::async_trait]
-impl WatchFault for LaggingReplicaUnsureLeader {
+impl StoreFault for LaggingReplicaUnsureLeader {
     async fn alter(
         &self,
         store: &MemoryStore,
@@ -558,8 +564,8 @@ impl WatchFault for LaggingReplicaUnsureLeader {
 /// Starts a node whose first watch ends its replay short of the bucket and
 /// waits until it caught up, checking that the user the short replay
 /// missed is never answered as unknown meanwhile. Returns the node.
-async fn short_replay_caught_up<F: WatchFault>() -> presence_dataplane::AppState {
-    let store = Arc::new(FaultyWatch::<F>::default());
+async fn short_replay_caught_up<F: StoreFault>() -> presence_dataplane::AppState {
+    let store = Arc::new(FaultyStore::<F>::default());
     store.write("early", &seen_now(), None, NEW).await.unwrap();
     let last = store.write("late", &seen_now(), None, NEW).await.unwrap();
     let state = build_with_store(memory_settings(), store.clone(), Metrics::new().unwrap());
@@ -584,8 +590,7 @@ async fn short_replay_caught_up<F: WatchFault>() -> presence_dataplane::AppState
     state
 }
 
-/// The flake of `regions_in_three_clusters_meet_only_at_the_hubs_exposed_address`:
-/// a replay that ends before the bucket's last change must not make the
+/// A replay that ends before the bucket's last change must not make the
 /// cache a replica; the watch resumes after what it applied. At no point
 /// is the user the short replay missed answered as unknown (a cache that
 /// took itself for a replica would say so until the quiet watch is found
@@ -608,11 +613,84 @@ async fn a_short_replay_is_not_trusted_while_the_leader_cannot_be_asked() {
     assert_eq!(stalls("stood_still"), 1);
 }
 
+/// A node's first read fails, as one made before its NATS server links to
+/// the hub does, but only once the test says so; the node's first watch
+/// holds its replay until that read began.
+#[derive(Default)]
+struct FirstReadFails {
+    read_began: Arc<tokio::sync::Notify>,
+    fail_now: tokio::sync::Notify,
+    failed: std::sync::atomic::AtomicBool,
+    watched: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl StoreFault for FirstReadFails {
+    async fn alter(
+        &self,
+        _: &MemoryStore,
+        entries: ChangeStream,
+    ) -> Result<ChangeStream, StoreError> {
+        if self.watched.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return Ok(entries);
+        }
+        let read_began = self.read_began.clone();
+        let held = futures::stream::once(async move { read_began.notified().await })
+            .filter_map(|()| async { None });
+        Ok(held.chain(entries).boxed())
+    }
+
+    async fn load(&self, store: &MemoryStore, user_id: &str) -> Result<Vec<Change>, StoreError> {
+        if self.failed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return store.load(user_id).await;
+        }
+        self.read_began.notify_one();
+        self.fail_now.notified().await;
+        Err(StoreError::Unavailable("no route to the hub yet".into()))
+    }
+}
+
+/// The flake of `regions_in_three_clusters_meet_only_at_the_hubs_exposed_address`,
+/// found: a read on a restarted node reserved the user's slot and could
+/// not reach the bucket; meanwhile the replay merged the user into that
+/// slot and made the cache a replica, which then took the slot, still
+/// incomplete, for the user's absence and answered 404 for good.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_that_failed_during_the_replay_does_not_hide_the_user_after_it() {
+    let store = Arc::new(FaultyStore::<FirstReadFails>::default());
+    let revision = store.write("ann", &seen_now(), None, NEW).await.unwrap();
+    let state = build_with_store(memory_settings(), store.clone(), Metrics::new().unwrap());
+    let early = tokio::spawn({
+        let state = state.clone();
+        async move { state.service.get_json("ann").await }
+    });
+    wait_until("the replay to end", READY_TIMEOUT, || async {
+        state.watch.applied_revision() >= revision && !state.watch.replaying()
+    })
+    .await;
+    assert!(state.service.cache().is_replica());
+    store.1.fail_now.notify_one();
+    let early = early.await.unwrap();
+    assert!(
+        matches!(early, Err(StoreError::Unavailable(_))),
+        "{early:?}"
+    );
+    let after = state.service.get_json("ann").await;
+    assert!(
+        matches!(after, Ok(Some(_))),
+        "ann was answered as {after:?}"
+    );
+    // That read completed the slot: the next one is a cache hit.
+    let hits = state.service.cache().stats().hits;
+    assert!(matches!(state.service.get_json("ann").await, Ok(Some(_))));
+    assert_eq!(state.service.cache().stats().hits, hits + 1);
+}
+
 /// A live watch that goes quiet (heartbeats, no changes, no error) while
 /// the bucket moves on is noticed and replaced.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_watch_that_goes_quiet_while_the_bucket_moves_on_is_watched_again() {
-    let store = Arc::new(FaultyWatch::<LaggingReplica>::default());
+    let store = Arc::new(FaultyStore::<LaggingReplica>::default());
     let state = build_with_store(memory_settings(), store.clone(), Metrics::new().unwrap());
     wait_until("the empty replay to end", READY_TIMEOUT, || async {
         !state.watch.replaying() && state.watch.snapshot().active
