@@ -318,24 +318,30 @@ impl PresenceCache {
     }
 
     /// Reserves an incomplete slot before reading the user from the store,
-    /// so that watch changes arriving during the read are kept.
-    pub fn begin_load(&self, user_id: &str) {
+    /// so that watch changes arriving during the read are kept. The read's
+    /// result goes in with [`Reservation::finish`]; a reservation dropped
+    /// unfinished (the read failed, or its request was cancelled) abandons
+    /// the slot.
+    pub fn begin_load<'a>(&'a self, user_id: &'a str) -> Reservation<'a> {
         let _user = self.stripes.lock(user_id);
-        if self.inner.contains_key(user_id) {
-            return;
+        if !self.inner.contains_key(user_id) {
+            let slot = Slot {
+                record: Arc::new(UserRecord::default()),
+                complete: false,
+            };
+            self.put(user_id, slot, false);
         }
-        let slot = Slot {
-            record: Arc::new(UserRecord::default()),
-            complete: false,
-        };
-        self.put(user_id, slot, false);
+        Reservation {
+            cache: self,
+            user_id,
+            finished: false,
+        }
     }
 
-    /// The load that [`PresenceCache::begin_load`] reserved a slot for
-    /// failed: the slot goes, unless a change was merged into it meanwhile
-    /// (the next read completes it then). Reads refused during an outage
-    /// leave no empty slots behind to crowd out cached users.
-    pub fn abandon_load(&self, user_id: &str) {
+    /// A load's reserved slot goes, unless a change was merged into it
+    /// meanwhile (the next read completes it then). Reads refused during an
+    /// outage leave no empty slots behind to crowd out cached users.
+    fn abandon_load(&self, user_id: &str) {
         let _user = self.stripes.lock(user_id);
         let untouched = self
             .inner
@@ -346,10 +352,10 @@ impl PresenceCache {
         }
     }
 
-    /// Merges what the store returned into the slot reserved by
-    /// [`PresenceCache::begin_load`] and marks it complete. If the slot was
-    /// evicted meanwhile, the result is returned without being cached.
-    pub fn finish_load(&self, user_id: &str, changes: Vec<Change>) -> Arc<UserRecord> {
+    /// Merges what the store returned into the reserved slot and marks it
+    /// complete. If the slot was evicted or abandoned meanwhile, the result
+    /// is returned without being cached.
+    fn finish_load(&self, user_id: &str, changes: Vec<Change>) -> Arc<UserRecord> {
         let merged = |base: &UserRecord| {
             let mut record = base.clone();
             for change in &changes {
@@ -399,6 +405,32 @@ impl PresenceCache {
             } else {
                 hits as f64 / lookups as f64
             },
+        }
+    }
+}
+
+/// A user's slot held for a read from the store (see
+/// [`PresenceCache::begin_load`]).
+#[must_use = "a reservation dropped unfinished abandons its slot"]
+pub struct Reservation<'a> {
+    cache: &'a PresenceCache,
+    user_id: &'a str,
+    finished: bool,
+}
+
+impl Reservation<'_> {
+    /// Completes the slot with what the store returned, keeping the
+    /// changes the watch merged into it during the read.
+    pub fn finish(mut self, changes: Vec<Change>) -> Arc<UserRecord> {
+        self.finished = true;
+        self.cache.finish_load(self.user_id, changes)
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.cache.abandon_load(self.user_id);
         }
     }
 }
@@ -644,12 +676,12 @@ mod tests {
     #[test]
     fn a_load_keeps_changes_that_arrived_while_it_ran() {
         let c = cache(1 << 20);
-        c.begin_load("u");
+        let load = c.begin_load("u");
         assert!(c.known("u").is_none(), "an incomplete slot is a miss");
         // The watch delivers revision 7 while the store read (which saw
         // revision 6) is still under way.
         c.apply(&change("u", 7, Some("new")), false);
-        let record = c.finish_load("u", vec![change("u", 6, Some("old"))]);
+        let record = load.finish(vec![change("u", 6, Some("old"))]);
         assert_eq!(record.revision(), 7);
         assert_eq!(message(&c.known("u").unwrap()).as_deref(), Some("new"));
     }
@@ -662,24 +694,27 @@ mod tests {
     #[test]
     fn a_replica_does_not_take_a_failed_load_for_the_users_absence() {
         let c = cache(1 << 20);
-        c.begin_load("u");
+        let failed = c.begin_load("u");
         c.apply(&change("u", 2, Some("replayed")), true);
         assert!(c.mark_replica(0));
+        drop(failed);
+        // The slot keeps what the replay merged into it, but only the
+        // store can complete it.
         assert!(c.known("u").is_none(), "only the store can tell");
         assert!(c.known("nobody").is_some_and(|r| r.revision() == 0));
-        // Failed again: the slot keeps what the replay merged into it.
-        c.abandon_load("u");
-        assert!(c.known("u").is_none());
-        let record = c.finish_load("u", vec![change("u", 2, Some("replayed"))]);
+        let record = c
+            .begin_load("u")
+            .finish(vec![change("u", 2, Some("replayed"))]);
         assert_eq!(message(&record).as_deref(), Some("replayed"));
         assert_eq!(message(&c.known("u").unwrap()).as_deref(), Some("replayed"));
     }
 
+    /// Failed or cancelled (its request gone), a load drops its
+    /// reservation.
     #[test]
-    fn a_failed_load_leaves_no_empty_slot() {
+    fn a_load_that_never_finished_leaves_no_empty_slot() {
         let c = cache(1 << 20);
-        c.begin_load("u");
-        c.abandon_load("u");
+        drop(c.begin_load("u"));
         assert_eq!(c.stats().entries, 0);
         // Once abandoned, the user is the watch's to create again.
         assert!(c.mark_replica(0));

@@ -153,14 +153,9 @@ impl PresenceService {
 
     /// Reads a user from the store into the cache.
     async fn load_record(&self, user_id: &str) -> Result<Arc<UserRecord>, StoreError> {
-        self.cache.begin_load(user_id);
-        match self.store.load(user_id).await {
-            Ok(changes) => Ok(self.cache.finish_load(user_id, changes)),
-            Err(err) => {
-                self.cache.abandon_load(user_id);
-                Err(err)
-            }
-        }
+        let reservation = self.cache.begin_load(user_id);
+        let changes = self.store.load(user_id).await?;
+        Ok(reservation.finish(changes))
     }
 
     /// One user's effective presence now as JSON (what `GET` answers);
