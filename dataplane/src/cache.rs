@@ -2,7 +2,10 @@
 //!
 //! Each slot remembers the KV revision it reflects and is only ever replaced
 //! by a newer one, so the watch, the writer's own read-your-writes update and
-//! a slow cache-miss read can race without a stale value winning. A slot can
+//! a slow cache-miss read can race without a stale value winning. A miss
+//! reserves the user's slot before it reads the store, so the watch's
+//! changes during the read are kept, and completes only that slot: one
+//! evicted, dropped or cleared meanwhile may have missed changes. A slot can
 //! also record that a user has no presence (a negative entry), so repeated
 //! lookups of unknown users don't all go to the hub.
 //!
@@ -23,7 +26,7 @@ use crate::record::UserRecord;
 use crate::store::Change;
 use moka::notification::RemovalCause;
 use moka::sync::Cache;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Hashes user IDs for the cache and its stripes: keyed at random per
@@ -36,11 +39,17 @@ const STRIPES: usize = 64;
 
 /// What the cache knows about one user.
 #[derive(Debug, Clone)]
-pub struct Slot {
-    pub record: Arc<UserRecord>,
+struct Slot {
+    record: Arc<UserRecord>,
     /// Every key of the user is in `record`. A slot is incomplete while a
     /// read from the store is filling it.
-    pub complete: bool,
+    complete: bool,
+    /// Which slot of the user this is: a new one is numbered each time the
+    /// user's slot is created, so a read from the store that reserved a
+    /// slot since evicted, abandoned or cleared cannot complete the next
+    /// one with what it read before that slot existed (and caught the
+    /// watch's changes). In the padding after `complete`: no extra bytes.
+    generation: u32,
 }
 
 /// What [`PresenceCache::apply`] did with a change.
@@ -288,9 +297,9 @@ impl PresenceCache {
     fn merge_locked(&self, change: &Change, replaying: bool, skip_older: bool) -> Applied {
         let user_id = change.user_id.as_str();
         let current = self.inner.get(user_id);
-        let (base, complete) = match &current {
-            Some(slot) => (Some(&slot.record), slot.complete),
-            None if replaying || self.is_replica() => (None, true),
+        let (base, complete, generation) = match &current {
+            Some(slot) => (Some(&slot.record), slot.complete, slot.generation),
+            None if replaying || self.is_replica() => (None, true, self.stripes.new_generation()),
             None => return Applied::Unknown,
         };
         if skip_older
@@ -306,6 +315,7 @@ impl PresenceCache {
         let slot = Slot {
             record: after.clone(),
             complete,
+            generation,
         };
         self.put(user_id, slot, current.is_some());
         match (complete, current) {
@@ -318,44 +328,54 @@ impl PresenceCache {
     }
 
     /// Reserves an incomplete slot before reading the user from the store,
-    /// so that watch changes arriving during the read are kept. The read's
-    /// result goes in with [`Reservation::finish`]; a reservation dropped
-    /// unfinished (the read failed, or its request was cancelled) abandons
-    /// the slot.
+    /// so that watch changes arriving during the read are kept; a read of
+    /// a user whose slot exists already (another read filling it, or one
+    /// left incomplete) joins that slot. The read's result goes in with
+    /// [`Reservation::finish`]; a reservation dropped unfinished (the read
+    /// failed, or its request was cancelled) abandons the slot.
     pub fn begin_load<'a>(&'a self, user_id: &'a str) -> Reservation<'a> {
         let _user = self.stripes.lock(user_id);
-        if !self.inner.contains_key(user_id) {
-            let slot = Slot {
-                record: Arc::new(UserRecord::default()),
-                complete: false,
-            };
-            self.put(user_id, slot, false);
-        }
+        let generation = match self.inner.get(user_id) {
+            Some(slot) => slot.generation,
+            None => {
+                let generation = self.stripes.new_generation();
+                let slot = Slot {
+                    record: Arc::new(UserRecord::default()),
+                    complete: false,
+                    generation,
+                };
+                self.put(user_id, slot, false);
+                generation
+            }
+        };
         Reservation {
             cache: self,
             user_id,
+            generation,
             finished: false,
         }
     }
 
-    /// A load's reserved slot goes, unless a change was merged into it
-    /// meanwhile (the next read completes it then). Reads refused during an
-    /// outage leave no empty slots behind to crowd out cached users.
-    fn abandon_load(&self, user_id: &str) {
+    /// An unfinished read's slot goes if it is still the one reserved and
+    /// nothing was merged into it (else the next read completes it). Reads
+    /// refused during an outage leave no empty slots behind to crowd out
+    /// cached users. Another read that shared the slot then finishes
+    /// without caching what it read.
+    fn abandon_load(&self, user_id: &str, generation: u32) {
         let _user = self.stripes.lock(user_id);
-        let untouched = self
-            .inner
-            .get(user_id)
-            .is_some_and(|slot| !slot.complete && slot.record.revision() == 0);
+        let untouched = self.inner.get(user_id).is_some_and(|slot| {
+            slot.generation == generation && !slot.complete && slot.record.revision() == 0
+        });
         if untouched {
             self.inner.invalidate(user_id);
         }
     }
 
     /// Merges what the store returned into the reserved slot and marks it
-    /// complete. If the slot was evicted or abandoned meanwhile, the result
-    /// is returned without being cached.
-    fn finish_load(&self, user_id: &str, changes: Vec<Change>) -> Arc<UserRecord> {
+    /// complete. When that slot is gone (evicted, abandoned, cleared; a
+    /// later one may be in its place), changes may have been missed since
+    /// the read began: the result is answered without being cached.
+    fn finish_load(&self, user_id: &str, generation: u32, changes: Vec<Change>) -> Arc<UserRecord> {
         let merged = |base: &UserRecord| {
             let mut record = base.clone();
             for change in &changes {
@@ -364,13 +384,15 @@ impl PresenceCache {
             Arc::new(record)
         };
         let _user = self.stripes.lock(user_id);
-        let Some(current) = self.inner.get(user_id) else {
+        let current = self.inner.get(user_id);
+        let Some(current) = current.filter(|slot| slot.generation == generation) else {
             return merged(&UserRecord::default());
         };
         let record = merged(&current.record);
         let slot = Slot {
             record: record.clone(),
             complete: true,
+            generation,
         };
         self.put(user_id, slot, true);
         record
@@ -415,6 +437,7 @@ impl PresenceCache {
 pub struct Reservation<'a> {
     cache: &'a PresenceCache,
     user_id: &'a str,
+    generation: u32,
     finished: bool,
 }
 
@@ -423,14 +446,15 @@ impl Reservation<'_> {
     /// changes the watch merged into it during the read.
     pub fn finish(mut self, changes: Vec<Change>) -> Arc<UserRecord> {
         self.finished = true;
-        self.cache.finish_load(self.user_id, changes)
+        self.cache
+            .finish_load(self.user_id, self.generation, changes)
     }
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         if !self.finished {
-            self.cache.abandon_load(self.user_id);
+            self.cache.abandon_load(self.user_id, self.generation);
         }
     }
 }
@@ -439,6 +463,8 @@ impl Drop for Reservation<'_> {
 struct Stripes {
     locks: Box<[Mutex<()>]>,
     hasher: KeyHasher,
+    /// Numbers the slots as they are created (see `Slot::generation`).
+    generations: AtomicU32,
 }
 
 impl Stripes {
@@ -446,7 +472,14 @@ impl Stripes {
         Stripes {
             locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             hasher: KeyHasher::new(),
+            generations: AtomicU32::new(0),
         }
+    }
+
+    /// The number of a slot about to be created. It wraps after 2^32
+    /// slots; a read would have to stay in flight that long to be fooled.
+    fn new_generation(&self) -> u32 {
+        self.generations.fetch_add(1, Ordering::Relaxed)
     }
 
     /// The lock of `user_id`'s stripe, held. A poisoned lock guards no
@@ -721,6 +754,52 @@ mod tests {
         assert!(c.known("u").is_some_and(|r| r.revision() == 0));
         c.apply(&change("u", 1, Some("later")), false);
         assert_eq!(message(&c.known("u").unwrap()).as_deref(), Some("later"));
+    }
+
+    /// Two reads of a user share a slot; one fails and its untouched slot
+    /// goes, a change lands that nobody caches, and a third read reserves
+    /// a new slot. The second read, which read the store before the
+    /// change, must not complete the new slot with what it read.
+    #[test]
+    fn a_read_cannot_complete_a_slot_reserved_after_its_own_went() {
+        let c = cache(1 << 20);
+        let failed = c.begin_load("u");
+        let slow = c.begin_load("u");
+        drop(failed);
+        assert!(matches!(
+            c.apply(&change("u", 7, Some("new")), false),
+            Applied::Unknown
+        ));
+        let later = c.begin_load("u");
+        let answered = slow.finish(vec![change("u", 6, Some("old"))]);
+        assert_eq!(answered.revision(), 6);
+        assert!(
+            c.known("u").is_none(),
+            "the old read completed the new slot"
+        );
+        later.finish(vec![change("u", 7, Some("new"))]);
+        assert_eq!(message(&c.known("u").unwrap()).as_deref(), Some("new"));
+    }
+
+    /// A read of a bucket since recreated cannot bring its values into the
+    /// cache of the new one.
+    #[test]
+    fn a_read_of_a_recreated_bucket_stays_out_of_the_new_cache() {
+        let c = cache(1 << 20);
+        let old = c.begin_load("u");
+        c.clear();
+        c.apply(&change("u", 1, Some("new bucket")), true);
+        old.finish(vec![change("u", 9, Some("old bucket"))]);
+        assert!(c.mark_replica(0));
+        assert_eq!(
+            message(&c.known("u").unwrap()).as_deref(),
+            Some("new bucket")
+        );
+    }
+
+    #[test]
+    fn a_slot_keeps_its_generation_in_padding() {
+        assert_eq!(std::mem::size_of::<Slot>(), 16);
     }
 
     #[test]

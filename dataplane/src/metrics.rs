@@ -96,8 +96,14 @@ impl Registrar {
 impl CacheCounters {
     fn new(r: &Registrar) -> Result<Self, prometheus::Error> {
         Ok(CacheCounters {
-            hits: r.counter("cache_hits_total", "Reads answered from the cache")?,
-            misses: r.counter("cache_misses_total", "Reads that went to the KV bucket")?,
+            hits: r.counter(
+                "cache_hits_total",
+                "Cache lookups that found the user's complete entry",
+            )?,
+            misses: r.counter(
+                "cache_misses_total",
+                "Cache lookups that found no complete entry (the KV bucket is read, unless the cache holds every user)",
+            )?,
             keys_added: r.counter("cache_keys_added_total", "Keys inserted into the cache")?,
             keys_evicted: r.counter(
                 "cache_keys_evicted_total",
