@@ -169,10 +169,7 @@ impl PresenceService {
     /// Several users' JSON at once, as of one instant. Cached users are
     /// answered in one pass (no task per user); the misses then go to the
     /// store concurrently.
-    pub async fn get_many_json(
-        &self,
-        user_ids: &[String],
-    ) -> Vec<Result<Option<Bytes>, StoreError>> {
+    pub async fn get_many_json(&self, user_ids: &[&str]) -> Vec<Result<Option<Bytes>, StoreError>> {
         let now = OffsetDateTime::now_utc();
         let mut results = Vec::with_capacity(user_ids.len());
         let mut misses = Vec::new();
@@ -185,7 +182,9 @@ impl PresenceService {
                 }
             }
         }
-        let missed: Vec<String> = misses.iter().map(|&i| user_ids[i].clone()).collect();
+        // Owned: a stream of futures borrowing the IDs is not `Send` to
+        // the compiler (a higher-ranked lifetime); misses are the rare case.
+        let missed: Vec<String> = misses.iter().map(|&i| user_ids[i].to_owned()).collect();
         let loaded: Vec<_> = futures::stream::iter(missed)
             .map(|id| async move {
                 let record = self.load_record(&id).await?;
@@ -580,8 +579,7 @@ mod tests {
         }
         // b has cached only y; x comes from the store, nobody from nowhere.
         assert!(b.get_json("y").await.unwrap().is_some());
-        let ids = ["x", "nobody", "y"].map(String::from);
-        let answers = b.get_many_json(&ids).await;
+        let answers = b.get_many_json(&["x", "nobody", "y"]).await;
         let messages: Vec<Option<String>> = answers
             .into_iter()
             .map(|a| {

@@ -172,7 +172,7 @@ pub async fn get_many(
 
 /// The multi-get's [`MultiGetResponse`] from each presence's JSON: a
 /// concatenation, as the presences are serialized already.
-fn multi_get_body(presences: &[bytes::Bytes], not_found: &[String]) -> bytes::Bytes {
+fn multi_get_body(presences: &[bytes::Bytes], not_found: &[&str]) -> bytes::Bytes {
     let size: usize = presences.iter().map(|p| p.len() + 1).sum();
     let mut body = Vec::with_capacity(size + 32 + not_found.len() * 16);
     body.extend_from_slice(b"{\"presences\":[");
@@ -195,17 +195,17 @@ fn multi_get_body(presences: &[bytes::Bytes], not_found: &[String]) -> bytes::By
 }
 
 /// Reads `?users=a,b,c`: trimmed, deduplicated, validated, at most `max`.
-/// Stops reading at the first ID past `max`.
-pub(super) fn parse_user_list(raw: Option<&str>, max: usize) -> Result<Vec<String>, ApiError> {
+/// Stops reading at the first ID past `max`. The IDs borrow from `raw`: a
+/// multi-get copies none of them.
+pub(super) fn parse_user_list(raw: Option<&str>, max: usize) -> Result<Vec<&str>, ApiError> {
     let mut seen = HashSet::with_capacity_and_hasher(max.min(1024) + 1, KeyHasher::new());
-    let ids: Vec<String> = raw
+    let ids: Vec<&str> = raw
         .unwrap_or_default()
         .split(',')
         .map(str::trim)
         .filter(|id| !id.is_empty())
         .filter(|id| seen.insert(*id))
         .take(max.saturating_add(1))
-        .map(str::to_owned)
         .collect();
     if ids.is_empty() {
         return Err(ApiError::new(
@@ -380,7 +380,8 @@ mod tests {
                 .iter()
                 .map(|p| serde_json::to_vec(p).expect("view").into())
                 .collect();
-            let ours = multi_get_body(&rendered, &not_found);
+            let ids: Vec<&str> = not_found.iter().map(String::as_str).collect();
+            let ours = multi_get_body(&rendered, &ids);
             let serde = serde_json::to_vec(&MultiGetResponse {
                 presences,
                 not_found,

@@ -179,7 +179,10 @@ pub async fn open(
 ) -> Result<Response, ApiError> {
     let Query(query) = query
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
-    let ids = parse_user_list(query.users.as_deref(), MAX_STREAM_USERS)?;
+    let ids: Vec<String> = parse_user_list(query.users.as_deref(), MAX_STREAM_USERS)?
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
     let resume_from = last_event_id(&headers, query.last_event_id.as_deref())?;
     let permit = state
         .streams
