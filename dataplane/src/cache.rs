@@ -366,7 +366,9 @@ impl PresenceCache {
         let untouched = self.inner.get(user_id).is_some_and(|slot| {
             slot.generation == generation && !slot.complete && slot.record.revision() == 0
         });
-        if untouched {
+        // In a cache that holds every user, a missing slot means "no such
+        // user": a slot put there by [`PresenceCache::distrust`] stays.
+        if untouched && !self.is_replica() {
             self.inner.invalidate(user_id);
         }
     }
@@ -396,6 +398,20 @@ impl PresenceCache {
         };
         self.put(user_id, slot, true);
         record
+    }
+
+    /// The watch passed over a change of `user_id` that it could not apply:
+    /// the user's slot answers nothing until a read from the store fills
+    /// it again, while the cache still answers for every other user.
+    pub fn distrust(&self, user_id: &str) {
+        let _user = self.stripes.lock(user_id);
+        let was_there = self.inner.contains_key(user_id);
+        let slot = Slot {
+            record: Arc::new(UserRecord::default()),
+            complete: false,
+            generation: self.stripes.new_generation(),
+        };
+        self.put(user_id, slot, was_there);
     }
 
     /// Forgets everything (the bucket was recreated: every revision we hold
@@ -800,6 +816,25 @@ mod tests {
     #[test]
     fn a_slot_keeps_its_generation_in_padding() {
         assert_eq!(std::mem::size_of::<Slot>(), 16);
+    }
+
+    /// A user whose change the watch passed over is read from the store
+    /// again, even in a cache that holds every user, and even when that
+    /// read fails at first.
+    #[test]
+    fn a_distrusted_user_is_read_again() {
+        let c = cache(1 << 20);
+        assert!(c.mark_replica(0));
+        c.apply(&change("u", 5, Some("before")), false);
+        c.distrust("u");
+        assert!(c.known("u").is_none());
+        drop(c.begin_load("u"));
+        assert!(c.known("u").is_none(), "a failed read made it unknown");
+        let record = c
+            .begin_load("u")
+            .finish(vec![change("u", 6, Some("after"))]);
+        assert_eq!(message(&record).as_deref(), Some("after"));
+        assert_eq!(message(&c.known("u").unwrap()).as_deref(), Some("after"));
     }
 
     #[test]

@@ -79,16 +79,35 @@ impl EventLog {
         (inner.events.len(), inner.bytes)
     }
 
-    /// From now on every change is recorded: the log is complete after `revision`.
+    /// From now on every change is recorded: the log is complete after
+    /// `revision`. Own writes after it that wait for their echo keep their
+    /// notes: made while a replay ran, their echo comes after it, and
+    /// without the note the log would claim a change it lacks.
     pub fn start_after(&self, revision: u64) {
         let mut inner = self.lock();
+        let mut local = std::mem::take(&mut inner.local);
+        local.retain(|r, _| *r > revision);
+        let local_bytes = local.values().map(|view| view.weight()).sum();
         *inner = LogInner {
             complete_after: Some(revision),
+            local,
+            local_bytes,
             ..LogInner::default()
         };
     }
 
-    /// Forgets everything (the bucket was recreated, or a replay begins).
+    /// A replay begins: nothing is known until it ends (see
+    /// [`EventLog::start_after`]), but own writes waiting for their echo
+    /// keep their notes.
+    pub fn begin_replay(&self) {
+        let mut inner = self.lock();
+        inner.events.clear();
+        inner.bytes = 0;
+        inner.complete_after = None;
+    }
+
+    /// Forgets everything, own writes' notes included (the bucket was
+    /// recreated: their revisions belong to data that no longer exists).
     pub fn reset(&self) {
         *self.lock() = LogInner::default();
     }
@@ -117,11 +136,13 @@ impl EventLog {
         let mut inner = self.lock();
         if inner.local.len() >= MAX_LOCAL || inner.local_bytes + weight > self.max_bytes / 4 {
             // Echoes that never came (a watch restart, a recreated
-            // bucket): give up exactness up to here rather than grow.
+            // bucket): give up exactness up to the newest dropped note
+            // rather than grow (writers apply out of revision order).
+            let newest = inner.local.keys().copied().fold(revision, u64::max);
             inner.local.clear();
             inner.local_bytes = 0;
             drop(inner);
-            self.gap(revision);
+            self.gap(newest);
             return;
         }
         inner.local_bytes += weight;
@@ -237,6 +258,46 @@ mod tests {
         assert_eq!(ids(log.replay(8, 9, &users)), Some(vec![9]));
         log.reset();
         assert_eq!(ids(log.replay(8, 9, &users)), None);
+    }
+
+    /// An own write made while a replay runs: its echo comes after the
+    /// replay ended, and must still find its note.
+    #[test]
+    fn an_own_write_noted_during_a_replay_is_recorded_at_its_echo() {
+        let log = EventLog::default();
+        let users: std::collections::HashSet<&str> = ["a"].into();
+        log.start_after(0);
+        log.note_local(3, PresenceView::unknown("a"));
+        log.begin_replay();
+        log.note_local(12, PresenceView::unknown("a"));
+        log.note_local(8, PresenceView::unknown("a"));
+        log.start_after(10);
+        log.echo(8);
+        log.echo(12);
+        log.echo(3);
+        let replayed = log.replay(10, 12, &users).expect("covered");
+        assert_eq!(replayed.iter().map(|(r, _)| *r).collect::<Vec<_>>(), [12]);
+        assert_eq!(log.size().0, 1, "notes at or before the replay's end went");
+        log.note_local(14, PresenceView::unknown("a"));
+        log.reset();
+        log.start_after(13);
+        log.echo(14);
+        assert_eq!(log.size().0, 0, "a recreated bucket drops every note");
+    }
+
+    /// Writers apply their writes out of revision order: when the notes
+    /// overflow, the log gives up exactness up to the newest one dropped.
+    #[test]
+    fn dropped_notes_leave_a_gap_up_to_the_newest() {
+        let log = EventLog::default();
+        let users: std::collections::HashSet<&str> = ["a"].into();
+        log.start_after(0);
+        for revision in 2..=(MAX_LOCAL as u64 + 1) {
+            log.note_local(revision, PresenceView::unknown("a"));
+        }
+        log.note_local(1, PresenceView::unknown("a"));
+        assert_eq!(log.replay(1, 5000, &users), None);
+        assert!(log.replay(MAX_LOCAL as u64 + 1, 5000, &users).is_some());
     }
 
     fn big(user: &str) -> PresenceView {

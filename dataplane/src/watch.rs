@@ -7,7 +7,7 @@
 //! restarted with backoff from the last revision it applied, and readiness
 //! says the node is not ready meanwhile. A change that crashes it
 //! [`MAX_STRIKES`] times in a row is skipped, so one bad entry can't keep
-//! every node unready.
+//! every node unready; its user is then read from the store again.
 
 use crate::cache::PresenceCache;
 use crate::event_log::EventLog;
@@ -282,6 +282,12 @@ impl Sinks<'_> {
                 revision,
                 "passing over a change that crashed the KV watch {MAX_STRIKES} times"
             );
+            // What the change did is unknown here: its user is read from
+            // the store again, and no stream resumes exactly across it.
+            if let Entry::Change(change) = &entry {
+                self.cache.distrust(&change.user_id);
+                self.log.gap(revision);
+            }
             self.apply(entry.into_other()).await;
         } else {
             self.apply(entry).await;
@@ -293,7 +299,7 @@ impl Sinks<'_> {
     fn start_replay(&self, target: u64) {
         self.status.replay_target.store(target, Ordering::Release);
         self.status.replayed.store(0, Ordering::Release);
-        self.log.reset();
+        self.log.begin_replay();
         self.status
             .replay_evictions
             .store(self.cache.evictions(), Ordering::Release);
@@ -547,6 +553,7 @@ pub async fn run(
                         "the KV bucket was recreated; clearing the cache and replaying it"
                     );
                     cache.clear();
+                    sinks.log.reset();
                     status.restart_from_scratch();
                 }
                 followed = Some(id.created);
@@ -693,8 +700,8 @@ mod tests {
     use super::*;
     use crate::record::Update;
     use crate::session::Seen;
-    use crate::store::Expect;
     use crate::store::memory::MemoryStore;
+    use crate::store::{Change, Expect};
 
     fn seen() -> Update {
         Update::Seen(Some(Seen {
@@ -708,6 +715,51 @@ mod tests {
             .write(user, &seen(), None, Expect::Key(expect))
             .await
             .expect("written")
+    }
+
+    /// A change the supervisor gave up on leaves its user to the store
+    /// (the cache still answers for everyone else) and a gap in the event
+    /// log, so no stream resumes across it as if it never happened.
+    #[tokio::test]
+    async fn a_change_passed_over_leaves_its_user_to_the_store() {
+        let store = MemoryStore::new();
+        let metrics = Metrics::new().expect("metrics");
+        let cache = PresenceCache::new(1 << 20, 16, metrics.cache.clone());
+        let (status, feed, log) = (
+            WatchStatus::default(),
+            ChangeFeed::new(16),
+            EventLog::default(),
+        );
+        let sinks = Sinks {
+            store: &store,
+            cache: &cache,
+            status: &status,
+            metrics: &metrics,
+            feed: &feed,
+            log: &log,
+        };
+        assert!(cache.mark_replica(0));
+        log.start_after(0);
+        let change = |user: &str, revision| {
+            Entry::Change(Change {
+                user_id: user.into(),
+                update: seen(),
+                revision,
+                stored_at: OffsetDateTime::now_utc(),
+                pending: 0,
+            })
+        };
+        sinks.apply_or_skip(change("u", 1)).await;
+        sinks.apply_or_skip(change("other", 2)).await;
+        status.skip.store(3, Ordering::Release);
+        sinks.apply_or_skip(change("u", 3)).await;
+        assert_eq!(status.applied_revision(), 3);
+        assert!(cache.known("u").is_none(), "u is read from the store again");
+        assert!(cache.known("other").is_some());
+        assert!(cache.known("nobody").is_some(), "still a replica");
+        let users = ["u", "other"].into();
+        assert!(log.replay(2, 3, &users).is_none(), "a gap at 3");
+        assert!(log.replay(3, 3, &users).is_some());
     }
 
     #[tokio::test]
