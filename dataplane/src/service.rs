@@ -501,12 +501,16 @@ impl PresenceService {
         // Not found without writing anything when the cache already says so.
         plan(&*self.record(user_id).await?)?;
         let now = crate::model::truncate_to_millis(now);
-        let (first, second) = futures::future::join(
-            self.write_planned(user_id, plan),
-            self.write_seen(user_id, now, Duration::ZERO),
-        )
-        .await;
-        let written = first?.and(second?);
+        // `seen` first, then the removal: if the removal fails, a retry
+        // finds the session live and ends it. The other way round, a retry
+        // after a failed `seen` would find the session gone (404), and the
+        // end's time would never be recorded.
+        let seen = self.write_seen(user_id, now, Duration::ZERO).await?;
+        let written = match self.write_planned(user_id, plan).await? {
+            Written::Nothing => seen,
+            // Applied after `seen`: its record holds both.
+            removed => removed,
+        };
         Ok(self.view_after_write(user_id, written).await?)
     }
 }

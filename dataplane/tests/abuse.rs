@@ -349,6 +349,18 @@ trait StoreFault: Default + Send + Sync + 'static {
         store.load(user_id).await
     }
 
+    /// A write (the store's own unless the fault changes it).
+    async fn write(
+        &self,
+        store: &MemoryStore,
+        user_id: &str,
+        update: &Update,
+        ttl: Option<Duration>,
+        expect: Expect,
+    ) -> Result<u64, StoreError> {
+        store.write(user_id, update, ttl, expect).await
+    }
+
     /// The leader's answer (the store's own unless the fault changes it).
     async fn first_after(
         &self,
@@ -371,7 +383,7 @@ impl<F: StoreFault> PresenceStore for FaultyStore<F> {
         ttl: Option<Duration>,
         expect: Expect,
     ) -> Result<u64, StoreError> {
-        self.0.write(user_id, update, ttl, expect).await
+        self.1.write(&self.0, user_id, update, ttl, expect).await
     }
     async fn watch(&self, start: WatchStart) -> Result<ChangeStream, StoreError> {
         let entries = self.0.watch(start).await?;
@@ -684,6 +696,96 @@ async fn a_read_that_failed_during_the_replay_does_not_hide_the_user_after_it() 
     let hits = state.service.cache().stats().hits;
     assert!(matches!(state.service.get_json("ann").await, Ok(Some(_))));
     assert_eq!(state.service.cache().stats().hits, hits + 1);
+}
+
+/// Once armed, the next write of a user's durable `seen` fails, as a
+/// write the hub doesn't answer does.
+#[derive(Default)]
+struct SeenWriteFailsOnce {
+    armed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl StoreFault for SeenWriteFailsOnce {
+    async fn alter(
+        &self,
+        _: &MemoryStore,
+        entries: ChangeStream,
+    ) -> Result<ChangeStream, StoreError> {
+        Ok(entries)
+    }
+
+    async fn write(
+        &self,
+        store: &MemoryStore,
+        user_id: &str,
+        update: &Update,
+        ttl: Option<Duration>,
+        expect: Expect,
+    ) -> Result<u64, StoreError> {
+        if matches!(update, Update::Seen(_))
+            && self.armed.swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            return Err(StoreError::Unavailable("the hub did not answer".into()));
+        }
+        store.write(user_id, update, ttl, expect).await
+    }
+}
+
+/// Ending a session writes the removal and the durable `seen`. When one of
+/// them fails the client gets a 503 and retries; the retry must end the
+/// session and record the time, not answer 404 for a session the first
+/// attempt removed while its `seen` write failed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_end_that_failed_halfway_can_be_retried() {
+    let store = Arc::new(FaultyStore::<SeenWriteFailsOnce>::default());
+    let state = build_with_store(memory_settings(), store.clone(), Metrics::new().unwrap());
+    let router = api::router(state.clone());
+    let call = |method: &'static str, body: &'static str| {
+        let router = router.clone();
+        async move {
+            let request = axum::http::Request::builder()
+                .method(method)
+                .uri("/api/v2/presence/ann/sessions/laptop")
+                .header("Authorization", bearer("ann", ""))
+                .header("Content-Type", "application/json")
+                .body(axum::body::Body::from(body))
+                .unwrap();
+            let response = router.oneshot(request).await.unwrap();
+            let status = response.status().as_u16();
+            let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            (
+                status,
+                serde_json::from_slice::<Value>(&body).unwrap_or_default(),
+            )
+        }
+    };
+    wait_until("the empty replay to end", READY_TIMEOUT, || async {
+        !state.watch.replaying() && state.watch.snapshot().active
+    })
+    .await;
+    let beat = r#"{"status":"online","device":"laptop","ttlSeconds":60}"#;
+    let (status, beaten) = call("PUT", beat).await;
+    assert_eq!(status, 200, "{beaten}");
+    store
+        .1
+        .armed
+        .store(true, std::sync::atomic::Ordering::Release);
+    let (status, body) = call("DELETE", "").await;
+    assert_eq!(status, 503, "{body}");
+    let (status, body) = call("DELETE", "").await;
+    assert_eq!(status, 200, "the retry: {body}");
+    assert_eq!(body["sessions"], json!([]), "{body}");
+    let time_of = |body: &Value| {
+        time::OffsetDateTime::parse(
+            body["lastSeen"].as_str().expect("lastSeen"),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+    };
+    assert!(time_of(&body) >= time_of(&beaten), "{body} after {beaten}");
 }
 
 /// A live watch that goes quiet (heartbeats, no changes, no error) while

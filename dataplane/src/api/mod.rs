@@ -155,7 +155,7 @@ impl From<StoreError> for ApiError {
                 ..ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "write_conflict",
-                    "other writes for this user kept changing it first; nothing was written, retry",
+                    "other writes for this user kept changing it first; this write was not made, retry",
                 )
             },
         }
