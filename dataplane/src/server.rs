@@ -28,6 +28,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::IntGauge;
 use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
@@ -147,7 +148,7 @@ impl Connection {
                 .with_label_values(&[reason])
                 .inc();
         };
-        metrics.http_connections_open.inc();
+        let _open = OpenConnection::count(&metrics.http_connections_open);
         let _ = socket.set_nodelay(true);
         let io = TokioIo::new(Tracked {
             inner: socket,
@@ -197,7 +198,23 @@ impl Connection {
                 },
             }
         }
-        metrics.http_connections_open.dec();
+    }
+}
+
+/// Counts a connection as open for as long as it is served, however its
+/// task ends: a handler's panic unwinds through it too.
+struct OpenConnection(IntGauge);
+
+impl OpenConnection {
+    fn count(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        OpenConnection(gauge.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -455,6 +472,21 @@ mod tests {
         max_connections: 10,
         send_timeout: Duration::from_secs(30),
     };
+
+    /// A connection whose task panics (a handler's bug) is no longer
+    /// counted as open.
+    #[test]
+    fn a_connection_that_panicked_is_not_counted_open() {
+        let open = IntGauge::new("open", "open").expect("gauge");
+        let _held = OpenConnection::count(&open);
+        let panicked = std::panic::catch_unwind(|| {
+            let _served = OpenConnection::count(&open);
+            assert_eq!(open.get(), 2);
+            panic!("a handler's bug");
+        });
+        assert!(panicked.is_err());
+        assert_eq!(open.get(), 1);
+    }
 
     fn at(activity: &mut Activity, millis_ago: u64) {
         activity.origin = Instant::now() - Duration::from_millis(millis_ago);
