@@ -338,11 +338,14 @@ struct FaultyStore<F>(MemoryStore, F);
 /// its reads of a user.
 #[async_trait::async_trait]
 trait StoreFault: Default + Send + Sync + 'static {
+    /// A watch's changes (the store's own unless the fault changes them).
     async fn alter(
         &self,
-        store: &MemoryStore,
+        _store: &MemoryStore,
         entries: ChangeStream,
-    ) -> Result<ChangeStream, StoreError>;
+    ) -> Result<ChangeStream, StoreError> {
+        Ok(entries)
+    }
 
     /// A read of one user (the store's own unless the fault changes it).
     async fn load(&self, store: &MemoryStore, user_id: &str) -> Result<Vec<Change>, StoreError> {
@@ -707,14 +710,6 @@ struct SeenWriteFailsOnce {
 
 #[async_trait::async_trait]
 impl StoreFault for SeenWriteFailsOnce {
-    async fn alter(
-        &self,
-        _: &MemoryStore,
-        entries: ChangeStream,
-    ) -> Result<ChangeStream, StoreError> {
-        Ok(entries)
-    }
-
     async fn write(
         &self,
         store: &MemoryStore,
