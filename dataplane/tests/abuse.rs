@@ -1376,6 +1376,35 @@ async fn the_bucket_itself_refuses_writes_with_stale_expectations() {
     assert_eq!(store.first_after(first).await.unwrap(), Some(second));
     assert_eq!(store.first_after(second).await.unwrap(), Some(a));
     assert_eq!(store.first_after(last).await.unwrap(), None);
+    // A user's load reads each key's last value from the leader, removals
+    // included, through the hub's domain too.
+    let ended = store
+        .write(
+            "v",
+            &Update::Session("a".into(), None),
+            Some(Duration::from_secs(60)),
+            Expect::Key(last),
+        )
+        .await
+        .unwrap();
+    let loaded = |changes: Vec<Change>| {
+        let mut found: Vec<(u64, bool)> = changes
+            .into_iter()
+            .map(|c| {
+                let removal = matches!(c.update, Update::Session(_, None));
+                (c.revision, removal)
+            })
+            .collect();
+        found.sort_unstable();
+        found
+    };
+    let b = a + 1;
+    assert_eq!(
+        loaded(store.load("u").await.unwrap()),
+        [(second, false), (a, false), (b, false)]
+    );
+    assert_eq!(loaded(store.load("v").await.unwrap()), [(ended, true)]);
+    assert!(store.load("nobody").await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]

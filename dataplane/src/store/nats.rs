@@ -16,7 +16,7 @@ use crate::metrics::Metrics;
 use crate::record::Update;
 use async_nats::connection::State;
 use async_nats::jetstream::context::{GetStreamErrorKind, PublishErrorKind};
-use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::message::{PublishMessage, StreamMessage};
 use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, ErrorCode, kv};
 use futures::{StreamExt, TryStreamExt};
@@ -39,6 +39,9 @@ pub struct NatsStore {
     /// API when there is one, so TTL'd publishes reach the hub from a leaf.
     put_prefix: String,
 }
+
+/// The header that marks a KV removal.
+const KV_OPERATION: &str = "KV-Operation";
 
 /// Concurrent key reads of one user's load.
 const LOAD_CONCURRENCY: usize = 16;
@@ -238,6 +241,31 @@ fn read_entry(metrics: &Metrics, entry: &kv::Entry) -> Entry {
     decoded.entry
 }
 
+/// Reads the stream message that holds `key`'s last value, as
+/// [`read_entry`] reads a KV entry. A removal is a `KV-Operation` of `DEL`
+/// or `PURGE`, or a marker the server left when a TTL or limit removed the
+/// key (`Nats-Marker-Reason`), as the KV client reads them.
+fn read_message(metrics: &Metrics, key: &str, message: &StreamMessage) -> Entry {
+    let header = |name: &str| message.headers.get(name).map(|value| value.as_str());
+    let removed = matches!(header(KV_OPERATION), Some("DEL" | "PURGE"))
+        || (header(KV_OPERATION).is_none() && header("Nats-Marker-Reason").is_some());
+    let entry = kv::Entry {
+        bucket: String::new(),
+        key: key.to_owned(),
+        value: message.payload.clone(),
+        revision: message.sequence,
+        delta: 0,
+        created: message.time,
+        operation: if removed {
+            kv::Operation::Delete
+        } else {
+            kv::Operation::Put
+        },
+        seen_current: false,
+    };
+    read_entry(metrics, &entry)
+}
+
 impl NatsStore {
     /// The keys under `<user>.>` (seen, sessions), removal markers included.
     async fn other_keys(&self, kv: &kv::Store, user_id: &str) -> Result<Vec<String>, StoreError> {
@@ -255,14 +283,33 @@ impl NatsStore {
             .collect())
     }
 
+    /// The last value of `key`, as the stream's leader holds it. Not a KV
+    /// direct get: any replica may answer those, and nats-server lets a
+    /// replica serve them once it is 90% synchronized and keeps it serving
+    /// if it falls behind later, so a miss could cache (and a write that
+    /// lost a race could decide again from) a value the bucket has since
+    /// replaced. STREAM.MSG.GET is answered by the leader.
     async fn read_key(&self, kv: &kv::Store, key: String) -> Result<Option<Change>, StoreError> {
-        let entry = self.timed("get", self.read_timeout, kv.entry(key)).await?;
-        Ok(
-            entry.and_then(|entry| match read_entry(&self.metrics, &entry) {
+        let last = async {
+            let found = kv
+                .stream
+                .raw_message_builder()
+                .last_by_subject(format!("{}{}", kv.prefix, key))
+                .send()
+                .await;
+            match found {
+                Ok(message) => Ok(Some(message)),
+                Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+                Err(err) => Err(err),
+            }
+        };
+        let message = self.timed("get", self.read_timeout, last).await?;
+        Ok(message.and_then(
+            |message| match read_message(&self.metrics, &key, &message) {
                 Entry::Change(change) => Some(change),
                 Entry::Other { .. } => None,
-            }),
-        )
+            },
+        ))
     }
 }
 
@@ -295,7 +342,7 @@ impl PresenceStore for NatsStore {
         let mut message = PublishMessage::build();
         message = match value {
             Some(bytes) => message.payload(bytes.into()),
-            None => message.header("KV-Operation", "DEL"),
+            None => message.header(KV_OPERATION, "DEL"),
         };
         if let Some(ttl) = ttl {
             message = message.ttl(ttl);
@@ -422,5 +469,57 @@ impl PresenceStore for NatsStore {
 
     fn kind(&self) -> &'static str {
         "nats"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_nats::HeaderMap;
+
+    fn message(headers: &[(&str, &str)], payload: &'static [u8]) -> StreamMessage {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.insert(*name, *value);
+        }
+        StreamMessage {
+            subject: "$KV.PRESENCE.ann".into(),
+            sequence: 7,
+            headers: map,
+            payload: bytes::Bytes::from_static(payload),
+            time: time::OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    /// What a leader-answered read makes of a key's last message: a value,
+    /// an explicit removal, or the marker a TTL left, as the KV client
+    /// reads them.
+    #[test]
+    fn a_keys_last_message_reads_as_a_value_or_a_removal() {
+        let metrics = Metrics::new().expect("metrics");
+        let stored = br#"{"userID":"ann","status":"online","message":"hi","lastSeen":"2026-12-07T00:00:00Z","updatedAt":"2026-12-07T00:00:00Z","nodeID":"n"}"#;
+        let read = |headers: &[(&str, &str)], payload| match read_message(
+            &metrics,
+            "ann",
+            &message(headers, payload),
+        ) {
+            Entry::Change(change) => {
+                assert_eq!((change.revision, change.user_id.as_str()), (7, "ann"));
+                match change.update {
+                    Update::Manual(value) => value.map(|p| p.message.clone()),
+                    other => panic!("{other:?}"),
+                }
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(read(&[], stored).as_deref(), Some("hi"));
+        assert_eq!(
+            read(&[(KV_OPERATION, "PUT")], stored).as_deref(),
+            Some("hi")
+        );
+        assert_eq!(read(&[(KV_OPERATION, "DEL")], b""), None);
+        assert_eq!(read(&[(KV_OPERATION, "PURGE")], b""), None);
+        assert_eq!(read(&[("Nats-Marker-Reason", "MaxAge")], b""), None);
+        assert_eq!(metrics.kv_values_skipped.get(), 0);
     }
 }
