@@ -302,14 +302,22 @@ impl PresenceCache {
             None if replaying || self.is_replica() => (None, true, self.stripes.new_generation()),
             None => return Applied::Unknown,
         };
+        // Stale for a slot that is not complete says nothing either: it may
+        // be this node's own write, applied there without a note for the
+        // event log, whose echo must then leave a gap.
+        let stale = if complete {
+            Applied::Stale
+        } else {
+            Applied::Unknown
+        };
         if skip_older
             && base.is_some_and(|record| record.revision_for(&change.update) >= change.revision)
         {
-            return Applied::Stale;
+            return stale;
         }
         let mut record = base.map(|r| (**r).clone()).unwrap_or_default();
         if !record.merge(change.update.clone(), change.revision) {
-            return Applied::Stale;
+            return stale;
         }
         let after = Arc::new(record);
         let slot = Slot {
@@ -835,6 +843,28 @@ mod tests {
             .finish(vec![change("u", 6, Some("after"))]);
         assert_eq!(message(&record).as_deref(), Some("after"));
         assert_eq!(message(&c.known("u").unwrap()).as_deref(), Some("after"));
+    }
+
+    /// A change the record already holds, in a slot that is not complete,
+    /// is unknown rather than stale: it may be this node's own write,
+    /// applied there without a note for the event log.
+    #[test]
+    fn an_echo_into_an_incomplete_slot_is_unknown() {
+        let c = cache(1 << 20);
+        let load = c.begin_load("u");
+        assert!(matches!(
+            c.apply_own(&change("u", 4, Some("mine")), |_| {}),
+            Applied::Unknown
+        ));
+        assert!(matches!(
+            c.apply(&change("u", 4, Some("mine")), false),
+            Applied::Unknown
+        ));
+        load.finish(vec![]);
+        assert!(matches!(
+            c.apply(&change("u", 3, Some("older")), false),
+            Applied::Stale
+        ));
     }
 
     #[test]

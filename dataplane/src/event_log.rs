@@ -48,6 +48,10 @@ struct LogInner {
     /// Every visible change after this revision is in `events`; `None`
     /// while nothing is known (start, replay, recreated bucket).
     complete_after: Option<u64>,
+    /// While nothing is known: the newest revision given up on meanwhile
+    /// (notes dropped during a replay), which the log, once it starts,
+    /// cannot be complete before.
+    lost_through: u64,
 }
 
 impl LogInner {
@@ -89,7 +93,7 @@ impl EventLog {
         local.retain(|r, _| *r > revision);
         let local_bytes = local.values().map(|view| view.weight()).sum();
         *inner = LogInner {
-            complete_after: Some(revision),
+            complete_after: Some(revision.max(inner.lost_through)),
             local,
             local_bytes,
             ..LogInner::default()
@@ -110,6 +114,16 @@ impl EventLog {
     /// recreated: their revisions belong to data that no longer exists).
     pub fn reset(&self) {
         *self.lock() = LogInner::default();
+    }
+
+    /// The echo of this node's own write arrived while a replay runs: its
+    /// note is not needed (the log starts after the replay), and dropping
+    /// it now keeps notes from piling up during a long replay.
+    pub fn echo_during_replay(&self, revision: u64) {
+        let mut inner = self.lock();
+        if let Some(view) = inner.local.remove(&revision) {
+            inner.local_bytes = inner.local_bytes.saturating_sub(view.weight());
+        }
     }
 
     /// A visible change of a user at `revision`.
@@ -184,7 +198,10 @@ impl EventLog {
     /// not cached): nothing up to it can be replayed exactly any more.
     pub fn gap(&self, revision: u64) {
         let mut inner = self.lock();
-        inner.complete_after = inner.complete_after.map(|after| after.max(revision));
+        match inner.complete_after {
+            Some(after) => inner.complete_after = Some(after.max(revision)),
+            None => inner.lost_through = inner.lost_through.max(revision),
+        }
         while inner.events.front().is_some_and(|(r, _)| *r <= revision) {
             inner.drop_oldest();
         }
@@ -283,6 +300,29 @@ mod tests {
         log.start_after(13);
         log.echo(14);
         assert_eq!(log.size().0, 0, "a recreated bucket drops every note");
+    }
+
+    /// Notes dropped while a replay runs (they overflowed) still leave
+    /// their gap once the log starts.
+    #[test]
+    fn notes_dropped_during_a_replay_leave_their_gap() {
+        let log = EventLog::default();
+        let users: std::collections::HashSet<&str> = ["a"].into();
+        log.begin_replay();
+        for revision in 11..=(MAX_LOCAL as u64 + 11) {
+            log.note_local(revision, PresenceView::unknown("a"));
+        }
+        log.start_after(10);
+        assert_eq!(log.replay(10, 5000, &users), None);
+        let newest = MAX_LOCAL as u64 + 11;
+        assert!(log.replay(newest, 5000, &users).is_some());
+        // An echo during a replay takes its note with it.
+        log.begin_replay();
+        log.note_local(6000, PresenceView::unknown("a"));
+        log.echo_during_replay(6000);
+        log.start_after(5000);
+        log.echo(6000);
+        assert_eq!(log.size().0, 0);
     }
 
     /// Writers apply their writes out of revision order: when the notes

@@ -9,7 +9,7 @@
 //! [`MAX_STRIKES`] times in a row is skipped, so one bad entry can't keep
 //! every node unready; its user is then read from the store again.
 
-use crate::cache::PresenceCache;
+use crate::cache::{Applied, PresenceCache};
 use crate::event_log::EventLog;
 use crate::feed::ChangeFeed;
 use crate::metrics::Metrics;
@@ -144,6 +144,8 @@ impl WatchStatus {
     fn restart_from_scratch(&self) {
         self.epoch.send_modify(|epoch| *epoch += 1);
         self.applied_revision.store(0, Ordering::Release);
+        // A revision passed over in the old bucket is another change here.
+        self.skip.store(0, Ordering::Release);
         self.checkpoints
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -204,6 +206,8 @@ impl Sinks<'_> {
                 let applied = self.cache.apply(&change, replaying);
                 if !replaying {
                     self.log.watched(&change, &applied);
+                } else if matches!(applied, Applied::Stale) {
+                    self.log.echo_during_replay(change.revision);
                 }
                 Some(change)
             }
@@ -715,6 +719,16 @@ mod tests {
             .write(user, &seen(), None, Expect::Key(expect))
             .await
             .expect("written")
+    }
+
+    /// A revision passed over in a bucket since recreated is another
+    /// change in the new one, and is applied.
+    #[test]
+    fn a_recreated_bucket_forgets_the_revision_passed_over() {
+        let status = WatchStatus::default();
+        status.skip.store(5, Ordering::Release);
+        status.restart_from_scratch();
+        assert_eq!(status.skip.load(Ordering::Acquire), 0);
     }
 
     /// A change the supervisor gave up on leaves its user to the store
