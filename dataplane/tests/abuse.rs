@@ -736,15 +736,12 @@ async fn a_session_end_that_failed_halfway_can_be_retried() {
     let store = Arc::new(FaultyStore::<SeenWriteFailsOnce>::default());
     let state = build_with_store(memory_settings(), store.clone(), Metrics::new().unwrap());
     let router = api::router(state.clone());
-    let call = |method: &'static str, body: &'static str| {
+    let end = || {
         let router = router.clone();
         async move {
-            let request = axum::http::Request::builder()
-                .method(method)
-                .uri("/api/v2/presence/ann/sessions/laptop")
+            let request = axum::http::Request::delete("/api/v2/presence/ann/sessions/laptop")
                 .header("Authorization", bearer("ann", ""))
-                .header("Content-Type", "application/json")
-                .body(axum::body::Body::from(body))
+                .body(axum::body::Body::empty())
                 .unwrap();
             let response = router.oneshot(request).await.unwrap();
             let status = response.status().as_u16();
@@ -761,26 +758,43 @@ async fn a_session_end_that_failed_halfway_can_be_retried() {
         !state.watch.replaying() && state.watch.snapshot().active
     })
     .await;
-    let beat = r#"{"status":"online","device":"laptop","ttlSeconds":60}"#;
-    let (status, beaten) = call("PUT", beat).await;
-    assert_eq!(status, 200, "{beaten}");
+    // A session last heard of 10 s ago, and no durable `seen` yet: the
+    // end has a time of its own to record.
+    let heard = time::OffsetDateTime::now_utc() - time::Duration::seconds(10);
+    let session = presence_dataplane::session::Session {
+        device: "laptop".into(),
+        status: presence_dataplane::model::Status::Online,
+        last_seen: heard,
+        ttl_seconds: 60,
+        node_id: "n".into(),
+    };
+    let update = Update::Session("laptop".into(), Some(Arc::new(session)));
+    let written = store
+        .write("ann", &update, Some(Duration::from_secs(60)), NEW)
+        .await
+        .unwrap();
+    wait_until("the node to see the session", READY_TIMEOUT, || async {
+        state.watch.applied_revision() >= written
+    })
+    .await;
     store
         .1
         .armed
         .store(true, std::sync::atomic::Ordering::Release);
-    let (status, body) = call("DELETE", "").await;
+    let (status, body) = end().await;
     assert_eq!(status, 503, "{body}");
-    let (status, body) = call("DELETE", "").await;
+    let (status, body) = end().await;
     assert_eq!(status, 200, "the retry: {body}");
     assert_eq!(body["sessions"], json!([]), "{body}");
-    let time_of = |body: &Value| {
-        time::OffsetDateTime::parse(
-            body["lastSeen"].as_str().expect("lastSeen"),
-            &time::format_description::well_known::Rfc3339,
-        )
-        .unwrap()
-    };
-    assert!(time_of(&body) >= time_of(&beaten), "{body} after {beaten}");
+    let ended = time::OffsetDateTime::parse(
+        body["lastSeen"].as_str().expect("lastSeen"),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert!(
+        ended > heard,
+        "lastSeen {ended} is the end's time, after {heard}"
+    );
 }
 
 /// A live watch that goes quiet (heartbeats, no changes, no error) while
