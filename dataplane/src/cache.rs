@@ -345,16 +345,7 @@ impl PresenceCache {
         let _user = self.stripes.lock(user_id);
         let generation = match self.inner.get(user_id) {
             Some(slot) => slot.generation,
-            None => {
-                let generation = self.stripes.new_generation();
-                let slot = Slot {
-                    record: Arc::new(UserRecord::default()),
-                    complete: false,
-                    generation,
-                };
-                self.put(user_id, slot, false);
-                generation
-            }
+            None => self.put_empty(user_id, false),
         };
         Reservation {
             cache: self,
@@ -414,12 +405,20 @@ impl PresenceCache {
     pub fn distrust(&self, user_id: &str) {
         let _user = self.stripes.lock(user_id);
         let was_there = self.inner.contains_key(user_id);
+        self.put_empty(user_id, was_there);
+    }
+
+    /// Stores a new, empty and incomplete slot for the user whose stripe
+    /// the caller holds; returns its generation.
+    fn put_empty(&self, user_id: &str, was_there: bool) -> u32 {
+        let generation = self.stripes.new_generation();
         let slot = Slot {
             record: Arc::new(UserRecord::default()),
             complete: false,
-            generation: self.stripes.new_generation(),
+            generation,
         };
         self.put(user_id, slot, was_there);
+        generation
     }
 
     /// Forgets everything (the bucket was recreated: every revision we hold

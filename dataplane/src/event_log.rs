@@ -116,16 +116,6 @@ impl EventLog {
         *self.lock() = LogInner::default();
     }
 
-    /// The echo of this node's own write arrived while a replay runs: its
-    /// note is not needed (the log starts after the replay), and dropping
-    /// it now keeps notes from piling up during a long replay.
-    pub fn echo_during_replay(&self, revision: u64) {
-        let mut inner = self.lock();
-        if let Some(view) = inner.local.remove(&revision) {
-            inner.local_bytes = inner.local_bytes.saturating_sub(view.weight());
-        }
-    }
-
     /// A visible change of a user at `revision`.
     pub fn push(&self, revision: u64, view: PresenceView) {
         self.push_shared(revision, Arc::new(view));
@@ -164,7 +154,8 @@ impl EventLog {
     }
 
     /// The watch found the change at `revision` already applied: if this
-    /// node wrote it, it is recorded now.
+    /// node wrote it, it is recorded now. During a replay nothing is
+    /// recorded, but the note still goes, so notes don't pile up.
     pub fn echo(&self, revision: u64) {
         let view = {
             let mut inner = self.lock();
@@ -319,7 +310,7 @@ mod tests {
         // An echo during a replay takes its note with it.
         log.begin_replay();
         log.note_local(6000, PresenceView::unknown("a"));
-        log.echo_during_replay(6000);
+        log.echo(6000);
         log.start_after(5000);
         log.echo(6000);
         assert_eq!(log.size().0, 0);

@@ -199,7 +199,7 @@ impl Sinks<'_> {
         let lag = (now - stored_at).max(time::Duration::ZERO);
         let replaying = self.status.replaying();
         if replaying {
-            self.status.replayed.fetch_add(1, Ordering::AcqRel);
+            self.status.replayed.fetch_add(1, Ordering::Relaxed);
         }
         let change = match entry {
             Entry::Change(change) => {
@@ -207,7 +207,7 @@ impl Sinks<'_> {
                 if !replaying {
                     self.log.watched(&change, &applied);
                 } else if matches!(applied, Applied::Stale) {
-                    self.log.echo_during_replay(change.revision);
+                    self.log.echo(change.revision);
                 }
                 Some(change)
             }

@@ -227,18 +227,14 @@ fn read_entry(metrics: &Metrics, entry: &kv::Entry) -> Entry {
         kv::Operation::Put => Some(entry.value.as_ref()),
         kv::Operation::Delete | kv::Operation::Purge => None,
     };
-    let decoded = decode_entry(
+    read_value(
+        metrics,
         &entry.key,
         bytes,
         entry.revision,
         entry.created,
         entry.delta,
-    );
-    if let Some(err) = decoded.skipped {
-        tracing::warn!(error = %err, revision = entry.revision, "skipping a stored value this service can't use");
-        metrics.kv_values_skipped.inc();
-    }
-    decoded.entry
+    )
 }
 
 /// Reads the stream message that holds `key`'s last value, as
@@ -249,21 +245,26 @@ fn read_message(metrics: &Metrics, key: &str, message: &StreamMessage) -> Entry 
     let header = |name: &str| message.headers.get(name).map(|value| value.as_str());
     let removed = matches!(header(KV_OPERATION), Some("DEL" | "PURGE"))
         || (header(KV_OPERATION).is_none() && header("Nats-Marker-Reason").is_some());
-    let entry = kv::Entry {
-        bucket: String::new(),
-        key: key.to_owned(),
-        value: message.payload.clone(),
-        revision: message.sequence,
-        delta: 0,
-        created: message.time,
-        operation: if removed {
-            kv::Operation::Delete
-        } else {
-            kv::Operation::Put
-        },
-        seen_current: false,
-    };
-    read_entry(metrics, &entry)
+    let bytes = (!removed).then_some(message.payload.as_ref());
+    read_value(metrics, key, bytes, message.sequence, message.time, 0)
+}
+
+/// Decodes a key's value (`None`: removed), skipping, logging and counting
+/// one this service can't use.
+fn read_value(
+    metrics: &Metrics,
+    key: &str,
+    bytes: Option<&[u8]>,
+    revision: u64,
+    stored_at: time::OffsetDateTime,
+    pending: u64,
+) -> Entry {
+    let decoded = decode_entry(key, bytes, revision, stored_at, pending);
+    if let Some(err) = decoded.skipped {
+        tracing::warn!(error = %err, revision, "skipping a stored value this service can't use");
+        metrics.kv_values_skipped.inc();
+    }
+    decoded.entry
 }
 
 impl NatsStore {
