@@ -150,12 +150,23 @@ pub struct PresenceCache {
     counters: CacheCounters,
     max_cost: u64,
     /// Holds every user of the bucket: set when a full replay finished,
-    /// cleared by the first eviction. While set, a user the cache doesn't
-    /// know has no keys at all, so nobody needs to ask the store.
+    /// cleared before anything can be evicted (see `held`). While set, a
+    /// user the cache doesn't know has no keys at all, so nobody needs to
+    /// ask the store.
     replica: Arc<AtomicBool>,
     /// Entries evicted for size since start; a replay that saw any can't
     /// have left a replica.
     evictions: Arc<AtomicU64>,
+    /// The cost of every slot inserted and not yet reported removed: added
+    /// before each insert, taken off by the removal listener (whatever the
+    /// cause), so it is never below what moka counts. moka evicts only when
+    /// its count would pass `max_cost`, so an insert that takes `held` past
+    /// it ends the replica *before* the insert: moka removes an evicted
+    /// entry before its listener runs, and a replica told of the eviction
+    /// only by the listener would meanwhile answer the evicted user as one
+    /// with no presence (or start a new, "complete" slot for it from a
+    /// single change).
+    held: Arc<AtomicU64>,
     /// This node's own writes that are in the cache already.
     own: Arc<OwnWrites>,
 }
@@ -167,18 +178,23 @@ impl PresenceCache {
         let evicted = counters.clone();
         let replica = Arc::new(AtomicBool::new(false));
         let evictions = Arc::new(AtomicU64::new(0));
-        let (lost, evicted_count) = (replica.clone(), evictions.clone());
+        let held = Arc::new(AtomicU64::new(0));
+        let (lost, evicted_count, released) = (replica.clone(), evictions.clone(), held.clone());
         let inner = Cache::<Box<str>, Slot>::builder()
             .max_capacity(max_cost)
             .initial_capacity(initial_capacity)
             .weigher(|key, slot| weight(key, slot))
             .eviction_listener(move |key: Arc<Box<str>>, slot: Slot, cause| {
+                let cost = u64::from(weight(&key, &slot));
                 if cause == RemovalCause::Size {
-                    evicted_count.fetch_add(1, Ordering::AcqRel);
-                    lost.store(false, Ordering::Release);
+                    // Counted before `held` drops, so a replay's end that
+                    // finds `held` back under the budget sees the eviction.
+                    evicted_count.fetch_add(1, Ordering::SeqCst);
+                    lost.store(false, Ordering::SeqCst);
                     evicted.keys_evicted.inc();
-                    evicted.cost_evicted.inc_by(u64::from(weight(&key, &slot)));
+                    evicted.cost_evicted.inc_by(cost);
                 }
+                released.fetch_sub(cost, Ordering::SeqCst);
             })
             .build_with_hasher(KeyHasher::new());
         PresenceCache {
@@ -187,6 +203,7 @@ impl PresenceCache {
             max_cost,
             replica,
             evictions,
+            held,
             own: Arc::new(OwnWrites::new()),
             stripes: Arc::new(Stripes::new()),
         }
@@ -216,26 +233,34 @@ impl PresenceCache {
 
     /// Whether the cache holds every user of the bucket (see `replica`).
     pub fn is_replica(&self) -> bool {
-        self.replica.load(Ordering::Acquire)
+        self.replica.load(Ordering::SeqCst)
     }
 
     /// How many entries were evicted for size so far.
     pub fn evictions(&self) -> u64 {
-        self.evictions.load(Ordering::Acquire)
+        self.evictions.load(Ordering::SeqCst)
+    }
+
+    /// Whether what the cache holds (see `held`) fits its budget, so that
+    /// moka has nothing to evict.
+    fn within_budget(&self) -> bool {
+        self.held.load(Ordering::SeqCst) <= self.max_cost
     }
 
     /// A full replay of the bucket, begun when [`PresenceCache::evictions`]
     /// was `evictions_before`, has been applied: the cache holds every user
     /// unless something was evicted meanwhile (pending evictions are
-    /// settled first). Returns whether the cache is now a replica.
+    /// settled first) or the cache is past its budget, with evictions to
+    /// come. Returns whether the cache is now a replica.
     pub fn mark_replica(&self, evictions_before: u64) -> bool {
         self.inner.run_pending_tasks();
-        self.replica.store(true, Ordering::Release);
-        // Checked after the store, so an eviction racing it is not missed
-        // (the listener clears the flag too).
-        let complete = self.evictions() == evictions_before;
+        self.replica.store(true, Ordering::SeqCst);
+        // Checked after the store, so an insert or an eviction racing it is
+        // not missed (both clear the flag too). The budget first: when an
+        // eviction brought `held` back under it, its count is up already.
+        let complete = self.within_budget() && self.evictions() == evictions_before;
         if !complete {
-            self.replica.store(false, Ordering::Release);
+            self.replica.store(false, Ordering::SeqCst);
         }
         complete
     }
@@ -244,6 +269,11 @@ impl PresenceCache {
     /// a new key or the cost added; `was_there` tells which.
     fn put(&self, user_id: &str, slot: Slot, was_there: bool) {
         let cost = weight(user_id, &slot);
+        let held = self.held.fetch_add(u64::from(cost), Ordering::SeqCst) + u64::from(cost);
+        if held > self.max_cost {
+            // moka may evict once this is in: no replica from here on.
+            self.replica.store(false, Ordering::SeqCst);
+        }
         self.inner.insert(user_id.into(), slot);
         if !was_there {
             self.counters.keys_added.inc();
@@ -424,7 +454,7 @@ impl PresenceCache {
     /// Forgets everything (the bucket was recreated: every revision we hold
     /// belongs to data that no longer exists).
     pub fn clear(&self) {
-        self.replica.store(false, Ordering::Release);
+        self.replica.store(false, Ordering::SeqCst);
         self.own.forget_all();
         self.inner.invalidate_all();
     }
@@ -896,5 +926,53 @@ mod tests {
         // A replay that overflowed the cache does not make it a replica.
         assert!(!c.mark_replica(0));
         assert!(!c.is_replica());
+    }
+
+    /// moka removes an evicted entry before its listener runs; a replica
+    /// that learnt of evictions only from the listener answered the evicted
+    /// user as one with no presence in between.
+    #[test]
+    fn a_replica_ends_before_its_first_eviction() {
+        let c = cache(2_000);
+        assert!(c.mark_replica(0));
+        let mut users = 0u64;
+        while c.within_budget() {
+            users += 1;
+            assert!(c.is_replica(), "ended within its budget, at user {users}");
+            c.apply(&change(&format!("user-{users}"), users, Some("m")), false);
+        }
+        assert!(users > 1, "the budget holds more than one user");
+        // Nothing was evicted yet (moka's housekeeping has not run), and the
+        // cache is no replica already.
+        assert_eq!(c.evictions(), 0);
+        assert!(!c.is_replica());
+        c.inner.run_pending_tasks();
+        assert!(c.evictions() > 0);
+        for i in 1..=users {
+            let user = format!("user-{i}");
+            if c.inner.get(user.as_str()).is_none() {
+                assert!(c.known(&user).is_none(), "{user} was evicted, not absent");
+            }
+        }
+    }
+
+    /// Every removal gives back what its insert counted, so a cache that
+    /// was full and then cleared can be a replica again.
+    #[test]
+    fn what_the_cache_holds_is_given_back_by_every_removal() {
+        let c = cache(1 << 20);
+        for i in 1..=20u64 {
+            let user = format!("user-{}", i % 7);
+            c.apply(&change(&user, i, Some("m")), true);
+        }
+        drop(c.begin_load("absent"));
+        let load = c.begin_load("read");
+        load.finish(vec![change("read", 30, Some("r"))]);
+        c.distrust("user-1");
+        assert!(c.held.load(Ordering::SeqCst) > 0);
+        c.clear();
+        c.inner.run_pending_tasks();
+        assert_eq!(c.held.load(Ordering::SeqCst), 0);
+        assert!(c.mark_replica(0));
     }
 }
