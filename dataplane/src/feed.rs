@@ -81,6 +81,19 @@ impl ChangeFeed {
         }
     }
 
+    /// Ends every stream following `user_id` as lagged: a change of the
+    /// user was passed over, so what it did is unknown here and no event
+    /// can stand for it. Each client resumes with its `Last-Event-ID`, and
+    /// the event log's gap there gives it a fresh snapshot.
+    pub fn lose(&self, user_id: &str) {
+        let mut routes = lock(&self.routes);
+        if let Some(queues) = routes.by_user.remove(user_id) {
+            for route in queues.values() {
+                route.lagged.store(true, Ordering::Release);
+            }
+        }
+    }
+
     /// Starts receiving the changes of `user_ids` (each once, however often
     /// it is named); subscribe before reading their records, so no change
     /// falls between the two.
@@ -243,6 +256,23 @@ mod tests {
         assert_eq!(other.recv().await.map(|c| c.revision), Ok(4));
         assert_eq!(feed.followers("a"), 0);
         assert_eq!(feed.followers("b"), 1, "only the stream that kept up");
+    }
+
+    #[tokio::test]
+    async fn a_lost_user_ends_the_streams_that_follow_it() {
+        let feed = ChangeFeed::new(4);
+        let mut follows = feed.subscribe(&users(&["a", "b"]));
+        let mut other = feed.subscribe(&users(&["b"]));
+        feed.send(change("a", 1));
+        feed.lose("a");
+        // Even the change queued before: the stream resumes from its last
+        // event instead.
+        assert_eq!(follows.recv().await.err(), Some(FeedError::Lagged));
+        feed.send(change("b", 2));
+        assert_eq!(other.recv().await.map(|c| c.revision), Ok(2));
+        assert_eq!(feed.followers("a"), 0);
+        drop(follows);
+        assert_eq!(feed.followers("b"), 1);
     }
 
     #[tokio::test]

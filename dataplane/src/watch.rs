@@ -287,10 +287,13 @@ impl Sinks<'_> {
                 "passing over a change that crashed the KV watch {MAX_STRIKES} times"
             );
             // What the change did is unknown here: its user is read from
-            // the store again, and no stream resumes exactly across it.
+            // the store again, the streams that follow it end (their
+            // clients resume from a fresh snapshot), and no stream resumes
+            // exactly across it.
             if let Entry::Change(change) = &entry {
                 self.cache.distrust(&change.user_id);
                 self.log.gap(revision);
+                self.feed.lose(&change.user_id);
             }
             self.apply(entry.into_other()).await;
         } else {
@@ -702,6 +705,7 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::feed::FeedError;
     use crate::record::Update;
     use crate::session::Seen;
     use crate::store::memory::MemoryStore;
@@ -754,6 +758,8 @@ mod tests {
         };
         assert!(cache.mark_replica(0));
         log.start_after(0);
+        let mut follows_u = feed.subscribe(&["u".to_owned()]);
+        let mut follows_other = feed.subscribe(&["other".to_owned()]);
         let change = |user: &str, revision| {
             Entry::Change(Change {
                 user_id: user.into(),
@@ -774,6 +780,10 @@ mod tests {
         let users = ["u", "other"].into();
         assert!(log.replay(2, 3, &users).is_none(), "a gap at 3");
         assert!(log.replay(3, 3, &users).is_some());
+        // A stream following u cannot be told what changed: it ends, and
+        // its client resumes from a snapshot. Others go on.
+        assert_eq!(follows_u.recv().await.err(), Some(FeedError::Lagged));
+        assert_eq!(follows_other.recv().await.map(|c| c.revision), Ok(2));
     }
 
     #[tokio::test]
