@@ -194,7 +194,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     let mut stopping = state.stopping.subscribe();
     let server = server::serve(
         listener,
-        api::router(state.clone()),
+        api::Front::new(state.clone(), api::router(state.clone())),
         limits,
         state.metrics.clone(),
         state.stopping.subscribe(),

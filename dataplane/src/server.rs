@@ -21,7 +21,6 @@
 
 use crate::config::HttpLimits;
 use crate::metrics::Metrics;
-use axum::Router;
 use axum::body::{Body, HttpBody};
 use axum::extract::Request;
 use axum::response::Response;
@@ -39,13 +38,28 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tower::ServiceExt;
+use tower::{Service, ServiceExt};
 
-/// Serves `router` on `listener` until `stopping` turns true, then waits
+/// What the server hands each request to: the API's front (a router, or
+/// what stands in front of one).
+pub trait Handler:
+    Service<Request, Response = Response, Error = Infallible, Future: Send> + Clone + Send + 'static
+{
+}
+
+impl<S> Handler for S where
+    S: Service<Request, Response = Response, Error = Infallible, Future: Send>
+        + Clone
+        + Send
+        + 'static
+{
+}
+
+/// Serves `api` on `listener` until `stopping` turns true, then waits
 /// for the open connections to finish (the caller bounds that wait).
-pub async fn serve(
+pub async fn serve<A: Handler>(
     listener: TcpListener,
-    router: Router,
+    api: A,
     limits: HttpLimits,
     metrics: Metrics,
     mut stopping: watch::Receiver<bool>,
@@ -79,7 +93,7 @@ pub async fn serve(
                     activity: Arc::new(Activity::new()),
                     _place: place,
                 };
-                tokio::spawn(connection.serve(socket, router.clone()));
+                tokio::spawn(connection.serve(socket, api.clone()));
             }
             Err(_) => {
                 metrics.http_connections_refused.inc();
@@ -134,7 +148,7 @@ enum Verdict {
 }
 
 impl Connection {
-    async fn serve(self, socket: TcpStream, router: Router) {
+    async fn serve<A: Handler>(self, socket: TcpStream, api: A) {
         let Connection {
             limits,
             metrics,
@@ -155,7 +169,7 @@ impl Connection {
             activity: activity.clone(),
         });
         let service = PerConnection {
-            router,
+            api,
             activity: activity.clone(),
         };
         let mut http = hyper::server::conn::http1::Builder::new();
@@ -323,23 +337,23 @@ impl Drop for InFlight {
     }
 }
 
-/// The router for one connection, marking each request in flight.
+/// The API for one connection, marking each request in flight.
 #[derive(Clone)]
-struct PerConnection {
-    router: Router,
+struct PerConnection<A> {
+    api: A,
     activity: Arc<Activity>,
 }
 
-impl hyper::service::Service<Request<Incoming>> for PerConnection {
+impl<A: Handler> hyper::service::Service<Request<Incoming>> for PerConnection<A> {
     type Response = Response;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let busy = InFlight::new(self.activity.clone());
-        let router = self.router.clone();
+        let api = self.api.clone();
         Box::pin(async move {
-            let mut response = router.oneshot(request.map(Body::new)).await?;
+            let mut response = api.oneshot(request.map(Body::new)).await?;
             let notice = response.extensions_mut().remove::<StallNotice>();
             Ok(response.map(|body| Body::new(Guarded { body, busy, notice })))
         })

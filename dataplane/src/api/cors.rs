@@ -33,7 +33,7 @@ impl ForBrowsers {
 /// `Vary: Origin`, so no cache hands it to a browser's cross-origin request.
 type AddVary = fn(Response) -> Response;
 
-fn vary_on_origin(mut response: Response) -> Response {
+pub(super) fn vary_on_origin(mut response: Response) -> Response {
     response
         .headers_mut()
         .append(header::VARY, HeaderValue::from_static("origin"));

@@ -2,6 +2,7 @@
 //! into those errors, CORS, body limits and request metrics.
 
 mod cors;
+mod front;
 mod health;
 mod metrics;
 pub mod openapi;
@@ -10,6 +11,7 @@ mod sessions;
 mod stream;
 mod track;
 
+pub use front::Front;
 pub use track::redacted_query;
 
 use crate::AppState;
@@ -17,7 +19,7 @@ use crate::auth::{AuthError, Caller};
 use crate::model::ValidationError;
 use crate::store::StoreError;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
-use axum::http::{HeaderValue, StatusCode, header, request::Parts};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -166,12 +168,17 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = match parts.headers.get(header::AUTHORIZATION) {
-            None => None,
-            Some(value) => Some(value.to_str().map_err(|_| AuthError::MalformedHeader)?),
-        };
-        Ok(state.verifier.verify_header(header)?)
+        caller_of(&parts.headers, state)
     }
+}
+
+/// Who sent a request, by its `Authorization` header.
+fn caller_of(headers: &HeaderMap, state: &AppState) -> Result<Caller, ApiError> {
+    let header = match headers.get(header::AUTHORIZATION) {
+        None => None,
+        Some(value) => Some(value.to_str().map_err(|_| AuthError::MalformedHeader)?),
+    };
+    Ok(state.verifier.verify_header(header)?)
 }
 
 /// A JSON body parsed by us, so every failure (size, syntax, shape) gets our
@@ -313,7 +320,7 @@ pub fn router(state: AppState) -> Router {
             get(stream::open).post(presence::set_user_named_stream),
         )
         .route(
-            "/api/v2/presence/{user_id}",
+            front::ONE_PRESENCE,
             get(presence::get_one).post(presence::set_one),
         )
         .route(
@@ -347,7 +354,8 @@ mod tests {
 
     const SECRET: &str = "router-property-test-secret";
 
-    static FIXTURE: LazyLock<(tokio::runtime::Runtime, Router)> = LazyLock::new(|| {
+    /// The API as the server serves it: the front, then the router.
+    static FIXTURE: LazyLock<(tokio::runtime::Runtime, Front)> = LazyLock::new(|| {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -359,9 +367,11 @@ mod tests {
                 .serve
                 .validate()
                 .expect("settings");
-        let router =
-            runtime.block_on(async { router(crate::build(settings).await.expect("state")) });
-        (runtime, router)
+        let front = runtime.block_on(async {
+            let state = crate::build(settings).await.expect("state");
+            Front::new(state.clone(), router(state))
+        });
+        (runtime, front)
     });
 
     fn method() -> impl Strategy<Value = Method> {
@@ -460,7 +470,7 @@ mod tests {
             auth in authorization(),
             body in body(),
         ) {
-            let (runtime, router) = &*FIXTURE;
+            let (runtime, api) = &*FIXTURE;
             let is_head = method == Method::HEAD;
             let mut request = axum::http::Request::builder().method(method).uri(path.as_str());
             if let Some(auth) = auth {
@@ -471,8 +481,8 @@ mod tests {
                 return Ok(());
             };
             let response = runtime
-                .block_on(router.clone().oneshot(request))
-                .expect("router is infallible");
+                .block_on(api.clone().oneshot(request))
+                .expect("the API is infallible");
             let status = response.status();
             prop_assert!(!status.is_server_error(), "{status} for {path}");
             // HEAD answers carry no body by definition.
@@ -489,14 +499,14 @@ mod tests {
 
     /// One request without a token: the status and the body.
     fn send(method: &str, path: &str) -> (StatusCode, Vec<u8>) {
-        let (runtime, router) = &*FIXTURE;
+        let (runtime, api) = &*FIXTURE;
         let request = axum::http::Request::builder()
             .method(method.to_uppercase().as_str())
             .uri(path)
             .body(Body::empty())
             .expect("request");
         runtime.block_on(async {
-            let response = router.clone().oneshot(request).await.expect("infallible");
+            let response = api.clone().oneshot(request).await.expect("infallible");
             let status = response.status();
             let body = axum::body::to_bytes(response.into_body(), usize::MAX)
                 .await

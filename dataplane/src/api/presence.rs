@@ -42,7 +42,7 @@ pub(super) fn forbidden(user_id: &str) -> ApiError {
     )
 }
 
-async fn lookup(state: &AppState, user_id: &str) -> Result<RawJson, ApiError> {
+pub(super) async fn lookup(state: &AppState, user_id: &str) -> Result<RawJson, ApiError> {
     validate_user_id(user_id)?;
     match state.service.get_json(user_id).await? {
         Some(json) => Ok(RawJson(json)),

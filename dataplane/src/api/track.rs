@@ -72,28 +72,24 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let started = Instant::now();
         // `MatchedPath` is a shared string: cloning it allocates nothing.
-        let route = request.extensions().get::<MatchedPath>().cloned();
-        let method = method_label(request.method());
-        // The access log (debug level) names the path and a redacted query.
-        let target = tracing::enabled!(tracing::Level::DEBUG).then(|| {
-            let uri = request.uri();
-            match uri.query() {
-                Some(q) => format!("{}?{}", uri.path(), redacted_query(q)),
-                None => uri.path().to_owned(),
-            }
-        });
+        let route = match request.extensions().get::<MatchedPath>() {
+            Some(matched) => RouteName::Matched(matched.clone()),
+            None => RouteName::Named("unmatched"),
+        };
+        let record = Record::start(route, &request, &self.series);
         Tracked {
             inner: self.inner.call(request),
-            record: Some(Record {
-                started,
-                route,
-                method,
-                target,
-                series: self.series.clone(),
-            }),
+            record: Some(record),
         }
+    }
+}
+
+impl TrackLayer {
+    /// Starts the record of a request answered outside the router, under
+    /// the name of the route that would have answered it.
+    pub(super) fn start(&self, route: &'static str, request: &Request) -> Record {
+        Record::start(RouteName::Named(route), request, &self.series)
     }
 }
 
@@ -107,12 +103,27 @@ pin_project! {
 }
 
 /// What a request's metrics and log line need once its answer is ready.
-struct Record {
+pub(super) struct Record {
     started: Instant,
-    route: Option<MatchedPath>,
+    route: RouteName,
     method: &'static str,
     target: Option<String>,
     series: Arc<Series>,
+}
+
+/// The `route` label: the pattern the router matched, or a fixed name.
+enum RouteName {
+    Matched(MatchedPath),
+    Named(&'static str),
+}
+
+impl RouteName {
+    fn as_str(&self) -> &str {
+        match self {
+            RouteName::Matched(matched) => matched.as_str(),
+            RouteName::Named(name) => name,
+        }
+    }
 }
 
 impl<F, E> Future for Tracked<F>
@@ -132,7 +143,26 @@ where
 }
 
 impl Record {
-    fn finish(self, response: &Response) {
+    fn start(route: RouteName, request: &Request, series: &Arc<Series>) -> Self {
+        // The access log (debug level) names the path and a redacted query.
+        let target = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+            let uri = request.uri();
+            match uri.query() {
+                Some(q) => format!("{}?{}", uri.path(), redacted_query(q)),
+                None => uri.path().to_owned(),
+            }
+        });
+        Record {
+            started: Instant::now(),
+            route,
+            method: method_label(request.method()),
+            target,
+            series: series.clone(),
+        }
+    }
+
+    /// Records the answer's status and the time it took.
+    pub(super) fn finish(self, response: &Response) {
         let elapsed = self.started.elapsed();
         // A static string for every status code: no allocation per request.
         let status = response.status();
@@ -145,7 +175,7 @@ impl Record {
                 "request"
             );
         }
-        let route = self.route.as_ref().map_or("unmatched", MatchedPath::as_str);
+        let route = self.route.as_str();
         self.series
             .requests
             .with_label_values(&[route, self.method, status.as_str()])
