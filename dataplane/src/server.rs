@@ -25,14 +25,15 @@ use axum::body::{Body, HttpBody};
 use axum::extract::Request;
 use axum::response::Response;
 use bytes::Bytes;
+use futures::task::AtomicWaker;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use prometheus::IntGauge;
+use prometheus::{IntCounterVec, IntGauge};
 use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -152,16 +153,10 @@ impl Connection {
         let Connection {
             limits,
             metrics,
-            mut stopping,
+            stopping,
             activity,
             _place,
         } = self;
-        let timed_out = |reason: &str| {
-            metrics
-                .http_connections_timed_out
-                .with_label_values(&[reason])
-                .inc();
-        };
         let _open = OpenConnection::count(&metrics.http_connections_open);
         let _ = socket.set_nodelay(true);
         let io = TokioIo::new(Tracked {
@@ -178,40 +173,119 @@ impl Connection {
             .keep_alive(true);
         let connection = http.serve_connection(io, service);
         let mut connection = std::pin::pin!(connection);
-        let mut closing = false;
+        let orders = Arc::new(Orders::default());
+        let timed_out = metrics.http_connections_timed_out.clone();
+        let _watchdog = AbortOnDrop(tokio::spawn(watch_over(
+            activity,
+            limits,
+            stopping,
+            orders.clone(),
+            timed_out.clone(),
+        )));
+        let mut handled = CARRY_ON;
         loop {
-            let check = tokio::time::sleep(activity.next_check(&limits));
             tokio::select! {
+                biased;
                 result = connection.as_mut() => {
                     if let Err(err) = result {
                         if err.is_timeout() {
-                            timed_out("header");
+                            timed_out.with_label_values(&["header"]).inc();
                         } else {
                             tracing::debug!(error = %err, "HTTP connection ended with an error");
                         }
                     }
                     break;
                 }
-                _ = stopping.wait_for(|s| *s), if !closing => {
-                    connection.as_mut().graceful_shutdown();
-                    closing = true;
-                }
-                () = check => match activity.verdict(&limits) {
-                    Verdict::Fine => {}
-                    Verdict::Idle if closing => {}
-                    Verdict::Idle => {
-                        timed_out("keepalive");
-                        connection.as_mut().graceful_shutdown();
-                        closing = true;
-                    }
-                    Verdict::Stalled => {
-                        timed_out("send");
-                        activity.stalled.store(true, Ordering::Release);
+                order = orders.next(handled) => {
+                    handled = order;
+                    if order == DROP {
                         break;
                     }
-                },
+                    connection.as_mut().graceful_shutdown();
+                }
             }
         }
+    }
+}
+
+/// A connection's watchdog, a task of its own: it closes the connection
+/// when the node stops or the connection idles past its keep-alive, and
+/// drops it when its client stops reading. Apart from the connection's
+/// task, so that a request's wake-up polls only the connection, not the
+/// node's stop signal (whose poll takes a lock shared by every
+/// connection) and a timer.
+async fn watch_over(
+    activity: Arc<Activity>,
+    limits: HttpLimits,
+    mut stopping: watch::Receiver<bool>,
+    orders: Arc<Orders>,
+    timed_out: IntCounterVec,
+) {
+    let mut closing = false;
+    loop {
+        let check = tokio::time::sleep(activity.next_check(&limits));
+        tokio::select! {
+            _ = stopping.wait_for(|s| *s), if !closing => {
+                closing = true;
+                orders.give(CLOSE);
+            }
+            () = check => match activity.verdict(&limits) {
+                Verdict::Fine => {}
+                Verdict::Idle if closing => {}
+                Verdict::Idle => {
+                    timed_out.with_label_values(&["keepalive"]).inc();
+                    closing = true;
+                    orders.give(CLOSE);
+                }
+                Verdict::Stalled => {
+                    timed_out.with_label_values(&["send"]).inc();
+                    activity.stalled.store(true, Ordering::Release);
+                    orders.give(DROP);
+                    return;
+                }
+            },
+        }
+    }
+}
+
+/// No order from the watchdog yet.
+const CARRY_ON: u8 = 0;
+/// Finish the response in flight, then close.
+const CLOSE: u8 = 1;
+/// Drop the connection now.
+const DROP: u8 = 2;
+
+/// What a connection's watchdog asks of it; an order is only ever raised.
+#[derive(Default)]
+struct Orders {
+    order: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl Orders {
+    fn give(&self, order: u8) {
+        self.order.fetch_max(order, Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    /// The order, once it is above `handled`.
+    fn next(&self, handled: u8) -> impl Future<Output = u8> + '_ {
+        std::future::poll_fn(move |cx| {
+            self.waker.register(cx.waker());
+            match self.order.load(Ordering::Acquire) {
+                order if order > handled => Poll::Ready(order),
+                _ => Poll::Pending,
+            }
+        })
+    }
+}
+
+/// Ends a task when its owner is gone.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -548,6 +622,22 @@ mod tests {
         activity.stalled.store(true, Ordering::Release);
         drop(guarded);
         assert!(saw_stall.load(Ordering::Acquire), "the watchdog gave up");
+    }
+
+    /// The watchdog's orders reach the connection's task, each once, and
+    /// only upwards.
+    #[tokio::test]
+    async fn orders_wake_the_connection_once_each() {
+        use futures::FutureExt;
+        let orders = Orders::default();
+        assert_eq!(orders.next(CARRY_ON).now_or_never(), None);
+        orders.give(CLOSE);
+        assert_eq!(orders.next(CARRY_ON).await, CLOSE);
+        assert_eq!(orders.next(CLOSE).now_or_never(), None, "handled already");
+        let (waiting, _) = tokio::join!(orders.next(CLOSE), async { orders.give(DROP) });
+        assert_eq!(waiting, DROP);
+        orders.give(CLOSE);
+        assert_eq!(orders.next(CLOSE).await, DROP, "never lowered");
     }
 
     #[test]

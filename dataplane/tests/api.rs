@@ -829,10 +829,21 @@ fn token_subcommand_signs_a_usable_token() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_stops_cleanly_with_exit_0() {
-    let mut s = single().await;
+    // A keep-alive longer than the grace period: only the stop itself can
+    // close the idle connection in time.
+    let mut s = single_with(vec![
+        ("HTTP_HEADER_READ_TIMEOUT_SECS", "120".into()),
+        ("HTTP_KEEPALIVE_TIMEOUT_SECS", "120".into()),
+        ("SHUTDOWN_TIMEOUT_SECS", "3".into()),
+    ])
+    .await;
+    // The client keeps its connection open, idle, after this answer: the
+    // stop closes it at once instead of waiting out the grace period.
     set(&s.client, &s.svc, "ann", "online", "").await;
-    let status = s.svc.terminate();
+    let (status, log) = s.svc.terminate_logged();
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    assert!(log.contains("stopped"), "{log}");
+    assert!(!log.contains("did not finish in time"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

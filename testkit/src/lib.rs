@@ -120,6 +120,13 @@ impl Proc {
         self.child.id()
     }
 
+    /// Sends SIGTERM and waits for the exit status; the output too.
+    pub fn terminate_logged(self) -> (std::process::ExitStatus, String) {
+        let log = self.log.clone();
+        let status = self.terminate();
+        (status, fs::read_to_string(log).unwrap_or_default())
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")

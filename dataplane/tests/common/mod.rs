@@ -114,6 +114,14 @@ impl Service {
         self.proc.take().expect("service is running").terminate()
     }
 
+    /// Sends SIGTERM; the exit status and everything the process logged.
+    pub fn terminate_logged(&mut self) -> (std::process::ExitStatus, String) {
+        self.proc
+            .take()
+            .expect("service is running")
+            .terminate_logged()
+    }
+
     pub fn log(&self) -> String {
         self.proc.as_ref().map(Proc::log).unwrap_or_default()
     }
