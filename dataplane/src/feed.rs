@@ -87,11 +87,19 @@ impl ChangeFeed {
     /// the event log's gap there gives it a fresh snapshot.
     pub fn lose(&self, user_id: &str) {
         let mut routes = lock(&self.routes);
-        if let Some(queues) = routes.by_user.remove(user_id) {
-            for route in queues.values() {
-                route.lagged.store(true, Ordering::Release);
-            }
+        let Some(queues) = routes.by_user.remove(user_id) else {
+            return;
+        };
+        for route in queues.values() {
+            route.lagged.store(true, Ordering::Release);
         }
+        // Each stream leaves the routes of its other users too, so its
+        // queue's last sender goes and a stream waiting for a change wakes
+        // to find itself lagged. Rare, so a pass over every route will do.
+        routes.by_user.retain(|_, others| {
+            others.retain(|id, _| !queues.contains_key(id));
+            !others.is_empty()
+        });
     }
 
     /// Starts receiving the changes of `user_ids` (each once, however often
@@ -271,8 +279,22 @@ mod tests {
         feed.send(change("b", 2));
         assert_eq!(other.recv().await.map(|c| c.revision), Ok(2));
         assert_eq!(feed.followers("a"), 0);
-        drop(follows);
-        assert_eq!(feed.followers("b"), 1);
+        assert_eq!(feed.followers("b"), 1, "the lost stream left b too");
+    }
+
+    /// A stream already waiting for a change, which its other users may
+    /// never bring, is woken to end.
+    #[tokio::test]
+    async fn a_waiting_stream_wakes_when_its_user_is_lost() {
+        let feed = ChangeFeed::new(4);
+        let mut follows = feed.subscribe(&users(&["a", "b"]));
+        // Bounded, so a stream that never wakes fails instead of hanging.
+        let waiting = tokio::time::timeout(std::time::Duration::from_secs(10), follows.recv());
+        let (ended, ()) = tokio::join!(waiting, async {
+            tokio::task::yield_now().await;
+            feed.lose("a");
+        });
+        assert_eq!(ended.map(Result::err), Ok(Some(FeedError::Lagged)));
     }
 
     #[tokio::test]

@@ -50,7 +50,9 @@ pub(super) async fn lookup(state: &AppState, user_id: &str) -> Result<RawJson, A
     }
 }
 
-/// `GET /api/v2/presence/{userID}`.
+/// `GET /api/v2/presence/{userID}`. The front (`api/front.rs`) answers
+/// most of these itself through the same steps: a change here belongs
+/// there too (its test holds the two answers equal).
 pub async fn get_one(
     State(state): State<AppState>,
     _caller: Caller,
