@@ -102,7 +102,9 @@ fn heartbeat(bench: &mut Bench) -> anyhow::Result<()> {
     let report = &mut bench.report;
     report.add(
         "write",
-        format!("POST via center, c={WRITE_CONCURRENCY}, right before and after the heartbeats: req/s"),
+        format!(
+            "POST via center, c={WRITE_CONCURRENCY}, right before and after the heartbeats: req/s"
+        ),
         format!("{post:.0}"),
         format!("{:.0} before, {:.0} after", before.rps, after.rps),
     );
