@@ -264,7 +264,9 @@ impl UserRecord {
     pub fn merge(&mut self, update: Update, revision: u64) -> bool {
         match update {
             Update::Manual(value) => {
-                if !newer(self.manual(), revision) {
+                // Revision 0 marks the key as never heard of (and no KV
+                // revision is 0).
+                if revision == 0 || !newer(self.manual(), revision) {
                     return false;
                 }
                 self.manual = Component { revision, value };
