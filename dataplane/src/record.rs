@@ -264,9 +264,9 @@ impl UserRecord {
     pub fn merge(&mut self, update: Update, revision: u64) -> bool {
         match update {
             Update::Manual(value) => {
-                // Revision 0 marks the key as never heard of (and no KV
-                // revision is 0).
-                if revision == 0 || !newer(self.manual(), revision) {
+                // A key never heard of is at revision 0, below every KV
+                // revision: one comparison decides for both.
+                if revision <= self.manual.revision {
                     return false;
                 }
                 self.manual = Component { revision, value };
@@ -554,6 +554,9 @@ impl UserRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ValidUpdate;
+    use proptest::prelude::*;
+    use time::Duration;
 
     /// With its `Arc` counts the record is a 48-byte allocation, the
     /// allocator's class below 64: one per cached user.
@@ -561,9 +564,6 @@ mod tests {
     fn a_record_stays_small() {
         assert!(std::mem::size_of::<UserRecord>() <= 32);
     }
-    use crate::model::ValidUpdate;
-    use proptest::prelude::*;
-    use time::Duration;
 
     const T0: OffsetDateTime = OffsetDateTime::UNIX_EPOCH;
 
