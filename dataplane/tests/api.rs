@@ -175,6 +175,30 @@ async fn user_ids_with_any_characters_are_stored_and_kept_apart() {
         .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(get(&s.client, &other, "batch").await.1["status"], "away");
+    // Users named `batch` and `stream` hold sessions through the normal
+    // session paths: no literal route shares them (the spec says so too).
+    for id in ["batch", "stream"] {
+        let url = s.svc.url(&format!("/api/v2/presence/{id}/sessions/tab"));
+        let response = s
+            .client
+            .put(&url)
+            .header("Authorization", bearer(id, ""))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{id}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["userID"], id);
+        assert_eq!(body["sessions"][0]["id"], "tab", "{id}");
+        let response = s
+            .client
+            .delete(&url)
+            .header("Authorization", bearer(id, ""))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{id}");
+    }
     let long = "x".repeat(256);
     assert_eq!(
         set(&s.client, &s.svc, &long, "online", "").await.status(),
