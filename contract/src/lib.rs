@@ -8,4 +8,5 @@
 
 pub mod bucket;
 pub mod env;
+pub mod rules;
 pub mod tools;

@@ -7,7 +7,7 @@
 
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
-use presence_contract::{bucket, env};
+use presence_contract::{bucket, env, rules};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -252,7 +252,10 @@ pub struct ServeArgs {
 pub enum ConfigError {
     #[error("JWT_SECRET is required: set it to the HS256 secret that signs API tokens")]
     MissingJwtSecret,
-    #[error("JWT_SECRET must be at least 16 bytes long (got {0})")]
+    #[error(
+        "JWT_SECRET must be at least {min} bytes long (got {0})",
+        min = rules::MIN_JWT_SECRET_BYTES
+    )]
     ShortJwtSecret(usize),
     #[error("{name} is invalid: {reason}")]
     Invalid { name: &'static str, reason: String },
@@ -704,16 +707,29 @@ fn jwt_secret(raw: Option<&str>) -> Result<String, ConfigError> {
     match raw {
         None => Err(ConfigError::MissingJwtSecret),
         Some(s) if s.trim().is_empty() => Err(ConfigError::MissingJwtSecret),
-        Some(s) if s.len() < 16 => Err(ConfigError::ShortJwtSecret(s.len())),
+        Some(s) if s.len() < rules::MIN_JWT_SECRET_BYTES => {
+            Err(ConfigError::ShortJwtSecret(s.len()))
+        }
         Some(s) => Ok(s.to_owned()),
     }
 }
 
+/// A log level: tracing's names, and the other names Go loggers (logrus)
+/// take, so a Go deployment's `LOG_LEVEL=warning` keeps working: `warning`
+/// is `warn`, and `fatal` and `panic` are `error`, the nearest level.
 fn parse_log_level(raw: &str) -> Result<tracing::Level, ConfigError> {
-    raw.trim().parse::<tracing::Level>().map_err(|_| {
+    let name = raw.trim().to_ascii_lowercase();
+    let name = match name.as_str() {
+        "warning" => "warn",
+        "fatal" | "panic" => "error",
+        other => other,
+    };
+    name.parse::<tracing::Level>().map_err(|_| {
         invalid(
             env::LOG_LEVEL,
-            format!("{raw:?} is not one of trace, debug, info, warn, error"),
+            format!(
+                "{raw:?} is not one of trace, debug, info, warn (warning), error (fatal, panic)"
+            ),
         )
     })
 }
@@ -747,45 +763,14 @@ pub fn unknown_variables<I: IntoIterator<Item = String>>(present: I) -> Vec<Stri
 
 fn cors_settings(args: &ServeArgs) -> Result<CorsSettings, ConfigError> {
     let origins = split_list(&args.cors_allowed_origins);
-    let any_origin = origins.iter().any(|o| o == "*");
-    if any_origin && args.cors_allow_credentials {
-        return Err(invalid(
-            env::CORS_ALLOWED_ORIGINS,
-            "'*' cannot be combined with CORS_ALLOW_CREDENTIALS=true; list explicit origins",
-        ));
-    }
-    if origins.is_empty() {
-        return Err(invalid(
-            env::CORS_ALLOWED_ORIGINS,
-            "must list origins or be '*' (or set CORS_ENABLED=false)",
-        ));
-    }
-    for origin in &origins {
-        if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
-            return Err(invalid(
-                env::CORS_ALLOWED_ORIGINS,
-                format!("{origin:?} is not an origin like https://app.example.com"),
-            ));
-        }
-    }
     let methods = split_list(&args.cors_allowed_methods);
-    for method in &methods {
-        if http_method_is_invalid(method) {
-            return Err(invalid(
-                env::CORS_ALLOWED_METHODS,
-                format!("{method:?} is not an HTTP method"),
-            ));
-        }
-    }
     let headers = split_list(&args.cors_allowed_headers);
-    for header in &headers {
-        if axum::http::HeaderName::from_bytes(header.as_bytes()).is_err() {
-            return Err(invalid(
-                env::CORS_ALLOWED_HEADERS,
-                format!("{header:?} is not a header name"),
-            ));
-        }
+    if let Some((variable, problem)) =
+        rules::cors_problem(&origins, &methods, &headers, args.cors_allow_credentials)
+    {
+        return Err(invalid(variable, problem));
     }
+    let any_origin = origins.iter().any(|o| o == "*");
     Ok(CorsSettings {
         allowed_origins: (!any_origin).then_some(origins),
         allowed_methods: methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
@@ -793,10 +778,6 @@ fn cors_settings(args: &ServeArgs) -> Result<CorsSettings, ConfigError> {
         allow_credentials: args.cors_allow_credentials,
         max_age: Duration::from_secs(args.cors_max_age),
     })
-}
-
-fn http_method_is_invalid(method: &str) -> bool {
-    method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic())
 }
 
 #[cfg(test)]
@@ -840,6 +821,22 @@ mod tests {
             parse(&["--jwt-secret=short"]).validate().unwrap_err(),
             ConfigError::ShortJwtSecret(5)
         );
+    }
+
+    #[test]
+    fn go_log_level_names_are_accepted() {
+        for (raw, level) in [
+            ("warning", tracing::Level::WARN),
+            ("WARN", tracing::Level::WARN),
+            ("fatal", tracing::Level::ERROR),
+            ("panic", tracing::Level::ERROR),
+            (" Debug ", tracing::Level::DEBUG),
+        ] {
+            let settings = parse(&[SECRET, &format!("--log-level={raw}")])
+                .validate()
+                .expect(raw);
+            assert_eq!(settings.log_level, level, "{raw}");
+        }
     }
 
     #[test]

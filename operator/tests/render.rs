@@ -801,6 +801,70 @@ mod cel {
         }
     }
 
+    /// The CRD's item pattern of a CORS list, compiled.
+    fn cors_pattern(field: &str) -> regex::Regex {
+        let cors = &schema()["properties"]["spec"]["properties"]["dataplane"]["properties"]["cors"]
+            ["properties"];
+        regex::Regex::new(cors[field]["items"]["pattern"].as_str().unwrap()).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// The CRD refuses exactly the CORS values presence-service refuses
+        /// at start (its rules are the contract's), so a bad value stops at
+        /// `kubectl apply` instead of crashing every region's pods.
+        #[test]
+        fn the_crds_cors_patterns_are_the_services_rules(
+            origin in "(\\*|https?://|ftp://)?[a-z.:*, \t\n]{0,8}",
+            token in "[A-Za-z0-9 :,()!#$%&'*+.^_`|~-]{0,6}",
+        ) {
+            use presence_contract::rules;
+            prop_assert_eq!(
+                cors_pattern("allowedOrigins").is_match(&origin),
+                rules::cors_origin_problem(&origin).is_none()
+            );
+            prop_assert_eq!(
+                cors_pattern("allowedMethods").is_match(&token),
+                rules::cors_method_problem(&token).is_none()
+            );
+            prop_assert_eq!(
+                cors_pattern("allowedHeaders").is_match(&token),
+                rules::cors_header_problem(&token).is_none()
+            );
+        }
+    }
+
+    #[test]
+    fn cors_values_the_service_refuses_are_refused_by_the_operator_too() {
+        // For manifests that never met an API server (render, dev, a CRD
+        // older than the operator).
+        for (cors, field) in [
+            (
+                json!({"allowedOrigins": ["app.example.com"]}),
+                "allowedOrigins",
+            ),
+            (json!({"allowedOrigins": []}), "allowedOrigins"),
+            (json!({"allowedMethods": ["GE T"]}), "allowedMethods"),
+            (json!({"allowedHeaders": ["X Y"]}), "allowedHeaders"),
+        ] {
+            let spec: PresenceClusterSpec =
+                serde_json::from_value(json!({"center": {}, "dataplane": {"cors": cors}})).unwrap();
+            let err = render::check_spec(&spec).unwrap_err().to_string();
+            assert!(err.contains(&format!("dataplane.cors.{field}")), "{err}");
+        }
+        // The API server refuses an empty origin list too (kube's
+        // client-side engine checks CEL rules only, not `minItems`).
+        let cors = &schema()["properties"]["spec"]["properties"]["dataplane"]["properties"]["cors"]
+            ["properties"];
+        assert_eq!(cors["allowedOrigins"]["minItems"], 1);
+        // A disabled policy is not read by the service, so not checked.
+        let off: PresenceClusterSpec = serde_json::from_value(json!({"center": {},
+            "dataplane": {"cors": {"enabled": false, "allowedMethods": ["GE T"]}}}))
+        .unwrap();
+        render::check_spec(&off).unwrap();
+    }
+
     #[test]
     fn leaf_names_are_unique_by_list_type_and_by_the_operator() {
         // The API server enforces unique keys of a list-type map itself

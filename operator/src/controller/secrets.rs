@@ -8,6 +8,7 @@ use crate::crd::PresenceCluster;
 use crate::render::{self, secrets};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
+use presence_contract::rules;
 
 /// What the secret step found.
 pub enum SecretState {
@@ -20,16 +21,22 @@ pub enum SecretState {
 /// A short digest of `key` in `secret`, so that rotating it rolls the pods
 /// that use it without the value ever leaving the Secret.
 pub fn digest_of(secret: &Secret, key: &str) -> Option<String> {
-    let bytes = match secret.data.as_ref().and_then(|d| d.get(key)) {
-        Some(value) => value.0.clone(),
-        None => secret
-            .string_data
-            .as_ref()
-            .and_then(|d| d.get(key))?
-            .clone()
-            .into_bytes(),
-    };
-    Some(render::config_hash(&bytes))
+    value_of(secret, key).map(|bytes| render::config_hash(&bytes))
+}
+
+/// The value under `key`, from `data` or else `stringData`.
+fn value_of(secret: &Secret, key: &str) -> Option<Vec<u8>> {
+    match secret.data.as_ref().and_then(|d| d.get(key)) {
+        Some(value) => Some(value.0.clone()),
+        None => Some(
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(key))?
+                .clone()
+                .into_bytes(),
+        ),
+    }
 }
 
 /// Reads the referenced JWT Secret, or creates the generated one.
@@ -56,14 +63,24 @@ pub async fn ensure_jwt_secret(
                 reference.name, reference.key
             ),
         },
-        Some(secret) => match digest_of(&secret, &reference.key) {
-            Some(digest) => SecretState::Ready(digest),
+        Some(secret) => match value_of(&secret, &reference.key) {
             None => SecretState::Problem {
                 reason: Reason::SecretKeyMissing,
                 message: format!(
                     "Secret {ns}/{} has no key {:?}",
                     reference.name, reference.key
                 ),
+            },
+            // presence-service would refuse it at start, in every pod.
+            Some(value) => match rules::jwt_secret_problem(&value) {
+                Some(problem) => SecretState::Problem {
+                    reason: Reason::InvalidSecret,
+                    message: format!(
+                        "Secret {ns}/{} key {:?}: the JWT secret {problem}",
+                        reference.name, reference.key
+                    ),
+                },
+                None => SecretState::Ready(render::config_hash(&value)),
             },
         },
     })

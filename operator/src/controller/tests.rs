@@ -500,7 +500,24 @@ async fn a_missing_referenced_secret_degrades_and_applies_nothing() {
         "{message}"
     );
 
+    // A secret presence-service would refuse at start (6 bytes) is
+    // reported on the resource instead of as pods that crash.
     fake.insert("/api/v1/namespaces/ns/secrets/mine", json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mine", "namespace": NS}, "data": {"k": "c2VjcmV0"}}));
+    fake.clear_requests();
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    assert!(applies(&fake.requests()).is_empty());
+    let s = status(&fake);
+    assert_eq!(
+        condition(&s, "Degraded"),
+        ("True".into(), "InvalidSecret".into())
+    );
+    let message = &find_condition(&s, "Degraded").message;
+    assert!(
+        message.contains("ns/mine") && message.contains("6 bytes") && !message.contains("secret\""),
+        "{message}"
+    );
+
+    fake.insert("/api/v1/namespaces/ns/secrets/mine", json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mine", "namespace": NS}, "data": {"k": "YS1zZWNyZXQtb2YtMzItYnl0ZXMtZm9yLXRva2VucyE="}}));
     fake.clear_requests();
     reconcile(load(&fake), ctx.clone()).await.unwrap();
     assert!(!applies(&fake.requests()).is_empty());
@@ -535,7 +552,7 @@ async fn a_missing_referenced_secret_degrades_and_applies_nothing() {
     fake.clear_requests();
     reconcile(load(&fake), ctx.clone()).await.unwrap();
     let before = hashes(&fake);
-    fake.insert("/api/v1/namespaces/ns/secrets/mine", json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mine", "namespace": NS}, "data": {"k": "cm90YXRlZA=="}}));
+    fake.insert("/api/v1/namespaces/ns/secrets/mine", json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mine", "namespace": NS}, "data": {"k": "YS1yb3RhdGVkLXNlY3JldC1vZi0zMi1ieXRlcy1ub3c="}}));
     fake.clear_requests();
     reconcile(load(&fake), ctx.clone()).await.unwrap();
     let after = hashes(&fake);
@@ -1198,7 +1215,7 @@ fn multi_cluster_fake() -> FakeApi {
                    "metadata": {"name": name, "namespace": NS}, "stringData": data}),
         );
     };
-    secret("jwt", json!({"secret": "s3cret"}));
+    secret("jwt", json!({"secret": "a-secret-of-32-bytes-for-tokens!"}));
     secret(
         "nats-tls",
         json!({"tls.crt": cert.cert, "tls.key": cert.key, "ca.crt": ca.cert}),

@@ -24,6 +24,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use presence_contract::env;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -428,7 +429,48 @@ pub fn check_spec(spec: &PresenceClusterSpec) -> Result<(), RenderError> {
     if ![1, 3, 5].contains(&kv) || kv > spec.center_replicas() {
         return invalid("kv.replicas must be 1, 3 or 5 and at most center.replicas".into());
     }
+    check_cors(spec)?;
     clusters::check_multi_cluster(spec)
+}
+
+/// Refuses a CORS policy that presence-service would refuse at start (its
+/// own rules, from the contract), which would otherwise pass `kubectl
+/// apply` and leave every region's pods crashing.
+fn check_cors(spec: &PresenceClusterSpec) -> Result<(), RenderError> {
+    let Some(cors) = spec.dataplane.as_ref().and_then(|d| d.cors.as_ref()) else {
+        return Ok(());
+    };
+    if cors.enabled == Some(false) {
+        return Ok(());
+    }
+    let given = |list: &Option<Vec<String>>, default: &[&'static str]| -> Vec<String> {
+        match list {
+            Some(values) => values.iter().map(|v| v.trim().to_owned()).collect(),
+            None => default.iter().map(|v| (*v).to_owned()).collect(),
+        }
+    };
+    let origins = given(&cors.allowed_origins, &["*"]);
+    let methods = given(&cors.allowed_methods, &["GET"]);
+    let headers = given(&cors.allowed_headers, &["Authorization"]);
+    let problem = presence_contract::rules::cors_problem(
+        &origins,
+        &methods,
+        &headers,
+        cors.allow_credentials.unwrap_or(false),
+    );
+    match problem {
+        None => Ok(()),
+        Some((variable, problem)) => {
+            let field = match variable {
+                env::CORS_ALLOWED_METHODS => "allowedMethods",
+                env::CORS_ALLOWED_HEADERS => "allowedHeaders",
+                _ => "allowedOrigins",
+            };
+            Err(RenderError::InvalidSpec(format!(
+                "dataplane.cors.{field}: {problem}"
+            )))
+        }
+    }
 }
 
 /// Every object of `cluster`, in apply order (config and secrets first).

@@ -1,0 +1,148 @@
+//! Value rules that `presence-service` enforces at start and that the
+//! operator must check before it renders them, so that a value the service
+//! would refuse is reported on the `PresenceCluster` (`InvalidSpec`,
+//! `InvalidSecret`) instead of showing up as pods that crash at start.
+
+/// The shortest `JWT_SECRET` the service accepts, in bytes: HS256 with a
+/// shorter secret is guessable offline from one token.
+pub const MIN_JWT_SECRET_BYTES: usize = 16;
+
+/// Why a JWT secret is refused, if it is.
+pub fn jwt_secret_problem(secret: &[u8]) -> Option<String> {
+    if secret.iter().all(u8::is_ascii_whitespace) {
+        return Some("is empty".into());
+    }
+    (secret.len() < MIN_JWT_SECRET_BYTES).then(|| {
+        format!(
+            "is {} bytes; at least {MIN_JWT_SECRET_BYTES} are needed",
+            secret.len()
+        )
+    })
+}
+
+/// Why a CORS origin is refused, if it is: `*`, or a scheme and a host
+/// (`https://app.example.com`), without a comma or ASCII whitespace (the
+/// variable is a comma-separated list).
+pub fn cors_origin_problem(origin: &str) -> Option<String> {
+    if origin == "*" {
+        return None;
+    }
+    let host = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"));
+    match host {
+        Some(host)
+            if !host.is_empty() && !host.bytes().any(|b| b == b',' || b.is_ascii_whitespace()) =>
+        {
+            None
+        }
+        _ => Some(format!(
+            "{origin:?} is not an origin like https://app.example.com"
+        )),
+    }
+}
+
+/// Why a CORS method is refused, if it is: methods are letters only.
+pub fn cors_method_problem(method: &str) -> Option<String> {
+    let valid = !method.is_empty() && method.bytes().all(|b| b.is_ascii_alphabetic());
+    (!valid).then(|| format!("{method:?} is not an HTTP method"))
+}
+
+/// Why a CORS header name is refused, if it is: an HTTP token (RFC 9110
+/// §5.6.2), as the `http` crate parses header names.
+pub fn cors_header_problem(header: &str) -> Option<String> {
+    let is_token_char = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    let valid = !header.is_empty() && header.bytes().all(is_token_char);
+    (!valid).then(|| format!("{header:?} is not a header name"))
+}
+
+/// The first problem of a CORS policy, with the variable it is in: an
+/// origin list that is empty, or `*` with credentials, or any value that
+/// the three checks above refuse.
+pub fn cors_problem<S: AsRef<str>>(
+    origins: &[S],
+    methods: &[S],
+    headers: &[S],
+    allow_credentials: bool,
+) -> Option<(&'static str, String)> {
+    use crate::env;
+    if origins.is_empty() {
+        return Some((
+            env::CORS_ALLOWED_ORIGINS,
+            "must list origins or be '*' (or set CORS_ENABLED=false)".into(),
+        ));
+    }
+    if allow_credentials && origins.iter().any(|o| o.as_ref() == "*") {
+        return Some((
+            env::CORS_ALLOWED_ORIGINS,
+            "'*' cannot be combined with CORS_ALLOW_CREDENTIALS=true; list explicit origins".into(),
+        ));
+    }
+    let first = |values: &[S], problem: fn(&str) -> Option<String>| {
+        values.iter().find_map(|value| problem(value.as_ref()))
+    };
+    first(origins, cors_origin_problem)
+        .map(|p| (env::CORS_ALLOWED_ORIGINS, p))
+        .or_else(|| first(methods, cors_method_problem).map(|p| (env::CORS_ALLOWED_METHODS, p)))
+        .or_else(|| first(headers, cors_header_problem).map(|p| (env::CORS_ALLOWED_HEADERS, p)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwt_secrets_need_sixteen_bytes_that_are_not_all_blank() {
+        assert!(jwt_secret_problem(b"0123456789abcdef").is_none());
+        assert!(jwt_secret_problem(b"your-secret-key").is_some(), "15 bytes");
+        assert!(jwt_secret_problem(b"").is_some());
+        assert!(jwt_secret_problem(b"                    ").is_some());
+    }
+
+    #[test]
+    fn origins_are_a_star_or_a_scheme_and_a_host() {
+        for good in ["*", "https://app.example.com", "http://127.0.0.1:8078"] {
+            assert_eq!(cors_origin_problem(good), None, "{good}");
+        }
+        for bad in [
+            "app.example.com",
+            "https://",
+            "ftp://x",
+            "https://a.com,https://b.com",
+            "https://a b",
+            "",
+        ] {
+            assert!(cors_origin_problem(bad).is_some(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn methods_and_headers_are_tokens() {
+        assert_eq!(cors_method_problem("PATCH"), None);
+        assert!(cors_method_problem("GE T").is_some());
+        assert!(cors_method_problem("").is_some());
+        assert_eq!(cors_header_problem("X-Request-ID"), None);
+        assert!(cors_header_problem("X Request").is_some());
+        assert!(cors_header_problem("X:Y").is_some());
+    }
+
+    #[test]
+    fn a_policy_names_the_variable_of_its_first_problem() {
+        let variable =
+            |o: &[&str], m: &[&str], h: &[&str], c| cors_problem(o, m, h, c).map(|p| p.0);
+        assert_eq!(variable(&["*"], &["GET"], &["Authorization"], false), None);
+        assert_eq!(variable(&[], &[], &[], false), Some("CORS_ALLOWED_ORIGINS"));
+        assert_eq!(
+            variable(&["*"], &[], &[], true),
+            Some("CORS_ALLOWED_ORIGINS")
+        );
+        assert_eq!(
+            variable(&["https://a.io"], &["G T"], &[], true),
+            Some("CORS_ALLOWED_METHODS")
+        );
+        assert_eq!(
+            variable(&["*"], &["GET"], &["a b"], false),
+            Some("CORS_ALLOWED_HEADERS")
+        );
+    }
+}
