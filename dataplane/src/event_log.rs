@@ -154,9 +154,10 @@ impl EventLog {
     }
 
     /// The watch found the change at `revision` already applied: if this
-    /// node wrote it, it is recorded now. During a replay nothing is
-    /// recorded, but the note still goes, so notes don't pile up.
-    pub fn echo(&self, revision: u64) {
+    /// node wrote it, it is recorded now, and its view returned. During a
+    /// replay nothing is recorded, but the note still goes, so notes don't
+    /// pile up.
+    pub fn echo(&self, revision: u64) -> Option<Arc<PresenceView>> {
         let view = {
             let mut inner = self.lock();
             let view = inner.local.remove(&revision);
@@ -164,24 +165,27 @@ impl EventLog {
                 inner.local_bytes = inner.local_bytes.saturating_sub(view.weight());
             }
             view
-        };
-        if let Some(view) = view {
-            self.push_shared(revision, view);
-        }
+        }?;
+        self.push_shared(revision, view.clone());
+        Some(view)
     }
 
     /// Records what applying a watched `change` did, so subscribers can
     /// resume exactly: a visible change, the echo of this node's own
-    /// write, or a change whose effect is unknown here.
-    pub fn watched(&self, change: &Change, applied: &Applied) {
+    /// write, or a change whose effect is unknown here. Returns the visible
+    /// change's view, for the change feed to share.
+    pub fn watched(&self, change: &Change, applied: &Applied) -> Option<Arc<PresenceView>> {
         match applied {
             Applied::Changed { before, after } => {
-                if let Some(view) = visible_change(&change.user_id, before, after) {
-                    self.push(change.revision, view);
-                }
+                let view = Arc::new(visible_change(&change.user_id, before, after)?);
+                self.push_shared(change.revision, view.clone());
+                Some(view)
             }
             Applied::Stale => self.echo(change.revision),
-            Applied::Unknown => self.gap(change.revision),
+            Applied::Unknown => {
+                self.gap(change.revision);
+                None
+            }
         }
     }
 

@@ -8,12 +8,49 @@
 //! a stream still sees its users' changes in revision order, and a stream
 //! whose queue is full is told it lagged rather than silently missing one.
 
+use crate::record::PresenceView;
 use crate::store::Change;
+use once_cell::race::OnceBox;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::{TryRecvError, TrySendError};
+
+/// A change as the feed hands it out: the change, and the presence the
+/// node recorded for it, so that the streams showing that same presence
+/// serialize it once between them instead of once each (#17: a change of a
+/// user followed by 40 streams was 40 serializations of the same view).
+pub struct Fed {
+    pub change: Change,
+    /// The user's presence after the change as the node's event log has
+    /// it; `None` when the change shows nothing or its effect is unknown.
+    shown: Option<Arc<PresenceView>>,
+    json: OnceBox<String>,
+}
+
+impl Fed {
+    /// `change`, with what the node shows of it, if known.
+    pub fn new(change: Change, shown: Option<Arc<PresenceView>>) -> Self {
+        Fed {
+            change,
+            shown,
+            json: OnceBox::new(),
+        }
+    }
+
+    /// `view`'s JSON, made by the first stream that asks and shared with
+    /// the rest, when `view` is the presence the node recorded; `None`
+    /// otherwise (a stream that opened on an older snapshot may show
+    /// something else), and the stream serializes its own.
+    pub fn shared_json(&self, view: &PresenceView) -> Option<&str> {
+        let shown = self.shown.as_deref().filter(|shown| *shown == view)?;
+        let json = self
+            .json
+            .get_or_try_init(|| serde_json::to_string(shown).map(Box::new));
+        json.ok().map(String::as_str)
+    }
+}
 
 /// Where the watch sends what it applied. Clones share the routes.
 #[derive(Clone)]
@@ -33,7 +70,7 @@ struct Routes {
 
 /// One stream's queue, as registered under one of its users.
 struct Route {
-    tx: mpsc::Sender<Arc<Change>>,
+    tx: mpsc::Sender<Arc<Fed>>,
     /// Set once a change for the stream didn't fit its queue.
     lagged: Arc<AtomicBool>,
 }
@@ -58,16 +95,17 @@ impl ChangeFeed {
     }
 
     /// Hands `change` to every stream following its user.
-    pub fn send(&self, change: Arc<Change>) {
+    pub fn send(&self, fed: Arc<Fed>) {
         let mut routes = lock(&self.routes);
-        let Some(queues) = routes.by_user.get_mut(&change.user_id) else {
+        let user_id = &fed.change.user_id;
+        let Some(queues) = routes.by_user.get_mut(user_id) else {
             return;
         };
         queues.retain(|_, route| {
             if route.lagged.load(Ordering::Acquire) {
                 return false;
             }
-            match route.tx.try_send(change.clone()) {
+            match route.tx.try_send(fed.clone()) {
                 Ok(()) => true,
                 Err(TrySendError::Full(_)) => {
                     route.lagged.store(true, Ordering::Release);
@@ -77,7 +115,7 @@ impl ChangeFeed {
             }
         });
         if queues.is_empty() {
-            routes.by_user.remove(&change.user_id);
+            routes.by_user.remove(user_id);
         }
     }
 
@@ -150,7 +188,7 @@ fn lock(routes: &Mutex<Routes>) -> std::sync::MutexGuard<'_, Routes> {
 
 /// One stream's end of the feed; leaves the routes when dropped.
 pub struct FeedReceiver {
-    rx: mpsc::Receiver<Arc<Change>>,
+    rx: mpsc::Receiver<Arc<Fed>>,
     id: u64,
     users: Vec<String>,
     lagged: Arc<AtomicBool>,
@@ -161,7 +199,7 @@ pub struct FeedReceiver {
 
 impl FeedReceiver {
     /// The next change for this stream's users, in feed order.
-    pub async fn recv(&mut self) -> Result<Arc<Change>, FeedError> {
+    pub async fn recv(&mut self) -> Result<Arc<Fed>, FeedError> {
         if self.lagged.load(Ordering::Acquire) {
             return Err(FeedError::Lagged);
         }
@@ -173,7 +211,7 @@ impl FeedReceiver {
     }
 
     /// A change already queued, if any (`Ok(None)`: none yet).
-    pub fn try_recv(&mut self) -> Result<Option<Arc<Change>>, FeedError> {
+    pub fn try_recv(&mut self) -> Result<Option<Arc<Fed>>, FeedError> {
         if self.lagged.load(Ordering::Acquire) {
             return Err(FeedError::Lagged);
         }
@@ -208,14 +246,15 @@ mod tests {
     use crate::record::Update;
     use time::OffsetDateTime;
 
-    fn change(user: &str, revision: u64) -> Arc<Change> {
-        Arc::new(Change {
+    fn change(user: &str, revision: u64) -> Arc<Fed> {
+        let change = Change {
             user_id: user.into(),
             update: Update::Seen(None),
             revision,
             stored_at: OffsetDateTime::UNIX_EPOCH,
             pending: 0,
-        })
+        };
+        Arc::new(Fed::new(change, None))
     }
 
     fn users(ids: &[&str]) -> Vec<String> {
@@ -232,11 +271,11 @@ mod tests {
         }
         let mut got = Vec::new();
         while let Ok(Some(change)) = ab.try_recv() {
-            got.push(change.revision);
+            got.push(change.change.revision);
         }
         assert_eq!(got, [1, 3, 5]);
-        assert_eq!(c.recv().await.map(|c| c.revision), Ok(2));
-        assert_eq!(c.try_recv().map(|c| c.map(|c| c.revision)), Ok(None));
+        assert_eq!(c.recv().await.map(|c| c.change.revision), Ok(2));
+        assert_eq!(c.try_recv().map(|c| c.map(|c| c.change.revision)), Ok(None));
     }
 
     #[tokio::test]
@@ -244,8 +283,11 @@ mod tests {
         let feed = ChangeFeed::new(4);
         let mut twice = feed.subscribe(&users(&["a", "a"]));
         feed.send(change("a", 1));
-        assert_eq!(twice.recv().await.map(|c| c.revision), Ok(1));
-        assert_eq!(twice.try_recv().map(|c| c.map(|c| c.revision)), Ok(None));
+        assert_eq!(twice.recv().await.map(|c| c.change.revision), Ok(1));
+        assert_eq!(
+            twice.try_recv().map(|c| c.map(|c| c.change.revision)),
+            Ok(None)
+        );
         assert_eq!(feed.followers("a"), 1);
     }
 
@@ -261,7 +303,7 @@ mod tests {
         feed.send(change("a", 3));
         feed.send(change("b", 4));
         assert_eq!(slow.recv().await.err(), Some(FeedError::Lagged));
-        assert_eq!(other.recv().await.map(|c| c.revision), Ok(4));
+        assert_eq!(other.recv().await.map(|c| c.change.revision), Ok(4));
         assert_eq!(feed.followers("a"), 0);
         assert_eq!(feed.followers("b"), 1, "only the stream that kept up");
     }
@@ -277,7 +319,7 @@ mod tests {
         // event instead.
         assert_eq!(follows.recv().await.err(), Some(FeedError::Lagged));
         feed.send(change("b", 2));
-        assert_eq!(other.recv().await.map(|c| c.revision), Ok(2));
+        assert_eq!(other.recv().await.map(|c| c.change.revision), Ok(2));
         assert_eq!(feed.followers("a"), 0);
         assert_eq!(feed.followers("b"), 1, "the lost stream left b too");
     }

@@ -11,7 +11,7 @@
 
 use crate::cache::{Applied, PresenceCache};
 use crate::event_log::EventLog;
-use crate::feed::ChangeFeed;
+use crate::feed::{ChangeFeed, Fed};
 use crate::metrics::Metrics;
 use crate::store::{BucketIdentity, ChangeStream, Entry, PresenceStore, StoreError, WatchStart};
 use futures::StreamExt;
@@ -201,15 +201,17 @@ impl Sinks<'_> {
         if replaying {
             self.status.replayed.fetch_add(1, Ordering::Relaxed);
         }
-        let change = match entry {
+        let fed = match entry {
             Entry::Change(change) => {
                 let applied = self.cache.apply(&change, replaying);
-                if !replaying {
-                    self.log.watched(&change, &applied);
+                let shown = if !replaying {
+                    self.log.watched(&change, &applied)
                 } else if matches!(applied, Applied::Stale) {
-                    self.log.echo(change.revision);
-                }
-                Some(change)
+                    self.log.echo(change.revision)
+                } else {
+                    None
+                };
+                Some(Fed::new(change, shown))
             }
             Entry::Other { .. } => None,
         };
@@ -219,8 +221,8 @@ impl Sinks<'_> {
         self.status.checkpoint(revision, stored_at);
         // Feed first, then publish the revision: a stream that waited for
         // revision r has every change up to r in its receiver.
-        if let Some(change) = change {
-            self.feed.send(Arc::new(change));
+        if let Some(fed) = fed {
+            self.feed.send(Arc::new(fed));
         }
         let status = self.status;
         status
@@ -783,7 +785,7 @@ mod tests {
         // A stream following u cannot be told what changed: it ends, and
         // its client resumes from a snapshot. Others go on.
         assert_eq!(follows_u.recv().await.err(), Some(FeedError::Lagged));
-        assert_eq!(follows_other.recv().await.map(|c| c.revision), Ok(2));
+        assert_eq!(follows_other.recv().await.map(|c| c.change.revision), Ok(2));
     }
 
     #[tokio::test]

@@ -14,11 +14,10 @@ use crate::auth::{AuthError, Caller};
 use crate::fanout::{
     MAX_STREAM_USERS, Refused, StreamEvent, StreamPermit, Subscription, can_resume_exactly,
 };
-use crate::feed::{FeedError, FeedReceiver};
+use crate::feed::{Fed, FeedError, FeedReceiver};
 use crate::metrics::Metrics;
 use crate::record::UserRecord;
 use crate::server::StallNotice;
-use crate::store::Change;
 use axum::extract::{FromRequestParts, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -115,13 +114,18 @@ fn to_sse(event: &StreamEvent) -> Event {
             serde_json::to_string(&serde_json::json!({"revision": id, "users": users})),
         ),
     };
-    let mut sse = Event::default().event(name);
-    if let Some(id) = id {
-        sse = sse.id(id.to_string());
-    }
     match data {
-        Ok(data) => sse.data(data),
-        Err(err) => sse.comment(format!("unserializable event: {err}")),
+        Ok(data) => sse_event(name, id).data(data),
+        Err(err) => sse_event(name, id).comment(format!("unserializable event: {err}")),
+    }
+}
+
+/// An event named `name` with `id`, if any, for its data to follow.
+fn sse_event(name: &str, id: Option<u64>) -> Event {
+    let sse = Event::default().event(name);
+    match id {
+        Some(id) => sse.id(id.to_string()),
+        None => sse,
     }
 }
 
@@ -228,7 +232,7 @@ struct Start {
     /// The snapshot (or catch-up) events, sent first and then dropped.
     opening: Vec<StreamEvent>,
     /// Changes past the snapshot that arrived while it was read.
-    live: Vec<Arc<Change>>,
+    live: Vec<Arc<Fed>>,
     changes: FeedReceiver,
 }
 
@@ -258,8 +262,8 @@ async fn start(
     let mut live = Vec::new();
     loop {
         match changes.try_recv() {
-            Ok(Some(change)) if change.revision <= through => subscription.absorb(&change),
-            Ok(Some(change)) => live.push(change),
+            Ok(Some(fed)) if fed.change.revision <= through => subscription.absorb(&fed.change),
+            Ok(Some(fed)) => live.push(fed),
             Err(FeedError::Lagged) => {
                 return Err(ApiError {
                     retry_after: Some(Duration::from_secs(1)),
@@ -329,7 +333,7 @@ struct Follow {
     /// The snapshot (or catch-up) events, each dropped once sent.
     opening: std::vec::IntoIter<StreamEvent>,
     /// Changes past the snapshot that arrived while the stream opened.
-    live: std::vec::IntoIter<Arc<Change>>,
+    live: std::vec::IntoIter<Arc<Fed>>,
     changes: FeedReceiver,
     stopping: watch::Receiver<bool>,
     resets: watch::Receiver<u64>,
@@ -351,7 +355,7 @@ impl Follow {
         match self.next_event().await {
             Ok(event) => {
                 self.metrics.stream_events.inc();
-                Some(to_sse(&event))
+                Some(event)
             }
             Err(end) => {
                 self.ended = true;
@@ -361,20 +365,20 @@ impl Follow {
     }
 
     /// The next opening event, then the next live change that makes one.
-    async fn next_event(&mut self) -> Result<StreamEvent, End> {
+    async fn next_event(&mut self) -> Result<Event, End> {
         // A long opening is handed out without waiting, so the end signals
         // are looked at before every event, not only while waiting.
         self.ended_meanwhile()?;
         if let Some(event) = self.opening.next() {
-            return Ok(event);
+            return Ok(to_sse(&event));
         }
-        while let Some(change) = self.live.next() {
-            if let Some(event) = self.event_of(&change) {
+        while let Some(fed) = self.live.next() {
+            if let Some(event) = self.event_of(&fed) {
                 return Ok(event);
             }
         }
         loop {
-            let change = tokio::select! {
+            let fed = tokio::select! {
                 // An end signal wins over changes still queued behind it.
                 biased;
                 // The only change is to "stopping" (or the sender is gone).
@@ -382,12 +386,12 @@ impl Follow {
                 _ = self.resets.changed() => return Err(End::Reset),
                 () = &mut self.expiry => return Err(End::Expired),
                 received = self.changes.recv() => match received {
-                    Ok(change) => change,
+                    Ok(fed) => fed,
                     Err(FeedError::Lagged) => return Err(End::Lagged),
                     Err(FeedError::Closed) => return Err(End::Stopping),
                 },
             };
-            if let Some(event) = self.event_of(&change) {
+            if let Some(event) = self.event_of(&fed) {
                 return Ok(event);
             }
         }
@@ -411,13 +415,22 @@ impl Follow {
     /// The event a live change makes, if any, having recorded how long the
     /// change took from the hub to this stream's connection: the service's
     /// own share of a viewer's latency.
-    fn event_of(&mut self, change: &Change) -> Option<StreamEvent> {
-        let event = self.subscription.apply(change)?;
-        let lag = OffsetDateTime::now_utc() - change.stored_at;
+    ///
+    /// The event's JSON is the one the feed shares among the streams that
+    /// show the same presence, when this stream shows it too.
+    fn event_of(&mut self, fed: &Fed) -> Option<Event> {
+        let event = self.subscription.apply(&fed.change)?;
+        let lag = OffsetDateTime::now_utc() - fed.change.stored_at;
         self.metrics
             .stream_event_lag
             .observe(lag.as_seconds_f64().max(0.0));
-        Some(event)
+        let shared = match &event {
+            StreamEvent::Presence { id, view } => fed
+                .shared_json(view)
+                .map(|json| sse_event("presence", *id).data(json)),
+            StreamEvent::SnapshotEnd { .. } => None,
+        };
+        Some(shared.unwrap_or_else(|| to_sse(&event)))
     }
 
     /// What the client is told of why its stream ends, when it should know.
@@ -540,7 +553,7 @@ mod tests {
     }
 
     /// `a` set busy (the same state at every revision).
-    fn change_of_a(revision: u64) -> Arc<Change> {
+    fn change_of_a(revision: u64) -> Arc<Fed> {
         let busy = crate::model::ValidUpdate {
             user_id: "a".into(),
             status: crate::model::Status::Busy,
@@ -549,13 +562,66 @@ mod tests {
         };
         let now = OffsetDateTime::now_utc();
         let presence = crate::model::Presence::accepted(busy, "n1", now);
-        Arc::new(Change {
+        let change = crate::store::Change {
             user_id: "a".into(),
             update: crate::record::Update::Manual(Some(Arc::new(presence))),
             revision,
             stored_at: OffsetDateTime::now_utc(),
             pending: 0,
-        })
+        };
+        Arc::new(Fed::new(change, None))
+    }
+
+    /// The change of [`change_of_a`], fed with `shown` as the node's view.
+    fn fed_showing(revision: u64, shown: &Arc<PresenceView>) -> Arc<Fed> {
+        let change = change_of_a(revision).change.clone();
+        Arc::new(Fed::new(change, Some(shown.clone())))
+    }
+
+    /// What a stream that starts with nothing of `a` shows after
+    /// [`change_of_a`].
+    fn a_after_the_change(revision: u64) -> Arc<PresenceView> {
+        let mut record = UserRecord::default();
+        let change = change_of_a(revision);
+        assert!(record.merge(change.change.update.clone(), revision));
+        Arc::new(record.stored_view("a"))
+    }
+
+    #[tokio::test]
+    async fn streams_that_show_the_node_s_view_send_its_shared_json() {
+        let shown = a_after_the_change(10);
+        let fed = fed_showing(10, &shown);
+        let own = to_sse(&StreamEvent::Presence {
+            id: Some(10),
+            view: shown.clone(),
+        });
+        for _ in 0..2 {
+            let (mut follow, _, h) = stream(Duration::from_secs(3600));
+            opening(&mut follow).await;
+            h.feed.send(fed.clone());
+            let event = follow.next().await.expect("an event");
+            assert_eq!(format!("{event:?}"), format!("{own:?}"));
+        }
+        let json = fed.shared_json(&shown).expect("made by the first stream");
+        assert_eq!(json, serde_json::to_string(&*shown).unwrap());
+        assert!(std::ptr::eq(json, fed.shared_json(&shown).unwrap()));
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_shows_another_view_than_the_node_s_sends_its_own() {
+        // The node's view of the change differs from what this stream
+        // shows (as for a stream opened on another snapshot): the shared
+        // JSON must not go out in place of the stream's own.
+        let other = Arc::new(PresenceView::unknown("a"));
+        let (mut follow, _, h) = stream(Duration::from_secs(3600));
+        opening(&mut follow).await;
+        h.feed.send(fed_showing(10, &other));
+        let event = follow.next().await.expect("an event");
+        let own = to_sse(&StreamEvent::Presence {
+            id: Some(10),
+            view: a_after_the_change(10),
+        });
+        assert_eq!(format!("{event:?}"), format!("{own:?}"));
     }
 
     #[tokio::test]
