@@ -7,17 +7,55 @@
 /// shorter secret is guessable offline from one token.
 pub const MIN_JWT_SECRET_BYTES: usize = 16;
 
-/// Why a JWT secret is refused, if it is.
-pub fn jwt_secret_problem(secret: &[u8]) -> Option<String> {
-    if secret.iter().all(u8::is_ascii_whitespace) {
-        return Some("is empty".into());
+/// Why a JWT secret is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwtSecretProblem {
+    /// Not UTF-8: an environment variable the service reads as text.
+    NotText,
+    /// Empty or only whitespace.
+    Blank,
+    /// Shorter than [`MIN_JWT_SECRET_BYTES`]; carries the length.
+    Short(usize),
+}
+
+impl std::fmt::Display for JwtSecretProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JwtSecretProblem::NotText => write!(f, "is not UTF-8 text"),
+            JwtSecretProblem::Blank => write!(f, "is empty"),
+            JwtSecretProblem::Short(len) => write!(
+                f,
+                "is {len} bytes; at least {MIN_JWT_SECRET_BYTES} are needed"
+            ),
+        }
     }
-    (secret.len() < MIN_JWT_SECRET_BYTES).then(|| {
-        format!(
-            "is {} bytes; at least {MIN_JWT_SECRET_BYTES} are needed",
-            secret.len()
-        )
-    })
+}
+
+/// Why a JWT secret is refused, if it is.
+pub fn jwt_secret_problem(secret: &[u8]) -> Option<JwtSecretProblem> {
+    let Ok(text) = std::str::from_utf8(secret) else {
+        return Some(JwtSecretProblem::NotText);
+    };
+    if text.trim().is_empty() {
+        return Some(JwtSecretProblem::Blank);
+    }
+    (secret.len() < MIN_JWT_SECRET_BYTES).then_some(JwtSecretProblem::Short(secret.len()))
+}
+
+/// `CORS_ALLOWED_ORIGINS` when unset.
+pub const DEFAULT_CORS_ORIGINS: &str = "*";
+/// `CORS_ALLOWED_METHODS` when unset.
+pub const DEFAULT_CORS_METHODS: &str = "GET,POST,PUT,DELETE,OPTIONS";
+/// `CORS_ALLOWED_HEADERS` when unset.
+pub const DEFAULT_CORS_HEADERS: &str = "Authorization,Content-Type";
+
+/// The items of a comma-separated variable, trimmed, empty ones dropped:
+/// what the service reads from the operator's list joined with commas.
+pub fn split_list(raw: &str) -> Vec<&str> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .collect()
 }
 
 /// Why a CORS origin is refused, if it is: `*`, or a scheme and a host
@@ -92,11 +130,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn jwt_secrets_need_sixteen_bytes_that_are_not_all_blank() {
-        assert!(jwt_secret_problem(b"0123456789abcdef").is_none());
-        assert!(jwt_secret_problem(b"your-secret-key").is_some(), "15 bytes");
-        assert!(jwt_secret_problem(b"").is_some());
-        assert!(jwt_secret_problem(b"                    ").is_some());
+    fn jwt_secrets_need_sixteen_bytes_of_text_that_are_not_all_blank() {
+        assert_eq!(jwt_secret_problem(b"0123456789abcdef"), None);
+        assert_eq!(
+            jwt_secret_problem(b"your-secret-key"),
+            Some(JwtSecretProblem::Short(15))
+        );
+        assert_eq!(jwt_secret_problem(b""), Some(JwtSecretProblem::Blank));
+        let blank = "\u{a0}\u{b}                ".as_bytes();
+        assert_eq!(jwt_secret_problem(blank), Some(JwtSecretProblem::Blank));
+        let random = [0xffu8; 32];
+        assert_eq!(jwt_secret_problem(&random), Some(JwtSecretProblem::NotText));
+    }
+
+    #[test]
+    fn lists_are_split_trimmed_and_emptied_of_blanks() {
+        assert_eq!(split_list(" a , ,b,"), ["a", "b"]);
+        assert!(split_list(" ").is_empty());
     }
 
     #[test]

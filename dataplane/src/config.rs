@@ -129,7 +129,8 @@ pub struct ServeArgs {
     /// Ristretto's guidance of 10 counters per item implies).
     #[arg(long, env = env::CACHE_NUM_COUNTERS, default_value_t = 100_000)]
     pub cache_num_counters: u64,
-    /// Log level: trace, debug, info, warn or error.
+    /// Log level: trace, debug, info, warn (or warning) or error (or fatal,
+    /// panic); 1 (error) to 5 (trace) also work.
     #[arg(long, env = env::LOG_LEVEL, default_value = "info")]
     pub log_level: String,
     /// Log format: text or json.
@@ -140,20 +141,20 @@ pub struct ServeArgs {
           value_parser = BoolishValueParser::new())]
     pub cors_enabled: bool,
     /// Comma-separated allowed origins, or `*` (never together with credentials).
-    #[arg(long, env = env::CORS_ALLOWED_ORIGINS, default_value = "*")]
+    #[arg(long, env = env::CORS_ALLOWED_ORIGINS, default_value = rules::DEFAULT_CORS_ORIGINS)]
     pub cors_allowed_origins: String,
     /// Comma-separated allowed methods.
     #[arg(
         long,
         env = env::CORS_ALLOWED_METHODS,
-        default_value = "GET,POST,PUT,DELETE,OPTIONS"
+        default_value = rules::DEFAULT_CORS_METHODS
     )]
     pub cors_allowed_methods: String,
     /// Comma-separated allowed request headers.
     #[arg(
         long,
         env = env::CORS_ALLOWED_HEADERS,
-        default_value = "Authorization,Content-Type"
+        default_value = rules::DEFAULT_CORS_HEADERS
     )]
     pub cors_allowed_headers: String,
     /// Allow credentials (cookies, authorization headers) in CORS requests.
@@ -332,9 +333,8 @@ pub struct HttpLimits {
 }
 
 fn split_list(raw: &str) -> Vec<String> {
-    raw.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
+    rules::split_list(raw)
+        .into_iter()
         .map(str::to_owned)
         .collect()
 }
@@ -704,13 +704,14 @@ struct NatsTarget {
 }
 
 fn jwt_secret(raw: Option<&str>) -> Result<String, ConfigError> {
-    match raw {
-        None => Err(ConfigError::MissingJwtSecret),
-        Some(s) if s.trim().is_empty() => Err(ConfigError::MissingJwtSecret),
-        Some(s) if s.len() < rules::MIN_JWT_SECRET_BYTES => {
-            Err(ConfigError::ShortJwtSecret(s.len()))
+    let secret = raw.ok_or(ConfigError::MissingJwtSecret)?;
+    match rules::jwt_secret_problem(secret.as_bytes()) {
+        None => Ok(secret.to_owned()),
+        Some(rules::JwtSecretProblem::Short(len)) => Err(ConfigError::ShortJwtSecret(len)),
+        // A `&str` is always text.
+        Some(rules::JwtSecretProblem::Blank | rules::JwtSecretProblem::NotText) => {
+            Err(ConfigError::MissingJwtSecret)
         }
-        Some(s) => Ok(s.to_owned()),
     }
 }
 

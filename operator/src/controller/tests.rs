@@ -500,9 +500,9 @@ async fn a_missing_referenced_secret_degrades_and_applies_nothing() {
         "{message}"
     );
 
-    // A secret presence-service would refuse at start (6 bytes) is
+    // A secret presence-service would refuse at start (11 bytes) is
     // reported on the resource instead of as pods that crash.
-    fake.insert("/api/v1/namespaces/ns/secrets/mine", json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mine", "namespace": NS}, "data": {"k": "c2VjcmV0"}}));
+    fake.insert("/api/v1/namespaces/ns/secrets/mine", json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mine", "namespace": NS}, "data": {"k": "c2gwcnQtdjRsdWU="}}));
     fake.clear_requests();
     reconcile(load(&fake), ctx.clone()).await.unwrap();
     assert!(applies(&fake.requests()).is_empty());
@@ -513,7 +513,9 @@ async fn a_missing_referenced_secret_degrades_and_applies_nothing() {
     );
     let message = &find_condition(&s, "Degraded").message;
     assert!(
-        message.contains("ns/mine") && message.contains("6 bytes") && !message.contains("secret\""),
+        message.contains("ns/mine")
+            && message.contains("11 bytes")
+            && !message.contains("sh0rt-v4lue"),
         "{message}"
     );
 

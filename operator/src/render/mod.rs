@@ -24,7 +24,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
-use presence_contract::env;
+use presence_contract::{env, rules};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -443,19 +443,19 @@ fn check_cors(spec: &PresenceClusterSpec) -> Result<(), RenderError> {
     if cors.enabled == Some(false) {
         return Ok(());
     }
-    let given = |list: &Option<Vec<String>>, default: &[&'static str]| -> Vec<String> {
-        match list {
-            Some(values) => values.iter().map(|v| v.trim().to_owned()).collect(),
-            None => default.iter().map(|v| (*v).to_owned()).collect(),
-        }
+    // What the service reads: the list joined with commas (as rendered),
+    // split again, items trimmed and empty ones dropped.
+    let read = |list: &Option<Vec<String>>, default: &str| match list {
+        Some(items) => items.join(","),
+        None => default.to_owned(),
     };
-    let origins = given(&cors.allowed_origins, &["*"]);
-    let methods = given(&cors.allowed_methods, &["GET"]);
-    let headers = given(&cors.allowed_headers, &["Authorization"]);
-    let problem = presence_contract::rules::cors_problem(
-        &origins,
-        &methods,
-        &headers,
+    let origins = read(&cors.allowed_origins, rules::DEFAULT_CORS_ORIGINS);
+    let methods = read(&cors.allowed_methods, rules::DEFAULT_CORS_METHODS);
+    let headers = read(&cors.allowed_headers, rules::DEFAULT_CORS_HEADERS);
+    let problem = rules::cors_problem(
+        &rules::split_list(&origins),
+        &rules::split_list(&methods),
+        &rules::split_list(&headers),
         cors.allow_credentials.unwrap_or(false),
     );
     match problem {
