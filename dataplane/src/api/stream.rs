@@ -572,25 +572,23 @@ mod tests {
         Arc::new(Fed::new(change, None))
     }
 
-    /// The change of [`change_of_a`], fed with `shown` as the node's view.
-    fn fed_showing(revision: u64, shown: &Arc<PresenceView>) -> Arc<Fed> {
-        let change = change_of_a(revision).change.clone();
-        Arc::new(Fed::new(change, Some(shown.clone())))
+    /// `fed`'s change fed again, with `shown` as the node's view.
+    fn showing(fed: &Fed, shown: &Arc<PresenceView>) -> Arc<Fed> {
+        Arc::new(Fed::new(fed.change.clone(), Some(shown.clone())))
     }
 
-    /// What a stream that starts with nothing of `a` shows after
-    /// [`change_of_a`].
-    fn a_after_the_change(revision: u64) -> Arc<PresenceView> {
+    /// What a stream that starts with nothing of `a` shows after `fed`.
+    fn a_after(fed: &Fed) -> Arc<PresenceView> {
         let mut record = UserRecord::default();
-        let change = change_of_a(revision);
-        assert!(record.merge(change.change.update.clone(), revision));
+        assert!(record.merge(fed.change.update.clone(), fed.change.revision));
         Arc::new(record.stored_view("a"))
     }
 
     #[tokio::test]
     async fn streams_that_show_the_node_s_view_send_its_shared_json() {
-        let shown = a_after_the_change(10);
-        let fed = fed_showing(10, &shown);
+        let change = change_of_a(10);
+        let shown = a_after(&change);
+        let fed = showing(&change, &shown);
         let own = to_sse(&StreamEvent::Presence {
             id: Some(10),
             view: shown.clone(),
@@ -612,14 +610,15 @@ mod tests {
         // The node's view of the change differs from what this stream
         // shows (as for a stream opened on another snapshot): the shared
         // JSON must not go out in place of the stream's own.
+        let change = change_of_a(10);
         let other = Arc::new(PresenceView::unknown("a"));
         let (mut follow, _, h) = stream(Duration::from_secs(3600));
         opening(&mut follow).await;
-        h.feed.send(fed_showing(10, &other));
+        h.feed.send(showing(&change, &other));
         let event = follow.next().await.expect("an event");
         let own = to_sse(&StreamEvent::Presence {
             id: Some(10),
-            view: a_after_the_change(10),
+            view: a_after(&change),
         });
         assert_eq!(format!("{event:?}"), format!("{own:?}"));
     }
