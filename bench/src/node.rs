@@ -49,6 +49,17 @@ pub fn spawn_service(
     nats: &Nats,
     bucket: &str,
 ) -> Service {
+    spawn_service_with(dir, (name, node_type), nats, bucket, &[])
+}
+
+/// [`spawn_service`] with `extra` variables on top of the usual ones.
+pub fn spawn_service_with(
+    dir: &Path,
+    (name, node_type): (&str, &str),
+    nats: &Nats,
+    bucket: &str,
+    extra: &[(&str, &str)],
+) -> Service {
     let port = free_port();
     let mut command = service_command(node_type, nats, port);
     command
@@ -58,6 +69,7 @@ pub fn spawn_service(
         // Throughput is measured on a few hot users, far above any sane
         // per-user limit: the limiter is off here.
         .env("RATE_LIMIT_WRITES_PER_SECOND", "0");
+    command.envs(extra.iter().copied());
     let proc = Proc::spawn(name, command, dir.join(format!("{name}.log")));
     Service {
         proc,

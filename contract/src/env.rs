@@ -71,6 +71,8 @@ pub const RATE_LIMIT_WRITES_PER_SECOND: &str = "RATE_LIMIT_WRITES_PER_SECOND";
 pub const RATE_LIMIT_BURST: &str = "RATE_LIMIT_BURST";
 /// Graceful stop bound.
 pub const SHUTDOWN_TIMEOUT_SECS: &str = "SHUTDOWN_TIMEOUT_SECS";
+/// Longest readiness waits for a starting node's cache to be filled.
+pub const READINESS_WARMUP_TIMEOUT_SECS: &str = "READINESS_WARMUP_TIMEOUT_SECS";
 /// Change streams per node.
 pub const STREAM_MAX_CONNECTIONS: &str = "STREAM_MAX_CONNECTIONS";
 /// Seconds between keep-alive comments on a stream.

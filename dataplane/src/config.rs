@@ -216,6 +216,11 @@ pub struct ServeArgs {
     /// Longest a graceful stop waits for in-flight requests.
     #[arg(long, env = env::SHUTDOWN_TIMEOUT_SECS, default_value_t = 25)]
     pub shutdown_timeout_secs: u64,
+    /// Longest a starting node stays not ready while its watch fills the
+    /// cache from the bucket (its reads would meanwhile all go to the
+    /// hub); 0 makes it ready without waiting.
+    #[arg(long, env = env::READINESS_WARMUP_TIMEOUT_SECS, default_value_t = 60)]
+    pub readiness_warmup_timeout_secs: u64,
     /// Most change streams (SSE) this node keeps open at once; more get 503.
     #[arg(long, env = env::STREAM_MAX_CONNECTIONS, default_value_t = 10_000)]
     pub stream_max_connections: usize,
@@ -305,6 +310,8 @@ pub struct Settings {
     pub write_timeout: Duration,
     pub read_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// How long readiness waits for the first replay of the bucket.
+    pub readiness_warmup_timeout: Duration,
     pub stream_max_connections: usize,
     pub stream_keepalive: Duration,
     /// Most streams one caller may hold open on this node.
@@ -399,6 +406,7 @@ impl ServeArgs {
             write_timeout: timeouts.0,
             read_timeout: timeouts.1,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+            readiness_warmup_timeout: Duration::from_secs(self.readiness_warmup_timeout_secs),
         })
     }
 
@@ -422,6 +430,12 @@ impl ServeArgs {
         in_range(
             env::SHUTDOWN_TIMEOUT_SECS,
             self.shutdown_timeout_secs,
+            0,
+            3_600,
+        )?;
+        in_range(
+            env::READINESS_WARMUP_TIMEOUT_SECS,
+            self.readiness_warmup_timeout_secs,
             0,
             3_600,
         )?;

@@ -35,6 +35,10 @@ pub struct WatchStatus {
     /// A full replay of the bucket is under way: the cache may hold part of
     /// a user's keys, so reads go to the store.
     replaying: AtomicBool,
+    /// The node's first replay has ended: its cache followed the whole
+    /// bucket once (a later replay, after the bucket was recreated, does
+    /// not take it back: every node would leave service at once).
+    warmed_up: AtomicBool,
     /// The cache's eviction count when the current replay started.
     replay_evictions: AtomicU64,
     /// The bucket's last revision (asked of its stream leader) just before
@@ -87,6 +91,12 @@ impl WatchStatus {
     /// Whether a full replay is under way (reads must not trust the cache).
     pub fn replaying(&self) -> bool {
         self.replaying.load(Ordering::Acquire)
+    }
+
+    /// Whether the node's first full replay of the bucket has ended, so
+    /// reads are served from the cache rather than each sent to the hub.
+    pub fn warmed_up(&self) -> bool {
+        self.warmed_up.load(Ordering::Acquire)
     }
 
     /// Whether the watch task crashed and waits to be restarted: the cache
@@ -321,6 +331,7 @@ impl Sinks<'_> {
         let replica = self.cache.mark_replica(before);
         self.log.start_after(revision);
         self.status.replaying.store(false, Ordering::Release);
+        self.status.warmed_up.store(true, Ordering::Release);
         // `revision`, not `applied_revision()`: the entry that ends the
         // replay is recorded as applied only after this.
         tracing::info!(

@@ -3,10 +3,17 @@
 //! next to the time a plain KV watch takes to read the whole bucket. The
 //! CPU each of the two used is reported too: on two shared cores the wall
 //! times move with the host by ±20%, the CPU a replay costs much less.
+//! A node is ready only once it has replayed the bucket; the section then
+//! restarts one that takes traffic at once (`READINESS_WARMUP_TIMEOUT_SECS=0`)
+//! and reads random users while it replays (what clients would meet without
+//! the wait) and once it serves from cache.
 
 use crate::Bench;
-use crate::load::watch_whole_bucket;
-use crate::node::{cache_metrics, cpu_seconds, http_ok, spawn_service, start_service, time_until};
+use crate::load::{WRK_SECONDS, Wrk, watch_whole_bucket, wrk_write_script};
+use crate::node::{
+    cache_metrics, cpu_seconds, http_ok, spawn_service, spawn_service_with, start_service,
+    time_until,
+};
 use crate::sections::memory::{self, BUCKET, PREFIX};
 use std::hash::BuildHasher as _;
 use std::time::{Duration, Instant};
@@ -45,7 +52,7 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
         "warm-up",
         format!("node restarted on {users} presences: process start to ready"),
         format!("{:.0} ms", ready.as_secs_f64() * 1000.0),
-        "GET /health/readiness = 200",
+        "GET /health/readiness = 200 (it waits for the node's first replay of the bucket)",
     );
     report.add(
         "warm-up",
@@ -78,6 +85,86 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
         ),
         format!("raw KV watch of the bucket {:.2} s", raw.as_secs_f64()),
         cached <= WARM_LIMIT,
+    );
+    reads_during_replay(bench).await
+}
+
+/// wrk connections of the reads during a replay.
+const REPLAY_READERS: u32 = 16;
+
+/// Reads of random users of the bucket on a node restarted again: from
+/// ready on, while it replays (each read then goes to the hub, the cache
+/// not yet holding every user), and again once it serves all from cache.
+/// Every read must be answered 200: the users all exist.
+async fn reads_during_replay(bench: &mut Bench) -> anyhow::Result<()> {
+    let last = bench.users.saturating_sub(1);
+    let script = wrk_write_script(
+        bench.root(),
+        "warm-read",
+        "GET",
+        &format!("\"/api/v2/presence/{PREFIX}\" .. math.random(0, {last})"),
+        "",
+        &bench.read_token,
+    )?;
+    let started = Instant::now();
+    // Ready at once, as every node was before readiness waited for the
+    // replay: the reads below are what that meant.
+    let node = spawn_service_with(
+        bench.root(),
+        ("warm-read", "center"),
+        &bench.hub,
+        BUCKET,
+        &[("READINESS_WARMUP_TIMEOUT_SECS", "0")],
+    );
+    let readiness = format!("{}/health/readiness", node.base);
+    let http = bench.http.clone();
+    time_until(
+        "readiness",
+        started,
+        Duration::from_millis(2),
+        GIVE_UP,
+        || http_ok(&http, &readiness),
+    )
+    .await?;
+    let url = format!("{}/", node.base);
+    let wrk = Wrk {
+        connections: REPLAY_READERS,
+        url: &url,
+        auth: None,
+        script: Some(&script),
+    };
+    let during = wrk.run(&mut bench.report)?;
+    let replayed_in = time_until(
+        "serving every user from cache",
+        started,
+        Duration::from_millis(25),
+        GIVE_UP,
+        || serving_all_from_cache(bench, &node.base),
+    )
+    .await?;
+    let after = wrk.run(&mut bench.report)?;
+    let report = &mut bench.report;
+    report.add(
+        "warm-up",
+        format!(
+            "reads of random users in the {WRK_SECONDS} s from ready on, while the node replays, c={REPLAY_READERS}: req/s (p99)"
+        ),
+        format!("{:.0}", during.rps),
+        format!(
+            "p99 {:.2} ms; all 200; a node ready at once (READINESS_WARMUP_TIMEOUT_SECS=0), under this load serving all from cache {:.2} s after its start",
+            during.p99_ms,
+            replayed_in.as_secs_f64()
+        ),
+    );
+    report.add(
+        "warm-up",
+        format!("same node once serving all from cache, c={REPLAY_READERS}: req/s (p99)"),
+        format!("{:.0}", after.rps),
+        format!(
+            "p99 {:.2} ms; the reads during the replay ran at {:.2}x of this",
+            after.p99_ms,
+            during.rps / after.rps.max(f64::EPSILON)
+        ),
     );
     Ok(())
 }

@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use schemars::JsonSchema;
 use serde::Serialize;
+use std::time::Duration;
 
 /// Body of `GET /health/liveness`.
 #[derive(Debug, Serialize, JsonSchema)]
@@ -97,8 +98,20 @@ fn readiness_problem(state: &AppState) -> Option<&'static str> {
     } else if state.watch.crashed() {
         Some("the KV watch crashed and is being restarted; the cache is not following the bucket")
     } else {
-        None
+        warming_up(
+            state.watch.warmed_up(),
+            state.started.elapsed(),
+            state.settings.readiness_warmup_timeout,
+        )
     }
+}
+
+/// Why a node that started `since_start` ago is not ready yet, if its first
+/// replay of the bucket has not ended (`warmed_up`) and readiness still
+/// waits for it (`limit`; 0 waits not at all).
+fn warming_up(warmed_up: bool, since_start: Duration, limit: Duration) -> Option<&'static str> {
+    (!warmed_up && since_start < limit)
+        .then_some("warming up: the KV watch is filling the cache from the bucket")
 }
 
 /// 200 while the node is ready, 503 when it is not.
@@ -110,9 +123,12 @@ fn ready_code(problem: Option<&str>) -> StatusCode {
 }
 
 /// `GET /health/readiness`: 200 while the node can serve reads (its regional
-/// NATS is connected, the bucket is open and the watch task is running). A
-/// leaf cut off from the hub stays ready (cached reads work); the center,
-/// whose NATS is the hub, is not.
+/// NATS is connected, the bucket is open, the watch task is running, and it
+/// has filled the cache from the bucket once since it started, or gave up
+/// waiting after `READINESS_WARMUP_TIMEOUT_SECS`: until then every read of
+/// a user not yet replayed goes to the hub, at a fraction of a cached read's
+/// rate). A leaf cut off from the hub stays ready (cached reads work); the
+/// center, whose NATS is the hub, is not.
 pub async fn readiness(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let reason = readiness_problem(&state);
     let status = if reason.is_none() {
@@ -166,4 +182,22 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>)
         },
     };
     (ready_code(problem), Json(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_waits_for_its_first_replay_for_at_most_the_limit() {
+        let (second, minute) = (Duration::from_secs(1), Duration::from_secs(60));
+        assert!(warming_up(false, second, minute).is_some(), "replaying");
+        assert_eq!(warming_up(true, second, minute), None, "replayed");
+        assert_eq!(warming_up(false, minute, minute), None, "waited enough");
+        assert_eq!(
+            warming_up(false, Duration::ZERO, Duration::ZERO),
+            None,
+            "0 waits not"
+        );
+    }
 }
