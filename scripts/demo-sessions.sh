@@ -32,13 +32,13 @@ trap 'kill $stream 2>/dev/null || true' EXIT
 sleep 1
 
 for i in 1 2 3; do
-  echo "== heartbeat $i at eu (session laptop, ttlSeconds 5)"
+  [ "$i" -eq 1 ] || sleep 2
+  echo "== heartbeat $i at eu at $(date -u +%T) (session laptop, ttlSeconds 5)"
   curl -sf -X PUT "${auth[@]}" -d '{"status":"online","device":"laptop","ttlSeconds":5}' \
     "$EU/api/v2/presence/$USER_ID/sessions/laptop" >/dev/null
-  sleep 2
 done
-echo "== heartbeats stopped at $(date -u +%T); the session expires about 5 s after the last one"
-sleep 9
+echo "== no more heartbeats; the session expires about 5 s after the last one (heartbeat 3)"
+sleep 11
 echo "== GET at eu:"
 curl -s "${auth[@]}" "$EU/api/v2/presence/$USER_ID"
 echo

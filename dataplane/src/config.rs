@@ -354,6 +354,14 @@ fn is_nats_name(name: &str) -> bool {
 }
 
 impl ServeArgs {
+    /// The JWT secret, checked as [`ServeArgs::validate`] checks it: what
+    /// `presence-service token` signs with.
+    pub fn signing_secret(&self) -> Result<&str, ConfigError> {
+        let secret = self.jwt_secret.as_deref();
+        jwt_secret(secret)?;
+        Ok(secret.unwrap_or_default())
+    }
+
     /// Checks every value once, at start, so a bad deployment fails loudly
     /// before it accepts traffic.
     pub fn validate(self) -> Result<Settings, ConfigError> {

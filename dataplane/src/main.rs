@@ -25,9 +25,14 @@ fn init_logging(settings: &Settings) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Token(args)) = &cli.command {
-        let Some(secret) = cli.serve.jwt_secret.as_deref().filter(|s| !s.is_empty()) else {
-            eprintln!("presence-service: JWT_SECRET is required to sign a token");
-            return ExitCode::from(2);
+        // The service's own rule: a token signed with a secret it would
+        // refuse is a token no node accepts.
+        let secret = match cli.serve.signing_secret() {
+            Ok(secret) => secret,
+            Err(err) => {
+                eprintln!("presence-service: configuration error: {err}");
+                return ExitCode::from(2);
+            }
         };
         return match presence_dataplane::auth::mint(secret, &args.sub, &args.scope, args.ttl_secs) {
             Ok(token) => {

@@ -84,6 +84,45 @@ impl Registrar {
         self.add(IntCounterVec::new(Opts::new(name, help), labels))
     }
 
+    /// Counters by one label whose values are all known: each series is
+    /// shown from the start at 0, so an alert or a dashboard on a reason
+    /// that never happened yet has data (a series absent until its first
+    /// increase reads as "no data", and `rate()` misses that first one).
+    fn reasons(
+        &self,
+        name: &str,
+        help: &str,
+        label: &str,
+        values: &[&str],
+    ) -> Result<IntCounterVec, prometheus::Error> {
+        let counters = self.counters(name, help, &[label])?;
+        for value in values {
+            counters.with_label_values(&[value]);
+        }
+        Ok(counters)
+    }
+
+    fn watch_stalls(&self) -> Result<IntCounterVec, prometheus::Error> {
+        self.reasons(
+            "watch_stalls_total",
+            "KV watches found behind the stream's leader: replay_incomplete (a replay \
+             said it was complete before the bucket's last change), stood_still \
+             (replaced for delivering nothing while the leader held a later change)",
+            "kind",
+            &["replay_incomplete", "stood_still"],
+        )
+    }
+
+    fn streams_closed(&self) -> Result<IntCounterVec, prometheus::Error> {
+        self.reasons(
+            "streams_closed_total",
+            "Change streams the node ended: send_timeout (client not reading), \
+             token_expired, bucket_reset (the bucket was recreated)",
+            "reason",
+            &["send_timeout", "token_expired", "bucket_reset"],
+        )
+    }
+
     fn gauge(&self, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
         self.add(IntGauge::new(name, help))
     }
@@ -137,11 +176,12 @@ impl Metrics {
                 "http_connections_refused_total",
                 "Connections answered 503 and closed because HTTP_MAX_CONNECTIONS were open",
             )?,
-            http_connections_timed_out: r.counters(
+            http_connections_timed_out: r.reasons(
                 "http_connections_timed_out_total",
                 "Connections closed by a timeout: header (request head too slow), \
                  keepalive (idle between requests), send (client not reading)",
-                &["reason"],
+                "reason",
+                &["header", "keepalive", "send"],
             )?,
             kv_duration: r.add(HistogramVec::new(
                 r.latency(
@@ -166,13 +206,7 @@ impl Metrics {
                 "watch_restarts_total",
                 "Times the KV watch was re-established after an error",
             )?,
-            watch_stalls: r.counters(
-                "watch_stalls_total",
-                "KV watches found behind the stream's leader: replay_incomplete (a replay \
-                 said it was complete before the bucket's last change), stood_still \
-                 (replaced for delivering nothing while the leader held a later change)",
-                &["kind"],
-            )?,
+            watch_stalls: r.watch_stalls()?,
             watch_crashes: r.counter(
                 "watch_crashes_total",
                 "Times the KV watch task panicked and was restarted",
@@ -205,12 +239,7 @@ impl Metrics {
                 "streams_lagged_total",
                 "Change streams ended because they fell behind the change feed",
             )?,
-            streams_closed: r.counters(
-                "streams_closed_total",
-                "Change streams the node ended: send_timeout (client not reading), \
-                 token_expired, bucket_reset (the bucket was recreated)",
-                &["reason"],
-            )?,
+            streams_closed: r.streams_closed()?,
             event_log_entries: r.gauge("event_log_entries", "Events in the node's event log")?,
             event_log_bytes: r.gauge(
                 "event_log_bytes",
@@ -233,5 +262,28 @@ impl Metrics {
         let mut buf = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buf)?;
         String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every reason's series is there from the start, at 0.
+    #[test]
+    fn known_reasons_are_shown_before_they_happen() {
+        let text = Metrics::new().expect("metrics").render().expect("text");
+        for series in [
+            r#"presence_http_connections_timed_out_total{reason="header"} 0"#,
+            r#"presence_http_connections_timed_out_total{reason="keepalive"} 0"#,
+            r#"presence_http_connections_timed_out_total{reason="send"} 0"#,
+            r#"presence_watch_stalls_total{kind="replay_incomplete"} 0"#,
+            r#"presence_watch_stalls_total{kind="stood_still"} 0"#,
+            r#"presence_streams_closed_total{reason="send_timeout"} 0"#,
+            r#"presence_streams_closed_total{reason="token_expired"} 0"#,
+            r#"presence_streams_closed_total{reason="bucket_reset"} 0"#,
+        ] {
+            assert!(text.contains(series), "{series} missing");
+        }
     }
 }

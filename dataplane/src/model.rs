@@ -422,8 +422,8 @@ pub enum ValidationError {
     InvalidSessionId,
     #[error("a session's status is online or away; got {0:?}")]
     InvalidSessionStatus(String),
-    #[error("ttlSeconds must be between {min} and {max}; got {0}", min = MIN_SESSION_TTL_SECS, max = MAX_SESSION_TTL_SECS)]
-    InvalidTtl(i64),
+    #[error("ttlSeconds must be a whole number of seconds between {min} and {max}; got {0}", min = MIN_SESSION_TTL_SECS, max = MAX_SESSION_TTL_SECS)]
+    InvalidTtl(String),
     #[error("device is {0} characters long; the limit is {max}", max = MAX_DEVICE_CHARS)]
     DeviceTooLong(usize),
 }

@@ -150,6 +150,17 @@ pub fn validate_session_id(session_id: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// A client's JSON value as an error message quotes it: its JSON text, cut
+/// to a few dozen characters (a value may be a megabyte long).
+fn shown_value(value: &serde_json::Value) -> String {
+    const MAX: usize = 40;
+    let text = value.to_string();
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text,
+    }
+}
+
 /// Validates a heartbeat for `user_id`'s session `session_id`.
 pub fn validate_heartbeat(
     user_id: &str,
@@ -172,8 +183,7 @@ pub fn validate_heartbeat(
         None | Some(serde_json::Value::Null) => DEFAULT_SESSION_TTL_SECS,
         Some(value) => match value.as_i64() {
             Some(n) if (MIN_SESSION_TTL_SECS..=MAX_SESSION_TTL_SECS).contains(&n) => n,
-            Some(n) => return Err(ValidationError::InvalidTtl(n)),
-            None => return Err(ValidationError::InvalidTtl(i64::MIN)),
+            _ => return Err(ValidationError::InvalidTtl(shown_value(&value))),
         },
     };
     Ok(ValidHeartbeat {
@@ -209,6 +219,20 @@ mod tests {
         assert_eq!(code(request(None, Some(301.into()))), "invalid_ttl");
         assert_eq!(code(request(None, Some("10".into()))), "invalid_ttl");
         assert_eq!(code(request(None, Some(2.5.into()))), "invalid_ttl");
+        // The message quotes what was sent, cut short when long.
+        let message = |ttl: serde_json::Value| {
+            validate_heartbeat("u", "s1", request(None, Some(ttl)))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            message("10".into()).ends_with(r#"got "10""#),
+            "{}",
+            message("10".into())
+        );
+        assert!(message(2.5.into()).ends_with("got 2.5"));
+        assert!(message(u64::MAX.into()).ends_with("got 18446744073709551615"));
+        assert!(message("x".repeat(10_000).into()).len() < 200);
         let long_device = HeartbeatRequest {
             device: Some("d".repeat(129)),
             ..HeartbeatRequest::default()

@@ -873,6 +873,12 @@ fn token_subcommand_signs_a_usable_token() {
     let caller = verifier.verify(token.trim()).unwrap();
     assert_eq!(&*caller.user_id, "svc");
     assert!(caller.can_write_any);
+    // A secret the service refuses signs nothing: no node would accept it.
+    let output = run_binary(&[("JWT_SECRET", "your-secret-key")], &["token"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(output.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("at least 16 bytes"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

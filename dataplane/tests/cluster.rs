@@ -121,6 +121,7 @@ async fn a_leaf_that_starts_before_the_bucket_exists_waits_for_it() {
     assert_eq!(ready.status(), 503);
     let response = set(&client, &eu, "early", "online", "").await;
     assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "store_unavailable");
     let _center = Service::start(

@@ -51,7 +51,8 @@ pub struct Health {
     pub cache: CacheSize,
 }
 
-/// `/health`'s view of the NATS connection.
+/// `/health`'s view of the NATS connection (not connected, no URL, with
+/// `STORE=memory`).
 #[derive(Debug, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NatsHealth {
@@ -82,6 +83,23 @@ pub struct CacheSize {
     pub entries: u64,
     pub weighted_size: u64,
     pub max_cost: u64,
+}
+
+/// The NATS part of `/health`: with the memory store no NATS is used, so
+/// none is shown as connected.
+fn nats_health(state: &AppState, store: &str, connected: bool) -> NatsHealth {
+    if store == "memory" {
+        return NatsHealth {
+            connected: false,
+            url: String::new(),
+            js_domain: None,
+        };
+    }
+    NatsHealth {
+        connected,
+        url: crate::config::redact_urls(&state.settings.nats_url),
+        js_domain: state.settings.nats_js_domain.clone(),
+    }
 }
 
 /// `GET /health/liveness`: the process is up and its HTTP loop runs.
@@ -163,11 +181,7 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>)
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: state.started.elapsed().as_secs(),
         store: store.kind(),
-        nats: NatsHealth {
-            connected: connectivity.connected,
-            url: crate::config::redact_urls(&state.settings.nats_url),
-            js_domain: state.settings.nats_js_domain.clone(),
-        },
+        nats: nats_health(&state, store.kind(), connectivity.connected),
         kv: KvHealth {
             reachable: last_revision.is_some(),
             bucket: state.settings.kv_bucket.clone(),
@@ -199,5 +213,24 @@ mod tests {
             None,
             "0 waits not"
         );
+    }
+
+    #[tokio::test]
+    async fn the_memory_store_shows_no_nats() {
+        use clap::Parser;
+        let settings = crate::config::Cli::try_parse_from([
+            "presence-service",
+            "--store=memory",
+            "--jwt-secret=0123456789abcdef",
+        ])
+        .expect("args")
+        .serve
+        .validate()
+        .expect("settings");
+        let state = crate::build(settings).await.expect("state");
+        let (_, Json(body)) = health(State(state)).await;
+        assert_eq!(body.store, "memory");
+        assert!(!body.nats.connected);
+        assert_eq!(body.nats.url, "");
     }
 }

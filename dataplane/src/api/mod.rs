@@ -142,16 +142,24 @@ impl From<StoreError> for ApiError {
                     "the stored presence for this user can't be read",
                 )
             }
-            StoreError::Timeout(_) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_timeout",
-                format!("{err}; the write may or may not have been applied, retrying is safe"),
-            ),
-            StoreError::NotReady(_) | StoreError::Unavailable(_) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                err.to_string(),
-            ),
+            // Both pass within seconds (a leader election at the hub, a
+            // reconnect), so clients are told when to look again.
+            StoreError::Timeout(_) => ApiError {
+                retry_after: Some(std::time::Duration::from_secs(1)),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_timeout",
+                    format!("{err}; the write may or may not have been applied, retrying is safe"),
+                )
+            },
+            StoreError::NotReady(_) | StoreError::Unavailable(_) => ApiError {
+                retry_after: Some(std::time::Duration::from_secs(1)),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    err.to_string(),
+                )
+            },
             StoreError::Conflict => ApiError {
                 retry_after: Some(std::time::Duration::from_secs(1)),
                 ..ApiError::new(
