@@ -336,6 +336,11 @@ impl UserRecord {
             .unwrap_or(0)
     }
 
+    /// The stored manual status, expired or not, while its key holds one.
+    pub fn manual_status(&self) -> Option<&Presence> {
+        self.manual.value.as_deref()
+    }
+
     /// The stored durable sign of life, if any.
     pub fn seen_at(&self) -> Option<OffsetDateTime> {
         self.seen()

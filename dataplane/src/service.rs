@@ -401,6 +401,42 @@ impl PresenceService {
         self.view_after_write(&user_id, written).await
     }
 
+    /// Removes the user's manual status, as if it expired now: the status
+    /// then follows the user's sessions (offline without any), and
+    /// `lastSeen` keeps the manual status's sign of life. Without a manual
+    /// status nothing is written; `None` for a user the bucket knows
+    /// nothing of.
+    pub async fn clear(&self, user_id: &str) -> Result<Option<PresenceView>, StoreError> {
+        let record = self.record(user_id).await?;
+        let Some(last_seen) = record.manual_status().map(Presence::last_seen) else {
+            return Ok(record.view(user_id, OffsetDateTime::now_utc()));
+        };
+        // `seen` first, as when a session ends: if the removal fails, a
+        // retry finds the status still set and clears it, and `lastSeen`
+        // survives the removal either way.
+        let seen = self
+            .write_seen_from(user_id, record, last_seen, Duration::ZERO)
+            .await?;
+        let removal = self
+            .write_planned(user_id, |record| {
+                Ok::<_, StoreError>(match record.manual_status() {
+                    None => Plan::Nothing,
+                    Some(_) => Plan::Write {
+                        update: Update::Manual(None),
+                        expect: Expect::Key(record.key_revision(&Part::Manual)),
+                        // Its marker tells watchers away for less than this.
+                        ttl: Some(presence_contract::bucket::MARKER_TTL),
+                    },
+                })
+            })
+            .await?;
+        let written = match removal {
+            Written::Nothing => seen,
+            removed => removed,
+        };
+        self.view_after_write(user_id, written).await.map(Some)
+    }
+
     /// Stores many updates with up to [`BATCH_PIPELINE_DEPTH`] writes in
     /// flight, returning one result per update in input order.
     pub async fn set_many(

@@ -696,7 +696,7 @@ async fn health_metrics_and_unknown_routes() {
     assert_eq!(error_code(response).await, (404, "route_not_found".into()));
     let response = s
         .client
-        .delete(s.svc.presence_url("ann"))
+        .put(s.svc.presence_url("ann"))
         .header("Authorization", bearer("ann", ""))
         .send()
         .await

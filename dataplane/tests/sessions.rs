@@ -194,6 +194,77 @@ async fn devices_fold_into_one_status_and_a_manual_status_expires() {
     assert!(view.get("expiresAt").is_none(), "{view}");
 }
 
+/// `DELETE` of a presence clears its manual status: the sessions decide
+/// again at every node, `lastSeen` stays, and a Go-style user (no
+/// sessions) is offline.
+#[tokio::test(flavor = "multi_thread")]
+async fn clearing_a_manual_status_hands_the_status_back_to_the_sessions() {
+    let c = Cluster::start().await;
+    let client = http();
+    let session = json!({"status": "away", "device": "phone", "ttlSeconds": 300});
+    assert_eq!(
+        heartbeat(&client, &c.us, "cid", "phone", session).await.0,
+        200
+    );
+    let clear = |service: &Service, user: &str, caller: &str| {
+        client
+            .delete(service.presence_url(user))
+            .header("Authorization", bearer(caller, ""))
+            .send()
+    };
+    // Nothing to clear yet: nothing changes.
+    let response = clear(&c.eu, "cid", "cid").await.unwrap();
+    assert_eq!(response.status(), 200);
+    let view: Value = response.json().await.unwrap();
+    assert_eq!(view["status"], "away");
+    let set = client
+        .post(c.eu.presence_url("cid"))
+        .header("Authorization", bearer("cid", ""))
+        .json(&json!({"status": "busy", "message": "focus"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(set.status(), 200);
+    wait_for_status(&client, &c.us, "cid", "busy").await;
+    // Only the user, or a writer for anyone, may clear it.
+    let response = clear(&c.eu, "cid", "someone-else").await.unwrap();
+    assert_eq!(response.status(), 403);
+    let response = clear(&c.eu, "cid", "cid").await.unwrap();
+    assert_eq!(response.status(), 200);
+    let view: Value = response.json().await.unwrap();
+    assert_eq!(
+        (&view["status"], &view["message"]),
+        (&json!("away"), &json!(""))
+    );
+    assert!(view.get("expiresAt").is_none(), "{view}");
+    wait_for_status(&client, &c.us, "cid", "away").await;
+
+    // A user with a manual status only goes offline, seen when it was set.
+    let set = client
+        .post(c.center.presence_url("dee"))
+        .header("Authorization", bearer("dee", ""))
+        .json(&json!({"status": "online"}))
+        .send()
+        .await
+        .unwrap();
+    let set: Value = set.json().await.unwrap();
+    let response = clear(&c.center, "dee", "dee").await.unwrap();
+    let view: Value = response.json().await.unwrap();
+    assert_eq!(view["status"], "offline");
+    assert_eq!(view["lastSeen"], set["lastSeen"]);
+    wait_for_status(&client, &c.eu, "dee", "offline").await;
+    // A fresh node, with only the bucket to go by, says the same.
+    let fresh = c.start_eu_node("eu-2").await;
+    let (_, view) = get(&client, &fresh, "dee").await;
+    assert_eq!(
+        (&view["status"], &view["lastSeen"]),
+        (&json!("offline"), &set["lastSeen"])
+    );
+    // A user the bucket never heard of.
+    let response = clear(&c.eu, "nobody", "nobody").await.unwrap();
+    assert_eq!(response.status(), 404);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn session_requests_are_checked() {
     let c = Cluster::start().await;

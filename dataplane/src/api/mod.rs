@@ -329,7 +329,9 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             front::ONE_PRESENCE,
-            get(presence::get_one).post(presence::set_one),
+            get(presence::get_one)
+                .post(presence::set_one)
+                .delete(presence::clear_one),
         )
         .route(
             "/api/v2/presence/{user_id}/sessions/{session_id}",

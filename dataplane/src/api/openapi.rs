@@ -212,6 +212,32 @@ pub const OPERATIONS: &[Operation] = &[
         ],
     },
     Operation {
+        method: "delete",
+        path: "/api/v2/presence/{userID}",
+        id: "clearPresence",
+        tag: "presence",
+        summary: "Clear a manual status",
+        description: "Removes the user's manual status, as if it expired now: the status follows \
+            the user's sessions again (offline without any), and `lastSeen` keeps the manual \
+            status's time. Without a manual status nothing changes. Answers the presence once \
+            the hub has stored the removal.",
+        auth: Auth::OwnUserOrWriteScope,
+        path_params: &[USER_ID],
+        query: None,
+        last_event_id: false,
+        request: None,
+        replies: &[PRESENCE],
+        errors: &[
+            (400, &["invalid_user_id"]),
+            UNAUTHORIZED,
+            FORBIDDEN,
+            (404, &["presence_not_found"]),
+            RATE_LIMITED,
+            NOT_STORABLE,
+            WRITE_FAILED,
+        ],
+    },
+    Operation {
         method: "get",
         path: "/api/v2/presence",
         id: "getPresences",

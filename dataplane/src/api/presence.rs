@@ -81,6 +81,28 @@ pub async fn set_one(
     store_manual(&state, &caller, &user_id, request).await
 }
 
+/// `DELETE /api/v2/presence/{userID}`: clears the user's manual status, so
+/// its status follows its sessions again (offline without any); the same
+/// callers as a set may.
+pub async fn clear_one(
+    State(state): State<AppState>,
+    caller: Caller,
+    UserIdPath(user_id): UserIdPath,
+) -> Result<Json<PresenceView>, ApiError> {
+    validate_user_id(&user_id)?;
+    if !caller.may_write(&user_id) {
+        return Err(forbidden(&user_id));
+    }
+    state
+        .limiter
+        .check(&user_id)
+        .map_err(|wait| ApiError::rate_limited(&user_id, wait))?;
+    match state.service.clear(&user_id).await? {
+        Some(view) => Ok(Json(view)),
+        None => Err(not_found(&user_id)),
+    }
+}
+
 /// `POST /api/v2/presence/stream`: the route is shared with the change
 /// stream (a `GET`), so a user whose ID is literally `stream` can still set
 /// its presence.
