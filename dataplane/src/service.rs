@@ -411,25 +411,41 @@ impl PresenceService {
         let Some(last_seen) = record.manual_status().map(Presence::last_seen) else {
             return Ok(record.view(user_id, OffsetDateTime::now_utc()));
         };
+        // The status whose sign of life is kept below: only it is removed.
+        let cleared = record.key_revision(&Part::Manual);
         // `seen` first, as when a session ends: if the removal fails, a
         // retry finds the status still set and clears it, and `lastSeen`
         // survives the removal either way.
         let seen = self
             .write_seen_from(user_id, record, last_seen, Duration::ZERO)
             .await?;
+        // The record that showed a newer status, if one did: the answer.
+        let mut newer = None;
         let removal = self
             .write_planned(user_id, |record| {
-                Ok::<_, StoreError>(match record.manual_status() {
-                    None => Plan::Nothing,
-                    Some(_) => Plan::Write {
+                let same = record.key_revision(&Part::Manual) == cleared;
+                Ok::<_, StoreError>(if same && record.manual_status().is_some() {
+                    Plan::Write {
                         update: Update::Manual(None),
-                        expect: Expect::Key(record.key_revision(&Part::Manual)),
-                        // Its marker tells watchers away for less than this.
-                        ttl: Some(presence_contract::bucket::MARKER_TTL),
-                    },
+                        expect: Expect::Key(cleared),
+                        // No TTL: unlike every other removal, nothing else
+                        // ends a status without `expiresAt`, so a node that
+                        // missed the marker (a leaf cut off for longer than
+                        // a marker TTL) would show the status for good.
+                        // One marker per user at most.
+                        ttl: None,
+                    }
+                } else {
+                    // A status set since is newer than this clear: it stays.
+                    newer = Some(record.clone());
+                    Plan::Nothing
                 })
             })
             .await?;
+        if let Some(record) = newer {
+            let now = OffsetDateTime::now_utc();
+            return Ok(record.view(user_id, now));
+        }
         let written = match removal {
             Written::Nothing => seen,
             removed => removed,
@@ -649,6 +665,32 @@ mod tests {
             (stored.message.as_str(), stored.node_id.as_str()),
             ("third", "a")
         );
+    }
+
+    #[tokio::test]
+    async fn a_clear_removes_only_the_status_whose_last_seen_it_kept() {
+        let store = Arc::new(MemoryStore::new());
+        let (a, b) = (node(store.clone(), "a"), node(store.clone(), "b"));
+        a.set(busy("first")).await.unwrap();
+        // b sets a newer status that a's cache has not seen: a's clear
+        // finds the key moved, and the newer status stays.
+        b.set(busy("second")).await.unwrap();
+        let view = a.clear("u").await.unwrap().expect("a known user");
+        assert_eq!(view.message, "second");
+        let stored = b.fresh_record("u").await.unwrap();
+        assert_eq!(stored.manual_status().map(|m| &*m.message), Some("second"));
+        // Cleared where it is known: offline, seen when it was set.
+        let set_at = stored.manual_status().map(Presence::last_seen);
+        let view = b.clear("u").await.unwrap().expect("a known user");
+        assert_eq!((view.status, view.last_seen), (Status::Offline, set_at));
+        let stored = a.fresh_record("u").await.unwrap();
+        assert!(stored.manual_status().is_none());
+        assert_eq!(stored.seen_at(), set_at);
+        // Nothing left to clear: nothing is written.
+        let revision = stored.revision();
+        let view = a.clear("u").await.unwrap().expect("a known user");
+        assert_eq!(view.revision, revision);
+        assert!(a.clear("nobody").await.unwrap().is_none());
     }
 
     fn beat(session: &str, status: &str) -> ValidHeartbeat {
