@@ -58,9 +58,13 @@ pub fn split_list(raw: &str) -> Vec<&str> {
         .collect()
 }
 
-/// Why a CORS origin is refused, if it is: `*`, or a scheme and a host
-/// (`https://app.example.com`) in visible ASCII without a comma (the
-/// variable is a comma-separated list).
+/// Why a CORS origin is refused, if it is: `*`, or an origin as a browser
+/// sends it in its `Origin` header (`https://app.example.com`, with a
+/// port if any): a scheme and a host in lowercase visible ASCII
+/// (international names in punycode), no path, no trailing `/`, and no
+/// comma (the variable is a comma-separated list). The CORS layer compares
+/// origins byte for byte, so anything else could never match and would be
+/// dropped without a word.
 pub fn cors_origin_problem(origin: &str) -> Option<String> {
     if origin == "*" {
         return None;
@@ -68,17 +72,12 @@ pub fn cors_origin_problem(origin: &str) -> Option<String> {
     let host = origin
         .strip_prefix("https://")
         .or_else(|| origin.strip_prefix("http://"));
-    // Visible ASCII, as a browser sends an `Origin` (international names
-    // in punycode); anything else could never match one, and the CORS
-    // layer would drop it without a word.
+    let as_sent = |b: u8| b.is_ascii_graphic() && !b.is_ascii_uppercase() && !b",/?#".contains(&b);
     match host {
-        Some(host)
-            if !host.is_empty() && host.bytes().all(|b| b.is_ascii_graphic() && b != b',') =>
-        {
-            None
-        }
+        Some(host) if !host.is_empty() && host.bytes().all(as_sent) => None,
         _ => Some(format!(
-            "{origin:?} is not an origin like https://app.example.com (visible ASCII; international names in punycode)"
+            "{origin:?} is not an origin as browsers send it, like https://app.example.com \
+             (lowercase, no path or trailing '/', international names in punycode)"
         )),
     }
 }
@@ -165,6 +164,9 @@ mod tests {
             "https://a b",
             "https://a\u{1}b",
             "https://bücher.example",
+            "https://a.example/",
+            "https://a.example/app",
+            "https://App.example",
             "",
         ] {
             assert!(cors_origin_problem(bad).is_some(), "{bad:?}");

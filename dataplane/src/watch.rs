@@ -39,6 +39,10 @@ pub struct WatchStatus {
     /// bucket once (a later replay, after the bucket was recreated, does
     /// not take it back: every node would leave service at once).
     warmed_up: AtomicBool,
+    /// When the node's first replay began (the bucket was open and its
+    /// state known): how long readiness has waited for the warm-up counts
+    /// from here, not from a start spent waiting for NATS.
+    warm_up_began: std::sync::OnceLock<Instant>,
     /// The cache's eviction count when the current replay started.
     replay_evictions: AtomicU64,
     /// The bucket's last revision (asked of its stream leader) just before
@@ -97,6 +101,11 @@ impl WatchStatus {
     /// reads are served from the cache rather than each sent to the hub.
     pub fn warmed_up(&self) -> bool {
         self.warmed_up.load(Ordering::Acquire)
+    }
+
+    /// When the node's first replay began, once it has.
+    pub fn warm_up_began(&self) -> Option<Instant> {
+        self.warm_up_began.get().copied()
     }
 
     /// Whether the watch task crashed and waits to be restarted: the cache
@@ -316,6 +325,7 @@ impl Sinks<'_> {
     /// A full replay begins; the bucket's last revision was `target` just
     /// before its watch (see [`Sinks::replay_complete`]).
     fn start_replay(&self, target: u64) {
+        self.status.warm_up_began.get_or_init(Instant::now);
         self.status.replay_target.store(target, Ordering::Release);
         self.status.replayed.store(0, Ordering::Release);
         self.log.begin_replay();

@@ -116,9 +116,14 @@ fn readiness_problem(state: &AppState) -> Option<&'static str> {
     } else if state.watch.crashed() {
         Some("the KV watch crashed and is being restarted; the cache is not following the bucket")
     } else {
+        // Counted from the replay's start: a start spent waiting for NATS
+        // or the hub doesn't use up the wait (until the replay starts, from
+        // the process's start, so a node that never gets that far isn't
+        // held back for longer than before).
+        let since = state.watch.warm_up_began().unwrap_or(state.started);
         warming_up(
             state.watch.warmed_up(),
-            state.started.elapsed(),
+            since.elapsed(),
             state.settings.readiness_warmup_timeout,
         )
     }
