@@ -134,14 +134,7 @@ async fn reads_during_replay(bench: &mut Bench) -> anyhow::Result<()> {
         script: Some(&script),
     };
     let during = wrk.run(&mut bench.report)?;
-    let replayed_in = time_until(
-        "serving every user from cache",
-        started,
-        Duration::from_millis(25),
-        GIVE_UP,
-        || serving_all_from_cache(bench, &node.base),
-    )
-    .await?;
+    let replayed_in = until_serving_all(bench, &node.base, started).await?;
     let after = wrk.run(&mut bench.report)?;
     let report = &mut bench.report;
     report.add(
@@ -193,18 +186,27 @@ async fn restart(bench: &Bench) -> anyhow::Result<Restarted> {
         || http_ok(http, &readiness),
     )
     .await?;
-    // Coarser polling: each look at the cache settles moka's pending work,
+    let cached = until_serving_all(bench, &node.base, started).await?;
+    let cpu = cpu_seconds(node.proc.pid());
+    Ok(Restarted { ready, cached, cpu })
+}
+
+/// From `started` until the node at `base` serves every user from cache.
+async fn until_serving_all(
+    bench: &Bench,
+    base: &str,
+    started: Instant,
+) -> anyhow::Result<Duration> {
+    // Coarse polling: each look at the cache settles moka's pending work,
     // which would slow the replay it measures.
-    let cached = time_until(
+    time_until(
         "serving every user from cache",
         started,
         Duration::from_millis(25),
         GIVE_UP,
-        || serving_all_from_cache(bench, &node.base),
+        || serving_all_from_cache(bench, base),
     )
-    .await?;
-    let cpu = cpu_seconds(node.proc.pid());
-    Ok(Restarted { ready, cached, cpu })
+    .await
 }
 
 /// The cache holds every user, and a read of a random one is a cache hit

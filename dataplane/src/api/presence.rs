@@ -89,14 +89,8 @@ pub async fn clear_one(
     caller: Caller,
     UserIdPath(user_id): UserIdPath,
 ) -> Result<Json<PresenceView>, ApiError> {
-    validate_user_id(&user_id)?;
-    if !caller.may_write(&user_id) {
-        return Err(forbidden(&user_id));
-    }
-    state
-        .limiter
-        .check(&user_id)
-        .map_err(|wait| ApiError::rate_limited(&user_id, wait))?;
+    check_writer(&caller, &user_id)?;
+    check_limit(&state, &user_id)?;
     match state.service.clear(&user_id).await? {
         Some(view) => Ok(Json(view)),
         None => Err(not_found(&user_id)),
@@ -120,17 +114,30 @@ async fn store_manual(
     user_id: &str,
     request: SetPresenceRequest,
 ) -> Result<Json<PresenceView>, ApiError> {
-    let user_id = user_id.to_owned();
-    validate_user_id(&user_id)?;
-    if !caller.may_write(&user_id) {
-        return Err(forbidden(&user_id));
+    check_writer(caller, user_id)?;
+    let update = validate_update(user_id, request, OffsetDateTime::now_utc())?;
+    check_limit(state, user_id)?;
+    Ok(Json(state.service.set(update).await?))
+}
+
+/// A manual-status write's first checks: the ID, then the caller's right
+/// to write that user.
+fn check_writer(caller: &Caller, user_id: &str) -> Result<(), ApiError> {
+    validate_user_id(user_id)?;
+    if caller.may_write(user_id) {
+        Ok(())
+    } else {
+        Err(forbidden(user_id))
     }
-    let update = validate_update(&user_id, request, OffsetDateTime::now_utc())?;
+}
+
+/// Takes a token of the user's write limit; the last check before a write,
+/// so a refused request costs none.
+fn check_limit(state: &AppState, user_id: &str) -> Result<(), ApiError> {
     state
         .limiter
-        .check(&user_id)
-        .map_err(|wait| ApiError::rate_limited(&user_id, wait))?;
-    Ok(Json(state.service.set(update).await?))
+        .check(user_id)
+        .map_err(|wait| ApiError::rate_limited(user_id, wait))
 }
 
 /// Query of the multi-get.
