@@ -450,7 +450,13 @@ impl PresenceService {
             Written::Nothing => seen,
             removed => removed,
         };
-        self.view_after_write(user_id, written).await.map(Some)
+        let mut view = self.view_after_write(user_id, written).await?;
+        // The bucket's `seen` is at least `last_seen` now, but when another
+        // node stored one as new first, this cache learns it only from the
+        // watch: the answer doesn't wait for that.
+        view.last_seen = view.last_seen.max(Some(last_seen));
+        view.updated_at = view.updated_at.max(Some(last_seen));
+        Ok(Some(view))
     }
 
     /// Stores many updates with up to [`BATCH_PIPELINE_DEPTH`] writes in
