@@ -83,6 +83,13 @@ pub struct WatchSnapshot {
     pub restarts: u64,
     /// Times the watch task panicked and was restarted.
     pub crashes: u64,
+    /// A full replay of the bucket is under way (at start, or after the
+    /// bucket was recreated): reads of users not yet replayed go to the hub.
+    pub replaying: bool,
+    /// Entries the current (or last) replay applied so far.
+    pub replayed_entries: u64,
+    /// The node's first replay has ended (readiness waits for it).
+    pub warmed_up: bool,
 }
 
 impl WatchStatus {
@@ -183,6 +190,9 @@ impl WatchStatus {
                 .then(|| (now_ms - last_ms).max(0) as f64 / 1000.0),
             restarts: self.restarts.load(Ordering::Relaxed),
             crashes: self.crashes.load(Ordering::Relaxed),
+            replaying: self.replaying(),
+            replayed_entries: self.replayed.load(Ordering::Relaxed),
+            warmed_up: self.warmed_up(),
         }
     }
 }

@@ -607,6 +607,9 @@ async fn a_starting_node_is_ready_once_its_cache_holds_the_bucket() {
     let health: Value = get_json(&s.client, &fresh.url("/health"), false).await;
     let entries = health["cache"]["entries"].as_u64().unwrap_or(0);
     assert!(entries >= USERS as u64, "ready with {entries} cached");
+    assert_eq!(health["watch"]["warmedUp"], true);
+    let replayed = health["watch"]["replayedEntries"].as_u64().unwrap_or(0);
+    assert!(replayed >= USERS as u64, "{replayed} replayed");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -641,6 +644,8 @@ async fn health_metrics_and_unknown_routes() {
     assert_eq!(health["kv"]["reachable"], true);
     assert_eq!(health["nodeType"], "center");
     assert!(health["watch"]["appliedRevision"].as_u64().unwrap() >= 1);
+    assert_eq!(health["watch"]["replaying"], false);
+    assert_eq!(health["watch"]["warmedUp"], true);
     assert!(health["cache"]["entries"].as_u64().unwrap() >= 1);
 
     let response = s
