@@ -117,11 +117,7 @@ impl EventLog {
     }
 
     /// A visible change of a user at `revision`.
-    pub fn push(&self, revision: u64, view: PresenceView) {
-        self.push_shared(revision, Arc::new(view));
-    }
-
-    fn push_shared(&self, revision: u64, view: Arc<PresenceView>) {
+    fn push(&self, revision: u64, view: Arc<PresenceView>) {
         let mut inner = self.lock();
         if inner.complete_after.is_none() {
             return;
@@ -166,7 +162,7 @@ impl EventLog {
             }
             view
         }?;
-        self.push_shared(revision, view.clone());
+        self.push(revision, view.clone());
         Some(view)
     }
 
@@ -178,7 +174,7 @@ impl EventLog {
         match applied {
             Applied::Changed { before, after } => {
                 let view = Arc::new(visible_change(&change.user_id, before, after)?);
-                self.push_shared(change.revision, view.clone());
+                self.push(change.revision, view.clone());
                 Some(view)
             }
             Applied::Stale => self.echo(change.revision),
@@ -250,15 +246,15 @@ mod tests {
         let ids = |events: Option<Vec<(u64, Arc<PresenceView>)>>| {
             events.map(|e| e.iter().map(|(r, _)| *r).collect::<Vec<_>>())
         };
-        log.push(1, PresenceView::unknown("a"));
+        log.push(1, Arc::new(PresenceView::unknown("a")));
         assert_eq!(ids(log.replay(0, 10, &users)), None, "not started");
         log.start_after(5);
-        log.push(6, PresenceView::unknown("a"));
-        log.push(7, PresenceView::unknown("c"));
+        log.push(6, Arc::new(PresenceView::unknown("a")));
+        log.push(7, Arc::new(PresenceView::unknown("c")));
         log.note_local(8, PresenceView::unknown("b"));
         log.echo(8);
         log.echo(8);
-        log.push(9, PresenceView::unknown("b"));
+        log.push(9, Arc::new(PresenceView::unknown("b")));
         assert_eq!(ids(log.replay(5, 9, &users)), Some(vec![6, 8, 9]));
         assert_eq!(ids(log.replay(6, 9, &users)), Some(vec![8, 9]));
         assert_eq!(ids(log.replay(5, 8, &users)), Some(vec![6, 8]));
@@ -349,7 +345,7 @@ mod tests {
         log.start_after(0);
         let users: std::collections::HashSet<&str> = ["a"].into();
         for revision in 1..=5 {
-            log.push(revision, big("a"));
+            log.push(revision, Arc::new(big("a")));
         }
         let (entries, bytes) = log.size();
         assert_eq!((entries, bytes), (3, 3 * weight));

@@ -46,6 +46,9 @@ pub mod session;
 pub mod store;
 pub mod watch;
 
+#[cfg(test)]
+mod fixtures;
+
 use crate::auth::Verifier;
 use crate::cache::PresenceCache;
 use crate::config::{Settings, StoreKind};

@@ -111,27 +111,14 @@ async fn answer(state: &AppState, request: &Parts) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Cli;
     use axum::body::Body;
     use axum::http::{HeaderValue, StatusCode};
-    use clap::Parser;
     use tower::ServiceExt;
 
     const SECRET: &str = "front-test-secret";
 
     async fn state(cors: &str) -> AppState {
-        let settings = Cli::try_parse_from([
-            "presence-service",
-            "--store=memory",
-            "--jwt-secret",
-            SECRET,
-            "--cors-enabled",
-            cors,
-        ])
-        .expect("args")
-        .serve
-        .validate()
-        .expect("settings");
+        let settings = crate::fixtures::memory_settings(SECRET, &["--cors-enabled", cors]);
         crate::build(settings).await.expect("state")
     }
 

@@ -2,6 +2,7 @@
 //! serve reads), and `/health` with the detail an operator needs to debug.
 
 use crate::AppState;
+use crate::config::StoreKind;
 use crate::watch::WatchSnapshot;
 use axum::Json;
 use axum::extract::State;
@@ -87,8 +88,8 @@ pub struct CacheSize {
 
 /// The NATS part of `/health`: with the memory store no NATS is used, so
 /// none is shown as connected.
-fn nats_health(state: &AppState, store: &str, connected: bool) -> NatsHealth {
-    if store == "memory" {
+fn nats_health(state: &AppState, connected: bool) -> NatsHealth {
+    if state.settings.store == StoreKind::Memory {
         return NatsHealth {
             connected: false,
             url: String::new(),
@@ -186,7 +187,7 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>)
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: state.started.elapsed().as_secs(),
         store: store.kind(),
-        nats: nats_health(&state, store.kind(), connectivity.connected),
+        nats: nats_health(&state, connectivity.connected),
         kv: KvHealth {
             reachable: last_revision.is_some(),
             bucket: state.settings.kv_bucket.clone(),
@@ -222,16 +223,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_memory_store_shows_no_nats() {
-        use clap::Parser;
-        let settings = crate::config::Cli::try_parse_from([
-            "presence-service",
-            "--store=memory",
-            "--jwt-secret=0123456789abcdef",
-        ])
-        .expect("args")
-        .serve
-        .validate()
-        .expect("settings");
+        let settings = crate::fixtures::memory_settings("0123456789abcdef", &[]);
         let state = crate::build(settings).await.expect("state");
         let (_, Json(body)) = health(State(state)).await;
         assert_eq!(body.store, "memory");

@@ -133,41 +133,34 @@ impl From<AuthError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
-        match err {
+        let (code, message) = match err {
             StoreError::Corrupt { .. } => {
                 tracing::error!(error = %err, "unreadable stored presence");
-                ApiError::new(
+                return ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "corrupt_record",
                     "the stored presence for this user can't be read",
-                )
+                );
             }
-            // Both pass within seconds (a leader election at the hub, a
-            // reconnect), so clients are told when to look again.
-            StoreError::Timeout(_) => ApiError {
-                retry_after: Some(std::time::Duration::from_secs(1)),
-                ..ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_timeout",
-                    format!("{err}; the write may or may not have been applied, retrying is safe"),
-                )
-            },
-            StoreError::NotReady(_) | StoreError::Unavailable(_) => ApiError {
-                retry_after: Some(std::time::Duration::from_secs(1)),
-                ..ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_unavailable",
-                    err.to_string(),
-                )
-            },
-            StoreError::Conflict => ApiError {
-                retry_after: Some(std::time::Duration::from_secs(1)),
-                ..ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "write_conflict",
-                    "other writes for this user kept changing it first; this write was not made, retry",
-                )
-            },
+            StoreError::Timeout(_) => (
+                "store_timeout",
+                format!("{err}; the write may or may not have been applied, retrying is safe"),
+            ),
+            StoreError::NotReady(_) | StoreError::Unavailable(_) => {
+                ("store_unavailable", err.to_string())
+            }
+            StoreError::Conflict => (
+                "write_conflict",
+                "other writes for this user kept changing it first; this write was not made, retry"
+                    .to_owned(),
+            ),
+        };
+        // Each passes within seconds (a leader election at the hub, a
+        // reconnect, a burst of writes), so clients are told when to look
+        // again.
+        ApiError {
+            retry_after: Some(std::time::Duration::from_secs(1)),
+            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
         }
     }
 }
@@ -354,10 +347,8 @@ mod tests {
     //! send yields a 5xx or a panic, and every refusal is our JSON error.
 
     use super::*;
-    use crate::config::Cli;
     use axum::body::Body;
     use axum::http::Method;
-    use clap::Parser;
     use proptest::prelude::*;
     use std::sync::LazyLock;
     use tower::ServiceExt;
@@ -371,12 +362,7 @@ mod tests {
             .enable_all()
             .build()
             .expect("runtime");
-        let settings =
-            Cli::try_parse_from(["presence-service", "--store=memory", "--jwt-secret", SECRET])
-                .expect("args")
-                .serve
-                .validate()
-                .expect("settings");
+        let settings = crate::fixtures::memory_settings(SECRET, &[]);
         let front = runtime.block_on(async {
             let state = crate::build(settings).await.expect("state");
             Front::new(state.clone(), router(state))

@@ -26,17 +26,11 @@ pub fn digest_of(secret: &Secret, key: &str) -> Option<String> {
 
 /// The value under `key`, from `data` or else `stringData`.
 fn value_of(secret: &Secret, key: &str) -> Option<Vec<u8>> {
-    match secret.data.as_ref().and_then(|d| d.get(key)) {
-        Some(value) => Some(value.0.clone()),
-        None => Some(
-            secret
-                .string_data
-                .as_ref()
-                .and_then(|d| d.get(key))?
-                .clone()
-                .into_bytes(),
-        ),
+    if let Some(value) = secret.data.as_ref().and_then(|d| d.get(key)) {
+        return Some(value.0.clone());
     }
+    let text = secret.string_data.as_ref()?.get(key)?;
+    Some(text.clone().into_bytes())
 }
 
 /// Reads the referenced JWT Secret, or creates the generated one.

@@ -49,6 +49,12 @@ const NATS_SECRET_DIR: &str = "/etc/presence-nats";
 /// Where the NATS CA is mounted in its pods (with client TLS).
 const NATS_TLS_DIR: &str = "/etc/presence-nats-tls";
 
+/// A CRD list as its presence-service variable holds it: the items joined
+/// with commas (the service splits and trims them again).
+pub(super) fn env_list(list: &Option<Vec<String>>) -> Option<String> {
+    list.as_ref().map(|items| items.join(","))
+}
+
 fn literal(value: impl Into<String>) -> EnvValue {
     EnvValue::Literal(value.into())
 }
@@ -101,17 +107,16 @@ pub fn env(
     env.push((env::LOG_LEVEL, literal(level)));
     env.push((env::LOG_FORMAT, literal(p.log_format)));
     if let Some(cors) = shared.and_then(|d| d.cors.as_ref()) {
-        let list = |v: &Option<Vec<String>>| v.as_ref().map(|v| v.join(","));
         if let Some(enabled) = cors.enabled {
             env.push((env::CORS_ENABLED, literal(enabled.to_string())));
         }
-        if let Some(origins) = list(&cors.allowed_origins) {
+        if let Some(origins) = env_list(&cors.allowed_origins) {
             env.push((env::CORS_ALLOWED_ORIGINS, literal(origins)));
         }
-        if let Some(methods) = list(&cors.allowed_methods) {
+        if let Some(methods) = env_list(&cors.allowed_methods) {
             env.push((env::CORS_ALLOWED_METHODS, literal(methods)));
         }
-        if let Some(headers) = list(&cors.allowed_headers) {
+        if let Some(headers) = env_list(&cors.allowed_headers) {
             env.push((env::CORS_ALLOWED_HEADERS, literal(headers)));
         }
         if let Some(credentials) = cors.allow_credentials {

@@ -443,11 +443,10 @@ fn check_cors(spec: &PresenceClusterSpec) -> Result<(), RenderError> {
     if cors.enabled == Some(false) {
         return Ok(());
     }
-    // What the service reads: the list joined with commas (as rendered),
-    // split again, items trimmed and empty ones dropped.
-    let read = |list: &Option<Vec<String>>, default: &str| match list {
-        Some(items) => items.join(","),
-        None => default.to_owned(),
+    // What the service reads: the variable as rendered, split again,
+    // items trimmed and empty ones dropped.
+    let read = |list: &Option<Vec<String>>, default: &str| {
+        dataplane::env_list(list).unwrap_or_else(|| default.to_owned())
     };
     let origins = read(&cors.allowed_origins, rules::DEFAULT_CORS_ORIGINS);
     let methods = read(&cors.allowed_methods, rules::DEFAULT_CORS_METHODS);
