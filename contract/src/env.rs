@@ -71,6 +71,9 @@ pub const RATE_LIMIT_WRITES_PER_SECOND: &str = "RATE_LIMIT_WRITES_PER_SECOND";
 pub const RATE_LIMIT_BURST: &str = "RATE_LIMIT_BURST";
 /// Graceful stop bound.
 pub const SHUTDOWN_TIMEOUT_SECS: &str = "SHUTDOWN_TIMEOUT_SECS";
+/// Seconds a stopping node keeps serving, not ready, before it closes its
+/// listener: the time load balancers take to stop sending it requests.
+pub const SHUTDOWN_DELAY_SECS: &str = "SHUTDOWN_DELAY_SECS";
 /// Longest readiness waits for a starting node's cache to be filled.
 pub const READINESS_WARMUP_TIMEOUT_SECS: &str = "READINESS_WARMUP_TIMEOUT_SECS";
 /// Change streams per node.

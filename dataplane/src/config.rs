@@ -216,6 +216,10 @@ pub struct ServeArgs {
     /// Longest a graceful stop waits for in-flight requests.
     #[arg(long, env = env::SHUTDOWN_TIMEOUT_SECS, default_value_t = 25)]
     pub shutdown_timeout_secs: u64,
+    /// On SIGTERM, how long to keep serving (with readiness failing) before
+    /// closing the listener, so load balancers stop routing here first.
+    #[arg(long, env = env::SHUTDOWN_DELAY_SECS, default_value_t = 0)]
+    pub shutdown_delay_secs: u64,
     /// Longest a starting node stays not ready while its watch fills the
     /// cache from the bucket (its reads would meanwhile all go to the
     /// hub); 0 makes it ready without waiting.
@@ -310,6 +314,7 @@ pub struct Settings {
     pub write_timeout: Duration,
     pub read_timeout: Duration,
     pub shutdown_timeout: Duration,
+    pub shutdown_delay: Duration,
     /// How long readiness waits for the first replay of the bucket.
     pub readiness_warmup_timeout: Duration,
     pub stream_max_connections: usize,
@@ -414,6 +419,7 @@ impl ServeArgs {
             write_timeout: timeouts.0,
             read_timeout: timeouts.1,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+            shutdown_delay: Duration::from_secs(self.shutdown_delay_secs),
             readiness_warmup_timeout: Duration::from_secs(self.readiness_warmup_timeout_secs),
         })
     }
@@ -441,6 +447,7 @@ impl ServeArgs {
             0,
             3_600,
         )?;
+        in_range(env::SHUTDOWN_DELAY_SECS, self.shutdown_delay_secs, 0, 300)?;
         in_range(
             env::READINESS_WARMUP_TIMEOUT_SECS,
             self.readiness_warmup_timeout_secs,

@@ -100,6 +100,9 @@ pub struct App {
     /// Flips to `true` when the node starts stopping, so change streams
     /// end (their clients reconnect elsewhere) instead of holding it up.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// Set on SIGTERM, `SHUTDOWN_DELAY_SECS` before `stopping`: readiness
+    /// fails so load balancers take the node out while it still serves.
+    pub leaving: std::sync::atomic::AtomicBool,
     pub started: Instant,
 }
 
@@ -163,6 +166,7 @@ pub fn build_with_store(
         limiter: ratelimit::RateLimiter::new(settings.write_limit),
         streams,
         stopping: tokio::sync::watch::channel(false).0,
+        leaving: std::sync::atomic::AtomicBool::new(false),
         settings: Arc::new(settings),
         verifier: Arc::new(verifier),
         metrics,
@@ -171,8 +175,10 @@ pub fn build_with_store(
     })
 }
 
-/// Serves until SIGTERM or Ctrl-C, then stops accepting, lets in-flight
-/// requests finish (bounded by `SHUTDOWN_TIMEOUT_SECS`) and returns.
+/// Serves until SIGTERM or Ctrl-C, then fails readiness but keeps serving
+/// for `SHUTDOWN_DELAY_SECS` (a second signal cuts that short), stops
+/// accepting, lets in-flight requests finish (bounded by
+/// `SHUTDOWN_TIMEOUT_SECS`) and returns.
 pub async fn run(settings: Settings) -> Result<(), Error> {
     let addr = settings.listen;
     let listener = tokio::net::TcpListener::bind(addr)
@@ -188,12 +194,7 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
         store = state.service.store().kind(),
         "presence-service listening"
     );
-    let stopping_tx = state.stopping.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutdown requested; finishing in-flight requests");
-        let _ = stopping_tx.send(true);
-    });
+    tokio::spawn(leave_on_signal(state.clone()));
     let mut stopping = state.stopping.subscribe();
     let server = server::serve(
         listener,
@@ -212,6 +213,32 @@ pub async fn run(settings: Settings) -> Result<(), Error> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// On the first signal: readiness fails at once, and the node stops after
+/// `SHUTDOWN_DELAY_SECS`, or at a second signal. In Kubernetes a deleted
+/// pod leaves its Services' endpoints while it is told to stop, and
+/// kube-proxy, ingresses and load balancers learn that only seconds later:
+/// a node that closed its listener at once would refuse the requests they
+/// still send it.
+async fn leave_on_signal(state: AppState) {
+    shutdown_signal().await;
+    state
+        .leaving
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let delay = state.settings.shutdown_delay;
+    if !delay.is_zero() {
+        tracing::info!(
+            ?delay,
+            "shutdown requested; not ready, serving on while load balancers let go"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown_signal() => tracing::info!("second signal; not waiting any longer"),
+        }
+    }
+    tracing::info!("shutting down; finishing in-flight requests");
+    let _ = state.stopping.send(true);
 }
 
 async fn shutdown_signal() {

@@ -292,6 +292,73 @@ async fn sigterm_finishes_in_flight_requests_before_exiting() {
     assert_eq!(body["error"]["code"], "store_timeout");
 }
 
+/// A drained pod leaves its Services' endpoints only as SIGTERM arrives,
+/// and proxies learn of it seconds later: with `SHUTDOWN_DELAY_SECS` the
+/// node fails readiness at once but still answers new connections, until
+/// the delay ends or a second signal cuts it short.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopping_node_serves_on_not_ready_for_its_shutdown_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Nats::hub(dir.path()).await;
+    let mut center = Service::start(
+        dir.path(),
+        ServiceSpec {
+            node_id: "center-1",
+            node_type: "center",
+            nats_url: hub.url(),
+            // Far longer than the test: only the second signal ends it.
+            extra_env: vec![("SHUTDOWN_DELAY_SECS", "300".into())],
+        },
+    )
+    .await;
+    let client = http();
+    assert_eq!(
+        set(&client, &center, "ann", "busy", "before")
+            .await
+            .status(),
+        200
+    );
+
+    center.signal_term();
+    let readiness = center.url("/health/readiness");
+    wait_until("readiness to fail", READY_TIMEOUT, || async {
+        matches!(client.get(&readiness).send().await, Ok(r) if r.status() == 503)
+    })
+    .await;
+    let body: Value = get_json(&client, &readiness, false).await;
+    assert_eq!(body["status"], "not_ready", "{body}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("shutting down"),
+        "{body}"
+    );
+    // New connections are still accepted and served, reads and writes.
+    let fresh = http();
+    let (status, presence) = get(&fresh, &center, "ann").await;
+    assert_eq!(
+        (status, presence["message"].as_str()),
+        (200, Some("before"))
+    );
+    assert_eq!(
+        set(&fresh, &center, "ann", "online", "during")
+            .await
+            .status(),
+        200
+    );
+    let liveness = fresh
+        .get(center.url("/health/liveness"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(liveness.status(), 200, "stopping is not dead");
+
+    let (status, log) = center.terminate_logged();
+    assert_eq!(status.code(), Some(0), "exit status {status:?}\n{log}");
+    assert!(log.contains("second signal"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hub_that_lost_its_disk_gets_a_new_bucket_and_no_node_serves_stale_data() {
     let mut c = Cluster::start().await;

@@ -207,6 +207,16 @@ impl FakeApi {
         self.state().status_overlay.insert(path.to_owned(), status);
     }
 
+    /// Makes the workload at `path` report `ready` of `pods` ready, every
+    /// pod running its current spec (a rollout that has finished).
+    pub fn set_pods(&self, path: &str, ready: i32, pods: i32) {
+        self.set_status(
+            path,
+            json!({"replicas": pods, "updatedReplicas": pods, "readyReplicas": ready,
+                   "availableReplicas": ready}),
+        );
+    }
+
     /// Makes every `method` request to `path` fail with `code`.
     pub fn fail(&self, method: &str, path: &str, code: u16) {
         self.state()

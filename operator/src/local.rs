@@ -414,6 +414,8 @@ fn plan_dataplanes(
                 let value = match (name, value) {
                     // Local processes listen on loopback only.
                     (env::SERVICE_HOST, _) => "127.0.0.1".to_owned(),
+                    // No load balancer to wait for: Ctrl-C stops at once.
+                    (env::SHUTDOWN_DELAY_SECS, _) => "0".to_owned(),
                     (_, EnvValue::Literal(v)) => v,
                     (_, EnvValue::PodName) => node_id.clone(),
                     (_, EnvValue::Secret(_)) => jwt_secret.to_owned(),

@@ -110,7 +110,9 @@ pub async fn liveness() -> Json<Liveness> {
 
 fn readiness_problem(state: &AppState) -> Option<&'static str> {
     let c = state.service.store().connectivity();
-    if !c.connected {
+    if state.leaving.load(std::sync::atomic::Ordering::SeqCst) {
+        Some("shutting down: serving on until load balancers have let go")
+    } else if !c.connected {
         Some("not connected to this node's NATS server")
     } else if !c.bucket_open {
         Some("KV bucket not open yet")

@@ -109,6 +109,16 @@ impl Service {
         self.proc = None;
     }
 
+    /// Sends SIGTERM without waiting for the process to exit.
+    pub fn signal_term(&self) {
+        let pid = self.proc.as_ref().expect("service is running").pid();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {pid}");
+    }
+
     /// Sends SIGTERM and returns the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         self.proc.take().expect("service is running").terminate()

@@ -26,6 +26,10 @@ pub struct Counts {
     pub nats_wanted: i32,
     pub dataplane_ready: i32,
     pub dataplane_wanted: i32,
+    /// Some NATS pod still runs an older spec (see [`super::rollout`]).
+    pub nats_rolling: bool,
+    /// Some presence-service pod still runs an older spec.
+    pub dataplane_rolling: bool,
 }
 
 /// Counts by region name.
@@ -83,6 +87,7 @@ async fn apply_all(client: &Client, ns: &str, children: &[Child]) -> Result<Regi
                 let applied = apply_child(client, ns, o).await?;
                 let entry = counts.entry(region_of(&o.metadata)).or_default();
                 entry.nats_wanted = o.spec.replicas.unwrap_or(1);
+                entry.nats_rolling = super::rollout::stateful_set_rolling(&applied);
                 entry.nats_ready = applied.status.and_then(|s| s.ready_replicas).unwrap_or(0);
             }
             Child::Deployment(o) => {
@@ -93,6 +98,7 @@ async fn apply_all(client: &Client, ns: &str, children: &[Child]) -> Result<Regi
                 let entry = counts.entry(region_of(&o.metadata)).or_default();
                 // Under autoscaling the live count is the autoscaler's.
                 entry.dataplane_wanted = applied.spec.replicas.or(o.spec.replicas).unwrap_or(1);
+                entry.dataplane_rolling = super::rollout::deployment_rolling(&applied);
                 entry.dataplane_ready = applied.status.and_then(|s| s.ready_replicas).unwrap_or(0);
             }
         }

@@ -19,6 +19,7 @@ pub mod conditions;
 pub mod events;
 pub mod nats_secrets;
 pub mod probe;
+pub mod rollout;
 pub mod secrets;
 pub mod status;
 pub mod storage;

@@ -269,6 +269,8 @@ pub fn regions(
                 nats_wanted: c.nats_wanted,
                 dataplane_ready: c.dataplane_ready,
                 dataplane_wanted: c.dataplane_wanted,
+                nats_rolling: c.nats_rolling,
+                dataplane_rolling: c.dataplane_rolling,
                 leafnode_connected: linked.zip(links).and_then(|(n, l)| {
                     let all = n >= region.nats_replicas;
                     // A missing link may be on a hub server that didn't answer.

@@ -24,6 +24,11 @@ pub struct RegionObservation {
     pub nats_wanted: i32,
     pub dataplane_ready: i32,
     pub dataplane_wanted: i32,
+    /// Some NATS pod still runs an older spec: the ready count includes
+    /// pods that are about to be replaced.
+    pub nats_rolling: bool,
+    /// Some presence-service pod still runs an older spec.
+    pub dataplane_rolling: bool,
     /// For a leaf: whether the hub lists every one of its servers as a
     /// leafnode; `None` for the center, or when not every hub server could
     /// be asked and the missing links may be on the one that wasn't.
@@ -34,7 +39,28 @@ pub struct RegionObservation {
 
 impl RegionObservation {
     fn is_ready(&self) -> bool {
-        self.nats_ready >= self.nats_wanted && self.dataplane_ready >= self.dataplane_wanted
+        self.nats_ready >= self.nats_wanted
+            && self.dataplane_ready >= self.dataplane_wanted
+            && !self.nats_rolling
+            && !self.dataplane_rolling
+    }
+
+    /// How far the region is from ready, for Ready's message.
+    fn progress(&self) -> String {
+        let rolling = match (self.nats_rolling, self.dataplane_rolling) {
+            (true, true) => ", rolling out NATS and presence-service",
+            (true, false) => ", rolling out NATS",
+            (false, true) => ", rolling out presence-service",
+            (false, false) => "",
+        };
+        format!(
+            "{} (NATS {}/{}, presence-service {}/{}{rolling})",
+            self.name,
+            self.nats_ready,
+            self.nats_wanted,
+            self.dataplane_ready,
+            self.dataplane_wanted
+        )
     }
 
     /// Serving and linked (as far as is known).
@@ -186,12 +212,7 @@ fn readiness(
     let unready: Vec<String> = regions
         .iter()
         .filter(|r| !r.is_ready())
-        .map(|r| {
-            format!(
-                "{} (NATS {}/{}, presence-service {}/{})",
-                r.name, r.nats_ready, r.nats_wanted, r.dataplane_ready, r.dataplane_wanted
-            )
-        })
+        .map(RegionObservation::progress)
         .collect();
     if !unready.is_empty() {
         return (
@@ -323,6 +344,8 @@ mod tests {
             nats_wanted: nats.1,
             dataplane_ready: dataplane.0,
             dataplane_wanted: dataplane.1,
+            nats_rolling: false,
+            dataplane_rolling: false,
             leafnode_connected: leaf,
             leaf_servers_linked: leaf.map(|l| if l { nats.1 } else { 0 }),
         }
@@ -472,6 +495,37 @@ mod tests {
             applied_with(regions, None).conditions[0].reason,
             Reason::HubNotReady
         );
+    }
+
+    /// Every pod ready is not enough while some of them run the old spec:
+    /// right after an edit the old pods are all still ready.
+    #[test]
+    fn a_region_rolling_out_is_not_ready_yet() {
+        let mut regions = all_ready();
+        regions[1].dataplane_rolling = true;
+        let c = applied_with(regions.clone(), Some(Ok(())));
+        assert_eq!(
+            summary(&c),
+            [
+                ("Ready", false, "RegionsNotReady"),
+                ("Progressing", true, "RegionsNotReady"),
+                ("Degraded", false, "AsExpected")
+            ]
+        );
+        assert!(
+            c.conditions[0]
+                .message
+                .contains("eu (NATS 1/1, presence-service 2/2, rolling out presence-service)"),
+            "{}",
+            c.conditions[0].message
+        );
+        assert_eq!(c.regions_ready, Some((1, 2)));
+        // A hub rolling its servers one by one still serves the bucket.
+        regions[1].dataplane_rolling = false;
+        regions[0].nats_rolling = true;
+        let c = applied_with(regions, Some(Ok(())));
+        assert_eq!(c.conditions[0].reason, Reason::RegionsNotReady);
+        assert!(c.conditions[0].message.contains("rolling out NATS"));
     }
 
     #[test]

@@ -313,10 +313,10 @@ async fn status_follows_readiness_and_the_bucket_is_provisioned_at_the_real_hub(
     let ctx = context(&fake, real(&hub));
     let sts = |n: &str| format!("/apis/apps/v1/namespaces/{NS}/statefulsets/{n}");
     let dep = |n: &str| format!("/apis/apps/v1/namespaces/{NS}/deployments/{n}");
-    fake.set_status(&sts("p-center-nats"), json!({"readyReplicas": 1}));
-    fake.set_status(&sts("p-eu-nats"), json!({"readyReplicas": 1}));
-    fake.set_status(&dep("p-center-presence"), json!({"readyReplicas": 2}));
-    fake.set_status(&dep("p-eu-presence"), json!({"readyReplicas": 1}));
+    fake.set_pods(&sts("p-center-nats"), 1, 1);
+    fake.set_pods(&sts("p-eu-nats"), 1, 1);
+    fake.set_pods(&dep("p-center-presence"), 2, 2);
+    fake.set_pods(&dep("p-eu-presence"), 1, 2);
 
     reconcile_stored(&fake, &ctx).await.unwrap();
     let s = status(&fake);
@@ -360,7 +360,7 @@ async fn status_follows_readiness_and_the_bucket_is_provisioned_at_the_real_hub(
         assert!(metrics.contains(line), "{line} not in\n{metrics}");
     }
 
-    fake.set_status(&dep("p-eu-presence"), json!({"readyReplicas": 2}));
+    fake.set_pods(&dep("p-eu-presence"), 2, 2);
     reconcile(load(&fake), ctx.clone()).await.unwrap();
     let s = status(&fake);
     assert_eq!(
@@ -379,6 +379,31 @@ async fn status_follows_readiness_and_the_bucket_is_provisioned_at_the_real_hub(
     assert!(metrics.contains(r#"presence_operator_cluster_ready{name="p",namespace="ns"} 1"#));
     assert!(
         metrics.contains(r#"presence_operator_cluster_regions_ready{name="p",namespace="ns"} 2"#)
+    );
+
+    // An edit rolls eu's pods: its two old pods are still ready, but the
+    // status waits for the new ones.
+    fake.set_status(
+        &dep("p-eu-presence"),
+        json!({"replicas": 3, "updatedReplicas": 1, "readyReplicas": 2, "availableReplicas": 2}),
+    );
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    let s = status(&fake);
+    assert_eq!(
+        condition(&s, "Ready"),
+        ("False".into(), "RegionsNotReady".into())
+    );
+    let ready = find_condition(&s, "Ready");
+    assert!(
+        ready.message.contains("rolling out presence-service"),
+        "{}",
+        ready.message
+    );
+    fake.set_pods(&dep("p-eu-presence"), 2, 2);
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    assert_eq!(
+        condition(&status(&fake), "Ready"),
+        ("True".into(), "AllRegionsReady".into())
     );
 }
 
@@ -742,7 +767,7 @@ async fn leaf_links_are_read_from_every_hub_server() {
         (dep("p-center-presence"), 2),
         (dep("p-eu-presence"), 2),
     ] {
-        fake.set_status(&path, json!({"readyReplicas": ready}));
+        fake.set_pods(&path, ready, ready);
     }
     let monitor = |hub: &testkit::Nats| ("127.0.0.1".to_owned(), hub.monitor_port);
     let with = |monitors: Vec<(String, u16)>| HubAccess::Fixed {
@@ -1257,14 +1282,8 @@ async fn an_operator_reconciles_only_its_clusters_regions_and_the_bucket_only_wi
     let dep = |n: &str| format!("/apis/apps/v1/namespaces/{NS}/deployments/{n}");
     let ready_all = |fake: &FakeApi| {
         for region in ["center", "eu", "us"] {
-            fake.set_status(
-                &sts(&format!("p-{region}-nats")),
-                json!({"readyReplicas": 1}),
-            );
-            fake.set_status(
-                &dep(&format!("p-{region}-presence")),
-                json!({"readyReplicas": 2}),
-            );
+            fake.set_pods(&sts(&format!("p-{region}-nats")), 1, 1);
+            fake.set_pods(&dep(&format!("p-{region}-presence")), 2, 2);
         }
     };
 

@@ -49,6 +49,16 @@ const NATS_SECRET_DIR: &str = "/etc/presence-nats";
 /// Where the NATS CA is mounted in its pods (with client TLS).
 const NATS_TLS_DIR: &str = "/etc/presence-nats-tls";
 
+/// Seconds a deleted pod keeps serving, not ready, before it closes its
+/// listener: Endpoints drop it when it is told to stop, and kube-proxy,
+/// ingresses and cloud load balancers follow a few seconds later.
+pub const SHUTDOWN_DELAY_SECS: u32 = 5;
+/// Longest a stopping pod then waits for its in-flight requests.
+pub const SHUTDOWN_TIMEOUT_SECS: u32 = 25;
+/// The pod's grace period: the delay, the in-flight wait, and a margin
+/// before the kubelet's SIGKILL.
+const TERMINATION_GRACE_SECS: u32 = SHUTDOWN_DELAY_SECS + SHUTDOWN_TIMEOUT_SECS + 5;
+
 /// A CRD list as its presence-service variable holds it: the items joined
 /// with commas (the service splits and trims them again).
 pub(super) fn env_list(list: &Option<Vec<String>>) -> Option<String> {
@@ -106,6 +116,14 @@ pub fn env(
     };
     env.push((env::LOG_LEVEL, literal(level)));
     env.push((env::LOG_FORMAT, literal(p.log_format)));
+    env.push((
+        env::SHUTDOWN_DELAY_SECS,
+        literal(SHUTDOWN_DELAY_SECS.to_string()),
+    ));
+    env.push((
+        env::SHUTDOWN_TIMEOUT_SECS,
+        literal(SHUTDOWN_TIMEOUT_SECS.to_string()),
+    ));
     if let Some(cors) = shared.and_then(|d| d.cors.as_ref()) {
         if let Some(enabled) = cors.enabled {
             env.push((env::CORS_ENABLED, literal(enabled.to_string())));
@@ -345,7 +363,7 @@ fn container(spec: &PresenceClusterSpec, region: &Region<'_>, env: Vec<EnvVar>) 
 fn pod_spec(ctx: &Scope, region: &Region<'_>, container: Container) -> PodSpec {
     PodSpec {
         containers: vec![container],
-        termination_grace_period_seconds: Some(30),
+        termination_grace_period_seconds: Some(i64::from(TERMINATION_GRACE_SECS)),
         enable_service_links: Some(false),
         automount_service_account_token: Some(false),
         affinity: Some(super::spread_affinity(ctx, COMPONENT, region.name)),
