@@ -88,6 +88,8 @@ pub const STREAM_EVENT_LOG_MAX_BYTES: &str = "STREAM_EVENT_LOG_MAX_BYTES";
 pub const JWT_MAX_LIFETIME: &str = "JWT_MAX_LIFETIME";
 /// Seconds a client may take to send a request's headers.
 pub const HTTP_HEADER_READ_TIMEOUT_SECS: &str = "HTTP_HEADER_READ_TIMEOUT_SECS";
+/// Seconds a client may take to send a request's body.
+pub const HTTP_BODY_READ_TIMEOUT_SECS: &str = "HTTP_BODY_READ_TIMEOUT_SECS";
 /// Seconds an idle kept-alive connection stays open.
 pub const HTTP_KEEPALIVE_TIMEOUT_SECS: &str = "HTTP_KEEPALIVE_TIMEOUT_SECS";
 /// HTTP connections per node.

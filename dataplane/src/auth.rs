@@ -186,7 +186,7 @@ impl Verifier {
     }
 
     /// Refuses tokens that live longer than `seconds`: `exp - iat`, or
-    /// `exp - now` for a token without `iat`.
+    /// `exp - now` for a token without `iat` or with one still ahead.
     pub fn with_max_lifetime(mut self, seconds: Option<u64>) -> Self {
         self.max_lifetime = seconds;
         self
@@ -250,9 +250,12 @@ impl Verifier {
             return Err(AuthError::Invalid("empty 'sub' claim".into()));
         }
         if let Some(max) = self.max_lifetime {
+            // From `iat`, but never from a time still ahead: an `iat` in
+            // the future would otherwise let any lifetime through.
+            let now = now_secs();
             let lifetime = claims
                 .exp
-                .saturating_sub(claims.iat.unwrap_or_else(now_secs));
+                .saturating_sub(claims.iat.unwrap_or(now).min(now));
             if lifetime > max {
                 return Err(AuthError::Invalid(format!(
                     "token lives {lifetime} s; this service accepts at most {max} s"
@@ -435,6 +438,13 @@ mod tests {
         assert_eq!(v.verify(&long).unwrap_err().code(), "invalid_token");
         let no_iat = sign(&serde_json::json!({"sub": "a", "exp": now + 7200}));
         assert!(v.verify(&no_iat).is_err());
+        // An `iat` ahead of now doesn't move the lifetime's start.
+        let later = now + 1_000_000;
+        let ahead = sign(&serde_json::json!({"sub": "a", "exp": later + 100, "iat": later}));
+        assert_eq!(v.verify(&ahead).unwrap_err().code(), "invalid_token");
+        let after_exp =
+            sign(&serde_json::json!({"sub": "a", "exp": now + 7200, "iat": now + 9000}));
+        assert!(v.verify(&after_exp).is_err());
         let ok = sign(&serde_json::json!({"sub": "a", "exp": now + 600, "iat": now}));
         assert_eq!(v.verify(&ok).unwrap().valid_until, now + 600 + LEEWAY_SECS);
         // NumericDates may be fractional.

@@ -243,6 +243,10 @@ pub struct ServeArgs {
     /// runs while a kept-alive connection waits for its next request.
     #[arg(long, env = env::HTTP_HEADER_READ_TIMEOUT_SECS, default_value_t = 10)]
     pub http_header_read_timeout_secs: u64,
+    /// Seconds a client may take to send a request's body once its headers
+    /// arrived; then it is answered 408 and the connection closed.
+    #[arg(long, env = env::HTTP_BODY_READ_TIMEOUT_SECS, default_value_t = 30)]
+    pub http_body_read_timeout_secs: u64,
     /// Seconds an idle kept-alive connection stays open between requests;
     /// at most HTTP_HEADER_READ_TIMEOUT_SECS.
     #[arg(long, env = env::HTTP_KEEPALIVE_TIMEOUT_SECS, default_value_t = 5)]
@@ -336,6 +340,8 @@ pub struct Settings {
 pub struct HttpLimits {
     /// Longest a request's head may take to arrive.
     pub header_read_timeout: Duration,
+    /// Longest a request's body may take to arrive after its head.
+    pub body_read_timeout: Duration,
     /// Longest an idle kept-alive connection stays open.
     pub keepalive_timeout: Duration,
     /// Most connections at once.
@@ -558,6 +564,8 @@ impl ServeArgs {
                 ),
             )
         })?;
+        let body = self.http_body_read_timeout_secs;
+        in_range(env::HTTP_BODY_READ_TIMEOUT_SECS, body, 1, 3_600)?;
         let max_connections = self.http_max_connections;
         in_range(
             env::HTTP_MAX_CONNECTIONS,
@@ -573,6 +581,7 @@ impl ServeArgs {
         )?;
         Ok(HttpLimits {
             header_read_timeout: Duration::from_secs(header),
+            body_read_timeout: Duration::from_secs(body),
             keepalive_timeout: Duration::from_secs(keepalive),
             max_connections,
             send_timeout: Duration::from_secs(self.http_send_timeout_secs),

@@ -179,9 +179,10 @@ impl Metrics {
             http_connections_timed_out: r.reasons(
                 "http_connections_timed_out_total",
                 "Connections closed by a timeout: header (request head too slow), \
-                 keepalive (idle between requests), send (client not reading)",
+                 body (request body too slow), keepalive (idle between requests), \
+                 send (client not reading)",
                 "reason",
-                &["header", "keepalive", "send"],
+                &["header", "body", "keepalive", "send"],
             )?,
             kv_duration: r.add(HistogramVec::new(
                 r.latency(
@@ -275,6 +276,7 @@ mod tests {
         let text = Metrics::new().expect("metrics").render().expect("text");
         for series in [
             r#"presence_http_connections_timed_out_total{reason="header"} 0"#,
+            r#"presence_http_connections_timed_out_total{reason="body"} 0"#,
             r#"presence_http_connections_timed_out_total{reason="keepalive"} 0"#,
             r#"presence_http_connections_timed_out_total{reason="send"} 0"#,
             r#"presence_watch_stalls_total{kind="replay_incomplete"} 0"#,

@@ -556,6 +556,7 @@ mod tests {
 
     const LIMITS: HttpLimits = HttpLimits {
         header_read_timeout: Duration::from_secs(10),
+        body_read_timeout: Duration::from_secs(30),
         keepalive_timeout: Duration::from_secs(5),
         max_connections: 10,
         send_timeout: Duration::from_secs(30),

@@ -1041,6 +1041,48 @@ async fn slow_and_idle_connections_are_closed() {
     );
 }
 
+/// A body announced but never (or only partly) sent must not hold its
+/// connection and handler forever: the request is answered 408 in JSON
+/// and the connection closed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_body_that_stops_arriving_is_answered_408() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = memory_node(
+        dir.path(),
+        "solo",
+        vec![("HTTP_BODY_READ_TIMEOUT_SECS", "1".into())],
+    )
+    .await;
+    let mut stalled = connect(&svc).await;
+    let head = format!(
+        "POST /api/v2/presence/slow HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"status\"",
+        bearer("slow", "")
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), stalled.read_to_end(&mut answer))
+        .await
+        .expect("the stalled request is answered and its connection closed");
+    read.expect("read the answer");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""code":"body_timeout""#), "{answer}");
+    let client = http();
+    assert_eq!(
+        metric_where(
+            &client,
+            &svc,
+            "presence_http_connections_timed_out_total",
+            "reason=\"body\""
+        )
+        .await,
+        1.0
+    );
+    // Nothing was stored for the half-sent write.
+    assert_eq!(get(&client, &svc, "slow").await.0, 404);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_are_capped_per_node() {
     let dir = tempfile::tempdir().unwrap();

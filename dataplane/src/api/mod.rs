@@ -190,24 +190,43 @@ pub struct JsonBody<T>(pub T);
 /// needs no body at all).
 pub struct JsonBodyOrEmpty<T>(pub T);
 
-async fn read_body<S: Send + Sync>(req: Request, state: &S) -> Result<bytes::Bytes, ApiError> {
-    bytes::Bytes::from_request(req, state)
-        .await
-        .map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    format!("request body exceeds {MAX_BODY_BYTES} bytes"),
-                )
-            } else {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_body",
-                    rejection.body_text(),
-                )
-            }
-        })
+/// The request's body, whole: at most [`MAX_BODY_BYTES`], within
+/// `HTTP_BODY_READ_TIMEOUT_SECS`. A client that sends a body slowly or not
+/// at all would otherwise hold its connection (and a handler) forever.
+async fn read_body(req: Request, state: &AppState) -> Result<bytes::Bytes, ApiError> {
+    let limit = state.settings.http.body_read_timeout;
+    let read = bytes::Bytes::from_request(req, state);
+    let Ok(read) = tokio::time::timeout(limit, read).await else {
+        state
+            .metrics
+            .http_connections_timed_out
+            .with_label_values(&["body"])
+            .inc();
+        // hyper closes a connection whose request body was left unread.
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                limit.as_secs()
+            ),
+        ));
+    };
+    read.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("request body exceeds {MAX_BODY_BYTES} bytes"),
+            )
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                rejection.body_text(),
+            )
+        }
+    })
 }
 
 fn parse_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
@@ -228,19 +247,19 @@ fn parse_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     })
 }
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         let bytes = read_body(req, state).await?;
         parse_object(&bytes).map(JsonBody)
     }
 }
 
-impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for JsonBodyOrEmpty<T> {
+impl<T: DeserializeOwned + Default> FromRequest<AppState> for JsonBodyOrEmpty<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         let bytes = read_body(req, state).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(JsonBodyOrEmpty(T::default()));

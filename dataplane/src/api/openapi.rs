@@ -141,6 +141,7 @@ const UNAUTHORIZED: (u16, &[&str]) = (401, &["missing_token", "invalid_token", "
 const FORBIDDEN: (u16, &[&str]) = (403, &["forbidden"]);
 const BAD_BODY: (u16, &[&str]) = (400, &["invalid_json", "invalid_body"]);
 const TOO_LARGE: (u16, &[&str]) = (413, &["payload_too_large"]);
+const SLOW_BODY: (u16, &[&str]) = (408, &["body_timeout"]);
 const RATE_LIMITED: (u16, &[&str]) = (429, &["rate_limited"]);
 const READ_FAILED: (u16, &[&str]) = (503, &["store_unavailable", "store_timeout"]);
 const WRITE_FAILED: (u16, &[&str]) = (
@@ -205,6 +206,7 @@ pub const OPERATIONS: &[Operation] = &[
             PRESENCE_FIELDS,
             UNAUTHORIZED,
             FORBIDDEN,
+            SLOW_BODY,
             TOO_LARGE,
             RATE_LIMITED,
             NOT_STORABLE,
@@ -293,6 +295,7 @@ pub const OPERATIONS: &[Operation] = &[
             BAD_BODY,
             UNAUTHORIZED,
             FORBIDDEN,
+            SLOW_BODY,
             TOO_LARGE,
             (413, &["batch_too_large"]),
             NOT_STORABLE,
@@ -348,6 +351,7 @@ pub const OPERATIONS: &[Operation] = &[
             UNAUTHORIZED,
             FORBIDDEN,
             (409, &["too_many_sessions"]),
+            SLOW_BODY,
             TOO_LARGE,
             RATE_LIMITED,
             NOT_STORABLE,
@@ -437,6 +441,7 @@ pub const OPERATIONS: &[Operation] = &[
             PRESENCE_FIELDS,
             UNAUTHORIZED,
             FORBIDDEN,
+            SLOW_BODY,
             TOO_LARGE,
             RATE_LIMITED,
             NOT_STORABLE,
