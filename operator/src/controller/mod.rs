@@ -405,6 +405,7 @@ async fn observe(
     };
     let children = render::render(pc, scope, &inputs)?;
     let counts = children::apply_and_prune(pc, ctx, scope, &children).await?;
+    storage::keep_from_gitops(ctx, scope, &volumes).await;
     let (resized, storage) =
         storage::expand(ctx, scope, &volumes.to_grow(&desired_size), &desired_size).await;
     if !resized.is_empty() {

@@ -12,10 +12,24 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 
+/// Annotations that keep GitOps tools from deleting the hub's volume
+/// claims. The StatefulSet makes the claims from its template, with the
+/// PresenceCluster's `app.kubernetes.io/instance` label and no owner, so
+/// Argo CD's label tracking, when its Application has the PresenceCluster's
+/// name, takes them for its own resources missing from Git: out of sync,
+/// and pruned (with the bucket's data) by a sync with pruning. The template
+/// can't change once the StatefulSet exists, so the live claims are marked.
+pub const GITOPS_KEEP: [(&str, &str); 2] = [
+    ("argocd.argoproj.io/sync-options", "Prune=false"),
+    ("argocd.argoproj.io/compare-options", "IgnoreExtraneous"),
+];
+
 /// One hub volume as the API server reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Claim {
     pub name: String,
+    /// Whether it carries every [`GITOPS_KEEP`] annotation.
+    pub kept: bool,
     /// What the claim asks for.
     pub requested: Option<Quantity>,
     /// What the volume holds now (behind `requested` while it grows).
@@ -95,6 +109,9 @@ pub async fn inspect(
         .into_iter()
         .map(|claim| Claim {
             name: claim.name_any(),
+            kept: GITOPS_KEEP.iter().all(|(key, value)| {
+                claim.annotations().get(*key).map(String::as_str) == Some(*value)
+            }),
             requested: claim
                 .spec
                 .and_then(|s| s.resources)
@@ -107,6 +124,26 @@ pub async fn inspect(
         })
         .collect();
     Ok(HubVolumes { template, claims })
+}
+
+/// Marks each hub claim that lacks them with the [`GITOPS_KEEP`]
+/// annotations; a failure is logged and tried again next reconcile (the
+/// claims serve on either way).
+pub async fn keep_from_gitops(ctx: &Context, scope: &render::Scope, volumes: &HubVolumes) {
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &scope.namespace);
+    let annotations: serde_json::Map<String, serde_json::Value> = GITOPS_KEEP
+        .iter()
+        .map(|(key, value)| ((*key).to_owned(), (*value).into()))
+        .collect();
+    let patch = serde_json::json!({"metadata": {"annotations": annotations}});
+    for claim in volumes.claims.iter().filter(|c| !c.kept) {
+        if let Err(error) = api
+            .patch(&claim.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            tracing::warn!(claim = %claim.name, %error, "cannot mark a hub volume claim for GitOps tools");
+        }
+    }
 }
 
 /// Refuses a size below what the volumes already have. Pure.
@@ -171,6 +208,7 @@ mod tests {
     fn claim(name: &str, requested: &str, capacity: &str) -> Claim {
         Claim {
             name: name.into(),
+            kept: true,
             requested: Some(q(requested)),
             capacity: Some(q(capacity)),
         }

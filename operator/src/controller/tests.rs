@@ -937,17 +937,44 @@ async fn a_larger_storage_size_grows_each_volume_and_keeps_the_template() {
         "10Gi",
         "a StatefulSet's claim template never changes"
     );
-    let grown: Vec<(&str, &Value)> = requests
-        .iter()
-        .filter(|r| r.method == "PATCH" && r.path.contains("/persistentvolumeclaims/"))
-        .map(|r| (r.path.rsplit('/').next().unwrap_or_default(), &r.body))
-        .collect();
+    let claim_patches = |requests: &[Recorded], part: &str| -> Vec<(String, Value)> {
+        requests
+            .iter()
+            .filter(|r| r.method == "PATCH" && r.path.contains("/persistentvolumeclaims/"))
+            .filter(|r| r.body.get(part).is_some())
+            .map(|r| {
+                (
+                    r.path.rsplit('/').next().unwrap_or_default().to_owned(),
+                    r.body.clone(),
+                )
+            })
+            .collect()
+    };
     assert_eq!(
-        grown,
+        claim_patches(&requests, "spec"),
         [(
-            "data-p-center-nats-0",
-            &json!({"spec": {"resources": {"requests": {"storage": "20Gi"}}}})
+            "data-p-center-nats-0".to_owned(),
+            json!({"spec": {"resources": {"requests": {"storage": "20Gi"}}}})
         )]
+    );
+    // Each claim is marked once, so that Argo CD's label tracking neither
+    // reports it extraneous nor prunes it.
+    let keep = json!({"metadata": {"annotations": {
+        "argocd.argoproj.io/sync-options": "Prune=false",
+        "argocd.argoproj.io/compare-options": "IgnoreExtraneous"}}});
+    assert_eq!(
+        claim_patches(&requests, "metadata"),
+        [
+            ("data-p-center-nats-0".to_owned(), keep.clone()),
+            ("data-p-center-nats-1".to_owned(), keep)
+        ]
+    );
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    let again = fake.requests();
+    assert_eq!(
+        claim_patches(&again, "metadata").len(),
+        2,
+        "marked claims are left alone"
     );
     assert_eq!(
         condition(&status(&fake), "Degraded"),
