@@ -279,6 +279,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .collect();
             objects.extend(render::render(&cluster, &ctx, &inputs)?);
             print!("{}", render::to_yaml(&objects)?);
+            for note in render::advice::advice(&cluster.spec) {
+                eprintln!("warning: {note}");
+            }
         }
         Command::Dev {
             file,

@@ -1278,8 +1278,22 @@ mod network_policies {
                 &prometheus,
                 &hub,
                 "monitor",
+                true,
+                "the example's metricsFrom admits its Prometheus",
+            ),
+            (
+                &prometheus,
+                &hub,
+                "prom-metrics",
+                true,
+                "and to the NATS exporter",
+            ),
+            (
+                &stranger,
+                &hub,
+                "monitor",
                 false,
-                "no metricsFrom, no scraping NATS",
+                "nobody else scrapes NATS",
             ),
         ] {
             assert_eq!(allowed(&p, src, dst, port), want, "{what}");

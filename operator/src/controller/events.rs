@@ -33,6 +33,10 @@ pub enum EventReason {
     /// A leaf region, first seen, is not linked yet (a new region, or one
     /// refused from the start).
     LeafnodeWaiting,
+    /// A new generation of the spec works, but probably not as meant: a
+    /// region a drain would cut off, metrics no Prometheus may scrape (a
+    /// Warning; see [`crate::render::advice`]).
+    SpecAdvice,
     /// A reconcile failed (a Warning).
     Failed(Reason),
 }
@@ -53,6 +57,7 @@ impl EventReason {
             EventReason::LeafnodeConnected => "LeafnodeConnected",
             EventReason::LeafnodeDisconnected => "LeafnodeDisconnected",
             EventReason::LeafnodeWaiting => "LeafnodeWaiting",
+            EventReason::SpecAdvice => "SpecAdvice",
             EventReason::Failed(reason) => reason.as_str(),
         }
     }
@@ -61,7 +66,8 @@ impl EventReason {
         match self {
             EventReason::Failed(_)
             | EventReason::BucketDeletionAbandoned
-            | EventReason::LeafnodeDisconnected => EventType::Warning,
+            | EventReason::LeafnodeDisconnected
+            | EventReason::SpecAdvice => EventType::Warning,
             _ => EventType::Normal,
         }
     }

@@ -331,6 +331,13 @@ async fn apply(
 ) -> Result<Action, Error> {
     let scope = render::Scope::new(pc, ns)?;
     let observed = observe(pc, ctx, &scope).await?;
+    let applied_before = pc.status.as_ref().and_then(|s| s.observed_generation);
+    if applied_before != pc.meta().generation && matches!(observed, Observed::Applied { .. }) {
+        // Once per generation: the advice depends on the spec alone.
+        for note in render::advice::advice(&pc.spec) {
+            publish(ctx, pc, EventReason::SpecAdvice, "Advise", note).await;
+        }
+    }
     let computed = status::compute(&observed);
     ctx.publish_metrics(pc, &computed);
     let mut status = pc.status.clone().unwrap_or_default();

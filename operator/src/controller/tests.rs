@@ -822,6 +822,44 @@ async fn leaf_links_are_read_from_every_hub_server() {
     assert_rbac_allows(&fake.requests());
 }
 
+/// A spec that works but that a drain would cut off is pointed out once
+/// per generation, as Warning Events naming the region.
+#[tokio::test]
+async fn a_new_generation_with_single_points_of_failure_gets_advice() {
+    let fake = FakeApi::default();
+    fake.insert(
+        &pc_path("p"),
+        cluster(json!({"center": {"replicas": 3}, "leaves": [{"name": "eu"}]})),
+    );
+    let ctx = context(&fake, unreachable());
+    let advice = |fake: &FakeApi| -> Vec<(String, String)> {
+        fake.requests()
+            .into_iter()
+            .filter(|r| r.path.contains("/events") && r.body["reason"] == "SpecAdvice")
+            .map(|r| {
+                (
+                    r.body["type"].as_str().unwrap_or_default().to_owned(),
+                    r.body["note"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    };
+    reconcile_stored(&fake, &ctx).await.unwrap();
+    let first = advice(&fake);
+    assert_eq!(first.len(), 1, "{first:#?}");
+    assert_eq!(first[0].0, "Warning");
+    assert!(
+        first[0]
+            .1
+            .starts_with("region eu: a single leaf NATS server"),
+        "{first:#?}"
+    );
+    // The same generation again: nothing new to say.
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    assert_eq!(advice(&fake).len(), 1);
+    assert_rbac_allows(&fake.requests());
+}
+
 #[tokio::test]
 async fn autoscaling_hands_replicas_over_to_the_autoscaler() {
     let fake = FakeApi::default();

@@ -2,6 +2,7 @@
 //! always renders the same objects, byte for byte, so they can be golden
 //! tested, diffed in review, and applied idempotently.
 
+pub mod advice;
 pub mod availability;
 pub mod clusters;
 
