@@ -311,9 +311,9 @@ pub fn truncate_to_millis(t: OffsetDateTime) -> OffsetDateTime {
     t.replace_nanosecond(millis * 1_000_000).unwrap_or(t)
 }
 
-/// Body of `POST /api/v2/presence/{userID}`. Fields are loosely typed so a bad
-/// value gets our own error code rather than a serde message; the schema
-/// says what is accepted.
+/// Body of `POST /api/v2/presence/{userID}`. Fields are optional so a
+/// missing or bad value gets our own error code; a value of the wrong JSON
+/// type is `invalid_json`. The schema says what is accepted.
 #[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 pub struct SetPresenceRequest {
     /// The manual status (required; missing is `invalid_status`).
@@ -335,6 +335,7 @@ pub struct SetPresenceRequest {
 // OpenAPI description.)
 /// One item of `POST /api/v2/presence/batch`.
 #[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
+#[serde(expecting = "a presence object")]
 pub struct BatchItem {
     /// Whose presence this item sets.
     #[serde(rename = "userID")]
@@ -364,12 +365,14 @@ impl BatchItem {
     }
 }
 
-/// Body of `POST /api/v2/presence/batch`.
-#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
+/// Body of `POST /api/v2/presence/batch`. Each item is kept as its JSON
+/// text and read on its own, so one malformed item fails alone instead of
+/// the whole batch.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct BatchRequest {
-    /// At most 1000 items; the last item for a user wins.
-    #[schemars(length(max = 1000))]
-    pub presences: Vec<BatchItem>,
+    /// At most 1000 items; the last valid item for a user wins.
+    #[schemars(length(max = 1000), with = "Vec<BatchItem>")]
+    pub presences: Vec<Box<serde_json::value::RawValue>>,
 }
 
 /// An update that passed validation, ready to be stamped and stored.

@@ -93,8 +93,11 @@ impl Seen {
     }
 }
 
-/// Body of `PUT /api/v2/presence/{userID}/sessions/{sessionID}`; loosely
-/// typed so bad values get our own error codes.
+/// Body of `PUT /api/v2/presence/{userID}/sessions/{sessionID}`. Fields
+/// are optional so missing or bad values get our own error codes, and
+/// `ttlSeconds` takes any JSON value (`invalid_ttl` for one that isn't a
+/// whole number); a `status` or `device` of the wrong JSON type is
+/// `invalid_json`.
 #[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 pub struct HeartbeatRequest {
     /// The session's status: `online` (the default) or `away`.

@@ -532,6 +532,53 @@ async fn batch_set_reports_each_item() {
     assert_eq!(get(&s.client, &s.svc, "user2").await.1["status"], "busy");
     assert_eq!(get(&s.client, &s.svc, "user3").await.0, 404);
 
+    // An invalid later item replaces nothing: as if written one by one,
+    // the user's last valid item stays. A malformed item fails alone.
+    let body = json!({"presences": [
+        {"userID": "dup", "status": "online", "message": "first"},
+        {"userID": "dup", "status": "busy", "message": "last valid"},
+        {"userID": "dup", "status": "asleep"},
+        {"userID": "typed", "status": 1},
+        5,
+        {"userID": "fine", "status": "away"},
+    ]});
+    let response = s
+        .client
+        .post(&batch_url)
+        .header("Authorization", bearer("svc", "presence:write"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let result: Value = response.json().await.unwrap();
+    let outcome: Vec<(&str, &str)> = result["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["userID"].as_str().unwrap_or("?"),
+                r["error"]["code"].as_str().unwrap_or("ok"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcome,
+        [
+            ("dup", "superseded"),
+            ("dup", "ok"),
+            ("dup", "invalid_status"),
+            ("typed", "invalid_json"),
+            ("", "invalid_json"),
+            ("fine", "ok"),
+        ]
+    );
+    let (status, dup) = get(&s.client, &s.svc, "dup").await;
+    assert_eq!((status, dup["message"].as_str()), (200, Some("last valid")));
+    assert_eq!(get(&s.client, &s.svc, "fine").await.0, 200);
+    assert_eq!(get(&s.client, &s.svc, "typed").await.0, 404);
+
     // 1000 items are written; 1001 are refused whole.
     let thousand: Vec<Value> = (0..1000)
         .map(|i| json!({"userID": format!("bulk-{i}"), "status": "online"}))

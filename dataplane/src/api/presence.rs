@@ -5,7 +5,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::cache::KeyHasher;
 use crate::model::{
-    BatchRequest, SetPresenceRequest, ValidUpdate, validate_update, validate_user_id,
+    BatchItem, BatchRequest, SetPresenceRequest, ValidUpdate, validate_update, validate_user_id,
 };
 use crate::record::PresenceView;
 use crate::store::StoreError;
@@ -278,36 +278,48 @@ pub async fn set_batch(
 }
 
 async fn write_batch(state: &AppState, request: BatchRequest) -> Result<Response, ApiError> {
-    let items = request.presences;
-    if items.len() > MAX_BATCH {
+    if request.presences.len() > MAX_BATCH {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "batch_too_large",
             format!(
                 "at most {MAX_BATCH} presences per batch; got {}",
-                items.len()
+                request.presences.len()
             ),
         ));
     }
-    // Last item wins for a user named twice; earlier ones are not written.
-    let mut last_index: HashMap<&str, usize> = HashMap::new();
-    for (i, item) in items.iter().enumerate() {
-        last_index.insert(item.user_id.as_deref().unwrap_or_default(), i);
-    }
+    let (items, unreadable): (Vec<BatchItem>, Vec<Option<ApiError>>) =
+        request.presences.iter().map(|raw| read_item(raw)).unzip();
     let now = OffsetDateTime::now_utc();
+    let checked: Vec<Result<ValidUpdate, ApiError>> = items
+        .iter()
+        .zip(unreadable)
+        .map(|(item, unreadable)| match unreadable {
+            Some(err) => Err(err),
+            None => {
+                validate_update(item_user_id(item), item.request(), now).map_err(ApiError::from)
+            }
+        })
+        .collect();
+    // As if the items were written one by one: a user's last valid item is
+    // what stays, so only it is written; an invalid item replaces nothing.
+    let mut last_valid: HashMap<&str, usize> = HashMap::new();
+    for (i, (item, checked)) in items.iter().zip(&checked).enumerate() {
+        if checked.is_ok() {
+            last_valid.insert(item_user_id(item), i);
+        }
+    }
     let mut outcomes: Vec<Option<Result<PresenceView, ApiError>>> = Vec::with_capacity(items.len());
     let mut to_write: Vec<(usize, ValidUpdate)> = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let user_id = item.user_id.as_deref().unwrap_or_default();
-        if last_index.get(user_id) != Some(&i) {
-            outcomes.push(Some(Err(ApiError::new(
+    for (i, (item, checked)) in items.iter().zip(checked).enumerate() {
+        let user_id = item_user_id(item);
+        match checked {
+            Err(err) => outcomes.push(Some(Err(err))),
+            Ok(_) if last_valid.get(user_id) != Some(&i) => outcomes.push(Some(Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "superseded",
-                "a later item in this batch sets the same user; only the last one is written",
-            ))));
-            continue;
-        }
-        match validate_update(user_id, item.request(), now) {
+                "a later valid item in this batch sets the same user; only the last one is written",
+            )))),
             Ok(update) => match state.limiter.check(user_id) {
                 Ok(()) => {
                     to_write.push((i, update));
@@ -315,7 +327,6 @@ async fn write_batch(state: &AppState, request: BatchRequest) -> Result<Response
                 }
                 Err(wait) => outcomes.push(Some(Err(ApiError::rate_limited(user_id, wait)))),
             },
-            Err(err) => outcomes.push(Some(Err(err.into()))),
         }
     }
     let (indexes, updates): (Vec<usize>, Vec<ValidUpdate>) = to_write.into_iter().unzip();
@@ -371,8 +382,29 @@ async fn write_batch(state: &AppState, request: BatchRequest) -> Result<Response
     Ok(Json(body).into_response())
 }
 
-fn item_user_id(item: &crate::model::BatchItem) -> &str {
+fn item_user_id(item: &BatchItem) -> &str {
     item.user_id.as_deref().unwrap_or_default()
+}
+
+/// One batch item read from its JSON text; an item that isn't a presence
+/// object comes with its own `invalid_json` error, under its `userID` when
+/// one can be found in it.
+fn read_item(raw: &serde_json::value::RawValue) -> (BatchItem, Option<ApiError>) {
+    match serde_json::from_str::<BatchItem>(raw.get()) {
+        Ok(item) => (item, None),
+        Err(err) => {
+            let user_id = serde_json::from_str::<serde_json::Value>(raw.get())
+                .ok()
+                .and_then(|value| value.get("userID")?.as_str().map(str::to_owned));
+            let item = BatchItem {
+                user_id,
+                ..BatchItem::default()
+            };
+            let message = format!("this item is not a valid presence: {err}");
+            let err = ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", message);
+            (item, Some(err))
+        }
+    }
 }
 
 /// Every written item gets its outcome from `set_many`; this is unreachable
