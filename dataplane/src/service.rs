@@ -324,17 +324,28 @@ impl PresenceService {
         resolution: Duration,
     ) -> Result<Written, StoreError> {
         let record = self.record(user_id).await?;
-        self.write_seen_from(user_id, record, at, resolution).await
+        self.write_seen_from(user_id, record, self.seen_here(at), resolution)
+            .await
     }
 
-    /// [`PresenceService::write_seen`] from a record read already.
+    /// A sign of life at `at`, taken by this node.
+    fn seen_here(&self, at: OffsetDateTime) -> Seen {
+        Seen {
+            last_seen: at,
+            node_id: self.node_id.clone(),
+        }
+    }
+
+    /// [`PresenceService::write_seen`] from a record read already, for a
+    /// sign of life taken by the node `seen` names.
     async fn write_seen_from(
         &self,
         user_id: &str,
         record: Arc<UserRecord>,
-        at: OffsetDateTime,
+        seen: Seen,
         resolution: Duration,
     ) -> Result<Written, StoreError> {
+        let at = seen.last_seen;
         let recent = |record: &UserRecord| {
             record
                 .seen_at()
@@ -343,10 +354,7 @@ impl PresenceService {
         if recent(&record) {
             return Ok(Written::Nothing);
         }
-        let seen = Update::Seen(Some(Seen {
-            last_seen: at,
-            node_id: self.node_id.clone(),
-        }));
+        let seen = Update::Seen(Some(seen));
         self.write_planned_from(user_id, record, |record| {
             Ok(if recent(record) {
                 Plan::Nothing
@@ -408,16 +416,23 @@ impl PresenceService {
     /// nothing of.
     pub async fn clear(&self, user_id: &str) -> Result<Option<PresenceView>, StoreError> {
         let record = self.record(user_id).await?;
-        let Some(last_seen) = record.manual_status().map(Presence::last_seen) else {
+        let Some(manual) = record.manual_status() else {
             return Ok(record.view(user_id, OffsetDateTime::now_utc()));
         };
+        // The status's own sign of life, under the node that took it: like
+        // an expiry, a clear changes neither `updatedAt` nor `nodeID`.
+        let kept = Seen {
+            last_seen: manual.last_seen(),
+            node_id: manual.node_id.clone(),
+        };
+        let last_seen = kept.last_seen;
         // The status whose sign of life is kept below: only it is removed.
         let cleared = record.key_revision(&Part::Manual);
         // `seen` first, as when a session ends: if the removal fails, a
         // retry finds the status still set and clears it, and `lastSeen`
         // survives the removal either way.
         let seen = self
-            .write_seen_from(user_id, record, last_seen, Duration::ZERO)
+            .write_seen_from(user_id, record, kept, Duration::ZERO)
             .await?;
         // The record that showed a newer status, if one did: the answer.
         let mut newer = None;
@@ -527,7 +542,7 @@ impl PresenceService {
         };
         let (first, second) = futures::future::join(
             self.write_planned_from(user_id, record.clone(), plan),
-            self.write_seen_from(user_id, record, last_seen, heartbeat.ttl()),
+            self.write_seen_from(user_id, record, self.seen_here(last_seen), heartbeat.ttl()),
         )
         .await;
         let written = first?.and(second?);
@@ -697,6 +712,28 @@ mod tests {
         let view = a.clear("u").await.unwrap().expect("a known user");
         assert_eq!(view.revision, revision);
         assert!(a.clear("nobody").await.unwrap().is_none());
+
+        // Cleared by another node: like an expiry, `nodeID` and `updatedAt`
+        // stay those of the status's own write.
+        let set = a
+            .set(ValidUpdate {
+                user_id: "v".into(),
+                ..busy("by a")
+            })
+            .await
+            .unwrap();
+        let view = b.clear("v").await.unwrap().expect("a known user");
+        assert_eq!(view.status, Status::Offline);
+        assert_eq!(
+            (view.node_id.as_str(), view.updated_at, view.last_seen),
+            ("a", set.updated_at, set.last_seen)
+        );
+        let fresh = node(store, "c").record("v").await.unwrap();
+        let view = fresh.view("v", OffsetDateTime::now_utc()).expect("known");
+        assert_eq!(
+            (view.node_id.as_str(), view.updated_at),
+            ("a", set.updated_at)
+        );
     }
 
     fn beat(session: &str, status: &str) -> ValidHeartbeat {
