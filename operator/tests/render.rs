@@ -999,6 +999,49 @@ fn jetstream_never_counts_on_more_disk_than_the_volumes_report() {
     );
 }
 
+/// Memory is bounded in every container of a monitored NATS pod: the
+/// exporter sidecar by its own limit, and the Go runtime of a server with
+/// a memory limit by `GOMEMLIMIT` at 90% of it.
+#[test]
+fn nats_pods_know_their_memory_limits() {
+    let objects = render_fixed(&load("multi-region.yaml"));
+    let containers = |region: &str| -> Vec<k8s_openapi::api::core::v1::Container> {
+        objects
+            .iter()
+            .find_map(|o| match o {
+                Child::StatefulSet(s)
+                    if s.metadata.name.as_deref() == Some(&format!("presence-{region}-nats")) =>
+                {
+                    s.spec.template.spec.clone().map(|p| p.containers)
+                }
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{region}'s NATS StatefulSet"))
+    };
+    let go_limit = |containers: &[k8s_openapi::api::core::v1::Container]| {
+        containers[0]
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "GOMEMLIMIT")
+            .and_then(|e| e.value.clone())
+    };
+    // The hub asks for `limits: {memory: 2Gi}`.
+    let hub = containers("center");
+    assert_eq!(go_limit(&hub).as_deref(), Some("1932735276"));
+    // ap's servers set requests only: no limit to stay under.
+    assert_eq!(go_limit(&containers("ap")), None);
+    for region in ["center", "eu", "us", "ap"] {
+        let exporter = containers(region)
+            .into_iter()
+            .find(|c| c.name == "prom-exporter")
+            .expect("the exporter sidecar (monitoring is on)");
+        let resources = exporter.resources.expect("the exporter's resources");
+        assert!(resources.requests.is_some_and(|r| r.contains_key("memory")));
+        assert!(resources.limits.is_some_and(|l| l.contains_key("memory")));
+    }
+}
+
 #[test]
 fn every_pod_monitor_scrapes_a_named_port_of_the_pods_it_selects() {
     let objects = render_fixed(&load("multi-region.yaml"));

@@ -563,7 +563,15 @@ fn secret_env(name: &str, selector: SecretKeySelector) -> EnvVar {
     }
 }
 
-/// The container's environment: its pod name, and the secrets its config
+/// Bytes the Go runtime of a NATS server with a memory limit aims to stay
+/// under: 90% of the limit, so its garbage collector works harder before
+/// the kernel's OOM killer ends the server (and a hub's JetStream with it).
+fn go_memory_limit(region: &Region<'_>) -> Option<u64> {
+    let limit = region.nats_resources?.limits.as_ref()?.get("memory")?;
+    quantity_bytes(&limit.0).map(|bytes| bytes / 10 * 9)
+}
+
+/// The container's environment: its pod name, the Go memory limit, and the secrets its config
 /// names (`$LEAF_NKEY_SEED`, `$ROUTE_PASSWORD`, `$ROUTE_<i>`).
 fn nats_env(ctx: &Scope, region: &Region<'_>) -> Vec<EnvVar> {
     let mut env = vec![EnvVar {
@@ -577,6 +585,13 @@ fn nats_env(ctx: &Scope, region: &Region<'_>) -> Vec<EnvVar> {
         }),
         ..Default::default()
     }];
+    if let Some(limit) = go_memory_limit(region) {
+        env.push(EnvVar {
+            name: "GOMEMLIMIT".into(),
+            value: Some(limit.to_string()),
+            ..Default::default()
+        });
+    }
     if region.role == Role::Leaf {
         env.push(secret_env(
             nats_auth::LEAF_SEED_ENV,
