@@ -277,6 +277,9 @@ pub async fn set_batch(
     write_batch(&state, request).await
 }
 
+/// Each item's outcome so far: `None` for one still to be written.
+type Outcomes = Vec<Option<Result<PresenceView, ApiError>>>;
+
 async fn write_batch(state: &AppState, request: BatchRequest) -> Result<Response, ApiError> {
     if request.presences.len() > MAX_BATCH {
         return Err(ApiError::new(
@@ -301,34 +304,7 @@ async fn write_batch(state: &AppState, request: BatchRequest) -> Result<Response
             }
         })
         .collect();
-    // As if the items were written one by one: a user's last valid item is
-    // what stays, so only it is written; an invalid item replaces nothing.
-    let mut last_valid: HashMap<&str, usize> = HashMap::new();
-    for (i, (item, checked)) in items.iter().zip(&checked).enumerate() {
-        if checked.is_ok() {
-            last_valid.insert(item_user_id(item), i);
-        }
-    }
-    let mut outcomes: Vec<Option<Result<PresenceView, ApiError>>> = Vec::with_capacity(items.len());
-    let mut to_write: Vec<(usize, ValidUpdate)> = Vec::new();
-    for (i, (item, checked)) in items.iter().zip(checked).enumerate() {
-        let user_id = item_user_id(item);
-        match checked {
-            Err(err) => outcomes.push(Some(Err(err))),
-            Ok(_) if last_valid.get(user_id) != Some(&i) => outcomes.push(Some(Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "superseded",
-                "a later valid item in this batch sets the same user; only the last one is written",
-            )))),
-            Ok(update) => match state.limiter.check(user_id) {
-                Ok(()) => {
-                    to_write.push((i, update));
-                    outcomes.push(None);
-                }
-                Err(wait) => outcomes.push(Some(Err(ApiError::rate_limited(user_id, wait)))),
-            },
-        }
-    }
+    let (mut outcomes, to_write) = plan_batch(state, &items, checked);
     let (indexes, updates): (Vec<usize>, Vec<ValidUpdate>) = to_write.into_iter().unzip();
     let written = state.service.set_many(updates).await;
     let mut first_store_error: Option<ApiError> = None;
@@ -349,6 +325,49 @@ async fn write_batch(state: &AppState, request: BatchRequest) -> Result<Response
     {
         return Err(err);
     }
+    Ok(Json(batch_answer(&items, outcomes)).into_response())
+}
+
+/// Which checked items to write, as if the items were written one by one:
+/// a user's last valid item is what stays, so only it is written (the
+/// earlier valid ones are `superseded`), and an invalid item replaces
+/// nothing. Each written item takes its user's rate-limit token.
+fn plan_batch(
+    state: &AppState,
+    items: &[BatchItem],
+    checked: Vec<Result<ValidUpdate, ApiError>>,
+) -> (Outcomes, Vec<(usize, ValidUpdate)>) {
+    let mut last_valid: HashMap<&str, usize> = HashMap::new();
+    for (i, (item, checked)) in items.iter().zip(&checked).enumerate() {
+        if checked.is_ok() {
+            last_valid.insert(item_user_id(item), i);
+        }
+    }
+    let mut outcomes: Outcomes = Vec::with_capacity(items.len());
+    let mut to_write = Vec::new();
+    for (i, (item, checked)) in items.iter().zip(checked).enumerate() {
+        let user_id = item_user_id(item);
+        match checked {
+            Err(err) => outcomes.push(Some(Err(err))),
+            Ok(_) if last_valid.get(user_id) != Some(&i) => outcomes.push(Some(Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "superseded",
+                "a later valid item in this batch sets the same user; only the last one is written",
+            )))),
+            Ok(update) => match state.limiter.check(user_id) {
+                Ok(()) => {
+                    to_write.push((i, update));
+                    outcomes.push(None);
+                }
+                Err(wait) => outcomes.push(Some(Err(ApiError::rate_limited(user_id, wait)))),
+            },
+        }
+    }
+    (outcomes, to_write)
+}
+
+/// The batch's answer: one result per item, in input order, and the counts.
+fn batch_answer(items: &[BatchItem], outcomes: Outcomes) -> BatchResponse<'_> {
     let results: Vec<BatchItemResult<'_>> = items
         .iter()
         .zip(outcomes)
@@ -374,12 +393,11 @@ async fn write_batch(state: &AppState, request: BatchRequest) -> Result<Response
         })
         .collect();
     let succeeded = results.iter().filter(|r| r.ok).count();
-    let body = BatchResponse {
+    BatchResponse {
         failed: results.len() - succeeded,
         succeeded,
         results,
-    };
-    Ok(Json(body).into_response())
+    }
 }
 
 fn item_user_id(item: &BatchItem) -> &str {
