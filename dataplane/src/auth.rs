@@ -186,7 +186,8 @@ impl Verifier {
     }
 
     /// Refuses tokens that live longer than `seconds`: `exp - iat`, or
-    /// `exp - now` for a token without `iat` or with one still ahead.
+    /// `exp - now` for a token without `iat`; an `iat` counts as at most
+    /// the clock skew allowed ahead of now.
     pub fn with_max_lifetime(mut self, seconds: Option<u64>) -> Self {
         self.max_lifetime = seconds;
         self
@@ -250,12 +251,12 @@ impl Verifier {
             return Err(AuthError::Invalid("empty 'sub' claim".into()));
         }
         if let Some(max) = self.max_lifetime {
-            // From `iat`, but never from a time still ahead: an `iat` in
-            // the future would otherwise let any lifetime through.
+            // From `iat`, but never from further ahead than the clock skew
+            // allowed: an `iat` far in the future would otherwise let any
+            // lifetime through, while an issuer a little ahead is normal.
             let now = now_secs();
-            let lifetime = claims
-                .exp
-                .saturating_sub(claims.iat.unwrap_or(now).min(now));
+            let start = claims.iat.unwrap_or(now).min(now + LEEWAY_SECS);
+            let lifetime = claims.exp.saturating_sub(start);
             if lifetime > max {
                 return Err(AuthError::Invalid(format!(
                     "token lives {lifetime} s; this service accepts at most {max} s"
@@ -438,7 +439,11 @@ mod tests {
         assert_eq!(v.verify(&long).unwrap_err().code(), "invalid_token");
         let no_iat = sign(&serde_json::json!({"sub": "a", "exp": now + 7200}));
         assert!(v.verify(&no_iat).is_err());
-        // An `iat` ahead of now doesn't move the lifetime's start.
+        // An issuer whose clock is a little ahead issues tokens of the
+        // full lifetime...
+        let skewed = sign(&serde_json::json!({"sub": "a", "exp": now + 5 + 3600, "iat": now + 5}));
+        assert!(v.verify(&skewed).is_ok());
+        // ...but an `iat` far ahead doesn't move the lifetime's start.
         let later = now + 1_000_000;
         let ahead = sign(&serde_json::json!({"sub": "a", "exp": later + 100, "iat": later}));
         assert_eq!(v.verify(&ahead).unwrap_err().code(), "invalid_token");

@@ -365,6 +365,9 @@ impl BatchItem {
     }
 }
 
+/// Most items one batch set may carry.
+pub const MAX_BATCH: usize = 1000;
+
 /// Body of `POST /api/v2/presence/batch`. Each item is kept as its JSON
 /// text and read on its own, so one malformed item fails alone instead of
 /// the whole batch.
@@ -372,7 +375,47 @@ impl BatchItem {
 pub struct BatchRequest {
     /// At most 1000 items; the last valid item for a user wins.
     #[schemars(length(max = 1000), with = "Vec<BatchItem>")]
-    pub presences: Vec<Box<serde_json::value::RawValue>>,
+    pub presences: BatchItems,
+}
+
+/// A batch's items as JSON texts: the first [`MAX_BATCH`] are kept, the
+/// rest only counted, so a body of tiny items (`[0,0,0,...]`) can't make
+/// a request hold hundreds of thousands of them.
+#[derive(Debug, Default)]
+pub struct BatchItems {
+    pub kept: Vec<Box<serde_json::value::RawValue>>,
+    /// How many items the batch has, kept or not.
+    pub count: usize,
+}
+
+impl<'de> Deserialize<'de> for BatchItems {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Items;
+        impl<'de> serde::de::Visitor<'de> for Items {
+            type Value = BatchItems;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array of presences")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<BatchItems, A::Error> {
+                let mut items = BatchItems::default();
+                while items.kept.len() < MAX_BATCH {
+                    match seq.next_element::<Box<serde_json::value::RawValue>>()? {
+                        Some(item) => items.kept.push(item),
+                        None => break,
+                    }
+                }
+                items.count = items.kept.len();
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    items.count += 1;
+                }
+                Ok(items)
+            }
+        }
+        deserializer.deserialize_seq(Items)
+    }
 }
 
 /// An update that passed validation, ready to be stamped and stored.
@@ -509,6 +552,24 @@ fn parse_expiry(raw: &str, now: OffsetDateTime) -> Result<OffsetDateTime, Valida
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A batch keeps at most MAX_BATCH items however many it carries, and
+    /// still knows how many that was (for `batch_too_large`).
+    #[test]
+    fn a_batch_keeps_at_most_its_limit_of_items() {
+        let tiny = format!(r#"{{"presences":[{}]}}"#, vec!["0"; 5000].join(","));
+        let batch: BatchRequest = serde_json::from_str(&tiny).expect("a batch");
+        assert_eq!(
+            (batch.presences.kept.len(), batch.presences.count),
+            (MAX_BATCH, 5000)
+        );
+        let small: BatchRequest =
+            serde_json::from_str(r#"{"presences":[{"userID":"a"}, 7]}"#).expect("a batch");
+        assert_eq!(small.presences.count, 2);
+        assert_eq!(small.presences.kept[1].get(), "7");
+        let refused = serde_json::from_str::<BatchRequest>(r#"{"presences":{}}"#);
+        assert!(refused.is_err_and(|e| e.to_string().contains("an array of presences")));
+    }
 
     #[test]
     fn a_cached_manual_status_stays_one_small_allocation() {

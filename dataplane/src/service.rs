@@ -420,10 +420,16 @@ impl PresenceService {
             return Ok(record.view(user_id, OffsetDateTime::now_utc()));
         };
         // The status's own sign of life, under the node that took it: like
-        // an expiry, a clear changes neither `updatedAt` nor `nodeID`.
+        // an expiry, a clear changes neither `updatedAt` nor `nodeID`. (A
+        // status another writer stored without a node ID is kept under
+        // this node's, rather than under none.)
         let kept = Seen {
             last_seen: manual.last_seen(),
-            node_id: manual.node_id.clone(),
+            node_id: if manual.node_id.is_empty() {
+                self.node_id.clone()
+            } else {
+                manual.node_id.clone()
+            },
         };
         let last_seen = kept.last_seen;
         // The status whose sign of life is kept below: only it is removed.
@@ -728,12 +734,27 @@ mod tests {
             (view.node_id.as_str(), view.updated_at, view.last_seen),
             ("a", set.updated_at, set.last_seen)
         );
-        let fresh = node(store, "c").record("v").await.unwrap();
+        let fresh = node(store.clone(), "c").record("v").await.unwrap();
         let view = fresh.view("v", OffsetDateTime::now_utc()).expect("known");
         assert_eq!(
             (view.node_id.as_str(), view.updated_at),
             ("a", set.updated_at)
         );
+
+        // A status stored by a writer that names no node (the Go service's
+        // older values): the clearing node stands in, not an empty name.
+        let update = ValidUpdate {
+            user_id: "w".into(),
+            ..busy("by go")
+        };
+        let anonymous = Presence::accepted(update, "", OffsetDateTime::now_utc());
+        let manual = Update::Manual(Some(Arc::new(anonymous)));
+        store
+            .write("w", &manual, None, Expect::Key(0))
+            .await
+            .unwrap();
+        let view = b.clear("w").await.unwrap().expect("a known user");
+        assert_eq!((view.status, view.node_id.as_str()), (Status::Offline, "b"));
     }
 
     fn beat(session: &str, status: &str) -> ValidHeartbeat {

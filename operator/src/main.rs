@@ -279,7 +279,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .collect();
             objects.extend(render::render(&cluster, &ctx, &inputs)?);
             print!("{}", render::to_yaml(&objects)?);
-            for note in render::advice::advice(&cluster.spec) {
+            for note in render::advice::advice(&cluster.spec, here) {
                 eprintln!("warning: {note}");
             }
         }

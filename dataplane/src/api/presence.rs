@@ -5,7 +5,8 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::cache::KeyHasher;
 use crate::model::{
-    BatchItem, BatchRequest, SetPresenceRequest, ValidUpdate, validate_update, validate_user_id,
+    BatchItem, BatchRequest, MAX_BATCH, SetPresenceRequest, ValidUpdate, validate_update,
+    validate_user_id,
 };
 use crate::record::PresenceView;
 use crate::store::StoreError;
@@ -19,8 +20,6 @@ use time::OffsetDateTime;
 
 /// Most users one multi-get may ask for.
 pub const MAX_MULTI_GET: usize = 100;
-/// Most items one batch set may carry.
-pub const MAX_BATCH: usize = 1000;
 
 fn not_found(user_id: &str) -> ApiError {
     ApiError::new(
@@ -281,18 +280,22 @@ pub async fn set_batch(
 type Outcomes = Vec<Option<Result<PresenceView, ApiError>>>;
 
 async fn write_batch(state: &AppState, request: BatchRequest) -> Result<Response, ApiError> {
-    if request.presences.len() > MAX_BATCH {
+    if request.presences.count > MAX_BATCH {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "batch_too_large",
             format!(
                 "at most {MAX_BATCH} presences per batch; got {}",
-                request.presences.len()
+                request.presences.count
             ),
         ));
     }
-    let (items, unreadable): (Vec<BatchItem>, Vec<Option<ApiError>>) =
-        request.presences.iter().map(|raw| read_item(raw)).unzip();
+    let (items, unreadable): (Vec<BatchItem>, Vec<Option<ApiError>>) = request
+        .presences
+        .kept
+        .iter()
+        .map(|raw| read_item(raw))
+        .unzip();
     let now = OffsetDateTime::now_utc();
     let checked: Vec<Result<ValidUpdate, ApiError>> = items
         .iter()

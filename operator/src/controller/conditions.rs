@@ -52,6 +52,8 @@ pub enum Reason {
     BucketUnavailable,
     /// Some region's NATS or presence-service pods aren't ready.
     RegionsNotReady,
+    /// Every region serves, but some still run pods of an older spec.
+    RollingOut,
     /// A leaf NATS server isn't connected to the hub.
     LeafnodeDisconnected,
     /// The paused annotation stops reconciling.
@@ -72,7 +74,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for tests and docs checks.
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Reason::AllRegionsReady,
         Reason::ReconcileComplete,
         Reason::AsExpected,
@@ -83,6 +85,7 @@ impl Reason {
         Reason::HubNotReady,
         Reason::BucketUnavailable,
         Reason::RegionsNotReady,
+        Reason::RollingOut,
         Reason::LeafnodeDisconnected,
         Reason::Paused,
         Reason::KubernetesApiError,
@@ -106,6 +109,7 @@ impl Reason {
             Reason::HubNotReady => "HubNotReady",
             Reason::BucketUnavailable => "BucketUnavailable",
             Reason::RegionsNotReady => "RegionsNotReady",
+            Reason::RollingOut => "RollingOut",
             Reason::LeafnodeDisconnected => "LeafnodeDisconnected",
             Reason::Paused => "Paused",
             Reason::KubernetesApiError => "KubernetesApiError",

@@ -121,6 +121,10 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// Leaf regions whose link metric each PresenceCluster last published.
     published_leaves: Mutex<HashMap<String, Vec<String>>>,
+    /// The generation each PresenceCluster was last advised on (see
+    /// [`render::advice`]): once per generation applied, and once after
+    /// the operator starts.
+    advised: Mutex<HashMap<String, Option<i64>>>,
 }
 
 impl Context {
@@ -142,7 +146,15 @@ impl Context {
             hub,
             failures: Mutex::new(HashMap::new()),
             published_leaves: Mutex::new(HashMap::new()),
+            advised: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether `pc`'s generation has not been advised on yet; it counts as
+    /// advised from now on.
+    fn first_advice(&self, pc: &PresenceCluster) -> bool {
+        let mut advised = self.advised.lock().unwrap_or_else(|p| p.into_inner());
+        advised.insert(key(pc), pc.meta().generation) != Some(pc.meta().generation)
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
@@ -206,6 +218,10 @@ impl Context {
             .unwrap_or_else(|p| p.into_inner());
         let leaves = published.remove(&key(pc)).unwrap_or_default();
         self.metrics.forget_cluster([&name, &namespace], &leaves);
+        self.advised
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key(pc));
     }
 }
 
@@ -331,10 +347,9 @@ async fn apply(
 ) -> Result<Action, Error> {
     let scope = render::Scope::new(pc, ns)?;
     let observed = observe(pc, ctx, &scope).await?;
-    let applied_before = pc.status.as_ref().and_then(|s| s.observed_generation);
-    if applied_before != pc.meta().generation && matches!(observed, Observed::Applied { .. }) {
-        // Once per generation: the advice depends on the spec alone.
-        for note in render::advice::advice(&pc.spec) {
+    // Once per generation applied: the advice depends on the spec alone.
+    if matches!(observed, Observed::Applied { .. }) && ctx.first_advice(pc) {
+        for note in render::advice::advice(&pc.spec, ctx.cluster_name.as_deref()) {
             publish(ctx, pc, EventReason::SpecAdvice, "Advise", note).await;
         }
     }

@@ -1,5 +1,6 @@
-//! Whether a workload's pods all run its current spec, by the rules
-//! `kubectl rollout status` uses. A ready count alone still counts the old
+//! Whether a workload's pods all run its current spec, after the rules of
+//! `kubectl rollout status` (a StatefulSet's revisions must also agree,
+//! which kubectl checks only without a partition). A ready count alone still counts the old
 //! pods of a rollout in progress: right after an edit that rolls pods, the
 //! status would say Ready (and Argo CD Healthy) before any pod runs it.
 //! Pure, so every rule is unit tested.

@@ -39,10 +39,12 @@ pub struct RegionObservation {
 
 impl RegionObservation {
     fn is_ready(&self) -> bool {
-        self.nats_ready >= self.nats_wanted
-            && self.dataplane_ready >= self.dataplane_wanted
-            && !self.nats_rolling
-            && !self.dataplane_rolling
+        self.is_serving() && !self.nats_rolling && !self.dataplane_rolling
+    }
+
+    /// Every wanted pod ready, whichever spec it runs.
+    fn is_serving(&self) -> bool {
+        self.nats_ready >= self.nats_wanted && self.dataplane_ready >= self.dataplane_wanted
     }
 
     /// How far the region is from ready, for Ready's message.
@@ -209,16 +211,19 @@ fn readiness(
             format!("the KV bucket can't be provisioned: {err}"),
         );
     }
-    let unready: Vec<String> = regions
-        .iter()
-        .filter(|r| !r.is_ready())
-        .map(RegionObservation::progress)
-        .collect();
+    let unready: Vec<&RegionObservation> = regions.iter().filter(|r| !r.is_ready()).collect();
     if !unready.is_empty() {
+        // Only rollouts left: every region serves meanwhile.
+        let reason = if unready.iter().all(|r| r.is_serving()) {
+            Reason::RollingOut
+        } else {
+            Reason::RegionsNotReady
+        };
+        let progress: Vec<String> = unready.iter().map(|r| r.progress()).collect();
         return (
             false,
-            Reason::RegionsNotReady,
-            format!("not ready yet: {}", unready.join(", ")),
+            reason,
+            format!("not ready yet: {}", progress.join(", ")),
         );
     }
     let disconnected: Vec<String> = regions
@@ -507,8 +512,8 @@ mod tests {
         assert_eq!(
             summary(&c),
             [
-                ("Ready", false, "RegionsNotReady"),
-                ("Progressing", true, "RegionsNotReady"),
+                ("Ready", false, "RollingOut"),
+                ("Progressing", true, "RollingOut"),
                 ("Degraded", false, "AsExpected")
             ]
         );
@@ -523,9 +528,13 @@ mod tests {
         // A hub rolling its servers one by one still serves the bucket.
         regions[1].dataplane_rolling = false;
         regions[0].nats_rolling = true;
+        let c = applied_with(regions.clone(), Some(Ok(())));
+        assert_eq!(c.conditions[0].reason, Reason::RollingOut);
+        assert!(c.conditions[0].message.contains("rolling out NATS"));
+        // A region short of pods too: not only a rollout any more.
+        regions[1].dataplane_ready = 1;
         let c = applied_with(regions, Some(Ok(())));
         assert_eq!(c.conditions[0].reason, Reason::RegionsNotReady);
-        assert!(c.conditions[0].message.contains("rolling out NATS"));
     }
 
     #[test]

@@ -12,24 +12,67 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 
-/// Annotations that keep GitOps tools from deleting the hub's volume
-/// claims. The StatefulSet makes the claims from its template, with the
-/// PresenceCluster's `app.kubernetes.io/instance` label and no owner, so
-/// Argo CD's label tracking, when its Application has the PresenceCluster's
-/// name, takes them for its own resources missing from Git: out of sync,
-/// and pruned (with the bucket's data) by a sync with pruning. The template
-/// can't change once the StatefulSet exists, so the live claims are marked.
-pub const GITOPS_KEEP: [(&str, &str); 2] = [
-    ("argocd.argoproj.io/sync-options", "Prune=false"),
-    ("argocd.argoproj.io/compare-options", "IgnoreExtraneous"),
+/// Options that keep GitOps tools from deleting the hub's volume claims,
+/// by annotation. The StatefulSet makes the claims from its template, with
+/// the PresenceCluster's `app.kubernetes.io/instance` label and no owner,
+/// so Argo CD's label tracking, when its Application has the
+/// PresenceCluster's name, takes them for its own resources missing from
+/// Git: out of sync, pruned by a sync that prunes, and deleted with the
+/// Application (the bucket's data with them). The template can't change
+/// once the StatefulSet exists, so the live claims are marked.
+pub const GITOPS_KEEP: [(&str, &[&str]); 2] = [
+    (
+        "argocd.argoproj.io/sync-options",
+        &["Prune=false", "Delete=false"],
+    ),
+    ("argocd.argoproj.io/compare-options", &["IgnoreExtraneous"]),
 ];
+
+/// The annotations to set on a claim that has `current` ones, so that it
+/// carries every [`GITOPS_KEEP`] option (an option of the same name is
+/// replaced, any other kept); `None` when it does already. Pure.
+pub fn gitops_annotations(
+    current: &std::collections::BTreeMap<String, String>,
+) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let name = |option: &str| {
+        option
+            .split('=')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    let mut patch = serde_json::Map::new();
+    for (key, wanted) in GITOPS_KEEP {
+        let have: Vec<&str> = current
+            .get(key)
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|o| !o.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if wanted.iter().all(|w| have.contains(w)) {
+            continue;
+        }
+        let mut options: Vec<&str> = have
+            .into_iter()
+            .filter(|o| wanted.iter().all(|w| name(w) != name(o)))
+            .collect();
+        options.extend(wanted.iter().copied());
+        patch.insert(key.to_owned(), options.join(",").into());
+    }
+    (!patch.is_empty()).then_some(patch)
+}
 
 /// One hub volume as the API server reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Claim {
     pub name: String,
-    /// Whether it carries every [`GITOPS_KEEP`] annotation.
-    pub kept: bool,
+    /// The annotations to add for GitOps tools, if any (see
+    /// [`gitops_annotations`]).
+    pub unmarked: Option<serde_json::Map<String, serde_json::Value>>,
     /// What the claim asks for.
     pub requested: Option<Quantity>,
     /// What the volume holds now (behind `requested` while it grows).
@@ -109,9 +152,7 @@ pub async fn inspect(
         .into_iter()
         .map(|claim| Claim {
             name: claim.name_any(),
-            kept: GITOPS_KEEP.iter().all(|(key, value)| {
-                claim.annotations().get(*key).map(String::as_str) == Some(*value)
-            }),
+            unmarked: gitops_annotations(claim.annotations()),
             requested: claim
                 .spec
                 .and_then(|s| s.resources)
@@ -126,17 +167,16 @@ pub async fn inspect(
     Ok(HubVolumes { template, claims })
 }
 
-/// Marks each hub claim that lacks them with the [`GITOPS_KEEP`]
-/// annotations; a failure is logged and tried again next reconcile (the
-/// claims serve on either way).
+/// Marks each hub claim that lacks them with the [`GITOPS_KEEP`] options;
+/// a failure is logged and tried again next reconcile (the claims serve on
+/// either way).
 pub async fn keep_from_gitops(ctx: &Context, scope: &render::Scope, volumes: &HubVolumes) {
     let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &scope.namespace);
-    let annotations: serde_json::Map<String, serde_json::Value> = GITOPS_KEEP
-        .iter()
-        .map(|(key, value)| ((*key).to_owned(), (*value).into()))
-        .collect();
-    let patch = serde_json::json!({"metadata": {"annotations": annotations}});
-    for claim in volumes.claims.iter().filter(|c| !c.kept) {
+    for claim in &volumes.claims {
+        let Some(annotations) = &claim.unmarked else {
+            continue;
+        };
+        let patch = serde_json::json!({"metadata": {"annotations": annotations}});
         if let Err(error) = api
             .patch(&claim.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -208,10 +248,38 @@ mod tests {
     fn claim(name: &str, requested: &str, capacity: &str) -> Claim {
         Claim {
             name: name.into(),
-            kept: true,
+            unmarked: None,
             requested: Some(q(requested)),
             capacity: Some(q(capacity)),
         }
+    }
+
+    #[test]
+    fn gitops_options_are_added_without_dropping_the_users() {
+        let annotations = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let (sync, compare) = (GITOPS_KEEP[0].0, GITOPS_KEEP[1].0);
+        let fresh = gitops_annotations(&annotations(&[])).expect("a patch");
+        assert_eq!(fresh[sync], "Prune=false,Delete=false");
+        assert_eq!(fresh[compare], "IgnoreExtraneous");
+        // The user's other options stay; a contrary one of ours is replaced.
+        let theirs = annotations(&[
+            (sync, "ServerSideApply=true, Prune=true"),
+            (compare, "IgnoreExtraneous"),
+        ]);
+        let patch = gitops_annotations(&theirs).expect("a patch");
+        assert_eq!(patch[sync], "ServerSideApply=true,Prune=false,Delete=false");
+        assert!(!patch.contains_key(compare), "already there");
+        // Marked already, in any order: nothing to do.
+        let marked = annotations(&[
+            (sync, "Delete=false,Prune=false"),
+            (compare, "IgnoreExtraneous"),
+        ]);
+        assert_eq!(gitops_annotations(&marked), None);
     }
 
     #[test]

@@ -391,7 +391,7 @@ async fn status_follows_readiness_and_the_bucket_is_provisioned_at_the_real_hub(
     let s = status(&fake);
     assert_eq!(
         condition(&s, "Ready"),
-        ("False".into(), "RegionsNotReady".into())
+        ("False".into(), "RollingOut".into())
     );
     let ready = find_condition(&s, "Ready");
     assert!(
@@ -857,6 +857,12 @@ async fn a_new_generation_with_single_points_of_failure_gets_advice() {
     // The same generation again: nothing new to say.
     reconcile(load(&fake), ctx.clone()).await.unwrap();
     assert_eq!(advice(&fake).len(), 1);
+    // A new generation is advised on again.
+    let mut pc = fake.get(&pc_path("p")).unwrap();
+    pc["metadata"]["generation"] = json!(2);
+    fake.insert(&pc_path("p"), pc);
+    reconcile(load(&fake), ctx.clone()).await.unwrap();
+    assert_eq!(advice(&fake).len(), 2);
     assert_rbac_allows(&fake.requests());
 }
 
@@ -998,7 +1004,7 @@ async fn a_larger_storage_size_grows_each_volume_and_keeps_the_template() {
     // Each claim is marked once, so that Argo CD's label tracking neither
     // reports it extraneous nor prunes it.
     let keep = json!({"metadata": {"annotations": {
-        "argocd.argoproj.io/sync-options": "Prune=false",
+        "argocd.argoproj.io/sync-options": "Prune=false,Delete=false",
         "argocd.argoproj.io/compare-options": "IgnoreExtraneous"}}});
     assert_eq!(
         claim_patches(&requests, "metadata"),

@@ -5,9 +5,15 @@
 
 use crate::crd::{PresenceClusterSpec, Region, Role};
 
-/// One piece of advice about `spec`, in the regions' order.
-pub fn advice(spec: &PresenceClusterSpec) -> Vec<String> {
-    let mut notes: Vec<String> = spec.regions().iter().flat_map(single_points).collect();
+/// One piece of advice about `spec`, in the regions' order: about the
+/// regions that run in the cluster `here` (`None`: all of them).
+pub fn advice(spec: &PresenceClusterSpec, here: Option<&str>) -> Vec<String> {
+    let mut notes: Vec<String> = spec
+        .regions()
+        .iter()
+        .filter(|region| super::is_here(region, here))
+        .flat_map(single_points)
+        .collect();
     if let Some(note) = unscrapable_metrics(spec) {
         notes.push(note);
     }
@@ -90,23 +96,35 @@ mod tests {
 
     #[test]
     fn single_pods_are_named_by_region() {
-        let notes = advice(&spec(json!({
-            "center": {"replicas": 3},
-            "leaves": [
-                {"name": "eu", "nats": {"replicas": 2}},
-                {"name": "us", "dataplane": {"replicas": 1}},
-                {"name": "ap", "nats": {"replicas": 2},
-                 "dataplane": {"autoscaling": {"minReplicas": 1, "maxReplicas": 4}}}
-            ]
-        })));
+        let notes = advice(
+            &spec(json!({
+                "center": {"replicas": 3},
+                "leaves": [
+                    {"name": "eu", "nats": {"replicas": 2}},
+                    {"name": "us", "dataplane": {"replicas": 1}},
+                    {"name": "ap", "nats": {"replicas": 2},
+                     "dataplane": {"autoscaling": {"minReplicas": 1, "maxReplicas": 4}}}
+                ]
+            })),
+            None,
+        );
         assert_eq!(notes.len(), 3, "{notes:#?}");
         assert!(notes[0].starts_with("region us: a single leaf NATS server"));
         assert!(notes[1].starts_with("region us: a single presence-service pod"));
         assert!(notes[2].starts_with("region ap: a single presence-service pod"));
         // The defaults: one hub server, two API pods per region.
-        let minimal = advice(&spec(json!({"center": {}})));
+        let minimal = advice(&spec(json!({"center": {}})), None);
         assert_eq!(minimal.len(), 1, "{minimal:#?}");
         assert!(minimal[0].contains("a single hub NATS server"));
+        // Each cluster's operator speaks of its own regions only.
+        let spread = spec(json!({
+            "center": {"replicas": 3, "cluster": "hub"},
+            "leaves": [{"name": "eu", "cluster": "eu"}, {"name": "us", "cluster": "us"}]
+        }));
+        let in_eu = advice(&spread, Some("eu"));
+        assert_eq!(in_eu.len(), 1, "{in_eu:#?}");
+        assert!(in_eu[0].starts_with("region eu:"));
+        assert!(advice(&spread, Some("hub")).is_empty());
     }
 
     #[test]
@@ -117,7 +135,7 @@ mod tests {
             if let (Some(map), Some(extra)) = (value.as_object_mut(), extra.as_object()) {
                 map.extend(extra.clone());
             }
-            advice(&spec(value))
+            advice(&spec(value), None)
         };
         let closed = with(json!({}));
         assert_eq!(closed.len(), 1, "{closed:#?}");

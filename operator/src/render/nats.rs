@@ -268,12 +268,18 @@ pub fn quantity_bytes(q: &str) -> Option<u64> {
         "G" => 1e9,
         "T" => 1e12,
         "P" => 1e15,
+        "E" => 1e18,
         "Ki" => 1024.0,
         "Mi" => 1024f64.powi(2),
         "Gi" => 1024f64.powi(3),
         "Ti" => 1024f64.powi(4),
         "Pi" => 1024f64.powi(5),
-        _ => return None,
+        "Ei" => 1024f64.powi(6),
+        // A decimal exponent: `1e9`, `2E6`.
+        exponent => {
+            let digits = exponent.strip_prefix(['e', 'E'])?;
+            10f64.powi(digits.parse::<i32>().ok()?)
+        }
     };
     let bytes = value * multiplier;
     (bytes.is_finite() && bytes >= 0.0).then_some(bytes as u64)
@@ -568,7 +574,12 @@ fn secret_env(name: &str, selector: SecretKeySelector) -> EnvVar {
 /// the kernel's OOM killer ends the server (and a hub's JetStream with it).
 fn go_memory_limit(region: &Region<'_>) -> Option<u64> {
     let limit = region.nats_resources?.limits.as_ref()?.get("memory")?;
-    quantity_bytes(&limit.0).map(|bytes| bytes / 10 * 9)
+    // Below that, no NATS server runs; a tiny GOMEMLIMIT would only make
+    // its garbage collector run without pause.
+    const SMALLEST: u64 = 32 * 1024 * 1024;
+    quantity_bytes(&limit.0)
+        .filter(|bytes| *bytes >= SMALLEST)
+        .map(|bytes| bytes / 10 * 9)
 }
 
 /// The container's environment: its pod name, the Go memory limit, and the secrets its config
@@ -838,6 +849,14 @@ mod tests {
         assert_eq!(quantity_bytes("1024"), Some(1024));
         assert_eq!(quantity_bytes("1.5Ki"), Some(1536));
         assert_eq!(quantity_bytes("10Zi"), None);
+        assert_eq!(quantity_bytes("1e9"), Some(1_000_000_000));
+        assert_eq!(quantity_bytes("2E6"), Some(2_000_000));
+        assert_eq!(quantity_bytes("1E"), Some(1_000_000_000_000_000_000));
+        assert_eq!(
+            quantity_bytes("500m"),
+            None,
+            "milli-bytes are no memory size"
+        );
         assert_eq!(quantity_bytes("lots"), None);
     }
 
