@@ -357,6 +357,23 @@ async fn a_stopping_node_serves_on_not_ready_for_its_shutdown_delay() {
     let (status, log) = center.terminate_logged();
     assert_eq!(status.code(), Some(0), "exit status {status:?}\n{log}");
     assert!(log.contains("second signal"), "{log}");
+
+    // Without a second signal the node stops when the delay ends.
+    let mut brief = Service::start(
+        dir.path(),
+        ServiceSpec {
+            node_id: "center-2",
+            node_type: "center",
+            nats_url: hub.url(),
+            extra_env: vec![("SHUTDOWN_DELAY_SECS", "1".into())],
+        },
+    )
+    .await;
+    brief.signal_term();
+    let status = tokio::task::spawn_blocking(move || brief.wait_exit())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -29,11 +29,15 @@ fn free_block() -> (u16, u16) {
     ];
     for _ in 0..100 {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        // Six blocks from 10001 to 19217: below testkit::free_port's range
+        // and the kernel's ephemeral ports (32768 and up), which any
+        // outgoing connection may take between the check and the bind
+        // (seen here: the metrics port "already in use").
         let block = (std::process::id()
             .wrapping_mul(37)
             .wrapping_add(n.wrapping_mul(997)))
-            % 25;
-        let base = 20_001 + u16::try_from(block).unwrap_or(0) * 1600;
+            % 6;
+        let base = 10_001 + u16::try_from(block).unwrap_or(0) * 1600;
         let nats = base + 10;
         let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
         if (0..5).all(|o| free(base - 2 + o)) && nats_offsets.iter().all(|o| free(nats + o)) {

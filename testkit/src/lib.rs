@@ -128,16 +128,22 @@ impl Proc {
     }
 
     /// Sends SIGTERM and waits for the exit status.
-    pub fn terminate(mut self) -> std::process::ExitStatus {
+    pub fn terminate(self) -> std::process::ExitStatus {
         let _ = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status();
+        self.wait_exit("SIGTERM")
+    }
+
+    /// Waits (30 s at most) for the process to exit by itself, after
+    /// `cause`, which the failure names.
+    pub fn wait_exit(mut self, cause: &str) -> std::process::ExitStatus {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "{} ignored SIGTERM", self.name);
+            assert!(Instant::now() < deadline, "{} ignored {cause}", self.name);
             std::thread::sleep(Duration::from_millis(20));
         }
     }

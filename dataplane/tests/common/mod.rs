@@ -119,6 +119,15 @@ impl Service {
         assert!(status.success(), "kill -TERM {pid}");
     }
 
+    /// Waits for the process to exit by itself (after a signal sent
+    /// earlier) and returns the exit status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        self.proc
+            .take()
+            .expect("service is running")
+            .wait_exit("its shutdown")
+    }
+
     /// Sends SIGTERM and returns the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         self.proc.take().expect("service is running").terminate()
