@@ -483,6 +483,14 @@ async fn multi_get_lists_found_and_missing() {
 async fn batch_set_reports_each_item() {
     let s = single().await;
     let batch_url = s.svc.url("/api/v2/presence/batch");
+    // A batch sent by a writer for anyone.
+    let send = |body: Value| {
+        s.client
+            .post(&batch_url)
+            .header("Authorization", bearer("svc", "presence:write"))
+            .json(&body)
+            .send()
+    };
     let body = json!({"presences": [
         {"userID": "user1", "status": "online", "message": "Available"},
         {"userID": "user2", "status": "busy", "message": "Focus time"},
@@ -500,14 +508,7 @@ async fn batch_set_reports_each_item() {
         .unwrap();
     assert_eq!(error_code(response).await, (403, "forbidden".into()));
 
-    let response = s
-        .client
-        .post(&batch_url)
-        .header("Authorization", bearer("svc", "presence:write"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let response = send(body).await.unwrap();
     assert_eq!(response.status(), 200);
     let result: Value = response.json().await.unwrap();
     assert_eq!(result["succeeded"], 2);
@@ -542,14 +543,7 @@ async fn batch_set_reports_each_item() {
         5,
         {"userID": "fine", "status": "away"},
     ]});
-    let response = s
-        .client
-        .post(&batch_url)
-        .header("Authorization", bearer("svc", "presence:write"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let response = send(body).await.unwrap();
     assert_eq!(response.status(), 200);
     let result: Value = response.json().await.unwrap();
     let outcome: Vec<(&str, &str)> = result["results"]
@@ -583,38 +577,17 @@ async fn batch_set_reports_each_item() {
     let thousand: Vec<Value> = (0..1000)
         .map(|i| json!({"userID": format!("bulk-{i}"), "status": "online"}))
         .collect();
-    let response = s
-        .client
-        .post(&batch_url)
-        .header("Authorization", bearer("svc", "presence:write"))
-        .json(&json!({"presences": thousand}))
-        .send()
-        .await
-        .unwrap();
+    let response = send(json!({"presences": thousand})).await.unwrap();
     assert_eq!(response.status(), 200);
     let result: Value = response.json().await.unwrap();
     assert_eq!(result["succeeded"], 1000);
     assert_eq!(get(&s.client, &s.svc, "bulk-999").await.0, 200);
     let mut too_many = thousand.clone();
     too_many.push(json!({"userID": "one-more", "status": "online"}));
-    let response = s
-        .client
-        .post(&batch_url)
-        .header("Authorization", bearer("svc", "presence:write"))
-        .json(&json!({"presences": too_many}))
-        .send()
-        .await
-        .unwrap();
+    let response = send(json!({"presences": too_many})).await.unwrap();
     assert_eq!(error_code(response).await, (413, "batch_too_large".into()));
     for bad in [json!({}), json!({"presences": "x"}), json!([1])] {
-        let response = s
-            .client
-            .post(&batch_url)
-            .header("Authorization", bearer("svc", "presence:write"))
-            .json(&bad)
-            .send()
-            .await
-            .unwrap();
+        let response = send(bad.clone()).await.unwrap();
         assert_eq!(
             error_code(response).await,
             (400, "invalid_json".into()),

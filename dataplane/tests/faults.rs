@@ -254,10 +254,8 @@ async fn sigterm_finishes_in_flight_requests_before_exiting() {
     let mut center = Service::start(
         dir.path(),
         ServiceSpec {
-            node_id: "center-1",
-            node_type: "center",
-            nats_url: hub.url(),
             extra_env: vec![("WRITE_TIMEOUT_MS", "3000".into())],
+            ..ServiceSpec::new("center-1", "center", hub.url())
         },
     )
     .await;
@@ -303,11 +301,9 @@ async fn a_stopping_node_serves_on_not_ready_for_its_shutdown_delay() {
     let mut center = Service::start(
         dir.path(),
         ServiceSpec {
-            node_id: "center-1",
-            node_type: "center",
-            nats_url: hub.url(),
             // Far longer than the test: only the second signal ends it.
             extra_env: vec![("SHUTDOWN_DELAY_SECS", "300".into())],
+            ..ServiceSpec::new("center-1", "center", hub.url())
         },
     )
     .await;
@@ -362,10 +358,8 @@ async fn a_stopping_node_serves_on_not_ready_for_its_shutdown_delay() {
     let mut brief = Service::start(
         dir.path(),
         ServiceSpec {
-            node_id: "center-2",
-            node_type: "center",
-            nats_url: hub.url(),
             extra_env: vec![("SHUTDOWN_DELAY_SECS", "1".into())],
+            ..ServiceSpec::new("center-2", "center", hub.url())
         },
     )
     .await;
