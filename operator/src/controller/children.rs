@@ -30,6 +30,8 @@ pub struct Counts {
     pub nats_rolling: bool,
     /// Some presence-service pod still runs an older spec.
     pub dataplane_rolling: bool,
+    /// The presence-service rollout passed its progress deadline.
+    pub dataplane_stalled: bool,
 }
 
 /// Counts by region name.
@@ -99,6 +101,7 @@ async fn apply_all(client: &Client, ns: &str, children: &[Child]) -> Result<Regi
                 // Under autoscaling the live count is the autoscaler's.
                 entry.dataplane_wanted = applied.spec.replicas.or(o.spec.replicas).unwrap_or(1);
                 entry.dataplane_rolling = super::rollout::deployment_rolling(&applied);
+                entry.dataplane_stalled = super::rollout::deployment_stalled(&applied);
                 entry.dataplane_ready = applied.status.and_then(|s| s.ready_replicas).unwrap_or(0);
             }
         }

@@ -54,6 +54,8 @@ pub enum Reason {
     RegionsNotReady,
     /// Every region serves, but some still run pods of an older spec.
     RollingOut,
+    /// A presence-service rollout passed its progress deadline.
+    RolloutStalled,
     /// A leaf NATS server isn't connected to the hub.
     LeafnodeDisconnected,
     /// The paused annotation stops reconciling.
@@ -74,7 +76,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for tests and docs checks.
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 20] = [
         Reason::AllRegionsReady,
         Reason::ReconcileComplete,
         Reason::AsExpected,
@@ -86,6 +88,7 @@ impl Reason {
         Reason::BucketUnavailable,
         Reason::RegionsNotReady,
         Reason::RollingOut,
+        Reason::RolloutStalled,
         Reason::LeafnodeDisconnected,
         Reason::Paused,
         Reason::KubernetesApiError,
@@ -110,6 +113,7 @@ impl Reason {
             Reason::BucketUnavailable => "BucketUnavailable",
             Reason::RegionsNotReady => "RegionsNotReady",
             Reason::RollingOut => "RollingOut",
+            Reason::RolloutStalled => "RolloutStalled",
             Reason::LeafnodeDisconnected => "LeafnodeDisconnected",
             Reason::Paused => "Paused",
             Reason::KubernetesApiError => "KubernetesApiError",

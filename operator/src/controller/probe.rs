@@ -271,6 +271,7 @@ pub fn regions(
                 dataplane_wanted: c.dataplane_wanted,
                 nats_rolling: c.nats_rolling,
                 dataplane_rolling: c.dataplane_rolling,
+                dataplane_stalled: c.dataplane_stalled,
                 leafnode_connected: linked.zip(links).and_then(|(n, l)| {
                     let all = n >= region.nats_replicas;
                     // A missing link may be on a hub server that didn't answer.

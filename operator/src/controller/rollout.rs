@@ -24,6 +24,23 @@ pub fn deployment_rolling(deployment: &Deployment) -> bool {
         || status.replicas.unwrap_or(0) > updated
 }
 
+/// Whether the Deployment's controller gave up waiting for its rollout:
+/// its `Progressing` condition is `False` with `ProgressDeadlineExceeded`
+/// (new pods that never become ready: a bad image, a crash loop, no room).
+pub fn deployment_stalled(deployment: &Deployment) -> bool {
+    deployment
+        .status
+        .as_ref()
+        .and_then(|status| status.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .any(|c| {
+            c.type_.as_deref() == Some("Progressing")
+                && c.status.as_deref() == Some("False")
+                && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+        })
+}
+
 /// Whether the StatefulSet still has pods of an older revision, or has not
 /// seen its latest spec yet (`OnDelete` updates are the user's to finish).
 pub fn stateful_set_rolling(set: &StatefulSet) -> bool {
@@ -99,6 +116,19 @@ mod tests {
         }))
         .expect("a Deployment");
         assert!(deployment_rolling(&created));
+    }
+
+    #[test]
+    fn a_deployment_past_its_progress_deadline_is_stalled() {
+        let condition = |status: &str, reason: &str| {
+            json!({"observedGeneration": 2, "replicas": 3, "updatedReplicas": 1,
+                   "conditions": [{"type": "Progressing", "status": status, "reason": reason}]})
+        };
+        let stalled = deployment(2, 2, condition("False", "ProgressDeadlineExceeded"));
+        assert!(deployment_stalled(&stalled) && deployment_rolling(&stalled));
+        let going = deployment(2, 2, condition("True", "ReplicaSetUpdated"));
+        assert!(!deployment_stalled(&going));
+        assert!(!deployment_stalled(&deployment(1, 1, json!({}))));
     }
 
     #[test]

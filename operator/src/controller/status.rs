@@ -29,6 +29,8 @@ pub struct RegionObservation {
     pub nats_rolling: bool,
     /// Some presence-service pod still runs an older spec.
     pub dataplane_rolling: bool,
+    /// The presence-service rollout passed its progress deadline.
+    pub dataplane_stalled: bool,
     /// For a leaf: whether the hub lists every one of its servers as a
     /// leafnode; `None` for the center, or when not every hub server could
     /// be asked and the missing links may be on the one that wasn't.
@@ -270,26 +272,7 @@ fn applied(
     } else {
         ConditionUpdate::new(ConditionType::Progressing, true, reason, message.clone())
     };
-    let degraded = match (bucket, storage) {
-        (Some(Err(err)), _) => ConditionUpdate::new(
-            ConditionType::Degraded,
-            true,
-            Reason::BucketUnavailable,
-            err.clone(),
-        ),
-        (_, Err(err)) => ConditionUpdate::new(
-            ConditionType::Degraded,
-            true,
-            Reason::StorageExpansionFailed,
-            err.clone(),
-        ),
-        _ => ConditionUpdate::new(
-            ConditionType::Degraded,
-            false,
-            Reason::AsExpected,
-            "no problems found",
-        ),
-    };
+    let degraded = degraded(regions, bucket, storage);
     Computed {
         conditions: triple(
             ConditionUpdate::new(ConditionType::Ready, ready, reason, message),
@@ -308,6 +291,41 @@ fn applied(
             REQUEUE_PROGRESSING
         }),
     }
+}
+
+/// Degraded's verdict: the first problem that needs someone to act.
+fn degraded(
+    regions: &[RegionObservation],
+    bucket: Option<&Result<(), String>>,
+    storage: &Result<(), String>,
+) -> ConditionUpdate {
+    let stalled: Vec<&str> = regions
+        .iter()
+        .filter(|r| r.dataplane_stalled)
+        .map(|r| r.name.as_str())
+        .collect();
+    let (reason, message) = match (bucket, storage) {
+        (Some(Err(err)), _) => (Reason::BucketUnavailable, err.clone()),
+        (_, Err(err)) => (Reason::StorageExpansionFailed, err.clone()),
+        _ if !stalled.is_empty() => (
+            Reason::RolloutStalled,
+            format!(
+                "presence-service's rollout passed its progress deadline in {}: its new pods \
+                 don't become ready (see `kubectl rollout status` and the new pods' events); \
+                 the old pods serve meanwhile",
+                stalled.join(", ")
+            ),
+        ),
+        _ => {
+            return ConditionUpdate::new(
+                ConditionType::Degraded,
+                false,
+                Reason::AsExpected,
+                "no problems found",
+            );
+        }
+    };
+    ConditionUpdate::new(ConditionType::Degraded, true, reason, message)
 }
 
 /// The condition a failed reconcile leaves: Degraded with the failure.
@@ -351,6 +369,7 @@ mod tests {
             dataplane_wanted: dataplane.1,
             nats_rolling: false,
             dataplane_rolling: false,
+            dataplane_stalled: false,
             leafnode_connected: leaf,
             leaf_servers_linked: leaf.map(|l| if l { nats.1 } else { 0 }),
         }
@@ -533,8 +552,17 @@ mod tests {
         assert!(c.conditions[0].message.contains("rolling out NATS"));
         // A region short of pods too: not only a rollout any more.
         regions[1].dataplane_ready = 1;
-        let c = applied_with(regions, Some(Ok(())));
+        let c = applied_with(regions.clone(), Some(Ok(())));
         assert_eq!(c.conditions[0].reason, Reason::RegionsNotReady);
+        // A rollout past its deadline needs someone to act: Degraded.
+        regions[1].dataplane_rolling = true;
+        regions[1].dataplane_stalled = true;
+        let c = applied_with(regions, Some(Ok(())));
+        assert_eq!(
+            (c.conditions[2].status, c.conditions[2].reason),
+            (Some(true), Reason::RolloutStalled)
+        );
+        assert!(c.conditions[2].message.contains("in eu"));
     }
 
     #[test]
