@@ -42,20 +42,20 @@ pub enum Audience {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Claims {
     pub sub: String,
-    #[serde(deserialize_with = "required_numeric_date")]
+    #[serde(deserialize_with = "exp_date")]
     pub exp: u64,
     /// When the token was issued; a NumericDate may be fractional.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        deserialize_with = "numeric_date"
+        deserialize_with = "iat_date"
     )]
     pub iat: Option<u64>,
     /// Not before (checked by the validation, with the leeway).
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        deserialize_with = "numeric_date"
+        deserialize_with = "nbf_date"
     )]
     pub nbf: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -68,16 +68,33 @@ pub struct Claims {
 
 /// Reads an optional NumericDate (RFC 7519: seconds, possibly fractional)
 /// as whole seconds; a negative or absurd value reads as 0 or saturates.
-fn numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    let number = Option::<serde_json::Number>::deserialize(d)?;
+/// A NumericDate claim (seconds since 1970, maybe fractional); an error
+/// names the claim, as serde's own messages don't.
+fn numeric_date_of<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    claim: &str,
+) -> Result<Option<u64>, D::Error> {
+    let number = Option::<serde_json::Number>::deserialize(d).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "'{claim}' must be a NumericDate (seconds since 1970): {e}"
+        ))
+    })?;
     Ok(number.map(|n| {
         n.as_u64()
             .unwrap_or_else(|| n.as_f64().map_or(0, |f| f.max(0.0) as u64))
     }))
 }
 
-fn required_numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    numeric_date(d)?.ok_or_else(|| serde::de::Error::custom("a NumericDate is required"))
+fn exp_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    numeric_date_of(d, "exp")?.ok_or_else(|| serde::de::Error::custom("'exp' is required"))
+}
+
+fn iat_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    numeric_date_of(d, "iat")
+}
+
+fn nbf_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    numeric_date_of(d, "nbf")
 }
 
 /// An authenticated caller.
@@ -235,13 +252,18 @@ impl Verifier {
                     ErrorKind::InvalidAlgorithm => {
                         AuthError::Invalid("only HS256 tokens are accepted".into())
                     }
-                    ErrorKind::MissingRequiredClaim(claim) => {
-                        AuthError::Invalid(format!("missing required claim '{claim}'"))
-                    }
+                    ErrorKind::MissingRequiredClaim(claim) => AuthError::Invalid(format!(
+                        "claim '{claim}' is missing or not a NumericDate (seconds since 1970)"
+                    )),
                     ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer".into()),
                     ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience".into()),
                     ErrorKind::ImmatureSignature => {
                         AuthError::Invalid("token not yet valid".into())
+                    }
+                    // The claims' JSON: say what is wrong with it (a
+                    // missing `sub`, a `scope` of the wrong type).
+                    ErrorKind::Json(json) => {
+                        AuthError::Invalid(format!("malformed token claims: {json}"))
                     }
                     _ => AuthError::Invalid("malformed token".into()),
                 }
@@ -423,6 +445,24 @@ mod tests {
             &EncodingKey::from_secret(SECRET.as_bytes()),
         )
         .unwrap()
+    }
+
+    /// A token refused for its claims says which claim is wrong.
+    #[test]
+    fn bad_claims_are_named() {
+        let v = Verifier::new(SECRET, None, None);
+        let now = now_secs();
+        let message = |claims: serde_json::Value| match v.verify(&sign(&claims)) {
+            Err(AuthError::Invalid(message)) => message,
+            other => panic!("{claims}: {other:?}"),
+        };
+        assert!(message(serde_json::json!({"exp": now + 60})).contains("sub"));
+        for exp in [serde_json::json!(-1), serde_json::json!("soon")] {
+            let text = message(serde_json::json!({"sub": "a", "exp": exp}));
+            assert!(text.contains("'exp'"), "{text}");
+        }
+        let text = message(serde_json::json!({"sub": "a", "exp": now + 60, "scope": 7}));
+        assert!(text.contains("malformed token claims"), "{text}");
     }
 
     #[test]
