@@ -1038,7 +1038,11 @@ fn nats_pods_know_their_memory_limits() {
             .expect("the exporter sidecar (monitoring is on)");
         let resources = exporter.resources.expect("the exporter's resources");
         assert!(resources.requests.is_some_and(|r| r.contains_key("memory")));
-        assert!(resources.limits.is_some_and(|l| l.contains_key("memory")));
+        assert!(
+            resources
+                .limits
+                .is_some_and(|l| l.contains_key("memory") && l.contains_key("cpu"))
+        );
     }
 }
 

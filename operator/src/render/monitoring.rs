@@ -60,9 +60,9 @@ pub fn exporter_sidecar(spec: &PresenceClusterSpec, region: &Region<'_>) -> Cont
 }
 
 /// The sidecar's share of its pod: it scrapes one local server every few
-/// seconds (about 15 MiB in use). Requests, so that namespaces whose quota
-/// requires them schedule the pod; a memory limit, so that it can never
-/// take memory from the NATS server beside it.
+/// seconds (about 15 MiB in use). Requests and limits, so that namespaces
+/// whose quota requires them schedule the pod, and so that it can never
+/// take memory or much CPU from the NATS server beside it.
 fn exporter_resources() -> ResourceRequirements {
     let quantity = |q: &str| Quantity(q.to_owned());
     ResourceRequirements {
@@ -70,7 +70,10 @@ fn exporter_resources() -> ResourceRequirements {
             ("cpu".to_owned(), quantity("10m")),
             ("memory".to_owned(), quantity("32Mi")),
         ])),
-        limits: Some(BTreeMap::from([("memory".to_owned(), quantity("64Mi"))])),
+        limits: Some(BTreeMap::from([
+            ("cpu".to_owned(), quantity("100m")),
+            ("memory".to_owned(), quantity("64Mi")),
+        ])),
         ..Default::default()
     }
 }
