@@ -189,6 +189,32 @@ async fn user_ids_with_any_characters_are_stored_and_kept_apart() {
         assert_eq!(body["sessions"][0]["id"], "tab", "{id}");
         let response = as_the_user(s.client.delete(&url)).await.unwrap();
         assert_eq!(response.status(), 200, "{id}");
+        // ...and clear a manual status through the literal path.
+        let response = s
+            .client
+            .post(s.svc.url("/api/v2/presence/batch"))
+            .header("Authorization", bearer("svc", "presence:write"))
+            .json(&json!({"presences": [{"userID": id, "status": "busy"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let literal = s.svc.url(&format!("/api/v2/presence/{id}"));
+        let response = as_the_user(s.client.delete(&literal)).await.unwrap();
+        assert_eq!(response.status(), 200, "{id}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(
+            (&body["userID"], &body["status"]),
+            (&json!(id), &json!("offline"))
+        );
+        let response = s
+            .client
+            .delete(&literal)
+            .header("Authorization", bearer("someone-else", ""))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_code(response).await, (403, "forbidden".into()));
     }
     let long = "x".repeat(256);
     assert_eq!(

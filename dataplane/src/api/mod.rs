@@ -333,11 +333,15 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v2/presence", get(presence::get_many))
         .route(
             "/api/v2/presence/batch",
-            post(presence::set_batch).get(presence::get_user_named_batch),
+            post(presence::set_batch)
+                .get(presence::get_user_named_batch)
+                .delete(presence::clear_user_named_batch),
         )
         .route(
             "/api/v2/presence/stream",
-            get(stream::open).post(presence::set_user_named_stream),
+            get(stream::open)
+                .post(presence::set_user_named_stream)
+                .delete(presence::clear_user_named_stream),
         )
         .route(
             front::ONE_PRESENCE,

@@ -116,8 +116,8 @@ const USER_ID: PathParam = PathParam {
     name: "userID",
     description: "The user: 1 to 256 bytes of UTF-8 without control characters, \
         percent-encoded. The IDs `batch` and `stream` are served by those literal paths \
-        (`GET /api/v2/presence/batch`, `POST /api/v2/presence/stream`), as OpenAPI matches \
-        literal paths first.",
+        (`GET` and `DELETE /api/v2/presence/batch`, `POST` and `DELETE \
+        /api/v2/presence/stream`), as OpenAPI matches literal paths first.",
     max_bytes: MAX_USER_ID_BYTES,
     literal_paths: &["batch", "stream"],
 };
@@ -319,6 +319,29 @@ pub const OPERATIONS: &[Operation] = &[
         errors: &[UNAUTHORIZED, (404, &["presence_not_found"]), READ_FAILED],
     },
     Operation {
+        method: "delete",
+        path: "/api/v2/presence/batch",
+        id: "clearPresenceOfUserBatch",
+        tag: "presence",
+        summary: "Clear the manual status of the user named `batch`",
+        description: "`DELETE /api/v2/presence/{userID}` for the user ID `batch`, whose path \
+            is shared with the batch set.",
+        auth: Auth::OwnUserOrWriteScope,
+        path_params: &[],
+        query: None,
+        last_event_id: false,
+        request: None,
+        replies: &[PRESENCE],
+        errors: &[
+            UNAUTHORIZED,
+            FORBIDDEN,
+            (404, &["presence_not_found"]),
+            RATE_LIMITED,
+            NOT_STORABLE,
+            WRITE_FAILED,
+        ],
+    },
+    Operation {
         method: "put",
         path: "/api/v2/presence/{userID}/sessions/{sessionID}",
         id: "heartbeatSession",
@@ -443,6 +466,29 @@ pub const OPERATIONS: &[Operation] = &[
             FORBIDDEN,
             SLOW_BODY,
             TOO_LARGE,
+            RATE_LIMITED,
+            NOT_STORABLE,
+            WRITE_FAILED,
+        ],
+    },
+    Operation {
+        method: "delete",
+        path: "/api/v2/presence/stream",
+        id: "clearPresenceOfUserStream",
+        tag: "presence",
+        summary: "Clear the manual status of the user named `stream`",
+        description: "`DELETE /api/v2/presence/{userID}` for the user ID `stream`, whose path \
+            is shared with the change stream.",
+        auth: Auth::OwnUserOrWriteScope,
+        path_params: &[],
+        query: None,
+        last_event_id: false,
+        request: None,
+        replies: &[PRESENCE],
+        errors: &[
+            UNAUTHORIZED,
+            FORBIDDEN,
+            (404, &["presence_not_found"]),
             RATE_LIMITED,
             NOT_STORABLE,
             WRITE_FAILED,

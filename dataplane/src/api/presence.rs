@@ -88,11 +88,37 @@ pub async fn clear_one(
     caller: Caller,
     UserIdPath(user_id): UserIdPath,
 ) -> Result<Json<PresenceView>, ApiError> {
-    check_writer(&caller, &user_id)?;
-    check_limit(&state, &user_id)?;
-    match state.service.clear(&user_id).await? {
+    clear_manual(&state, &caller, &user_id).await
+}
+
+/// `DELETE /api/v2/presence/batch` and `.../stream`: those routes are
+/// shared with the batch set and the change stream, so users whose IDs
+/// are literally `batch` or `stream` can still clear their status.
+pub async fn clear_user_named_batch(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<PresenceView>, ApiError> {
+    clear_manual(&state, &caller, "batch").await
+}
+
+/// See [`clear_user_named_batch`].
+pub async fn clear_user_named_stream(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<PresenceView>, ApiError> {
+    clear_manual(&state, &caller, "stream").await
+}
+
+async fn clear_manual(
+    state: &AppState,
+    caller: &Caller,
+    user_id: &str,
+) -> Result<Json<PresenceView>, ApiError> {
+    check_writer(caller, user_id)?;
+    check_limit(state, user_id)?;
+    match state.service.clear(user_id).await? {
         Some(view) => Ok(Json(view)),
-        None => Err(not_found(&user_id)),
+        None => Err(not_found(user_id)),
     }
 }
 
