@@ -370,6 +370,58 @@ async fn a_stopping_node_serves_on_not_ready_for_its_shutdown_delay() {
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
 }
 
+/// At the center, "no responders" means the bucket's stream has no leader
+/// for the moment (a hub election, the bucket being created again): a
+/// write waits for one, within `WRITE_TIMEOUT_MS`, instead of failing at
+/// once. (A leaf still fails at once: see the hub-kill test.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_center_write_waits_out_a_moment_without_the_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Nats::hub(dir.path()).await;
+    let center = Service::start(
+        dir.path(),
+        ServiceSpec {
+            extra_env: vec![("WRITE_TIMEOUT_MS", "10000".into())],
+            ..ServiceSpec::new("center-1", "center", hub.url())
+        },
+    )
+    .await;
+    let nats = async_nats::connect(hub.url())
+        .await
+        .expect("connect to the hub");
+    let js = async_nats::jetstream::with_domain(nats, "hub");
+    js.delete_stream("KV_PRESENCE")
+        .await
+        .expect("delete the bucket");
+    let url = center.presence_url("waited");
+    let write = tokio::spawn(async move {
+        http()
+            .post(url)
+            .header("Authorization", bearer("waited", ""))
+            .json(&serde_json::json!({"status": "busy", "message": "kept"}))
+            .send()
+            .await
+    });
+    // Let the write meet the missing stream first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The bucket is back (the center would create it again by itself; it
+    // may have already, which is as good).
+    let _ = js
+        .create_key_value(presence_contract::bucket::config("PRESENCE", 1))
+        .await;
+    let response = write.await.unwrap().expect("the write is answered");
+    assert_eq!(response.status(), 200);
+    // It is in the bucket: a node that starts now reads it from there.
+    let fresh = Service::start(dir.path(), ServiceSpec::new("fresh", "center", hub.url())).await;
+    let client = http();
+    wait_until(
+        "the fresh node to serve the write",
+        READY_TIMEOUT,
+        || async { get(&client, &fresh, "waited").await.1["message"] == "kept" },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hub_that_lost_its_disk_gets_a_new_bucket_and_no_node_serves_stale_data() {
     let mut c = Cluster::start().await;

@@ -314,6 +314,51 @@ impl NatsStore {
     }
 }
 
+impl NatsStore {
+    /// Publishes one write and waits for its acknowledgement, within the
+    /// write timeout from `started`.
+    ///
+    /// At the center, "no responders" is tried again until the timeout:
+    /// its NATS server is the hub, so nobody answering means the bucket's
+    /// stream has no leader for the moment (an election after a hub server
+    /// died, about 1.5 s of a 5 s failover in `dev-ha`, or the bucket being
+    /// created again) and nothing was stored, so the same write, with the
+    /// same expectation, is safe to send again. A leaf gets the same answer
+    /// when its link to the hub is down, and must fail at once.
+    async fn publish(
+        &self,
+        subject: String,
+        message: PublishMessage,
+        started: Instant,
+    ) -> Result<u64, StoreError> {
+        let deadline = tokio::time::Instant::from_std(started + self.write_timeout);
+        let mut pause = Duration::from_millis(25);
+        loop {
+            let attempt = async {
+                let ack = self
+                    .js
+                    .send_publish(subject.clone(), message.clone())
+                    .await?;
+                ack.await.map(|ack| ack.sequence)
+            };
+            let err = match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(Ok(revision)) => return Ok(revision),
+                Ok(Err(err)) if err.kind() == PublishErrorKind::WrongLastSequence => {
+                    return Err(StoreError::Conflict);
+                }
+                Ok(Err(err)) => err,
+                Err(_) => return Err(StoreError::Timeout(self.write_timeout)),
+            };
+            let unheard = err.kind() == PublishErrorKind::StreamNotFound;
+            if !(unheard && self.create_bucket) || tokio::time::Instant::now() + pause >= deadline {
+                return Err(unavailable(err));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(400));
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl PresenceStore for NatsStore {
     async fn load(&self, user_id: &str) -> Result<Vec<Change>, StoreError> {
@@ -358,19 +403,8 @@ impl PresenceStore for NatsStore {
                 format!("$KV.{}.{}.s.>", self.bucket, encode_key(user_id)),
             ),
         };
-        let publish = async {
-            let ack = self.js.send_publish(subject, message).await?;
-            ack.await.map(|ack| ack.sequence)
-        };
         let started = Instant::now();
-        let result = match tokio::time::timeout(self.write_timeout, publish).await {
-            Ok(Ok(revision)) => Ok(revision),
-            Ok(Err(err)) if err.kind() == PublishErrorKind::WrongLastSequence => {
-                Err(StoreError::Conflict)
-            }
-            Ok(Err(err)) => Err(unavailable(err)),
-            Err(_) => Err(StoreError::Timeout(self.write_timeout)),
-        };
+        let result = self.publish(subject, message, started).await;
         let answered = !matches!(
             result,
             Err(StoreError::Unavailable(_) | StoreError::Timeout(_))
