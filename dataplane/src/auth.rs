@@ -66,10 +66,9 @@ pub struct Claims {
     pub aud: Option<Audience>,
 }
 
-/// Reads an optional NumericDate (RFC 7519: seconds, possibly fractional)
-/// as whole seconds; a negative or absurd value reads as 0 or saturates.
-/// A NumericDate claim (seconds since 1970, maybe fractional); an error
-/// names the claim, as serde's own messages don't.
+/// Reads an optional NumericDate claim (RFC 7519: seconds, possibly
+/// fractional) as whole seconds; a negative or absurd value reads as 0 or
+/// saturates. An error names the claim, as serde's own messages don't.
 fn numeric_date_of<'de, D: serde::Deserializer<'de>>(
     d: D,
     claim: &str,

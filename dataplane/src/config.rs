@@ -243,8 +243,9 @@ pub struct ServeArgs {
     /// runs while a kept-alive connection waits for its next request.
     #[arg(long, env = env::HTTP_HEADER_READ_TIMEOUT_SECS, default_value_t = 10)]
     pub http_header_read_timeout_secs: u64,
-    /// Seconds a client may take to send a request's body once its headers
-    /// arrived; then it is answered 408 and the connection closed.
+    /// Seconds a client may take to send a request's body, counted from
+    /// when its handler starts reading it (right after the headers); then
+    /// it is answered 408 and the connection closed.
     #[arg(long, env = env::HTTP_BODY_READ_TIMEOUT_SECS, default_value_t = 30)]
     pub http_body_read_timeout_secs: u64,
     /// Seconds an idle kept-alive connection stays open between requests;

@@ -166,6 +166,38 @@ const SET_PRESENCE: RequestBody = RequestBody {
 };
 
 /// Every operation of the API, in the order the docs list them.
+/// `DELETE` of a literal path shared with another route, for the user
+/// whose ID is that path's last segment (`batch`, `stream`).
+const fn clear_user_named(
+    path: &'static str,
+    id: &'static str,
+    summary: &'static str,
+    description: &'static str,
+) -> Operation {
+    Operation {
+        method: "delete",
+        path,
+        id,
+        tag: "presence",
+        summary,
+        description,
+        auth: Auth::OwnUserOrWriteScope,
+        path_params: &[],
+        query: None,
+        last_event_id: false,
+        request: None,
+        replies: &[PRESENCE],
+        errors: &[
+            UNAUTHORIZED,
+            FORBIDDEN,
+            (404, &["presence_not_found"]),
+            RATE_LIMITED,
+            NOT_STORABLE,
+            WRITE_FAILED,
+        ],
+    }
+}
+
 pub const OPERATIONS: &[Operation] = &[
     Operation {
         method: "get",
@@ -318,29 +350,13 @@ pub const OPERATIONS: &[Operation] = &[
         replies: &[PRESENCE],
         errors: &[UNAUTHORIZED, (404, &["presence_not_found"]), READ_FAILED],
     },
-    Operation {
-        method: "delete",
-        path: "/api/v2/presence/batch",
-        id: "clearPresenceOfUserBatch",
-        tag: "presence",
-        summary: "Clear the manual status of the user named `batch`",
-        description: "`DELETE /api/v2/presence/{userID}` for the user ID `batch`, whose path \
-            is shared with the batch set.",
-        auth: Auth::OwnUserOrWriteScope,
-        path_params: &[],
-        query: None,
-        last_event_id: false,
-        request: None,
-        replies: &[PRESENCE],
-        errors: &[
-            UNAUTHORIZED,
-            FORBIDDEN,
-            (404, &["presence_not_found"]),
-            RATE_LIMITED,
-            NOT_STORABLE,
-            WRITE_FAILED,
-        ],
-    },
+    clear_user_named(
+        "/api/v2/presence/batch",
+        "clearPresenceOfUserBatch",
+        "Clear the manual status of the user named `batch`",
+        "`DELETE /api/v2/presence/{userID}` for the user ID `batch`, whose path is shared \
+            with the batch set.",
+    ),
     Operation {
         method: "put",
         path: "/api/v2/presence/{userID}/sessions/{sessionID}",
@@ -471,29 +487,13 @@ pub const OPERATIONS: &[Operation] = &[
             WRITE_FAILED,
         ],
     },
-    Operation {
-        method: "delete",
-        path: "/api/v2/presence/stream",
-        id: "clearPresenceOfUserStream",
-        tag: "presence",
-        summary: "Clear the manual status of the user named `stream`",
-        description: "`DELETE /api/v2/presence/{userID}` for the user ID `stream`, whose path \
-            is shared with the change stream.",
-        auth: Auth::OwnUserOrWriteScope,
-        path_params: &[],
-        query: None,
-        last_event_id: false,
-        request: None,
-        replies: &[PRESENCE],
-        errors: &[
-            UNAUTHORIZED,
-            FORBIDDEN,
-            (404, &["presence_not_found"]),
-            RATE_LIMITED,
-            NOT_STORABLE,
-            WRITE_FAILED,
-        ],
-    },
+    clear_user_named(
+        "/api/v2/presence/stream",
+        "clearPresenceOfUserStream",
+        "Clear the manual status of the user named `stream`",
+        "`DELETE /api/v2/presence/{userID}` for the user ID `stream`, whose path is shared \
+            with the change stream.",
+    ),
     Operation {
         method: "get",
         path: "/api/v2/cache/metrics",

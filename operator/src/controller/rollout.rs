@@ -1,16 +1,16 @@
 //! Whether a workload's pods all run its current spec, after the rules of
 //! `kubectl rollout status` (a StatefulSet's revisions must also agree,
-//! which kubectl checks only without a partition). A ready count alone still counts the old
-//! pods of a rollout in progress: right after an edit that rolls pods, the
-//! status would say Ready (and Argo CD Healthy) before any pod runs it.
-//! Pure, so every rule is unit tested.
+//! which kubectl checks only without a partition). A ready count alone
+//! still counts the old pods of a rollout in progress: right after an edit
+//! that rolls pods, the status would say Ready (and Argo CD Healthy)
+//! before any pod runs it. Pure, so every rule is unit tested.
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 
 /// Whether the Deployment still has pods of an older spec, or has not
 /// seen its latest spec yet. Pods of the current spec that are not ready
-/// yet are the ready count's business, not a rollout. A generation the API server didn't report
-/// counts as 0 (only test doubles leave it out).
+/// yet are the ready count's business, not a rollout. A generation the API
+/// server didn't report counts as 0 (only test doubles leave it out).
 pub fn deployment_rolling(deployment: &Deployment) -> bool {
     let generation = deployment.metadata.generation.unwrap_or(0);
     let Some(status) = &deployment.status else {

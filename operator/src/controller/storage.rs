@@ -34,14 +34,6 @@ pub const GITOPS_KEEP: [(&str, &[&str]); 2] = [
 pub fn gitops_annotations(
     current: &std::collections::BTreeMap<String, String>,
 ) -> Option<serde_json::Map<String, serde_json::Value>> {
-    let name = |option: &str| {
-        option
-            .split('=')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_owned()
-    };
     let mut patch = serde_json::Map::new();
     for (key, wanted) in GITOPS_KEEP {
         let have: Vec<&str> = current
@@ -58,12 +50,17 @@ pub fn gitops_annotations(
         }
         let mut options: Vec<&str> = have
             .into_iter()
-            .filter(|o| wanted.iter().all(|w| name(w) != name(o)))
+            .filter(|o| wanted.iter().all(|w| option_name(w) != option_name(o)))
             .collect();
         options.extend(wanted.iter().copied());
         patch.insert(key.to_owned(), options.join(",").into());
     }
     (!patch.is_empty()).then_some(patch)
+}
+
+/// The name of an Argo CD option (`Prune` of `Prune=false`).
+fn option_name(option: &str) -> &str {
+    option.split('=').next().unwrap_or_default().trim()
 }
 
 /// One hub volume as the API server reports it.

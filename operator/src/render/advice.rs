@@ -3,6 +3,7 @@
 //! empty. Not errors (a test cluster may want exactly that), so the
 //! operator reports them as Warning Events and `render` prints them. Pure.
 
+use super::network;
 use crate::crd::{PresenceClusterSpec, Region, Role};
 
 /// One piece of advice about `spec`, in the regions' order: about the
@@ -55,16 +56,13 @@ fn single_points(region: &Region<'_>) -> Vec<String> {
 
 /// PodMonitors are rendered, but the NetworkPolicies let no scraper in.
 fn unscrapable_metrics(spec: &PresenceClusterSpec) -> Option<String> {
-    let metrics_from_nobody = spec
-        .network_policy
-        .as_ref()
-        .and_then(|n| n.metrics_from.as_ref())
-        .is_none_or(Vec::is_empty);
-    let api_fenced = spec
-        .network_policy
-        .as_ref()
-        .and_then(|n| n.api_from.as_ref())
-        .is_some_and(|peers| !peers.is_empty());
+    if !(spec.monitoring_enabled()
+        && spec.network_policies_enabled()
+        && network::metrics_from(spec).is_empty())
+    {
+        return None;
+    }
+    let api_fenced = network::api_from(spec).is_some_and(|peers| !peers.is_empty());
     let fenced: Vec<&str> = [
         (spec.nats_exporter_enabled(), "the NATS exporter (7777)"),
         (api_fenced, "presence-service's /metrics"),
@@ -72,11 +70,7 @@ fn unscrapable_metrics(spec: &PresenceClusterSpec) -> Option<String> {
     .into_iter()
     .filter_map(|(blocked, what)| blocked.then_some(what))
     .collect();
-    (spec.monitoring_enabled()
-        && spec.network_policies_enabled()
-        && metrics_from_nobody
-        && !fenced.is_empty())
-    .then(|| {
+    (!fenced.is_empty()).then(|| {
         format!(
             "spec.monitoring is on but spec.networkPolicy.metricsFrom is empty: the \
              NetworkPolicies let no Prometheus reach {}; add its namespace to metricsFrom",

@@ -582,8 +582,9 @@ fn go_memory_limit(region: &Region<'_>) -> Option<u64> {
         .map(|bytes| bytes / 10 * 9)
 }
 
-/// The container's environment: its pod name, the Go memory limit, and the secrets its config
-/// names (`$LEAF_NKEY_SEED`, `$ROUTE_PASSWORD`, `$ROUTE_<i>`).
+/// The container's environment: its pod name, the Go memory limit, and
+/// the secrets its config names (`$LEAF_NKEY_SEED`, `$ROUTE_PASSWORD`,
+/// `$ROUTE_<i>`).
 fn nats_env(ctx: &Scope, region: &Region<'_>) -> Vec<EnvVar> {
     let mut env = vec![EnvVar {
         name: "POD_NAME".into(),

@@ -85,11 +85,19 @@ fn policy(
     }
 }
 
-fn metrics_from(spec: &PresenceClusterSpec) -> Vec<NetworkPolicyPeer> {
+/// Who may scrape (`networkPolicy.metricsFrom`): nobody when unset.
+pub(super) fn metrics_from(spec: &PresenceClusterSpec) -> Vec<NetworkPolicyPeer> {
     spec.network_policy
         .as_ref()
         .and_then(|n| n.metrics_from.clone())
         .unwrap_or_default()
+}
+
+/// Who may call the API (`networkPolicy.apiFrom`): anyone when unset.
+pub(super) fn api_from(spec: &PresenceClusterSpec) -> Option<Vec<NetworkPolicyPeer>> {
+    spec.network_policy
+        .as_ref()
+        .and_then(|n| n.api_from.clone())
 }
 
 /// The policy of a region's NATS servers.
@@ -172,11 +180,7 @@ pub fn dataplane_policy(
     if !spec.network_policies_enabled() {
         return None;
     }
-    let api_from = spec
-        .network_policy
-        .as_ref()
-        .and_then(|n| n.api_from.clone());
-    let from = api_from.map(|mut peers| {
+    let from = api_from(spec).map(|mut peers| {
         peers.extend(metrics_from(spec));
         peers
     });
