@@ -267,6 +267,13 @@ impl Verifier {
                     _ => AuthError::Invalid("malformed token".into()),
                 }
             })?;
+        // RFC 7515 §4.1.11: a `crit` header names extensions the token
+        // must not be accepted without; this service understands none.
+        if let Some(crit) = data.header.crit.filter(|names| !names.is_empty()) {
+            return Err(AuthError::Invalid(format!(
+                "critical header extensions {crit:?} are not supported"
+            )));
+        }
         let claims = data.claims;
         if claims.sub.is_empty() {
             return Err(AuthError::Invalid("empty 'sub' claim".into()));
@@ -462,6 +469,27 @@ mod tests {
         }
         let text = message(serde_json::json!({"sub": "a", "exp": now + 60, "scope": 7}));
         assert!(text.contains("malformed token claims"), "{text}");
+    }
+
+    /// A token whose header lists critical extensions is refused: it must
+    /// not be accepted by a verifier that doesn't understand them.
+    #[test]
+    fn critical_header_extensions_are_refused() {
+        let v = Verifier::new(SECRET, None, None);
+        let claims = serde_json::json!({"sub": "a", "exp": now_secs() + 60});
+        let mut header = Header::new(Algorithm::HS256);
+        header.crit = Some(vec!["exp-policy".into()]);
+        let key = EncodingKey::from_secret(SECRET.as_bytes());
+        let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+        match v.verify(&token) {
+            Err(AuthError::Invalid(message)) => assert!(message.contains("critical"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        header.crit = None;
+        assert!(
+            v.verify(&jsonwebtoken::encode(&header, &claims, &key).unwrap())
+                .is_ok()
+        );
     }
 
     #[test]
