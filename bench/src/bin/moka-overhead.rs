@@ -1,14 +1,15 @@
 //! Benchmark-only: moka's own memory per entry, so the memory figure can say
 //! which share of a cached user's bytes is the cache's bookkeeping. Builds a
-//! `moka::future::Cache` the way dataplane/src/cache.rs builds the service's
-//! (weigher, max capacity, initial capacity, eviction listener), with the
-//! same allocator, fills it with the smallest keys and values (`u32 -> ()`)
+//! `moka::sync::Cache` the way dataplane/src/cache.rs builds the service's
+//! (weigher, max capacity, initial capacity, eviction listener, the same
+//! keyed hasher), with the same allocator, fills it with the smallest keys and values (`u32 -> ()`)
 //! and prints the RSS growth per entry.
 //!
 //! Usage: `moka-overhead ENTRIES MAX_CAPACITY INITIAL_CAPACITY`
 
 use anyhow::{Context as _, bail};
-use moka::future::Cache;
+use moka::sync::Cache;
+use presence_dataplane::cache::KeyHasher;
 use moka::notification::RemovalCause;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,8 +29,7 @@ fn arg<T: std::str::FromStr>(args: &[String], index: usize, name: &str) -> anyho
         .with_context(|| format!("usage: moka-overhead ENTRIES MAX_CAPACITY INITIAL_CAPACITY ({name} missing or not a number)"))
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let entries: u32 = arg(&args, 0, "ENTRIES")?;
     let max_capacity: u64 = arg(&args, 1, "MAX_CAPACITY")?;
@@ -37,7 +37,7 @@ async fn main() -> anyhow::Result<()> {
     let before = testkit::rss_bytes(std::process::id());
     let evicted = Arc::new(AtomicU64::new(0));
     let counted = evicted.clone();
-    let cache: Cache<u32, ()> = Cache::builder()
+    let cache: Cache<u32, (), KeyHasher> = Cache::builder()
         .max_capacity(max_capacity)
         .initial_capacity(initial_capacity)
         .weigher(|_, _| WEIGHT)
@@ -46,11 +46,11 @@ async fn main() -> anyhow::Result<()> {
                 counted.fetch_add(1, Ordering::Relaxed);
             }
         })
-        .build();
+        .build_with_hasher(KeyHasher::new());
     for key in 0..entries {
-        cache.insert(key, ()).await;
+        cache.insert(key, ());
     }
-    cache.run_pending_tasks().await;
+    cache.run_pending_tasks();
     let after = testkit::rss_bytes(std::process::id());
     let held = cache.entry_count();
     if held != u64::from(entries) {
