@@ -576,7 +576,7 @@ mod tests {
 
     fn change(user: &str, revision: u64, message: Option<&str>) -> Change {
         let presence = message.map(|message| {
-            Arc::new(Presence::accepted(
+            Presence::accepted(
                 ValidUpdate {
                     user_id: user.into(),
                     status: Status::Online,
@@ -585,7 +585,7 @@ mod tests {
                 },
                 "n",
                 OffsetDateTime::UNIX_EPOCH,
-            ))
+            )
         });
         Change {
             user_id: user.into(),

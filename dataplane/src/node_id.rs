@@ -1,10 +1,11 @@
 //! Node IDs as stored in every value: interned, so a million cached
 //! presences written by three nodes share three strings instead of holding
-//! a million copies.
+//! a million copies. A [`NodeId`] is one thin pointer (8 bytes, not a
+//! `str`'s 16), as every cached manual status holds one.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 
 /// How many distinct node IDs are shared; past this (values written by
@@ -12,23 +13,27 @@ use std::sync::{Arc, LazyLock, Mutex};
 /// copy, so no writer can grow the table without bound.
 const MAX_INTERNED: usize = 4096;
 
-static INTERNED: LazyLock<Mutex<HashSet<Arc<str>>>> = LazyLock::new(Mutex::default);
+/// The shared copy of each interned ID, by its text.
+static INTERNED: LazyLock<Mutex<HashMap<Box<str>, Shared>>> = LazyLock::new(Mutex::default);
+
+/// The text of a node ID behind one thin pointer.
+type Shared = Arc<Box<str>>;
 
 thread_local! {
     /// The ID this thread interned last (one string per thread at most).
-    static LAST: RefCell<Option<Arc<str>>> = const { RefCell::new(None) };
+    static LAST: RefCell<Option<Shared>> = const { RefCell::new(None) };
 }
 
 /// The node that accepted a write (its `NODE_ID`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct NodeId(Arc<str>);
+pub struct NodeId(Shared);
 
 impl NodeId {
     /// The shared copy of `id`. The ID a thread looked up last is answered
     /// without the table's lock: a replay of the bucket reads long runs of
     /// values written by the same node.
     pub fn new(id: &str) -> Self {
-        let last = LAST.with_borrow(|last| last.as_ref().filter(|s| ***s == *id).cloned());
+        let last = LAST.with_borrow(|last| last.as_ref().filter(|s| s.as_ref().as_ref() == id).cloned());
         if let Some(shared) = last {
             return NodeId(shared);
         }
@@ -37,14 +42,14 @@ impl NodeId {
         NodeId(shared)
     }
 
-    fn intern(id: &str) -> Arc<str> {
+    fn intern(id: &str) -> Shared {
         let mut interned = INTERNED.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(shared) = interned.get(id) {
             return shared.clone();
         }
-        let owned: Arc<str> = Arc::from(id);
+        let owned: Shared = Arc::new(id.into());
         if interned.len() < MAX_INTERNED {
-            interned.insert(owned.clone());
+            interned.insert(id.into(), owned.clone());
         }
         owned
     }
@@ -59,7 +64,7 @@ impl std::ops::Deref for NodeId {
     type Target = str;
 
     fn deref(&self) -> &str {
-        &self.0
+        self.as_str()
     }
 }
 
@@ -77,19 +82,19 @@ impl From<String> for NodeId {
 
 impl PartialEq<str> for NodeId {
     fn eq(&self, other: &str) -> bool {
-        &*self.0 == other
+        self.as_str() == other
     }
 }
 
 impl PartialEq<&str> for NodeId {
     fn eq(&self, other: &&str) -> bool {
-        &*self.0 == *other
+        self.as_str() == *other
     }
 }
 
 impl Serialize for NodeId {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.0)
+        serializer.serialize_str(self.as_str())
     }
 }
 
@@ -124,6 +129,8 @@ mod tests {
         assert_eq!(a, "center-1");
         let escaped: NodeId = serde_json::from_str("\"eu\\u002d1\"").unwrap();
         assert_eq!(escaped.as_str(), "eu-1");
+        assert_eq!(std::mem::size_of::<NodeId>(), 8);
+        assert_eq!(NodeId::default(), "");
     }
 
     #[test]

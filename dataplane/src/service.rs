@@ -394,7 +394,7 @@ impl PresenceService {
         let user_id = update.user_id.clone();
         let presence = Presence::accepted(update, self.node_id.clone(), now);
         let last_seen = presence.last_seen();
-        let manual = Update::Manual(Some(Arc::new(presence)));
+        let manual = Update::Manual(Some(presence));
         let written = match ttl {
             Some(ttl) => {
                 let (first, second) = futures::future::join(
@@ -748,7 +748,7 @@ mod tests {
             ..busy("by go")
         };
         let anonymous = Presence::accepted(update, "", OffsetDateTime::now_utc());
-        let manual = Update::Manual(Some(Arc::new(anonymous)));
+        let manual = Update::Manual(Some(anonymous));
         store
             .write("w", &manual, None, Expect::Key(0))
             .await

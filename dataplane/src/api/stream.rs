@@ -564,7 +564,7 @@ mod tests {
         let presence = crate::model::Presence::accepted(busy, "n1", now);
         let change = crate::store::Change {
             user_id: "a".into(),
-            update: crate::record::Update::Manual(Some(Arc::new(presence))),
+            update: crate::record::Update::Manual(Some(presence)),
             revision,
             stored_at: OffsetDateTime::now_utc(),
             pending: 0,

@@ -260,7 +260,7 @@ fn check_ids(user_id: &str, part: &Part) -> Result<(), String> {
 
 fn decode_value(user_id: &str, part: Part, bytes: &[u8]) -> Result<Update, String> {
     Ok(match part {
-        Part::Manual => Update::Manual(Some(Arc::new(Presence::from_stored_json(user_id, bytes)?))),
+        Part::Manual => Update::Manual(Some(Presence::from_stored_json(user_id, bytes)?)),
         Part::Seen => {
             let seen: Seen = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
             seen.check()?;
