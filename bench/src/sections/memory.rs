@@ -50,10 +50,11 @@ pub async fn fill(bench: &Bench, node: &Service, from: usize, to: usize) -> anyh
 pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
     let mem = start_service(bench.root(), "mem", "center", &bench.hub, BUCKET).await;
     let empty = rss_bytes(mem.proc.pid());
-    let mut full = empty;
+    let (mut full, mut tenth) = (empty, empty);
     for target in [bench.users / 10, bench.users] {
         fill(bench, &mem, bench.seen.memory_bucket_users, target).await?;
         bench.seen.memory_bucket_users = target;
+        tenth = full;
         full = rss_bytes(mem.proc.pid());
         bench.report.add(
             "memory",
@@ -65,6 +66,10 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
     // Killed before moka's own process starts, so the two don't share memory.
     drop(mem);
     let per_user = (full as f64 - empty as f64) / bench.users as f64;
+    // The growth from a tenth of the users to all of them leaves out what
+    // a node holds once, however many users it caches (the stream event
+    // log's up to 32768 events, the allocator's and moka's fixed parts).
+    let marginal = (full as f64 - tenth as f64) / (bench.users - bench.users / 10) as f64;
     let moka = moka_bytes_per_entry(bench)?;
     let share = moka / per_user * 100.0;
     let report = &mut bench.report;
@@ -75,6 +80,16 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
         format!(
             "moka's own share: {moka:.0} B ({share:.0}%); the rest is key, record and presence"
         ),
+    );
+    report.add(
+        "memory",
+        format!(
+            "bytes per further cached user ({} vs {})",
+            bench.users,
+            bench.users / 10
+        ),
+        format!("{marginal:.0} B"),
+        "without what a node holds once (the stream event log, fixed tables)",
     );
     report.add(
         "memory",
