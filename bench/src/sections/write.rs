@@ -1,8 +1,10 @@
-//! Writes vs. raw KV puts at the same concurrency, and session heartbeats
-//! vs. plain writes.
+//! Writes vs. raw KV puts at the same concurrency (plain puts, the
+//! target's ceiling, and conditional ones, which carry the expected
+//! revision every write of the service must), and session heartbeats vs.
+//! plain writes.
 
 use crate::Bench;
-use crate::load::{WRK_SECONDS, Wrk, raw_kv_puts, wrk_write_script};
+use crate::load::{WRK_SECONDS, Wrk, raw_kv_puts, raw_kv_updates, wrk_write_script};
 use crate::report::ratio;
 
 /// wrk connections, and raw writer tasks, of every write figure.
@@ -43,6 +45,8 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
         .run(&mut bench.report)?;
         let (raw_rps, raw_p99) =
             raw_kv_puts(nats, "PRESENCE", WRITE_CONCURRENCY, WRK_SECONDS).await?;
+        let (cond_rps, cond_p99) =
+            raw_kv_updates(nats, "PRESENCE", WRITE_CONCURRENCY, WRK_SECONDS).await?;
         let report = &mut bench.report;
         report.add(
             "write",
@@ -56,11 +60,26 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
             format!("{raw_rps:.0}"),
             format!("p99 {raw_p99:.2} ms"),
         );
+        report.add(
+            "write",
+            format!(
+                "raw conditional KV put (expected revision, as the service's) via {label}, {WRITE_CONCURRENCY} tasks: ops/s (p99)"
+            ),
+            format!("{cond_rps:.0}"),
+            format!(
+                "p99 {cond_p99:.2} ms; {:.2}x of the plain puts; our POST {:.2}x of it",
+                cond_rps / raw_rps,
+                ours.rps / cond_rps
+            ),
+        );
         let measured = ours.rps / raw_rps;
         report.target(
             format!("write via {label} >= {WRITE_TARGET}x raw KV puts"),
             format!("{measured:.2}x ({:.0} req/s)", ours.rps),
-            format!("raw KV puts via {label} {raw_rps:.0} ops/s"),
+            format!(
+                "raw KV puts via {label} {raw_rps:.0} ops/s; conditional puts {cond_rps:.0} ops/s, of which ours is {:.2}x",
+                ours.rps / cond_rps
+            ),
             measured >= WRITE_TARGET,
         );
         if label == "center" {
