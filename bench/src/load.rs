@@ -256,6 +256,16 @@ pub async fn raw_kv_puts(
     Ok((all.len() as f64 / elapsed, percentile(&all, 0.99)))
 }
 
+/// Whether pipelined puts carry an expectation, as the service's writes do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Puts {
+    /// Plain puts: the least the hub can do per key.
+    Plain,
+    /// Each put expects its (new) key to have no value yet, as a batch
+    /// item creating a user does: the hub checks the key's last message.
+    ExpectNew,
+}
+
 /// `count` KV puts published back to back, then every ack awaited: the
 /// least a 1000-item batch could take, since it has to write the same
 /// keys through the same hub. Returns the time from the first publish to
@@ -265,6 +275,7 @@ pub async fn pipelined_puts(
     kv: &Store,
     key_prefix: &str,
     count: usize,
+    puts: Puts,
 ) -> anyhow::Result<Duration> {
     // The subject `Store::put` publishes to (the domain's API prefix first
     // when the bucket is reached through a domain).
@@ -279,7 +290,11 @@ pub async fn pipelined_puts(
     let mut acks = Vec::with_capacity(count);
     for i in 0..count {
         let key = format!("{subject}{key_prefix}{i}");
-        acks.push(js.publish(key, value.clone()).await?.into_future());
+        let mut message = jetstream::message::PublishMessage::build().payload(value.clone());
+        if puts == Puts::ExpectNew {
+            message = message.expected_last_subject_sequence(0);
+        }
+        acks.push(js.send_publish(key, message).await?.into_future());
     }
     futures::future::try_join_all(acks).await?;
     Ok(started.elapsed())

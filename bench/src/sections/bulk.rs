@@ -2,7 +2,7 @@
 //! through the same NATS server, and multi-get of 100 cached users.
 
 use crate::Bench;
-use crate::load::{Wrk, batch, median, open_bucket, pipelined_puts};
+use crate::load::{Puts, Wrk, batch, median, open_bucket, pipelined_puts};
 
 /// Items of the batch, and puts of its ceiling.
 const BATCH: usize = 1000;
@@ -23,16 +23,23 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
     ];
     for (label, base, nats) in paths {
         let (js, kv) = open_bucket(nats, "PRESENCE").await?;
-        let (mut ours, mut raw) = (Vec::new(), Vec::new());
-        // Alternated, so drift on the shared machine hits both alike.
+        let (mut ours, mut raw, mut expecting) = (Vec::new(), Vec::new(), Vec::new());
+        // Alternated, so drift on the shared machine hits all alike.
         for round in 0..ROUNDS {
             let prefix = format!("b{round}-");
             let elapsed = batch(&bench.http, &base, &bench.write_token, &prefix, 0, BATCH).await?;
             ours.push(elapsed.as_secs_f64() * 1000.0);
-            let elapsed = pipelined_puts(&js, &kv, &format!("pipe{round}-"), BATCH).await?;
+            let keys = format!("pipe{round}-");
+            let elapsed = pipelined_puts(&js, &kv, &keys, BATCH, Puts::Plain).await?;
             raw.push(elapsed.as_secs_f64() * 1000.0);
+            // New keys on every path: an expectation of none fails on
+            // keys the other path wrote.
+            let keys = format!("cpipe-{}-{round}-", label.replace(' ', "-"));
+            let elapsed = pipelined_puts(&js, &kv, &keys, BATCH, Puts::ExpectNew).await?;
+            expecting.push(elapsed.as_secs_f64() * 1000.0);
         }
         let (ms, raw_ms) = (median(&mut ours), median(&mut raw));
+        let expecting_ms = median(&mut expecting);
         let report = &mut bench.report;
         report.add(
             "bulk",
@@ -46,10 +53,20 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
             format!("{raw_ms:.1} ms"),
             "",
         );
+        report.add(
+            "bulk",
+            format!("{BATCH} raw conditional KV puts via {label} (each expecting a new key, as the batch's items do), pipelined: median of {ROUNDS}"),
+            format!("{expecting_ms:.1} ms"),
+            format!(
+                "{:.2}x of the plain puts' time; the batch {:.2}x of this",
+                expecting_ms / raw_ms,
+                ms / expecting_ms
+            ),
+        );
         report.target(
             format!("{BATCH}-item batch via {label} <= {BATCH_TARGET}x {BATCH} pipelined KV puts"),
             format!("{:.2}x ({ms:.1} ms)", ms / raw_ms),
-            format!("pipelined puts via {label} {raw_ms:.1} ms"),
+            format!("pipelined puts via {label} {raw_ms:.1} ms; conditional ones {expecting_ms:.1} ms, the batch {:.2}x of them", ms / expecting_ms),
             ms <= BATCH_TARGET * raw_ms,
         );
         if label == "center" {
