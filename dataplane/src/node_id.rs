@@ -33,7 +33,8 @@ impl NodeId {
     /// without the table's lock: a replay of the bucket reads long runs of
     /// values written by the same node.
     pub fn new(id: &str) -> Self {
-        let last = LAST.with_borrow(|last| last.as_ref().filter(|s| s.as_ref().as_ref() == id).cloned());
+        let last =
+            LAST.with_borrow(|last| last.as_ref().filter(|s| s.as_ref().as_ref() == id).cloned());
         if let Some(shared) = last {
             return NodeId(shared);
         }

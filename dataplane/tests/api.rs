@@ -483,6 +483,9 @@ async fn multi_get_lists_found_and_missing() {
         (format!("users={}", many.join(",")), "too_many_users"),
         (String::new(), "missing_users"),
         ("users=".to_owned(), "missing_users"),
+        // Not read as U+FFFD: that would look up a user nobody named.
+        ("users=a,%FF".to_owned(), "invalid_query"),
+        ("users=a&users=b".to_owned(), "invalid_query"),
     ] {
         let response = s
             .client

@@ -8,9 +8,9 @@
 //! Usage: `moka-overhead ENTRIES MAX_CAPACITY INITIAL_CAPACITY`
 
 use anyhow::{Context as _, bail};
+use moka::notification::RemovalCause;
 use moka::sync::Cache;
 use presence_dataplane::cache::KeyHasher;
-use moka::notification::RemovalCause;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 

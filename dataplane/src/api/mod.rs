@@ -308,6 +308,59 @@ impl<S: Send + Sync> FromRequestParts<S> for UserIdPath {
     }
 }
 
+/// A query string read into `T`, refusing percent-escapes that don't
+/// decode to UTF-8: the usual reader replaces such bytes with U+FFFD, which
+/// would name a different user than the client sent.
+pub struct StrictQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for StrictQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let invalid =
+            |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", message);
+        if let Some(query) = parts.uri.query()
+            && !decodes_to_utf8(query)
+        {
+            return Err(invalid(
+                "the query string's percent-escapes do not decode to UTF-8".into(),
+            ));
+        }
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|q| StrictQuery(q.0))
+            .map_err(|e| invalid(e.body_text()))
+    }
+}
+
+/// Whether every name and value of `query` is UTF-8 once its `%XX`
+/// escapes are decoded (a `%` without two hex digits stays as it is, as
+/// form decoding leaves it).
+fn decodes_to_utf8(query: &str) -> bool {
+    let hex = |b: u8| char::from(b).to_digit(16);
+    query.split(['&', '=']).all(|part| {
+        let bytes = part.as_bytes();
+        let mut decoded = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            let escaped = (bytes[i] == b'%')
+                .then(|| Some((hex(*bytes.get(i + 1)?)?, hex(*bytes.get(i + 2)?)?)))
+                .flatten();
+            match escaped {
+                Some((high, low)) => {
+                    // Two hex digits: at most 0xFF.
+                    decoded.push((high * 16 + low) as u8);
+                    i += 3;
+                }
+                None => {
+                    decoded.push(bytes[i]);
+                    i += 1;
+                }
+            }
+        }
+        std::str::from_utf8(&decoded).is_ok()
+    })
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such endpoint")
 }
@@ -575,5 +628,18 @@ mod tests {
         let (status, body) = send("get", openapi::OPENAPI_PATH);
         assert_eq!(status, StatusCode::OK);
         assert_eq!(String::from_utf8_lossy(&body), openapi::document_text());
+    }
+
+    #[test]
+    fn query_escapes_must_decode_to_utf8() {
+        assert!(decodes_to_utf8("users=a,b&x"));
+        assert!(decodes_to_utf8("users=ann%40example.com,%C3%A9"));
+        assert!(decodes_to_utf8("users=100%25,50%,%2"));
+        assert!(decodes_to_utf8(""));
+        assert!(!decodes_to_utf8("users=%FF"));
+        assert!(!decodes_to_utf8("users=a,%C3"));
+        assert!(!decodes_to_utf8("%FF=a"));
+        // A split escape is two invalid halves, not one valid character.
+        assert!(!decodes_to_utf8("users=%C3&x=%A9"));
     }
 }

@@ -1,6 +1,6 @@
 //! `/api/v2/presence` handlers.
 
-use super::{ApiError, ErrorBody, JsonBody, RawJson, UserIdPath};
+use super::{ApiError, ErrorBody, JsonBody, RawJson, StrictQuery, UserIdPath};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::cache::KeyHasher;
@@ -11,7 +11,7 @@ use crate::model::{
 use crate::record::PresenceView;
 use crate::store::StoreError;
 use axum::Json;
-use axum::extract::{FromRequest, Query, State};
+use axum::extract::{FromRequest, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -209,10 +209,8 @@ pub struct BatchResponse<'a> {
 pub async fn get_many(
     State(state): State<AppState>,
     _caller: Caller,
-    query: Result<Query<MultiGetQuery>, axum::extract::rejection::QueryRejection>,
+    StrictQuery(query): StrictQuery<MultiGetQuery>,
 ) -> Result<RawJson, ApiError> {
-    let Query(query) = query
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
     let ids = parse_user_list(query.users.as_deref(), MAX_MULTI_GET)?;
     let results = state.service.get_many_json(&ids).await;
     let mut presences = Vec::with_capacity(ids.len());

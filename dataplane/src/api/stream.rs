@@ -7,8 +7,8 @@
 //! recreated, when it lags behind the change feed, or when the node stops.
 //! The response body itself follows the feed (see [`Follow`]).
 
-use super::ApiError;
 use super::presence::parse_user_list;
+use super::{ApiError, StrictQuery};
 use crate::AppState;
 use crate::auth::{AuthError, Caller};
 use crate::fanout::{
@@ -18,7 +18,7 @@ use crate::feed::{Fed, FeedError, FeedReceiver};
 use crate::metrics::Metrics;
 use crate::record::UserRecord;
 use crate::server::StallNotice;
-use axum::extract::{FromRequestParts, Query, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -50,10 +50,9 @@ impl FromRequestParts<AppState> for StreamCaller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let in_query = Query::<TokenQuery>::try_from_uri(&parts.uri)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?
-            .0
-            .access_token;
+        let StrictQuery(TokenQuery {
+            access_token: in_query,
+        }) = StrictQuery::from_request_parts(parts, state).await?;
         match (parts.headers.contains_key(header::AUTHORIZATION), in_query) {
             (true, Some(_)) => Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -179,10 +178,8 @@ pub async fn open(
     State(state): State<AppState>,
     StreamCaller(caller): StreamCaller,
     headers: HeaderMap,
-    query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+    StrictQuery(query): StrictQuery<StreamQuery>,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", e.body_text()))?;
     let ids: Vec<String> = parse_user_list(query.users.as_deref(), MAX_STREAM_USERS)?
         .into_iter()
         .map(str::to_owned)
