@@ -161,7 +161,10 @@ pub struct Verifier {
     validation: Validation,
     /// Longest lifetime accepted, in seconds.
     max_lifetime: Option<u64>,
-    verified: moka::sync::Cache<String, Verified>,
+    /// Keyed by the token's text with the presence cache's keyed hash:
+    /// every request hashes its token, and SipHash over a token's couple
+    /// of hundred bytes showed in the cached read's profile.
+    verified: moka::sync::Cache<String, Verified, crate::cache::KeyHasher>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -197,7 +200,7 @@ impl Verifier {
             verified: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(std::time::Duration::from_secs(600))
-                .build(),
+                .build_with_hasher(crate::cache::KeyHasher::new()),
         }
     }
 
