@@ -172,43 +172,23 @@ pub async fn open_bucket(nats: &Nats, bucket: &str) -> anyhow::Result<(jetstream
     Ok((js, kv))
 }
 
-/// Raw conditional KV puts (`Store::update`, carrying the key's expected
-/// revision as every write of the service does) with `tasks` concurrent
-/// writers for `seconds`, each awaiting its ack before the next put and
-/// owning its keys, so no put conflicts: (ops/s, p99 ms). The hub checks
-/// each expectation against the key's last message, which a plain put
-/// skips.
-pub async fn raw_kv_updates(
+/// Raw KV puts with `tasks` concurrent writers for `seconds`, each awaiting
+/// its ack before the next put: (ops/s, p99 ms). Each writer owns its keys
+/// (about 1000 in all), so conditional puts never conflict.
+pub async fn raw_kv_puts(
     nats: &Nats,
     bucket: &str,
     tasks: u32,
     seconds: u64,
+    puts: Puts,
 ) -> anyhow::Result<(f64, f64)> {
     let (_, kv) = open_bucket(nats, bucket).await?;
-    let value = bytes_of_presence();
-    let keys_per_task = (1000 / tasks).max(1);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
-    let workers = (0..tasks).map(|t| {
-        let (kv, value) = (kv.clone(), value.clone());
-        tokio::spawn(async move {
-            let mut keys = Vec::new();
-            for j in 0..keys_per_task {
-                let key = format!("rawc{t}-{j}");
-                let revision = kv.entry(&key).await?.map_or(0, |entry| entry.revision);
-                keys.push((key, revision));
-            }
-            let mut latencies = Vec::new();
-            let (count, mut next) = (keys.len(), 0);
-            while Instant::now() < deadline {
-                let (key, revision) = &mut keys[next % count];
-                next += 1;
-                let sent = Instant::now();
-                *revision = kv.update(key.as_str(), value.clone(), *revision).await?;
-                latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
-            }
-            anyhow::Ok(latencies)
-        })
+    let keys_per_task = (1000 / tasks).max(1);
+    let workers = (0..tasks).map(|task| {
+        let kv = kv.clone();
+        tokio::spawn(async move { put_loop(&kv, task, keys_per_task, deadline, puts).await })
     });
     let mut all = Vec::new();
     for worker in futures::future::join_all(workers).await {
@@ -219,51 +199,56 @@ pub async fn raw_kv_updates(
     Ok((all.len() as f64 / elapsed, percentile(&all, 0.99)))
 }
 
-/// Raw KV puts with `tasks` concurrent writers for `seconds`, each awaiting
-/// its ack before the next put: (ops/s, p99 ms).
-pub async fn raw_kv_puts(
-    nats: &Nats,
-    bucket: &str,
-    tasks: u32,
-    seconds: u64,
-) -> anyhow::Result<(f64, f64)> {
-    let (_, kv) = open_bucket(nats, bucket).await?;
+/// One writer of [`raw_kv_puts`]: puts to its keys in turn until
+/// `deadline`, returning each put's latency (ms). A conditional put
+/// (`Store::update`) carries the key's expected revision, as every write
+/// of the service does; the hub then checks it against the key's last
+/// message, which a plain put skips. A failed plain put is left out.
+async fn put_loop(
+    kv: &Store,
+    task: u32,
+    keys: u32,
+    deadline: Instant,
+    puts: Puts,
+) -> anyhow::Result<Vec<f64>> {
     let value = bytes_of_presence();
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let started = Instant::now();
-    let workers = (0..tasks).map(|t| {
-        let (kv, value) = (kv.clone(), value.clone());
-        tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut i = 0u32;
-            while Instant::now() < deadline {
-                let key = format!("raw{}", (t * 1000 + i) % 1000);
-                let sent = Instant::now();
-                if kv.put(key, value.clone()).await.is_ok() {
-                    latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
-                }
-                i += 1;
-            }
-            latencies
-        })
-    });
-    let mut all = Vec::new();
-    for worker in futures::future::join_all(workers).await {
-        all.extend(worker?);
+    let mut owned = Vec::new();
+    for j in 0..keys {
+        let key = format!("raw{task}-{j}");
+        let revision = match puts {
+            Puts::Plain => 0,
+            Puts::Conditional => kv.entry(&key).await?.map_or(0, |entry| entry.revision),
+        };
+        owned.push((key, revision));
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    all.sort_by(f64::total_cmp);
-    Ok((all.len() as f64 / elapsed, percentile(&all, 0.99)))
+    let mut latencies = Vec::new();
+    let count = owned.len();
+    for next in 0.. {
+        if Instant::now() >= deadline {
+            break;
+        }
+        let (key, revision) = &mut owned[next % count];
+        let sent = Instant::now();
+        match puts {
+            Puts::Plain if kv.put(key.as_str(), value.clone()).await.is_err() => continue,
+            Puts::Plain => {}
+            Puts::Conditional => {
+                *revision = kv.update(key.as_str(), value.clone(), *revision).await?;
+            }
+        }
+        latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(latencies)
 }
 
-/// Whether pipelined puts carry an expectation, as the service's writes do.
+/// Whether raw puts carry an expectation, as the service's writes do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Puts {
     /// Plain puts: the least the hub can do per key.
     Plain,
-    /// Each put expects its (new) key to have no value yet, as a batch
-    /// item creating a user does: the hub checks the key's last message.
-    ExpectNew,
+    /// Each put expects the key's current revision (pipelined: that the
+    /// new key has no value yet, as a batch item creating a user does).
+    Conditional,
 }
 
 /// `count` KV puts published back to back, then every ack awaited: the
@@ -291,7 +276,7 @@ pub async fn pipelined_puts(
     for i in 0..count {
         let key = format!("{subject}{key_prefix}{i}");
         let mut message = jetstream::message::PublishMessage::build().payload(value.clone());
-        if puts == Puts::ExpectNew {
+        if puts == Puts::Conditional {
             message = message.expected_last_subject_sequence(0);
         }
         acks.push(js.send_publish(key, message).await?.into_future());

@@ -8,7 +8,7 @@
 //! cores, blurring what the hub alone can take.
 
 use crate::Bench;
-use crate::load::{WRK_SECONDS, Wrk, WrkResult, raw_kv_puts};
+use crate::load::{Puts, WRK_SECONDS, Wrk, WrkResult, raw_kv_puts};
 use crate::node::{CpuMeter, Service, nats_pid, start_service};
 use crate::sections::write::{WRITE_CONCURRENCY, post_script};
 
@@ -38,7 +38,7 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
     for processes in 1..=MAX_PROCESSES {
         let tasks = WRITE_CONCURRENCY * processes as u32;
         let meter = CpuMeter::start(hub_pid);
-        let (raw_rps, _) = raw_kv_puts(&bench.hub, BUCKET, tasks, WRK_SECONDS).await?;
+        let (raw_rps, _) = raw_kv_puts(&bench.hub, BUCKET, tasks, WRK_SECONDS, Puts::Plain).await?;
         let (raw_hub_cores, _) = meter.finish();
         let (per_process, hub_cores, machine_busy) =
             side_by_side(bench, processes, hub_pid).await?;

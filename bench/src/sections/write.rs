@@ -4,7 +4,7 @@
 //! plain writes.
 
 use crate::Bench;
-use crate::load::{WRK_SECONDS, Wrk, raw_kv_puts, raw_kv_updates, wrk_write_script};
+use crate::load::{Puts, WRK_SECONDS, Wrk, raw_kv_puts, wrk_write_script};
 use crate::report::ratio;
 
 /// wrk connections, and raw writer tasks, of every write figure.
@@ -43,10 +43,22 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
             script: Some(&script),
         }
         .run(&mut bench.report)?;
-        let (raw_rps, raw_p99) =
-            raw_kv_puts(nats, "PRESENCE", WRITE_CONCURRENCY, WRK_SECONDS).await?;
-        let (cond_rps, cond_p99) =
-            raw_kv_updates(nats, "PRESENCE", WRITE_CONCURRENCY, WRK_SECONDS).await?;
+        let (raw_rps, raw_p99) = raw_kv_puts(
+            nats,
+            "PRESENCE",
+            WRITE_CONCURRENCY,
+            WRK_SECONDS,
+            Puts::Plain,
+        )
+        .await?;
+        let (cond_rps, cond_p99) = raw_kv_puts(
+            nats,
+            "PRESENCE",
+            WRITE_CONCURRENCY,
+            WRK_SECONDS,
+            Puts::Conditional,
+        )
+        .await?;
         let report = &mut bench.report;
         report.add(
             "write",
