@@ -174,7 +174,8 @@ pub async fn open_bucket(nats: &Nats, bucket: &str) -> anyhow::Result<(jetstream
 
 /// Raw KV puts with `tasks` concurrent writers for `seconds`, each awaiting
 /// its ack before the next put: (ops/s, p99 ms). Each writer owns its keys
-/// (about 1000 in all), so conditional puts never conflict.
+/// (about 1000 in all), so conditional puts never conflict. The clock
+/// starts once every key's current revision is known.
 pub async fn raw_kv_puts(
     nats: &Nats,
     bucket: &str,
@@ -183,12 +184,25 @@ pub async fn raw_kv_puts(
     puts: Puts,
 ) -> anyhow::Result<(f64, f64)> {
     let (_, kv) = open_bucket(nats, bucket).await?;
+    let keys_per_task = (1000 / tasks).max(1);
+    let mut owned = Vec::new();
+    for task in 0..tasks {
+        let mut keys = Vec::new();
+        for j in 0..keys_per_task {
+            let key = format!("raw{task}-{j}");
+            let revision = match puts {
+                Puts::Plain => 0,
+                Puts::Conditional => current_revision(&kv, &key).await?,
+            };
+            keys.push((key, revision));
+        }
+        owned.push(keys);
+    }
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
-    let keys_per_task = (1000 / tasks).max(1);
-    let workers = (0..tasks).map(|task| {
+    let workers = owned.into_iter().map(|keys| {
         let kv = kv.clone();
-        tokio::spawn(async move { put_loop(&kv, task, keys_per_task, deadline, puts).await })
+        tokio::spawn(async move { put_loop(&kv, keys, deadline, puts).await })
     });
     let mut all = Vec::new();
     for worker in futures::future::join_all(workers).await {
@@ -199,44 +213,49 @@ pub async fn raw_kv_puts(
     Ok((all.len() as f64 / elapsed, percentile(&all, 0.99)))
 }
 
+/// The revision a conditional put to `key` must expect (0: none yet).
+async fn current_revision(kv: &Store, key: &str) -> anyhow::Result<u64> {
+    Ok(kv.entry(key).await?.map_or(0, |entry| entry.revision))
+}
+
 /// One writer of [`raw_kv_puts`]: puts to its keys in turn until
 /// `deadline`, returning each put's latency (ms). A conditional put
 /// (`Store::update`) carries the key's expected revision, as every write
 /// of the service does; the hub then checks it against the key's last
-/// message, which a plain put skips. A failed plain put is left out.
+/// message, which a plain put skips. A failed put is left out (a
+/// conditional one then reads its key's revision again: a put that timed
+/// out may still have been stored).
 async fn put_loop(
     kv: &Store,
-    task: u32,
-    keys: u32,
+    mut keys: Vec<(String, u64)>,
     deadline: Instant,
     puts: Puts,
 ) -> anyhow::Result<Vec<f64>> {
     let value = bytes_of_presence();
-    let mut owned = Vec::new();
-    for j in 0..keys {
-        let key = format!("raw{task}-{j}");
-        let revision = match puts {
-            Puts::Plain => 0,
-            Puts::Conditional => kv.entry(&key).await?.map_or(0, |entry| entry.revision),
-        };
-        owned.push((key, revision));
-    }
     let mut latencies = Vec::new();
-    let count = owned.len();
+    let count = keys.len();
     for next in 0.. {
         if Instant::now() >= deadline {
             break;
         }
-        let (key, revision) = &mut owned[next % count];
+        let (key, revision) = &mut keys[next % count];
         let sent = Instant::now();
-        match puts {
-            Puts::Plain if kv.put(key.as_str(), value.clone()).await.is_err() => continue,
-            Puts::Plain => {}
-            Puts::Conditional => {
-                *revision = kv.update(key.as_str(), value.clone(), *revision).await?;
-            }
+        let stored = match puts {
+            Puts::Plain => kv.put(key.as_str(), value.clone()).await.is_ok(),
+            Puts::Conditional => match kv.update(key.as_str(), value.clone(), *revision).await {
+                Ok(stored) => {
+                    *revision = stored;
+                    true
+                }
+                Err(_) => {
+                    *revision = current_revision(kv, key).await?;
+                    false
+                }
+            },
+        };
+        if stored {
+            latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
         }
-        latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
     }
     Ok(latencies)
 }

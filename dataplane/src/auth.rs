@@ -271,8 +271,9 @@ impl Verifier {
                 }
             })?;
         // RFC 7515 §4.1.11: a `crit` header names extensions the token
-        // must not be accepted without; this service understands none.
-        if let Some(crit) = data.header.crit.filter(|names| !names.is_empty()) {
+        // must not be accepted without; this service understands none (and
+        // an empty list is not allowed at all).
+        if let Some(crit) = data.header.crit {
             return Err(AuthError::Invalid(format!(
                 "critical header extensions {crit:?} are not supported"
             )));
@@ -488,6 +489,9 @@ mod tests {
             Err(AuthError::Invalid(message)) => assert!(message.contains("critical"), "{message}"),
             other => panic!("{other:?}"),
         }
+        header.crit = Some(Vec::new());
+        let empty = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+        assert!(v.verify(&empty).is_err());
         header.crit = None;
         assert!(
             v.verify(&jsonwebtoken::encode(&header, &claims, &key).unwrap())

@@ -1,7 +1,7 @@
 //! Node IDs as stored in every value: interned, so a million cached
 //! presences written by three nodes share three strings instead of holding
-//! a million copies. A [`NodeId`] is one thin pointer (8 bytes, not a
-//! `str`'s 16), as every cached manual status holds one.
+//! a million copies. A [`NodeId`] is one thin pointer (8 bytes, not an
+//! `Arc<str>`'s 16), as every cached manual status holds one.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::cell::RefCell;

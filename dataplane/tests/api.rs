@@ -1048,6 +1048,19 @@ async fn a_browser_opens_the_stream_with_the_token_in_the_url() {
         .await
         .unwrap();
     assert_eq!(error_code(response).await, (400, "multiple_tokens".into()));
+    // An escape that is no UTF-8 names no user (nor token) the client sent.
+    for query in [
+        format!("users=ann,%FF&access_token={reader}"),
+        format!("users=ann&access_token=%FF{reader}"),
+    ] {
+        let response = s
+            .client
+            .get(s.svc.url(&format!("/api/v2/presence/stream?{query}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_code(response).await, (400, "invalid_query".into()));
+    }
     for bad in ["", "not-a-jwt"] {
         let response = s
             .client

@@ -336,6 +336,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for StrictQuery<T>
 /// escapes are decoded (a `%` without two hex digits stays as it is, as
 /// form decoding leaves it).
 fn decodes_to_utf8(query: &str) -> bool {
+    // The query is a `str` already: only escapes can make it otherwise.
+    if !query.contains('%') {
+        return true;
+    }
     let hex = |b: u8| char::from(b).to_digit(16);
     query.split(['&', '=']).all(|part| {
         let bytes = part.as_bytes();
