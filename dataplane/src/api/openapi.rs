@@ -165,7 +165,6 @@ const SET_PRESENCE: RequestBody = RequestBody {
     required: true,
 };
 
-/// Every operation of the API, in the order the docs list them.
 /// `DELETE` of a literal path shared with another route, for the user
 /// whose ID is that path's last segment (`batch`, `stream`).
 const fn clear_user_named(
@@ -198,6 +197,7 @@ const fn clear_user_named(
     }
 }
 
+/// Every operation of the API, in the order the docs list them.
 pub const OPERATIONS: &[Operation] = &[
     Operation {
         method: "get",

@@ -333,12 +333,15 @@ impl NatsStore {
     ) -> Result<u64, StoreError> {
         let deadline = tokio::time::Instant::from_std(started + self.write_timeout);
         let mut pause = Duration::from_millis(25);
+        // Shared bytes: a copy for another attempt costs no allocation.
+        let subject = async_nats::Subject::from(subject);
+        let mut message = message;
         loop {
+            // Only the center may send a write again, so only it keeps a
+            // copy of the message; a leaf sends its one attempt as built.
+            let copy = self.create_bucket.then(|| message.clone());
             let attempt = async {
-                let ack = self
-                    .js
-                    .send_publish(subject.clone(), message.clone())
-                    .await?;
+                let ack = self.js.send_publish(subject.clone(), message).await?;
                 ack.await.map(|ack| ack.sequence)
             };
             let err = match tokio::time::timeout_at(deadline, attempt).await {
@@ -350,11 +353,13 @@ impl NatsStore {
                 Err(_) => return Err(StoreError::Timeout(self.write_timeout)),
             };
             let unheard = err.kind() == PublishErrorKind::StreamNotFound;
-            if !(unheard && self.create_bucket) || tokio::time::Instant::now() + pause >= deadline {
+            let in_time = tokio::time::Instant::now() + pause < deadline;
+            let Some(copy) = copy.filter(|_| unheard && in_time) else {
                 return Err(unavailable(err));
-            }
+            };
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(400));
+            message = copy;
         }
     }
 }
