@@ -10,6 +10,8 @@ const BATCH: usize = 1000;
 const ROUNDS: usize = 7;
 /// Issue #17: a batch within this multiple of the pipelined puts' time.
 const BATCH_TARGET: f64 = 1.2;
+/// Runs of the multi-get; the target takes the median.
+const MULTI_GET_RUNS: usize = 3;
 /// Issue #17: multi-get at least this many presences per second.
 const MULTI_GET_TARGET: f64 = 2_000_000.0;
 /// An older target, kept: a batch at the center under 100 ms.
@@ -96,23 +98,38 @@ async fn multi_get(bench: &mut Bench) -> anyhow::Result<()> {
         .send()
         .await?
         .error_for_status()?;
-    let multi = Wrk {
+    let wrk = Wrk {
         connections: 64,
         url: &url,
         auth: Some(&bench.read_token),
         script: None,
+    };
+    // An absolute target on a shared machine: the median of a few runs,
+    // each listed, rather than whichever minute one run fell in.
+    let mut runs = Vec::with_capacity(MULTI_GET_RUNS);
+    for _ in 0..MULTI_GET_RUNS {
+        runs.push(wrk.run(&mut bench.report)?);
     }
-    .run(&mut bench.report)?;
+    let each = runs
+        .iter()
+        .map(|run| format!("{:.2} M", run.rps * 100.0 / 1e6))
+        .collect::<Vec<_>>()
+        .join(" / ");
+    runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+    let multi = &runs[runs.len() / 2];
     let presences = multi.rps * 100.0;
     bench.report.add(
         "bulk",
-        "multi-get, 100 cached users a request, c=64: presences/s",
+        format!("multi-get, 100 cached users a request, c=64: presences/s, the median of {MULTI_GET_RUNS} runs"),
         format!("{presences:.0}"),
-        format!("{:.0} req/s, p99 {:.2} ms", multi.rps, multi.p99_ms),
+        format!(
+            "{:.0} req/s, p99 {:.2} ms; the runs {each} presences/s",
+            multi.rps, multi.p99_ms
+        ),
     );
     bench.report.target(
         "multi-get >= 2 000 000 presences/s",
-        format!("{presences:.0}/s"),
+        format!("{presences:.0}/s (the median of {MULTI_GET_RUNS} runs: {each})"),
         match bench.seen.read_c64 {
             Some(read) => format!("absolute; single cached GET c=64: {read:.0} req/s"),
             None => "absolute".to_owned(),
