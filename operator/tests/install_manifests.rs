@@ -80,20 +80,59 @@ fn the_namespaced_install_has_no_cluster_rights_and_watches_its_own_namespace() 
         "the CRD is cluster-scoped: an administrator installs it, not this variant"
     );
     let patches = patches(&kustomization);
-    // ../rbac brings the ClusterRole and its binding; both are deleted.
-    let rbac: Vec<Value> = ["cluster_role.yaml", "cluster_role_binding.yaml"]
-        .into_iter()
-        .map(|file| yaml(&format!("rbac/{file}")))
+    // Whatever cluster-scoped object the included kustomizations bring
+    // (the Namespace from ../manager, the ClusterRole and its binding from
+    // ../rbac) is deleted, however those directories change later.
+    let brought: Vec<Value> = resources
+        .iter()
+        .filter_map(|r| r.strip_prefix("../"))
+        .flat_map(|dir| {
+            let included = yaml(&format!("{dir}/kustomization.yaml"));
+            strings(&included["resources"])
+                .into_iter()
+                .map(|file| yaml(&format!("{dir}/{file}")))
+                .collect::<Vec<_>>()
+        })
         .collect();
-    for object in &rbac {
+    let cluster_scoped: Vec<&Value> = brought
+        .iter()
+        .filter(|object| {
+            matches!(
+                object["kind"].as_str(),
+                Some(
+                    "Namespace"
+                        | "ClusterRole"
+                        | "ClusterRoleBinding"
+                        | "CustomResourceDefinition"
+                        | "ValidatingWebhookConfiguration"
+                        | "MutatingWebhookConfiguration"
+                )
+            )
+        })
+        .collect();
+    assert!(
+        cluster_scoped.len() >= 3,
+        "the Namespace, ClusterRole and ClusterRoleBinding: {cluster_scoped:?}"
+    );
+    for object in cluster_scoped {
         let deleted = patches.iter().any(|(_, patch)| {
             patch["$patch"] == "delete"
                 && patch["kind"] == object["kind"]
                 && patch["apiVersion"] == object["apiVersion"]
                 && patch["metadata"]["name"] == object["metadata"]["name"]
         });
-        assert!(deleted, "no patch deletes the {:?}", object["kind"]);
+        assert!(
+            deleted,
+            "no patch deletes the {:?} {:?}",
+            object["kind"], object["metadata"]["name"]
+        );
     }
+    // As shipped, it installs into the namespace config/default creates.
+    let namespace = kustomization["namespace"].as_str().expect("a namespace");
+    assert_eq!(
+        Some(namespace),
+        yaml("manager/namespace.yaml")["metadata"]["name"].as_str()
+    );
     // The operator's Deployment gets WATCH_NAMESPACE from its own namespace.
     let deployment = yaml("manager/deployment.yaml");
     let watch = patches
