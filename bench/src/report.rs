@@ -121,7 +121,10 @@ impl Report {
             md,
             "\n## Commands\n\nServers: a nats-server hub (JetStream domain `hub`, file store) with leaves `eu` and `us`, and a release-built presence-service per region, started by `bench/src/main.rs` on loopback ports; the memory, warm-up and scale sections start further presence-service processes of their own against the hub.\n"
         );
-        for command in &self.commands {
+        // A command run several times (alternated pairs, repeated runs)
+        // is listed once, where it first ran.
+        let mut listed = std::collections::HashSet::new();
+        for command in self.commands.iter().filter(|c| listed.insert(*c)) {
             let _ = writeln!(md, "- `{command}`");
         }
         // What bounds the missed targets: kept by people in bench/ANALYSIS.md,
