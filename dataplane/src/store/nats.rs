@@ -316,7 +316,8 @@ impl NatsStore {
 
 impl NatsStore {
     /// Publishes one write and waits for its acknowledgement, within the
-    /// write timeout from `started`.
+    /// write timeout from `started`. `message` builds the write's message:
+    /// once, and again only for another attempt.
     ///
     /// At the center, "no responders" is tried again until the timeout:
     /// its NATS server is the hub, so nobody answering means the bucket's
@@ -328,20 +329,16 @@ impl NatsStore {
     async fn publish(
         &self,
         subject: String,
-        message: PublishMessage,
+        message: impl Fn() -> PublishMessage,
         started: Instant,
     ) -> Result<u64, StoreError> {
         let deadline = tokio::time::Instant::from_std(started + self.write_timeout);
         let mut pause = Duration::from_millis(25);
-        // Shared bytes: a copy for another attempt costs no allocation.
+        // Shared bytes: another attempt's copy costs no allocation.
         let subject = async_nats::Subject::from(subject);
-        let mut message = message;
         loop {
-            // Only the center may send a write again, so only it keeps a
-            // copy of the message; a leaf sends its one attempt as built.
-            let copy = self.create_bucket.then(|| message.clone());
             let attempt = async {
-                let ack = self.js.send_publish(subject.clone(), message).await?;
+                let ack = self.js.send_publish(subject.clone(), message()).await?;
                 ack.await.map(|ack| ack.sequence)
             };
             let err = match tokio::time::timeout_at(deadline, attempt).await {
@@ -354,12 +351,11 @@ impl NatsStore {
             };
             let unheard = err.kind() == PublishErrorKind::StreamNotFound;
             let in_time = tokio::time::Instant::now() + pause < deadline;
-            let Some(copy) = copy.filter(|_| unheard && in_time) else {
+            if !(self.create_bucket && unheard && in_time) {
                 return Err(unavailable(err));
-            };
+            }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(400));
-            message = copy;
         }
     }
 }
@@ -388,25 +384,32 @@ impl PresenceStore for NatsStore {
         expect: Expect,
     ) -> Result<u64, StoreError> {
         self.kv()?;
-        let value = encode_value(user_id, update)?;
+        let value = encode_value(user_id, update)?.map(bytes::Bytes::from);
         let subject = format!("{}{}", self.put_prefix, key_of(user_id, &update.part()));
-        let mut message = PublishMessage::build();
-        message = match value {
-            Some(bytes) => message.payload(bytes.into()),
-            None => message.header(KV_OPERATION, "DEL"),
-        };
-        if let Some(ttl) = ttl {
-            message = message.ttl(ttl);
-        }
-        // JetStream checks the expectation when the message arrives, so a
-        // publish the client library delivers late (after a reconnect, long
-        // after we answered 503) is refused if anything changed since.
-        message = match expect {
-            Expect::Key(revision) => message.expected_last_subject_sequence(revision),
-            Expect::Sessions(revision) => message.expected_last_subject_sequence(revision).header(
-                "Nats-Expected-Last-Subject-Sequence-Subject",
-                format!("$KV.{}.{}.s.>", self.bucket, encode_key(user_id)),
-            ),
+        // Built per attempt (only the center makes more than one), so a
+        // write that goes through at once copies nothing for a retry.
+        let message = || {
+            let mut message = PublishMessage::build();
+            message = match &value {
+                Some(bytes) => message.payload(bytes.clone()),
+                None => message.header(KV_OPERATION, "DEL"),
+            };
+            if let Some(ttl) = ttl {
+                message = message.ttl(ttl);
+            }
+            // JetStream checks the expectation when the message arrives, so
+            // a publish the client library delivers late (after a
+            // reconnect, long after we answered 503) is refused if anything
+            // changed since.
+            match expect {
+                Expect::Key(revision) => message.expected_last_subject_sequence(revision),
+                Expect::Sessions(revision) => {
+                    message.expected_last_subject_sequence(revision).header(
+                        "Nats-Expected-Last-Subject-Sequence-Subject",
+                        format!("$KV.{}.{}.s.>", self.bucket, encode_key(user_id)),
+                    )
+                }
+            }
         };
         let started = Instant::now();
         let result = self.publish(subject, message, started).await;
