@@ -152,6 +152,18 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[index.min(sorted.len() - 1)]
 }
 
+/// The item whose `key` is the median of the items' keys (the upper of
+/// the two middle ones for an even count), leaving `items` in run order:
+/// repeated runs are listed in order and the middle one is reported.
+pub fn median_by<T>(items: &[T], key: impl Fn(&T) -> f64) -> anyhow::Result<&T> {
+    let mut order: Vec<&T> = items.iter().collect();
+    order.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    order
+        .get(order.len() / 2)
+        .copied()
+        .context("no runs to take the median of")
+}
+
 /// Sorts `values` and returns their median.
 pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -347,4 +359,18 @@ pub async fn batch(
         bail!("batch failed: {body}");
     }
     Ok(elapsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_run_is_found_without_reordering_the_runs() {
+        let runs = [(0, 3.0), (1, 1.0), (2, 2.0)];
+        assert_eq!(median_by(&runs, |r| r.1).unwrap().0, 2);
+        assert_eq!(runs[0].0, 0);
+        assert_eq!(median_by(&runs[..2], |r| r.1).unwrap().0, 0);
+        assert!(median_by(&runs[..0], |r| r.1).is_err());
+    }
 }

@@ -2,8 +2,8 @@
 //! which share of a cached user's bytes is the cache's bookkeeping. Builds a
 //! `moka::sync::Cache` the way dataplane/src/cache.rs builds the service's
 //! (weigher, max capacity, initial capacity, eviction listener, the same
-//! keyed hasher), with the same allocator, fills it with the smallest keys and values (`u32 -> ()`)
-//! and prints the RSS growth per entry.
+//! keyed hasher), with the same allocator, fills it with the smallest keys
+//! and values (`u32 -> ()`) and prints the RSS growth per entry.
 //!
 //! Usage: `moka-overhead ENTRIES MAX_CAPACITY INITIAL_CAPACITY`
 

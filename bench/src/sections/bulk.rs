@@ -2,7 +2,7 @@
 //! through the same NATS server, and multi-get of 100 cached users.
 
 use crate::Bench;
-use crate::load::{Puts, Wrk, batch, median, open_bucket, pipelined_puts};
+use crate::load::{Puts, Wrk, batch, median, median_by, open_bucket, pipelined_puts};
 
 /// Items of the batch, and puts of its ceiling.
 const BATCH: usize = 1000;
@@ -116,8 +116,7 @@ async fn multi_get(bench: &mut Bench) -> anyhow::Result<()> {
         .map(|run| format!("{:.2} M", run.rps * 100.0 / 1e6))
         .collect::<Vec<_>>()
         .join(" / ");
-    runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
-    let multi = &runs[runs.len() / 2];
+    let multi = median_by(&runs, |run| run.rps)?;
     let presences = multi.rps * 100.0;
     bench.report.add(
         "bulk",

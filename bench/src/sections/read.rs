@@ -1,7 +1,7 @@
 //! Cached read vs. a bare axum handler returning the same bytes.
 
 use crate::Bench;
-use crate::load::{Wrk, WrkResult};
+use crate::load::{Wrk, WrkResult, median_by};
 use crate::node::http_ok;
 use crate::report::{Report, ratio};
 use std::process::Command;
@@ -63,8 +63,7 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
             script: None,
         };
         let pairs = alternated_pairs(&ours, &ceiling, report)?;
-        let middle = median_pair(&pairs);
-        let (ours, ceiling) = (&middle.0, &middle.1);
+        let (ours, ceiling) = median_by(&pairs, |(o, b)| o.rps / b.rps)?;
         let rounds = pairs
             .iter()
             .map(|(o, b)| format!("{:.2}", o.rps / b.rps))
@@ -127,11 +126,4 @@ fn alternated_pairs(
         pairs.push(pair);
     }
     Ok(pairs)
-}
-
-/// The pair whose ratio is the median of the pairs' ratios.
-fn median_pair(pairs: &[(WrkResult, WrkResult)]) -> &(WrkResult, WrkResult) {
-    let mut order: Vec<&(WrkResult, WrkResult)> = pairs.iter().collect();
-    order.sort_by(|a, b| (a.0.rps / a.1.rps).total_cmp(&(b.0.rps / b.1.rps)));
-    order[order.len() / 2]
 }

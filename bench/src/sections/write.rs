@@ -4,7 +4,7 @@
 //! plain writes.
 
 use crate::Bench;
-use crate::load::{Puts, WRK_SECONDS, Wrk, raw_kv_puts, wrk_write_script};
+use crate::load::{Puts, WRK_SECONDS, Wrk, median_by, raw_kv_puts, wrk_write_script};
 use crate::report::ratio;
 use anyhow::Context as _;
 use futures::{StreamExt, TryStreamExt};
@@ -156,8 +156,7 @@ async fn heartbeat(bench: &mut Bench) -> anyhow::Result<()> {
         .map(|p| format!("{:.0}", p.rps))
         .collect::<Vec<_>>()
         .join(", ");
-    rounds.sort_by(|a, b| (a.0.rps / a.1).total_cmp(&(b.0.rps / b.1)));
-    let (beats, post) = &rounds[rounds.len() / 2];
+    let (beats, post) = median_by(&rounds, |(beats, post)| beats.rps / post)?;
     let post = *post;
     let measured = beats.rps / post;
     let report = &mut bench.report;
