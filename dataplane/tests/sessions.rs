@@ -305,6 +305,8 @@ async fn a_stream_at_one_leaf_sees_another_leaf_and_resumes_exactly() {
     let c = Cluster::start().await;
     let client = http();
     set(&client, &c.center, "a", "online", "before").await;
+    // The snapshot is us's view: let the center's write reach it first.
+    wait_for_status(&client, &c.us, "a", "online").await;
     let url = stream_url(&c.us, &["a", "b", "c"]);
     let mut stream = EventStream::open(&client, &url, None).await;
     let opening = stream.until_snapshot_end().await;
