@@ -1041,6 +1041,36 @@ async fn slow_and_idle_connections_are_closed() {
     );
 }
 
+/// A body announced larger than the limit is refused at once, before any
+/// of it is read, not after the body timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_announced_too_large_is_answered_413_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // A body timeout longer than the wait below: only the announcement
+    // can answer in time.
+    let svc = memory_node(
+        dir.path(),
+        "solo",
+        vec![("HTTP_BODY_READ_TIMEOUT_SECS", "600".into())],
+    )
+    .await;
+    let mut client = connect(&svc).await;
+    let head = format!(
+        "POST /api/v2/presence/big HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 5000000\r\n\r\n{{\"status\":\"online\"}}",
+        bearer("big", "")
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), client.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed without waiting for the announced body");
+    read.expect("read the answer");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains(r#""code":"payload_too_large""#), "{answer}");
+}
+
 /// A body announced but never (or only partly) sent must not hold its
 /// connection and handler forever: the request is answered 408 in JSON
 /// and the connection closed.

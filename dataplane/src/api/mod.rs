@@ -194,6 +194,16 @@ pub struct JsonBodyOrEmpty<T>(pub T);
 /// `HTTP_BODY_READ_TIMEOUT_SECS`. A client that sends a body slowly or not
 /// at all would otherwise hold its connection (and a handler) forever.
 async fn read_body(req: Request, state: &AppState) -> Result<bytes::Bytes, ApiError> {
+    // A body announced larger than the limit is refused before any of it
+    // is read: waiting for it would only end in this answer, or in a 408
+    // when the client sends less than it announced.
+    let announced = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
     let limit = state.settings.http.body_read_timeout;
     let read = bytes::Bytes::from_request(req, state);
     let Ok(read) = tokio::time::timeout(limit, read).await else {
@@ -214,11 +224,7 @@ async fn read_body(req: Request, state: &AppState) -> Result<bytes::Bytes, ApiEr
     };
     read.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("request body exceeds {MAX_BODY_BYTES} bytes"),
-            )
+            too_large()
         } else {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -227,6 +233,14 @@ async fn read_body(req: Request, state: &AppState) -> Result<bytes::Bytes, ApiEr
             )
         }
     })
+}
+
+fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("request body exceeds {MAX_BODY_BYTES} bytes"),
+    )
 }
 
 fn parse_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
