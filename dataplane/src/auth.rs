@@ -254,19 +254,23 @@ impl Verifier {
                     ErrorKind::InvalidAlgorithm => {
                         AuthError::Invalid("only HS256 tokens are accepted".into())
                     }
-                    ErrorKind::MissingRequiredClaim(claim) => AuthError::Invalid(format!(
-                        "claim '{claim}' is missing or not a NumericDate (seconds since 1970)"
-                    )),
+                    ErrorKind::MissingRequiredClaim(claim) => {
+                        AuthError::Invalid(missing_claim(claim))
+                    }
                     ErrorKind::InvalidIssuer => AuthError::Invalid("wrong issuer".into()),
                     ErrorKind::InvalidAudience => AuthError::Invalid("wrong audience".into()),
                     ErrorKind::ImmatureSignature => {
                         AuthError::Invalid("token not yet valid".into())
                     }
-                    // The claims' JSON: say what is wrong with it (a
-                    // missing `sub`, a `scope` of the wrong type).
-                    ErrorKind::Json(json) => {
-                        AuthError::Invalid(format!("malformed token claims: {json}"))
-                    }
+                    // The header's JSON or the claims': say which, and
+                    // what is wrong with it (an `alg` of `none`, a missing
+                    // `sub`, a `scope` of the wrong type).
+                    ErrorKind::Json(json) => match jsonwebtoken::decode_header(token) {
+                        Err(header) => {
+                            AuthError::Invalid(format!("malformed token header: {header}"))
+                        }
+                        Ok(_) => AuthError::Invalid(format!("malformed token claims: {json}")),
+                    },
                     _ => AuthError::Invalid("malformed token".into()),
                 }
             })?;
@@ -307,6 +311,17 @@ impl Verifier {
     }
 }
 
+/// Why a required claim was refused: jsonwebtoken reports a claim that is
+/// there but of the wrong type as missing too.
+fn missing_claim(claim: &str) -> String {
+    let wanted = match claim {
+        "exp" | "nbf" | "iat" => "a NumericDate (seconds since 1970)",
+        "aud" => "a string or a list of strings",
+        _ => "a string",
+    };
+    format!("claim '{claim}' is missing or not {wanted}")
+}
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -314,22 +329,51 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// Signs a token, for `presence-service token` and tests.
+/// Signs a token, for tests: no `iss` or `aud`.
 pub fn mint(
     secret: &str,
     sub: &str,
     scope: &str,
     ttl_secs: u64,
 ) -> Result<String, jsonwebtoken::errors::Error> {
+    mint_for(secret, &Grant::new(sub, scope, ttl_secs))
+}
+
+/// What a minted token says: the claims a node checks. `presence-service
+/// token` fills `issuer` and `audience` from the node's own settings, so
+/// the token it prints is one that node accepts.
+#[derive(Debug, Clone, Default)]
+pub struct Grant<'a> {
+    pub sub: &'a str,
+    pub scope: &'a str,
+    pub ttl_secs: u64,
+    pub issuer: Option<&'a str>,
+    pub audience: Option<&'a str>,
+}
+
+impl<'a> Grant<'a> {
+    /// A grant with no `iss` or `aud`.
+    pub fn new(sub: &'a str, scope: &'a str, ttl_secs: u64) -> Self {
+        Grant {
+            sub,
+            scope,
+            ttl_secs,
+            ..Grant::default()
+        }
+    }
+}
+
+/// Signs the token `grant` describes.
+pub fn mint_for(secret: &str, grant: &Grant<'_>) -> Result<String, jsonwebtoken::errors::Error> {
     let now = now_secs();
     let claims = Claims {
-        sub: sub.to_owned(),
-        exp: now.saturating_add(ttl_secs),
+        sub: grant.sub.to_owned(),
+        exp: now.saturating_add(grant.ttl_secs),
         iat: Some(now),
         nbf: None,
-        scope: (!scope.is_empty()).then(|| Scope::Spaced(scope.to_owned())),
-        iss: None,
-        aud: None,
+        scope: (!grant.scope.is_empty()).then(|| Scope::Spaced(grant.scope.to_owned())),
+        iss: grant.issuer.map(str::to_owned),
+        aud: grant.audience.map(|aud| Audience::One(aud.to_owned())),
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -446,6 +490,56 @@ mod tests {
         )
         .unwrap();
         assert!(v.verify(&good).is_ok());
+        let grant = Grant {
+            issuer: Some("idp"),
+            audience: Some("presence"),
+            ..Grant::new("ann", "", 60)
+        };
+        let minted = mint_for(SECRET, &grant).unwrap();
+        assert_eq!(&*v.verify(&minted).unwrap().user_id, "ann");
+    }
+
+    /// A token without the `iss` or `aud` a node requires is refused with
+    /// the claim named, and not called a date.
+    #[test]
+    fn a_missing_issuer_or_audience_is_named() {
+        let v = Verifier::new(SECRET, Some("idp"), Some("presence"));
+        let message = |grant: &Grant<'_>| match v.verify(&mint_for(SECRET, grant).unwrap()) {
+            Err(AuthError::Invalid(message)) => message,
+            other => panic!("{grant:?}: {other:?}"),
+        };
+        let no_issuer = Grant {
+            audience: Some("presence"),
+            ..Grant::new("ann", "", 60)
+        };
+        assert_eq!(
+            message(&no_issuer),
+            "claim 'iss' is missing or not a string"
+        );
+        let no_audience = Grant {
+            issuer: Some("idp"),
+            ..Grant::new("ann", "", 60)
+        };
+        let text = message(&no_audience);
+        assert_eq!(
+            text,
+            "claim 'aud' is missing or not a string or a list of strings"
+        );
+    }
+
+    /// An unsigned token (`alg: none`) is refused for its header, which
+    /// the message names.
+    #[test]
+    fn an_unsigned_token_is_refused_for_its_header() {
+        // {"alg":"none","typ":"JWT"} . {"sub":"ann","exp":4102444800} . (no signature)
+        let token = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhbm4iLCJleHAiOjQxMDI0NDQ4MDB9.";
+        match Verifier::new(SECRET, None, None).verify(token) {
+            Err(AuthError::Invalid(message)) => {
+                assert!(message.starts_with("malformed token header: "), "{message}");
+                assert!(message.contains("none"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     fn sign(claims: &serde_json::Value) -> String {

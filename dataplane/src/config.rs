@@ -53,10 +53,56 @@ pub struct TokenArgs {
     /// Space-separated scopes, e.g. `presence:write` to set anyone's presence.
     #[arg(long, default_value = "")]
     pub scope: String,
-    /// Lifetime of the token in seconds (at most ten years).
-    #[arg(long, default_value_t = 86_400,
-          value_parser = clap::value_parser!(u64).range(1..=MAX_TOKEN_LIFETIME_SECS))]
-    pub ttl_secs: u64,
+    /// Lifetime of the token in seconds (at most ten years) [default: a
+    /// day, or JWT_MAX_LIFETIME when that is shorter].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_TOKEN_LIFETIME_SECS))]
+    pub ttl_secs: Option<u64>,
+}
+
+/// The lifetime `presence-service token` gives a token unless told.
+const DEFAULT_TOKEN_TTL_SECS: u64 = 86_400;
+
+/// Why `presence-service token` would print a token the node refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("--sub is empty: a token names its caller")]
+    EmptySubject,
+    #[error("--ttl-secs {ttl} is longer than JWT_MAX_LIFETIME ({max} s), which this node enforces")]
+    OutlivesLimit { ttl: u64, max: u64 },
+}
+
+impl TokenArgs {
+    /// The token to print, and the secret to sign it with: one this node's
+    /// settings accept, with their `JWT_ISSUER` and `JWT_AUDIENCE`, within
+    /// their `JWT_MAX_LIFETIME`.
+    pub fn grant<'a>(
+        &'a self,
+        serve: &'a ServeArgs,
+    ) -> Result<(&'a str, crate::auth::Grant<'a>), TokenError> {
+        let secret = serve.signing_secret()?;
+        if self.sub.trim().is_empty() {
+            return Err(TokenError::EmptySubject);
+        }
+        let max = serve.jwt_max_lifetime;
+        let ttl_secs = match (self.ttl_secs, max) {
+            (Some(ttl), Some(max)) if ttl > max => {
+                return Err(TokenError::OutlivesLimit { ttl, max });
+            }
+            (Some(ttl), _) => ttl,
+            (None, max) => max.map_or(DEFAULT_TOKEN_TTL_SECS, |max| {
+                max.min(DEFAULT_TOKEN_TTL_SECS)
+            }),
+        };
+        let grant = crate::auth::Grant {
+            // Empty means unset, as for the node.
+            issuer: serve.jwt_issuer.as_deref().filter(|s| !s.is_empty()),
+            audience: serve.jwt_audience.as_deref().filter(|s| !s.is_empty()),
+            ..crate::auth::Grant::new(&self.sub, &self.scope, ttl_secs)
+        };
+        Ok((secret, grant))
+    }
 }
 
 /// Where this node sits in the topology.
@@ -98,13 +144,14 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Node type: `center` (next to the hub) or `leaf` (next to a regional leaf server).
-    #[arg(long, env = env::NODE_TYPE, value_enum, default_value = "center")]
+    #[arg(long, env = env::NODE_TYPE, value_enum, ignore_case = true, default_value = "center")]
     pub node_type: NodeType,
     /// Unique node identifier, recorded as `nodeID` on every write this node accepts.
     #[arg(long, env = env::NODE_ID, default_value = "node-1")]
     pub node_id: String,
     /// HTTP port of the API.
-    #[arg(long, env = env::SERVICE_PORT, default_value_t = 8080)]
+    #[arg(long, env = env::SERVICE_PORT, default_value_t = 8080,
+          value_parser = clap::value_parser!(u16).range(1..))]
     pub service_port: u16,
     /// Address the API binds to.
     #[arg(long, env = env::SERVICE_HOST, default_value = "0.0.0.0")]
@@ -134,7 +181,7 @@ pub struct ServeArgs {
     #[arg(long, env = env::LOG_LEVEL, default_value = "info")]
     pub log_level: String,
     /// Log format: text or json.
-    #[arg(long, env = env::LOG_FORMAT, value_enum, default_value = "text")]
+    #[arg(long, env = env::LOG_FORMAT, value_enum, ignore_case = true, default_value = "text")]
     pub log_format: LogFormat,
     /// Enable CORS handling.
     #[arg(long, env = env::CORS_ENABLED, default_value = "true", action = ArgAction::Set,
@@ -199,7 +246,7 @@ pub struct ServeArgs {
     #[arg(long, env = env::KV_REPLICAS, default_value_t = 1)]
     pub kv_replicas: usize,
     /// Store backend: `nats`, or `memory` to try the API without NATS.
-    #[arg(long, env = env::STORE, value_enum, default_value = "nats")]
+    #[arg(long, env = env::STORE, value_enum, ignore_case = true, default_value = "nats")]
     pub store: StoreKind,
     /// Longest a write waits for JetStream's acknowledgement before answering 503.
     #[arg(long, env = env::WRITE_TIMEOUT_MS, default_value_t = 3_000)]
@@ -274,6 +321,47 @@ pub enum ConfigError {
     ShortJwtSecret(usize),
     #[error("{name} is invalid: {reason}")]
     Invalid { name: &'static str, reason: String },
+}
+
+/// clap's refusal of a setting's value (not a number, out of a type's
+/// range, not one of the choices) as the one line every other invalid
+/// setting gets, naming the variable: `NODE_TYPE is invalid: 'hub' is not
+/// one of center, leaf`. `None` for what clap should print itself (help,
+/// version, an unknown flag).
+pub fn value_error_line(err: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        err.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return None;
+    }
+    let text = |kind| match err.get(kind) {
+        Some(ContextValue::String(text)) => Some(text.as_str()),
+        _ => None,
+    };
+    // "--node-type <NODE_TYPE>": the flag, then its value's name.
+    let flag = text(ContextKind::InvalidArg)?.split_whitespace().next()?;
+    let long = flag.strip_prefix("--")?;
+    let command = <Cli as clap::CommandFactory>::command();
+    let arg = command
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))?;
+    let name = arg
+        .get_env()
+        .map_or_else(|| flag.to_owned(), |env| env.to_string_lossy().into_owned());
+    let value = text(ContextKind::InvalidValue).unwrap_or_default();
+    let reason = match (
+        err.get(ContextKind::ValidValue),
+        std::error::Error::source(err),
+    ) {
+        (Some(ContextValue::Strings(choices)), _) => {
+            format!("'{value}' is not one of {}", choices.join(", "))
+        }
+        (_, Some(cause)) => format!("'{value}': {cause}"),
+        _ => format!("'{value}' is not a valid value"),
+    };
+    Some(format!("{name} is invalid: {reason}"))
 }
 
 fn invalid(name: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -988,6 +1076,43 @@ mod tests {
         assert!(accepted.len() >= 30, "{accepted:?}");
     }
 
+    /// Values clap refuses (not a number, out of range, not a choice) get
+    /// the same one line as the values `validate` refuses.
+    #[test]
+    fn values_clap_refuses_are_one_line_naming_the_variable() {
+        for (args, line) in [
+            (
+                vec!["--node-type=hub"],
+                "NODE_TYPE is invalid: 'hub' is not one of center, leaf",
+            ),
+            (
+                vec!["--service-port=70000"],
+                "SERVICE_PORT is invalid: '70000': 70000 is not in 1..=65535",
+            ),
+            (
+                vec!["--service-port=0"],
+                "SERVICE_PORT is invalid: '0': 0 is not in 1..=65535",
+            ),
+            (
+                vec!["--cache-num-counters=1e7"],
+                "CACHE_NUM_COUNTERS is invalid: '1e7': invalid digit found in string",
+            ),
+        ] {
+            let mut argv = vec!["presence-service"];
+            argv.extend_from_slice(&args);
+            let err = Cli::try_parse_from(argv).expect_err("refused");
+            assert_eq!(value_error_line(&err).as_deref(), Some(line), "{args:?}");
+        }
+        let unknown = Cli::try_parse_from(["presence-service", "--no-such-flag"]).unwrap_err();
+        assert_eq!(value_error_line(&unknown), None, "clap says that itself");
+    }
+
+    #[test]
+    fn choices_ignore_case() {
+        assert_eq!(parse(&["--node-type=LEAF"]).node_type, NodeType::Leaf);
+        assert_eq!(parse(&["--log-format=JSON"]).log_format, LogFormat::Json);
+    }
+
     #[test]
     fn bad_values_name_their_variable() {
         for (args, name) in [
@@ -1021,7 +1146,6 @@ mod tests {
                 vec![SECRET, "--rate-limit-writes-per-second=NaN"],
                 "RATE_LIMIT_WRITES_PER_SECOND",
             ),
-            (vec![SECRET, "--service-port=0"], "SERVICE_PORT"),
             (vec![SECRET, "--cache-num-counters=0"], "CACHE_NUM_COUNTERS"),
             (vec![SECRET, "--cors-max-age=999999999"], "CORS_MAX_AGE"),
             (

@@ -1,6 +1,6 @@
 //! `presence-service`: parse configuration, set up logging, serve.
 
-use clap::Parser;
+use clap::Parser as _;
 use presence_dataplane::config::{Cli, Command, LogFormat, Settings};
 /// Many small short-lived allocations per request (headers, JSON, cache
 /// entries): mimalloc spends far less time on them than glibc's malloc did
@@ -23,18 +23,27 @@ fn init_logging(settings: &Settings) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => match presence_dataplane::config::value_error_line(&err) {
+            Some(line) => {
+                eprintln!("presence-service: configuration error: {line}");
+                return ExitCode::from(2);
+            }
+            // Help, version, an unknown flag: clap's own words and code.
+            None => err.exit(),
+        },
+    };
     if let Some(Command::Token(args)) = &cli.command {
-        // The service's own rule: a token signed with a secret it would
-        // refuse is a token no node accepts.
-        let secret = match cli.serve.signing_secret() {
-            Ok(secret) => secret,
+        // The node's own rules: a token it would refuse helps nobody.
+        let (secret, grant) = match args.grant(&cli.serve) {
+            Ok(signing) => signing,
             Err(err) => {
-                eprintln!("presence-service: configuration error: {err}");
+                eprintln!("presence-service: cannot make a token: {err}");
                 return ExitCode::from(2);
             }
         };
-        return match presence_dataplane::auth::mint(secret, &args.sub, &args.scope, args.ttl_secs) {
+        return match presence_dataplane::auth::mint_for(secret, &grant) {
             Ok(token) => {
                 println!("{token}");
                 ExitCode::SUCCESS

@@ -864,11 +864,19 @@ fn bad_config_is_one_clear_line_and_exit_code_2() {
         (vec![], "JWT_SECRET is required"),
         (
             vec![("JWT_SECRET", SECRET), ("NODE_TYPE", "hub")],
-            "NODE_TYPE",
+            "NODE_TYPE is invalid: 'hub' is not one of center, leaf",
         ),
         (
             vec![("JWT_SECRET", SECRET), ("SERVICE_PORT", "http")],
-            "SERVICE_PORT",
+            "SERVICE_PORT is invalid",
+        ),
+        (
+            vec![("JWT_SECRET", SECRET), ("SERVICE_PORT", "70000")],
+            "SERVICE_PORT is invalid: '70000': 70000 is not in 1..=65535",
+        ),
+        (
+            vec![("JWT_SECRET", SECRET), ("CACHE_NUM_COUNTERS", "1e7")],
+            "CACHE_NUM_COUNTERS is invalid",
         ),
         (
             vec![("JWT_SECRET", SECRET), ("LOG_LEVEL", "chatty")],
@@ -884,6 +892,11 @@ fn bad_config_is_one_clear_line_and_exit_code_2() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(needle), "{env:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(
+            stderr.starts_with("presence-service: configuration error: "),
+            "{stderr}"
+        );
     }
 }
 
@@ -933,6 +946,43 @@ fn token_subcommand_signs_a_usable_token() {
     assert!(output.stdout.is_empty());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("at least 16 bytes"), "{stderr}");
+}
+
+/// The token a node's settings print is one that node accepts: with their
+/// issuer and audience, within their longest lifetime.
+#[test]
+fn token_subcommand_follows_the_nodes_token_rules() {
+    let node = [
+        ("JWT_SECRET", SECRET),
+        ("JWT_ISSUER", "https://idp.example"),
+        ("JWT_AUDIENCE", "presence"),
+        ("JWT_MAX_LIFETIME", "600"),
+    ];
+    let output = run_binary(&node, &["token", "--sub", "ann"]);
+    assert!(output.status.success(), "{output:?}");
+    let token = String::from_utf8(output.stdout).unwrap();
+    let verifier = presence_dataplane::auth::Verifier::new(
+        SECRET,
+        Some("https://idp.example"),
+        Some("presence"),
+    )
+    .with_max_lifetime(Some(600));
+    let caller = verifier.verify(token.trim()).unwrap();
+    assert_eq!(&*caller.user_id, "ann");
+    for (args, needle) in [
+        (
+            &["token", "--ttl-secs", "601"][..],
+            "longer than JWT_MAX_LIFETIME (600 s)",
+        ),
+        (&["token", "--sub", ""][..], "--sub is empty"),
+        (&["token", "--sub", "  "][..], "--sub is empty"),
+    ] {
+        let output = run_binary(&node, args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(output.stdout.is_empty(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
