@@ -13,7 +13,10 @@
 //!   reading and the node's writes stay blocked that long, the connection
 //!   is dropped at once (a graceful close would wait for the same writes);
 //! - a place under the node's cap (`HTTP_MAX_CONNECTIONS`); a connection
-//!   beyond it is answered `503` and closed.
+//!   beyond it is answered `503` and closed, except that a few more
+//!   ([`PROBE_PLACES`]) may each ask one health probe: the kubelet's
+//!   liveness probe must not fail, and restart the pod with every stream
+//!   it holds, because clients hold every place.
 //!
 //! Graceful shutdown: once `stopping` is set the listener is closed, each
 //! connection finishes its current response and closes, and [`serve`]
@@ -56,6 +59,10 @@ impl<S> Handler for S where
 {
 }
 
+/// Connections beyond `HTTP_MAX_CONNECTIONS` that are served one health
+/// probe (`/health...`) each; anything else on them gets the cap's `503`.
+pub const PROBE_PLACES: usize = 8;
+
 /// Serves `api` on `listener` until `stopping` turns true, then waits
 /// for the open connections to finish (the caller bounds that wait).
 pub async fn serve<A: Handler>(
@@ -66,6 +73,7 @@ pub async fn serve<A: Handler>(
     mut stopping: watch::Receiver<bool>,
 ) {
     let places = Arc::new(Semaphore::new(limits.max_connections));
+    let probe_places = Arc::new(Semaphore::new(PROBE_PLACES));
     let mut last_accept_warning: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
@@ -85,31 +93,75 @@ pub async fn serve<A: Handler>(
                 continue;
             }
         };
-        match places.clone().try_acquire_owned() {
-            Ok(place) => {
-                let connection = Connection {
-                    limits,
-                    metrics: metrics.clone(),
-                    stopping: stopping.clone(),
-                    activity: Arc::new(Activity::new()),
-                    _place: place,
-                };
-                tokio::spawn(connection.serve(socket, api.clone()));
-            }
-            Err(_) => {
-                metrics.http_connections_refused.inc();
-                tokio::spawn(refuse(socket));
-            }
+        let connection = |place, keep_alive| Connection {
+            limits,
+            metrics: metrics.clone(),
+            stopping: stopping.clone(),
+            activity: Arc::new(Activity::new()),
+            keep_alive,
+            _place: place,
+        };
+        if let Ok(place) = places.clone().try_acquire_owned() {
+            tokio::spawn(connection(place, true).serve(socket, api.clone()));
+        } else if let Ok(place) = probe_places.clone().try_acquire_owned() {
+            let probes = ProbesOnly {
+                api: api.clone(),
+                refused: metrics.http_connections_refused.clone(),
+            };
+            tokio::spawn(connection(place, false).serve(socket, probes));
+        } else {
+            metrics.http_connections_refused.inc();
+            tokio::spawn(refuse(socket));
         }
     }
     drop(listener);
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let _ = places.acquire_many(all).await;
+    let _ = probe_places.acquire_many(PROBE_PLACES as u32).await;
+}
+
+/// The cap's refusal, as a body.
+const TOO_MANY_CONNECTIONS: &str = r#"{"error":{"code":"too_many_connections","message":"this node holds HTTP_MAX_CONNECTIONS connections; retry later or on another node"}}"#;
+
+/// The API on a connection beyond the cap: health probes only; anything
+/// else counts as a refused connection.
+#[derive(Clone)]
+struct ProbesOnly<A> {
+    api: A,
+    refused: prometheus::IntCounter,
+}
+
+impl<A: Handler> Service<Request> for ProbesOnly<A> {
+    type Response = Response;
+    type Error = Infallible;
+    type Future =
+        futures::future::Either<A::Future, std::future::Ready<Result<Response, Infallible>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.api.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        if request.uri().path().starts_with("/health") {
+            return futures::future::Either::Left(self.api.call(request));
+        }
+        self.refused.inc();
+        use axum::http::{HeaderValue, StatusCode, header};
+        let mut refusal = Response::new(Body::from(TOO_MANY_CONNECTIONS));
+        *refusal.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        let headers = refusal.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        futures::future::Either::Right(std::future::ready(Ok(refusal)))
+    }
 }
 
 /// Tells a connection beyond the cap to come back later, and closes it.
 async fn refuse(mut socket: TcpStream) {
-    let body = r#"{"error":{"code":"too_many_connections","message":"this node holds HTTP_MAX_CONNECTIONS connections; retry later or on another node"}}"#;
+    let body = TOO_MANY_CONNECTIONS;
     let answer = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
          retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
@@ -134,6 +186,8 @@ struct Connection {
     metrics: Metrics,
     stopping: watch::Receiver<bool>,
     activity: Arc<Activity>,
+    /// Off for a connection beyond the cap: one probe, then it closes.
+    keep_alive: bool,
     /// Its place under the cap, given back when the connection ends.
     _place: OwnedSemaphorePermit,
 }
@@ -155,6 +209,7 @@ impl Connection {
             metrics,
             stopping,
             activity,
+            keep_alive,
             _place,
         } = self;
         let _open = OpenConnection::count(&metrics.http_connections_open);
@@ -170,7 +225,7 @@ impl Connection {
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
-            .keep_alive(true);
+            .keep_alive(keep_alive);
         let connection = http.serve_connection(io, service);
         let mut connection = std::pin::pin!(connection);
         let orders = Arc::new(Orders::default());

@@ -1127,7 +1127,7 @@ async fn connections_are_capped_per_node() {
     for _ in 0..20 {
         let mut stream = connect(&svc).await;
         stream
-            .write_all(b"GET /health/liveness HTTP/1.1\r\nHost: x\r\n\r\n")
+            .write_all(b"GET /api/v2/openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .unwrap();
         let head = read_head(&mut stream, Duration::from_secs(10))
@@ -1147,8 +1147,24 @@ async fn connections_are_capped_per_node() {
         refusal.to_ascii_lowercase().contains("retry-after"),
         "{refusal}"
     );
-    drop(held);
+    // With every place held, the kubelet's probes are still answered (a
+    // failed liveness probe would restart the pod and drop every client).
     let client = http();
+    for path in ["/health/liveness", "/health/readiness"] {
+        let probe = client.get(svc.url(path)).send().await.expect("probe");
+        assert_eq!(probe.status(), 200, "{path}");
+    }
+    assert_eq!(
+        client
+            .get(svc.url("/api/v2/openapi.json"))
+            .send()
+            .await
+            .expect("answer")
+            .status(),
+        503,
+        "only probes beyond the cap"
+    );
+    drop(held);
     wait_until("connections to be served again", READY_TIMEOUT, || async {
         client
             .get(svc.url("/health/liveness"))
