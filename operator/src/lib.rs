@@ -18,6 +18,7 @@ pub mod local_security;
 pub mod local_status;
 pub mod local_web;
 pub mod manager;
+pub mod manifest;
 pub mod metrics;
 pub mod monitor;
 pub mod pki;

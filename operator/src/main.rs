@@ -200,7 +200,7 @@ fn generate_nats_secrets(
 fn read_cluster(path: &PathBuf) -> anyhow::Result<PresenceCluster> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_yaml::from_str(&text)
+    presence_operator::manifest::parse(&text)
         .with_context(|| format!("{} is not a valid PresenceCluster", path.display()))
 }
 
@@ -266,6 +266,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // manifest references Secrets (then stand-ins are used, and said
             // so: the hub would admit keys nobody holds).
             let here = cluster_name.as_deref();
+            // As the operator in that cluster would: a name no region
+            // names renders nothing there, which is a mistake to say.
+            // Without a name, every cluster's objects are rendered.
+            if here.is_some() {
+                render::clusters::check_operator_cluster(&cluster.spec, here)?;
+            }
             let (nats_secrets, ids) = generate_nats_secrets(&ctx, &cluster.spec, here)?;
             let inputs = render::Inputs {
                 generated_jwt_secret: Some(render::secrets::random_secret()?),

@@ -12,6 +12,7 @@ pub mod nats;
 pub mod nats_auth;
 pub mod network;
 pub mod placement;
+pub mod quantity;
 pub mod secrets;
 
 pub use clusters::{is_here, needed_leaves};
@@ -431,6 +432,7 @@ pub fn check_spec(spec: &PresenceClusterSpec) -> Result<(), RenderError> {
         return invalid("kv.replicas must be 1, 3 or 5 and at most center.replicas".into());
     }
     check_cors(spec)?;
+    quantity::check_quantities(spec)?;
     clusters::check_multi_cluster(spec)
 }
 

@@ -282,7 +282,8 @@ pub fn quantity_bytes(q: &str) -> Option<u64> {
         }
     };
     let bytes = value * multiplier;
-    (bytes.is_finite() && bytes >= 0.0).then_some(bytes as u64)
+    // NATS reads a size as a signed 64-bit integer: below 2^63 (8Ei).
+    (bytes.is_finite() && bytes >= 0.0 && bytes < i64::MAX as f64).then_some(bytes as u64)
 }
 
 /// Service DNS name of a region's NATS servers.
@@ -850,6 +851,13 @@ mod tests {
         assert_eq!(quantity_bytes("1024"), Some(1024));
         assert_eq!(quantity_bytes("1.5Ki"), Some(1536));
         assert_eq!(quantity_bytes("10Zi"), None);
+        assert_eq!(quantity_bytes("100Ei"), None, "beyond what NATS reads");
+        assert_eq!(
+            quantity_bytes("8Ei"),
+            None,
+            "2^63 is one more than NATS reads"
+        );
+        assert!(quantity_bytes("7Ei").is_some());
         assert_eq!(quantity_bytes("1e9"), Some(1_000_000_000));
         assert_eq!(quantity_bytes("2E6"), Some(2_000_000));
         assert_eq!(quantity_bytes("1E"), Some(1_000_000_000_000_000_000));
