@@ -912,6 +912,28 @@ mod cel {
     }
 }
 
+/// Neither nats-server nor presence-service calls the Kubernetes API, so
+/// no pod of theirs holds a service account token a compromise could use.
+#[test]
+fn no_workload_mounts_a_service_account_token() {
+    let cluster = load("multi-region.yaml");
+    let objects = render_fixed(&cluster);
+    let mut seen = 0;
+    for region in cluster.spec.regions() {
+        for (component, template) in pod_templates(&objects, region.name) {
+            let pod = template.spec.expect("pod spec");
+            assert_eq!(
+                pod.automount_service_account_token,
+                Some(false),
+                "{component} of {}",
+                region.name
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen >= 6, "{seen} workloads");
+}
+
 #[test]
 fn examples_have_no_unknown_fields() {
     // The spec has no defaults, so a parsed example serializes back to

@@ -807,6 +807,9 @@ fn statefulset(
                     volumes: Some(volumes),
                     termination_grace_period_seconds: Some(60),
                     enable_service_links: Some(false),
+                    // nats-server never calls the Kubernetes API: no token
+                    // in the pod for a compromise to use.
+                    automount_service_account_token: Some(false),
                     affinity: (is_hub || replicas > 1)
                         .then(|| super::spread_affinity(ctx, COMPONENT, region.name)),
                     security_context: Some(nats_pod_security()),
