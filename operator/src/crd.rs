@@ -16,6 +16,25 @@ use serde::{Deserialize, Serialize};
 
 /// API group of every PresenceCluster resource and annotation.
 pub const GROUP: &str = "presencecluster.io";
+
+/// The CustomResourceDefinition as installed. Deleting a CRD deletes every
+/// PresenceCluster with it, so Argo CD is told never to prune or delete it
+/// (an Application deleted or a file dropped from Git would otherwise take
+/// every presence cluster down); removing it is a deliberate `kubectl
+/// delete` (docs/operator.md, "Uninstalling").
+pub fn definition()
+-> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    use kube::CustomResourceExt as _;
+    let mut crd = PresenceCluster::crd();
+    crd.metadata.annotations = Some(
+        [(
+            "argocd.argoproj.io/sync-options".to_owned(),
+            "Prune=false,Delete=false".to_owned(),
+        )]
+        .into(),
+    );
+    crd
+}
 /// Region name of the center when the spec names none.
 pub const DEFAULT_CENTER_NAME: &str = "center";
 /// JetStream domain of the hub when the spec names none.

@@ -2,7 +2,6 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use kube::CustomResourceExt;
 use presence_operator::crd::PresenceCluster;
 use presence_operator::{local, render};
 use std::path::PathBuf;
@@ -252,7 +251,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(presence_operator::manager::run(opts))?;
         }
         Command::Crd => {
-            print!("{}", serde_yaml::to_string(&PresenceCluster::crd())?);
+            print!(
+                "{}",
+                serde_yaml::to_string(&presence_operator::crd::definition())?
+            );
         }
         Command::Render {
             file,

@@ -162,3 +162,21 @@ fn both_installs_pin_the_same_operator_image() {
     let namespaced = yaml("namespaced/kustomization.yaml");
     assert_eq!(default["images"], namespaced["images"]);
 }
+
+/// What dies with all data when deleted, the CRD (every PresenceCluster)
+/// and the namespace (the hub's volume claims), Argo CD must never prune
+/// or delete: uninstalling is a deliberate step (docs/operator.md).
+#[test]
+fn argo_cd_never_deletes_the_crd_or_the_namespace() {
+    let namespace = yaml("manager/namespace.yaml");
+    let crd_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/presencecluster.yaml");
+    let crd: Value = serde_yaml::from_str(&std::fs::read_to_string(crd_file).unwrap()).unwrap();
+    for object in [namespace, crd] {
+        let options = object["metadata"]["annotations"]["argocd.argoproj.io/sync-options"]
+            .as_str()
+            .unwrap_or_default();
+        let options: Vec<&str> = options.split(',').map(str::trim).collect();
+        assert!(options.contains(&"Delete=false"), "{:?}", object["kind"]);
+        assert!(options.contains(&"Prune=false"), "{:?}", object["kind"]);
+    }
+}

@@ -102,7 +102,7 @@ fn render_fixed(cluster: &PresenceCluster) -> Vec<Child> {
 
 #[test]
 fn crd_file_matches_the_code() {
-    let generated = serde_yaml::to_string(&PresenceCluster::crd()).unwrap();
+    let generated = serde_yaml::to_string(&presence_operator::crd::definition()).unwrap();
     assert_golden(&repo().join("crds/presencecluster.yaml"), &generated);
 }
 
