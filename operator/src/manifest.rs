@@ -26,6 +26,10 @@ pub enum ManifestError {
     },
     #[error("{} is not a PresenceCluster field (misspelt?)", .0.join(", "))]
     UnknownFields(Vec<String>),
+    /// A value outside the CRD schema's bounds, which the API server would
+    /// refuse: `spec.dataplane.replicas: -1 is below the minimum 0`.
+    #[error("{0}")]
+    OutOfBounds(String),
 }
 
 /// The PresenceCluster in `text`, refusing another kind or version and
@@ -58,11 +62,98 @@ pub fn parse(text: &str) -> Result<PresenceCluster, ManifestError> {
     if let Some(spec) = value.get("spec") {
         unknown_fields(spec, &kept, "spec", &mut unknown);
     }
-    if unknown.is_empty() {
-        Ok(cluster)
-    } else {
-        Err(ManifestError::UnknownFields(unknown))
+    if !unknown.is_empty() {
+        return Err(ManifestError::UnknownFields(unknown));
     }
+    let crd = crate::crd::definition();
+    let schema = crd.spec.versions.first().and_then(|v| v.schema.as_ref());
+    let schema = schema.and_then(|s| s.open_api_v3_schema.as_ref());
+    if let (Some(schema), Some(spec)) = (schema, value.get("spec")) {
+        let schema =
+            serde_json::to_value(schema).map_err(|e| ManifestError::Invalid(e.to_string()))?;
+        let spec = serde_json::to_value(spec).map_err(|e| ManifestError::Invalid(e.to_string()))?;
+        bounds(&spec, &schema["properties"]["spec"], "spec").map_err(ManifestError::OutOfBounds)?;
+    }
+    Ok(cluster)
+}
+
+/// Checks `value` against the bounds `schema` sets, as the API server's
+/// OpenAPI validation does (types are serde's job, CEL rules
+/// [`crate::render::check_spec`]'s): minimum and maximum, string lengths
+/// and patterns, enums, list and map sizes.
+fn bounds(value: &serde_json::Value, schema: &serde_json::Value, path: &str) -> Result<(), String> {
+    use serde_json::Value as J;
+    let number = |key: &str| schema.get(key).and_then(J::as_f64);
+    let count = |key: &str| schema.get(key).and_then(J::as_u64);
+    match value {
+        J::Number(n) => {
+            let n = n.as_f64().unwrap_or_default();
+            if let Some(min) = number("minimum").filter(|min| n < *min) {
+                return Err(format!("{path}: {value} is below the minimum {min}"));
+            }
+            if let Some(max) = number("maximum").filter(|max| n > *max) {
+                return Err(format!("{path}: {value} is above the maximum {max}"));
+            }
+        }
+        J::String(text) => {
+            let length = text.chars().count() as u64;
+            if count("minLength").is_some_and(|min| length < min) {
+                return Err(format!(
+                    "{path}: {text:?} is shorter than {} characters",
+                    count("minLength").unwrap_or_default()
+                ));
+            }
+            if count("maxLength").is_some_and(|max| length > max) {
+                return Err(format!(
+                    "{path}: {text:?} is longer than {} characters",
+                    count("maxLength").unwrap_or_default()
+                ));
+            }
+            if let Some(pattern) = schema.get("pattern").and_then(J::as_str) {
+                let matches = regex::Regex::new(pattern).map(|re| re.is_match(text));
+                if matches.is_ok_and(|m| !m) {
+                    return Err(format!("{path}: {text:?} does not match {pattern}"));
+                }
+            }
+            if let Some(choices) = schema.get("enum").and_then(J::as_array)
+                && !choices.contains(value)
+            {
+                let choices: Vec<String> = choices.iter().map(J::to_string).collect();
+                return Err(format!(
+                    "{path}: {text:?} is not one of {}",
+                    choices.join(", ")
+                ));
+            }
+        }
+        J::Array(items) => {
+            if let Some(max) = count("maxItems").filter(|max| items.len() as u64 > *max) {
+                return Err(format!(
+                    "{path}: {} items, at most {max} allowed",
+                    items.len()
+                ));
+            }
+            for (i, item) in items.iter().enumerate() {
+                bounds(item, &schema["items"], &format!("{path}[{i}]"))?;
+            }
+        }
+        J::Object(fields) => {
+            if let Some(max) = count("maxProperties").filter(|max| fields.len() as u64 > *max) {
+                return Err(format!(
+                    "{path}: {} entries, at most {max} allowed",
+                    fields.len()
+                ));
+            }
+            for (key, field) in fields {
+                let field_schema = match schema.get("properties").and_then(|p| p.get(key)) {
+                    Some(known) => known,
+                    None => &schema["additionalProperties"],
+                };
+                bounds(field, field_schema, &format!("{path}.{key}"))?;
+            }
+        }
+        J::Null | J::Bool(_) => {}
+    }
+    Ok(())
 }
 
 /// Adds to `unknown` the path of every key of `given` that `kept` lacks,
@@ -149,6 +240,32 @@ mod tests {
             "{HEAD}spec:\n  center: {{}}\n  leaves: []\n  dataplane: {{podLabels: {{}}}}\n"
         );
         parse(&text).expect("reads");
+    }
+
+    #[test]
+    fn values_beyond_the_schemas_bounds_are_refused() {
+        for (spec, message) in [
+            (
+                "center: {}\n  dataplane: {replicas: -1}",
+                "spec.dataplane.replicas: -1 is below the minimum 0",
+            ),
+            (
+                "center: {}\n  dataplane: {streams: {keepAliveSeconds: 0}}",
+                "spec.dataplane.streams.keepAliveSeconds: 0 is below the minimum 1",
+            ),
+            (
+                "center: {}\n  kv: {bucket: a.b}",
+                "spec.kv.bucket: \"a.b\" does not match",
+            ),
+            (
+                "center: {}\n  leaves: [{name: eu, nats: {replicas: 9}}]",
+                "spec.leaves[0].nats.replicas: 9 is above the maximum 5",
+            ),
+        ] {
+            let text = format!("{HEAD}spec:\n  {spec}\n");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.starts_with(message), "{spec}: {err}");
+        }
     }
 
     #[test]
