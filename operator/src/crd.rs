@@ -166,7 +166,8 @@ pub struct CenterSpec {
     /// JetStream settings of the hub.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jetstream: Option<JetStreamSpec>,
-    /// CPU and memory of each hub NATS server.
+    /// CPU and memory of each hub NATS server (default: requests of 100m
+    /// and 256Mi, no limits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// Overrides of the shared data-plane settings for the center region.
@@ -326,7 +327,8 @@ pub struct LeafNatsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 5))]
     pub replicas: Option<i32>,
-    /// CPU and memory of the leaf NATS server.
+    /// CPU and memory of the leaf NATS server (default: requests of 50m and
+    /// 64Mi, no limits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// A Secret key of yours holding this leaf's NATS nkey seed (`SU...`),
@@ -348,7 +350,8 @@ pub struct DataplaneOverrides {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1024, max = 1_099_511_627_776_i64))]
     pub cache_max_cost: Option<i64>,
-    /// CPU and memory of each presence-service pod in this region.
+    /// CPU and memory of each presence-service pod in this region (default:
+    /// the shared `resources`, else requests of 100m and 128Mi).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// Autoscaling of this region's presence-service (replaces `replicas`).
@@ -358,8 +361,8 @@ pub struct DataplaneOverrides {
 
 /// A HorizontalPodAutoscaler for presence-service. While it is set the
 /// operator leaves the Deployment's `replicas` to the autoscaler. CPU
-/// utilization is measured against the pods' CPU requests, so set
-/// `resources.requests.cpu` (or have a LimitRange default it).
+/// utilization is measured against the pods' CPU requests (100m unless
+/// `resources` says otherwise).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[x_kube(validation = Rule::new("!has(self.minReplicas) || self.minReplicas <= self.maxReplicas")
     .message("autoscaling.minReplicas cannot exceed autoscaling.maxReplicas"))]
@@ -412,7 +415,8 @@ pub struct DataplaneSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1024, max = 1_099_511_627_776_i64))]
     pub cache_max_cost: Option<i64>,
-    /// CPU and memory of each presence-service pod.
+    /// CPU and memory of each presence-service pod (default: requests of
+    /// 100m and 128Mi, no limits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// Autoscaling of presence-service in every region (replaces `replicas`).

@@ -934,6 +934,36 @@ fn no_workload_mounts_a_service_account_token() {
     assert!(seen >= 6, "{seen} workloads");
 }
 
+/// A manifest that names no resources still gets pods with CPU and memory
+/// requests: BestEffort pods are the first a node under pressure evicts,
+/// and an autoscaler needs CPU requests to measure utilization.
+#[test]
+fn no_workload_is_best_effort() {
+    let cluster = load("minimal.yaml");
+    let objects = render_fixed(&cluster);
+    let mut seen = 0;
+    for region in cluster.spec.regions() {
+        for (component, template) in pod_templates(&objects, region.name) {
+            for container in template.spec.expect("pod spec").containers {
+                let requests = container
+                    .resources
+                    .and_then(|r| r.requests)
+                    .unwrap_or_default();
+                for resource in ["cpu", "memory"] {
+                    assert!(
+                        requests.contains_key(resource),
+                        "{component} {} of {}: no {resource} request",
+                        container.name,
+                        region.name
+                    );
+                }
+                seen += 1;
+            }
+        }
+    }
+    assert!(seen >= 2, "{seen} containers");
+}
+
 #[test]
 fn examples_have_no_unknown_fields() {
     // The spec has no defaults, so a parsed example serializes back to

@@ -49,6 +49,10 @@ const NATS_SECRET_DIR: &str = "/etc/presence-nats";
 /// Where the NATS CA is mounted in its pods (with client TLS).
 const NATS_TLS_DIR: &str = "/etc/presence-nats-tls";
 
+/// CPU and memory requested for a presence-service pod whose spec names
+/// no `resources`: its default 64 MiB cache and the runtime fit in 128Mi.
+pub const DEFAULT_REQUESTS: (&str, &str) = ("100m", "128Mi");
+
 /// Seconds a deleted pod keeps serving, not ready, before it closes its
 /// listener: Endpoints drop it when it is told to stop, and kube-proxy,
 /// ingresses and cloud load balancers follow a few seconds later.
@@ -349,7 +353,10 @@ fn container(spec: &PresenceClusterSpec, region: &Region<'_>, env: Vec<EnvVar>) 
             protocol: Some("TCP".into()),
             ..Default::default()
         }]),
-        resources: region.dataplane_resources.cloned(),
+        resources: Some(super::resources_or(
+            region.dataplane_resources,
+            DEFAULT_REQUESTS,
+        )),
         readiness_probe: Some(probe("/health/readiness", 5, 2)),
         liveness_probe: Some(probe("/health/liveness", 10, 3)),
         security_context: Some(SecurityContext {

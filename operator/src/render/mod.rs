@@ -475,6 +475,29 @@ fn check_cors(spec: &PresenceClusterSpec) -> Result<(), RenderError> {
     }
 }
 
+/// A container's resources: the spec's, or else these requests (no
+/// limits), so that a manifest that names none still gets Burstable pods,
+/// which the kubelet evicts after BestEffort ones under node pressure, and
+/// CPU requests an autoscaler can measure utilization against.
+pub fn resources_or(
+    given: Option<&k8s_openapi::api::core::v1::ResourceRequirements>,
+    (cpu, memory): (&str, &str),
+) -> k8s_openapi::api::core::v1::ResourceRequirements {
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    given
+        .cloned()
+        .unwrap_or_else(|| k8s_openapi::api::core::v1::ResourceRequirements {
+            requests: Some(
+                [
+                    ("cpu".to_owned(), Quantity(cpu.to_owned())),
+                    ("memory".to_owned(), Quantity(memory.to_owned())),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        })
+}
+
 /// Every object of `cluster`, in apply order (config and secrets first).
 pub fn render(
     cluster: &PresenceCluster,

@@ -570,6 +570,13 @@ fn secret_env(name: &str, selector: SecretKeySelector) -> EnvVar {
     }
 }
 
+/// CPU and memory requested for a hub NATS server whose spec names no
+/// `resources` (JetStream keeps the bucket's index and caches in memory).
+pub const HUB_REQUESTS: (&str, &str) = ("100m", "256Mi");
+
+/// The same for a leaf NATS server, which only routes.
+pub const LEAF_REQUESTS: (&str, &str) = ("50m", "64Mi");
+
 /// Bytes the Go runtime of a NATS server with a memory limit aims to stay
 /// under: 90% of the limit, so its garbage collector works harder before
 /// the kernel's OOM killer ends the server (and a hub's JetStream with it).
@@ -746,7 +753,14 @@ fn container(
         args: Some(vec!["--config".into(), format!("{CONFIG_DIR}/nats.conf")]),
         env: Some(env),
         ports: Some(ports),
-        resources: region.nats_resources.cloned(),
+        resources: Some(super::resources_or(
+            region.nats_resources,
+            if region.role == Role::Center {
+                HUB_REQUESTS
+            } else {
+                LEAF_REQUESTS
+            },
+        )),
         volume_mounts: Some(mounts),
         startup_probe: Some(startup),
         readiness_probe: Some(readiness),
