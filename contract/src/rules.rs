@@ -42,6 +42,23 @@ pub fn jwt_secret_problem(secret: &[u8]) -> Option<JwtSecretProblem> {
     (secret.len() < MIN_JWT_SECRET_BYTES).then_some(JwtSecretProblem::Short(secret.len()))
 }
 
+/// `HTTP_MAX_CONNECTIONS` when unset.
+pub const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 20_000;
+/// The largest `HTTP_MAX_CONNECTIONS` (and `STREAM_MAX_CONNECTIONS`).
+pub const MAX_HTTP_CONNECTIONS: usize = 1_000_000;
+/// Connections a node keeps for requests other than change streams when
+/// its stream cap is raised: the HTTP cap is at least the stream cap plus
+/// this, so streams at their cap leave room for reads and writes.
+pub const HTTP_CONNECTIONS_BESIDE_STREAMS: usize = 1_000;
+
+/// `HTTP_MAX_CONNECTIONS` for a node whose `STREAM_MAX_CONNECTIONS` is
+/// `streams`: the default, or more when the streams alone would fill it.
+pub fn http_connections_for_streams(streams: usize) -> usize {
+    streams
+        .saturating_add(HTTP_CONNECTIONS_BESIDE_STREAMS)
+        .clamp(DEFAULT_HTTP_MAX_CONNECTIONS, MAX_HTTP_CONNECTIONS)
+}
+
 /// `CORS_ALLOWED_ORIGINS` when unset.
 pub const DEFAULT_CORS_ORIGINS: &str = "*";
 /// `CORS_ALLOWED_METHODS` when unset.
@@ -130,6 +147,23 @@ pub fn cors_problem<S: AsRef<str>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_http_cap_leaves_room_beside_the_streams() {
+        assert_eq!(
+            http_connections_for_streams(10_000),
+            DEFAULT_HTTP_MAX_CONNECTIONS
+        );
+        assert_eq!(http_connections_for_streams(20_000), 21_000);
+        assert_eq!(
+            http_connections_for_streams(MAX_HTTP_CONNECTIONS),
+            MAX_HTTP_CONNECTIONS
+        );
+        assert_eq!(
+            http_connections_for_streams(usize::MAX),
+            MAX_HTTP_CONNECTIONS
+        );
+    }
 
     #[test]
     fn jwt_secrets_need_sixteen_bytes_of_text_that_are_not_all_blank() {

@@ -301,7 +301,7 @@ pub struct ServeArgs {
     pub http_keepalive_timeout_secs: u64,
     /// Most HTTP connections this node holds at once; more are answered 503
     /// and closed.
-    #[arg(long, env = env::HTTP_MAX_CONNECTIONS, default_value_t = 20_000)]
+    #[arg(long, env = env::HTTP_MAX_CONNECTIONS, default_value_t = rules::DEFAULT_HTTP_MAX_CONNECTIONS)]
     pub http_max_connections: usize,
     /// Seconds a client may leave the node's answer unread before its
     /// connection (a change stream included) is closed.
@@ -618,7 +618,7 @@ impl ServeArgs {
             env::STREAM_MAX_CONNECTIONS,
             as_u64(max_connections),
             1,
-            1_000_000,
+            as_u64(rules::MAX_HTTP_CONNECTIONS),
         )?;
         in_range(
             env::STREAM_KEEPALIVE_SECS,
@@ -660,7 +660,7 @@ impl ServeArgs {
             env::HTTP_MAX_CONNECTIONS,
             as_u64(max_connections),
             1,
-            1_000_000,
+            as_u64(rules::MAX_HTTP_CONNECTIONS),
         )?;
         in_range(
             env::HTTP_SEND_TIMEOUT_SECS,

@@ -162,6 +162,11 @@ pub fn env(
     if let Some(streams) = shared.and_then(|d| d.streams.as_ref()) {
         if let Some(max) = streams.max_connections {
             env.push((env::STREAM_MAX_CONNECTIONS, literal(max.to_string())));
+            // Streams are connections too: at their cap they must leave
+            // room under the HTTP cap for reads and writes.
+            let streams = usize::try_from(max).unwrap_or_default();
+            let http = presence_contract::rules::http_connections_for_streams(streams);
+            env.push((env::HTTP_MAX_CONNECTIONS, literal(http.to_string())));
         }
         if let Some(seconds) = streams.keep_alive_seconds {
             env.push((env::STREAM_KEEPALIVE_SECS, literal(seconds.to_string())));
