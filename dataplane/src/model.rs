@@ -64,7 +64,7 @@ impl FromStr for Status {
         Status::ALL
             .into_iter()
             .find(|status| status.as_str() == s)
-            .ok_or_else(|| ValidationError::InvalidStatus(s.to_owned()))
+            .ok_or_else(|| ValidationError::InvalidStatus(shown(s)))
     }
 }
 
@@ -538,12 +538,23 @@ pub fn validate_update(
     })
 }
 
+/// A refused value as an error message shows it: its first 40
+/// characters, so a megabyte of bad input isn't sent back (escaped, several
+/// times larger) in the answer.
+pub fn shown(text: &str) -> String {
+    const MAX: usize = 40;
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
 fn parse_expiry(raw: &str, now: OffsetDateTime) -> Result<OffsetDateTime, ValidationError> {
     let at = OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339)
-        .map_err(|_| ValidationError::ExpiresAtUnreadable(raw.to_owned()))?;
+        .map_err(|_| ValidationError::ExpiresAtUnreadable(shown(raw)))?;
     let ahead = at - now;
     if ahead < MIN_MANUAL_TTL || ahead > MAX_MANUAL_TTL {
-        return Err(ValidationError::ExpiresAtOutOfRange(raw.to_owned()));
+        return Err(ValidationError::ExpiresAtOutOfRange(shown(raw)));
     }
     Ok(truncate_to_millis(at.to_offset(time::UtcOffset::UTC)))
 }
@@ -552,6 +563,25 @@ fn parse_expiry(raw: &str, now: OffsetDateTime) -> Result<OffsetDateTime, Valida
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A refused value is shown in its error by its first 40 characters:
+    /// a megabyte of bad input is not sent back in the answer.
+    #[test]
+    fn errors_show_at_most_the_start_of_a_refused_value() {
+        let huge = "\u{1}".repeat(1 << 20);
+        let now = OffsetDateTime::now_utc();
+        let errors = [
+            huge.parse::<Status>().expect_err("not a status"),
+            parse_expiry(&huge, now).expect_err("not a time"),
+        ];
+        for err in errors {
+            let text = err.to_string();
+            assert!(text.len() < 400, "{} bytes", text.len());
+            assert!(text.contains("..."), "{text}");
+        }
+        assert_eq!(shown("busy-ish"), "busy-ish");
+        assert_eq!(shown(&"é".repeat(41)), format!("{}...", "é".repeat(40)));
+    }
 
     /// A batch keeps at most MAX_BATCH items however many it carries, and
     /// still knows how many that was (for `batch_too_large`).

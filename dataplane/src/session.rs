@@ -156,12 +156,7 @@ pub fn validate_session_id(session_id: &str) -> Result<(), ValidationError> {
 /// A client's JSON value as an error message quotes it: its JSON text, cut
 /// to a few dozen characters (a value may be a megabyte long).
 fn shown_value(value: &serde_json::Value) -> String {
-    const MAX: usize = 40;
-    let text = value.to_string();
-    match text.char_indices().nth(MAX) {
-        Some((cut, _)) => format!("{}...", &text[..cut]),
-        None => text,
-    }
+    crate::model::shown(&value.to_string())
 }
 
 /// Validates a heartbeat for `user_id`'s session `session_id`.
@@ -175,7 +170,11 @@ pub fn validate_heartbeat(
     let status = match request.status.as_deref() {
         None | Some("online") => Status::Online,
         Some("away") => Status::Away,
-        Some(other) => return Err(ValidationError::InvalidSessionStatus(other.to_owned())),
+        Some(other) => {
+            return Err(ValidationError::InvalidSessionStatus(crate::model::shown(
+                other,
+            )));
+        }
     };
     let device = request.device.unwrap_or_default();
     let chars = device.chars().count();
