@@ -82,6 +82,8 @@ pub const STREAM_MAX_CONNECTIONS: &str = "STREAM_MAX_CONNECTIONS";
 pub const STREAM_KEEPALIVE_SECS: &str = "STREAM_KEEPALIVE_SECS";
 /// Change streams one caller (`sub`) may hold open on a node.
 pub const STREAM_MAX_PER_CALLER: &str = "STREAM_MAX_PER_CALLER";
+/// Users all of a node's change streams may follow together.
+pub const STREAM_MAX_FOLLOWS: &str = "STREAM_MAX_FOLLOWS";
 /// Byte budget of a node's event log (exact stream resumes).
 pub const STREAM_EVENT_LOG_MAX_BYTES: &str = "STREAM_EVENT_LOG_MAX_BYTES";
 /// Longest tokens accepted, in seconds (unset: any).

@@ -282,6 +282,11 @@ pub struct ServeArgs {
     /// this node; more get 429.
     #[arg(long, env = env::STREAM_MAX_PER_CALLER, default_value_t = 32)]
     pub stream_max_per_caller: usize,
+    /// Most users all of this node's change streams may follow together
+    /// (each follow holds the user's ID and record); a stream that would
+    /// pass it gets 503.
+    #[arg(long, env = env::STREAM_MAX_FOLLOWS, default_value_t = 1_000_000)]
+    pub stream_max_follows: usize,
     /// Bytes of recent events this node keeps for exact stream resumes
     /// (besides its cap of 32768 events).
     #[arg(long, env = env::STREAM_EVENT_LOG_MAX_BYTES, default_value_t = 64 * 1024 * 1024)]
@@ -414,6 +419,8 @@ pub struct Settings {
     pub stream_keepalive: Duration,
     /// Most streams one caller may hold open on this node.
     pub stream_max_per_caller: usize,
+    /// Most users all of this node's streams may follow together.
+    pub stream_max_follows: usize,
     /// Byte budget of the event log.
     pub event_log_max_bytes: usize,
     /// Longest token lifetime accepted, in seconds; `None`: any.
@@ -489,6 +496,7 @@ impl ServeArgs {
             stream_max_connections: streams.max_connections,
             stream_keepalive: streams.keepalive,
             stream_max_per_caller: streams.per_caller,
+            stream_max_follows: streams.follows,
             event_log_max_bytes: streams.event_log_bytes,
             jwt_max_lifetime: self.jwt_max_lifetime,
             http,
@@ -628,12 +636,15 @@ impl ServeArgs {
         )?;
         let per_caller = self.stream_max_per_caller;
         in_range(env::STREAM_MAX_PER_CALLER, as_u64(per_caller), 1, 1_000_000)?;
+        let follows = self.stream_max_follows;
+        in_range(env::STREAM_MAX_FOLLOWS, as_u64(follows), 1, 100_000_000)?;
         let bytes = self.stream_event_log_max_bytes;
         in_range(env::STREAM_EVENT_LOG_MAX_BYTES, bytes, 1024, 16 << 30)?;
         Ok(StreamSettings {
             max_connections,
             keepalive: Duration::from_secs(self.stream_keepalive_secs),
             per_caller,
+            follows,
             event_log_bytes: usize::try_from(bytes).unwrap_or(usize::MAX),
         })
     }
@@ -716,6 +727,7 @@ struct StreamSettings {
     max_connections: usize,
     keepalive: Duration,
     per_caller: usize,
+    follows: usize,
     event_log_bytes: usize,
 }
 

@@ -40,16 +40,32 @@ pub struct StreamHub {
     feed: ChangeFeed,
     log: Arc<EventLog>,
     open: Arc<AtomicUsize>,
-    max_open: usize,
+    /// Users followed by all open streams together.
+    follows: Arc<AtomicUsize>,
+    caps: StreamCaps,
     /// Open streams per caller (`sub`); a caller without any has no entry.
     callers: Arc<Mutex<HashMap<String, usize>>>,
-    per_caller: usize,
+}
+
+/// What a node's streams may hold: each follow keeps a user's ID and
+/// record for as long as its stream lasts, so the users followed are
+/// capped besides the streams.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamCaps {
+    /// Streams at once (`STREAM_MAX_CONNECTIONS`).
+    pub streams: usize,
+    /// Streams of one caller (`STREAM_MAX_PER_CALLER`).
+    pub per_caller: usize,
+    /// Users followed by all streams together (`STREAM_MAX_FOLLOWS`).
+    pub follows: usize,
 }
 
 /// One open stream's place under the caps; released on drop.
 #[derive(Debug)]
 pub struct StreamPermit {
     open: Arc<AtomicUsize>,
+    follows: Arc<AtomicUsize>,
+    followed: usize,
     callers: Arc<Mutex<HashMap<String, usize>>>,
     caller: String,
 }
@@ -57,6 +73,7 @@ pub struct StreamPermit {
 impl Drop for StreamPermit {
     fn drop(&mut self) {
         self.open.fetch_sub(1, Ordering::AcqRel);
+        self.follows.fetch_sub(self.followed, Ordering::AcqRel);
         let mut callers = self.callers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = callers.get_mut(&self.caller) {
             *n = n.saturating_sub(1);
@@ -74,19 +91,20 @@ pub enum Refused {
     Node,
     /// This caller holds its most streams (`STREAM_MAX_PER_CALLER`).
     Caller,
+    /// The node's streams follow their most users (`STREAM_MAX_FOLLOWS`).
+    Follows,
 }
 
 impl StreamHub {
-    /// A hub allowing `max_open` streams at once, `per_caller` of them to
-    /// one caller, with an event log of at most `log_bytes`.
-    pub fn new(max_open: usize, per_caller: usize, log_bytes: usize) -> Self {
+    /// A hub within `caps`, with an event log of at most `log_bytes`.
+    pub fn new(caps: StreamCaps, log_bytes: usize) -> Self {
         StreamHub {
             feed: ChangeFeed::new(FEED_CAPACITY),
             log: Arc::new(EventLog::with_max_bytes(log_bytes)),
             open: Arc::new(AtomicUsize::new(0)),
-            max_open,
+            follows: Arc::new(AtomicUsize::new(0)),
+            caps,
             callers: Arc::default(),
-            per_caller,
         }
     }
 
@@ -105,36 +123,49 @@ impl StreamHub {
         self.open.load(Ordering::Acquire)
     }
 
-    /// The node's cap, for error messages.
-    pub fn max_open(&self) -> usize {
-        self.max_open
+    /// Users followed by the open streams now, for metrics.
+    pub fn follows(&self) -> usize {
+        self.follows.load(Ordering::Acquire)
     }
 
-    /// The per-caller cap, for error messages.
-    pub fn per_caller(&self) -> usize {
-        self.per_caller
+    /// The caps, for error messages.
+    pub fn caps(&self) -> StreamCaps {
+        self.caps
     }
 
-    /// A place for one more stream of `caller`, unless the node or the
-    /// caller is at its cap.
-    pub fn open(&self, caller: &str) -> Result<StreamPermit, Refused> {
+    /// A place for one more stream of `caller`, following `users` users,
+    /// unless the node, the caller or the node's follows are at their cap.
+    pub fn open(&self, caller: &str, users: usize) -> Result<StreamPermit, Refused> {
+        let caps = self.caps;
         self.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max_open).then_some(n + 1)
+                (n < caps.streams).then_some(n + 1)
             })
             .map_err(|_| Refused::Node)?;
+        let reserved = self
+            .follows
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                n.checked_add(users).filter(|total| *total <= caps.follows)
+            });
+        if reserved.is_err() {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refused::Follows);
+        }
         let mut callers = self.callers.lock().unwrap_or_else(|p| p.into_inner());
         let held = callers.entry(caller.to_owned()).or_default();
-        if *held >= self.per_caller {
+        if *held >= caps.per_caller {
             if *held == 0 {
                 callers.remove(caller);
             }
             self.open.fetch_sub(1, Ordering::AcqRel);
+            self.follows.fetch_sub(users, Ordering::AcqRel);
             return Err(Refused::Caller);
         }
         *held += 1;
         Ok(StreamPermit {
             open: self.open.clone(),
+            follows: self.follows.clone(),
+            followed: users,
             callers: self.callers.clone(),
             caller: caller.to_owned(),
         })
@@ -419,22 +450,46 @@ mod tests {
         ));
     }
 
+    fn caps(streams: usize, per_caller: usize, follows: usize) -> StreamCaps {
+        StreamCaps {
+            streams,
+            per_caller,
+            follows,
+        }
+    }
+
     #[test]
     fn the_caps_are_enforced_and_released() {
-        let hub = StreamHub::new(3, 2, 1 << 20);
-        let a = hub.open("greedy").unwrap();
-        let _b = hub.open("greedy").unwrap();
-        assert_eq!(hub.open("greedy").unwrap_err(), Refused::Caller);
-        let c = hub.open("modest").unwrap();
-        assert_eq!(hub.open("other").unwrap_err(), Refused::Node);
+        let hub = StreamHub::new(caps(3, 2, 1000), 1 << 20);
+        let a = hub.open("greedy", 1).unwrap();
+        let _b = hub.open("greedy", 1).unwrap();
+        assert_eq!(hub.open("greedy", 1).unwrap_err(), Refused::Caller);
+        let c = hub.open("modest", 1).unwrap();
+        assert_eq!(hub.open("other", 1).unwrap_err(), Refused::Node);
         drop(a);
-        let _again = hub.open("greedy").unwrap();
+        let _again = hub.open("greedy", 1).unwrap();
         drop(c);
         assert_eq!(hub.open_streams(), 2);
+        assert_eq!(hub.follows(), 2, "a refusal reserves no follows");
         assert_eq!(
             hub.callers.lock().unwrap().len(),
             1,
             "no entry for a caller without streams"
         );
+    }
+
+    #[test]
+    fn the_users_followed_are_capped_across_streams() {
+        let hub = StreamHub::new(caps(10, 10, 100), 1 << 20);
+        let big = hub.open("a", 60).unwrap();
+        assert_eq!(hub.open("b", 41).unwrap_err(), Refused::Follows);
+        assert_eq!(hub.open_streams(), 1, "the refused stream holds no place");
+        let fits = hub.open("b", 40).unwrap();
+        assert_eq!(hub.follows(), 100);
+        drop(big);
+        assert_eq!(hub.follows(), 40);
+        let _again = hub.open("c", 60).unwrap();
+        drop(fits);
+        assert_eq!(hub.follows(), 60);
     }
 }

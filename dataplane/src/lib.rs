@@ -34,6 +34,7 @@ pub mod event_log;
 pub mod fanout;
 pub mod feed;
 pub mod keys;
+pub mod kv_probe;
 pub mod metrics;
 pub mod model;
 pub mod node_id;
@@ -104,6 +105,8 @@ pub struct App {
     /// fails so load balancers take the node out while it still serves.
     pub leaving: std::sync::atomic::AtomicBool,
     pub started: Instant,
+    /// `/health`'s check of the bucket, shared for a second.
+    pub kv_probe: kv_probe::KvProbe,
 }
 
 /// Builds the state and starts the background work (bucket opening, watch).
@@ -136,8 +139,11 @@ pub fn build_with_store(
     );
     let watch = Arc::new(WatchStatus::default());
     let streams = fanout::StreamHub::new(
-        settings.stream_max_connections,
-        settings.stream_max_per_caller,
+        fanout::StreamCaps {
+            streams: settings.stream_max_connections,
+            per_caller: settings.stream_max_per_caller,
+            follows: settings.stream_max_follows,
+        },
         settings.event_log_max_bytes,
     );
     tokio::spawn(watch::supervise(
@@ -172,6 +178,7 @@ pub fn build_with_store(
         metrics,
         watch,
         started: Instant::now(),
+        kv_probe: kv_probe::KvProbe::default(),
     })
 }
 

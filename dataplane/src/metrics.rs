@@ -49,6 +49,7 @@ pub struct Metrics {
     pub cache_entries: IntGauge,
     pub cache_weighted_size: IntGauge,
     pub streams_open: IntGauge,
+    pub stream_follows: IntGauge,
     pub stream_events: IntCounter,
     pub stream_event_lag: Histogram,
     pub streams_lagged: IntCounter,
@@ -227,6 +228,10 @@ impl Metrics {
                 "Estimated bytes held by the cache",
             )?,
             streams_open: r.gauge("streams_open", "Change streams (SSE) open now")?,
+            stream_follows: r.gauge(
+                "stream_follows",
+                "Users followed by the open change streams together (STREAM_MAX_FOLLOWS caps it)",
+            )?,
             stream_events: r.counter(
                 "stream_events_total",
                 "Presence events sent on change streams",

@@ -1226,6 +1226,57 @@ async fn one_caller_cannot_take_every_stream_slot() {
     .await;
 }
 
+/// Streams are capped, and so are the users they follow together: each
+/// follow keeps a user's ID and record for the stream's life.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_users_all_streams_follow_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = memory_node(dir.path(), "solo", vec![("STREAM_MAX_FOLLOWS", "5".into())]).await;
+    let client = http();
+    let mut first = EventStream::open_as(
+        &client,
+        &stream_url(&svc, &["a", "b", "c"]),
+        None,
+        &bearer("one", ""),
+    )
+    .await;
+    first.until_snapshot_end().await;
+    let refused = client
+        .get(stream_url(&svc, &["d", "e", "f"]))
+        .header("Authorization", bearer("two", ""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_follows");
+    assert_eq!(metric(&client, &svc, "presence_stream_follows").await, 3.0);
+    // Two more users fit; a closed stream gives its users back.
+    let mut second = EventStream::open_as(
+        &client,
+        &stream_url(&svc, &["d", "e"]),
+        None,
+        &bearer("two", ""),
+    )
+    .await;
+    second.until_snapshot_end().await;
+    drop(first);
+    wait_until(
+        "the closed stream's follows to be released",
+        READY_TIMEOUT,
+        || async {
+            client
+                .get(stream_url(&svc, &["f", "g", "h"]))
+                .header("Authorization", bearer("three", ""))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_whose_client_stops_reading_is_closed() {
     let dir = tempfile::tempdir().unwrap();

@@ -166,11 +166,12 @@ pub async fn readiness(State(state): State<AppState>) -> (StatusCode, Json<Readi
 }
 
 /// `GET /health`: readiness plus NATS, KV, watch and cache detail. The KV
-/// check asks the hub itself, so it also shows a leaf that lost the hub.
+/// check asks the hub itself, so it also shows a leaf that lost the hub;
+/// one answer serves every call for a second.
 pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     let store = state.service.store();
     let connectivity = store.connectivity();
-    let probe = store.identity().await.map(|id| id.last_revision);
+    let probe = state.kv_probe.last_revision(store.as_ref()).await;
     let problem = readiness_problem(&state);
     let status = match (problem, &probe) {
         (Some(_), _) => "unavailable",
@@ -179,7 +180,7 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>)
     };
     let (last_revision, error) = match probe {
         Ok(revision) => (Some(revision), None),
-        Err(err) => (None, Some(err.to_string())),
+        Err(err) => (None, Some(err)),
     };
     let cache = state.service.cache().stats();
     let body = Health {

@@ -26,6 +26,10 @@ pub async fn prometheus(State(state): State<AppState>) -> Result<impl IntoRespon
         .metrics
         .streams_open
         .set(i64::try_from(state.streams.open_streams()).unwrap_or(i64::MAX));
+    state
+        .metrics
+        .stream_follows
+        .set(i64::try_from(state.streams.follows()).unwrap_or(i64::MAX));
     let (entries, bytes) = state.streams.log().size();
     state
         .metrics

@@ -457,7 +457,10 @@ pub const OPERATIONS: &[Operation] = &[
             ),
             UNAUTHORIZED,
             (429, &["too_many_streams_for_caller"]),
-            (503, &["too_many_streams", "stream_lagged"]),
+            (
+                503,
+                &["too_many_streams", "too_many_follows", "stream_lagged"],
+            ),
             READ_FAILED,
         ],
     },

@@ -151,7 +151,7 @@ fn refusal(state: &AppState, caller: &Caller, refused: Refused) -> ApiError {
                 "too_many_streams",
                 format!(
                     "this node already serves {} change streams, its limit (STREAM_MAX_CONNECTIONS); retry later or on another node",
-                    state.streams.max_open()
+                    state.streams.caps().streams
                 ),
             )
         },
@@ -163,7 +163,18 @@ fn refusal(state: &AppState, caller: &Caller, refused: Refused) -> ApiError {
                 format!(
                     "{:?} already has {} change streams open on this node, its limit (STREAM_MAX_PER_CALLER); close one first",
                     caller.user_id,
-                    state.streams.per_caller()
+                    state.streams.caps().per_caller
+                ),
+            )
+        },
+        Refused::Follows => ApiError {
+            retry_after,
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_follows",
+                format!(
+                    "this node's change streams already follow nearly {} users, its limit (STREAM_MAX_FOLLOWS); follow fewer users, or retry later or on another node",
+                    state.streams.caps().follows
                 ),
             )
         },
@@ -172,7 +183,8 @@ fn refusal(state: &AppState, caller: &Caller, refused: Refused) -> ApiError {
 
 /// Opens a change stream: the current state of every user (or, with
 /// `Last-Event-ID`, what changed since), a `snapshot-end` event, then live
-/// changes. Refuses with 503 `too_many_streams` at the node's cap and 429
+/// changes. Refuses with 503 `too_many_streams` at the node's cap, 503
+/// `too_many_follows` at its cap of users followed, and 429
 /// `too_many_streams_for_caller` at the caller's.
 pub async fn open(
     State(state): State<AppState>,
@@ -187,7 +199,7 @@ pub async fn open(
     let resume_from = last_event_id(&headers, query.last_event_id.as_deref())?;
     let permit = state
         .streams
-        .open(&caller.user_id)
+        .open(&caller.user_id, ids.len())
         .map_err(|refused| refusal(&state, &caller, refused))?;
     // Subscribe before reading, so no change (or reset) falls between the two.
     let changes = state.streams.subscribe(&ids);
@@ -500,7 +512,12 @@ mod tests {
     /// A stream of users `a` and `b` whose opening is its snapshot (three
     /// events), and a probe: `a`'s view, shared with the opening.
     fn stream(expires_in: Duration) -> (Follow, Arc<PresenceView>, Harness) {
-        let hub = StreamHub::new(10, 10, 1 << 20);
+        let caps = crate::fanout::StreamCaps {
+            streams: 10,
+            per_caller: 10,
+            follows: 1000,
+        };
+        let hub = StreamHub::new(caps, 1 << 20);
         let feed = crate::feed::ChangeFeed::new(16);
         let changes = feed.subscribe(&["a".into(), "b".into()]);
         let (stopping_tx, stopping) = watch::channel(false);
@@ -527,7 +544,7 @@ mod tests {
             metrics: metrics.clone(),
             stall: stall.clone(),
             ended: false,
-            _permit: hub.open("t").expect("a place"),
+            _permit: hub.open("t", 1).expect("a place"),
         };
         let harness = Harness {
             metrics,
