@@ -1041,6 +1041,25 @@ async fn slow_and_idle_connections_are_closed() {
     );
 }
 
+/// Sends `user`'s `POST` announcing a body of `length` bytes but sending
+/// only `body`, and reads the whole answer until the node closes the
+/// connection (a hang guard of 60 s, not a timing assertion).
+async fn post_announcing(svc: &Service, user: &str, length: usize, body: &str) -> String {
+    let mut client = connect(svc).await;
+    let head = format!(
+        "POST /api/v2/presence/{user} HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n{body}",
+        bearer(user, "")
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), client.read_to_end(&mut answer))
+        .await
+        .expect("answered, and the connection closed");
+    read.expect("read the answer");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// A body announced larger than the limit is refused at once, before any
 /// of it is read, not after the body timeout.
 #[tokio::test(flavor = "multi_thread")]
@@ -1054,19 +1073,7 @@ async fn a_body_announced_too_large_is_answered_413_at_once() {
         vec![("HTTP_BODY_READ_TIMEOUT_SECS", "600".into())],
     )
     .await;
-    let mut client = connect(&svc).await;
-    let head = format!(
-        "POST /api/v2/presence/big HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\
-         Content-Type: application/json\r\nContent-Length: 5000000\r\n\r\n{{\"status\":\"online\"}}",
-        bearer("big", "")
-    );
-    client.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(60), client.read_to_end(&mut answer))
-        .await
-        .expect("answered and closed without waiting for the announced body");
-    read.expect("read the answer");
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = post_announcing(&svc, "big", 5_000_000, r#"{"status":"online"}"#).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains(r#""code":"payload_too_large""#), "{answer}");
 }
@@ -1083,19 +1090,7 @@ async fn a_request_body_that_stops_arriving_is_answered_408() {
         vec![("HTTP_BODY_READ_TIMEOUT_SECS", "1".into())],
     )
     .await;
-    let mut stalled = connect(&svc).await;
-    let head = format!(
-        "POST /api/v2/presence/slow HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\
-         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"status\"",
-        bearer("slow", "")
-    );
-    stalled.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(30), stalled.read_to_end(&mut answer))
-        .await
-        .expect("the stalled request is answered and its connection closed");
-    read.expect("read the answer");
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = post_announcing(&svc, "slow", 100, r#"{"status""#).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains(r#""code":"body_timeout""#), "{answer}");
     let client = http();
@@ -1178,6 +1173,14 @@ async fn connections_are_capped_per_node() {
 
 // -------------------------------------------------------------- 4. streams
 
+/// A refusal to come back later: its status, `Retry-After`, its code.
+async fn assert_refused(refused: reqwest::Response, status: u16, code: &str) {
+    assert_eq!(refused.status(), status);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], code);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn one_caller_cannot_take_every_stream_slot() {
     let dir = tempfile::tempdir().unwrap();
@@ -1202,10 +1205,7 @@ async fn one_caller_cannot_take_every_stream_slot() {
         .send()
         .await
         .unwrap();
-    assert_eq!(refused.status(), 429);
-    assert!(refused.headers().contains_key("retry-after"));
-    let body: Value = refused.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "too_many_streams_for_caller");
+    assert_refused(refused, 429, "too_many_streams_for_caller").await;
     // Others are not affected.
     let mut other = EventStream::open_as(&client, &url, None, &bearer("modest", "")).await;
     other.until_snapshot_end().await;
@@ -1247,10 +1247,7 @@ async fn the_users_all_streams_follow_are_capped() {
         .send()
         .await
         .unwrap();
-    assert_eq!(refused.status(), 503);
-    assert!(refused.headers().contains_key("retry-after"));
-    let body: Value = refused.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "too_many_follows");
+    assert_refused(refused, 503, "too_many_follows").await;
     assert_eq!(metric(&client, &svc, "presence_stream_follows").await, 3.0);
     // Two more users fit; a closed stream gives its users back.
     let mut second = EventStream::open_as(

@@ -912,26 +912,34 @@ mod cel {
     }
 }
 
+/// Every workload's pod of `example`, rendered, named by component and
+/// region.
+fn every_pod(example: &str) -> Vec<(String, k8s_openapi::api::core::v1::PodSpec)> {
+    let cluster = load(example);
+    let objects = render_fixed(&cluster);
+    let mut pods = Vec::new();
+    for region in cluster.spec.regions() {
+        for (component, template) in pod_templates(&objects, region.name) {
+            let pod = template.spec.expect("pod spec");
+            pods.push((format!("{component} of {}", region.name), pod));
+        }
+    }
+    pods
+}
+
 /// Neither nats-server nor presence-service calls the Kubernetes API, so
 /// no pod of theirs holds a service account token a compromise could use.
 #[test]
 fn no_workload_mounts_a_service_account_token() {
-    let cluster = load("multi-region.yaml");
-    let objects = render_fixed(&cluster);
-    let mut seen = 0;
-    for region in cluster.spec.regions() {
-        for (component, template) in pod_templates(&objects, region.name) {
-            let pod = template.spec.expect("pod spec");
-            assert_eq!(
-                pod.automount_service_account_token,
-                Some(false),
-                "{component} of {}",
-                region.name
-            );
-            seen += 1;
-        }
+    let pods = every_pod("multi-region.yaml");
+    assert!(pods.len() >= 6, "{} workloads", pods.len());
+    for (workload, pod) in pods {
+        assert_eq!(
+            pod.automount_service_account_token,
+            Some(false),
+            "{workload}"
+        );
     }
-    assert!(seen >= 6, "{seen} workloads");
 }
 
 /// A manifest that names no resources still gets pods with CPU and memory
@@ -939,29 +947,23 @@ fn no_workload_mounts_a_service_account_token() {
 /// and an autoscaler needs CPU requests to measure utilization.
 #[test]
 fn no_workload_is_best_effort() {
-    let cluster = load("minimal.yaml");
-    let objects = render_fixed(&cluster);
-    let mut seen = 0;
-    for region in cluster.spec.regions() {
-        for (component, template) in pod_templates(&objects, region.name) {
-            for container in template.spec.expect("pod spec").containers {
-                let requests = container
-                    .resources
-                    .and_then(|r| r.requests)
-                    .unwrap_or_default();
-                for resource in ["cpu", "memory"] {
-                    assert!(
-                        requests.contains_key(resource),
-                        "{component} {} of {}: no {resource} request",
-                        container.name,
-                        region.name
-                    );
-                }
-                seen += 1;
+    let pods = every_pod("minimal.yaml");
+    assert!(pods.len() >= 2, "{} workloads", pods.len());
+    for (workload, pod) in pods {
+        for container in pod.containers {
+            let requests = container
+                .resources
+                .and_then(|r| r.requests)
+                .unwrap_or_default();
+            for resource in ["cpu", "memory"] {
+                assert!(
+                    requests.contains_key(resource),
+                    "{workload}, container {}: no {resource} request",
+                    container.name
+                );
             }
         }
     }
-    assert!(seen >= 2, "{seen} containers");
 }
 
 #[test]
