@@ -266,9 +266,10 @@ impl Verifier {
                     // what is wrong with it (an `alg` of `none`, a missing
                     // `sub`, a `scope` of the wrong type).
                     ErrorKind::Json(json) => match jsonwebtoken::decode_header(token) {
-                        Err(header) => {
-                            AuthError::Invalid(format!("malformed token header: {header}"))
-                        }
+                        Err(header) => AuthError::Invalid(format!(
+                            "malformed token header: {}",
+                            crate::model::shown(&header.to_string())
+                        )),
                         Ok(_) => AuthError::Invalid(format!("malformed token claims: {json}")),
                     },
                     _ => AuthError::Invalid("malformed token".into()),

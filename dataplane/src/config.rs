@@ -82,6 +82,9 @@ impl TokenArgs {
         serve: &'a ServeArgs,
     ) -> Result<(&'a str, crate::auth::Grant<'a>), TokenError> {
         let secret = serve.signing_secret()?;
+        if let Some(max) = serve.jwt_max_lifetime {
+            in_range(env::JWT_MAX_LIFETIME, max, 1, MAX_TOKEN_LIFETIME_SECS)?;
+        }
         if self.sub.trim().is_empty() {
             return Err(TokenError::EmptySubject);
         }

@@ -93,6 +93,9 @@ pub enum Refused {
     Caller,
     /// The node's streams follow their most users (`STREAM_MAX_FOLLOWS`).
     Follows,
+    /// This stream alone follows more users than the node's streams may
+    /// together: it can never open here, so retrying is pointless.
+    TooManyUsers,
 }
 
 impl StreamHub {
@@ -137,6 +140,9 @@ impl StreamHub {
     /// unless the node, the caller or the node's follows are at their cap.
     pub fn open(&self, caller: &str, users: usize) -> Result<StreamPermit, Refused> {
         let caps = self.caps;
+        if users > caps.follows {
+            return Err(Refused::TooManyUsers);
+        }
         self.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < caps.streams).then_some(n + 1)
@@ -481,6 +487,8 @@ mod tests {
     #[test]
     fn the_users_followed_are_capped_across_streams() {
         let hub = StreamHub::new(caps(10, 10, 100), 1 << 20);
+        assert_eq!(hub.open("a", 101).unwrap_err(), Refused::TooManyUsers);
+        assert_eq!((hub.open_streams(), hub.follows()), (0, 0));
         let big = hub.open("a", 60).unwrap();
         assert_eq!(hub.open("b", 41).unwrap_err(), Refused::Follows);
         assert_eq!(hub.open_streams(), 1, "the refused stream holds no place");

@@ -63,6 +63,11 @@ impl<S> Handler for S where
 /// probe (`/health...`) each; anything else on them gets the cap's `503`.
 pub const PROBE_PLACES: usize = 8;
 
+/// How long a connection in a probe place may take to send its request:
+/// the kubelet sends at once, and a client that holds the place idle or
+/// trickles its head would keep the probes out.
+const PROBE_HEAD_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Serves `api` on `listener` until `stopping` turns true, then waits
 /// for the open connections to finish (the caller bounds that wait).
 pub async fn serve<A: Handler>(
@@ -93,7 +98,7 @@ pub async fn serve<A: Handler>(
                 continue;
             }
         };
-        let connection = |place, keep_alive| Connection {
+        let connection = |place, limits, keep_alive| Connection {
             limits,
             metrics: metrics.clone(),
             stopping: stopping.clone(),
@@ -102,13 +107,17 @@ pub async fn serve<A: Handler>(
             _place: place,
         };
         if let Ok(place) = places.clone().try_acquire_owned() {
-            tokio::spawn(connection(place, true).serve(socket, api.clone()));
+            tokio::spawn(connection(place, limits, true).serve(socket, api.clone()));
         } else if let Ok(place) = probe_places.clone().try_acquire_owned() {
             let probes = ProbesOnly {
                 api: api.clone(),
                 refused: metrics.http_connections_refused.clone(),
             };
-            tokio::spawn(connection(place, false).serve(socket, probes));
+            let probe_limits = HttpLimits {
+                header_read_timeout: limits.header_read_timeout.min(PROBE_HEAD_TIMEOUT),
+                ..limits
+            };
+            tokio::spawn(connection(place, probe_limits, false).serve(socket, probes));
         } else {
             metrics.http_connections_refused.inc();
             tokio::spawn(refuse(socket));

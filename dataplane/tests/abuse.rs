@@ -1162,7 +1162,7 @@ async fn connections_are_capped_per_node() {
     drop(held);
     wait_until("connections to be served again", READY_TIMEOUT, || async {
         client
-            .get(svc.url("/health/liveness"))
+            .get(svc.url("/api/v2/openapi.json"))
             .send()
             .await
             .is_ok_and(|r| r.status() == 200)

@@ -983,6 +983,14 @@ fn token_subcommand_follows_the_nodes_token_rules() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
+    // A lifetime limit the node refuses mints nothing (not an expired token).
+    let output = run_binary(
+        &[("JWT_SECRET", SECRET), ("JWT_MAX_LIFETIME", "0")],
+        &["token"],
+    );
+    assert_eq!(output.status.code(), Some(2));
+    assert!(output.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("JWT_MAX_LIFETIME"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

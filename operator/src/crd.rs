@@ -464,6 +464,12 @@ pub struct StreamsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 300))]
     pub keep_alive_seconds: Option<i32>,
+    /// Users one pod's streams may follow together (STREAM_MAX_FOLLOWS,
+    /// default 1000000); each follow holds a user's ID and record while
+    /// its stream lasts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000000))]
+    pub max_follows: Option<i32>,
 }
 
 /// presence-service log levels.

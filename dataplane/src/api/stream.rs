@@ -167,6 +167,14 @@ fn refusal(state: &AppState, caller: &Caller, refused: Refused) -> ApiError {
                 ),
             )
         },
+        Refused::TooManyUsers => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "too_many_users",
+            format!(
+                "this stream follows more users than all of this node's streams may together ({}, STREAM_MAX_FOLLOWS); follow fewer",
+                state.streams.caps().follows
+            ),
+        ),
         Refused::Follows => ApiError {
             retry_after,
             ..ApiError::new(

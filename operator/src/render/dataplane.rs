@@ -171,6 +171,9 @@ pub fn env(
         if let Some(seconds) = streams.keep_alive_seconds {
             env.push((env::STREAM_KEEPALIVE_SECS, literal(seconds.to_string())));
         }
+        if let Some(follows) = streams.max_follows {
+            env.push((env::STREAM_MAX_FOLLOWS, literal(follows.to_string())));
+        }
     }
     env
 }

@@ -256,6 +256,7 @@ pub fn security_params(
 /// Parses a Kubernetes quantity (`10Gi`, `500M`, `1073741824`) into bytes.
 pub fn quantity_bytes(q: &str) -> Option<u64> {
     let q = q.trim();
+    let q = q.strip_prefix('+').unwrap_or(q);
     let split = q
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(q.len());
@@ -869,6 +870,7 @@ mod tests {
         assert_eq!(quantity_bytes("1.5Ki"), Some(1536));
         assert_eq!(quantity_bytes("10Zi"), None);
         assert_eq!(quantity_bytes("100Ei"), None, "beyond what NATS reads");
+        assert_eq!(quantity_bytes("+1Ki"), Some(1024));
         assert_eq!(
             quantity_bytes("8Ei"),
             None,

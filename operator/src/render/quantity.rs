@@ -10,11 +10,13 @@ use crate::crd::PresenceClusterSpec;
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
-/// Whether `q` is a Kubernetes quantity: an optionally signed decimal
-/// number followed by nothing, a binary suffix (`Ki`…`Ei`), a decimal SI
-/// suffix (`n`, `u`, `m`, `k`, `M`…`E`) or a decimal exponent (`e3`).
+/// Whether `q` is a Kubernetes quantity that can size a resource: a
+/// decimal number (a `+` allowed, a `-` not: no request, limit or volume
+/// is negative) followed by nothing, a binary suffix (`Ki`…`Ei`), a
+/// decimal SI suffix (`n`, `u`, `m`, `k`, `M`…`E`) or a decimal exponent
+/// (`e3`).
 pub fn is_quantity(q: &str) -> bool {
-    let unsigned = q.strip_prefix(['+', '-']).unwrap_or(q);
+    let unsigned = q.strip_prefix('+').unwrap_or(q);
     let end = unsigned
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(unsigned.len());
@@ -51,28 +53,43 @@ pub fn check_quantities(spec: &PresenceClusterSpec) -> Result<(), RenderError> {
     {
         check_size("center.jetstream.storageSize", size)?;
     }
-    check_resources("center.resources", center.resources.as_ref())?;
+    check_resources("center.resources", center.resources.as_ref(), Sizes::Nats)?;
     check_resources(
         "dataplane.resources",
         spec.dataplane.as_ref().and_then(|d| d.resources.as_ref()),
+        Sizes::Kubernetes,
     )?;
     check_resources(
         "center.dataplane.resources",
         dataplane_resources(center.dataplane.as_ref()),
+        Sizes::Kubernetes,
     )?;
     for leaf in &spec.leaves {
         let name = &leaf.name;
         let nats = leaf.nats.as_ref().and_then(|n| n.resources.as_ref());
-        check_resources(&format!("leaves[{name}].nats.resources"), nats)?;
+        check_resources(&format!("leaves[{name}].nats.resources"), nats, Sizes::Nats)?;
         let dataplane = dataplane_resources(leaf.dataplane.as_ref());
-        check_resources(&format!("leaves[{name}].dataplane.resources"), dataplane)?;
+        check_resources(
+            &format!("leaves[{name}].dataplane.resources"),
+            dataplane,
+            Sizes::Kubernetes,
+        )?;
     }
     Ok(())
+}
+
+/// Who reads a container's memory as a number: NATS (its `GOMEMLIMIT`,
+/// below 8Ei) or Kubernetes alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sizes {
+    Nats,
+    Kubernetes,
 }
 
 fn check_resources(
     field: &str,
     resources: Option<&ResourceRequirements>,
+    sizes: Sizes,
 ) -> Result<(), RenderError> {
     let Some(resources) = resources else {
         return Ok(());
@@ -84,7 +101,7 @@ fn check_resources(
     for (list, quantities) in lists {
         for (resource, quantity) in quantities.iter().flatten() {
             let field = format!("{field}.{list}.{resource}");
-            if resource == "memory" {
+            if resource == "memory" && sizes == Sizes::Nats {
                 check_size(&field, quantity)?;
             } else if !is_quantity(&quantity.0) {
                 return Err(not_a_quantity(&field, quantity));
@@ -123,7 +140,8 @@ mod tests {
     #[test]
     fn kubernetes_quantities_are_told_apart() {
         for good in [
-            "10Gi", "500M", "1024", "1.5Ki", "250m", "0.5", "1e9", "2E-3", "+1k", ".5", "5.",
+            "+1Gi", "10Gi", "500M", "1024", "1.5Ki", "250m", "0.5", "1e9", "2E-3", "+1k", ".5",
+            "5.",
         ] {
             assert!(is_quantity(good), "{good}");
         }
@@ -158,5 +176,13 @@ mod tests {
         assert!(text.contains("dataplane.resources.requests.cpu"), "{text}");
         let good = "center: {jetstream: {storageSize: 7Ei}, resources: {requests: {cpu: 250m, memory: 1Gi}}}";
         assert!(check_quantities(&spec(good)).is_ok());
+        // Only NATS reads memory as a 64-bit number; a signed `+` is fine.
+        let big = "center: {resources: {limits: {memory: +1Gi}}}\ndataplane: {resources: {limits: {memory: 9Ei}}}";
+        assert!(check_quantities(&spec(big)).is_ok());
+        let negative = err("center: {}\ndataplane: {resources: {requests: {memory: -1Gi}}}");
+        assert!(
+            negative.contains("is not a Kubernetes quantity"),
+            "{negative}"
+        );
     }
 }
