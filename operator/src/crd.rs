@@ -207,6 +207,12 @@ pub struct LeafnodeExposureSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 30000, max = 32767))]
     pub node_port: Option<i32>,
+    /// Source address ranges (CIDRs) a `LoadBalancer` admits, as its
+    /// `loadBalancerSourceRanges`: the clusters your leaves dial from
+    /// (default: any; the port still needs TLS and a leaf's nkey).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), inner(length(min = 9, max = 43)))]
+    pub source_ranges: Option<Vec<String>>,
     /// `host:port` leaves in other clusters dial (the load balancer's DNS
     /// name or address); also the name the hub's certificate must carry.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -579,6 +579,60 @@ fn invalid_specs_are_refused_with_a_reason() {
     }
 }
 
+/// `center.leafnodes.sourceRanges` reaches a LoadBalancer (never a
+/// NodePort, which can't filter by source), and a range that isn't a CIDR
+/// is refused naming the field.
+#[test]
+fn leafnode_source_ranges_reach_only_a_load_balancer() {
+    let mut cluster = load("multi-cluster.yaml");
+    let service = |cluster: &PresenceCluster| {
+        let objects = render_fixed(cluster);
+        objects
+            .into_iter()
+            .find_map(|o| match o {
+                Child::Service(s)
+                    if s.metadata
+                        .name
+                        .as_deref()
+                        .is_some_and(|n| n.ends_with("-leafnodes")) =>
+                {
+                    Some(s)
+                }
+                _ => None,
+            })
+            .expect("the exposed leafnode Service")
+    };
+    let ranges = service(&cluster)
+        .spec
+        .and_then(|s| s.load_balancer_source_ranges);
+    assert_eq!(
+        ranges,
+        Some(vec![
+            "198.51.100.0/24".to_owned(),
+            "203.0.113.0/24".to_owned()
+        ])
+    );
+    let exposure = cluster.spec.center.leafnodes.as_mut().expect("exposed");
+    exposure.service_type = Some(presence_operator::crd::ExposureType::NodePort);
+    let node_port = service(&cluster).spec.expect("spec");
+    assert_eq!(node_port.load_balancer_source_ranges, None);
+    for bad in [
+        "203.0.113.0",
+        "203.0.113.0/33",
+        "hub.example.com/24",
+        "2001:db8::/129",
+    ] {
+        let mut cluster = load("multi-cluster.yaml");
+        let exposure = cluster.spec.center.leafnodes.as_mut().expect("exposed");
+        exposure.source_ranges = Some(vec![bad.to_owned()]);
+        let err = render::check_spec(&cluster.spec).unwrap_err().to_string();
+        assert!(
+            err.contains("center.leafnodes.sourceRanges"),
+            "{bad}: {err}"
+        );
+    }
+}
+
 #[test]
 fn loopback_layout_renders_through_the_same_function() {
     // The local runner passes loopback addresses; the text format is shared.

@@ -432,8 +432,34 @@ pub fn check_spec(spec: &PresenceClusterSpec) -> Result<(), RenderError> {
         return invalid("kv.replicas must be 1, 3 or 5 and at most center.replicas".into());
     }
     check_cors(spec)?;
+    check_source_ranges(spec)?;
     quantity::check_quantities(spec)?;
     clusters::check_multi_cluster(spec)
+}
+
+/// Refuses a `center.leafnodes.sourceRanges` entry that isn't a CIDR
+/// (`203.0.113.0/24`, `2001:db8::/32`): the Service carrying it would be
+/// refused, or a cloud load balancer would ignore it.
+fn check_source_ranges(spec: &PresenceClusterSpec) -> Result<(), RenderError> {
+    let ranges = spec
+        .center
+        .leafnodes
+        .as_ref()
+        .and_then(|l| l.source_ranges.as_ref());
+    for range in ranges.into_iter().flatten() {
+        let cidr = range.split_once('/').and_then(|(address, bits)| {
+            let address: std::net::IpAddr = address.parse().ok()?;
+            let bits: u8 = bits.parse().ok()?;
+            let max = if address.is_ipv4() { 32 } else { 128 };
+            (bits <= max).then_some(())
+        });
+        if cidr.is_none() {
+            return Err(RenderError::InvalidSpec(format!(
+                "center.leafnodes.sourceRanges: {range:?} is not a CIDR like 203.0.113.0/24"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a CORS policy that presence-service would refuse at start (its

@@ -211,6 +211,10 @@ pub fn leafnode_service(
             ),
             selector: Some(region_selector(ctx, COMPONENT, region.name)),
             ports: Some(vec![port]),
+            // Only a load balancer filters by source; a NodePort can't.
+            load_balancer_source_ranges: (service_type == crate::crd::ExposureType::LoadBalancer)
+                .then(|| exposure.source_ranges.clone())
+                .flatten(),
             ..Default::default()
         }),
         ..Default::default()
