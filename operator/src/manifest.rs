@@ -6,6 +6,7 @@
 
 use crate::crd::PresenceCluster;
 use kube::Resource as _;
+use serde::Deserialize as _;
 use serde_yaml::Value;
 
 /// Why a manifest can't be used.
@@ -35,8 +36,7 @@ pub enum ManifestError {
 /// The PresenceCluster in `text`, refusing another kind or version and
 /// any field of `spec` the resource doesn't have.
 pub fn parse(text: &str) -> Result<PresenceCluster, ManifestError> {
-    let value: Value =
-        serde_yaml::from_str(text).map_err(|e| ManifestError::Yaml(e.to_string()))?;
+    let value = the_presence_cluster(text)?;
     let text_of = |key: &str| {
         value
             .get(key)
@@ -156,6 +156,33 @@ fn bounds(value: &serde_json::Value, schema: &serde_json::Value, path: &str) -> 
     Ok(())
 }
 
+/// The one document of `text` that is a PresenceCluster (a file may hold
+/// other objects beside it, separated by `---`), else the only document.
+fn the_presence_cluster(text: &str) -> Result<Value, ManifestError> {
+    let mut documents = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(text) {
+        let value = Value::deserialize(document).map_err(|e| ManifestError::Yaml(e.to_string()))?;
+        if !value.is_null() {
+            documents.push(value);
+        }
+    }
+    let kind = |v: &Value| {
+        v.get("kind").and_then(Value::as_str) == Some(PresenceCluster::kind(&()).as_ref())
+    };
+    let mut clusters: Vec<Value> = documents.iter().filter(|v| kind(v)).cloned().collect();
+    match (clusters.len(), documents.len()) {
+        (1, _) => Ok(clusters.remove(0)),
+        (0, 1) => Ok(documents.remove(0)),
+        (0, 0) => Err(ManifestError::Yaml("the file holds no document".into())),
+        (0, _) => Err(ManifestError::Yaml(
+            "none of the file's documents is a PresenceCluster".into(),
+        )),
+        (n, _) => Err(ManifestError::Yaml(format!(
+            "the file holds {n} PresenceClusters; give one at a time"
+        ))),
+    }
+}
+
 /// Adds to `unknown` the path of every key of `given` that `kept` lacks,
 /// ignoring keys whose value is empty (`null`, `[]`, `{}`), which the
 /// typed resource leaves out when it writes itself.
@@ -266,6 +293,31 @@ mod tests {
             let err = parse(&text).unwrap_err().to_string();
             assert!(err.starts_with(message), "{spec}: {err}");
         }
+    }
+
+    #[test]
+    fn the_presence_cluster_of_a_file_with_other_objects_is_read() {
+        let cluster = format!("{HEAD}spec: {{center: {{}}}}\n");
+        let other = "apiVersion: v1\nkind: Namespace\nmetadata: {name: presence}\n";
+        let file = format!("{other}---\n{cluster}---\n");
+        assert_eq!(
+            parse(&file).expect("reads").metadata.name.as_deref(),
+            Some("a")
+        );
+        let two = format!("{cluster}---\n{cluster}");
+        assert!(
+            parse(&two)
+                .unwrap_err()
+                .to_string()
+                .contains("2 PresenceClusters")
+        );
+        let none = format!("{other}---\n{other}");
+        assert!(
+            parse(&none)
+                .unwrap_err()
+                .to_string()
+                .contains("none of the file's documents")
+        );
     }
 
     #[test]
