@@ -14,6 +14,9 @@ use serde_yaml::Value;
 pub enum ManifestError {
     #[error("not YAML: {0}")]
     Yaml(String),
+    /// No document, or several, to take as the PresenceCluster.
+    #[error("{0}")]
+    Documents(String),
     /// A field of the wrong type or value, as serde names it.
     #[error("{0}")]
     Invalid(String),
@@ -173,11 +176,13 @@ fn the_presence_cluster(text: &str) -> Result<Value, ManifestError> {
     match (clusters.len(), documents.len()) {
         (1, _) => Ok(clusters.remove(0)),
         (0, 1) => Ok(documents.remove(0)),
-        (0, 0) => Err(ManifestError::Yaml("the file holds no document".into())),
-        (0, _) => Err(ManifestError::Yaml(
+        (0, 0) => Err(ManifestError::Documents(
+            "the file holds no document".into(),
+        )),
+        (0, _) => Err(ManifestError::Documents(
             "none of the file's documents is a PresenceCluster".into(),
         )),
-        (n, _) => Err(ManifestError::Yaml(format!(
+        (n, _) => Err(ManifestError::Documents(format!(
             "the file holds {n} PresenceClusters; give one at a time"
         ))),
     }
