@@ -82,13 +82,10 @@ impl TokenArgs {
         serve: &'a ServeArgs,
     ) -> Result<(&'a str, crate::auth::Grant<'a>), TokenError> {
         let secret = serve.signing_secret()?;
-        if let Some(max) = serve.jwt_max_lifetime {
-            in_range(env::JWT_MAX_LIFETIME, max, 1, MAX_TOKEN_LIFETIME_SECS)?;
-        }
+        let max = serve.checked_jwt_max_lifetime()?;
         if self.sub.trim().is_empty() {
             return Err(TokenError::EmptySubject);
         }
-        let max = serve.jwt_max_lifetime;
         let ttl_secs = match (self.ttl_secs, max) {
             (Some(ttl), Some(max)) if ttl > max => {
                 return Err(TokenError::OutlivesLimit { ttl, max });
@@ -560,10 +557,17 @@ impl ServeArgs {
             0,
             3_600,
         )?;
+        self.checked_jwt_max_lifetime()?;
+        Ok(())
+    }
+
+    /// `JWT_MAX_LIFETIME` within its range, as the node and `presence-service
+    /// token` both read it.
+    fn checked_jwt_max_lifetime(&self) -> Result<Option<u64>, ConfigError> {
         if let Some(lifetime) = self.jwt_max_lifetime {
             in_range(env::JWT_MAX_LIFETIME, lifetime, 1, MAX_TOKEN_LIFETIME_SECS)?;
         }
-        Ok(())
+        Ok(self.jwt_max_lifetime)
     }
 
     fn nats_settings(&self) -> Result<NatsTarget, ConfigError> {

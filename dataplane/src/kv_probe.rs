@@ -11,19 +11,34 @@ use tokio::sync::Mutex;
 pub const FRESH_FOR: Duration = Duration::from_secs(1);
 
 /// The hub's last answer, and when it came.
-#[derive(Default)]
 pub struct KvProbe {
     last: Mutex<Option<(Instant, Result<u64, String>)>>,
+    fresh_for: Duration,
+}
+
+impl Default for KvProbe {
+    fn default() -> Self {
+        KvProbe::fresh_for(FRESH_FOR)
+    }
 }
 
 impl KvProbe {
+    /// A probe whose answers serve for `fresh_for` (tests take a long one,
+    /// so a slow machine can't make them check twice).
+    pub fn fresh_for(fresh_for: Duration) -> Self {
+        KvProbe {
+            last: Mutex::new(None),
+            fresh_for,
+        }
+    }
+
     /// The bucket's last revision as the hub tells it (or why it can't),
-    /// at most [`FRESH_FOR`] old. Callers meanwhile wait for the one check
+    /// at most its freshness ([`FRESH_FOR`] in a node) old. Callers meanwhile wait for the one check
     /// under way instead of starting their own.
     pub async fn last_revision(&self, store: &dyn PresenceStore) -> Result<u64, String> {
         let mut last = self.last.lock().await;
         if let Some((at, answer)) = last.as_ref()
-            && at.elapsed() < FRESH_FOR
+            && at.elapsed() < self.fresh_for
         {
             return answer.clone();
         }
@@ -43,9 +58,9 @@ mod tests {
     use crate::store::memory::MemoryStore;
 
     #[tokio::test]
-    async fn one_answer_serves_for_a_second() {
+    async fn one_answer_serves_while_it_is_fresh() {
         let store = MemoryStore::default();
-        let probe = KvProbe::default();
+        let probe = KvProbe::fresh_for(Duration::from_secs(3600));
         let first = probe.last_revision(&store).await;
         assert!(first.is_ok(), "{first:?}");
         // An answer from the last second is shared: its time is kept.
