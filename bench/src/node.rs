@@ -19,6 +19,31 @@ pub struct Service {
     pub base: String,
 }
 
+/// The write floor (bench/src/bin/bare-server.rs, a bare HTTP front to
+/// conditional KV puts) through `nats_url`, logging to `log`, once it
+/// answers: the process and its base URL.
+pub async fn start_write_floor(
+    http: &reqwest::Client,
+    nats_url: &str,
+    log: std::path::PathBuf,
+) -> (Proc, String) {
+    let port = free_port();
+    let mut command = Command::new(testkit::bench_bin_dir().join("bare-server"));
+    command
+        .arg(port.to_string())
+        .arg(nats_url)
+        .arg(JS_DOMAIN)
+        .arg("PRESENCE");
+    let floor = Proc::spawn("bare-server (write floor)", command, log);
+    let base = format!("http://127.0.0.1:{port}");
+    let probe = format!("{base}/api/v2/presence/probe");
+    testkit::wait_until("bare write floor", Duration::from_secs(10), || {
+        http_ok(http, &probe)
+    })
+    .await;
+    (floor, base)
+}
+
 /// Whether `url` answers 200 now.
 pub async fn http_ok(client: &reqwest::Client, url: &str) -> bool {
     matches!(client.get(url).send().await, Ok(r) if r.status() == 200)

@@ -1,11 +1,13 @@
 //! Writes vs. raw KV puts at the same concurrency (plain puts, the
 //! target's ceiling, and conditional ones, which carry the expected
-//! revision every write of the service must), and session heartbeats vs.
-//! plain writes.
+//! revision every write of the service must), vs. the write floor (a bare
+//! HTTP front to one conditional put, bench/src/bin/bare-server.rs), and
+//! session heartbeats vs. plain writes.
 
 use crate::Bench;
-use crate::load::{Puts, WRK_SECONDS, Wrk, median_by, raw_kv_puts, wrk_write_script};
-use crate::report::ratio;
+use crate::load::{Puts, WRK_SECONDS, Wrk, WrkResult, median_by, raw_kv_puts, wrk_write_script};
+use crate::node::start_write_floor;
+use crate::report::{Report, ratio};
 use anyhow::Context as _;
 use futures::{StreamExt, TryStreamExt};
 
@@ -36,6 +38,7 @@ pub fn post_script(bench: &Bench, name: &str, prefix: &str) -> anyhow::Result<st
 /// more POST runs.
 pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
     let script = post_script(bench, "post", "w")?;
+    let floor_script = post_script(bench, "post-floor", "floor")?;
     let paths = [
         ("center", bench.center.base.clone(), &bench.hub),
         ("leaf eu", bench.eu.base.clone(), &bench.eu_nats),
@@ -64,6 +67,16 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
             Puts::Conditional,
         )
         .await?;
+        let floor = write_floor(
+            &bench.http,
+            &bench
+                .root()
+                .join(format!("bare-write-{}.log", label.replace(' ', "-"))),
+            &floor_script,
+            &nats.url(),
+            &mut bench.report,
+        )
+        .await?;
         let report = &mut bench.report;
         report.add(
             "write",
@@ -89,13 +102,29 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
                 ours.rps / cond_rps
             ),
         );
+        report.add(
+            "write",
+            format!(
+                "write floor via {label}: a bare axum POST doing one conditional KV put (no auth, validation, cache or watch), c={WRITE_CONCURRENCY}: req/s (p99)"
+            ),
+            format!("{:.0}", floor.rps),
+            format!(
+                "p99 {:.2} ms; {:.2}x of the plain puts (the HTTP hop alone); our POST {:.2}x of it",
+                floor.p99_ms,
+                floor.rps / raw_rps,
+                ours.rps / floor.rps
+            ),
+        );
         let measured = ours.rps / raw_rps;
         report.target(
             format!("write via {label} >= {WRITE_TARGET}x raw KV puts"),
             format!("{measured:.2}x ({:.0} req/s)", ours.rps),
             format!(
-                "raw KV puts via {label} {raw_rps:.0} ops/s; conditional puts {cond_rps:.0} ops/s, of which ours is {:.2}x",
-                ours.rps / cond_rps
+                "raw KV puts via {label} {raw_rps:.0} ops/s; conditional puts {cond_rps:.0} ops/s, of which ours is {:.2}x; the bare HTTP write floor {:.0} req/s ({:.2}x of the plain puts), of which ours is {:.2}x",
+                ours.rps / cond_rps,
+                floor.rps,
+                floor.rps / raw_rps,
+                ours.rps / floor.rps
             ),
             measured >= WRITE_TARGET,
         );
@@ -104,6 +133,28 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
         }
     }
     heartbeat(bench).await
+}
+
+/// The write floor through `nats_url` (the hub or leaf eu's server), in
+/// a process of its own logging to `log`, taking the same wrk load as our
+/// `POST` (`script`), to users (keys) of its own.
+async fn write_floor(
+    http: &reqwest::Client,
+    log: &std::path::Path,
+    script: &std::path::Path,
+    nats_url: &str,
+    report: &mut Report,
+) -> anyhow::Result<WrkResult> {
+    let (floor, base) = start_write_floor(http, nats_url, log.to_owned()).await;
+    let result = Wrk {
+        connections: WRITE_CONCURRENCY,
+        url: &format!("{base}/"),
+        auth: None,
+        script: Some(script),
+    }
+    .run(report);
+    drop(floor);
+    result
 }
 
 /// Session heartbeats (PUT .../sessions/{id}) via the center, against
