@@ -19,10 +19,10 @@ pub struct Service {
     pub base: String,
 }
 
-/// The write floor (bench/src/bin/bare-server.rs, a bare HTTP front to
-/// conditional KV puts) through `nats_url`, logging to `log`, once it
+/// The bare front (bench/src/bin/bare-server.rs: axum doing conditional
+/// KV puts and nothing else) through `nats_url`, logging to `log`, once it
 /// answers: the process and its base URL.
-pub async fn start_write_floor(
+pub async fn start_bare_front(
     http: &reqwest::Client,
     nats_url: &str,
     log: std::path::PathBuf,
@@ -34,14 +34,16 @@ pub async fn start_write_floor(
         .arg(nats_url)
         .arg(JS_DOMAIN)
         .arg("PRESENCE");
-    let floor = Proc::spawn("bare-server (write floor)", command, log);
+    let front = Proc::spawn("bare-server (bare front)", command, log);
     let base = format!("http://127.0.0.1:{port}");
     let probe = format!("{base}/api/v2/presence/probe");
-    testkit::wait_until("bare write floor", Duration::from_secs(10), || {
-        http_ok(http, &probe)
-    })
+    testkit::wait_until(
+        "the bare front (see its bare-*.log if it never answers)",
+        Duration::from_secs(10),
+        || http_ok(http, &probe),
+    )
     .await;
-    (floor, base)
+    (front, base)
 }
 
 /// Whether `url` answers 200 now.

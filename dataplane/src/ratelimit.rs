@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Longest wait a refusal names (a rate of 0.001/s, the slowest allowed,
-/// needs 1000 s).
+/// needs 1000 s), and the refill time of a limit whose own can't be a
+/// `Duration`.
 const MAX_WAIT: Duration = Duration::from_secs(3600);
 
 /// A token bucket: `burst` tokens, refilled at `rate` per second.
@@ -61,17 +62,18 @@ impl Bucket {
     }
 }
 
-/// Users whose buckets a node keeps at most: past it a stripe forgets its
-/// users, who then get a full bucket each (never a tighter limit), so no
-/// caller can grow the table without bound by writing for new IDs.
+/// Users whose buckets a node keeps at most, so no caller can grow the
+/// table without bound by writing for new IDs: a stripe that fills its
+/// share forgets its users (see [`Stripe::sweep`]), who then get a full
+/// bucket each, never a tighter limit.
 const MAX_TRACKED: usize = 1_000_000;
 /// How many locks the buckets are spread over: far more than the threads
 /// that check at once.
 const STRIPES: usize = 64;
 const PER_STRIPE: usize = MAX_TRACKED / STRIPES;
 /// A stripe sweeps out refilled buckets once it holds this many, then
-/// whenever it doubled since the last sweep (each sweep costs as many
-/// steps as the inserts before it), and at least once per refill time.
+/// whenever it doubled since the last sweep (so a sweep costs no more
+/// steps than the inserts before it), and at least once per refill time.
 const FIRST_SWEEP: usize = 64;
 
 /// Buckets of recently written users; a bucket that has refilled is
@@ -81,14 +83,25 @@ const FIRST_SWEEP: usize = 64;
 /// Striped hash maps rather than a cache: every write checks its user
 /// here, and moka's bookkeeping for that (an entry and an idle timer per
 /// user, the per-key insert lock, SipHash over the ID) was about 6% of the
-/// center's CPU under batches of new users, against under 1% now. A bucket is found by the user ID's 64-bit hash, keyed at random
-/// per process as the presence cache's is: nobody can choose IDs that
-/// share a bucket, and no copy of the ID is kept.
+/// center's CPU under batches of new users, against under 1% now.
+///
+/// A bucket is found by the user ID's 64-bit hash, keyed at random per
+/// process as the presence cache's is, and no copy of the ID is kept:
+/// nobody can choose IDs that share a bucket, and two users share one by
+/// chance with odds of about n²/2⁶⁵ (3·10⁻⁸ at a million users), which
+/// would only make them share a rate.
 #[derive(Clone)]
 pub struct RateLimiter {
-    limit: Option<Limit>,
+    policy: Option<Policy>,
     stripes: Arc<[Mutex<Stripe>]>,
     hasher: KeyHasher,
+}
+
+/// The limit, and how long an untouched bucket takes to refill.
+#[derive(Debug, Clone, Copy)]
+struct Policy {
+    limit: Limit,
+    refill: Duration,
 }
 
 /// One lock's share of the buckets, by user hash.
@@ -110,13 +123,13 @@ impl Stripe {
 
     /// Takes a token of the bucket of the user hashed to `user`, made full
     /// if there is none.
-    fn take(&mut self, user: u64, limit: Limit, now: Instant) -> Result<(), Duration> {
+    fn take(&mut self, user: u64, policy: Policy, now: Instant) -> Result<(), Duration> {
+        let limit = policy.limit;
         if let Some(bucket) = self.buckets.get_mut(&user) {
             return bucket.take(limit, now);
         }
-        let refill = Duration::try_from_secs_f64(limit.burst / limit.rate).unwrap_or(MAX_WAIT);
         if self.buckets.len() >= self.sweep_at
-            || now.saturating_duration_since(self.swept) >= refill
+            || now.saturating_duration_since(self.swept) >= policy.refill
         {
             self.sweep(limit, now);
         }
@@ -126,12 +139,14 @@ impl Stripe {
         taken
     }
 
-    /// Forgets the buckets that have refilled, and every bucket if the
-    /// stripe is still full; then sets the next sweep's size.
+    /// Forgets the buckets that have refilled, and every bucket if more
+    /// than half the stripe's share is still draining (so the next sweep
+    /// is at least as many inserts away as it has entries to scan); then
+    /// sets the next sweep's size.
     fn sweep(&mut self, limit: Limit, now: Instant) {
         self.buckets
             .retain(|_, bucket| !bucket.refilled(limit, now));
-        if self.buckets.len() >= PER_STRIPE {
+        if self.buckets.len() > PER_STRIPE / 2 {
             self.buckets.clear();
         }
         let len = self.buckets.len();
@@ -169,7 +184,10 @@ impl RateLimiter {
     pub fn new(limit: Option<Limit>) -> Self {
         let now = Instant::now();
         RateLimiter {
-            limit,
+            policy: limit.map(|limit| Policy {
+                limit,
+                refill: Duration::try_from_secs_f64(limit.burst / limit.rate).unwrap_or(MAX_WAIT),
+            }),
             stripes: (0..STRIPES).map(|_| Mutex::new(Stripe::new(now))).collect(),
             hasher: KeyHasher::new(),
         }
@@ -181,7 +199,7 @@ impl RateLimiter {
     }
 
     fn check_at(&self, user_id: &str, now: Instant) -> Result<(), Duration> {
-        let Some(limit) = self.limit else {
+        let Some(policy) = self.policy else {
             return Ok(());
         };
         let user = self.hasher.hash_one(user_id);
@@ -191,7 +209,7 @@ impl RateLimiter {
         let mut stripe = self.stripes[index]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        stripe.take(user, limit, now)
+        stripe.take(user, policy, now)
     }
 
     /// Buckets held now, over all stripes.
@@ -211,6 +229,11 @@ mod tests {
     const LIMIT: Limit = Limit {
         rate: 2.0,
         burst: 3.0,
+    };
+    /// LIMIT refills in 1.5 s.
+    const POLICY: Policy = Policy {
+        limit: LIMIT,
+        refill: Duration::from_millis(1500),
     };
 
     #[test]
@@ -279,22 +302,38 @@ mod tests {
         for user in 0..(PER_STRIPE + 10) as u64 {
             // Each user drained, so no sweep finds a refilled bucket.
             for _ in 0..3 {
-                assert!(stripe.take(user, LIMIT, t0).is_ok());
+                assert!(stripe.take(user, POLICY, t0).is_ok());
             }
             assert!(stripe.buckets.len() <= PER_STRIPE);
         }
         // A forgotten user starts over with a full bucket, never a tighter one.
-        assert!(stripe.take(0, LIMIT, t0).is_ok());
+        assert!(stripe.take(0, POLICY, t0).is_ok());
+    }
+
+    #[test]
+    fn a_small_stripe_sweeps_once_per_refill_time() {
+        let t0 = Instant::now();
+        let mut stripe = Stripe::new(t0);
+        for user in 0..10 {
+            assert!(stripe.take(user, POLICY, t0).is_ok());
+        }
+        // Refilled by now, but the stripe is below its sweep size and the
+        // refill time since its last sweep hasn't passed.
+        assert!(stripe.take(10, POLICY, t0 + Duration::from_secs(1)).is_ok());
+        assert_eq!(stripe.buckets.len(), 11);
+        assert!(stripe.take(11, POLICY, t0 + POLICY.refill).is_ok());
+        assert_eq!(stripe.buckets.len(), 1, "only the user just taken is left");
     }
 
     #[test]
     fn users_are_limited_independently_and_none_means_off() {
         let limiter = RateLimiter::new(Some(LIMIT));
+        let t0 = Instant::now();
         for _ in 0..3 {
-            assert!(limiter.check("ann").is_ok());
+            assert!(limiter.check_at("ann", t0).is_ok());
         }
-        assert!(limiter.check("ann").is_err());
-        assert!(limiter.check("bob").is_ok());
+        assert!(limiter.check_at("ann", t0).is_err());
+        assert!(limiter.check_at("bob", t0).is_ok());
         let off = RateLimiter::new(None);
         for _ in 0..100 {
             assert!(off.check("ann").is_ok());

@@ -1,15 +1,17 @@
-//! Benchmark-only floors, never shipped, on the same runtime setup as
-//! presence-service:
+//! Benchmark-only bare servers, never shipped, on the same runtime setup
+//! as presence-service:
 //!
 //! - the cached-read ceiling: the same JSON bytes a cached presence read
 //!   returns, from a bare axum handler with no auth and no cache;
-//! - with a NATS server named, the write floor: `POST` a presence and get
+//! - with a NATS server named, the bare front: `POST` a presence and get
 //!   one conditional KV put (expecting the key's last revision, as every
 //!   write of the service does), acknowledged before the answer. It keeps
 //!   only a map of the revisions it wrote, and does none of the service's
 //!   auth, validation, cache, change feed or watch. What separates it from
-//!   raw KV puts is the HTTP hop alone, so the service's `POST` can be read
-//!   against both. `POST /api/v2/presence/batch` does the same for every
+//!   raw KV puts is mostly the HTTP hop (it also reads the body into a
+//!   `serde_json::Value` and keeps a locked map), so the service's `POST`
+//!   can be read against both. It is a plain implementation, not a lower
+//!   bound. `POST /api/v2/presence/batch` does the same for every
 //!   item's `userID`, all of the puts in flight at once, as the service's
 //!   batch keeps them.
 //!
@@ -27,7 +29,7 @@ use std::sync::{Arc, Mutex};
 
 const BODY: &[u8] = br#"{"userID":"bench-user","status":"online","message":"benchmarking","lastSeen":"2026-01-01T00:00:00.000Z","updatedAt":"2026-01-01T00:00:00.000Z","nodeID":"center-1","revision":1}"#;
 
-/// What the write floor stores: the bytes raw KV puts store, so the nodes
+/// What the bare front stores: the bytes raw KV puts store, so the nodes
 /// watching the bucket treat both alike.
 const STORED: &[u8] = br#"{"userID":"raw","status":"online","message":"benchmarking","lastSeen":"2026-01-01T00:00:00.000Z","updatedAt":"2026-01-01T00:00:00.000Z","nodeID":"raw"}"#;
 
@@ -35,15 +37,15 @@ const STORED: &[u8] = br#"{"userID":"raw","status":"online","message":"benchmark
 /// with the key's fresh revision, before giving up.
 const ATTEMPTS: u32 = 5;
 
-/// The write floor's state: the bucket and the last revision it wrote (or
+/// The bare front's state: the bucket and the last revision it wrote (or
 /// read) per key.
 #[derive(Clone)]
-struct Floor {
+struct Front {
     kv: kv::Store,
     revisions: Arc<Mutex<HashMap<String, u64>>>,
 }
 
-impl Floor {
+impl Front {
     fn known(&self, key: &str) -> Option<u64> {
         self.revisions
             .lock()
@@ -56,7 +58,9 @@ impl Floor {
         self.revisions
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(key.to_owned(), revision);
+            .entry(key.to_owned())
+            .and_modify(|known| *known = (*known).max(revision))
+            .or_insert(revision);
     }
 
     async fn current(&self, key: &str) -> Result<u64, String> {
@@ -94,11 +98,11 @@ async fn read() -> impl IntoResponse {
 
 /// `POST /api/v2/presence/{user_id}`: the body must be JSON (it is not
 /// otherwise read); the answer is the stored revision.
-async fn write(State(floor): State<Floor>, Path(user_id): Path<String>, body: Bytes) -> Response {
+async fn write(State(front): State<Front>, Path(user_id): Path<String>, body: Bytes) -> Response {
     if serde_json::from_slice::<serde_json::Value>(&body).is_err() {
         return (StatusCode::BAD_REQUEST, "not JSON").into_response();
     }
-    match floor.put(&user_id).await {
+    match front.put(&user_id).await {
         Ok(revision) => (
             [(header::CONTENT_TYPE, "application/json")],
             format!(r#"{{"revision":{revision}}}"#),
@@ -111,7 +115,7 @@ async fn write(State(floor): State<Floor>, Path(user_id): Path<String>, body: By
 /// `POST /api/v2/presence/batch` (`{"presences": [{"userID": …}, …]}`):
 /// one conditional put per item, all in flight at once; the answer counts
 /// the stored ones and lists their revisions.
-async fn write_batch(State(floor): State<Floor>, body: Bytes) -> Response {
+async fn write_batch(State(front): State<Front>, body: Bytes) -> Response {
     let Ok(batch) = serde_json::from_slice::<serde_json::Value>(&body) else {
         return (StatusCode::BAD_REQUEST, "not JSON").into_response();
     };
@@ -119,10 +123,10 @@ async fn write_batch(State(floor): State<Floor>, body: Bytes) -> Response {
         return (StatusCode::BAD_REQUEST, "no presences").into_response();
     };
     let puts = items.iter().map(|item| {
-        let floor = floor.clone();
+        let front = front.clone();
         async move {
             match item["userID"].as_str() {
-                Some(user_id) => floor.put(user_id).await.ok(),
+                Some(user_id) => front.put(user_id).await.ok(),
                 None => None,
             }
         }
@@ -143,7 +147,7 @@ async fn write_batch(State(floor): State<Floor>, body: Bytes) -> Response {
         .into_response()
 }
 
-async fn write_floor(args: &[String]) -> Result<Floor, Box<dyn std::error::Error>> {
+async fn bare_front(args: &[String]) -> Result<Front, Box<dyn std::error::Error>> {
     let [url, domain, bucket] = args else {
         return Err("usage: bare-server PORT [NATS_URL JS_DOMAIN BUCKET]".into());
     };
@@ -151,7 +155,7 @@ async fn write_floor(args: &[String]) -> Result<Floor, Box<dyn std::error::Error
     let kv = jetstream::with_domain(client, domain.as_str())
         .get_key_value(bucket.as_str())
         .await?;
-    Ok(Floor {
+    Ok(Front {
         kv,
         revisions: Arc::default(),
     })
@@ -162,11 +166,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let port: u16 = args.first().and_then(|p| p.parse().ok()).unwrap_or(18090);
     let app = if args.len() > 1 {
-        let floor = write_floor(&args[1..]).await?;
+        let front = bare_front(&args[1..]).await?;
         Router::new()
             .route("/api/v2/presence/batch", axum::routing::post(write_batch))
             .route("/api/v2/presence/{user_id}", get(read).post(write))
-            .with_state(floor)
+            .with_state(front)
     } else {
         Router::new().route("/api/v2/presence/{user_id}", get(read))
     };
