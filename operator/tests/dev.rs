@@ -18,15 +18,28 @@ fn repo() -> PathBuf {
 
 /// Each dev instance gets its own block of 1600 ports: its live page on
 /// block-1, its metrics on block+0, the API on block+1..3, NATS from
-/// block+11 (its offsets reach +1211 with a clustered leaf). Blocks differ between tests of this process
+/// block+10 (its offsets reach +1219 with clustered leaves). Blocks differ between tests of this process
 /// (a counter) and between processes (the pid); every port is checked free
 /// before use.
 fn free_block() -> (u16, u16) {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let nats_offsets = [
-        0u16, 1, 2, 11, 12, 100, 101, 102, 111, 112, 199, 200, 201, 202, 300, 301, 302, 406, 806,
-        1205, 1206,
-    ];
+    // Every NATS offset `dev` can give a process (operator/src/local.rs):
+    // up to three hub servers (clients, monitors +100, leafnodes +200,
+    // routes +300), the balancer (+199), a leaf per region (+10, monitor
+    // +110), and up to five servers of a clustered leaf per region (+400,
+    // monitors +800, routes +1200, five apart per region). A port taken
+    // that is missing from this list once failed a test here.
+    let mut nats_offsets: Vec<u16> = vec![199];
+    for k in 0..3u16 {
+        nats_offsets.extend([k, 100 + k, 200 + k, 300 + k]);
+    }
+    for region in 0..4u16 {
+        nats_offsets.extend([10 + region, 110 + region]);
+        for server in 0..5u16 {
+            let at = 5 * region + server;
+            nats_offsets.extend([400 + at, 800 + at, 1200 + at]);
+        }
+    }
     for _ in 0..100 {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         // Six blocks from 10001 to 19217: below testkit::free_port's range
