@@ -1060,8 +1060,8 @@ async fn post_announcing(svc: &Service, user: &str, length: usize, body: &str) -
     String::from_utf8_lossy(&answer).into_owned()
 }
 
-/// A body announced larger than the limit is refused at once, before any
-/// of it is read, not after the body timeout.
+/// A body announced far larger than the limit (beyond what is read and
+/// dropped before a 413) is refused at once, not after the body timeout.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_body_announced_too_large_is_answered_413_at_once() {
     let dir = tempfile::tempdir().unwrap();

@@ -28,6 +28,16 @@ use serde::de::DeserializeOwned;
 /// Largest request body accepted; larger ones get 413.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
+/// An oversized body announced up to this size is read and dropped before
+/// its 413 goes out: a client that writes its whole body before reading
+/// (most HTTP libraries) then reads the answer, instead of a broken pipe
+/// when the connection closes under the rest of its body. Larger ones are
+/// answered at once.
+const DRAINED_BODY_BYTES: u64 = 4 * MAX_BODY_BYTES as u64;
+
+/// How long such a body is read at most before the 413 goes out anyway.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// An error answer: `{"error": {"code": "...", "message": "..."}}`.
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -194,17 +204,21 @@ pub struct JsonBodyOrEmpty<T>(pub T);
 /// `HTTP_BODY_READ_TIMEOUT_SECS`. A client that sends a body slowly or not
 /// at all would otherwise hold its connection (and a handler) forever.
 async fn read_body(req: Request, state: &AppState) -> Result<bytes::Bytes, ApiError> {
-    // A body announced larger than the limit is refused before any of it
-    // is read: waiting for it would only end in this answer, or in a 408
-    // when the client sends less than it announced.
+    // A body announced larger than the limit is refused without waiting
+    // for more of it than the client sends within a moment: waiting would
+    // only end in this answer, or in a 408 when the client sends less than
+    // it announced.
     let announced = req
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
-    if announced.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+    let limit = state.settings.http.body_read_timeout;
+    if let Some(length) = announced.filter(|&length| length > MAX_BODY_BYTES as u64) {
+        if length <= DRAINED_BODY_BYTES {
+            drain(req, limit.min(DRAIN_TIME)).await;
+        }
         return Err(too_large());
     }
-    let limit = state.settings.http.body_read_timeout;
     let read = bytes::Bytes::from_request(req, state);
     let Ok(read) = tokio::time::timeout(limit, read).await else {
         state
@@ -233,6 +247,15 @@ async fn read_body(req: Request, state: &AppState) -> Result<bytes::Bytes, ApiEr
             )
         }
     })
+}
+
+/// Reads and drops `req`'s body for at most `time` (see
+/// [`DRAINED_BODY_BYTES`]); a client error ends it early.
+async fn drain(req: Request, time: std::time::Duration) {
+    use futures::StreamExt as _;
+    let mut body = req.into_body().into_data_stream();
+    let _ =
+        tokio::time::timeout(time, async { while let Some(Ok(_)) = body.next().await {} }).await;
 }
 
 fn too_large() -> ApiError {
