@@ -305,20 +305,9 @@ mod tests {
             parse(&file).expect("reads").metadata.name.as_deref(),
             Some("a")
         );
-        let two = format!("{cluster}---\n{cluster}");
-        assert!(
-            parse(&two)
-                .unwrap_err()
-                .to_string()
-                .contains("2 PresenceClusters")
-        );
-        let none = format!("{other}---\n{other}");
-        assert!(
-            parse(&none)
-                .unwrap_err()
-                .to_string()
-                .contains("none of the file's documents")
-        );
+        let refusal = |file: String| parse(&file).unwrap_err().to_string();
+        assert!(refusal(format!("{cluster}---\n{cluster}")).contains("2 PresenceClusters"));
+        assert!(refusal(format!("{other}---\n{other}")).contains("none of the file's documents"));
     }
 
     #[test]

@@ -27,9 +27,8 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
     ];
     for (label, base, nats) in paths {
         let (js, kv) = open_bucket(nats, "PRESENCE").await?;
-        let log = bench
-            .root()
-            .join(format!("bare-batch-{}.log", label.replace(' ', "-")));
+        let name = label.replace(' ', "-");
+        let log = bench.root().join(format!("bare-batch-{name}.log"));
         let (front, front_base) = start_bare_front(&bench.http, &nats.url(), log).await;
         let (mut ours, mut raw, mut expecting) = (Vec::new(), Vec::new(), Vec::new());
         let mut bare = Vec::new();
@@ -43,10 +42,10 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<()> {
             raw.push(elapsed.as_secs_f64() * 1000.0);
             // New keys on every path: an expectation of none fails on
             // keys the other path wrote.
-            let keys = format!("cpipe-{}-{round}-", label.replace(' ', "-"));
+            let keys = format!("cpipe-{name}-{round}-");
             let elapsed = pipelined_puts(&js, &kv, &keys, BATCH, Puts::Conditional).await?;
             expecting.push(elapsed.as_secs_f64() * 1000.0);
-            let prefix = format!("fb-{}-{round}-", label.replace(' ', "-"));
+            let prefix = format!("fb-{name}-{round}-");
             let elapsed = batch(&bench.http, &front_base, "", &prefix, 0, BATCH).await?;
             bare.push(elapsed.as_secs_f64() * 1000.0);
         }

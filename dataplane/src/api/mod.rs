@@ -59,17 +59,24 @@ impl ApiError {
         }
     }
 
+    /// The same error, telling the client when to try again
+    /// (`Retry-After`): for refusals that pass by themselves.
+    pub fn retry_after(self, wait: std::time::Duration) -> Self {
+        ApiError {
+            retry_after: Some(wait),
+            ..self
+        }
+    }
+
     /// 429 for a user written too often; says when to retry.
     pub fn rate_limited(user_id: &str, wait: std::time::Duration) -> Self {
         let seconds = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
-        ApiError {
-            retry_after: Some(std::time::Duration::from_secs(seconds)),
-            ..ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!("too many writes for user {user_id:?}; retry in {seconds} s"),
-            )
-        }
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("too many writes for user {user_id:?}; retry in {seconds} s"),
+        )
+        .retry_after(std::time::Duration::from_secs(seconds))
     }
 }
 
@@ -168,10 +175,8 @@ impl From<StoreError> for ApiError {
         // Each passes within seconds (a leader election at the hub, a
         // reconnect, a burst of writes), so clients are told when to look
         // again.
-        ApiError {
-            retry_after: Some(std::time::Duration::from_secs(1)),
-            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
-        }
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+            .retry_after(std::time::Duration::from_secs(1))
     }
 }
 

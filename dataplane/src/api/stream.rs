@@ -142,31 +142,27 @@ fn now_secs() -> u64 {
 }
 
 fn refusal(state: &AppState, caller: &Caller, refused: Refused) -> ApiError {
-    let retry_after = Some(Duration::from_secs(5));
+    let retry_after = Duration::from_secs(5);
     match refused {
-        Refused::Node => ApiError {
-            retry_after,
-            ..ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too_many_streams",
-                format!(
-                    "this node already serves {} change streams, its limit (STREAM_MAX_CONNECTIONS); retry later or on another node",
-                    state.streams.caps().streams
-                ),
-            )
-        },
-        Refused::Caller => ApiError {
-            retry_after,
-            ..ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_streams_for_caller",
-                format!(
-                    "{:?} already has {} change streams open on this node, its limit (STREAM_MAX_PER_CALLER); close one first",
-                    caller.user_id,
-                    state.streams.caps().per_caller
-                ),
-            )
-        },
+        Refused::Node => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_streams",
+            format!(
+                "this node already serves {} change streams, its limit (STREAM_MAX_CONNECTIONS); retry later or on another node",
+                state.streams.caps().streams
+            ),
+        )
+        .retry_after(retry_after),
+        Refused::Caller => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_streams_for_caller",
+            format!(
+                "{:?} already has {} change streams open on this node, its limit (STREAM_MAX_PER_CALLER); close one first",
+                caller.user_id,
+                state.streams.caps().per_caller
+            ),
+        )
+        .retry_after(retry_after),
         Refused::TooManyUsers => ApiError::new(
             StatusCode::BAD_REQUEST,
             "too_many_users",
@@ -175,17 +171,15 @@ fn refusal(state: &AppState, caller: &Caller, refused: Refused) -> ApiError {
                 state.streams.caps().follows
             ),
         ),
-        Refused::Follows => ApiError {
-            retry_after,
-            ..ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too_many_follows",
-                format!(
-                    "this node's change streams already follow nearly {} users, its limit (STREAM_MAX_FOLLOWS); follow fewer users, or retry later or on another node",
-                    state.streams.caps().follows
-                ),
-            )
-        },
+        Refused::Follows => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_follows",
+            format!(
+                "this node's change streams already follow nearly {} users, its limit (STREAM_MAX_FOLLOWS); follow fewer users, or retry later or on another node",
+                state.streams.caps().follows
+            ),
+        )
+        .retry_after(retry_after),
     }
 }
 
@@ -282,14 +276,12 @@ async fn start(
             Ok(Some(fed)) if fed.change.revision <= through => subscription.absorb(&fed.change),
             Ok(Some(fed)) => live.push(fed),
             Err(FeedError::Lagged) => {
-                return Err(ApiError {
-                    retry_after: Some(Duration::from_secs(1)),
-                    ..ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "stream_lagged",
-                        "changes arrived faster than the stream could open; retry",
-                    )
-                });
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "stream_lagged",
+                    "changes arrived faster than the stream could open; retry",
+                )
+                .retry_after(Duration::from_secs(1)));
             }
             Ok(None) | Err(FeedError::Closed) => break,
         }
