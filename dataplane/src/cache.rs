@@ -307,6 +307,14 @@ impl PresenceCache {
         self.merge(change, replaying, !replaying)
     }
 
+    /// Whether `revision` is one of this node's own writes that the cache
+    /// applied already, so its echo can be passed over without even being
+    /// decoded; forgets it either way ([`PresenceCache::apply`] of it is
+    /// then an ordinary merge).
+    pub fn claim_echo(&self, revision: u64) -> bool {
+        self.own.take(revision)
+    }
+
     /// Applies this node's own acknowledged write, and remembers its
     /// revision so the watch's echo of it costs no lookup.
     ///

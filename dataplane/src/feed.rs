@@ -119,6 +119,12 @@ impl ChangeFeed {
         }
     }
 
+    /// Whether any stream follows `user_id`: a change of a user nobody
+    /// follows goes nowhere, so the watch need not decode its own echoes.
+    pub fn follows(&self, user_id: &str) -> bool {
+        lock(&self.routes).by_user.contains_key(user_id)
+    }
+
     /// Ends every stream following `user_id` as lagged: a change of the
     /// user was passed over, so what it did is unknown here and no event
     /// can stand for it. Each client resumes with its `Last-Event-ID`, and

@@ -43,6 +43,9 @@ pub struct Metrics {
     /// Watches that stopped short of the bucket (see `watch::Progress`).
     pub watch_stalls: IntCounterVec,
     pub watch_crashes: IntCounter,
+    /// Own writes' echoes the watch passed over undecoded (see
+    /// `store::EchoFilter`): how much of the watch's decoding they save.
+    pub watch_echoes_undecoded: IntCounter,
     pub kv_values_skipped: IntCounter,
     pub write_conflicts: IntCounter,
     pub cache: CacheCounters,
@@ -212,6 +215,10 @@ impl Metrics {
             watch_crashes: r.counter(
                 "watch_crashes_total",
                 "Times the KV watch task panicked and was restarted",
+            )?,
+            watch_echoes_undecoded: r.counter(
+                "watch_echoes_undecoded_total",
+                "Echoes of this node's own writes the KV watch passed over without decoding (the cache held them and no stream followed their user)",
             )?,
             kv_values_skipped: r.counter(
                 "kv_values_skipped_total",

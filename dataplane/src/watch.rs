@@ -13,7 +13,9 @@ use crate::cache::{Applied, PresenceCache};
 use crate::event_log::EventLog;
 use crate::feed::{ChangeFeed, Fed};
 use crate::metrics::Metrics;
-use crate::store::{BucketIdentity, ChangeStream, Entry, PresenceStore, StoreError, WatchStart};
+use crate::store::{
+    BucketIdentity, ChangeStream, EchoFilter, Entry, PresenceStore, StoreError, WatchStart,
+};
 use futures::StreamExt;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -242,6 +244,14 @@ impl Sinks<'_> {
                 };
                 Some(Fed::new(change, shown))
             }
+            Entry::Echo { .. } => {
+                // Claimed by the watch's echo filter: the cache holds this
+                // own write already and no stream follows its user, so it
+                // only completes the event log's note of it.
+                self.metrics.watch_echoes_undecoded.inc();
+                self.log.echo(revision);
+                None
+            }
             Entry::Other { .. } => None,
         };
         if replaying && pending == 0 && self.replay_complete(revision).await {
@@ -321,10 +331,10 @@ impl Sinks<'_> {
             // the store again, the streams that follow it end (their
             // clients resume from a fresh snapshot), and no stream resumes
             // exactly across it.
-            if let Entry::Change(change) = &entry {
-                self.cache.distrust(&change.user_id);
+            if let Some(user_id) = entry.user_id() {
+                self.cache.distrust(user_id);
                 self.log.gap(revision);
-                self.feed.lose(&change.user_id);
+                self.feed.lose(user_id);
             }
             self.apply(entry.into_other()).await;
         } else {
@@ -574,6 +584,7 @@ pub async fn run(
         feed: &feed,
         log: &log,
     };
+    let echoes = echo_filter(&cache, &feed);
     let mut failures: u32 = 0;
     let mut followed: Option<time::OffsetDateTime> = None;
     loop {
@@ -621,7 +632,7 @@ pub async fn run(
             0 => WatchStart::LatestPerKey,
             revision => WatchStart::After(revision),
         };
-        match store.watch(start).await {
+        match store.watch(start, echoes.clone()).await {
             Ok(changes) => {
                 tracing::info!(?start, "KV watch started");
                 status.active.store(true, Ordering::Relaxed);
@@ -639,6 +650,15 @@ pub async fn run(
         let delay = Duration::from_millis(50 * 2u64.pow(failures.min(5)));
         tokio::time::sleep(delay.min(Duration::from_secs(1))).await;
     }
+}
+
+/// Claims the echoes of this node's own writes that the cache applied
+/// already and that no stream follows, so the store leaves them
+/// undecoded. A stream that starts following the user after the claim is
+/// no different from one that started just after the change was fed.
+fn echo_filter(cache: &PresenceCache, feed: &ChangeFeed) -> EchoFilter {
+    let (cache, feed) = (cache.clone(), feed.clone());
+    Arc::new(move |revision, user_id| !feed.follows(user_id) && cache.claim_echo(revision))
 }
 
 /// A change that crashes the watch this many times in a row is skipped.
@@ -766,6 +786,76 @@ mod tests {
         status.skip.store(5, Ordering::Release);
         status.restart_from_scratch();
         assert_eq!(status.skip.load(Ordering::Acquire), 0);
+    }
+
+    /// The echo of an own write that the cache holds and no stream
+    /// follows is passed over undecoded, and still puts the write's event
+    /// in the log; an echo a stream needs, and another node's write, come
+    /// decoded and are applied and fed as before.
+    #[tokio::test]
+    async fn own_echoes_nobody_follows_are_passed_over_undecoded() {
+        let store = MemoryStore::new();
+        let metrics = Metrics::new().expect("metrics");
+        let cache = PresenceCache::new(1 << 20, 16, metrics.cache.clone());
+        let (status, feed, log) = (
+            WatchStatus::default(),
+            ChangeFeed::new(16),
+            EventLog::default(),
+        );
+        let sinks = Sinks {
+            store: &store,
+            cache: &cache,
+            status: &status,
+            metrics: &metrics,
+            feed: &feed,
+            log: &log,
+        };
+        assert!(cache.mark_replica(0));
+        log.start_after(0);
+        let mut follows_bob = feed.subscribe(&["bob".to_owned()]);
+        let mut changes = store
+            .watch(WatchStart::After(0), echo_filter(&cache, &feed))
+            .await
+            .expect("watch");
+        let own = |user: &str, revision| {
+            let change = Change {
+                user_id: user.into(),
+                update: seen(),
+                revision,
+                stored_at: OffsetDateTime::now_utc(),
+                pending: 0,
+            };
+            cache.apply_own(&change, |applied| {
+                assert!(matches!(applied, Applied::Changed { .. }));
+                log.note_local(revision, crate::record::PresenceView::unknown(user));
+            });
+        };
+        let mut next = async || changes.next().await.expect("an entry").expect("ok");
+
+        own("ann", write(&store, "ann", 0).await);
+        let echo = next().await;
+        assert!(matches!(echo, Entry::Echo { revision: 1, .. }), "{echo:?}");
+        sinks.apply_or_skip(echo).await;
+        assert_eq!(metrics.watch_echoes_undecoded.get(), 1);
+        assert_eq!(status.applied_revision(), 1);
+        let users = ["ann"].into();
+        let events = log.replay(0, 1, &users).expect("the log vouches for 1");
+        assert_eq!(events.iter().map(|(r, _)| *r).collect::<Vec<_>>(), [1]);
+
+        own("bob", write(&store, "bob", 0).await);
+        let followed = next().await;
+        assert!(matches!(followed, Entry::Change(_)), "{followed:?}");
+        sinks.apply_or_skip(followed).await;
+        assert_eq!(follows_bob.recv().await.map(|c| c.change.revision), Ok(2));
+
+        // Another node's write: not this node's own, so it is decoded.
+        write(&store, "ann", 1).await;
+        let theirs = next().await;
+        assert!(matches!(theirs, Entry::Change(_)), "{theirs:?}");
+        sinks.apply_or_skip(theirs).await;
+        let ann = cache.known("ann").expect("cached");
+        assert_eq!(ann.revision_for(&seen()), 3);
+        assert_eq!(metrics.watch_echoes_undecoded.get(), 1);
     }
 
     /// A change the supervisor gave up on leaves its user to the store

@@ -18,8 +18,8 @@ use presence_dataplane::session::Seen;
 use presence_dataplane::store::memory::MemoryStore;
 use presence_dataplane::store::nats::NatsStore;
 use presence_dataplane::store::{
-    BucketIdentity, Change, ChangeStream, Connectivity, Entry, Expect, PresenceStore, StoreError,
-    WatchStart,
+    BucketIdentity, Change, ChangeStream, Connectivity, EchoFilter, Entry, Expect, PresenceStore,
+    StoreError, WatchStart,
 };
 use presence_dataplane::{api, build_with_store};
 use serde_json::{Value, json};
@@ -388,8 +388,12 @@ impl<F: StoreFault> PresenceStore for FaultyStore<F> {
     ) -> Result<u64, StoreError> {
         self.1.write(&self.0, user_id, update, ttl, expect).await
     }
-    async fn watch(&self, start: WatchStart) -> Result<ChangeStream, StoreError> {
-        let entries = self.0.watch(start).await?;
+    async fn watch(
+        &self,
+        start: WatchStart,
+        echoes: EchoFilter,
+    ) -> Result<ChangeStream, StoreError> {
+        let entries = self.0.watch(start, echoes).await?;
         self.1.alter(&self.0, entries).await
     }
     async fn identity(&self) -> Result<BucketIdentity, StoreError> {
@@ -427,8 +431,7 @@ impl StoreFault for Crashing {
         let crashes = self.0.clone();
         Ok(entries
             .map(move |entry| {
-                if let Ok(Entry::Change(change)) = &entry
-                    && change.user_id == "boom"
+                if entry.as_ref().ok().and_then(Entry::user_id) == Some("boom")
                     && crashes.fetch_add(1, std::sync::atomic::Ordering::AcqRel) < 2
                 {
                     panic!("a change the watch can't take");

@@ -75,6 +75,26 @@ async fn batches_and_multi_gets_work_through_leaves() {
     .await;
     assert_eq!(body["presences"].as_array().unwrap().len(), 50);
     assert_eq!(body["notFound"], json!(["ghost"]));
+    // The writer's watch passes over the echoes of the batch it applied
+    // already (no stream follows those users) without decoding them;
+    // another node's watch has no own writes to pass over.
+    let undecoded = |svc: &Service| {
+        let client = client.clone();
+        let url = svc.url("/metrics");
+        async move {
+            let text = client.get(url).send().await.unwrap().text().await.unwrap();
+            text.lines()
+                .find_map(|l| l.strip_prefix("presence_watch_echoes_undecoded_total "))
+                .and_then(|v| v.parse::<u64>().ok())
+                .expect("the counter is exported")
+        }
+    };
+    wait_until("us passes over its own echoes", READY_TIMEOUT, || async {
+        undecoded(&c.us).await > 0
+    })
+    .await;
+    assert!(undecoded(&c.us).await <= 300);
+    assert_eq!(undecoded(&c.eu).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -3,8 +3,8 @@
 //! watch that replays then follows.
 
 use super::{
-    BucketIdentity, Change, ChangeStream, Connectivity, Entry, Expect, PresenceStore, StoreError,
-    WatchStart,
+    BucketIdentity, Change, ChangeStream, Connectivity, EchoFilter, Entry, Expect, PresenceStore,
+    StoreError, WatchStart,
 };
 use crate::keys::encode_key;
 use crate::keys::key_of;
@@ -154,7 +154,11 @@ impl PresenceStore for MemoryStore {
         Ok(revision)
     }
 
-    async fn watch(&self, start: WatchStart) -> Result<ChangeStream, StoreError> {
+    async fn watch(
+        &self,
+        start: WatchStart,
+        echoes: EchoFilter,
+    ) -> Result<ChangeStream, StoreError> {
         let after = match start {
             WatchStart::LatestPerKey => 0,
             WatchStart::After(revision) => revision,
@@ -174,23 +178,38 @@ impl PresenceStore for MemoryStore {
         for (i, change) in (1u64..).zip(replay.iter_mut()) {
             change.pending = total - i;
         }
-        let live = futures::stream::unfold(receiver, |mut rx| async move {
-            match rx.recv().await {
-                Ok(change) => Some((Ok(Entry::Change(change)), rx)),
-                Err(broadcast::error::RecvError::Lagged(n)) => Some((
-                    Err(StoreError::Unavailable(format!(
-                        "watch fell {n} changes behind"
-                    ))),
-                    rx,
-                )),
-                Err(broadcast::error::RecvError::Closed) => None,
+        // Claimed echoes come as the NATS store gives them, so the watch's
+        // handling of them is tested here too.
+        let entry = move |change: Change| {
+            if echoes(change.revision, &change.user_id) {
+                Entry::Echo {
+                    user_id: change.user_id,
+                    revision: change.revision,
+                    stored_at: change.stored_at,
+                    pending: change.pending,
+                }
+            } else {
+                Entry::Change(change)
+            }
+        };
+        let replayed = replay.into_iter().map({
+            let entry = entry.clone();
+            move |c| Ok(entry(c))
+        });
+        let live = futures::stream::unfold(receiver, move |mut rx| {
+            let entry = entry.clone();
+            async move {
+                let item = match rx.recv().await {
+                    Ok(change) => Ok(entry(change)),
+                    Err(broadcast::error::RecvError::Lagged(n)) => Err(StoreError::Unavailable(
+                        format!("watch fell {n} changes behind"),
+                    )),
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                };
+                Some((item, rx))
             }
         });
-        Ok(
-            futures::stream::iter(replay.into_iter().map(|c| Ok(Entry::Change(c))))
-                .chain(live)
-                .boxed(),
-        )
+        Ok(futures::stream::iter(replayed).chain(live).boxed())
     }
 
     async fn identity(&self) -> Result<BucketIdentity, StoreError> {
@@ -237,6 +256,7 @@ mod tests {
     use super::*;
     use crate::keys::Part;
     use crate::session::Seen;
+    use crate::store::decode_every_entry;
 
     /// A key (or session set) that holds nothing yet.
     const NEW: Expect = Expect::Key(0);
@@ -308,8 +328,14 @@ mod tests {
         let store = MemoryStore::new();
         assert_eq!(store.write("a", &seen(), None, NEW).await.unwrap(), 1);
         assert_eq!(store.write("b", &seen(), None, NEW).await.unwrap(), 2);
-        let mut all = store.watch(WatchStart::LatestPerKey).await.unwrap();
-        let mut resumed = store.watch(WatchStart::After(1)).await.unwrap();
+        let mut all = store
+            .watch(WatchStart::LatestPerKey, decode_every_entry())
+            .await
+            .unwrap();
+        let mut resumed = store
+            .watch(WatchStart::After(1), decode_every_entry())
+            .await
+            .unwrap();
         store.write("c", &seen(), None, NEW).await.unwrap();
         let seen_changes: Vec<(u64, u64)> = all
             .by_ref()
@@ -336,7 +362,10 @@ mod tests {
     async fn a_key_with_a_ttl_is_removed_unless_rewritten() {
         let store = MemoryStore::new();
         let session = Part::Session("s".into());
-        let mut changes = store.watch(WatchStart::LatestPerKey).await.unwrap();
+        let mut changes = store
+            .watch(WatchStart::LatestPerKey, decode_every_entry())
+            .await
+            .unwrap();
         store
             .write("u", &seen(), Some(Duration::from_secs(5)), NEW)
             .await

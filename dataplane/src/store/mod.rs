@@ -68,6 +68,15 @@ pub struct Change {
 pub enum Entry {
     /// A change of one of a user's keys.
     Change(Change),
+    /// The echo of one of this node's own writes, claimed by the watch's
+    /// [`EchoFilter`] and left undecoded: the cache holds its effect
+    /// already and no stream follows its user.
+    Echo {
+        user_id: String,
+        revision: u64,
+        stored_at: OffsetDateTime,
+        pending: u64,
+    },
     /// An entry that is no user's key this service knows (another tool's,
     /// or one skipped on purpose): it only moves the watch on.
     Other {
@@ -87,11 +96,26 @@ impl Entry {
     pub fn position(&self) -> (u64, OffsetDateTime, u64) {
         match self {
             Entry::Change(c) => (c.revision, c.stored_at, c.pending),
-            Entry::Other {
+            Entry::Echo {
+                revision,
+                stored_at,
+                pending,
+                ..
+            }
+            | Entry::Other {
                 revision,
                 stored_at,
                 pending,
             } => (*revision, *stored_at, *pending),
+        }
+    }
+
+    /// The user whose key the entry is, if it is a user's key.
+    pub fn user_id(&self) -> Option<&str> {
+        match self {
+            Entry::Change(c) => Some(&c.user_id),
+            Entry::Echo { user_id, .. } => Some(user_id),
+            Entry::Other { .. } => None,
         }
     }
 
@@ -113,6 +137,19 @@ pub enum WatchStart {
     LatestPerKey,
     /// Every change after this revision (resume after a reconnect).
     After(u64),
+}
+
+/// Claims a watched entry, by its revision and its user, as the echo of a
+/// write of this node whose effect the cache holds already and whose
+/// value nobody needs: the store hands it over as [`Entry::Echo`] without
+/// decoding the value (a JSON parse per write, a few per cent of a write's
+/// CPU). Asked once per entry of a user's key; a claim is final, so the
+/// filter forgets what it claimed.
+pub type EchoFilter = Arc<dyn Fn(u64, &str) -> bool + Send + Sync>;
+
+/// An [`EchoFilter`] that claims nothing: every entry comes decoded.
+pub fn decode_every_entry() -> EchoFilter {
+    Arc::new(|_, _| false)
 }
 
 /// A live sequence of entries in revision order.
@@ -154,8 +191,13 @@ pub trait PresenceStore: Send + Sync + 'static {
         ttl: Option<Duration>,
         expect: Expect,
     ) -> Result<u64, StoreError>;
-    /// Streams changes from `start` on.
-    async fn watch(&self, start: WatchStart) -> Result<ChangeStream, StoreError>;
+    /// Streams changes from `start` on; the entries `echoes` claims come
+    /// as [`Entry::Echo`].
+    async fn watch(
+        &self,
+        start: WatchStart,
+        echoes: EchoFilter,
+    ) -> Result<ChangeStream, StoreError>;
     /// Asks the store itself (not a cache) which bucket exists and its
     /// latest revision; `NotReady` when the bucket is missing.
     async fn identity(&self) -> Result<BucketIdentity, StoreError>;
@@ -200,14 +242,14 @@ pub struct Decoded {
 }
 
 /// Reads a key and its stored bytes back into an entry; `bytes` is `None`
-/// for a removal marker. Never fails: what can't be used is reported in
-/// [`Decoded::skipped`] for the caller to log and count.
+/// for a removal marker. A user's key that `echoes` claims is left
+/// undecoded ([`Entry::Echo`]). Never fails: what can't be used is
+/// reported in [`Decoded::skipped`] for the caller to log and count.
 pub fn decode_entry(
     key: &str,
     bytes: Option<&[u8]>,
-    revision: u64,
-    stored_at: OffsetDateTime,
-    pending: u64,
+    (revision, stored_at, pending): (u64, OffsetDateTime, u64),
+    echoes: &dyn Fn(u64, &str) -> bool,
 ) -> Decoded {
     let corrupt = |reason: String| StoreError::Corrupt {
         key: key.to_owned(),
@@ -230,6 +272,17 @@ pub fn decode_entry(
             };
         }
     };
+    if echoes(revision, &user_id) {
+        return Decoded {
+            entry: Entry::Echo {
+                user_id,
+                revision,
+                stored_at,
+                pending,
+            },
+            skipped: None,
+        };
+    }
     let (update, skipped) = match bytes {
         None => (Update::removal(part), None),
         Some(bytes) => match decode_value(&user_id, part.clone(), bytes) {
@@ -279,7 +332,9 @@ mod tests {
     use super::*;
 
     fn decode(key: &str, bytes: Option<&[u8]>) -> Decoded {
-        decode_entry(key, bytes, 7, OffsetDateTime::UNIX_EPOCH, 0)
+        decode_entry(key, bytes, (7, OffsetDateTime::UNIX_EPOCH, 0), &|_, _| {
+            false
+        })
     }
 
     #[test]
@@ -315,6 +370,37 @@ mod tests {
         assert!(
             decode("ann.s.x", None).skipped.is_none(),
             "a removal marker is fine"
+        );
+    }
+
+    /// A claimed entry of a user's key comes undecoded, even one that could
+    /// not be decoded; the filter is asked about users' keys only, with the
+    /// entry's revision and user.
+    #[test]
+    fn an_entry_the_filter_claims_comes_undecoded() {
+        let asked = std::sync::Mutex::new(Vec::new());
+        let claim = |revision: u64, user_id: &str| {
+            asked
+                .lock()
+                .expect("asked")
+                .push((revision, user_id.to_owned()));
+            user_id == "ann"
+        };
+        let at = (9, OffsetDateTime::UNIX_EPOCH, 3);
+        let decoded = decode_entry("ann.seen", Some(b"not json"), at, &claim);
+        assert!(decoded.skipped.is_none());
+        assert!(matches!(
+            decoded.entry,
+            Entry::Echo { ref user_id, revision: 9, pending: 3, .. } if user_id == "ann"
+        ));
+        assert_eq!(decoded.entry.user_id(), Some("ann"));
+        let decoded = decode_entry("bob.s.x", None, at, &claim);
+        assert!(matches!(decoded.entry, Entry::Change(_)));
+        let decoded = decode_entry("a.b.c.d", Some(b"{}"), at, &claim);
+        assert!(matches!(decoded.entry, Entry::Other { revision: 9, .. }));
+        assert_eq!(
+            *asked.lock().expect("asked"),
+            [(9, "ann".to_owned()), (9, "bob".to_owned())]
         );
     }
 }

@@ -7,8 +7,8 @@
 //! leaves only wait for it.
 
 use super::{
-    BucketIdentity, Change, ChangeStream, Connectivity, Entry, Expect, PresenceStore, StoreError,
-    WatchStart, decode_entry, encode_value,
+    BucketIdentity, Change, ChangeStream, Connectivity, EchoFilter, Entry, Expect, PresenceStore,
+    StoreError, WatchStart, decode_entry, encode_value,
 };
 use crate::config::{NodeType, Settings};
 use crate::keys::{Part, encode_key, key_of, others_filter};
@@ -220,21 +220,16 @@ fn is_missing(err: &jetstream::context::GetStreamError) -> bool {
         if e.error_code() == ErrorCode::STREAM_NOT_FOUND)
 }
 
-/// Reads a bucket entry; a value this service can't use is skipped,
-/// logged and counted, never an error (see [`decode_entry`]).
-fn read_entry(metrics: &Metrics, entry: &kv::Entry) -> Entry {
+/// Reads a watched bucket entry; one `echoes` claims is left undecoded,
+/// and a value this service can't use is skipped, logged and counted,
+/// never an error (see [`decode_entry`]).
+fn read_entry(metrics: &Metrics, entry: &kv::Entry, echoes: &EchoFilter) -> Entry {
     let bytes = match entry.operation {
         kv::Operation::Put => Some(entry.value.as_ref()),
         kv::Operation::Delete | kv::Operation::Purge => None,
     };
-    read_value(
-        metrics,
-        &entry.key,
-        bytes,
-        entry.revision,
-        entry.created,
-        entry.delta,
-    )
+    let position = (entry.revision, entry.created, entry.delta);
+    read_value(metrics, &entry.key, bytes, position, echoes.as_ref())
 }
 
 /// Reads the stream message that holds `key`'s last value, as
@@ -246,7 +241,8 @@ fn read_message(metrics: &Metrics, key: &str, message: &StreamMessage) -> Entry 
     let removed = matches!(header(KV_OPERATION), Some("DEL" | "PURGE"))
         || (header(KV_OPERATION).is_none() && header("Nats-Marker-Reason").is_some());
     let bytes = (!removed).then_some(message.payload.as_ref());
-    read_value(metrics, key, bytes, message.sequence, message.time, 0)
+    let position = (message.sequence, message.time, 0);
+    read_value(metrics, key, bytes, position, &|_, _| false)
 }
 
 /// Decodes a key's value (`None`: removed), skipping, logging and counting
@@ -255,12 +251,12 @@ fn read_value(
     metrics: &Metrics,
     key: &str,
     bytes: Option<&[u8]>,
-    revision: u64,
-    stored_at: time::OffsetDateTime,
-    pending: u64,
+    position: (u64, time::OffsetDateTime, u64),
+    echoes: &dyn Fn(u64, &str) -> bool,
 ) -> Entry {
-    let decoded = decode_entry(key, bytes, revision, stored_at, pending);
+    let decoded = decode_entry(key, bytes, position, echoes);
     if let Some(err) = decoded.skipped {
+        let revision = position.0;
         tracing::warn!(error = %err, revision, "skipping a stored value this service can't use");
         metrics.kv_values_skipped.inc();
     }
@@ -308,7 +304,7 @@ impl NatsStore {
         Ok(message.and_then(
             |message| match read_message(&self.metrics, &key, &message) {
                 Entry::Change(change) => Some(change),
-                Entry::Other { .. } => None,
+                Entry::Echo { .. } | Entry::Other { .. } => None,
             },
         ))
     }
@@ -421,7 +417,11 @@ impl PresenceStore for NatsStore {
         result
     }
 
-    async fn watch(&self, start: WatchStart) -> Result<ChangeStream, StoreError> {
+    async fn watch(
+        &self,
+        start: WatchStart,
+        echoes: EchoFilter,
+    ) -> Result<ChangeStream, StoreError> {
         let kv = self.kv()?;
         let watch = match start {
             WatchStart::LatestPerKey => {
@@ -440,7 +440,7 @@ impl PresenceStore for NatsStore {
         let metrics = self.metrics.clone();
         Ok(watch
             .map(move |item| match item {
-                Ok(entry) => Ok(read_entry(&metrics, &entry)),
+                Ok(entry) => Ok(read_entry(&metrics, &entry, &echoes)),
                 Err(err) => Err(unavailable(err)),
             })
             .boxed())
