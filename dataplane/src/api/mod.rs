@@ -28,11 +28,12 @@ use serde::de::DeserializeOwned;
 /// Largest request body accepted; larger ones get 413.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
-/// An oversized body announced up to this size is read and dropped before
-/// its 413 goes out: a client that writes its whole body before reading
-/// (most HTTP libraries) then reads the answer, instead of a broken pipe
-/// when the connection closes under the rest of its body. Larger ones are
-/// answered at once.
+/// An oversized body announced up to this size, or sent without a length
+/// (chunked), is read and dropped up to this size before its 413 goes
+/// out: a client that writes its whole body before reading (most HTTP
+/// libraries) then reads the answer, instead of a broken pipe when the
+/// connection closes under the rest of its body. Larger ones are answered
+/// at once (a chunked one once this much of it was read).
 const DRAINED_BODY_BYTES: u64 = 4 * MAX_BODY_BYTES as u64;
 
 /// How long such a body is read at most before the 413 goes out anyway.
@@ -220,12 +221,12 @@ async fn read_body(req: Request, state: &AppState) -> Result<bytes::Bytes, ApiEr
     let limit = state.settings.http.body_read_timeout;
     if let Some(length) = announced.filter(|&length| length > MAX_BODY_BYTES as u64) {
         if length <= DRAINED_BODY_BYTES {
-            drain(req, limit.min(DRAIN_TIME)).await;
+            let mut body = req.into_body().into_data_stream();
+            drain(&mut body, 0, limit.min(DRAIN_TIME)).await;
         }
         return Err(too_large());
     }
-    let read = bytes::Bytes::from_request(req, state);
-    let Ok(read) = tokio::time::timeout(limit, read).await else {
+    let Ok(collected) = tokio::time::timeout(limit, collect(req)).await else {
         state
             .metrics
             .http_connections_timed_out
@@ -241,26 +242,79 @@ async fn read_body(req: Request, state: &AppState) -> Result<bytes::Bytes, ApiEr
             ),
         ));
     };
-    read.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            too_large()
-        } else {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_body",
-                rejection.body_text(),
-            )
+    match collected {
+        Collected::Whole(bytes) => Ok(bytes),
+        Collected::TooLarge(mut body, read) => {
+            // A body sent without a length (chunked) outgrew the limit:
+            // dropped as one announced too large would be.
+            drain(&mut body, read, limit.min(DRAIN_TIME)).await;
+            Err(too_large())
         }
-    })
+        Collected::Broken(reason) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            format!("the request body could not be read: {reason}"),
+        )),
+    }
 }
 
-/// Reads and drops `req`'s body for at most `time` (see
-/// [`DRAINED_BODY_BYTES`]); a client error ends it early.
-async fn drain(req: Request, time: std::time::Duration) {
+/// A request body read up to [`MAX_BODY_BYTES`].
+enum Collected {
+    Whole(bytes::Bytes),
+    /// Larger than the limit: the rest of the body, and how much of it was
+    /// read already.
+    TooLarge(axum::body::BodyDataStream, u64),
+    /// The client's body broke off (or was malformed as HTTP).
+    Broken(String),
+}
+
+/// Reads `req`'s body whole if it stays within [`MAX_BODY_BYTES`]. A body
+/// of one chunk (the usual small JSON) is kept as it came, not copied.
+async fn collect(req: Request) -> Collected {
     use futures::StreamExt as _;
     let mut body = req.into_body().into_data_stream();
-    let _ =
-        tokio::time::timeout(time, async { while let Some(Ok(_)) = body.next().await {} }).await;
+    let mut first: Option<bytes::Bytes> = None;
+    let mut joined: Vec<u8> = Vec::new();
+    let mut read = 0usize;
+    while let Some(chunk) = body.next().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(err) => return Collected::Broken(err.to_string()),
+        };
+        read += chunk.len();
+        if read > MAX_BODY_BYTES {
+            return Collected::TooLarge(body, read as u64);
+        }
+        match &first {
+            None => first = Some(chunk),
+            Some(head) => {
+                if joined.is_empty() {
+                    joined.extend_from_slice(head);
+                }
+                joined.extend_from_slice(&chunk);
+            }
+        }
+    }
+    if joined.is_empty() {
+        Collected::Whole(first.unwrap_or_default())
+    } else {
+        Collected::Whole(joined.into())
+    }
+}
+
+/// Reads and drops the rest of a body (`read` bytes of it read already)
+/// until it ends, [`DRAINED_BODY_BYTES`] were read, `time` passed or the
+/// client broke off (see [`DRAINED_BODY_BYTES`]).
+async fn drain(body: &mut axum::body::BodyDataStream, mut read: u64, time: std::time::Duration) {
+    use futures::StreamExt as _;
+    let rest = async {
+        while read <= DRAINED_BODY_BYTES
+            && let Some(Ok(chunk)) = body.next().await
+        {
+            read += chunk.len() as u64;
+        }
+    };
+    let _ = tokio::time::timeout(time, rest).await;
 }
 
 fn too_large() -> ApiError {
