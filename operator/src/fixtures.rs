@@ -193,6 +193,14 @@ impl FakeApi {
         state.objects.insert(path.to_owned(), object);
     }
 
+    /// Removes the object at `path`, as if it was deleted and its
+    /// finalizers had run.
+    pub fn delete(&self, path: &str) {
+        let mut state = self.state();
+        state.objects.remove(path);
+        state.status_overlay.remove(path);
+    }
+
     /// The object at `path`, with its reported status.
     pub fn get(&self, path: &str) -> Option<Value> {
         let state = self.state();

@@ -39,6 +39,9 @@ pub enum Reason {
     AsExpected,
     /// The spec breaks a rule the API server would normally enforce.
     InvalidSpec,
+    /// An older PresenceCluster in the namespace renders objects of the
+    /// same names.
+    NameConflict,
     /// `spec.auth.jwtSecretRef` names a Secret that doesn't exist.
     SecretNotFound,
     /// The referenced Secret lacks the named key.
@@ -76,11 +79,12 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for tests and docs checks.
-    pub const ALL: [Reason; 20] = [
+    pub const ALL: [Reason; 21] = [
         Reason::AllRegionsReady,
         Reason::ReconcileComplete,
         Reason::AsExpected,
         Reason::InvalidSpec,
+        Reason::NameConflict,
         Reason::SecretNotFound,
         Reason::SecretKeyMissing,
         Reason::InvalidSecret,
@@ -106,6 +110,7 @@ impl Reason {
             Reason::ReconcileComplete => "ReconcileComplete",
             Reason::AsExpected => "AsExpected",
             Reason::InvalidSpec => "InvalidSpec",
+            Reason::NameConflict => "NameConflict",
             Reason::SecretNotFound => "SecretNotFound",
             Reason::SecretKeyMissing => "SecretKeyMissing",
             Reason::InvalidSecret => "InvalidSecret",

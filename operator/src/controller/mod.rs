@@ -36,7 +36,7 @@ use crate::crd::{PresenceCluster, PresenceClusterStatus};
 use crate::metrics::Metrics;
 use crate::render::{self, MANAGER};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self, Event as FinalizerEvent};
 use kube::{Client, Resource, ResourceExt};
@@ -384,6 +384,11 @@ async fn observe(
 ) -> Result<Observed, Error> {
     if let Err(problem) = check::spec(pc, scope, ctx.cluster_name.as_deref()) {
         return Ok(Observed::InvalidSpec(problem));
+    }
+    let neighbours: Api<PresenceCluster> = Api::namespaced(ctx.client.clone(), &scope.namespace);
+    let neighbours = neighbours.list(&ListParams::default()).await?;
+    if let Err(problem) = check::name_clash(pc, &neighbours.items) {
+        return Ok(Observed::NameConflict(problem));
     }
     let digest = match secrets::ensure_jwt_secret(pc, ctx, scope).await? {
         SecretState::Ready(digest) => digest,

@@ -14,6 +14,9 @@ pub const REQUEUE_READY: Duration = Duration::from_secs(60);
 /// Requeue interval while a referenced Secret is missing (Secrets are read,
 /// never watched, so this is how soon creating it takes effect).
 pub const REQUEUE_SECRET: Duration = Duration::from_secs(30);
+/// Requeue interval while an older PresenceCluster holds this one's object
+/// names: renaming or deleting that one is not a change to this one.
+pub const REQUEUE_NAME_CONFLICT: Duration = Duration::from_secs(60);
 
 /// What one region's workloads reported after they were applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +92,9 @@ impl RegionObservation {
 pub enum Observed {
     /// The spec check failed; nothing was applied.
     InvalidSpec(String),
+    /// An older PresenceCluster in the namespace renders objects of the
+    /// same names; nothing was applied.
+    NameConflict(String),
     /// The JWT Secret can't be used; nothing was applied.
     SecretProblem { reason: Reason, message: String },
     /// Every child was applied; this is what they and the hub reported.
@@ -163,6 +169,18 @@ pub fn compute(observed: &Observed) -> Computed {
             regions_ready: None,
             certificate_expiry: None,
             requeue: Requeue::OnChange,
+        },
+        Observed::NameConflict(problem) => Computed {
+            conditions: blocked(
+                Reason::NameConflict,
+                problem,
+                "nothing is applied while another PresenceCluster's objects have the same names",
+                "waiting for the names to differ",
+            ),
+            regions: None,
+            regions_ready: None,
+            certificate_expiry: None,
+            requeue: Requeue::After(REQUEUE_NAME_CONFLICT),
         },
         Observed::SecretProblem { reason, message } => Computed {
             conditions: blocked(

@@ -180,6 +180,11 @@ async fn a_fresh_cluster_gets_a_finalizer_then_every_object() {
         .collect();
     let secret = format!("/api/v1/namespaces/{NS}/secrets/p-jwt");
     let mut expected = vec![
+        // Its neighbours, whose object names it must not share.
+        (
+            "GET".to_owned(),
+            format!("/apis/presencecluster.io/v1alpha1/namespaces/{NS}/presenceclusters"),
+        ),
         ("GET".to_owned(), secret.clone()),
         (
             "POST".to_owned(),
@@ -230,7 +235,7 @@ async fn a_fresh_cluster_gets_a_finalizer_then_every_object() {
     assert_eq!(calls, expected);
 
     // The generated secret: 64 hex characters, owned by the cluster.
-    let created = &requests[1].body;
+    let created = &requests[2].body;
     let value = created["stringData"]["jwt-secret"].as_str().unwrap();
     assert_eq!(value.len(), 64);
     assert_eq!(created["metadata"]["ownerReferences"][0]["uid"], "uid-p");
@@ -296,6 +301,80 @@ async fn a_fresh_cluster_gets_a_finalizer_then_every_object() {
         !again.iter().any(|r| r.path.ends_with("/status")),
         "{again:#?}"
     );
+    assert_rbac_allows(&fake.requests());
+}
+
+/// Two PresenceClusters whose names and regions render the same object
+/// names (`a` with leaf `b-eu`, `a-b` with leaf `eu`: both `a-b-eu-*`):
+/// the one created second applies nothing and says why, and the first
+/// goes on; deleting the first lets the second go ahead.
+#[tokio::test]
+async fn a_cluster_whose_object_names_an_older_one_holds_applies_nothing() {
+    let fake = FakeApi::default();
+    let named = |name: &str, created: &str, leaf: &str| {
+        json!({"apiVersion": "presencecluster.io/v1alpha1", "kind": "PresenceCluster",
+               "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"),
+                            "generation": 1, "creationTimestamp": created,
+                            "finalizers": [FINALIZER]},
+               "spec": {"center": {}, "leaves": [{"name": leaf}]}})
+    };
+    fake.insert(&pc_path("a"), named("a", "2026-01-01T00:00:00Z", "b-eu"));
+    fake.insert(&pc_path("a-b"), named("a-b", "2026-01-02T00:00:00Z", "eu"));
+    let stored = |name: &str| -> Arc<PresenceCluster> {
+        Arc::new(serde_json::from_value(fake.get(&pc_path(name)).expect("stored")).unwrap())
+    };
+    let status_of = |name: &str| -> PresenceClusterStatus {
+        serde_json::from_value(fake.get(&pc_path(name)).unwrap()["status"].clone()).unwrap()
+    };
+    let ctx = context(&fake, unreachable());
+
+    let action = reconcile(stored("a-b"), ctx.clone()).await.unwrap();
+    assert_eq!(
+        action,
+        Action::requeue(status::REQUEUE_NAME_CONFLICT),
+        "deleting or renaming the other is no change to this one"
+    );
+    let requests = fake.requests_without_events();
+    assert!(applies(&requests).is_empty(), "{requests:#?}");
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.method == "GET" || r.path.ends_with("/status")),
+        "nothing created: {requests:#?}"
+    );
+    let s = status_of("a-b");
+    for (type_, expected) in [
+        ("Ready", "False"),
+        ("Progressing", "False"),
+        ("Degraded", "True"),
+    ] {
+        assert_eq!(
+            condition(&s, type_),
+            (expected.into(), "NameConflict".into())
+        );
+    }
+    let message = &find_condition(&s, "Degraded").message;
+    assert!(
+        message.contains("a-b-eu-") && message.contains("\"b-eu\"") && message.contains("\"a\""),
+        "{message}"
+    );
+
+    fake.clear_requests();
+    reconcile(stored("a"), ctx.clone()).await.unwrap();
+    assert!(
+        !applies(&fake.requests()).is_empty(),
+        "the older one goes on"
+    );
+    assert_ne!(
+        condition(&status_of("a"), "Degraded"),
+        ("True".into(), "NameConflict".into())
+    );
+
+    // Once the older one is gone, the younger one is applied.
+    fake.delete(&pc_path("a"));
+    fake.clear_requests();
+    reconcile(stored("a-b"), ctx.clone()).await.unwrap();
+    assert!(!applies(&fake.requests()).is_empty());
     assert_rbac_allows(&fake.requests());
 }
 

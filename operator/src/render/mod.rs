@@ -80,21 +80,29 @@ impl Names {
             cluster: cluster.to_owned(),
         }
     }
+    /// What every object of `region` is named after: `<cluster>-<region>`.
+    /// The cluster's own objects end in suffixes no region's object ends
+    /// in, so two PresenceClusters in one namespace render an object of
+    /// the same kind and name only when two of their regions share this
+    /// prefix (`a` with region `b-eu` and `a-b` with region `eu`).
+    pub fn region_prefix(&self, region: &str) -> String {
+        format!("{}-{region}", self.cluster)
+    }
     /// StatefulSet and client Service of a region's NATS.
     pub fn nats(&self, region: &str) -> String {
-        format!("{}-{region}-nats", self.cluster)
+        format!("{}-nats", self.region_prefix(region))
     }
     /// Headless Service of a region's NATS (stable pod DNS names for routes).
     pub fn nats_headless(&self, region: &str) -> String {
-        format!("{}-{region}-nats-headless", self.cluster)
+        format!("{}-nats-headless", self.region_prefix(region))
     }
     /// ConfigMap holding a region's `nats.conf`.
     pub fn nats_config(&self, region: &str) -> String {
-        format!("{}-{region}-nats-config", self.cluster)
+        format!("{}-nats-config", self.region_prefix(region))
     }
     /// Deployment and Service of a region's presence-service.
     pub fn dataplane(&self, region: &str) -> String {
-        format!("{}-{region}-presence", self.cluster)
+        format!("{}-presence", self.region_prefix(region))
     }
     /// The generated JWT Secret.
     pub fn jwt_secret(&self) -> String {
@@ -110,7 +118,7 @@ impl Names {
     }
     /// A leaf region's NATS nkey seed (when the spec references none).
     pub fn nats_leaf_secret(&self, region: &str) -> String {
-        format!("{}-{region}-nats-leaf", self.cluster)
+        format!("{}-nats-leaf", self.region_prefix(region))
     }
     /// The password of every route.
     pub fn nats_routes_secret(&self) -> String {
