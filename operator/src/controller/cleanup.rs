@@ -9,7 +9,7 @@ use crate::crd::{DeletionPolicy, PresenceCluster};
 use crate::{kv, render};
 use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
-use kube::api::Api;
+use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
 use std::time::Duration;
 
@@ -30,6 +30,14 @@ pub async fn cleanup(
     }
     if pc.spec.deletion_policy() == DeletionPolicy::Retain {
         let note = format!("KV bucket {bucket} and its presences are kept (deletionPolicy Retain)");
+        publish(ctx, pc, EventReason::BucketRetained, "Delete", note).await;
+        return Ok(Action::await_change());
+    }
+    // A PresenceCluster refused for its names never ran a hub of its own:
+    // the hub its names point at is an older PresenceCluster's.
+    let neighbours = api.list(&ListParams::default()).await?;
+    if let Err(clash) = super::check::name_clash(pc, &neighbours.items) {
+        let note = format!("KV bucket {bucket} is not this PresenceCluster's to delete: {clash}");
         publish(ctx, pc, EventReason::BucketRetained, "Delete", note).await;
         return Ok(Action::await_change());
     }

@@ -770,6 +770,44 @@ async fn deletion_retains_or_deletes_the_bucket_and_never_hangs() {
     assert!(finalizer_removed(&fake));
 }
 
+/// A PresenceCluster refused for names an older one holds never ran a hub
+/// of its own: deleting it, even with `deletionPolicy: Delete`, leaves the
+/// bucket its names point at (here the real hub stands for the older
+/// one's).
+#[tokio::test]
+async fn deleting_a_cluster_refused_for_its_names_keeps_the_bucket() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = testkit::Nats::hub(dir.path()).await;
+    let js = kv::connect(&hub.url(), "hub", &kv::ClientAuth::default())
+        .await
+        .unwrap();
+    let bucket = DesiredBucket {
+        name: "PRESENCE".into(),
+        replicas: 1,
+    };
+    kv::ensure_bucket(&js, &bucket).await.unwrap();
+    let fake = FakeApi::default();
+    let mut younger = deleting("Delete", 0);
+    younger["spec"]["center"] = json!({"name": "x-eu"});
+    younger["metadata"]["creationTimestamp"] = json!("2026-01-02T00:00:00Z");
+    fake.insert(&pc_path("p"), younger);
+    fake.insert(
+        &pc_path("p-x"),
+        json!({"apiVersion": "presencecluster.io/v1alpha1", "kind": "PresenceCluster",
+               "metadata": {"name": "p-x", "namespace": NS, "uid": "uid-p-x",
+                            "creationTimestamp": "2026-01-01T00:00:00Z"},
+               "spec": {"center": {}, "leaves": [{"name": "eu"}]}}),
+    );
+    reconcile(load(&fake), context(&fake, real(&hub)))
+        .await
+        .unwrap();
+    assert!(finalizer_removed(&fake));
+    assert!(
+        js.get_stream("KV_PRESENCE").await.is_ok(),
+        "the older PresenceCluster's bucket stays"
+    );
+}
+
 #[tokio::test]
 async fn a_paused_cluster_keeps_the_generation_it_last_applied() {
     let fake = FakeApi::default();
