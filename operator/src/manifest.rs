@@ -39,7 +39,7 @@ pub enum ManifestError {
 /// The PresenceCluster in `text`, refusing another kind or version and
 /// any field of `spec` the resource doesn't have.
 pub fn parse(text: &str) -> Result<PresenceCluster, ManifestError> {
-    let value = the_presence_cluster(text)?;
+    let (document, value) = the_presence_cluster(text)?;
     let text_of = |key: &str| {
         value
             .get(key)
@@ -57,7 +57,13 @@ pub fn parse(text: &str) -> Result<PresenceCluster, ManifestError> {
         });
     }
     let invalid = |e: serde_yaml::Error| ManifestError::Invalid(e.to_string());
-    let cluster: PresenceCluster = serde_yaml::from_value(value.clone()).map_err(invalid)?;
+    // Read from the text, not the value, so an error names the field and
+    // its line: `spec.center.replicas: invalid type: ... at line 5 column 13`.
+    let cluster = serde_yaml::Deserializer::from_str(text)
+        .nth(document)
+        .map(PresenceCluster::deserialize)
+        .ok_or_else(|| ManifestError::Documents("the file changed while it was read".into()))?
+        .map_err(invalid)?;
     // What the typed resource keeps of the spec: a field it doesn't know
     // is missing from it.
     let kept = serde_yaml::to_value(&cluster.spec).map_err(invalid)?;
@@ -160,19 +166,21 @@ fn bounds(value: &serde_json::Value, schema: &serde_json::Value, path: &str) -> 
 }
 
 /// The one document of `text` that is a PresenceCluster (a file may hold
-/// other objects beside it, separated by `---`), else the only document.
-fn the_presence_cluster(text: &str) -> Result<Value, ManifestError> {
+/// other objects beside it, separated by `---`), else the only document,
+/// with its place among the file's documents.
+fn the_presence_cluster(text: &str) -> Result<(usize, Value), ManifestError> {
     let mut documents = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
+    for (place, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value = Value::deserialize(document).map_err(|e| ManifestError::Yaml(e.to_string()))?;
         if !value.is_null() {
-            documents.push(value);
+            documents.push((place, value));
         }
     }
     let kind = |v: &Value| {
         v.get("kind").and_then(Value::as_str) == Some(PresenceCluster::kind(&()).as_ref())
     };
-    let mut clusters: Vec<Value> = documents.iter().filter(|v| kind(v)).cloned().collect();
+    let mut clusters: Vec<(usize, Value)> =
+        documents.iter().filter(|(_, v)| kind(v)).cloned().collect();
     match (clusters.len(), documents.len()) {
         (1, _) => Ok(clusters.remove(0)),
         (0, 1) => Ok(documents.remove(0)),
@@ -308,6 +316,28 @@ mod tests {
         let refusal = |file: String| parse(&file).unwrap_err().to_string();
         assert!(refusal(format!("{cluster}---\n{cluster}")).contains("2 PresenceClusters"));
         assert!(refusal(format!("{other}---\n{other}")).contains("none of the file's documents"));
+        for empty in ["", "---\n", "# only a comment\n---\n---\n"] {
+            assert_eq!(refusal(empty.to_owned()), "the file holds no document");
+        }
+    }
+
+    /// A field of the wrong type is named by serde, with its place in the
+    /// file, as `Invalid`; broken YAML is `Yaml`.
+    #[test]
+    fn a_value_of_the_wrong_type_or_broken_yaml_is_refused() {
+        // After another object, so the line is the file's, not the document's.
+        let other = "apiVersion: v1\nkind: Namespace\nmetadata: {name: presence}\n---\n";
+        let text = format!(
+            "{other}{HEAD}spec:\n  center: {{}}\n  leaves:\n  - name: eu\n    nats: {{replicas: two}}\n"
+        );
+        let err = parse(&text).unwrap_err();
+        assert!(matches!(err, ManifestError::Invalid(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "spec.leaves[0].nats.replicas: invalid type: string \"two\", expected i32 at line 12 column 22"
+        );
+        let err = parse(&format!("{HEAD}spec: {{center: [}}\n")).unwrap_err();
+        assert!(matches!(err, ManifestError::Yaml(_)), "{err:?}");
     }
 
     #[test]
