@@ -116,6 +116,11 @@ impl OwnWrites {
                 .is_ok()
     }
 
+    /// Whether `revision` is remembered, leaving it there.
+    fn holds(&self, revision: u64) -> bool {
+        revision != 0 && self.slot(revision).load(Ordering::Acquire) == revision
+    }
+
     fn forget_all(&self) {
         for slot in &self.0 {
             slot.store(0, Ordering::Release);
@@ -313,6 +318,13 @@ impl PresenceCache {
     /// then an ordinary merge).
     pub fn claim_echo(&self, revision: u64) -> bool {
         self.own.take(revision)
+    }
+
+    /// Whether `revision` is one of this node's own writes that the cache
+    /// applied already, without forgetting it: one atomic load, so the
+    /// watch asks it of every change before anything dearer.
+    pub fn is_own_write(&self, revision: u64) -> bool {
+        self.own.holds(revision)
     }
 
     /// Applies this node's own acknowledged write, and remembers its

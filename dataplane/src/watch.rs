@@ -656,9 +656,12 @@ pub async fn run(
 /// already and that no stream follows, so the store leaves them
 /// undecoded. A stream that starts following the user after the claim is
 /// no different from one that started just after the change was fed.
+/// Every other change (a replay's, another node's) costs one atomic load.
 fn echo_filter(cache: &PresenceCache, feed: &ChangeFeed) -> EchoFilter {
     let (cache, feed) = (cache.clone(), feed.clone());
-    Arc::new(move |revision, user_id| !feed.follows(user_id) && cache.claim_echo(revision))
+    Arc::new(move |revision, user_id| {
+        cache.is_own_write(revision) && !feed.follows(user_id) && cache.claim_echo(revision)
+    })
 }
 
 /// A change that crashes the watch this many times in a row is skipped.
