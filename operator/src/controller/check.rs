@@ -22,34 +22,68 @@ pub fn spec(pc: &PresenceCluster, scope: &render::Scope, here: Option<&str>) -> 
     Ok(())
 }
 
-/// Whether `pc` would render objects that an older PresenceCluster of
-/// `others` (the ones in its namespace, `pc` among them or not) renders
-/// too: each would take them over from the other on every reconcile
-/// (applies are forced), so the later one is refused until the names
-/// differ. Older means created earlier, then by name: exactly one of two
-/// clashing clusters is refused, and it is the one that came second.
-pub fn name_clash(pc: &PresenceCluster, others: &[PresenceCluster]) -> Result<(), String> {
+/// A region of one PresenceCluster whose objects would have the names of
+/// another's region: `a` with leaf `b-eu` and `a-b` with leaf `eu` both
+/// make `a-b-eu-*`. Each would take them over from the other on every
+/// reconcile (applies are forced), so one of the two must give way.
+#[derive(Debug, Clone)]
+pub struct Clash<'a> {
+    /// `<cluster>-<region>`, the names' common start.
+    pub prefix: String,
+    pub region: String,
+    pub other: &'a PresenceCluster,
+    pub their_region: String,
+}
+
+/// Every region of `pc` whose names another PresenceCluster of `others`
+/// (the ones in its namespace, `pc` among them or not) makes too, wherever
+/// the regions are placed (the hub's cluster holds every leaf's Secret).
+pub fn name_clashes<'a>(pc: &PresenceCluster, others: &'a [PresenceCluster]) -> Vec<Clash<'a>> {
     let ours = render::Names::new(&pc.name_any());
-    for other in others.iter().filter(|other| came_first(other, pc)) {
+    let mut clashes = Vec::new();
+    for other in others.iter().filter(|o| o.name_any() != pc.name_any()) {
         let theirs = render::Names::new(&other.name_any());
         for region in pc.spec.regions() {
             let prefix = ours.region_prefix(region.name);
-            if let Some(clash) = other
+            if let Some(same) = other
                 .spec
                 .regions()
                 .into_iter()
                 .find(|r| theirs.region_prefix(r.name) == prefix)
             {
-                return Err(format!(
-                    "region {:?} would name its objects {prefix}-..., as region {:?} of PresenceCluster {:?} in this namespace, created earlier, does; rename this PresenceCluster or the region",
-                    region.name,
-                    clash.name,
-                    other.name_any()
-                ));
+                clashes.push(Clash {
+                    prefix,
+                    region: region.name.to_owned(),
+                    other,
+                    their_region: same.name.to_owned(),
+                });
             }
         }
     }
-    Ok(())
+    clashes
+}
+
+/// Why `pc` must give way to the other side of `clash`, if it must. The one
+/// that holds the objects already (`holder`: the controller of the clashing
+/// region's NATS ConfigMap, if it exists) keeps them, so a spec change that
+/// brings a clash about is the one refused, as an invalid spec would be.
+/// When neither holds them, the one created first keeps them (then the
+/// smaller name): exactly one of the two gives way.
+pub fn gives_way(pc: &PresenceCluster, clash: &Clash<'_>, holder: Option<&str>) -> Option<String> {
+    let other = clash.other;
+    let why = match holder {
+        Some(uid) if pc.uid().as_deref() == Some(uid) => return None,
+        Some(uid) if other.uid().as_deref() == Some(uid) => "which holds them",
+        _ if came_first(other, pc) => "created earlier",
+        _ => return None,
+    };
+    Some(format!(
+        "region {:?} would name its objects {}-..., as region {:?} of PresenceCluster {:?} in this namespace, {why}, does; rename this PresenceCluster or the region",
+        clash.region,
+        clash.prefix,
+        clash.their_region,
+        other.name_any()
+    ))
 }
 
 /// Whether `a` came before `b` (another object): created earlier, or at
@@ -80,24 +114,69 @@ mod tests {
         .expect("a PresenceCluster")
     }
 
+    /// Why `pc` gives way to any of `others`, nobody holding the objects.
+    fn refusal(pc: &PresenceCluster, others: &[PresenceCluster]) -> Result<(), String> {
+        match name_clashes(pc, others)
+            .iter()
+            .find_map(|clash| gives_way(pc, clash, None))
+        {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
+    }
+
     #[test]
     fn only_the_later_of_two_clusters_with_the_same_object_names_is_refused() {
         let a = cluster("a", Some("2026-01-01T00:00:00Z"), &["b-eu"]);
         let ab = cluster("a-b", Some("2026-01-02T00:00:00Z"), &["eu"]);
         let all = [a.clone(), ab.clone()];
-        assert_eq!(name_clash(&a, &all), Ok(()));
-        let refused = name_clash(&ab, &all).expect_err("a-b came second");
+        assert_eq!(refusal(&a, &all), Ok(()));
+        let refused = refusal(&ab, &all).expect_err("a-b came second");
         assert!(refused.contains("a-b-eu-"), "{refused}");
-        assert!(refused.contains("\"a\""), "{refused}");
+        assert!(
+            refused.contains("\"a\" in this namespace, created earlier"),
+            "{refused}"
+        );
+        let clashes = name_clashes(&a, &all);
+        assert_eq!(
+            clashes
+                .iter()
+                .map(|c| (
+                    c.prefix.as_str(),
+                    c.region.as_str(),
+                    c.their_region.as_str()
+                ))
+                .collect::<Vec<_>>(),
+            [("a-b-eu", "b-eu", "eu")]
+        );
         // A center named like the other's leaf clashes too.
         let centered = cluster("a-b", Some("2026-01-02T00:00:00Z"), &[]);
         let mut centered_at_eu = centered.clone();
         centered_at_eu.spec.center.name = Some("eu".into());
-        assert!(name_clash(&centered_at_eu, &[a.clone(), centered_at_eu.clone()]).is_err());
-        assert_eq!(
-            name_clash(&centered, &[a.clone(), centered.clone()]),
-            Ok(())
+        assert!(refusal(&centered_at_eu, &[a.clone(), centered_at_eu.clone()]).is_err());
+        assert_eq!(refusal(&centered, &[a.clone(), centered.clone()]), Ok(()));
+    }
+
+    /// The one holding the objects keeps them, however old: a spec change
+    /// of the older one that brings the clash about is what is refused.
+    #[test]
+    fn the_one_holding_the_objects_keeps_them() {
+        let mut a = cluster("a", Some("2026-01-01T00:00:00Z"), &["b-eu"]);
+        a.metadata.uid = Some("uid-a".into());
+        let mut ab = cluster("a-b", Some("2026-01-02T00:00:00Z"), &["eu"]);
+        ab.metadata.uid = Some("uid-a-b".into());
+        let all = [a.clone(), ab.clone()];
+        let [ours] = name_clashes(&a, &all).try_into().expect("one clash");
+        let why = gives_way(&a, &ours, Some("uid-a-b")).expect("a-b holds them");
+        assert!(
+            why.contains("\"a-b\" in this namespace, which holds them"),
+            "{why}"
         );
+        let [theirs] = name_clashes(&ab, &all).try_into().expect("one clash");
+        assert_eq!(gives_way(&ab, &theirs, Some("uid-a-b")), None);
+        // Held by neither (a third owner, or none): the older one keeps them.
+        assert_eq!(gives_way(&a, &ours, Some("uid-x")), None);
+        assert!(gives_way(&ab, &theirs, Some("uid-x")).is_some());
     }
 
     #[test]
@@ -107,7 +186,7 @@ mod tests {
         let ab = cluster("a-b", Some("2026-01-02T00:00:00Z"), &["us"]);
         let all = [a.clone(), b.clone(), ab.clone()];
         for pc in &all {
-            assert_eq!(name_clash(pc, &all), Ok(()), "{:?}", pc.metadata.name);
+            assert!(name_clashes(pc, &all).is_empty(), "{:?}", pc.metadata.name);
         }
     }
 
@@ -117,10 +196,10 @@ mod tests {
     fn the_earlier_one_is_decided_by_time_then_name() {
         let a = cluster("a", Some("2026-01-01T00:00:00Z"), &["b-eu"]);
         let ab = cluster("a-b", Some("2026-01-01T00:00:00Z"), &["eu"]);
-        assert!(name_clash(&a, &[a.clone(), ab.clone()]).is_ok());
-        assert!(name_clash(&ab, &[a.clone(), ab.clone()]).is_err());
+        assert!(refusal(&a, &[a.clone(), ab.clone()]).is_ok());
+        assert!(refusal(&ab, &[a.clone(), ab.clone()]).is_err());
         let unsaved = cluster("a", None, &["b-eu"]);
-        assert!(name_clash(&unsaved, &[unsaved.clone(), ab.clone()]).is_err());
-        assert!(name_clash(&ab, &[unsaved, ab.clone()]).is_ok());
+        assert!(refusal(&unsaved, &[unsaved.clone(), ab.clone()]).is_err());
+        assert!(refusal(&ab, &[unsaved, ab.clone()]).is_ok());
     }
 }

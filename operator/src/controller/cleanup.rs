@@ -7,9 +7,10 @@ use super::status::failed;
 use super::{Context, Error, write_status};
 use crate::crd::{DeletionPolicy, PresenceCluster};
 use crate::{kv, render};
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use std::time::Duration;
 
@@ -33,15 +34,11 @@ pub async fn cleanup(
         publish(ctx, pc, EventReason::BucketRetained, "Delete", note).await;
         return Ok(Action::await_change());
     }
-    // A PresenceCluster refused for its names never ran a hub of its own:
-    // the hub its names point at is an older PresenceCluster's.
-    let neighbours = api.list(&ListParams::default()).await?;
-    if let Err(clash) = super::check::name_clash(pc, &neighbours.items) {
-        let note = format!("KV bucket {bucket} is not this PresenceCluster's to delete: {clash}");
+    let scope = render::Scope::new(pc, ns)?;
+    if let Some(note) = hub_of_another(pc, ctx, &scope, &bucket).await? {
         publish(ctx, pc, EventReason::BucketRetained, "Delete", note).await;
         return Ok(Action::await_change());
     }
-    let scope = render::Scope::new(pc, ns)?;
     let (nats_url, _) = hub_addresses(&ctx.hub, pc, &scope);
     let auth = super::nats_secrets::operator_auth(pc, ctx, &scope).await;
     let result = match kv::connect(&nats_url, pc.spec.js_domain(), &auth).await {
@@ -60,6 +57,39 @@ pub async fn cleanup(
         }
         Err(err) => deletion_failed(pc, ctx, api, bucket, err).await,
     }
+}
+
+/// Why the bucket behind `pc`'s hub Service is not `pc`'s to delete, if
+/// it isn't: the hub's StatefulSet there is controlled by another
+/// PresenceCluster, whose names `pc`'s clash with (`pc` was refused with
+/// `NameConflict` and never ran a hub of its own). A hub that isn't there
+/// at all says nothing: the deletion then fails to reach it, within the
+/// grace period. When the StatefulSet can't be read, the bucket is kept
+/// once the grace period is over, so deletion never hangs.
+async fn hub_of_another(
+    pc: &PresenceCluster,
+    ctx: &Context,
+    scope: &render::Scope,
+    bucket: &str,
+) -> Result<Option<String>, Error> {
+    let hub = scope.names.nats(pc.spec.center_name());
+    let hubs: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &scope.namespace);
+    let found = match hubs.get_opt(&hub).await {
+        Ok(found) => found,
+        Err(err) if deleting_for(pc) >= DELETION_GRACE => {
+            return Ok(Some(format!(
+                "KV bucket {bucket} is left in place: cannot tell whose hub {hub} is ({err})"
+            )));
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let controller = found.as_ref().and_then(super::controller_uid);
+    Ok(match (controller, pc.meta().uid.as_deref()) {
+        (Some(theirs), ours) if ours != Some(theirs) => Some(format!(
+            "KV bucket {bucket} is left in place: the hub {hub} belongs to another PresenceCluster, whose object names this one's share"
+        )),
+        _ => None,
+    })
 }
 
 /// How long the object has been in deletion.

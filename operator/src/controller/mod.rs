@@ -35,6 +35,7 @@ use status::{Observed, Requeue};
 use crate::crd::{PresenceCluster, PresenceClusterStatus};
 use crate::metrics::Metrics;
 use crate::render::{self, MANAGER};
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -385,9 +386,7 @@ async fn observe(
     if let Err(problem) = check::spec(pc, scope, ctx.cluster_name.as_deref()) {
         return Ok(Observed::InvalidSpec(problem));
     }
-    let neighbours: Api<PresenceCluster> = Api::namespaced(ctx.client.clone(), &scope.namespace);
-    let neighbours = neighbours.list(&ListParams::default()).await?;
-    if let Err(problem) = check::name_clash(pc, &neighbours.items) {
+    if let Some(problem) = name_conflict(pc, ctx, scope).await? {
         return Ok(Observed::NameConflict(problem));
     }
     let digest = match secrets::ensure_jwt_secret(pc, ctx, scope).await? {
@@ -447,6 +446,41 @@ async fn observe(
         storage,
         certificate_expiry,
     })
+}
+
+/// Why `pc` must give way to another PresenceCluster of its namespace
+/// whose objects would have the same names (see [`check::gives_way`]), if
+/// it must: one LIST of its neighbours, and for a clash (rare) one GET of
+/// the clashing region's NATS ConfigMap, to see who holds the objects.
+async fn name_conflict(
+    pc: &PresenceCluster,
+    ctx: &Context,
+    scope: &render::Scope,
+) -> Result<Option<String>, Error> {
+    let neighbours: Api<PresenceCluster> = Api::namespaced(ctx.client.clone(), &scope.namespace);
+    let neighbours = neighbours.list(&ListParams::default()).await?.items;
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &scope.namespace);
+    for clash in check::name_clashes(pc, &neighbours) {
+        let held = config_maps
+            .get_opt(&scope.names.nats_config(&clash.region))
+            .await?;
+        let holder = held.as_ref().and_then(controller_uid);
+        if let Some(problem) = check::gives_way(pc, &clash, holder) {
+            return Ok(Some(problem));
+        }
+    }
+    Ok(None)
+}
+
+/// The uid of the object's controlling owner, if it has one.
+fn controller_uid<K: Resource>(object: &K) -> Option<&str> {
+    object
+        .meta()
+        .owner_references
+        .as_deref()?
+        .iter()
+        .find(|owner| owner.controller == Some(true))
+        .map(|owner| owner.uid.as_str())
 }
 
 /// Writes status for the object's current generation.

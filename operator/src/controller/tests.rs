@@ -304,6 +304,24 @@ async fn a_fresh_cluster_gets_a_finalizer_then_every_object() {
     assert_rbac_allows(&fake.requests());
 }
 
+/// A PresenceCluster `name` created at `created`, with a center and the
+/// leaf `leaf`, its finalizer in place.
+fn named_cluster(name: &str, created: &str, leaf: &str) -> Value {
+    json!({"apiVersion": "presencecluster.io/v1alpha1", "kind": "PresenceCluster",
+           "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"),
+                        "generation": 1, "creationTimestamp": created,
+                        "finalizers": [FINALIZER]},
+           "spec": {"center": {}, "leaves": [{"name": leaf}]}})
+}
+
+fn stored_cluster(fake: &FakeApi, name: &str) -> Arc<PresenceCluster> {
+    Arc::new(serde_json::from_value(fake.get(&pc_path(name)).expect("stored")).unwrap())
+}
+
+fn status_named(fake: &FakeApi, name: &str) -> PresenceClusterStatus {
+    serde_json::from_value(fake.get(&pc_path(name)).unwrap()["status"].clone()).unwrap()
+}
+
 /// Two PresenceClusters whose names and regions render the same object
 /// names (`a` with leaf `b-eu`, `a-b` with leaf `eu`: both `a-b-eu-*`):
 /// the one created second applies nothing and says why, and the first
@@ -311,21 +329,16 @@ async fn a_fresh_cluster_gets_a_finalizer_then_every_object() {
 #[tokio::test]
 async fn a_cluster_whose_object_names_an_older_one_holds_applies_nothing() {
     let fake = FakeApi::default();
-    let named = |name: &str, created: &str, leaf: &str| {
-        json!({"apiVersion": "presencecluster.io/v1alpha1", "kind": "PresenceCluster",
-               "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"),
-                            "generation": 1, "creationTimestamp": created,
-                            "finalizers": [FINALIZER]},
-               "spec": {"center": {}, "leaves": [{"name": leaf}]}})
-    };
-    fake.insert(&pc_path("a"), named("a", "2026-01-01T00:00:00Z", "b-eu"));
-    fake.insert(&pc_path("a-b"), named("a-b", "2026-01-02T00:00:00Z", "eu"));
-    let stored = |name: &str| -> Arc<PresenceCluster> {
-        Arc::new(serde_json::from_value(fake.get(&pc_path(name)).expect("stored")).unwrap())
-    };
-    let status_of = |name: &str| -> PresenceClusterStatus {
-        serde_json::from_value(fake.get(&pc_path(name)).unwrap()["status"].clone()).unwrap()
-    };
+    fake.insert(
+        &pc_path("a"),
+        named_cluster("a", "2026-01-01T00:00:00Z", "b-eu"),
+    );
+    fake.insert(
+        &pc_path("a-b"),
+        named_cluster("a-b", "2026-01-02T00:00:00Z", "eu"),
+    );
+    let stored = |name: &str| stored_cluster(&fake, name);
+    let status_of = |name: &str| status_named(&fake, name);
     let ctx = context(&fake, unreachable());
 
     let action = reconcile(stored("a-b"), ctx.clone()).await.unwrap();
@@ -375,6 +388,64 @@ async fn a_cluster_whose_object_names_an_older_one_holds_applies_nothing() {
     fake.clear_requests();
     reconcile(stored("a-b"), ctx.clone()).await.unwrap();
     assert!(!applies(&fake.requests()).is_empty());
+    assert_rbac_allows(&fake.requests());
+}
+
+/// A younger PresenceCluster that holds its objects keeps them when an
+/// older one's spec change would take them: the older one is refused
+/// (nothing of it applied until the clash is gone), and says who holds
+/// them.
+#[tokio::test]
+async fn a_spec_change_that_would_take_anothers_objects_is_refused() {
+    let fake = FakeApi::default();
+    fake.insert(
+        &pc_path("a"),
+        named_cluster("a", "2026-01-01T00:00:00Z", "us"),
+    );
+    fake.insert(
+        &pc_path("a-b"),
+        named_cluster("a-b", "2026-01-02T00:00:00Z", "eu"),
+    );
+    let ctx = context(&fake, unreachable());
+    reconcile(stored_cluster(&fake, "a-b"), ctx.clone())
+        .await
+        .unwrap();
+    let held = format!("/api/v1/namespaces/{NS}/configmaps/a-b-eu-nats-config");
+    assert_eq!(
+        fake.get(&held).unwrap()["metadata"]["ownerReferences"][0]["uid"],
+        "uid-a-b"
+    );
+
+    let mut changed = fake.get(&pc_path("a")).unwrap();
+    changed["spec"]["leaves"] = json!([{"name": "us"}, {"name": "b-eu"}]);
+    changed["metadata"]["generation"] = json!(2);
+    fake.insert(&pc_path("a"), changed);
+    fake.clear_requests();
+    reconcile(stored_cluster(&fake, "a"), ctx.clone())
+        .await
+        .unwrap();
+    assert!(applies(&fake.requests()).is_empty());
+    let s = status_named(&fake, "a");
+    assert_eq!(
+        condition(&s, "Degraded"),
+        ("True".into(), "NameConflict".into())
+    );
+    let message = &find_condition(&s, "Degraded").message;
+    assert!(
+        message.contains("\"a-b\" in this namespace, which holds them"),
+        "{message}"
+    );
+
+    // The younger one, though second by age, goes on holding them.
+    fake.clear_requests();
+    reconcile(stored_cluster(&fake, "a-b"), ctx.clone())
+        .await
+        .unwrap();
+    assert!(!applies(&fake.requests()).is_empty());
+    assert_eq!(
+        fake.get(&held).unwrap()["metadata"]["ownerReferences"][0]["uid"],
+        "uid-a-b"
+    );
     assert_rbac_allows(&fake.requests());
 }
 
@@ -709,10 +780,10 @@ fn finalizer_removed(fake: &FakeApi) -> bool {
         .is_some_and(|f| f.is_empty())
 }
 
-#[tokio::test]
-async fn deletion_retains_or_deletes_the_bucket_and_never_hangs() {
-    let dir = tempfile::tempdir().unwrap();
-    let hub = testkit::Nats::hub(dir.path()).await;
+/// A real hub in `dir` holding the bucket `PRESENCE` (stream
+/// `KV_PRESENCE`), and a JetStream client of it.
+async fn hub_with_bucket(dir: &std::path::Path) -> (testkit::Nats, async_nats::jetstream::Context) {
+    let hub = testkit::Nats::hub(dir).await;
     let js = kv::connect(&hub.url(), "hub", &kv::ClientAuth::default())
         .await
         .unwrap();
@@ -720,9 +791,16 @@ async fn deletion_retains_or_deletes_the_bucket_and_never_hangs() {
         name: "PRESENCE".into(),
         replicas: 1,
     };
+    kv::ensure_bucket(&js, &bucket).await.unwrap();
+    (hub, js)
+}
+
+#[tokio::test]
+async fn deletion_retains_or_deletes_the_bucket_and_never_hangs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, js) = hub_with_bucket(dir.path()).await;
 
     // Retain (the default): the bucket and its data stay.
-    kv::ensure_bucket(&js, &bucket).await.unwrap();
     let fake = FakeApi::default();
     fake.insert(&pc_path("p"), deleting("Retain", 0));
     reconcile(load(&fake), context(&fake, real(&hub)))
@@ -770,22 +848,14 @@ async fn deletion_retains_or_deletes_the_bucket_and_never_hangs() {
     assert!(finalizer_removed(&fake));
 }
 
-/// A PresenceCluster refused for names an older one holds never ran a hub
+/// A PresenceCluster refused for names another one holds never ran a hub
 /// of its own: deleting it, even with `deletionPolicy: Delete`, leaves the
-/// bucket its names point at (here the real hub stands for the older
-/// one's).
+/// bucket behind the hub its names point at, whose StatefulSet the other
+/// one controls (here the real hub stands for the other one's).
 #[tokio::test]
 async fn deleting_a_cluster_refused_for_its_names_keeps_the_bucket() {
     let dir = tempfile::tempdir().unwrap();
-    let hub = testkit::Nats::hub(dir.path()).await;
-    let js = kv::connect(&hub.url(), "hub", &kv::ClientAuth::default())
-        .await
-        .unwrap();
-    let bucket = DesiredBucket {
-        name: "PRESENCE".into(),
-        replicas: 1,
-    };
-    kv::ensure_bucket(&js, &bucket).await.unwrap();
+    let (hub, js) = hub_with_bucket(dir.path()).await;
     let fake = FakeApi::default();
     let mut younger = deleting("Delete", 0);
     younger["spec"]["center"] = json!({"name": "x-eu"});
@@ -797,6 +867,14 @@ async fn deleting_a_cluster_refused_for_its_names_keeps_the_bucket() {
                "metadata": {"name": "p-x", "namespace": NS, "uid": "uid-p-x",
                             "creationTimestamp": "2026-01-01T00:00:00Z"},
                "spec": {"center": {}, "leaves": [{"name": "eu"}]}}),
+    );
+    fake.insert(
+        &format!("/apis/apps/v1/namespaces/{NS}/statefulsets/p-x-eu-nats"),
+        json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+               "metadata": {"name": "p-x-eu-nats", "namespace": NS,
+                            "ownerReferences": [{"apiVersion": "presencecluster.io/v1alpha1",
+                                                 "kind": "PresenceCluster", "name": "p-x",
+                                                 "uid": "uid-p-x", "controller": true}]}}),
     );
     reconcile(load(&fake), context(&fake, real(&hub)))
         .await
