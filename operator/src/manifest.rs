@@ -57,13 +57,9 @@ pub fn parse(text: &str) -> Result<PresenceCluster, ManifestError> {
         });
     }
     let invalid = |e: serde_yaml::Error| ManifestError::Invalid(e.to_string());
-    // Read from the text, not the value, so an error names the field and
-    // its line: `spec.center.replicas: invalid type: ... at line 5 column 13`.
-    let cluster = serde_yaml::Deserializer::from_str(text)
-        .nth(document)
-        .map(PresenceCluster::deserialize)
-        .ok_or_else(|| ManifestError::Documents("the file changed while it was read".into()))?
-        .map_err(invalid)?;
+    let cluster: PresenceCluster = serde_yaml::from_value(value.clone()).map_err(|e| {
+        ManifestError::Invalid(located(text, document).unwrap_or_else(|| e.to_string()))
+    })?;
     // What the typed resource keeps of the spec: a field it doesn't know
     // is missing from it.
     let kept = serde_yaml::to_value(&cluster.spec).map_err(invalid)?;
@@ -84,6 +80,17 @@ pub fn parse(text: &str) -> Result<PresenceCluster, ManifestError> {
         bounds(&spec, &schema["properties"]["spec"], "spec").map_err(ManifestError::OutOfBounds)?;
     }
     Ok(cluster)
+}
+
+/// serde's message for document `document` of `text` read from the text,
+/// which names the field and its line (`spec.center.replicas: invalid
+/// type: ... at line 5 column 13`), where reading it from a value doesn't.
+/// Only for the message: read from the text, a plain scalar passes for a
+/// string (`name: 123`), which the API server, and the value, refuse.
+fn located(text: &str, document: usize) -> Option<String> {
+    let read =
+        PresenceCluster::deserialize(serde_yaml::Deserializer::from_str(text).nth(document)?);
+    read.err().map(|e| e.to_string())
 }
 
 /// Checks `value` against the bounds `schema` sets, as the API server's
@@ -338,6 +345,13 @@ mod tests {
         );
         let err = parse(&format!("{HEAD}spec: {{center: [}}\n")).unwrap_err();
         assert!(matches!(err, ManifestError::Yaml(_)), "{err:?}");
+        // A number where a string belongs is refused, as the API server
+        // refuses it (read from the text, YAML would let it pass).
+        let err = parse(&format!(
+            "{HEAD}spec:\n  center: {{}}\n  leaves: [{{name: 123}}]\n"
+        ))
+        .unwrap_err();
+        assert!(matches!(err, ManifestError::Invalid(_)), "{err:?}");
     }
 
     #[test]
