@@ -781,6 +781,46 @@ mod tests {
             .expect("written")
     }
 
+    /// What a watch applies changes to: a replica cache and a started
+    /// event log over a memory store.
+    struct Fixture {
+        store: MemoryStore,
+        metrics: Metrics,
+        cache: PresenceCache,
+        status: WatchStatus,
+        feed: ChangeFeed,
+        log: EventLog,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let metrics = Metrics::new().expect("metrics");
+            let cache = PresenceCache::new(1 << 20, 16, metrics.cache.clone());
+            assert!(cache.mark_replica(0));
+            let log = EventLog::default();
+            log.start_after(0);
+            Fixture {
+                store: MemoryStore::new(),
+                metrics,
+                cache,
+                status: WatchStatus::default(),
+                feed: ChangeFeed::new(16),
+                log,
+            }
+        }
+
+        fn sinks(&self) -> Sinks<'_> {
+            Sinks {
+                store: &self.store,
+                cache: &self.cache,
+                status: &self.status,
+                metrics: &self.metrics,
+                feed: &self.feed,
+                log: &self.log,
+            }
+        }
+    }
+
     /// A revision passed over in a bucket since recreated is another
     /// change in the new one, and is applied.
     #[test]
@@ -797,27 +837,19 @@ mod tests {
     /// decoded and are applied and fed as before.
     #[tokio::test]
     async fn own_echoes_nobody_follows_are_passed_over_undecoded() {
-        let store = MemoryStore::new();
-        let metrics = Metrics::new().expect("metrics");
-        let cache = PresenceCache::new(1 << 20, 16, metrics.cache.clone());
-        let (status, feed, log) = (
-            WatchStatus::default(),
-            ChangeFeed::new(16),
-            EventLog::default(),
-        );
-        let sinks = Sinks {
-            store: &store,
-            cache: &cache,
-            status: &status,
-            metrics: &metrics,
-            feed: &feed,
-            log: &log,
-        };
-        assert!(cache.mark_replica(0));
-        log.start_after(0);
+        let f = Fixture::new();
+        let Fixture {
+            store,
+            metrics,
+            cache,
+            status,
+            feed,
+            log,
+        } = &f;
+        let sinks = f.sinks();
         let mut follows_bob = feed.subscribe(&["bob".to_owned()]);
         let mut changes = store
-            .watch(WatchStart::After(0), echo_filter(&cache, &feed))
+            .watch(WatchStart::After(0), echo_filter(cache, feed))
             .await
             .expect("watch");
         let own = |user: &str, revision| {
@@ -835,7 +867,7 @@ mod tests {
         };
         let mut next = async || changes.next().await.expect("an entry").expect("ok");
 
-        own("ann", write(&store, "ann", 0).await);
+        own("ann", write(store, "ann", 0).await);
         let echo = next().await;
         assert!(matches!(echo, Entry::Echo { revision: 1, .. }), "{echo:?}");
         sinks.apply_or_skip(echo).await;
@@ -845,14 +877,14 @@ mod tests {
         let events = log.replay(0, 1, &users).expect("the log vouches for 1");
         assert_eq!(events.iter().map(|(r, _)| *r).collect::<Vec<_>>(), [1]);
 
-        own("bob", write(&store, "bob", 0).await);
+        own("bob", write(store, "bob", 0).await);
         let followed = next().await;
         assert!(matches!(followed, Entry::Change(_)), "{followed:?}");
         sinks.apply_or_skip(followed).await;
         assert_eq!(follows_bob.recv().await.map(|c| c.change.revision), Ok(2));
 
         // Another node's write: not this node's own, so it is decoded.
-        write(&store, "ann", 1).await;
+        write(store, "ann", 1).await;
         let theirs = next().await;
         assert!(matches!(theirs, Entry::Change(_)), "{theirs:?}");
         sinks.apply_or_skip(theirs).await;
@@ -866,24 +898,15 @@ mod tests {
     /// log, so no stream resumes across it as if it never happened.
     #[tokio::test]
     async fn a_change_passed_over_leaves_its_user_to_the_store() {
-        let store = MemoryStore::new();
-        let metrics = Metrics::new().expect("metrics");
-        let cache = PresenceCache::new(1 << 20, 16, metrics.cache.clone());
-        let (status, feed, log) = (
-            WatchStatus::default(),
-            ChangeFeed::new(16),
-            EventLog::default(),
-        );
-        let sinks = Sinks {
-            store: &store,
-            cache: &cache,
-            status: &status,
-            metrics: &metrics,
-            feed: &feed,
-            log: &log,
-        };
-        assert!(cache.mark_replica(0));
-        log.start_after(0);
+        let f = Fixture::new();
+        let Fixture {
+            cache,
+            status,
+            feed,
+            log,
+            ..
+        } = &f;
+        let sinks = f.sinks();
         let mut follows_u = feed.subscribe(&["u".to_owned()]);
         let mut follows_other = feed.subscribe(&["other".to_owned()]);
         let change = |user: &str, revision| {

@@ -72,7 +72,10 @@ pub enum Entry {
     /// [`EchoFilter`] and left undecoded: the cache holds its effect
     /// already and no stream follows its user.
     Echo {
+        /// The user whose key it is (a skipped echo still names its user).
         user_id: String,
+        /// As [`Change::revision`], [`Change::stored_at`] and
+        /// [`Change::pending`].
         revision: u64,
         stored_at: OffsetDateTime,
         pending: u64,

@@ -96,6 +96,10 @@ impl Names {
     pub fn nats_headless(&self, region: &str) -> String {
         format!("{}-nats-headless", self.region_prefix(region))
     }
+    /// The hub's leafnode Service, which leaves in other clusters dial.
+    pub fn nats_leafnodes(&self, region: &str) -> String {
+        format!("{}-nats-leafnodes", self.region_prefix(region))
+    }
     /// ConfigMap holding a region's `nats.conf`.
     pub fn nats_config(&self, region: &str) -> String {
         format!("{}-nats-config", self.region_prefix(region))

@@ -194,7 +194,7 @@ pub fn leafnode_service(
 ) -> Option<Service> {
     let exposure = spec.center.leafnodes.as_ref()?;
     let service_type = exposure.service_type?;
-    let name = format!("{}-leafnodes", ctx.names.nats(region.name));
+    let name = ctx.names.nats_leafnodes(region.name);
     let mut metadata = meta(ctx, &name, COMPONENT, Some(region.name));
     metadata.annotations = exposure.service_annotations.clone();
     let mut port = service_port("leafnodes", LEAFNODE_PORT);
