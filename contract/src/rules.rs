@@ -7,6 +7,11 @@
 /// shorter secret is guessable offline from one token.
 pub const MIN_JWT_SECRET_BYTES: usize = 16;
 
+/// The `JWT_SECRET` length RFC 7518 §3.2 asks of an HS256 key (the hash's
+/// 256 bits). Shorter ones down to [`MIN_JWT_SECRET_BYTES`] still start,
+/// as the Go service took them, with a warning.
+pub const RECOMMENDED_JWT_SECRET_BYTES: usize = 32;
+
 /// Why a JWT secret is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JwtSecretProblem {

@@ -62,6 +62,13 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&settings);
+    let secret_bytes = settings.jwt_secret.len();
+    if secret_bytes < presence_contract::rules::RECOMMENDED_JWT_SECRET_BYTES {
+        tracing::warn!(
+            bytes = secret_bytes,
+            "JWT_SECRET is shorter than the 32 bytes RFC 7518 asks of an HS256 key; a longer one (openssl rand -base64 32) is harder to guess offline from a token"
+        );
+    }
     for name in presence_dataplane::config::unknown_variables(std::env::vars().map(|(k, _)| k)) {
         tracing::warn!(variable = %name, "ignoring an unknown setting; is it misspelt? (see presence-service --help)");
     }
