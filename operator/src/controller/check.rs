@@ -4,7 +4,7 @@
 //! can't say (what a leaf in another cluster needs), and checks that this
 //! operator's cluster is one the manifest places regions in.
 
-use crate::crd::{MAX_CLUSTER_NAME, PresenceCluster};
+use crate::crd::{MAX_CLUSTER_NAME, PresenceCluster, PresenceClusterSpec, Region, Role};
 use crate::render;
 use kube::{Resource, ResourceExt};
 
@@ -36,21 +36,27 @@ pub struct Clash<'a> {
 }
 
 /// Every region of `pc` whose names another PresenceCluster of `others`
-/// (the ones in its namespace, `pc` among them or not) makes too, wherever
-/// the regions are placed (the hub's cluster holds every leaf's Secret).
-pub fn name_clashes<'a>(pc: &PresenceCluster, others: &'a [PresenceCluster]) -> Vec<Clash<'a>> {
+/// (the ones in its namespace, `pc` among them or not) makes too, among
+/// the regions with objects in the cluster `here` (see
+/// [`has_objects_here`]) on both sides.
+pub fn name_clashes<'a>(
+    pc: &PresenceCluster,
+    others: &'a [PresenceCluster],
+    here: Option<&str>,
+) -> Vec<Clash<'a>> {
     let ours = render::Names::new(&pc.name_any());
     let mut clashes = Vec::new();
     for other in others.iter().filter(|o| o.name_any() != pc.name_any()) {
         let theirs = render::Names::new(&other.name_any());
+        let their_regions = other.spec.regions();
         for region in pc.spec.regions() {
+            if !has_objects_here(&pc.spec, &region, here) {
+                continue;
+            }
             let prefix = ours.region_prefix(region.name);
-            if let Some(same) = other
-                .spec
-                .regions()
-                .into_iter()
-                .find(|r| theirs.region_prefix(r.name) == prefix)
-            {
+            if let Some(same) = their_regions.iter().find(|r| {
+                has_objects_here(&other.spec, r, here) && theirs.region_prefix(r.name) == prefix
+            }) {
                 clashes.push(Clash {
                     prefix,
                     region: region.name.to_owned(),
@@ -63,12 +69,24 @@ pub fn name_clashes<'a>(pc: &PresenceCluster, others: &'a [PresenceCluster]) -> 
     clashes
 }
 
+/// Whether the operator of the cluster `here` makes objects named after
+/// `region`: it runs there, or it is a leaf whose nkey Secret the hub's
+/// cluster generates (a leaf elsewhere brings its own).
+fn has_objects_here(spec: &PresenceClusterSpec, region: &Region<'_>, here: Option<&str>) -> bool {
+    render::clusters::is_here(region, here)
+        || (region.role == Role::Leaf
+            && region.leaf_credentials.is_none()
+            && spec.center_runs_in(here))
+}
+
 /// Why `pc` must give way to the other side of `clash`, if it must. The one
 /// that holds the objects already (`holder`: the controller of the clashing
-/// region's NATS ConfigMap, if it exists) keeps them, so a spec change that
-/// brings a clash about is the one refused, as an invalid spec would be.
-/// When neither holds them, the one created first keeps them (then the
-/// smaller name): exactly one of the two gives way.
+/// region's NATS ConfigMap or nkey Secret, if one exists) keeps them, so a
+/// spec change that brings a clash about is the one refused, as an invalid
+/// spec would be. When neither holds them, the one created first keeps
+/// them (then the smaller name). Over one clashing region exactly one of
+/// the two gives way; two clusters clashing over two regions each hold
+/// one of can both be refused, until either spec is mended.
 pub fn gives_way(pc: &PresenceCluster, clash: &Clash<'_>, holder: Option<&str>) -> Option<String> {
     let other = clash.other;
     let why = match holder {
@@ -116,7 +134,7 @@ mod tests {
 
     /// Why `pc` gives way to any of `others`, nobody holding the objects.
     fn refusal(pc: &PresenceCluster, others: &[PresenceCluster]) -> Result<(), String> {
-        match name_clashes(pc, others)
+        match name_clashes(pc, others, None)
             .iter()
             .find_map(|clash| gives_way(pc, clash, None))
         {
@@ -137,7 +155,7 @@ mod tests {
             refused.contains("\"a\" in this namespace, created earlier"),
             "{refused}"
         );
-        let clashes = name_clashes(&a, &all);
+        let clashes = name_clashes(&a, &all, None);
         assert_eq!(
             clashes
                 .iter()
@@ -166,13 +184,13 @@ mod tests {
         let mut ab = cluster("a-b", Some("2026-01-02T00:00:00Z"), &["eu"]);
         ab.metadata.uid = Some("uid-a-b".into());
         let all = [a.clone(), ab.clone()];
-        let [ours] = name_clashes(&a, &all).try_into().expect("one clash");
+        let [ours] = name_clashes(&a, &all, None).try_into().expect("one clash");
         let why = gives_way(&a, &ours, Some("uid-a-b")).expect("a-b holds them");
         assert!(
             why.contains("\"a-b\" in this namespace, which holds them"),
             "{why}"
         );
-        let [theirs] = name_clashes(&ab, &all).try_into().expect("one clash");
+        let [theirs] = name_clashes(&ab, &all, None).try_into().expect("one clash");
         assert_eq!(gives_way(&ab, &theirs, Some("uid-a-b")), None);
         // Held by neither (a third owner, or none): the older one keeps them.
         assert_eq!(gives_way(&a, &ours, Some("uid-x")), None);
@@ -186,8 +204,47 @@ mod tests {
         let ab = cluster("a-b", Some("2026-01-02T00:00:00Z"), &["us"]);
         let all = [a.clone(), b.clone(), ab.clone()];
         for pc in &all {
-            assert!(name_clashes(pc, &all).is_empty(), "{:?}", pc.metadata.name);
+            assert!(
+                name_clashes(pc, &all, None).is_empty(),
+                "{:?}",
+                pc.metadata.name
+            );
         }
+    }
+
+    /// Regions count where their objects are: two leaves placed in another
+    /// Kubernetes cluster, each with its own nkey Secret, clash there and
+    /// not in the hub's cluster; a leaf whose Secret the hub's cluster
+    /// generates clashes there too.
+    #[test]
+    fn regions_clash_only_where_their_objects_are() {
+        let placed = |name: &str, created: &str, leaf: &str, own_seed: bool| {
+            let mut leaf = serde_json::json!({"name": leaf, "cluster": "eu-cluster"});
+            if own_seed {
+                leaf["nats"] =
+                    serde_json::json!({"credentialsSecretRef": {"name": "s", "key": "seed"}});
+            }
+            serde_json::from_value::<PresenceCluster>(serde_json::json!({
+                "apiVersion": "presencecluster.io/v1alpha1", "kind": "PresenceCluster",
+                "metadata": {"name": name, "namespace": "ns", "creationTimestamp": created},
+                "spec": {"center": {"cluster": "hub-cluster"}, "leaves": [leaf]}
+            }))
+            .expect("a PresenceCluster")
+        };
+        let a = placed("a", "2026-01-01T00:00:00Z", "b-eu", true);
+        let ab = placed("a-b", "2026-01-02T00:00:00Z", "eu", true);
+        let all = [a, ab.clone()];
+        assert!(name_clashes(&ab, &all, Some("hub-cluster")).is_empty());
+        assert_eq!(name_clashes(&ab, &all, Some("eu-cluster")).len(), 1);
+        assert_eq!(name_clashes(&ab, &all, None).len(), 1);
+        let generated = [
+            placed("a", "2026-01-01T00:00:00Z", "b-eu", false),
+            placed("a-b", "2026-01-02T00:00:00Z", "eu", false),
+        ];
+        assert_eq!(
+            name_clashes(&generated[1], &generated, Some("hub-cluster")).len(),
+            1
+        );
     }
 
     /// Created in the same second, the smaller name came first; one not

@@ -35,9 +35,17 @@ pub async fn cleanup(
         return Ok(Action::await_change());
     }
     let scope = render::Scope::new(pc, ns)?;
-    if let Some(note) = hub_of_another(pc, ctx, &scope, &bucket).await? {
-        publish(ctx, pc, EventReason::BucketRetained, "Delete", note).await;
-        return Ok(Action::await_change());
+    match hub_of_another(pc, ctx, &scope).await {
+        Ok(false) => {}
+        Ok(true) => {
+            let note = format!(
+                "KV bucket {bucket} is left in place: the hub {} belongs to another PresenceCluster, whose object names this one's share",
+                scope.names.nats(pc.spec.center_name())
+            );
+            publish(ctx, pc, EventReason::BucketRetained, "Delete", note).await;
+            return Ok(Action::await_change());
+        }
+        Err(reason) => return deletion_failed(pc, ctx, api, bucket, reason).await,
     }
     let (nats_url, _) = hub_addresses(&ctx.hub, pc, &scope);
     let auth = super::nats_secrets::operator_auth(pc, ctx, &scope).await;
@@ -55,41 +63,29 @@ pub async fn cleanup(
             publish(ctx, pc, EventReason::BucketDeleted, "Delete", note).await;
             Ok(Action::await_change())
         }
-        Err(err) => deletion_failed(pc, ctx, api, bucket, err).await,
+        Err(err) => deletion_failed(pc, ctx, api, bucket, err.to_string()).await,
     }
 }
 
-/// Why the bucket behind `pc`'s hub Service is not `pc`'s to delete, if
-/// it isn't: the hub's StatefulSet there is controlled by another
-/// PresenceCluster, whose names `pc`'s clash with (`pc` was refused with
-/// `NameConflict` and never ran a hub of its own). A hub that isn't there
-/// at all says nothing: the deletion then fails to reach it, within the
-/// grace period. When the StatefulSet can't be read, the bucket is kept
-/// once the grace period is over, so deletion never hangs.
+/// Whether the hub `pc`'s names point at is another PresenceCluster's:
+/// its StatefulSet is controlled by one (`pc` was refused with
+/// `NameConflict` and never ran a hub of its own), so the bucket behind it
+/// is not `pc`'s to delete. A hub that isn't there at all says nothing:
+/// the deletion then fails to reach it, within the grace period. `Err`:
+/// the StatefulSet could not be read.
 async fn hub_of_another(
     pc: &PresenceCluster,
     ctx: &Context,
     scope: &render::Scope,
-    bucket: &str,
-) -> Result<Option<String>, Error> {
+) -> Result<bool, String> {
     let hub = scope.names.nats(pc.spec.center_name());
     let hubs: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &scope.namespace);
-    let found = match hubs.get_opt(&hub).await {
-        Ok(found) => found,
-        Err(err) if deleting_for(pc) >= DELETION_GRACE => {
-            return Ok(Some(format!(
-                "KV bucket {bucket} is left in place: cannot tell whose hub {hub} is ({err})"
-            )));
-        }
-        Err(err) => return Err(err.into()),
-    };
+    let found = hubs
+        .get_opt(&hub)
+        .await
+        .map_err(|err| format!("cannot tell whose hub {hub} is: {err}"))?;
     let controller = found.as_ref().and_then(super::controller_uid);
-    Ok(match (controller, pc.meta().uid.as_deref()) {
-        (Some(theirs), ours) if ours != Some(theirs) => Some(format!(
-            "KV bucket {bucket} is left in place: the hub {hub} belongs to another PresenceCluster, whose object names this one's share"
-        )),
-        _ => None,
-    })
+    Ok(controller.is_some_and(|theirs| pc.meta().uid.as_deref() != Some(theirs)))
 }
 
 /// How long the object has been in deletion.
@@ -109,11 +105,11 @@ async fn deletion_failed(
     ctx: &Context,
     api: &Api<PresenceCluster>,
     bucket: String,
-    err: kv::KvError,
+    reason: String,
 ) -> Result<Action, Error> {
     if deleting_for(pc) >= DELETION_GRACE {
         let note = format!(
-            "could not delete KV bucket {bucket} within {DELETION_GRACE:?} ({err}); it is left in place"
+            "could not delete KV bucket {bucket} within {DELETION_GRACE:?} ({reason}); it is left in place"
         );
         publish(
             ctx,
@@ -134,7 +130,7 @@ async fn deletion_failed(
         .unwrap_or_default();
     let err = Error::BucketDeletion {
         bucket,
-        reason: err.to_string(),
+        reason,
         deadline,
     };
     let mut status = pc.status.clone().unwrap_or_default();

@@ -35,7 +35,7 @@ use status::{Observed, Requeue};
 use crate::crd::{PresenceCluster, PresenceClusterStatus};
 use crate::metrics::Metrics;
 use crate::render::{self, MANAGER};
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -460,26 +460,42 @@ async fn name_conflict(
     let neighbours: Api<PresenceCluster> = Api::namespaced(ctx.client.clone(), &scope.namespace);
     let neighbours = neighbours.list(&ListParams::default()).await?.items;
     let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &scope.namespace);
-    for clash in check::name_clashes(pc, &neighbours) {
-        let held = config_maps
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &scope.namespace);
+    for clash in check::name_clashes(pc, &neighbours, ctx.cluster_name.as_deref()) {
+        // The ConfigMap shows who applied the region; a leaf's nkey Secret,
+        // made before anything is applied, who began to.
+        let config = config_maps
             .get_opt(&scope.names.nats_config(&clash.region))
             .await?;
-        let holder = held.as_ref().and_then(controller_uid);
-        if let Some(problem) = check::gives_way(pc, &clash, holder) {
+        let holder = match config.as_ref().and_then(controller_uid) {
+            Some(uid) => Some(uid.to_owned()),
+            None => secrets
+                .get_opt(&scope.names.nats_leaf_secret(&clash.region))
+                .await?
+                .as_ref()
+                .and_then(controller_uid)
+                .map(str::to_owned),
+        };
+        if let Some(problem) = check::gives_way(pc, &clash, holder.as_deref()) {
             return Ok(Some(problem));
         }
     }
     Ok(None)
 }
 
-/// The uid of the object's controlling owner, if it has one.
+/// The uid of the PresenceCluster that controls `object`, if one does.
 fn controller_uid<K: Resource>(object: &K) -> Option<&str> {
+    let group = PresenceCluster::group(&());
     object
         .meta()
         .owner_references
         .as_deref()?
         .iter()
-        .find(|owner| owner.controller == Some(true))
+        .find(|owner| {
+            owner.controller == Some(true)
+                && owner.kind == PresenceCluster::kind(&())
+                && owner.api_version.split('/').next() == Some(group.as_ref())
+        })
         .map(|owner| owner.uid.as_str())
 }
 

@@ -812,9 +812,10 @@ async fn deletion_retains_or_deletes_the_bucket_and_never_hangs() {
         "Retain keeps the bucket"
     );
 
-    // Delete: the bucket goes, then the finalizer.
+    // Delete: the bucket goes, then the finalizer (the hub is its own).
     let fake = FakeApi::default();
     fake.insert(&pc_path("p"), deleting("Delete", 0));
+    fake.insert(&hub_path("p-center-nats"), hub_controlled_by("p"));
     reconcile(load(&fake), context(&fake, real(&hub)))
         .await
         .unwrap();
@@ -868,14 +869,7 @@ async fn deleting_a_cluster_refused_for_its_names_keeps_the_bucket() {
                             "creationTimestamp": "2026-01-01T00:00:00Z"},
                "spec": {"center": {}, "leaves": [{"name": "eu"}]}}),
     );
-    fake.insert(
-        &format!("/apis/apps/v1/namespaces/{NS}/statefulsets/p-x-eu-nats"),
-        json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
-               "metadata": {"name": "p-x-eu-nats", "namespace": NS,
-                            "ownerReferences": [{"apiVersion": "presencecluster.io/v1alpha1",
-                                                 "kind": "PresenceCluster", "name": "p-x",
-                                                 "uid": "uid-p-x", "controller": true}]}}),
-    );
+    fake.insert(&hub_path("p-x-eu-nats"), hub_controlled_by("p-x"));
     reconcile(load(&fake), context(&fake, real(&hub)))
         .await
         .unwrap();
@@ -884,6 +878,39 @@ async fn deleting_a_cluster_refused_for_its_names_keeps_the_bucket() {
         js.get_stream("KV_PRESENCE").await.is_ok(),
         "the older PresenceCluster's bucket stays"
     );
+
+    // Whose hub it is can't be told: retried and reported within the
+    // grace period, the bucket left in place after it.
+    let fake = FakeApi::default();
+    fake.insert(&pc_path("p"), deleting("Delete", 0));
+    fake.fail("GET", &hub_path("p-center-nats"), 500);
+    let err = reconcile(load(&fake), context(&fake, real(&hub)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), Reason::BucketDeletionFailed);
+    assert!(err.to_string().contains("cannot tell whose hub"), "{err}");
+    assert!(!finalizer_removed(&fake));
+    let fake = FakeApi::default();
+    let late = deleting("Delete", DELETION_GRACE.as_secs() as i64 + 1);
+    fake.insert(&pc_path("p"), late);
+    fake.fail("GET", &hub_path("p-center-nats"), 500);
+    reconcile(load(&fake), context(&fake, real(&hub)))
+        .await
+        .unwrap();
+    assert!(finalizer_removed(&fake));
+    assert!(js.get_stream("KV_PRESENCE").await.is_ok());
+}
+
+fn hub_path(name: &str) -> String {
+    format!("/apis/apps/v1/namespaces/{NS}/statefulsets/{name}")
+}
+
+/// A hub StatefulSet controlled by the PresenceCluster `owner`.
+fn hub_controlled_by(owner: &str) -> Value {
+    json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+           "metadata": {"ownerReferences": [{"apiVersion": "presencecluster.io/v1alpha1",
+                                             "kind": "PresenceCluster", "name": owner,
+                                             "uid": format!("uid-{owner}"), "controller": true}]}})
 }
 
 #[tokio::test]
