@@ -57,9 +57,8 @@ pub fn parse(text: &str) -> Result<PresenceCluster, ManifestError> {
         });
     }
     let invalid = |e: serde_yaml::Error| ManifestError::Invalid(e.to_string());
-    let cluster: PresenceCluster = serde_yaml::from_value(value.clone()).map_err(|e| {
-        ManifestError::Invalid(located(text, document).unwrap_or_else(|| e.to_string()))
-    })?;
+    let cluster: PresenceCluster = serde_yaml::from_value(value.clone())
+        .map_err(|e| ManifestError::Invalid(located(text, document, &e.to_string())))?;
     // What the typed resource keeps of the spec: a field it doesn't know
     // is missing from it.
     let kept = serde_yaml::to_value(&cluster.spec).map_err(invalid)?;
@@ -82,15 +81,20 @@ pub fn parse(text: &str) -> Result<PresenceCluster, ManifestError> {
     Ok(cluster)
 }
 
-/// serde's message for document `document` of `text` read from the text,
-/// which names the field and its line (`spec.center.replicas: invalid
-/// type: ... at line 5 column 13`), where reading it from a value doesn't.
-/// Only for the message: read from the text, a plain scalar passes for a
-/// string (`name: 123`), which the API server, and the value, refuse.
-fn located(text: &str, document: usize) -> Option<String> {
-    let read =
-        PresenceCluster::deserialize(serde_yaml::Deserializer::from_str(text).nth(document)?);
-    read.err().map(|e| e.to_string())
+/// `message`, the error of reading document `document` of `text` as a
+/// value, with the field and line that reading the text gives
+/// (`spec.center.replicas: invalid type: ... at line 5 column 13`) when
+/// that read fails the same way. Only for the message: read from the
+/// text, a plain scalar passes for a string (`name: 123`), which the API
+/// server, and the value, refuse, so the text's read may stop elsewhere.
+fn located(text: &str, document: usize, message: &str) -> String {
+    let Some(document) = serde_yaml::Deserializer::from_str(text).nth(document) else {
+        return message.to_owned();
+    };
+    match PresenceCluster::deserialize(document) {
+        Err(e) if e.to_string().contains(message) => e.to_string(),
+        _ => message.to_owned(),
+    }
 }
 
 /// Checks `value` against the bounds `schema` sets, as the API server's
@@ -352,6 +356,16 @@ mod tests {
         ))
         .unwrap_err();
         assert!(matches!(err, ManifestError::Invalid(_)), "{err:?}");
+        // With a second error after it, the message is the first's: the
+        // text's read, which lets the number pass, would name the second.
+        let text = format!(
+            "{HEAD}spec:\n  center: {{}}\n  leaves: [{{name: 123}}, {{name: eu, nats: {{replicas: two}}}}]\n"
+        );
+        let message = parse(&text).unwrap_err().to_string();
+        assert!(
+            message.contains("123") && !message.contains("two"),
+            "{message}"
+        );
     }
 
     #[test]
