@@ -1146,6 +1146,29 @@ async fn a_chunked_body_too_large_is_answered_413() {
     assert_eq!((status, body["status"].as_str()), (200, Some("busy")));
 }
 
+/// A body that breaks off as HTTP (a chunk size that is no number) is a
+/// 400 `invalid_body`, not a 500 and not a hang.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_malformed_chunked_body_is_answered_400() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = memory_node(dir.path(), "solo", vec![]).await;
+    let mut client = connect(&svc).await;
+    let head = format!(
+        "POST /api/v2/presence/ann HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\n{{}}\r\n0\r\n\r\n",
+        bearer("ann", "")
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), client.read_to_end(&mut answer))
+        .await
+        .expect("answered, and the connection closed")
+        .expect("read the answer");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains(r#""code":"invalid_body""#), "{answer}");
+}
+
 /// A JWT secret of at least 16 bytes starts the node, as the Go service
 /// took it, but one under the 32 bytes RFC 7518 asks of an HS256 key is
 /// named in a warning at start; the tests' own 34-byte secret is not.

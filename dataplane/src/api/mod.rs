@@ -18,7 +18,7 @@ use crate::AppState;
 use crate::auth::{AuthError, Caller};
 use crate::model::ValidationError;
 use crate::store::StoreError;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -509,7 +509,6 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(track::TrackLayer::new(&state.metrics))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state);
     match cors {
         Some(layer) => api.layer(layer),

@@ -774,6 +774,21 @@ fn deleting(policy: &str, since_secs: i64) -> Value {
     pc
 }
 
+/// A fake API holding `p` in deletion (see [`deleting`]).
+fn fake_deleting(policy: &str, since_secs: i64) -> FakeApi {
+    let fake = FakeApi::default();
+    fake.insert(&pc_path("p"), deleting(policy, since_secs));
+    fake
+}
+
+/// Seconds in deletion just past the grace period.
+const PAST_GRACE: i64 = DELETION_GRACE.as_secs() as i64 + 1;
+
+/// Reconciles the stored `p` once, reaching the hub through `hub`.
+async fn reconcile_p(fake: &FakeApi, hub: HubAccess) -> Result<Action, Error> {
+    reconcile(load(fake), context(fake, hub)).await
+}
+
 fn finalizer_removed(fake: &FakeApi) -> bool {
     fake.get(&pc_path("p")).unwrap()["metadata"]["finalizers"]
         .as_array()
@@ -801,11 +816,8 @@ async fn deletion_retains_or_deletes_the_bucket_and_never_hangs() {
     let (hub, js) = hub_with_bucket(dir.path()).await;
 
     // Retain (the default): the bucket and its data stay.
-    let fake = FakeApi::default();
-    fake.insert(&pc_path("p"), deleting("Retain", 0));
-    reconcile(load(&fake), context(&fake, real(&hub)))
-        .await
-        .unwrap();
+    let fake = fake_deleting("Retain", 0);
+    reconcile_p(&fake, real(&hub)).await.unwrap();
     assert!(finalizer_removed(&fake));
     assert!(
         js.get_stream("KV_PRESENCE").await.is_ok(),
@@ -813,12 +825,9 @@ async fn deletion_retains_or_deletes_the_bucket_and_never_hangs() {
     );
 
     // Delete: the bucket goes, then the finalizer (the hub is its own).
-    let fake = FakeApi::default();
-    fake.insert(&pc_path("p"), deleting("Delete", 0));
+    let fake = fake_deleting("Delete", 0);
     fake.insert(&hub_path("p-center-nats"), hub_controlled_by("p"));
-    reconcile(load(&fake), context(&fake, real(&hub)))
-        .await
-        .unwrap();
+    reconcile_p(&fake, real(&hub)).await.unwrap();
     assert!(finalizer_removed(&fake));
     assert!(
         js.get_stream("KV_PRESENCE").await.is_err(),
@@ -826,11 +835,8 @@ async fn deletion_retains_or_deletes_the_bucket_and_never_hangs() {
     );
 
     // Delete with the hub unreachable: retried and reported...
-    let fake = FakeApi::default();
-    fake.insert(&pc_path("p"), deleting("Delete", 0));
-    let err = reconcile(load(&fake), context(&fake, unreachable()))
-        .await
-        .unwrap_err();
+    let fake = fake_deleting("Delete", 0);
+    let err = reconcile_p(&fake, unreachable()).await.unwrap_err();
     assert_eq!(err.reason(), Reason::BucketDeletionFailed);
     assert!(!finalizer_removed(&fake));
     assert_eq!(
@@ -838,14 +844,8 @@ async fn deletion_retains_or_deletes_the_bucket_and_never_hangs() {
         ("True".into(), "BucketDeletionFailed".into())
     );
     // ...but only for a bounded time.
-    let fake = FakeApi::default();
-    fake.insert(
-        &pc_path("p"),
-        deleting("Delete", DELETION_GRACE.as_secs() as i64 + 1),
-    );
-    reconcile(load(&fake), context(&fake, unreachable()))
-        .await
-        .unwrap();
+    let fake = fake_deleting("Delete", PAST_GRACE);
+    reconcile_p(&fake, unreachable()).await.unwrap();
     assert!(finalizer_removed(&fake));
 }
 
@@ -870,9 +870,7 @@ async fn deleting_a_cluster_refused_for_its_names_keeps_the_bucket() {
                "spec": {"center": {}, "leaves": [{"name": "eu"}]}}),
     );
     fake.insert(&hub_path("p-x-eu-nats"), hub_controlled_by("p-x"));
-    reconcile(load(&fake), context(&fake, real(&hub)))
-        .await
-        .unwrap();
+    reconcile_p(&fake, real(&hub)).await.unwrap();
     assert!(finalizer_removed(&fake));
     assert!(
         js.get_stream("KV_PRESENCE").await.is_ok(),
@@ -881,22 +879,15 @@ async fn deleting_a_cluster_refused_for_its_names_keeps_the_bucket() {
 
     // Whose hub it is can't be told: retried and reported within the
     // grace period, the bucket left in place after it.
-    let fake = FakeApi::default();
-    fake.insert(&pc_path("p"), deleting("Delete", 0));
+    let fake = fake_deleting("Delete", 0);
     fake.fail("GET", &hub_path("p-center-nats"), 500);
-    let err = reconcile(load(&fake), context(&fake, real(&hub)))
-        .await
-        .unwrap_err();
+    let err = reconcile_p(&fake, real(&hub)).await.unwrap_err();
     assert_eq!(err.reason(), Reason::BucketDeletionFailed);
     assert!(err.to_string().contains("cannot tell whose hub"), "{err}");
     assert!(!finalizer_removed(&fake));
-    let fake = FakeApi::default();
-    let late = deleting("Delete", DELETION_GRACE.as_secs() as i64 + 1);
-    fake.insert(&pc_path("p"), late);
+    let fake = fake_deleting("Delete", PAST_GRACE);
     fake.fail("GET", &hub_path("p-center-nats"), 500);
-    reconcile(load(&fake), context(&fake, real(&hub)))
-        .await
-        .unwrap();
+    reconcile_p(&fake, real(&hub)).await.unwrap();
     assert!(finalizer_removed(&fake));
     assert!(js.get_stream("KV_PRESENCE").await.is_ok());
 }
